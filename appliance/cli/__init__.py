@@ -1,0 +1,79 @@
+"""The ``appliance`` command line.
+
+Each module in this package that defines ``register(app)`` adds its commands; the global options
+(``--config``, ``--home``) are resolved once by :func:`settings_from` so every command sees one config.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+
+import typer
+
+from appliance import __version__
+from appliance.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    name="appliance",
+    help="Clinic AI appliance: DICOM in, AI findings back to PACS, sync with the central team.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class CliState:
+    def __init__(self, config: Path | None, home: Path | None):
+        self.config = config
+        self.home = home
+        self._settings: Settings | None = None
+
+    def settings(self) -> Settings:
+        if self._settings is None:
+            overrides = {"state_dir": self.home} if self.home else None
+            self._settings = load_settings(self.config, overrides)
+        return self._settings
+
+
+def settings_from(ctx: typer.Context) -> Settings:
+    """The effective settings for this invocation; exits 2 with every problem named if invalid."""
+    state: CliState = ctx.find_root().obj
+    try:
+        return state.settings()
+    except ConfigError as exc:
+        for p in exc.problems:
+            typer.echo(f"config error: {p}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", "-c", envvar="APPLIANCE_CONFIG", help="TOML config file"),
+    home: Path | None = typer.Option(None, "--home", help="state directory (overrides state_dir)"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
+) -> None:
+    ctx.obj = CliState(config, home)
+
+
+def _register_all() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{mod.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    app()

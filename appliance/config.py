@@ -1,0 +1,252 @@
+"""The appliance's one configuration: a TOML file overridden by ``APPLIANCE_*`` environment variables.
+
+Every key has a safe default so the box runs with no file at all. Nested keys are overridden with a
+double underscore, e.g. ``APPLIANCE_DICOM__PORT=11113``; ``APPLIANCE_STATE_DIR`` moves the state dir.
+Each subsystem owns one section class below; nothing else reads configuration files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+DEFAULT_CONFIG_FILE = Path("/etc/appliance/appliance.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/appliance")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AllowedCaller(Section):
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str | None = Field(default=None, description="IP address or network (CIDR); None = any")
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.ip_network(v, strict=False)
+        return v
+
+
+class DicomConfig(Section):
+    """DICOM receive (C-ECHO / C-STORE SCP)."""
+
+    ae_title: str = Field(default="APPLIANCE", min_length=1, max_length=16)
+    bind: str = Field(default="127.0.0.1", description="0.0.0.0 in a clinic so modalities can reach it")
+    port: int = Field(default=11112, ge=0, le=65535)
+    max_associations: int = Field(default=10, ge=1, le=1000)
+    max_pdu: int = Field(default=0, ge=0, description="0 = unlimited (fastest)")
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=30.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    allowlist_enabled: bool = False
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    quiet_seconds: float = Field(default=2.0, ge=0)
+    min_free_bytes: int = Field(default=2 * 1024**3, ge=0, description="answer 0xA700 below this")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_chars(cls, v: str) -> str:
+        if not v.isascii() or "\\" in v or not v.strip():
+            raise ValueError("AE title must be 1-16 printable ASCII characters without backslash")
+        return v.strip()
+
+
+class EnginesConfig(Section):
+    """Inference backends and model trust."""
+
+    backend: Literal["auto", "ort", "tensorrt"] = "auto"
+    ort_intra_op_threads: int = Field(default=0, ge=0, description="0 = ONNX Runtime decides")
+    ort_inter_op_threads: int = Field(default=1, ge=0)
+    precision: Literal["auto", "fp32", "fp16"] = "auto"
+    trt_workspace_mib: int = Field(default=1024, ge=64)
+    trusted_keys: dict[str, str] = Field(
+        default_factory=dict, description="key id -> Ed25519 public key (base64); demo key added by default"
+    )
+    trust_demo_key: bool = Field(default=True, description="trust the reference bundles' demo key")
+    revoked_keys: list[str] = Field(default_factory=list)
+    install_reference_bundles: bool = True
+
+
+class PacsDestination(Section):
+    name: str = Field(min_length=1)
+    ae_title: str = Field(min_length=1, max_length=16)
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class PipelineConfig(Section):
+    """Routing, inference worker and result export."""
+
+    enabled: bool = True
+    queue_size: int = Field(default=64, ge=1)
+    inference_timeout_s: float = Field(default=120.0, gt=0)
+    max_pixels: int = Field(default=100_000_000, ge=1, description="rows*columns*frames above this is refused")
+    destinations: list[PacsDestination] = Field(default_factory=list)
+    retry_initial_s: float = Field(default=5.0, gt=0)
+    retry_max_s: float = Field(default=600.0, gt=0)
+
+
+class CloudConfig(Section):
+    """Azure IoT Hub sync."""
+
+    enabled: bool = False
+    hub_hostname: str = ""
+    device_id: str = ""
+    auth: Literal["sas", "x509"] = "sas"
+    port: int = Field(default=8883, ge=1, le=65535)
+    ca_file: str | None = None
+    keepalive_s: int = Field(default=240, ge=30, le=1740)
+    sas_ttl_s: int = Field(default=3600, ge=300)
+    recipient_keys: dict[str, str] = Field(
+        default_factory=dict, description="key id -> X25519 public key (base64) of the central team"
+    )
+    outbox_ttl_days: int = Field(default=60, ge=1)
+    outbox_max_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+
+
+class RetentionConfig(Section):
+    days: float = Field(default=7.0, gt=0, description="purge instances/results this long after export+sync")
+
+
+class ApiConfig(Section):
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class LogConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(BaseSettings):
+    """Effective configuration of the appliance."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    engines: EnginesConfig = Field(default_factory=EnginesConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    cloud: CloudConfig = Field(default_factory=CloudConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    # Paths inside the one state directory.
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.state_dir / "results"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` names each offending key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration: " + "; ".join(problems))
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    out = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        out.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return out
+
+
+def config_path_from_env() -> Path:
+    return Path(os.environ.get("APPLIANCE_CONFIG", str(DEFAULT_CONFIG_FILE)))
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load the TOML file (if it exists), apply env overrides and ``overrides`` (CLI flags), validate.
+
+    A missing default file is fine (safe defaults); a missing file that was asked for explicitly is not.
+    """
+    explicit = path is not None or "APPLIANCE_CONFIG" in os.environ
+    path = path or config_path_from_env()
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    elif explicit:
+        raise ConfigError([f"{path}: configuration file not found"])
+    try:
+        settings = Settings(**data)
+        for key, value in (overrides or {}).items():
+            setattr(settings, key, value)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from exc
+    return settings
+
+
+def check_problems(settings: Settings) -> list[str]:
+    """Problems that are not type errors: things that would fail at run time."""
+    problems: list[str] = []
+    d = settings.dicom
+    if d.allowlist_enabled and not d.allowed_callers:
+        problems.append("dicom.allowed_callers: allowlist enabled but empty: every modality would be rejected")
+    c = settings.cloud
+    if c.enabled:
+        if not c.hub_hostname:
+            problems.append("cloud.hub_hostname: required when cloud.enabled")
+        if not c.device_id:
+            problems.append("cloud.device_id: required when cloud.enabled")
+        if not c.recipient_keys:
+            problems.append("cloud.recipient_keys: required when cloud.enabled (results are encrypted)")
+    names = [dst.name for dst in settings.pipeline.destinations]
+    if len(names) != len(set(names)):
+        problems.append("pipeline.destinations: destination names must be unique")
+    parent = settings.state_dir if settings.state_dir.exists() else settings.state_dir.parent
+    if not os.access(parent, os.W_OK):
+        problems.append(f"state_dir: {settings.state_dir} is not writable")
+    return problems

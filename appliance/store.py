@@ -1,0 +1,139 @@
+"""The state store: one SQLite database (WAL) in the state dir, with versioned schema migrations.
+
+This module owns the connection settings and the migrations; the tables are used by the subsystems
+through the helpers here. ``synchronous=FULL`` makes each commit durable (fsync) before it returns,
+which is what lets the SCP acknowledge a C-STORE only after its record is on disk.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+
+# Study states, in the order a study moves through them. Terminal states are final for a revision.
+RECEIVED = "received"  # instances arriving
+COMPLETE = "complete"  # association released and quiet period over
+INFERRING = "inferring"
+INFERRED = "inferred"  # results built and durable, export queued
+EXPORTED = "exported"  # every destination acknowledged
+NO_MODEL = "no_model"  # no active bundle applies: recorded, not an error
+NOT_PROCESSABLE = "not_processable"  # input the models cannot take (reason recorded)
+FAILED = "failed"  # inference failed or timed out (reason recorded)
+SUPERSEDED = "superseded"  # a later revision of the same study replaced this one
+STUDY_STATES = (RECEIVED, COMPLETE, INFERRING, INFERRED, EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED, SUPERSEDED)
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    out = []
+    for entry in resources.files("appliance.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            out.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))
+    out.sort()
+    versions = [v for v, _, _ in out]
+    if len(versions) != len(set(versions)):
+        raise RuntimeError(f"duplicate migration numbers: {versions}")
+    return out
+
+
+def now() -> float:
+    return time.time()
+
+
+class Store:
+    """Thread-safe access to ``state.db``: one connection per thread, short transactions."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self.migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._connect()
+        return conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; the commit is fsynced before this returns."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[sqlite3.Row]:
+        return self.conn.execute(sql, params).fetchall()
+
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> int:
+        """Apply every migration newer than the database, each in its own transaction."""
+        current = self.schema_version()
+        for version, name, sql in _migrations():
+            if version <= current:
+                continue
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in sql.split(";\n"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version={version}")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            log.info("schema migrated", db=str(self.path), migration=name, version=version)
+            current = version
+        return current
+
+    def set_study_state(self, conn: sqlite3.Connection, study_id: int, state: str, detail: str | None = None) -> None:
+        """Record a state transition (inside the caller's transaction) with its history row."""
+        if state not in STUDY_STATES:
+            raise ValueError(f"unknown study state {state!r}")
+        row = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no study {study_id}")
+        ts = now()
+        conn.execute("UPDATE studies SET state=?, detail=?, updated_at=? WHERE id=?", (state, detail, ts, study_id))
+        conn.execute(
+            "INSERT INTO study_events(study_id, from_state, to_state, at, detail) VALUES (?,?,?,?,?)",
+            (study_id, row["state"], state, ts, detail),
+        )
+
+    def state_counts(self) -> dict[str, int]:
+        rows = self.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

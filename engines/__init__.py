@@ -1,0 +1,1 @@
+"""Model bundles and inference backends. Imports nothing else of the project."""

@@ -1,0 +1,1 @@
+"""Device identity, DPS registration and the technician's tools."""
