@@ -1,0 +1,156 @@
+"""The model bundle manifest: what a bundle is, what it applies to, how to feed it and read it.
+
+This is the contract between the central team (who build bundles), the engines (who compile and run
+them) and the appliance pipeline (which preprocesses inputs and interprets outputs). The manifest's
+canonical bytes (:func:`canonical_bytes`) are what the Ed25519 signature covers; they pin every file's
+sha256, so one signature protects the whole bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MANIFEST_SCHEMA = 1
+SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?$")
+BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AppliesTo(_Strict):
+    """Which images a bundle takes. Empty list = any. Values are matched case-insensitively."""
+
+    modalities: list[str] = Field(min_length=1)  # e.g. ["DX", "CR"], ["MG"]
+    body_parts: list[str] = Field(default_factory=list)  # BodyPartExamined, e.g. ["CHEST"]
+    views: list[str] = Field(default_factory=list)  # ViewPosition, e.g. ["PA", "AP"], ["CC", "MLO"]
+    sop_classes: list[str] = Field(default_factory=list)  # SOP Class UIDs
+
+
+class Preprocessing(_Strict):
+    """How a DICOM image becomes the input tensor. The pipeline implements exactly this."""
+
+    target_size: tuple[int, int]  # (height, width) of the tensor
+    keep_aspect: bool = True  # scale to fit, then pad (centred) to target_size
+    pad_value: float = 0.0  # in normalised [0, 1] intensity, before mean/std
+    # window: "dicom" = VOI LUT / WindowCenter+Width from the header, falling back to "minmax";
+    # "minmax" = stored-value range; "percentile" = [p_low, p_high] percentiles of the image.
+    window: Literal["dicom", "minmax", "percentile"] = "dicom"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    invert_monochrome1: bool = True  # MONOCHROME1 is inverted so that bright = dense always
+    mean: float = 0.0  # after windowing to [0, 1]: x = (x - mean) / std
+    std: float = 1.0
+
+
+class InputSpec(_Strict):
+    name: str
+    shape: tuple[int | str, int, int, int]  # (batch, channels, H, W); batch may be a name ("N") = dynamic
+    dtype: Literal["float32", "float16"] = "float32"
+    preprocessing: Preprocessing
+
+    @model_validator(mode="after")
+    def _size_matches(self) -> InputSpec:
+        if tuple(self.shape[2:]) != tuple(self.preprocessing.target_size):
+            raise ValueError("shape[2:] must equal preprocessing.target_size")
+        return self
+
+
+class OutputSpec(_Strict):
+    """One output tensor.
+
+    kind "scores": shape (N, len(labels)) logits or probabilities, per-label thresholds.
+    kind "heatmap": shape (N, len(labels), h, w), one map per label; ``stride`` input pixels per cell.
+    """
+
+    name: str
+    kind: Literal["scores", "heatmap"]
+    labels: list[str] = Field(min_length=1)
+    activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
+    thresholds: dict[str, float] = Field(default_factory=dict)  # scores only: operating points
+    stride: int | None = None  # heatmap only
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OutputSpec:
+        unknown = set(self.thresholds) - set(self.labels)
+        if unknown:
+            raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")
+        if self.kind == "heatmap" and not self.stride:
+            raise ValueError("heatmap outputs need a stride")
+        return self
+
+
+class Tolerance(_Strict):
+    atol: float = Field(ge=0)
+    rtol: float = Field(ge=0)
+
+
+class Manifest(_Strict):
+    schema_version: int = MANIFEST_SCHEMA
+    bundle_id: str
+    version: str
+    task: str  # "cxr", "mmg", ...
+    title: str
+    clinical_use: bool = False  # reference bundles: False -> "NOT FOR CLINICAL USE" on every output
+    applies_to: AppliesTo
+    inputs: list[InputSpec] = Field(min_length=1, max_length=1)
+    outputs: list[OutputSpec] = Field(min_length=1)
+    # per output name, per precision ("fp32", "fp16"): tolerances for the golden check
+    golden_tolerances: dict[str, dict[str, Tolerance]]
+    min_appliance_version: str = "0.1.0"
+    created: str  # ISO 8601 UTC
+    files: dict[str, str]  # relative path -> sha256 hex; must include model.onnx and golden.npz
+
+    @field_validator("bundle_id")
+    @classmethod
+    def _bundle_id(cls, v: str) -> str:
+        if not BUNDLE_ID.match(v):
+            raise ValueError("bundle_id must be lowercase letters, digits, '.', '_' or '-' (max 64)")
+        return v
+
+    @field_validator("version", "min_appliance_version")
+    @classmethod
+    def _semver(cls, v: str) -> str:
+        if not SEMVER.match(v):
+            raise ValueError(f"not a semantic version: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _files(self) -> Manifest:
+        for required in ("model.onnx", "golden.npz"):
+            if required not in self.files:
+                raise ValueError(f"files must include {required}")
+        for path in self.files:
+            if path.startswith("/") or ".." in path.split("/") or path == "manifest.json":
+                raise ValueError(f"bad file path in manifest: {path!r}")
+        names = {o.name for o in self.outputs}
+        missing = names - set(self.golden_tolerances)
+        if missing:
+            raise ValueError(f"golden_tolerances missing for outputs: {sorted(missing)}")
+        return self
+
+    @property
+    def input(self) -> InputSpec:
+        return self.inputs[0]
+
+    def output(self, kind: str) -> OutputSpec | None:
+        return next((o for o in self.outputs if o.kind == kind), None)
+
+
+def version_key(version: str) -> tuple:
+    """Sort key for semantic versions (a pre-release sorts before its release)."""
+    m = SEMVER.match(version)
+    if not m:
+        raise ValueError(f"not a semantic version: {version!r}")
+    major, minor, patch, pre = m.groups()
+    return (int(major), int(minor), int(patch), 0 if pre else 1, pre or "")
+
+
+def canonical_bytes(manifest: Manifest) -> bytes:
+    """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
+    doc = manifest.model_dump(mode="json")
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
