@@ -1,0 +1,246 @@
+"""Model outputs -> findings: activations, per-label thresholds, heatmap peaks and contours in original
+pixel coordinates, per-breast and study-level scores.
+
+Everything here is pure numpy on already-computed outputs, so it is cheap and unit-testable. Locations are
+reported as original pixel *indices* (row, col) (pixel centre = integer); the SR builder converts to DICOM
+SCOORD (column + 0.5, row + 0.5), where (0, 0) is the top-left corner of the top-left pixel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from appliance.pipeline.preprocess import Transform
+from engines.manifest import Manifest, OutputSpec
+
+DEFAULT_THRESHOLD = 0.5
+CONTOUR_FRACTION = 0.5  # iso-line at half of the peak above the map's floor
+CONTOUR_RAYS = 32
+
+
+@dataclass
+class Location:
+    """Where a finding is, in original pixel indices of its source image."""
+
+    row: float
+    col: float
+    contour: list[tuple[float, float]]  # closed polygon (row, col), first point not repeated
+    peak: float  # heatmap value at the peak (after activation)
+
+
+@dataclass
+class Finding:
+    label: str
+    score: float
+    threshold: float
+    positive: bool
+    location: Location | None = None
+
+
+@dataclass
+class ImageResult:
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    laterality: str | None  # "L", "R" or None
+    view: str | None
+    findings: list[Finding]
+    score: float  # this image's abnormality score = max over its labels
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> (h, w) activated
+    heatmap_stride: int = 1
+    transform: Transform | None = None
+
+
+@dataclass
+class StudyResult:
+    study_instance_uid: str
+    bundle_id: str
+    bundle_version: str
+    task: str
+    clinical_use: bool
+    images: list[ImageResult]
+    per_breast: dict[str, float] | None
+    study_score: float
+    patient: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """The findings JSON stored with the study (and, de-identified elsewhere, sent to the central team)."""
+        return {
+            "study_uid": self.study_instance_uid,
+            "patient": self.patient,
+            "bundle_id": self.bundle_id,
+            "bundle_version": self.bundle_version,
+            "task": self.task,
+            "clinical_use": self.clinical_use,
+            "study_score": round(self.study_score, 6),
+            "per_breast": {k: round(v, 6) for k, v in self.per_breast.items()} if self.per_breast else None,
+            "findings": [
+                {
+                    "image_sop_uid": img.sop_instance_uid,
+                    "laterality": img.laterality,
+                    "view": img.view,
+                    "label": f.label,
+                    "score": round(f.score, 6),
+                    "threshold": f.threshold,
+                    "positive": f.positive,
+                    "location": None
+                    if f.location is None
+                    else {
+                        "row": round(f.location.row, 2),
+                        "col": round(f.location.col, 2),
+                        "contour": [[round(r, 2), round(c, 2)] for r, c in f.location.contour],
+                    },
+                }
+                for img in self.images
+                for f in img.findings
+            ],
+        }
+
+
+def activate(x: np.ndarray, activation: str, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if activation == "softmax":
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+    return x
+
+
+def _bilinear(hm: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    h, w = hm.shape
+    r = np.clip(r, 0, h - 1)
+    c = np.clip(c, 0, w - 1)
+    r0 = np.minimum(np.floor(r).astype(np.int64), h - 2 if h > 1 else 0)
+    c0 = np.minimum(np.floor(c).astype(np.int64), w - 2 if w > 1 else 0)
+    r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+    fr, fc = r - r0, c - c0
+    top = hm[r0, c0] * (1 - fc) + hm[r0, c1] * fc
+    bot = hm[r1, c0] * (1 - fc) + hm[r1, c1] * fc
+    return top * (1 - fr) + bot * fr
+
+
+def peak(hm: np.ndarray) -> tuple[float, float, float]:
+    """(row, col, value) of the maximum, refined to sub-cell precision by a weighted centroid (3x3)."""
+    r, c = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    r0, r1 = max(r - 1, 0), min(r + 2, hm.shape[0])
+    c0, c1 = max(c - 1, 0), min(c + 2, hm.shape[1])
+    win = hm[r0:r1, c0:c1].astype(np.float64)
+    w = win - win.min()
+    total = w.sum()
+    if total <= 0:
+        return float(r), float(c), float(hm[r, c])
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    return float((w * rr).sum() / total), float((w * cc).sum() / total), float(hm[r, c])
+
+
+def contour(hm: np.ndarray, pr: float, pc: float, fraction: float = CONTOUR_FRACTION, rays: int = CONTOUR_RAYS):
+    """Star-shaped iso-line around the peak: along each ray, where the map falls below the level.
+
+    Level = floor + fraction * (peak - floor), floor = the map's minimum. Linear interpolation between the
+    last sample above and the first below gives sub-cell vertices. Returns (rays, 2) cell coordinates.
+    """
+    floor = float(hm.min())
+    top = float(_bilinear(hm, np.array([pr]), np.array([pc]))[0])
+    level = floor + fraction * (max(top, float(hm.max())) - floor)
+    step = 0.25
+    n = int(np.ceil(max(hm.shape) / step)) + 1
+    theta = np.linspace(0.0, 2 * np.pi, rays, endpoint=False)
+    t = np.arange(n) * step
+    rr = pr + np.sin(theta)[:, None] * t[None, :]
+    cc = pc + np.cos(theta)[:, None] * t[None, :]
+    inside = (rr >= 0) & (rr <= hm.shape[0] - 1) & (cc >= 0) & (cc <= hm.shape[1] - 1)
+    vals = np.where(inside, _bilinear(hm, rr, cc), -np.inf)
+    below = vals < level
+    below[:, -1] = True
+    first = np.argmax(below, axis=1)  # first sample below the level (>= 1 since the peak is above)
+    first = np.maximum(first, 1)
+    idx = np.arange(rays)
+    v_in, v_out = vals[idx, first - 1], vals[idx, first]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(np.isfinite(v_out) & (v_in > v_out), (v_in - level) / (v_in - v_out), 0.0)
+    dist = t[first - 1] + np.clip(frac, 0.0, 1.0) * step
+    return np.stack([pr + np.sin(theta) * dist, pc + np.cos(theta) * dist], axis=1)
+
+
+def locate(hm: np.ndarray, tf: Transform, stride: int) -> Location:
+    """Peak and contour of one heatmap, in original pixel indices (clipped to the image)."""
+    pr, pc, value = peak(hm)
+    poly = contour(hm, pr, pc)
+    rows, cols = tf.original_shape
+    orow, ocol = tf.heatmap_to_original(pr, pc, stride)
+    prow, pcol = tf.heatmap_to_original(poly[:, 0], poly[:, 1], stride)
+    prow = np.clip(prow, 0, rows - 1)
+    pcol = np.clip(pcol, 0, cols - 1)
+    return Location(
+        row=float(np.clip(orow, 0, rows - 1)),
+        col=float(np.clip(ocol, 0, cols - 1)),
+        contour=[(float(a), float(b)) for a, b in zip(prow, pcol, strict=True)],
+        peak=value,
+    )
+
+
+def image_findings(
+    scores: np.ndarray,
+    score_spec: OutputSpec,
+    heatmaps: np.ndarray | None,
+    heatmap_spec: OutputSpec | None,
+    tf: Transform,
+) -> tuple[list[Finding], dict[str, np.ndarray]]:
+    """Findings for one image: scores (L,) raw outputs, heatmaps (L', h, w) raw outputs."""
+    probs = activate(scores, score_spec.activation)
+    maps: dict[str, np.ndarray] = {}
+    if heatmaps is not None and heatmap_spec is not None:
+        act = activate(heatmaps, heatmap_spec.activation, axis=0)
+        maps = {label: act[i] for i, label in enumerate(heatmap_spec.labels)}
+    findings = []
+    for i, label in enumerate(score_spec.labels):
+        thr = float(score_spec.thresholds.get(label, DEFAULT_THRESHOLD))
+        score = float(probs[i])
+        positive = score >= thr
+        loc = locate(maps[label], tf, int(heatmap_spec.stride or 1)) if positive and label in maps else None
+        findings.append(Finding(label=label, score=score, threshold=thr, positive=positive, location=loc))
+    return findings, maps
+
+
+def laterality(ds: Any) -> str | None:
+    """Breast side from ImageLaterality (0020,0062), else Laterality (0020,0060); 'B'/'U' mean unknown."""
+    for tag in ("ImageLaterality", "Laterality"):
+        v = str(ds.get(tag, "") or "").strip().upper()
+        if v in ("L", "R"):
+            return v
+    return None
+
+
+def view_of(ds: Any) -> str | None:
+    v = str(ds.get("ViewPosition", "") or "").strip().upper()
+    return v or None
+
+
+def per_breast(images: list[ImageResult]) -> dict[str, float]:
+    """Per-breast score = max over that breast's views (views without laterality are left out)."""
+    out: dict[str, float] = {}
+    for img in images:
+        if img.laterality in ("L", "R"):
+            out[img.laterality] = max(out.get(img.laterality, 0.0), img.score)
+    return out
+
+
+def study_result(
+    manifest: Manifest, study_uid: str, images: list[ImageResult], patient: dict[str, str] | None = None
+) -> StudyResult:
+    is_mmg = manifest.task == "mmg" or any(m.upper() == "MG" for m in manifest.applies_to.modalities)
+    return StudyResult(
+        study_instance_uid=study_uid,
+        bundle_id=manifest.bundle_id,
+        bundle_version=manifest.version,
+        task=manifest.task,
+        clinical_use=manifest.clinical_use,
+        images=images,
+        per_breast=per_breast(images) if is_mmg else None,
+        study_score=max((img.score for img in images), default=0.0),
+        patient=patient or {},
+    )

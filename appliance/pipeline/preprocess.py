@@ -1,0 +1,270 @@
+"""DICOM image -> model input tensor, exactly as a bundle's ``Preprocessing`` says, plus the transform back.
+
+Order (DICOM PS3.4 grayscale pipeline): decode -> modality LUT (rescale or LUT) -> VOI (window or VOI LUT
+sequence, per the manifest's window policy) -> MONOCHROME1 inversion -> resample to square physical pixels
+and fit into the target size (area averaging, vectorised) -> centred pad -> (x - mean) / std.
+
+Every refusal (decompression bomb, colour image, 1x1, missing pixel data, undecodable) raises
+:class:`NotProcessable` with a reason a person can act on; the geometry is recorded in a :class:`Transform`
+so heatmap peaks and contours can be drawn on the original image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import apply_modality_lut
+
+from engines.manifest import Preprocessing
+
+MONO = ("MONOCHROME1", "MONOCHROME2")
+MAX_DIM = 65535  # Rows/Columns are US: anything larger is a corrupt header
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class NotProcessable(Exception):
+    """The image cannot be given to the model; ``reason`` says why (stored with the study)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class Transform:
+    """Geometry from original pixels to tensor pixels: ``t = o * scale + offset`` per axis.
+
+    Coordinates are continuous with pixel *centres* at integer index + 0.5; the index-space helpers below
+    convert, so ``to_original(*to_tensor(r, c)) == (r, c)``.
+    """
+
+    original_shape: tuple[int, int]  # (rows, columns) of the source image
+    target_shape: tuple[int, int]  # (height, width) of the tensor
+    scale: tuple[float, float]  # tensor pixels per original pixel, (row, col)
+    offset: tuple[float, float]  # tensor pixels of padding before the content, (row, col)
+    content_shape: tuple[int, int]  # (height, width) of the image content inside the tensor
+
+    def to_original(self, row: Any, col: Any) -> tuple[Any, Any]:
+        """Tensor pixel index (float ok) -> original pixel index (row, col)."""
+        r = (np.asarray(row, dtype=np.float64) + 0.5 - self.offset[0]) / self.scale[0] - 0.5
+        c = (np.asarray(col, dtype=np.float64) + 0.5 - self.offset[1]) / self.scale[1] - 0.5
+        return r, c
+
+    def to_tensor(self, row: Any, col: Any) -> tuple[Any, Any]:
+        """Original pixel index -> tensor pixel index."""
+        r = (np.asarray(row, dtype=np.float64) + 0.5) * self.scale[0] + self.offset[0] - 0.5
+        c = (np.asarray(col, dtype=np.float64) + 0.5) * self.scale[1] + self.offset[1] - 0.5
+        return r, c
+
+    def heatmap_to_original(self, row: Any, col: Any, stride: int) -> tuple[Any, Any]:
+        """Heatmap cell index (cell i covers tensor pixels [i*stride, (i+1)*stride)) -> original index."""
+        tr = (np.asarray(row, dtype=np.float64) + 0.5) * stride - 0.5
+        tc = (np.asarray(col, dtype=np.float64) + 0.5) * stride - 0.5
+        return self.to_original(tr, tc)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "original_shape": list(self.original_shape),
+            "target_shape": list(self.target_shape),
+            "scale": list(self.scale),
+            "offset": list(self.offset),
+            "content_shape": list(self.content_shape),
+        }
+
+
+@dataclass
+class Prepared:
+    """One image ready for the model, with what is needed to map outputs back and to draw on it."""
+
+    tensor: np.ndarray  # (1, H, W) float32, normalised
+    transform: Transform
+    display: np.ndarray  # (rows, cols) float32 in [0, 1], bright = dense: the image the SC overlay is drawn on
+    pixel_spacing: tuple[float, float] | None
+
+
+def check_header(ds: Dataset, max_pixels: int, min_size: int = 16) -> None:
+    """Refuse what cannot or must not be decoded, from the header alone (before any decoding)."""
+    if not any(t in ds for t in PIXEL_TAGS):
+        raise NotProcessable("no pixel data in the image")
+    if "PixelData" not in ds:
+        raise NotProcessable("float pixel data is not supported (expected integer PixelData)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        spp = int(ds.get("SamplesPerPixel", 1))
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise NotProcessable(f"image header incomplete or invalid: {exc}") from exc
+    if rows <= 0 or cols <= 0 or rows > MAX_DIM or cols > MAX_DIM or frames <= 0:
+        raise NotProcessable(f"absurd image dimensions {rows}x{cols}x{frames}")
+    if rows * cols * frames > max_pixels:
+        raise NotProcessable(
+            f"image too large: {rows}x{cols}x{frames} = {rows * cols * frames} pixels > limit {max_pixels}"
+            " (refused before decoding)"
+        )
+    if rows < min_size or cols < min_size:
+        raise NotProcessable(f"image too small: {rows}x{cols} (minimum {min_size}x{min_size})")
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    if spp != 1 or pi not in MONO:
+        raise NotProcessable(f"colour image ({pi or 'no photometric interpretation'}, {spp} samples/pixel)")
+    if frames != 1:
+        raise NotProcessable(f"multi-frame image ({frames} frames): the model takes single 2D images")
+    if bits not in (8, 16, 32):
+        raise NotProcessable(f"unsupported BitsAllocated {bits}")
+
+
+def decode(ds: Dataset) -> np.ndarray:
+    """Stored values of the (single-frame) image, any transfer syntax pydicom's plugins decode."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoders raise many types: all mean "cannot read these pixels"
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise NotProcessable(f"pixel data could not be decoded (transfer syntax {ts}): {exc}") from exc
+    if arr.ndim != 2:
+        raise NotProcessable(f"decoded pixel array has shape {arr.shape}, expected 2D")
+    return arr
+
+
+def _window_linear(x: np.ndarray, center: float, width: float, exact: bool) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 window to [0, 1] (LINEAR uses the c-0.5 / w-1 convention)."""
+    if exact:
+        lo, span = center - width / 2.0, max(width, 1e-6)
+    else:
+        lo, span = (center - 0.5) - (width - 1.0) / 2.0, max(width - 1.0, 1e-6)
+    return np.clip((x - np.float32(lo)) * np.float32(1.0 / span), 0.0, 1.0, dtype=np.float32)
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return np.clip((x - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6)), 0.0, 1.0, dtype=np.float32)
+
+
+def _voi_lut(item: Dataset, values: np.ndarray) -> np.ndarray:
+    """VOI LUT Sequence item (PS3.3 C.11.2.1.1): input clamped to the LUT's range, output scaled to [0, 1]."""
+    n, first, bits = (int(v) for v in item.LUTDescriptor)
+    n = n or 65536
+    lut = np.asarray(item.LUTData, dtype=np.float32).ravel()[:n]
+    if lut.size == 0:
+        raise NotProcessable("empty VOI LUT")
+    idx = np.clip(np.rint(values).astype(np.int64) - first, 0, lut.size - 1)
+    top = max(float(2**bits - 1), float(lut.max()), 1.0)
+    return lut[idx] * np.float32(1.0 / top)
+
+
+def _first(value: Any) -> float:
+    return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
+
+
+def voi(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """Modality LUT + VOI per the manifest's window policy -> float32 in [0, 1] (before MONOCHROME1 inversion)."""
+    if "ModalityLUTSequence" in ds:
+        values = apply_modality_lut(stored, ds)
+    else:  # rescale only: do it in float32 (pydicom would go to float64)
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        values = stored.astype(np.float32)
+        if slope != 1.0 or intercept != 0.0:
+            values = values * np.float32(slope) + np.float32(intercept)
+    values = np.asarray(values, dtype=np.float32)
+    if spec.window == "percentile":
+        sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
+        lo, hi = np.percentile(sample, spec.percentiles)
+        return np.clip((values - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0.0, 1.0, dtype=np.float32)
+    if spec.window == "dicom":
+        if "VOILUTSequence" in ds:
+            return _voi_lut(ds.VOILUTSequence[0], values)
+        if "WindowCenter" in ds and "WindowWidth" in ds:
+            try:
+                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            except (TypeError, ValueError):
+                center, width = None, None
+            if center is not None and width is not None and width > 0:
+                func = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+                if func == "SIGMOID":
+                    return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
+                return _window_linear(values, center, width, exact=func == "LINEAR_EXACT")
+    return _minmax(values)
+
+
+def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    """(row spacing, column spacing) in mm from PixelSpacing or ImagerPixelSpacing, if sane."""
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(tag)
+        if value is not None:
+            try:
+                r, c = float(value[0]), float(value[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if r > 0 and c > 0 and 0.01 < r / c < 100:
+                return r, c
+    return None
+
+
+def plan_transform(shape: tuple[int, int], spacing: tuple[float, float] | None, spec: Preprocessing) -> Transform:
+    """Scale per axis so output pixels are physically square and the image fits; centre the content."""
+    rows, cols = shape
+    th, tw = spec.target_size
+    if not spec.keep_aspect:
+        return Transform(shape, (th, tw), (th / rows, tw / cols), (0.0, 0.0), (th, tw))
+    sr, sc = spacing if spacing else (1.0, 1.0)
+    k = min(th / (rows * sr), tw / (cols * sc))  # tensor pixels per mm
+    ch = min(th, max(1, round(rows * sr * k)))
+    cw = min(tw, max(1, round(cols * sc * k)))
+    off_r, off_c = (th - ch) // 2, (tw - cw) // 2
+    # Exact per-axis scale of the rounded content: the content covers the whole original image.
+    return Transform(shape, (th, tw), (ch / rows, cw / cols), (float(off_r), float(off_c)), (ch, cw))
+
+
+def _area_resample_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    """Box-filter resample along ``axis`` to ``n_out`` samples (exact fractional-coverage area average)."""
+    n_in = x.shape[axis]
+    if n_in == n_out:
+        return x
+    x = np.moveaxis(x, axis, 0).astype(np.float64, copy=False)
+    csum = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)], axis=0)
+    edges = np.linspace(0.0, n_in, n_out + 1)
+    i0 = np.clip(np.floor(edges).astype(np.int64), 0, n_in - 1)
+    frac = (edges - i0)[:, None]
+    # cumulative sum at continuous position p = csum[i0] + frac * x[i0]
+    at = csum[i0] + frac * x[i0]
+    out = (at[1:] - at[:-1]) / (edges[1:] - edges[:-1])[:, None]
+    return np.moveaxis(out.astype(np.float32), 0, axis)
+
+
+def resample(img: np.ndarray, tf: Transform) -> np.ndarray:
+    ch, cw = tf.content_shape
+    return _area_resample_axis(_area_resample_axis(img, ch, 0), cw, 1)
+
+
+def fit(img: np.ndarray, tf: Transform, pad_value: float) -> np.ndarray:
+    """Resample to the content size and pad (centred) to the target size."""
+    th, tw = tf.target_shape
+    out = np.full((th, tw), pad_value, dtype=np.float32)
+    r0, c0 = int(tf.offset[0]), int(tf.offset[1])
+    ch, cw = tf.content_shape
+    out[r0 : r0 + ch, c0 : c0 + cw] = resample(img, tf)
+    return out
+
+
+def prepare(ds: Dataset, spec: Preprocessing, max_pixels: int, min_size: int = 16) -> Prepared:
+    """The whole chain for one dataset; raises NotProcessable with the reason."""
+    check_header(ds, max_pixels, min_size)
+    stored = decode(ds)
+    try:
+        img = voi(ds, stored, spec)
+    except NotProcessable:
+        raise
+    except Exception as exc:  # malformed LUTs / windows
+        raise NotProcessable(f"grayscale transform failed: {exc}") from exc
+    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1" and spec.invert_monochrome1:
+        img = np.subtract(np.float32(1.0), img, dtype=np.float32)
+    spacing = pixel_spacing(ds)
+    tf = plan_transform(img.shape, spacing, spec)
+    tensor = fit(img, tf, spec.pad_value)
+    if spec.mean != 0.0 or spec.std != 1.0:
+        tensor = (tensor - np.float32(spec.mean)) * np.float32(1.0 / spec.std)
+    return Prepared(tensor=tensor[None], transform=tf, display=img, pixel_spacing=spacing)
