@@ -220,24 +220,40 @@ def plan_transform(shape: tuple[int, int], spacing: tuple[float, float] | None, 
 
 
 def _area_resample_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
-    """Box-filter resample along ``axis`` to ``n_out`` samples (exact fractional-coverage area average)."""
+    """Box-filter resample along ``axis`` (0 or 1 of a 2D array) to ``n_out`` samples.
+
+    Output sample k averages the input over the continuous interval [k, k+1) * n_in / n_out (exact
+    fractional coverage). Downscaling sums whole input lines with ``np.add.reduceat`` and corrects the two
+    fractional edge lines (float32); upscaling interpolates the cumulative sum (inputs are small then).
+    """
     n_in = x.shape[axis]
+    x = x.astype(np.float32, copy=False)
     if n_in == n_out:
         return x
-    x = np.moveaxis(x, axis, 0).astype(np.float64, copy=False)
-    csum = np.concatenate([np.zeros((1,) + x.shape[1:]), np.cumsum(x, axis=0)], axis=0)
     edges = np.linspace(0.0, n_in, n_out + 1)
-    i0 = np.clip(np.floor(edges).astype(np.int64), 0, n_in - 1)
-    frac = (edges - i0)[:, None]
-    # cumulative sum at continuous position p = csum[i0] + frac * x[i0]
-    at = csum[i0] + frac * x[i0]
-    out = (at[1:] - at[:-1]) / (edges[1:] - edges[:-1])[:, None]
-    return np.moveaxis(out.astype(np.float32), 0, axis)
+    i0 = np.floor(edges).astype(np.int64)
+    frac = (edges - i0).astype(np.float32)
+    shape = (-1, 1) if axis == 0 else (1, -1)
+    if n_out < n_in:
+        pad = np.zeros((1, x.shape[1]) if axis == 0 else (x.shape[0], 1), dtype=np.float32)
+        xp = np.concatenate([x, pad], axis=axis)
+        out = np.add.reduceat(xp, i0[:-1], axis=axis)  # lines [i0_k, i0_{k+1})
+        out -= frac[:-1].reshape(shape) * np.take(xp, i0[:-1], axis=axis)
+        out += frac[1:].reshape(shape) * np.take(xp, i0[1:], axis=axis)
+        out *= np.float32(n_out / n_in)
+        return out
+    zero = np.zeros((1, x.shape[1]) if axis == 0 else (x.shape[0], 1))
+    csum = np.concatenate([zero, np.cumsum(x, axis=axis, dtype=np.float64)], axis=axis)
+    j = np.clip(i0, 0, n_in - 1)
+    at = np.take(csum, j, axis=axis) + (edges - j).reshape(shape) * np.take(x, j, axis=axis)
+    diff = np.diff(at, axis=axis)
+    return (diff * (n_out / n_in)).astype(np.float32)
 
 
 def resample(img: np.ndarray, tf: Transform) -> np.ndarray:
+    """Area-resample to the transform's content size (columns first: the contiguous axis is cheapest)."""
     ch, cw = tf.content_shape
-    return _area_resample_axis(_area_resample_axis(img, ch, 0), cw, 1)
+    return _area_resample_axis(_area_resample_axis(img, cw, 1), ch, 0)
 
 
 def fit(img: np.ndarray, tf: Transform, pad_value: float) -> np.ndarray:

@@ -1,21 +1,25 @@
 """Deterministic UIDs for result objects: same inputs + same bundle version -> same UIDs.
 
 A re-run (restart, reprocessing) therefore re-creates identical SOP Instance UIDs and the PACS treats the
-re-sent objects as the same instances instead of duplicating them. pydicom's ``generate_uid`` with
-``entropy_srcs`` hashes the sources into a ``2.25.<int>`` UID.
+re-sent objects as the same instances instead of duplicating them. The UID is ``2.25.<int>`` (PS3.5 B.2,
+a UUID-derived UID) with the integer taken from a SHA-256 of the sources, name-based like a UUIDv5.
+(pydicom's ``generate_uid(prefix=None, entropy_srcs=...)`` ignores the entropy and is random.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import uuid
 from collections.abc import Iterable
 
-from pydicom.uid import generate_uid
 
 NAMESPACE = "clinic-appliance/results/v1"
 
 
 def derive_uid(*parts: str) -> str:
-    return str(generate_uid(prefix=None, entropy_srcs=[NAMESPACE, *parts]))
+    digest = hashlib.sha256("\x1f".join([NAMESPACE, *parts]).encode("utf-8")).digest()
+    value = uuid.UUID(bytes=digest[:16], version=5)  # sets the version/variant bits like a real UUIDv5
+    return f"2.25.{value.int}"
 
 
 def _key(source_uids: Iterable[str]) -> str:

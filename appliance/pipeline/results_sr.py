@@ -1,0 +1,193 @@
+"""The machine-readable result: one Comprehensive 3D SR (TID 1500 Measurement Report) per study and bundle.
+
+Content, built with highdicom's typed templates:
+- observer = the algorithm as a device (uid derived from bundle id + version), algorithm identification
+  (bundle id, version) on every measurement group;
+- per image and label: a TID 1501 group with the label's score (and whether it passed its threshold);
+- per positive finding with a heatmap: a TID 1410 group whose region is the peak as SCOORD POINT and one
+  whose region is the iso-line contour as closed SCOORD POLYLINE, both on the source image;
+- per study: the study-level abnormality score and, for mammography, the per-breast scores.
+SCOORD convention: (column, row) with (0, 0) the top-left corner of the top-left pixel, so a pixel index
+(r, c) is drawn at (c + 0.5, r + 0.5).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from highdicom.sr import CodedConcept
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from appliance import __version__
+from appliance.pipeline import uids
+from appliance.pipeline.postprocess import ImageResult, StudyResult
+
+MANUFACTURER = "clinic-appliance"
+SCHEME = "99CLINICAI"  # private coding scheme for what has no standard code
+SR_SERIES_NUMBER = 9901
+
+FINDING_CODES = {
+    "nodule": CodedConcept("27925004", "SCT", "Nodule"),
+    "effusion": CodedConcept("60046008", "SCT", "Pleural effusion"),
+    "pleural_effusion": CodedConcept("60046008", "SCT", "Pleural effusion"),
+    "cardiomegaly": CodedConcept("8186001", "SCT", "Cardiomegaly"),
+    "lesion": CodedConcept("52988006", "SCT", "Lesion"),
+    "mass": CodedConcept("4147007", "SCT", "Mass"),
+}
+SCORE = CodedConcept("score", SCHEME, "AI score")
+STUDY_SCORE = CodedConcept("study-score", SCHEME, "AI study abnormality score")
+BREAST_SCORE = {
+    "L": CodedConcept("breast-score-L", SCHEME, "AI left breast score"),
+    "R": CodedConcept("breast-score-R", SCHEME, "AI right breast score"),
+}
+ABOVE_THRESHOLD = CodedConcept("above-threshold", SCHEME, "Score at or above operating point")
+YES, NO = codes.SCT.Yes, codes.SCT.No
+PROCEDURE = {
+    "mmg": CodedConcept("24606-6", "LN", "MG Breast Screening"),
+    "cxr": CodedConcept("36643-5", "LN", "XR Chest 2V"),
+}
+GENERIC_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def finding_code(label: str) -> CodedConcept:
+    return FINDING_CODES.get(label.lower(), CodedConcept(label[:16], SCHEME, label))
+
+
+def scoord(rows_cols: np.ndarray) -> np.ndarray:
+    """(N, 2) pixel indices (row, col) -> SCOORD (column, row) graphic data."""
+    rc = np.asarray(rows_cols, dtype=np.float64).reshape(-1, 2)
+    return np.stack([rc[:, 1] + 0.5, rc[:, 0] + 0.5], axis=1)
+
+
+def _image_groups(img: ImageResult, src: Dataset, result: StudyResult, algo: hd.sr.AlgorithmIdentification) -> list:
+    groups: list = []
+    for f in img.findings:
+        track = uids.tracking_uid(img.sop_instance_uid, f.label, result.bundle_id, result.bundle_version)
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=track, identifier=f"{f.label} score"),
+                finding_type=finding_code(f.label),
+                algorithm_id=algo,
+                measurements=[hd.sr.Measurement(name=SCORE, value=round(f.score, 6), unit=codes.UCUM.NoUnits)],
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(ABOVE_THRESHOLD, YES if f.positive else NO)],
+                source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src)],
+            )
+        )
+        if f.location is None:
+            continue
+        loc = f.location
+        regions = [
+            ("peak", hd.sr.GraphicTypeValues.POINT, scoord(np.array([[loc.row, loc.col]]))),
+            ("outline", hd.sr.GraphicTypeValues.POLYLINE, scoord(np.array(loc.contour + loc.contour[:1]))),
+        ]
+        for part, gtype, data in regions:
+            part_uid = uids.derive_uid(track, part)
+            groups.append(
+                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(uid=part_uid, identifier=f"{f.label} {part}"),
+                    referenced_region=hd.sr.ImageRegion(
+                        graphic_type=gtype,
+                        graphic_data=data,
+                        source_image=hd.sr.SourceImageForRegion.from_source_image(src),
+                    ),
+                    finding_type=finding_code(f.label),
+                    algorithm_id=algo,
+                    measurements=[hd.sr.Measurement(name=SCORE, value=round(f.score, 6), unit=codes.UCUM.NoUnits)],
+                )
+            )
+    return groups
+
+
+def build_sr(result: StudyResult, sources: list[Dataset], title: str) -> hd.sr.Comprehensive3DSR:
+    """One SR for the study; ``sources`` are the analysed images in ``result.images`` order."""
+    algo = hd.sr.AlgorithmIdentification(name=result.bundle_id, version=result.bundle_version)
+    observer = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=uids.observer_uid(result.bundle_id, result.bundle_version),
+                name=f"{result.bundle_id} {result.bundle_version}"[:64],
+                manufacturer_name=MANUFACTURER,
+                model_name=title[:64],
+            ),
+        )
+    )
+    groups: list = []
+    for img, src in zip(result.images, sources, strict=True):
+        groups.extend(_image_groups(img, src, result, algo))
+    study_measurements = [
+        hd.sr.Measurement(name=STUDY_SCORE, value=round(result.study_score, 6), unit=codes.UCUM.NoUnits)
+    ]
+    for side, score in sorted((result.per_breast or {}).items()):
+        study_measurements.append(
+            hd.sr.Measurement(name=BREAST_SCORE[side], value=round(score, 6), unit=codes.UCUM.NoUnits)
+        )
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=uids.derive_uid("study-group", result.study_instance_uid, result.bundle_id, result.bundle_version),
+                identifier="study",
+            ),
+            algorithm_id=algo,
+            measurements=study_measurements,
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observer,
+        procedure_reported=PROCEDURE.get(result.task, GENERIC_PROCEDURE),
+        imaging_measurements=groups,
+    )
+    source_uids = [img.sop_instance_uid for img in result.images]
+    banner = "" if result.clinical_use else " NOT FOR CLINICAL USE"
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=sources,
+        content=report,
+        series_instance_uid=uids.sr_series_uid(result.study_instance_uid, result.bundle_id, result.bundle_version),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uids.sr_instance_uid(
+            result.study_instance_uid, source_uids, result.bundle_id, result.bundle_version
+        ),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+    )
+    sr.SeriesDescription = f"AI findings {result.bundle_id} {result.bundle_version}{banner}"[:64]
+    sr.SoftwareVersions = __version__
+    return sr
+
+
+def read_sr_points(sr: Dataset) -> list[dict]:
+    """The SCOORD POINTs in an SR (label, referenced SOP, row, col in pixel indices): for tests and tools."""
+    out: list[dict] = []
+
+    def walk(items, label: str | None) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in item else ""
+            here = label
+            if item.ValueType == "CODE" and name == "Finding":
+                here = item.ConceptCodeSequence[0].CodeMeaning
+            if item.ValueType == "SCOORD" and item.GraphicType == "POINT":
+                ref = item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                x, y = (float(v) for v in item.GraphicData)
+                out.append({"finding": label, "sop_uid": ref, "row": y - 0.5, "col": x - 0.5})
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, here)
+
+    def walk_groups(items) -> None:
+        for item in items:
+            if "ContentSequence" not in item:
+                continue
+            finding = None
+            for child in item.ContentSequence:
+                cname = child.ConceptNameCodeSequence[0].CodeMeaning if "ConceptNameCodeSequence" in child else ""
+                if child.ValueType == "CODE" and cname == "Finding":
+                    finding = child.ConceptCodeSequence[0].CodeMeaning
+            if finding is not None:
+                walk(item.ContentSequence, finding)
+            else:
+                walk_groups(item.ContentSequence)
+
+    walk_groups(sr.ContentSequence)
+    return out
