@@ -12,7 +12,6 @@ import hashlib
 import uuid
 from collections.abc import Iterable
 
-
 NAMESPACE = "clinic-appliance/results/v1"
 
 
