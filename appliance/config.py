@@ -100,6 +100,11 @@ class PipelineConfig(Section):
     destinations: list[PacsDestination] = Field(default_factory=list)
     retry_initial_s: float = Field(default=5.0, gt=0)
     retry_max_s: float = Field(default=600.0, gt=0)
+    min_image_size: int = Field(default=16, ge=1, description="rows or columns below this: not processable")
+    sc_max_size: int = Field(default=1024, ge=128, le=8192, description="long side of the SC overlay, pixels")
+    export_timeout_s: float = Field(default=30.0, gt=0, description="association/DIMSE timeout per export")
+    export_batch: int = Field(default=64, ge=1, description="objects sent per association")
+    poll_s: float = Field(default=1.0, gt=0, description="how often the worker/exporter look for work")
 
 
 class CloudConfig(Section):

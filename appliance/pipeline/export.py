@@ -1,0 +1,236 @@
+"""Results to the clinic's PACS: C-STORE SCU over a durable retry queue (the ``exports`` table).
+
+Each (object, destination) row is sent until the destination answers a success (or warning) status, then
+marked done and never sent again. Failures (PACS down, association rejected, failure status) keep the row
+with ``attempts`` and a ``next_attempt_at`` that backs off exponentially (retry_initial_s * 2^(n-1), capped
+at retry_max_s). The queue lives in SQLite, so it survives restarts; since result UIDs are deterministic,
+a resend after a crash between "stored by PACS" and "marked done" is the same instance (PACS de-duplicates).
+A study moves to ``exported`` when every row of it is done.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from appliance.config import PacsDestination, Settings
+from appliance.logs import get_logger
+from appliance.store import EXPORTED, INFERRED, Store, now
+
+log = get_logger(__name__)
+
+SUCCESS_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (stored)
+
+
+def _nodelay(event: evt.Event) -> None:
+    """pynetdicom does not set TCP_NODELAY; without it small PDUs wait for delayed ACKs (~40 ms each)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+HANDLERS = [(evt.EVT_CONN_OPEN, _nodelay)]
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> float:
+    """Delay before the next try after ``attempts`` failures."""
+    return min(maximum, initial * (2 ** max(0, attempts - 1)))
+
+
+def _ae(settings: Settings, timeout: float) -> AE:
+    ae = AE(ae_title=settings.dicom.ae_title)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    return ae
+
+
+def echo(settings: Settings, dest: PacsDestination, timeout: float | None = None) -> tuple[bool, str]:
+    """C-ECHO a destination: (ok, message)."""
+    ae = _ae(settings, timeout or settings.pipeline.export_timeout_s)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=HANDLERS)
+    if not assoc.is_established:
+        why = "association rejected" if assoc.is_rejected else "no association (unreachable or aborted)"
+        return False, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): {why}"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code == 0x0000:
+        return True, f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO success"
+    return False, f"{dest.name}: C-ECHO status {code if code is None else hex(code)}"
+
+
+@dataclass
+class Outcome:
+    export_id: int
+    ok: bool
+    error: str | None = None
+
+
+def send(settings: Settings, dest: PacsDestination, items: list[tuple[int, Path]]) -> list[Outcome]:
+    """C-STORE the files on one association; one outcome per item (all failed if no association)."""
+    datasets = []
+    outcomes: list[Outcome] = []
+    for export_id, path in items:
+        try:
+            datasets.append((export_id, dcmread(path)))
+        except (OSError, ValueError) as exc:
+            outcomes.append(Outcome(export_id, False, f"cannot read {path}: {exc}"))
+    if not datasets:
+        return outcomes
+    ae = _ae(settings, settings.pipeline.export_timeout_s)
+    pairs = sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets})
+    for sop_class, ts in pairs[:128]:
+        ae.add_requested_context(sop_class, ts)
+    try:
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=HANDLERS)
+    except Exception as exc:  # socket errors surface in various types
+        assoc, err = None, f"association failed: {exc}"
+    else:
+        err = (
+            None
+            if assoc.is_established
+            else ("association rejected" if assoc.is_rejected else "no association (PACS unreachable or aborted)")
+        )
+    if err is not None:
+        return outcomes + [Outcome(eid, False, err) for eid, _ in datasets]
+    try:
+        for export_id, ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception as exc:
+                outcomes.append(Outcome(export_id, False, f"C-STORE error: {exc}"))
+                continue
+            code = getattr(status, "Status", None)
+            if code in SUCCESS_STATUSES:
+                outcomes.append(Outcome(export_id, True))
+            else:
+                what = "no response (aborted)" if code is None else f"C-STORE status 0x{code:04X}"
+                outcomes.append(Outcome(export_id, False, what))
+            if not assoc.is_established:
+                break
+        sent = {o.export_id for o in outcomes}
+        outcomes += [Outcome(eid, False, "association lost") for eid, _ in datasets if eid not in sent]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return outcomes
+
+
+class Exporter:
+    """The export Service: a thread that drains due rows of the queue, per destination."""
+
+    name = "export"
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings = settings
+        self.store = store
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="export", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.settings.pipeline.export_timeout_s + 5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("export pass failed")
+            self._wake.wait(self._sleep_s())
+            self._wake.clear()
+
+    def _sleep_s(self) -> float:
+        row = self.store.query("SELECT MIN(next_attempt_at) AS t FROM exports WHERE state='pending'")
+        nxt = row[0]["t"] if row else None
+        poll = self.settings.pipeline.poll_s
+        return poll if nxt is None else max(0.05, min(poll, nxt - now()))
+
+    def run_once(self, at: float | None = None) -> int:
+        """Send every due row once; returns how many were delivered."""
+        at = now() if at is None else at
+        dests = {d.name: d for d in self.settings.pipeline.destinations}
+        rows = self.store.query(
+            "SELECT e.id, e.destination, e.attempts, e.study_id, o.path FROM exports e"
+            " JOIN result_objects o ON o.id = e.object_id"
+            " WHERE e.state='pending' AND e.next_attempt_at <= ? ORDER BY e.id",
+            (at,),
+        )
+        delivered = 0
+        by_dest: dict[str, list] = {}
+        for r in rows:
+            by_dest.setdefault(r["destination"], []).append(r)
+        for name, items in by_dest.items():
+            dest = dests.get(name)
+            if dest is None:  # destination removed from config: keep the rows, try again later
+                self._record(items, [Outcome(r["id"], False, "destination not configured") for r in items])
+                continue
+            batch = self.settings.pipeline.export_batch
+            for i in range(0, len(items), batch):
+                chunk = items[i : i + batch]
+                outcomes = send(self.settings, dest, [(r["id"], Path(r["path"])) for r in chunk])
+                self._record(chunk, outcomes)
+                delivered += sum(o.ok for o in outcomes)
+        return delivered
+
+    def _record(self, rows: list, outcomes: list[Outcome]) -> None:
+        attempts = {r["id"]: r["attempts"] for r in rows}
+        study_of = {r["id"]: r["study_id"] for r in rows}
+        p = self.settings.pipeline
+        ts = now()
+        with self.store.transaction() as conn:
+            for o in outcomes:
+                if o.ok:
+                    conn.execute(
+                        "UPDATE exports SET state='done', done_at=?, attempts=attempts+1, last_error=NULL WHERE id=?",
+                        (ts, o.export_id),
+                    )
+                else:
+                    n = attempts[o.export_id] + 1
+                    conn.execute(
+                        "UPDATE exports SET attempts=?, next_attempt_at=?, last_error=? WHERE id=?",
+                        (n, ts + backoff(n, p.retry_initial_s, p.retry_max_s), o.error, o.export_id),
+                    )
+            for study_id in {study_of[o.export_id] for o in outcomes}:
+                left = conn.execute(
+                    "SELECT COUNT(*) FROM exports WHERE study_id=? AND state!='done'", (study_id,)
+                ).fetchone()[0]
+                state = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
+                if left == 0 and state is not None and state["state"] == INFERRED:
+                    self.store.set_study_state(conn, study_id, EXPORTED, "all results acknowledged by PACS")
+        for o in outcomes:
+            if o.ok:
+                log.info("result exported", export_id=o.export_id, study_id=study_of[o.export_id])
+            else:
+                log.warning(
+                    "export failed, will retry",
+                    export_id=o.export_id,
+                    error=o.error,
+                    attempts=attempts[o.export_id] + 1,
+                )

@@ -1,0 +1,174 @@
+"""Export to a real Orthanc: delivery, PACS down -> retried -> delivered once, PACS rejecting, echo CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from appliance.config import PacsDestination, Settings
+from appliance.pipeline.analyse import analyse
+from appliance.pipeline.export import Exporter, backoff
+from appliance.pipeline.results import save_results
+from appliance.store import COMPLETE, EXPORTED, INFERRED, Store, now
+from tests.conftest import PYTHON, ROOT
+from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
+from tests.pipeline_tools import TinyEngine, make_dataset, synthetic_image, tiny_manifest
+
+
+def _settings(home: Path, pacs: Orthanc) -> Settings:
+    s = Settings(state_dir=home)
+    s.pipeline.destinations = [PacsDestination(name="pacs", ae_title=AET, host="127.0.0.1", port=pacs.dicom_port)]
+    s.pipeline.retry_initial_s = 0.5
+    s.pipeline.export_timeout_s = 5
+    return s
+
+
+def add_study(store: Store, study_uid: str, state: str = COMPLETE) -> int:
+    ts = now()
+    with store.transaction() as conn:
+        cur = conn.execute(
+            "INSERT INTO studies(study_uid, state, created_at, updated_at, last_instance_at) VALUES (?,?,?,?,?)",
+            (study_uid, state, ts, ts, ts),
+        )
+        return int(cur.lastrowid)
+
+
+def _results(settings: Settings, store: Store) -> tuple[str, int]:
+    ds = make_dataset(synthetic_image(400, 300, (100, 200), radius=12))
+    m = tiny_manifest()
+    a = analyse([ds], m, TinyEngine().infer, 8, 10**8)
+    study_id = add_study(store, ds.StudyInstanceUID)
+    save_results(settings, store, study_id, a, m)
+    return ds.StudyInstanceUID, study_id
+
+
+def _state(store: Store, study_id: int) -> str:
+    return store.query("SELECT state FROM studies WHERE id=?", (study_id,))[0]["state"]
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    assert [backoff(n, 5, 60) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
+
+
+def test_results_reach_orthanc_in_the_same_study(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+    settings = _settings(home, orthanc)
+    store = Store(settings.db_path)
+    study_uid, study_id = _results(settings, store)
+    assert _state(store, study_id) == INFERRED
+    summary = store.query("SELECT summary FROM results WHERE study_id=?", (study_id,))[0]["summary"]
+    assert '"bundle_id": "tiny-cxr"' in summary and study_uid in summary
+    exporter = Exporter(settings, store)
+    exporter.start()
+    try:
+        got = orthanc.wait_for(
+            lambda: len(orthanc.instances_of_study(study_uid)) == 2 and _state(store, study_id) == EXPORTED
+        )
+    finally:
+        exporter.stop()
+    assert got
+    tags = orthanc.instances_of_study(study_uid)
+    assert {t["Modality"] for t in tags} == {"SR", "OT"}
+    sr_file = next(t for t in tags if t["Modality"] == "SR")
+    sr = pydicom.dcmread(__import__("io").BytesIO(orthanc.instance_file(sr_file["_id"])))
+    assert sr.StudyInstanceUID == study_uid
+    # done rows are never sent again, even by a fresh exporter (restart)
+    assert Exporter(settings, store).run_once(now() + 10_000) == 0
+
+
+def test_pacs_down_retried_then_delivered_once(home: Path, tmp_path: Path) -> None:
+    pacs = Orthanc(tmp_path / "down")  # ports chosen, not started
+    settings = _settings(home, pacs)
+    store = Store(settings.db_path)
+    study_uid, study_id = _results(settings, store)
+    exporter = Exporter(settings, store)
+    assert exporter.run_once() == 0
+    rows = store.query("SELECT attempts, next_attempt_at, last_error FROM exports")
+    assert all(r["attempts"] == 1 and r["next_attempt_at"] > now() for r in rows)
+    assert "association" in rows[0]["last_error"]
+    assert exporter.run_once() == 0  # not due yet: no new attempt
+    assert store.query("SELECT MAX(attempts) AS n FROM exports")[0]["n"] == 1
+    pacs.start()
+    try:
+        # the appliance restarts: a new exporter over the same database picks the queue up
+        assert Exporter(settings, store).run_once(now() + 60) == 2
+        assert Exporter(settings, store).run_once(now() + 10_000) == 0
+        assert len(pacs.instances_of_study(study_uid)) == 2
+        assert _state(store, study_id) == EXPORTED
+    finally:
+        pacs.stop()
+
+
+def test_pacs_rejecting_keeps_results_and_retries(home: Path, tmp_path: Path) -> None:
+    pacs = Orthanc(tmp_path / "reject", reject=True).start()
+    try:
+        settings = _settings(home, pacs)
+        store = Store(settings.db_path)
+        study_uid, study_id = _results(settings, store)
+        assert Exporter(settings, store).run_once() == 0
+        rows = store.query("SELECT state, attempts, last_error FROM exports")
+        assert all(r["state"] == "pending" and r["attempts"] == 1 for r in rows)
+        assert any(w in rows[0]["last_error"] for w in ("rejected", "status 0x", "aborted"))  # Orthanc 1.10 aborts
+        assert pacs.instances() == []
+        assert _state(store, study_id) == INFERRED
+        pacs.restart(reject=False)
+        assert Exporter(settings, store).run_once(now() + 60) == 2
+        assert len(pacs.instances_of_study(study_uid)) == 2
+    finally:
+        pacs.stop()
+
+
+def test_pacs_echo_cli(home: Path, orthanc: Orthanc, tmp_path: Path, clean_env) -> None:  # noqa: F811
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(
+        f'state_dir = "{home}"\n[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\n'
+        f'host = "127.0.0.1"\nport = {orthanc.dicom_port}\n'
+        f'[[pipeline.destinations]]\nname = "dead"\nae_title = "X"\nhost = "127.0.0.1"\nport = 9\n'
+    )
+    t0 = time.monotonic()
+    ok = subprocess.run(
+        [PYTHON, "-m", "appliance", "-c", str(cfg), "pacs", "echo", "pacs"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "C-ECHO success" in ok.stdout
+    bad = subprocess.run(
+        [PYTHON, "-m", "appliance", "-c", str(cfg), "pacs", "echo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "dead" in bad.stdout and "C-ECHO success" in bad.stdout
+    unknown = subprocess.run(
+        [PYTHON, "-m", "appliance", "-c", str(cfg), "pacs", "echo", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unknown.returncode == 2 and "nope" in unknown.stderr
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("n", [1])
+def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc, n: int) -> None:  # noqa: F811
+    """Same study processed twice (e.g. a restart after export): same UIDs, Orthanc keeps one copy each."""
+    settings = _settings(home, orthanc)
+    store = Store(settings.db_path)
+    ds = make_dataset(synthetic_image(400, 300, (100, 200), radius=12))
+    m = tiny_manifest()
+    eng = TinyEngine()
+    for _ in range(2):
+        study_id = add_study(store, ds.StudyInstanceUID) if _ == 0 else study_id
+        a = analyse([ds], m, eng.infer, 8, 10**8)
+        save_results(settings, store, study_id, a, m, set_state=False)
+        store.conn.execute("UPDATE exports SET state='pending', next_attempt_at=0")
+        Exporter(settings, store).run_once()
+    assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
