@@ -10,6 +10,7 @@ A study moves to ``exported`` when every row of it is done.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from dataclasses import dataclass
@@ -32,10 +33,8 @@ def _nodelay(event: evt.Event) -> None:
     """pynetdicom does not set TCP_NODELAY; without it small PDUs wait for delayed ACKs (~40 ms each)."""
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 HANDLERS = [(evt.EVT_CONN_OPEN, _nodelay)]
