@@ -90,6 +90,20 @@ class PacsDestination(Section):
     port: int = Field(ge=1, le=65535)
 
 
+class RouteRule(Section):
+    """A local routing rule: narrow (include) or switch off (exclude) a bundle for some studies.
+
+    Empty lists match anything. A bundle with include rules runs only on studies one of them matches; an
+    exclude rule that matches stops it. Matching is case-insensitive.
+    """
+
+    bundle_id: str = Field(min_length=1)
+    action: Literal["include", "exclude"] = "include"
+    modalities: list[str] = Field(default_factory=list)
+    body_parts: list[str] = Field(default_factory=list)
+    calling_aes: list[str] = Field(default_factory=list)
+
+
 class PipelineConfig(Section):
     """Routing, inference worker and result export."""
 
@@ -105,6 +119,7 @@ class PipelineConfig(Section):
     export_timeout_s: float = Field(default=30.0, gt=0, description="association/DIMSE timeout per export")
     export_batch: int = Field(default=64, ge=1, description="objects sent per association")
     poll_s: float = Field(default=1.0, gt=0, description="how often the worker/exporter look for work")
+    routes: list[RouteRule] = Field(default_factory=list)
 
 
 class CloudConfig(Section):

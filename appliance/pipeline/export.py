@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,19 @@ def send(settings: Settings, dest: PacsDestination, items: list[tuple[int, Path]
     return outcomes
 
 
+def mark_if_exported(store: Store, conn: sqlite3.Connection, study_id: int) -> bool:
+    """``inferred`` -> ``exported`` once every queued object of the study is acknowledged (in ``conn``'s
+    transaction). A study with no destinations configured stays ``inferred``: nothing was delivered."""
+    counts = conn.execute(
+        "SELECT COUNT(*) AS n, SUM(state='done') AS done FROM exports WHERE study_id=?", (study_id,)
+    ).fetchone()
+    state = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
+    if counts["n"] and counts["n"] == counts["done"] and state is not None and state["state"] == INFERRED:
+        store.set_study_state(conn, study_id, EXPORTED, "all results acknowledged by PACS")
+        return True
+    return False
+
+
 class Exporter:
     """The export Service: a thread that drains due rows of the queue, per destination."""
 
@@ -217,12 +231,7 @@ class Exporter:
                         (n, ts + backoff(n, p.retry_initial_s, p.retry_max_s), o.error, o.export_id),
                     )
             for study_id in {study_of[o.export_id] for o in outcomes}:
-                left = conn.execute(
-                    "SELECT COUNT(*) FROM exports WHERE study_id=? AND state!='done'", (study_id,)
-                ).fetchone()[0]
-                state = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
-                if left == 0 and state is not None and state["state"] == INFERRED:
-                    self.store.set_study_state(conn, study_id, EXPORTED, "all results acknowledged by PACS")
+                mark_if_exported(self.store, conn, study_id)
         for o in outcomes:
             if o.ok:
                 log.info("result exported", export_id=o.export_id, study_id=study_of[o.export_id])

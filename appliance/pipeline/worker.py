@@ -1,0 +1,232 @@
+"""The inference worker: completed studies -> router -> engines -> results -> export queue.
+
+- A scanner thread feeds a bounded queue with ``complete`` studies, FIFO by arrival (completion time, then
+  id). The queue blocks when full; nothing is lost because the state lives in the database.
+- One worker thread takes studies one at a time; each applicable bundle runs on its own engine (one engine
+  per active bundle, created once), with all of the study's images in as few batches as ``max_batch``
+  allows. Inference runs under a timeout: a study that times out or raises is marked ``failed`` with the
+  reason and the worker moves on.
+- Restart: studies left ``inferring`` (killed mid-inference) go back to ``complete`` and are reprocessed
+  (same UIDs, so nothing is duplicated); ``inferred`` studies are already in the export queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from appliance.config import Settings
+from appliance.logs import get_logger
+from appliance.pipeline.analyse import analyse
+from appliance.pipeline.export import mark_if_exported
+from appliance.pipeline.preprocess import NotProcessable
+from appliance.pipeline.results import save_results
+from appliance.pipeline.router import describe, route
+from appliance.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store
+from engines.manifest import Manifest
+
+log = get_logger(__name__)
+
+
+class BundleSource(Protocol):
+    """The active bundles, each with its loaded engine (``infer`` + ``max_batch``)."""
+
+    def active(self) -> list[tuple[Manifest, Any]]: ...
+
+
+class StaticBundles:
+    """A fixed list of (manifest, engine): tests and ``appliance infer``."""
+
+    def __init__(self, bundles: list[tuple[Manifest, Any]]):
+        self.bundles = bundles
+
+    def active(self) -> list[tuple[Manifest, Any]]:
+        return list(self.bundles)
+
+
+def load_instances(store: Store, study_id: int) -> tuple[list[Dataset], list[str]]:
+    """The study's spooled instances in arrival order; unreadable files are reported, not fatal."""
+    rows = store.query("SELECT path, sop_instance_uid FROM instances WHERE study_id=? ORDER BY id", (study_id,))
+    datasets, problems = [], []
+    for r in rows:
+        try:
+            datasets.append(dcmread(r["path"]))
+        except Exception as exc:  # corrupt or missing spool file
+            problems.append(f"{r['sop_instance_uid']}: unreadable ({exc})")
+    return datasets, problems
+
+
+class PipelineWorker:
+    """The pipeline Service (``name``, ``start()``, ``stop()``)."""
+
+    name = "pipeline"
+
+    def __init__(
+        self, settings: Settings, store: Store, bundles: BundleSource, on_results: Callable[[], None] | None = None
+    ):
+        self.settings = settings
+        self.store = store
+        self.bundles = bundles
+        self.on_results = on_results
+        self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
+        self._queued: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+        self.last_timings: dict[str, float] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.resume()
+        self._stop.clear()
+        for target, name in ((self._scan_loop, "pipeline-scan"), (self._work_loop, "pipeline-work")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self._threads = []
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def wake(self) -> None:
+        """A study just completed: look now instead of at the next poll."""
+        self._wake.set()
+
+    def resume(self) -> int:
+        """Studies killed mid-inference go back to ``complete``."""
+        with self.store.transaction() as conn:
+            rows = conn.execute("SELECT id FROM studies WHERE state=?", (INFERRING,)).fetchall()
+            for r in rows:
+                self.store.set_study_state(conn, r["id"], COMPLETE, "interrupted during inference: reprocessing")
+        if rows:
+            log.info("resuming interrupted studies", count=len(rows))
+        return len(rows)
+
+    # -- scanning --------------------------------------------------------------------------------------
+    def scan_once(self) -> int:
+        rows = self.store.query(
+            "SELECT id FROM studies WHERE state=? ORDER BY COALESCE(completed_at, updated_at), id", (COMPLETE,)
+        )
+        added = 0
+        for r in rows:
+            with self._lock:
+                if r["id"] in self._queued:
+                    continue
+                self._queued.add(r["id"])
+            while not self._stop.is_set():
+                try:
+                    self.queue.put(r["id"], timeout=0.5)
+                    added += 1
+                    break
+                except queue.Full:
+                    continue
+        return added
+
+    def _scan_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except Exception:
+                log.exception("pipeline scan failed")
+            self._wake.wait(self.settings.pipeline.poll_s)
+            self._wake.clear()
+
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                study_id = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.process(study_id)
+            except Exception:
+                log.exception("pipeline crashed on study", study_id=study_id)
+            finally:
+                with self._lock:
+                    self._queued.discard(study_id)
+
+    # -- one study -------------------------------------------------------------------------------------
+    def _set(self, study_id: int, state: str, detail: str | None) -> None:
+        with self.store.transaction() as conn:
+            self.store.set_study_state(conn, study_id, state, detail)
+
+    def process(self, study_id: int) -> str:
+        """Run every applicable bundle on one study; returns the state it ends in."""
+        row = self.store.query("SELECT state, study_uid, calling_ae FROM studies WHERE id=?", (study_id,))
+        if not row or row[0]["state"] != COMPLETE:
+            return row[0]["state"] if row else "missing"
+        study_uid, calling_ae = row[0]["study_uid"], row[0]["calling_ae"]
+        self._set(study_id, INFERRING, None)
+        t0 = time.perf_counter()
+        images, problems = load_instances(self.store, study_id)
+        routes = route(self.bundles.active(), images, self.settings.pipeline.routes, calling_ae)
+        if not routes:
+            detail = f"no active model applies to {describe(images)}"
+            self._set(study_id, NO_MODEL, detail)
+            log.info("no model for study", study_uid=study_uid, detail=detail)
+            return NO_MODEL
+        p = self.settings.pipeline
+        reasons: list[str] = list(problems)
+        stored = 0
+        for r in routes:
+            fut = self._pool.submit(
+                analyse,
+                r.images,
+                r.manifest,
+                r.engine.infer,
+                getattr(r.engine, "max_batch", 1) or 1,
+                p.max_pixels,
+                p.min_image_size,
+            )
+            try:
+                analysis = fut.result(timeout=p.inference_timeout_s)
+            except FutureTimeout:
+                # the stuck call keeps its thread; a fresh pool lets the next study run
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
+                name = f"{r.manifest.bundle_id} {r.manifest.version}"
+                reason = f"{name}: inference timed out after {p.inference_timeout_s:g} s"
+                self._set(study_id, FAILED, reason)
+                log.error("inference timed out", study_uid=study_uid, bundle=r.manifest.bundle_id)
+                return FAILED
+            except NotProcessable as exc:
+                reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
+                continue
+            except Exception as exc:
+                reason = f"{r.manifest.bundle_id} {r.manifest.version}: {type(exc).__name__}: {exc}"
+                self._set(study_id, FAILED, reason[:2000])
+                log.exception("inference failed", study_uid=study_uid, bundle=r.manifest.bundle_id)
+                return FAILED
+            t1 = time.perf_counter()
+            save_results(self.settings, self.store, study_id, analysis, r.manifest, set_state=False)
+            self.last_timings = {
+                **analysis.timings,
+                "results": time.perf_counter() - t1,
+                "total": time.perf_counter() - t0,
+            }
+            stored += 1
+        if stored == 0:
+            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons)[:2000])
+            log.warning("study not processable", study_uid=study_uid, reason="; ".join(reasons))
+            return NOT_PROCESSABLE
+        detail = f"{stored} bundle(s)" + (f"; skipped: {'; '.join(reasons)}" if reasons else "")
+        with self.store.transaction() as conn:
+            self.store.set_study_state(conn, study_id, INFERRED, detail[:2000])
+            mark_if_exported(self.store, conn, study_id)  # a fast exporter may already be done
+        if self.on_results is not None:
+            self.on_results()
+        return INFERRED
