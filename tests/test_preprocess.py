@@ -201,3 +201,22 @@ def test_transform_is_plain_data() -> None:
     tf = Transform((10, 20), (8, 8), (0.4, 0.4), (2.0, 0.0), (4, 8))
     assert tf.as_dict()["offset"] == [2.0, 0.0]
     assert copy.deepcopy(tf) == tf
+
+
+def test_j2k_reduced_resolution_decode_keeps_geometry_and_values() -> None:
+    """A big J2K image is decoded at a lower wavelet level; the transform still maps to original pixels."""
+    spec = Preprocessing(target_size=(128, 128), window="minmax")
+    dot = (700.0, 333.0)
+    img = synthetic_image(1200, 1000, dot, radius=40, background=300, peak=3000)
+    full = prepare(make_dataset(img), spec, MAXPIX)
+    reduced = prepare(make_dataset(img, transfer_syntax=JPEG2000Lossless), spec, MAXPIX)
+    assert full.display_factor == 1 and reduced.display_factor >= 4
+    assert reduced.display.shape[0] * reduced.display_factor >= 1200
+    # same image content up to the half-display-pixel sampling offset of the pyramid level
+    assert abs(float(reduced.tensor.mean()) - float(full.tensor.mean())) < 0.01
+    for prep in (full, reduced):
+        t = prep.tensor[0]
+        rr, cc = np.mgrid[0 : t.shape[0], 0 : t.shape[1]]
+        w = np.clip(t - 0.2, 0, None)
+        back = prep.transform.to_original((w * rr).sum() / w.sum(), (w * cc).sum() / w.sum())
+        assert abs(float(back[0]) - dot[0]) <= 2.0 and abs(float(back[1]) - dot[1]) <= 2.0

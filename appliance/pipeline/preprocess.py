@@ -11,6 +11,7 @@ so heatmap peaks and contours can be drawn on the original image.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import JPEG2000, JPEG2000Lossless
 
 from engines.manifest import Preprocessing
 
@@ -82,8 +84,9 @@ class Prepared:
 
     tensor: np.ndarray  # (1, H, W) float32, normalised
     transform: Transform
-    display: np.ndarray  # (rows, cols) float32 in [0, 1], bright = dense: the image the SC overlay is drawn on
+    display: np.ndarray  # float32 in [0, 1], bright = dense: the image the SC overlay is drawn on
     pixel_spacing: tuple[float, float] | None
+    display_factor: int = 1  # original pixels per display pixel (J2K reduced-resolution decode)
 
 
 def check_header(ds: Dataset, max_pixels: int, min_size: int = 16) -> None:
@@ -127,6 +130,44 @@ def decode(ds: Dataset) -> np.ndarray:
     if arr.ndim != 2:
         raise NotProcessable(f"decoded pixel array has shape {arr.shape}, expected 2D")
     return arr
+
+
+def decode_reduced(ds: Dataset, min_rows: int, min_cols: int) -> tuple[np.ndarray, int] | None:
+    """Decode a JPEG 2000 image at a lower resolution level, if that still gives >= (min_rows, min_cols).
+
+    JPEG 2000 stores a wavelet pyramid: decoding level r skips the finest r levels (Pillow's ``reduce``),
+    about 5-20x cheaper than a full decode, and yields a low-passed image whose sample j is centred on
+    original pixel j * 2**r. Returns (stored values, 2**r), or None to decode in full.
+    """
+    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    if ts not in (JPEG2000Lossless, JPEG2000) or int(ds.get("PixelRepresentation", 0)) != 0:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    r = 0
+    while r < 5 and -(-rows // 2 ** (r + 1)) >= min_rows and -(-cols // 2 ** (r + 1)) >= min_cols:
+        r += 1
+    if r == 0:
+        return None
+    try:
+        from openjpeg import get_parameters
+        from PIL import Image
+        from pydicom.encaps import generate_frames
+
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        params = get_parameters(frame)
+        if params["is_signed"] or params["samples_per_pixel"] != 1 or params["precision"] > 16:
+            return None
+        with Image.open(io.BytesIO(frame)) as im:
+            im.reduce = r
+            im.load()
+            arr = np.asarray(im)
+    except Exception:  # anything unusual: the full decoder will either cope or say why
+        return None
+    if arr.ndim != 2 or arr.shape != (-(-rows // 2**r), -(-cols // 2**r)):
+        return None
+    if arr.dtype == np.uint16 and params["precision"] < 16:
+        arr = arr >> (16 - params["precision"])  # Pillow scales I;16 samples up to 16 bits
+    return arr, 2**r
 
 
 def _window_linear(x: np.ndarray, center: float, width: float, exact: bool) -> np.ndarray:
@@ -269,7 +310,10 @@ def fit(img: np.ndarray, tf: Transform, pad_value: float) -> np.ndarray:
 def prepare(ds: Dataset, spec: Preprocessing, max_pixels: int, min_size: int = 16) -> Prepared:
     """The whole chain for one dataset; raises NotProcessable with the reason."""
     check_header(ds, max_pixels, min_size)
-    stored = decode(ds)
+    spacing = pixel_spacing(ds)
+    full_tf = plan_transform((int(ds.Rows), int(ds.Columns)), spacing, spec)
+    reduced = decode_reduced(ds, *full_tf.content_shape)
+    stored, factor = reduced if reduced is not None else (decode(ds), 1)
     try:
         img = voi(ds, stored, spec)
     except NotProcessable:
@@ -278,9 +322,21 @@ def prepare(ds: Dataset, spec: Preprocessing, max_pixels: int, min_size: int = 1
         raise NotProcessable(f"grayscale transform failed: {exc}") from exc
     if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1" and spec.invert_monochrome1:
         img = np.subtract(np.float32(1.0), img, dtype=np.float32)
-    spacing = pixel_spacing(ds)
     tf = plan_transform(img.shape, spacing, spec)
     tensor = fit(img, tf, spec.pad_value)
     if spec.mean != 0.0 or spec.std != 1.0:
         tensor = (tensor - np.float32(spec.mean)) * np.float32(1.0 / spec.std)
-    return Prepared(tensor=tensor[None], transform=tf, display=img, pixel_spacing=spacing)
+    if factor != 1:
+        # display pixel d is centred on original pixel d * factor (the wavelet low-pass is centred on even
+        # samples; checked against a full decode in the tests): fold that into the original<->tensor map
+        tf = Transform(
+            original_shape=(int(ds.Rows), int(ds.Columns)),
+            target_shape=tf.target_shape,
+            scale=(tf.scale[0] / factor, tf.scale[1] / factor),
+            offset=(
+                tf.offset[0] + 0.5 * tf.scale[0] * (1 - 1 / factor),
+                tf.offset[1] + 0.5 * tf.scale[1] * (1 - 1 / factor),
+            ),
+            content_shape=tf.content_shape,
+        )
+    return Prepared(tensor=tensor[None], transform=tf, display=img, pixel_spacing=spacing, display_factor=factor)

@@ -30,7 +30,7 @@ def build_objects(analysis: Analysis, manifest: Manifest, sc_max_size: int = 102
     res = analysis.result
     objects: list[tuple[str, Dataset]] = [("SR", build_sr(res, analysis.sources, manifest.title))]
     for i, (img, src, prep) in enumerate(zip(res.images, analysis.sources, analysis.prepared, strict=True)):
-        objects.append(("SC", build_sc(img, src, prep.display, res, i, sc_max_size)))
+        objects.append(("SC", build_sc(img, src, prep.display, res, i, sc_max_size, prep.display_factor)))
     return objects
 
 

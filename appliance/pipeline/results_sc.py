@@ -54,8 +54,15 @@ def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def render(img: ImageResult, display: np.ndarray, spacing, result: StudyResult, max_size: int) -> np.ndarray:
-    """(rows, cols, 3) uint8: grayscale image, heatmap overlay of the strongest positive label, text."""
+def render(
+    img: ImageResult, display: np.ndarray, spacing, result: StudyResult, max_size: int, factor: int = 1
+) -> np.ndarray:
+    """(rows, cols, 3) uint8: grayscale image, heatmap overlay of the strongest positive label, text.
+
+    ``display`` may be a reduced-resolution decode: display pixel d is centred on original pixel d * factor.
+    """
+    if spacing is not None and factor != 1:
+        spacing = (spacing[0] * factor, spacing[1] * factor)
     view_tf = plan_transform(display.shape, spacing, Preprocessing(target_size=(max_size, max_size)))
     if max(display.shape) <= max_size and (spacing is None or spacing[0] == spacing[1]):
         view_tf = plan_transform(display.shape, None, Preprocessing(target_size=display.shape, keep_aspect=False))
@@ -69,8 +76,8 @@ def render(img: ImageResult, display: np.ndarray, spacing, result: StudyResult, 
     if shown is not None and img.transform is not None:
         hm = img.heatmaps[shown.label]
         # SC pixel index -> original pixel index -> tensor index -> heatmap cell (axis-aligned, separable)
-        rows_o = (np.arange(h) + 0.5) / view_tf.scale[0] - 0.5
-        cols_o = (np.arange(w) + 0.5) / view_tf.scale[1] - 0.5
+        rows_o = ((np.arange(h) + 0.5) / view_tf.scale[0] - 0.5) * factor
+        cols_o = ((np.arange(w) + 0.5) / view_tf.scale[1] - 0.5) * factor
         tr, tc = img.transform.to_tensor(rows_o, cols_o)
         s = img.heatmap_stride
         cr, cc = (tr + 0.5) / s - 0.5, (tc + 0.5) / s - 0.5
@@ -88,9 +95,9 @@ def render(img: ImageResult, display: np.ndarray, spacing, result: StudyResult, 
         loc = f.location
         if loc is None:
             continue
-        pts = [((c + 0.5) * view_tf.scale[1], (r + 0.5) * view_tf.scale[0]) for r, c in loc.contour]
+        pts = [((c / factor + 0.5) * view_tf.scale[1], (r / factor + 0.5) * view_tf.scale[0]) for r, c in loc.contour]
         draw.line(pts + pts[:1], fill=(255, 255, 0), width=max(1, h // 400))
-        x, y = (loc.col + 0.5) * view_tf.scale[1], (loc.row + 0.5) * view_tf.scale[0]
+        x, y = (loc.col / factor + 0.5) * view_tf.scale[1], (loc.row / factor + 0.5) * view_tf.scale[0]
         d = max(4, h // 100)
         draw.line([(x - d, y), (x + d, y)], fill=(255, 255, 0), width=max(1, h // 400))
         draw.line([(x, y - d), (x, y + d)], fill=(255, 255, 0), width=max(1, h // 400))
@@ -114,14 +121,20 @@ def render(img: ImageResult, display: np.ndarray, spacing, result: StudyResult, 
 
 
 def build_sc(
-    img: ImageResult, src: Dataset, display: np.ndarray, result: StudyResult, index: int, max_size: int = 1024
+    img: ImageResult,
+    src: Dataset,
+    display: np.ndarray,
+    result: StudyResult,
+    index: int,
+    max_size: int = 1024,
+    factor: int = 1,
 ) -> hd.sc.SCImage:
     spacing = pixel_spacing(src)
-    pixels = render(img, display, spacing, result, max_size)
+    pixels = render(img, display, spacing, result, max_size, factor)
     sc_spacing = None
     if spacing is not None:
-        # square output pixels covering the same physical extent
-        sc_spacing = (display.shape[0] * spacing[0] / pixels.shape[0], display.shape[1] * spacing[1] / pixels.shape[1])
+        # square output pixels covering the same physical extent as the source image
+        sc_spacing = (int(src.Rows) * spacing[0] / pixels.shape[0], int(src.Columns) * spacing[1] / pixels.shape[1])
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src,
         pixel_array=pixels,
