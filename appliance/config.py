@@ -58,6 +58,10 @@ class DicomConfig(Section):
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     quiet_seconds: float = Field(default=2.0, ge=0)
     min_free_bytes: int = Field(default=2 * 1024**3, ge=0, description="answer 0xA700 below this")
+    accept_all_storage: bool = Field(
+        default=False, description="accept every storage SOP class, not only CR/DX/MG/CT/SC and CT dose SR"
+    )
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="wait this long for associations at stop")
 
     @field_validator("ae_title")
     @classmethod

@@ -1,0 +1,122 @@
+"""The daemon: composes the services and runs them until SIGTERM/SIGINT.
+
+Every subsystem contributes its services in :func:`build_services` (one place, in start order); they
+are stopped in reverse order, so the DICOM SCP stops accepting and drains its associations before
+anything it feeds goes away. While running, ``<state_dir>/run/status.json`` says the pid, the start
+time and each service's status (e.g. the SCP's actual listening address), for ``appliance status``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from appliance.config import Settings
+from appliance.dicom.assembler import StudyAssembler
+from appliance.dicom.scp import StorageSCP
+from appliance.dicom.spool import Spool
+from appliance.logs import configure, get_logger
+from appliance.store import Store
+
+log = get_logger(__name__)
+
+
+@runtime_checkable
+class Service(Protocol):
+    """A long-running part of the daemon. ``start`` returns once it is serving; ``stop`` once it has stopped.
+
+    A service may also define ``status() -> dict`` (JSON-serialisable), published in ``status.json``.
+    """
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def build_services(settings: Settings, store: Store) -> list[Service]:
+    """Every service of the appliance, in start order. Other subsystems add theirs here."""
+    spool = Spool(settings.spool_dir)
+    assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
+    scp = StorageSCP(settings.dicom, store, spool, assembler)
+    # Pipeline: register on assembler.on_complete (called with the study row id after `complete` commits).
+    return [scp, assembler]
+
+
+def status_path(settings: Settings) -> Path:
+    return settings.state_dir / "run" / "status.json"
+
+
+def read_status(settings: Settings) -> dict[str, Any] | None:
+    """The running daemon's status file, or None when no live daemon wrote one."""
+    path = status_path(settings)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    pid = int(doc.get("pid", 0))
+    try:
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return None
+    return doc
+
+
+def _write_status(settings: Settings, services: list[Service], started_at: float) -> None:
+    doc = {
+        "pid": os.getpid(),
+        "started_at": started_at,
+        "services": {s.name: (s.status() if hasattr(s, "status") else {}) for s in services},
+    }
+    path = status_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run(settings: Settings) -> int:
+    """Run in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if a service failed to start."""
+    configure(settings.log.level, settings.log.format)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+    store = Store(settings.db_path)
+    services = build_services(settings, store)
+    started: list[Service] = []
+    rc = 0
+    try:
+        for service in services:
+            service.start()
+            started.append(service)
+        _write_status(settings, started, time.time())
+        log.info("appliance running", pid=os.getpid(), state_dir=str(settings.state_dir))
+        while not stop.wait(0.5):
+            pass
+    except Exception as exc:
+        log.exception("service failed to start", error=str(exc))
+        rc = 1
+    finally:
+        for service in reversed(started):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("service failed to stop cleanly", service=service.name)
+                rc = rc or 1
+        status_path(settings).unlink(missing_ok=True)
+        store.close()
+    log.info("appliance stopped", rc=rc)
+    return rc

@@ -1,0 +1,1 @@
+"""DICOM receive: the C-ECHO / C-STORE SCP, its spool, and the study assembler."""

@@ -1,0 +1,59 @@
+"""Which SOP classes and transfer syntaxes the SCP accepts.
+
+Modalities must never be refused for their transfer syntax, so every syntax pynetdicom knows is accepted
+(uncompressed LE/BE, deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, video):
+the bytes are stored as received, never transcoded. pynetdicom's default accepts uncompressed only.
+"""
+
+from __future__ import annotations
+
+from pynetdicom import ALL_TRANSFER_SYNTAXES, sop_class
+from pynetdicom.presentation import PresentationContext, build_context
+
+# The imaging classes the box exists for (CR, DX, MG, CT, SC), their close relatives a clinic's X-ray,
+# mammography and CT machines also emit, and the CT dose report most CT scanners send with each study.
+IMAGING_SOP_CLASSES: tuple[str, ...] = (
+    sop_class.ComputedRadiographyImageStorage,
+    sop_class.DigitalXRayImageStorageForPresentation,
+    sop_class.DigitalXRayImageStorageForProcessing,
+    sop_class.DigitalMammographyXRayImageStorageForPresentation,
+    sop_class.DigitalMammographyXRayImageStorageForProcessing,
+    sop_class.DigitalIntraOralXRayImageStorageForPresentation,
+    sop_class.DigitalIntraOralXRayImageStorageForProcessing,
+    sop_class.BreastTomosynthesisImageStorage,
+    sop_class.BreastProjectionXRayImageStorageForPresentation,
+    sop_class.BreastProjectionXRayImageStorageForProcessing,
+    sop_class.CTImageStorage,
+    sop_class.EnhancedCTImageStorage,
+    sop_class.SecondaryCaptureImageStorage,
+    sop_class.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    sop_class.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sop_class.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sop_class.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sop_class.XRayRadiationDoseSRStorage,
+)
+
+
+# Preference when one presentation context offers several syntaxes (pynetdicom takes the acceptor's order):
+# explicit VR little endian, explicit big endian, implicit, as dcmtk's storescp does, then every other
+# syntax. A modality that proposes its compressed syntax in a context of its own gets it accepted as is.
+_FIRST = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
+TRANSFER_SYNTAXES: tuple[str, ...] = _FIRST + tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES if str(ts) not in _FIRST)
+
+
+def all_storage_sop_classes() -> tuple[str, ...]:
+    """Every storage SOP class pynetdicom knows (used when ``dicom.accept_all_storage`` is on)."""
+    return tuple(str(uid) for uid in sop_class._STORAGE_CLASSES.values())
+
+
+def scp_contexts(accept_all_storage: bool) -> list[PresentationContext]:
+    """Presentation contexts for the SCP: Verification plus storage, each with every transfer syntax."""
+    classes = all_storage_sop_classes() if accept_all_storage else IMAGING_SOP_CLASSES
+    contexts = [build_context(sop_class.Verification)]
+    seen: set[str] = set()
+    for uid in classes:
+        if uid in seen:
+            continue
+        seen.add(uid)
+        contexts.append(build_context(uid, list(TRANSFER_SYNTAXES)))
+    return contexts

@@ -1,0 +1,190 @@
+"""Instance and study records in ``state.db``: how a received instance is filed under a study revision.
+
+One transaction per instance (``Store.transaction``: BEGIN IMMEDIATE ... COMMIT, fsynced), so a crash
+leaves either the whole record or none of it. A study revision collects instances while its state is
+``received``; once it is ``complete``, the next new instance opens revision+1.
+``studies.assoc_open`` counts the open associations that delivered instances to the revision; it is
+reset to 0 at startup because no association survives a restart.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.dicom.header import InstanceHeader
+from appliance.logs import get_logger
+from appliance.store import RECEIVED, Store, now
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    study_id: int
+    instance_id: int
+    duplicate: bool  # same SOP Instance UID and same bytes already recorded: nothing new
+    new_revision: int | None = None  # set when this instance opened a study revision
+    uid_reused: bool = False  # same SOP Instance UID already recorded with different bytes
+
+
+@dataclass(frozen=True)
+class InstanceFile:
+    """What the pipeline needs to read one instance of a study."""
+
+    instance_id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str | None
+    modality: str | None
+    transfer_syntax: str
+    path: Path
+    sha256: str
+    flags: str | None
+
+
+def find_instance(conn: sqlite3.Connection, sop_uid: str, sha256: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT id, study_id, path FROM instances WHERE sop_instance_uid=? AND sha256=?", (sop_uid, sha256)
+    ).fetchone()
+
+
+def record_instance(
+    store: Store,
+    header: InstanceHeader,
+    *,
+    rel_path: str,
+    size: int,
+    sha256: str,
+    transfer_syntax: str,
+    calling_ae: str,
+    assoc_studies: set[int],
+) -> Recorded:
+    """File one durable spool file under its study revision; idempotent on (SOP UID, sha256).
+
+    ``assoc_studies`` holds the study ids this association already counts in ``assoc_open``; it is
+    updated only after the commit.
+    """
+    ts = now()
+    with store.transaction() as conn:
+        dup = find_instance(conn, header.sop_instance_uid, sha256)
+        if dup is not None:
+            return Recorded(study_id=dup["study_id"], instance_id=dup["id"], duplicate=True)
+        uid_reused = (
+            conn.execute(
+                "SELECT 1 FROM instances WHERE sop_instance_uid=? LIMIT 1", (header.sop_instance_uid,)
+            ).fetchone()
+            is not None
+        )
+        latest = conn.execute(
+            "SELECT id, state, revision FROM studies WHERE study_uid=? ORDER BY revision DESC LIMIT 1",
+            (header.study_uid,),
+        ).fetchone()
+        new_revision = None
+        if latest is not None and latest["state"] == RECEIVED:
+            study_id = int(latest["id"])
+        else:
+            new_revision = 1 if latest is None else int(latest["revision"]) + 1
+            cur = conn.execute(
+                "INSERT INTO studies(study_uid, revision, state, modality, calling_ae, created_at, updated_at,"
+                " last_instance_at, assoc_open) VALUES (?,?,?,?,?,?,?,?,0)",
+                (header.study_uid, new_revision, RECEIVED, header.modality, calling_ae, ts, ts, ts),
+            )
+            study_id = int(cur.lastrowid)
+            detail = "first instance" if latest is None else f"late instance re-opened study (was {latest['state']})"
+            conn.execute(
+                "INSERT INTO study_events(study_id, from_state, to_state, at, detail) VALUES (?,?,?,?,?)",
+                (study_id, None, RECEIVED, ts, detail),
+            )
+        flags = list(header.flags)
+        if uid_reused:
+            flags.append("sop_uid_reused")
+        cur = conn.execute(
+            "INSERT INTO instances(study_id, study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax,"
+            " modality, path, size, sha256, calling_ae, flags, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                study_id,
+                header.study_uid,
+                header.series_uid,
+                header.sop_instance_uid,
+                header.sop_class_uid,
+                transfer_syntax,
+                header.modality,
+                rel_path,
+                size,
+                sha256,
+                calling_ae,
+                ",".join(flags) or None,
+                ts,
+            ),
+        )
+        instance_id = int(cur.lastrowid)
+        opens = 0 if study_id in assoc_studies else 1
+        conn.execute(
+            "UPDATE studies SET last_instance_at=?, updated_at=?, assoc_open=assoc_open+?,"
+            " modality=COALESCE(modality, ?) WHERE id=?",
+            (ts, ts, opens, header.modality, study_id),
+        )
+    assoc_studies.add(study_id)
+    return Recorded(study_id, instance_id, duplicate=False, new_revision=new_revision, uid_reused=uid_reused)
+
+
+def release_association(store: Store, study_ids: set[int]) -> None:
+    """An association ended (released, aborted or dropped): it no longer holds its studies open."""
+    if not study_ids:
+        return
+    ts = now()
+    with store.transaction() as conn:
+        for sid in study_ids:
+            conn.execute(
+                "UPDATE studies SET assoc_open=MAX(assoc_open-1, 0), updated_at=? WHERE id=?",
+                (ts, sid),
+            )
+
+
+def reset_open_associations(store: Store) -> int:
+    """At startup no association is open, whatever a crash left behind."""
+    with store.transaction() as conn:
+        cur = conn.execute("UPDATE studies SET assoc_open=0 WHERE assoc_open != 0")
+        return cur.rowcount
+
+
+def known_paths(store: Store) -> set[str]:
+    return {r["path"] for r in store.query("SELECT path FROM instances")}
+
+
+def study_instances(store: Store, spool_root: Path, study_id: int, cumulative: bool = False) -> list[InstanceFile]:
+    """The instances of one study revision, in arrival order, with absolute spool paths.
+
+    ``cumulative=True`` returns the whole study as of this revision: the instances of every revision up
+    to this one, keeping the newest copy of each SOP Instance UID (what a re-run of the study needs).
+    """
+    cols = "i.id, i.sop_instance_uid, i.sop_class_uid, i.series_uid, i.modality, i.transfer_syntax, i.path,"
+    cols += " i.sha256, i.flags"
+    if cumulative:
+        rows = store.query(
+            f"SELECT {cols} FROM instances i JOIN studies s ON s.id=i.study_id"
+            " JOIN studies me ON me.id=? AND s.study_uid=me.study_uid AND s.revision<=me.revision"
+            " WHERE i.id = (SELECT MAX(j.id) FROM instances j JOIN studies t ON t.id=j.study_id"
+            "   WHERE j.sop_instance_uid=i.sop_instance_uid AND t.study_uid=me.study_uid"
+            "   AND t.revision<=me.revision)"
+            " ORDER BY i.id",
+            (study_id,),
+        )
+    else:
+        rows = store.query(f"SELECT {cols} FROM instances i WHERE i.study_id=? ORDER BY i.id", (study_id,))
+    return [
+        InstanceFile(
+            instance_id=r["id"],
+            sop_instance_uid=r["sop_instance_uid"],
+            sop_class_uid=r["sop_class_uid"],
+            series_uid=r["series_uid"],
+            modality=r["modality"],
+            transfer_syntax=r["transfer_syntax"],
+            path=Path(spool_root) / r["path"],
+            sha256=r["sha256"],
+            flags=r["flags"],
+        )
+        for r in rows
+    ]

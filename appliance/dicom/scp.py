@@ -1,0 +1,253 @@
+"""The C-ECHO / C-STORE SCP: the box's front door for modalities.
+
+Hot path of one C-STORE (in the association's thread): disk guard -> raw bytes (file meta + the data
+set exactly as received, never decoded into pixels or re-encoded) -> header check (see ``header``) ->
+durable spool file (``spool``) -> one durable SQLite transaction (``records``) -> 0x0000. Any failure
+before the commit answers a failure status, so nothing is acknowledged that is not on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import socket
+import threading
+import time
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from appliance.config import DicomConfig
+from appliance.dicom import records
+from appliance.dicom.assembler import StudyAssembler
+from appliance.dicom.contexts import scp_contexts
+from appliance.dicom.header import MalformedInstance, parse_header
+from appliance.dicom.spool import Spool
+from appliance.logs import get_logger
+from appliance.store import Store
+
+log = get_logger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # disk below the configured floor: refused before storing
+STATUS_WRITE_FAILED = 0xA701  # could not write or record (disk full, I/O error)
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+class _NoDelayServer(ThreadedAssociationServer):
+    """pynetdicom's server with TCP_NODELAY on every accepted socket (it sets none itself).
+
+    Without it each C-STORE response waits for Nagle's delayed ACK (~40 ms per instance).
+    """
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
+    """True when the allowlist is off, or some entry matches the calling AE title and the peer address."""
+    if not cfg.allowlist_enabled:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in cfg.allowed_callers:
+        if entry.ae_title.strip() != calling_ae.strip():
+            continue
+        if entry.host is None or addr in ipaddress.ip_network(entry.host, strict=False):
+            return True
+    return False
+
+
+class StorageSCP:
+    """Service: listens for associations and files every accepted instance durably."""
+
+    name = "dicom-scp"
+
+    def __init__(self, cfg: DicomConfig, store: Store, spool: Spool, assembler: StudyAssembler | None = None):
+        self.cfg = cfg
+        self.store = store
+        self.spool = spool
+        self.assembler = assembler
+        self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self._assoc_studies: dict[int, set[int]] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.cfg.ae_title)
+        ae.maximum_associations = self.cfg.max_associations
+        ae.maximum_pdu_size = self.cfg.max_pdu
+        ae.acse_timeout = self.cfg.acse_timeout
+        ae.dimse_timeout = self.cfg.dimse_timeout
+        ae.network_timeout = self.cfg.network_timeout
+        ae.require_called_aet = False  # modalities are often configured with a sloppy called AE
+        return ae
+
+    def recover(self) -> None:
+        """Startup: no association survives a restart; files never recorded were never acknowledged."""
+        reset = records.reset_open_associations(self.store)
+        removed = self.spool.sweep(records.known_paths(self.store))
+        if reset or removed:
+            log.info("recovered after unclean stop", studies_reset=reset, spool_files_removed=removed)
+
+    def start(self) -> None:
+        self.recover()
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+        self._server = self.ae.make_server(
+            (self.cfg.bind, self.cfg.port),
+            contexts=scp_contexts(self.cfg.accept_all_storage),
+            evt_handlers=handlers,
+            server_class=_NoDelayServer,
+        )
+        self.ae._servers.append(self._server)  # pynetdicom's shutdown() removes it from this list
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-scp", daemon=True
+        )
+        self._thread.start()
+        host, port = self.address
+        log.info("DICOM SCP listening", ae_title=self.cfg.ae_title, host=host, port=port)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            return (self.cfg.bind, self.cfg.port)
+        addr = self._server.server_address
+        return (str(addr[0]), int(addr[1]))
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server is not None else 0
+
+    def status(self) -> dict[str, Any]:
+        host, port = self.address
+        return {"ae_title": self.cfg.ae_title, "host": host, "port": port}
+
+    def stop(self) -> None:
+        """Stop accepting, let in-flight associations finish (up to ``shutdown_grace_s``), then abort."""
+        server = self._server
+        if server is None:
+            return
+        server.shutdown()  # stops serve_forever and closes the listening socket
+        deadline = time.monotonic() + self.cfg.shutdown_grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = server.active_associations
+        for assoc in left:
+            log.warning("aborting association at shutdown", calling_ae=assoc.requestor.ae_title)
+            assoc.abort()
+        for assoc in left:
+            assoc.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = None
+        log.info("DICOM SCP stopped", aborted=len(left))
+
+    # --- event handlers (association threads) ------------------------------------------------------
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        host = assoc.requestor.address
+        if not caller_allowed(self.cfg, calling, host):
+            log.warning("association rejected: caller not allowed", calling_ae=calling, peer=host)
+            # rejected-permanent, service-user, calling AE title not recognised
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        log.warning(
+            "association aborted; any partly received instance is discarded",
+            calling_ae=event.assoc.requestor.ae_title,
+            peer=event.assoc.requestor.address,
+        )
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        with self._lock:
+            studies = self._assoc_studies.pop(id(event.assoc), set())
+        try:
+            records.release_association(self.store, studies)
+        except Exception:
+            log.exception("could not release association's studies", studies=sorted(studies))
+        if self.assembler is not None and studies:
+            self.assembler.poke()
+
+    def _studies_of(self, assoc: Any) -> set[int]:
+        with self._lock:
+            return self._assoc_studies.setdefault(id(assoc), set())
+
+    def _on_store(self, event: evt.Event) -> int:
+        req = event.request
+        calling = str(event.assoc.requestor.ae_title).strip()
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        try:
+            free = self.spool.free_bytes()
+            if free < self.cfg.min_free_bytes:
+                log.error(
+                    "refusing instance: disk below floor",
+                    sop_uid=sop_uid,
+                    free_bytes=free,
+                    min_free_bytes=self.cfg.min_free_bytes,
+                )
+                return STATUS_OUT_OF_RESOURCES
+            data = event.encoded_dataset()
+            try:
+                header = parse_header(data, str(req.AffectedSOPClassUID or ""), sop_uid)
+            except MalformedInstance as bad:
+                log.warning(
+                    "instance refused: malformed",
+                    status=f"0x{bad.status:04X}",
+                    reason=bad.reason,
+                    sop_uid=sop_uid,
+                    calling_ae=calling,
+                )
+                return bad.status
+            sha256 = hashlib.sha256(data).hexdigest()
+            existing = records.find_instance(self.store.conn, header.sop_instance_uid, sha256)
+            if existing is not None and self.spool.abspath(existing["path"]).exists():
+                log.info("duplicate acknowledged, not re-stored", sop_uid=sop_uid, study_id=existing["study_id"])
+                return STATUS_SUCCESS
+            rel = self.spool.relpath(header.study_uid, header.sop_instance_uid, sha256)
+            self.spool.write_durable(rel, data)
+            rec = records.record_instance(
+                self.store,
+                header,
+                rel_path=rel,
+                size=len(data),
+                sha256=sha256,
+                transfer_syntax=str(event.context.transfer_syntax),
+                calling_ae=calling,
+                assoc_studies=self._studies_of(event.assoc),
+            )
+        except OSError as exc:
+            log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
+            return STATUS_WRITE_FAILED
+        except Exception:
+            log.exception("instance not stored: internal error", sop_uid=sop_uid)
+            return STATUS_PROCESSING_FAILURE
+        if rec.uid_reused:
+            log.warning(
+                "SOP Instance UID received again with different bytes; both kept",
+                sop_uid=sop_uid,
+                study_uid=header.study_uid,
+                instance_id=rec.instance_id,
+            )
+        if rec.new_revision and rec.new_revision > 1:
+            log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
+        log.debug("instance stored", sop_uid=sop_uid, study_id=rec.study_id, bytes=len(data))
+        return STATUS_SUCCESS

@@ -1,0 +1,99 @@
+"""The spool: received instances as Part-10 files, written durably before anything is acknowledged.
+
+Layout: ``<spool>/<study_uid>/<sop_instance_uid>.<sha8>.dcm`` (names sanitised; ``sha8`` = first 8 hex
+digits of the file's sha256, so two different revisions of one SOP Instance UID never collide).
+Durability order: write ``.tmp-*`` in the study directory -> fsync file -> rename into place -> fsync
+directory (and the spool directory when the study directory is new). The database row recorded after
+this is the commit point: a file without a row was never acknowledged and is removed at startup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+
+_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
+TMP_PREFIX = ".tmp-"
+
+
+def safe_component(uid: str) -> str:
+    """A file-name-safe form of a UID; anything unusual gets a hash suffix so names stay distinct."""
+    clean = _UNSAFE.sub("_", uid)[:64]
+    if clean != uid or clean.startswith(".") or not clean:
+        digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        clean = f"x{clean.lstrip('.')[:48]}_{digest}"
+    return clean
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Owns the spool directory; paths stored in the database are relative to it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def relpath(self, study_uid: str, sop_uid: str, sha256: str) -> str:
+        return f"{safe_component(study_uid)}/{safe_component(sop_uid)}.{sha256[:8]}.dcm"
+
+    def abspath(self, rel: str) -> Path:
+        return self.root / rel
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def write_durable(self, rel: str, data: bytes) -> Path:
+        """Write ``data`` at ``rel`` so that it survives a power cut once this returns."""
+        final = self.root / rel
+        directory = final.parent
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.root)
+        tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        fsync_dir(directory)
+        return final
+
+    def sweep(self, known: set[str]) -> int:
+        """Remove temp files and files no database row refers to (never acknowledged). Startup only."""
+        removed = 0
+        for directory in self.root.iterdir():
+            if not directory.is_dir():
+                continue
+            for entry in directory.iterdir():
+                rel = f"{directory.name}/{entry.name}"
+                if entry.name.startswith(TMP_PREFIX) or (entry.is_file() and rel not in known):
+                    entry.unlink(missing_ok=True)
+                    removed += 1
+                    log.info("spool file without record removed", path=rel)
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only succeeds when empty
+        return removed

@@ -1,0 +1,97 @@
+"""ONNX Runtime on the CPU.
+
+The "compile" step runs ORT's graph optimiser once and saves the optimised model, so later loads skip
+the optimisation pass (that artefact is what the engine cache keeps). It is specific to this CPU's
+instruction set, which is why the cache key includes the ISA flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from engines.backends.base import Engine
+from engines.errors import EngineBuildError
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return ort.__version__
+
+
+def _session_options(intra_op_threads: int, inter_op_threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if intra_op_threads:
+        so.intra_op_num_threads = intra_op_threads
+    if inter_op_threads:
+        so.inter_op_num_threads = inter_op_threads
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return so
+
+
+def compile_ort(
+    onnx_path: Path, out_path: Path, *, intra_op_threads: int = 0, inter_op_threads: int = 1, bundle: str = "?"
+) -> Path:
+    """Optimise ``onnx_path`` for this CPU and save the result to ``out_path``."""
+    import onnxruntime as ort
+
+    so = _session_options(intra_op_threads, inter_op_threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(out_path)
+    try:
+        ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise EngineBuildError(
+            "model_load_failed", f"ONNX Runtime cannot load the model: {str(exc)[:500]}", bundle=bundle
+        ) from exc
+    if not Path(out_path).is_file():
+        raise EngineBuildError("build_failed", "ONNX Runtime wrote no optimised model", bundle=bundle)
+    return Path(out_path)
+
+
+class OrtEngine(Engine):
+    backend_name = "ort"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        max_batch: int = 8,
+        optimised: bool = False,
+        bundle: str = "?",
+    ):
+        import onnxruntime as ort
+
+        so = _session_options(intra_op_threads, inter_op_threads)
+        # An already-optimised model needs no second pass (that is the point of compiling it).
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimised else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
+        try:
+            self._session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise EngineBuildError(
+                "model_load_failed",
+                f"ONNX Runtime cannot load {Path(model_path).name}: {str(exc)[:500]}",
+                bundle=bundle,
+            ) from exc
+        self.bundle = bundle
+        self.input_names = tuple(i.name for i in self._session.get_inputs())
+        self.output_names = tuple(o.name for o in self._session.get_outputs())
+        batch = self._session.get_inputs()[0].shape[0]
+        self.max_batch = batch if isinstance(batch, int) and batch > 0 else max_batch
+        self._names = list(self.output_names)
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outs = self._session.run(self._names, inputs)
+        return dict(zip(self._names, outs, strict=True))
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]

@@ -1,0 +1,252 @@
+"""Start the real daemon (``python -m appliance --home H run``) as a subprocess, and talk to it.
+
+Shared by every integration test that needs a running appliance::
+
+    with running_daemon(home, env={"APPLIANCE_DICOM__QUIET_SECONDS": "0.3"}) as d:
+        storescu(d.port, files)
+        wait_until(lambda: d.studies(state="complete"), timeout=10)
+
+The DICOM port defaults to 0 (the kernel picks a free one, no race); the daemon publishes the real
+address in ``<home>/run/status.json``, which ``start_daemon`` waits for. dcmtk tools get TCP_NODELAY=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[1]
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+T = TypeVar("T")
+
+
+def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+    """Poll ``fn`` until it returns something truthy; fail the test with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}")
+        time.sleep(interval)
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for dcmtk/Orthanc: Debian's builds need TCP_NODELAY=1 (else ~45 ms per message)."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A clean environment (no APPLIANCE_* from the shell) with test defaults: ephemeral port, no disk
+    floor, short quiet period; ``extra`` overrides them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["APPLIANCE_DICOM__PORT"] = "0"
+    env["APPLIANCE_DICOM__MIN_FREE_BYTES"] = "0"
+    env["APPLIANCE_DICOM__QUIET_SECONDS"] = "0.5"
+    env.update(extra or {})
+    return env
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    home: Path
+    log_path: Path
+    env: dict[str, str] = field(repr=False)
+    status_doc: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def host(self) -> str:
+        return self.status_doc["services"]["dicom-scp"]["host"]
+
+    @property
+    def port(self) -> int:
+        return int(self.status_doc["services"]["dicom-scp"]["port"])
+
+    @property
+    def ae_title(self) -> str:
+        return self.status_doc["services"]["dicom-scp"]["ae_title"]
+
+    def logs(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the daemon's exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.logs()[-3000:]}") from None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, as far as the daemon can tell."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def db(self) -> sqlite3.Connection:
+        """Read-only connection to the daemon's state.db (rows as sqlite3.Row)."""
+        conn = sqlite3.connect(f"file:{self.home / 'state.db'}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        conn = self.db()
+        try:
+            return conn.execute(sql, tuple(params)).fetchall()
+        finally:
+            conn.close()
+
+    def studies(self, state: str | None = None) -> list[sqlite3.Row]:
+        if state is None:
+            return self.query("SELECT * FROM studies ORDER BY id")
+        return self.query("SELECT * FROM studies WHERE state=? ORDER BY id", (state,))
+
+    def instances(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM instances ORDER BY id")
+
+    def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+        """Run ``python -m appliance --home H ARGS`` with the daemon's environment."""
+        return appliance_cli(self.home, *args, env=self.env, timeout=timeout)
+
+
+def appliance_cli(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "appliance", "--home", str(home), *args],
+        cwd=ROOT,
+        env=env if env is not None else daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_daemon(
+    home: Path,
+    env: dict[str, str] | None = None,
+    config_toml: str | None = None,
+    timeout: float = 20.0,
+) -> Daemon:
+    """Start ``appliance run`` on ``home``; returns once status.json names the listening address.
+
+    ``env`` adds ``APPLIANCE_*`` overrides; ``config_toml`` is written next to ``home`` and passed
+    with ``--config``.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    full_env = daemon_env(env)
+    args = [sys.executable, "-m", "appliance", "--home", str(home)]
+    if config_toml is not None:
+        cfg = home.parent / f"{home.name}.toml"
+        cfg.write_text(config_toml, encoding="utf-8")
+        args += ["--config", str(cfg)]
+    status_file = home / "run" / "status.json"
+    status_file.unlink(missing_ok=True)
+    log_path = home.parent / f"{home.name}-daemon-{time.monotonic_ns()}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen([*args, "run"], cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    daemon = Daemon(proc=proc, home=home, log_path=log_path, env=full_env)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {proc.returncode}:\n{daemon.logs()[-3000:]}")
+        try:
+            doc = json.loads(status_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if doc.get("pid") != proc.pid:
+            return False
+        daemon.status_doc = doc
+        return True
+
+    try:
+        wait_until(ready, timeout=timeout, what="daemon status.json")
+    except BaseException:
+        daemon.kill()
+        raise
+    return daemon
+
+
+@contextmanager
+def running_daemon(home: Path, **kwargs: Any) -> Iterator[Daemon]:
+    """``start_daemon`` that always stops (SIGTERM, then SIGKILL) the daemon on exit."""
+    d = start_daemon(home, **kwargs)
+    try:
+        yield d
+    finally:
+        if d.alive():
+            with suppress(AssertionError):
+                d.stop(timeout=15)
+
+
+def storescu(
+    port: int,
+    files: Sequence[Path | str],
+    *options: str,
+    host: str = "127.0.0.1",
+    aet: str = "STORESCU",
+    called: str = "APPLIANCE",
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess:
+    """dcmtk ``storescu -v -nh`` (continue after failures), stdout+stderr together in ``.stdout``."""
+    cmd = [STORESCU, "-v", "-nh", "-aet", aet, "-aec", called, *options, host, str(port), *map(str, files)]
+    return subprocess.run(
+        cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
+
+
+def echoscu(
+    port: int, host: str = "127.0.0.1", aet: str = "ECHOSCU", called: str = "APPLIANCE"
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ECHOSCU, "-v", "-aet", aet, "-aec", called, host, str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=30,
+    )
+
+
+_SENDING = re.compile(r"Sending file: (.+)$")
+_RESPONSE = re.compile(r"Received Store Response(?: \(([^)]*)\))?")
+
+
+def storescu_results(output: str) -> dict[str, str]:
+    """file -> response text ("Success", "Out of Resources", ...) as storescu -v reported it.
+
+    A file with no entry was never answered (storescu stopped or the connection broke).
+    """
+    results: dict[str, str] = {}
+    current: str | None = None
+    for line in output.splitlines():
+        m = _SENDING.search(line)
+        if m:
+            current = m.group(1).strip()
+            continue
+        m = _RESPONSE.search(line)
+        if m and current is not None:
+            results[current] = (m.group(1) or "").strip()
+            current = None
+    return results
