@@ -45,8 +45,10 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
     spool = Spool(settings.spool_dir)
     assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
     scp = StorageSCP(settings.dicom, store, spool, assembler)
-    # Pipeline: register on assembler.on_complete (called with the study row id after `complete` commits).
-    return [scp, assembler]
+    from appliance.pipeline.service import build_pipeline_services
+
+    # Pipeline: woken by assembler.on_complete (called with the study row id after `complete` commits).
+    return [scp, assembler, *build_pipeline_services(settings, store, assembler)]
 
 
 def status_path(settings: Settings) -> Path:

@@ -101,6 +101,9 @@ class PipelineWorker:
             t.join(timeout=10)
         self._threads = []
         self._pool.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self.bundles, "close", None)
+        if close is not None:
+            close()
 
     def wake(self) -> None:
         """A study just completed: look now instead of at the next poll."""
