@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
@@ -52,13 +53,15 @@ class StaticBundles:
         return list(self.bundles)
 
 
-def load_instances(store: Store, study_id: int) -> tuple[list[Dataset], list[str]]:
-    """The study's spooled instances in arrival order; unreadable files are reported, not fatal."""
+def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[Dataset], list[str]]:
+    """The study's spooled instances in arrival order; unreadable files are reported, not fatal.
+
+    Paths in ``instances`` are relative to the spool directory (absolute ones are used as they are)."""
     rows = store.query("SELECT path, sop_instance_uid FROM instances WHERE study_id=? ORDER BY id", (study_id,))
     datasets, problems = [], []
     for r in rows:
         try:
-            datasets.append(dcmread(r["path"]))
+            datasets.append(dcmread(spool_dir / r["path"]))
         except Exception as exc:  # corrupt or missing spool file
             problems.append(f"{r['sop_instance_uid']}: unreadable ({exc})")
     return datasets, problems
@@ -175,7 +178,12 @@ class PipelineWorker:
         study_uid, calling_ae = row[0]["study_uid"], row[0]["calling_ae"]
         self._set(study_id, INFERRING, None)
         t0 = time.perf_counter()
-        images, problems = load_instances(self.store, study_id)
+        images, problems = load_instances(self.store, study_id, self.settings.spool_dir)
+        if not images:
+            detail = "; ".join(problems) or "no instances recorded for the study"
+            self._set(study_id, NOT_PROCESSABLE, detail[:2000])
+            log.warning("study not processable", study_uid=study_uid, reason=detail)
+            return NOT_PROCESSABLE
         routes = route(self.bundles.active(), images, self.settings.pipeline.routes, calling_ae)
         if not routes:
             detail = f"no active model applies to {describe(images)}"

@@ -1,0 +1,153 @@
+"""Acceptance with real parts: dcmtk storescu (modality) -> the daemon (SCP, assembler, pipeline with a signed
+bundle on ONNX Runtime, exporter) -> Orthanc (PACS), checked through Orthanc's REST API.
+
+The bundle is the tiny deterministic detector of ``pipeline_tools`` (heatmap = average pool, score = max),
+built, signed and installed through the engines package exactly like a real bundle; the images are
+synthetic studies with a bright "nodule" at a known centre.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.uid import JPEG2000Lossless, RLELossless
+
+from appliance.pipeline.results_sr import read_sr_points
+from engines import bundle as B
+from engines.golden import reference_outputs, save_golden
+from engines.keys import TrustStore, generate_private_key, key_id, public_key_b64
+from engines.runtime import install_bundle
+from tests.daemon_tools import running_daemon, storescu, wait_until
+from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
+from tests.pipeline_tools import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
+
+ROWS, COLS = 1000, 800
+TS_FLAG = {"1.2.840.10008.1.2.4.90": ["-xv"], "1.2.840.10008.1.2.5": ["-xr"], "1.2.840.10008.1.2.4.70": ["-xs"]}
+TRUTH = (320.0, 520.0)
+
+
+def install_tiny_bundle(home: Path, work: Path) -> tuple[str, str]:
+    """Build, sign and install the tiny detector as a bundle; returns (key id, public key b64)."""
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "model.onnx"
+    model.write_bytes(tiny_model_bytes())
+    inputs = {"image": np.random.default_rng(0).random((2, 1, SIZE, SIZE), dtype=np.float32)}
+    save_golden(work / "golden.npz", inputs, reference_outputs(model, inputs))
+    doc = tiny_manifest().model_dump(mode="json")
+    for k in ("files", "created", "schema_version", "min_appliance_version"):
+        doc.pop(k, None)
+    path = work / "tiny.bundle"
+    B.build_bundle(path, doc, {"model.onnx": model, "golden.npz": work / "golden.npz"})
+    key = generate_private_key()
+    B.sign_bundle(path, key)
+    kid, pub = key_id(key), public_key_b64(key)
+    install_bundle(home / "models", path, TrustStore.from_config({kid: pub}))
+    return kid, pub
+
+
+def _config(home: Path, pacs: Orthanc, kid: str, pub: str) -> str:
+    return (
+        f'[engines]\ntrusted_keys = {{ "{kid}" = "{pub}" }}\n'
+        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
+        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+    )
+
+
+def _jpeg_lossless(src: Path, dst: Path) -> Path:
+    subprocess.run(["/usr/bin/dcmcjpeg", str(src), str(dst)], check=True, capture_output=True, timeout=60)
+    return dst
+
+
+def _results_in_pacs(pacs: Orthanc, study_uid: str) -> list[dict]:
+    return [t for t in pacs.instances_of_study(study_uid) if t.get("Modality") in ("SR", "OT")]
+
+
+def test_chest_studies_results_land_in_pacs_with_correct_location(home: Path, tmp_path: Path, orthanc: Orthanc) -> None:  # noqa: F811
+    kid, pub = install_tiny_bundle(home, tmp_path / "bundle")
+    cases = {
+        "mono1": {"photometric": "MONOCHROME1"},
+        "nonsquare": {"spacing": (0.1, 0.2)},
+        "j2k": {"transfer_syntax": JPEG2000Lossless},
+        "rle": {"transfer_syntax": RLELossless},
+        "jpeg-lossless": {},
+    }
+    files, studies = [], {}
+    for name, kw in cases.items():
+        img = synthetic_image(ROWS, COLS, TRUTH, radius=30)
+        if kw.get("photometric") == "MONOCHROME1":
+            img = (4095 - img).astype(np.uint16)
+        ds = make_dataset(img, **kw)
+        path = save(ds, tmp_path / "in" / f"{name}.dcm")
+        if name == "jpeg-lossless":
+            path = _jpeg_lossless(path, tmp_path / "in" / "jpegll.dcm")
+            assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+        files.append(path)
+        studies[name] = (ds.StudyInstanceUID, ds.SOPInstanceUID)
+    with running_daemon(
+        home, config_toml=_config(home, orthanc, kid, pub), env={"APPLIANCE_PIPELINE__ENABLED": "true"}
+    ) as d:
+        # one association per transfer syntax, proposing exactly that syntax (dcmtk otherwise transcodes)
+        for path in files:
+            ts = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            sent = storescu(d.port, [path], "-R", *TS_FLAG.get(ts, []))
+            assert "Received Store Response (Success)" in sent.stdout, sent.stdout
+        for name, (study_uid, sop_uid) in studies.items():
+            got = wait_until(
+                lambda s=study_uid: len(_results_in_pacs(orthanc, s)) == 2, timeout=60, what=f"{name} results"
+            )
+            assert got
+            tags = _results_in_pacs(orthanc, study_uid)
+            sr_id = next(t["_id"] for t in tags if t["Modality"] == "SR")
+            sr = pydicom.dcmread(io.BytesIO(orthanc.instance_file(sr_id)))
+            points = read_sr_points(sr)
+            assert len(points) == 1 and points[0]["sop_uid"] == sop_uid, name
+            assert abs(points[0]["row"] - TRUTH[0]) <= 0.02 * ROWS, (name, points)
+            assert abs(points[0]["col"] - TRUTH[1]) <= 0.02 * COLS, (name, points)
+        wait_until(lambda: len(d.studies("exported")) == len(cases), timeout=30, what="all exported")
+
+
+def test_killed_between_inference_and_export_delivers_once_after_restart(home: Path, tmp_path: Path) -> None:
+    pacs = Orthanc(tmp_path / "pacs")  # down while the first daemon runs
+    kid, pub = install_tiny_bundle(home, tmp_path / "bundle")
+    cfg = _config(home, pacs, kid, pub)
+    ds = make_dataset(synthetic_image(600, 500, (200, 300), radius=20))
+    path = save(ds, tmp_path / "in" / "a.dcm")
+    env = {"APPLIANCE_PIPELINE__ENABLED": "true"}
+    with running_daemon(home, config_toml=cfg, env=env) as d:
+        assert storescu(d.port, [path]).returncode == 0
+        wait_until(lambda: d.studies("inferred"), timeout=60, what="inferred")
+        d.kill()  # SIGKILL: results durable, export pending
+    pacs.start()
+    try:
+        with running_daemon(home, config_toml=cfg, env=env) as d2:
+            wait_until(lambda: d2.studies("exported"), timeout=60, what="exported after restart")
+            assert len(_results_in_pacs(pacs, ds.StudyInstanceUID)) == 2
+            rows = d2.query("SELECT COUNT(*) AS n FROM exports WHERE state='done'")
+            assert rows[0]["n"] == 2
+    finally:
+        pacs.stop()
+
+
+def test_study_no_bundle_applies_to_is_no_model(home: Path, tmp_path: Path) -> None:
+    """Routing by applies_to: the tiny bundle is for DX/CR, so an MG study is recorded as no_model."""
+    kid, pub = install_tiny_bundle(home, tmp_path / "bundle")
+    pacs = Orthanc(tmp_path / "pacs")
+    study = pydicom.uid.generate_uid()
+    files = [
+        save(
+            make_dataset(synthetic_image(300, 240, None), modality="MG", laterality=s, view=v, study_uid=study),
+            tmp_path / "mg" / f"{s}{v}.dcm",
+        )
+        for s in "LR"
+        for v in ("CC", "MLO")
+    ]
+    with running_daemon(
+        home, config_toml=_config(home, pacs, kid, pub), env={"APPLIANCE_PIPELINE__ENABLED": "true"}
+    ) as d:
+        assert storescu(d.port, files).returncode == 0
+        rows = wait_until(lambda: d.studies("no_model"), timeout=30, what="no_model")
+        assert "MG" in rows[0]["detail"]
