@@ -11,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import os
 import socket
 import threading
 import time
 from typing import Any
 
 from pynetdicom import AE, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from appliance.config import DicomConfig
 from appliance.dicom import records
 from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.contexts import scp_contexts
+from appliance.dicom.fastpath import FastAcceptor
 from appliance.dicom.header import MalformedInstance, parse_header
 from appliance.dicom.spool import Spool
 from appliance.logs import get_logger
@@ -34,6 +37,15 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk below the configured floor: refused before storing
 STATUS_WRITE_FAILED = 0xA701  # could not write or record (disk full, I/O error)
 STATUS_PROCESSING_FAILURE = 0x0110
+FAST_ACCEPTOR = os.environ.get("APPLIANCE_PYNETDICOM_STOCK_REACTOR") != "1"  # escape hatch, for comparison
+
+
+class _FastRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        if FAST_ACCEPTOR:
+            assoc.__class__ = FastAcceptor  # same object, lower-latency reactor loop (see fastpath)
+        return assoc
 
 
 class _NoDelayServer(ThreadedAssociationServer):
@@ -41,6 +53,10 @@ class _NoDelayServer(ThreadedAssociationServer):
 
     Without it each C-STORE response waits for Nagle's delayed ACK (~40 ms per instance).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", _FastRequestHandler)
+        super().__init__(*args, **kwargs)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = super().get_request()

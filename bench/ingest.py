@@ -1,0 +1,157 @@
+"""C-STORE receive throughput: the appliance (fsync on) vs dcmtk storescp and Orthanc, same files, same run.
+
+    PYTHONPATH=. python bench/ingest.py [--instances 500] [--reps 3]
+
+Sends a 500-instance 512x512 16-bit series over loopback with dcmtk storescu (TCP_NODELAY=1) into a
+fresh receiver per repetition, and prints median instances/s, MB/s and the ratios appliance/storescp
+and appliance/Orthanc. Neither storescp nor Orthanc fsyncs by default; the appliance fsyncs every
+file, its directory and its SQLite commit before each acknowledgement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from daemon_tools import dcmtk_env, start_daemon, storescu_results, wait_until  # noqa: E402
+from dicom_tools import write_series  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def send(port: int, files: list[Path], called: str) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        ["/usr/bin/storescu", "-v", "-aec", called, "127.0.0.1", str(port), *map(str, files)],
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    elapsed = time.perf_counter() - t0
+    ok = sum(1 for v in storescu_results(r.stdout).values() if v == "Success")
+    if ok != len(files):
+        raise RuntimeError(f"{called}: only {ok}/{len(files)} acknowledged:\n{r.stdout[-2000:]}")
+    return elapsed
+
+
+def run_appliance(work: Path, files: list[Path]) -> float:
+    home = work / "appliance"
+    d = start_daemon(home, env={"APPLIANCE_LOG__LEVEL": "WARNING"})
+    try:
+        return send(d.port, files, d.ae_title)
+    finally:
+        d.stop()
+
+
+def run_storescp(work: Path, files: list[Path]) -> float:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["/usr/bin/storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
+        env=dcmtk_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout=10, what="storescp")
+        return send(port, files, "STORESCP")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run_orthanc(work: Path, files: list[Path]) -> float:
+    base = work / "orthanc"
+    base.mkdir()
+    port, http = free_port(), free_port()
+    cfg = {
+        "Name": "bench",
+        "StorageDirectory": str(base / "storage"),
+        "IndexDirectory": str(base / "index"),
+        "HttpPort": http,
+        "DicomPort": port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomModalities": {"scu": ["STORESCU", "127.0.0.1", 104]},
+        "Plugins": [],
+    }
+    (base / "orthanc.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen(
+        ["Orthanc", str(base / "orthanc.json")], env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: port_open(port), timeout=30, what="Orthanc")
+        return send(port, files, "ORTHANC")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", type=int, default=500)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", choices=["appliance", "storescp", "orthanc"], action="append")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        tmpdir = Path(tmp)
+        files = write_series(tmpdir / "series", args.instances, rows=512, cols=512)
+        total_mb = sum(f.stat().st_size for f in files) / 1e6
+        print(f"{len(files)} instances, 512x512 16-bit, {total_mb:.1f} MB total; {args.reps} repetitions each")
+        targets: dict[str, Callable[[Path, list[Path]], float]] = {
+            "appliance": run_appliance,
+            "storescp": run_storescp,
+            "orthanc": run_orthanc,
+        }
+        if args.only:
+            targets = {k: v for k, v in targets.items() if k in args.only}
+        if "orthanc" in targets and not shutil.which("Orthanc"):
+            print("Orthanc not installed: skipped")
+            targets.pop("orthanc")
+        times: dict[str, list[float]] = {k: [] for k in targets}
+        for rep in range(args.reps):
+            for name, fn in targets.items():  # interleaved, so drift hits every receiver alike
+                work = tmpdir / f"{name}-{rep}"
+                work.mkdir()
+                times[name].append(fn(work, files))
+                shutil.rmtree(work, ignore_errors=True)
+        rates = {}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rates[name] = len(files) / med
+            runs = ", ".join(f"{len(files) / t:.0f}" for t in ts)
+            print(f"{name:10s} median {rates[name]:7.1f} inst/s  {total_mb / med:7.1f} MB/s   (runs inst/s: {runs})")
+        if "appliance" in rates:
+            for other in ("storescp", "orthanc"):
+                if other in rates:
+                    print(f"appliance/{other}: {rates['appliance'] / rates[other]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
