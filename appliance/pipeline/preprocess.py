@@ -155,15 +155,21 @@ def decode_reduced(ds: Dataset, min_rows: int, min_cols: int) -> tuple[np.ndarra
 
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
         params = get_parameters(frame)
-        if params["is_signed"] or params["samples_per_pixel"] != 1 or params["precision"] > 16:
-            return None
-        with Image.open(io.BytesIO(frame)) as im:
-            im.reduce = r
-            im.load()
-            arr = np.asarray(im)
     except Exception:  # anything unusual: the full decoder will either cope or say why
         return None
-    if arr.ndim != 2 or arr.shape != (-(-rows // 2**r), -(-cols // 2**r)):
+    if params["is_signed"] or params["samples_per_pixel"] != 1 or params["precision"] > 16:
+        return None
+    arr = None
+    while r > 0:  # some level/size combinations fail in openjpeg ("broken data stream"): try a finer level
+        try:
+            with Image.open(io.BytesIO(frame)) as im:
+                im.reduce = r
+                im.load()
+                arr = np.asarray(im)
+            break
+        except Exception:
+            r -= 1
+    if arr is None or arr.ndim != 2 or arr.shape != (-(-rows // 2**r), -(-cols // 2**r)):
         return None
     if arr.dtype == np.uint16 and params["precision"] < 16:
         arr = arr >> (16 - params["precision"])  # Pillow scales I;16 samples up to 16 bits
