@@ -9,7 +9,9 @@ synthetic studies with a bright "nodule" at a known centre.
 from __future__ import annotations
 
 import io
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,8 @@ from engines import bundle as B
 from engines.golden import reference_outputs, save_golden
 from engines.keys import TrustStore, generate_private_key, key_id, public_key_b64
 from engines.runtime import install_bundle
-from tests.daemon_tools import running_daemon, storescu, wait_until
+from tests.conftest import ROOT
+from tests.daemon_tools import daemon_env, running_daemon, storescu, wait_until
 from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
 from tests.pipeline_tools import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
 
@@ -151,3 +154,22 @@ def test_study_no_bundle_applies_to_is_no_model(home: Path, tmp_path: Path) -> N
         assert storescu(d.port, files).returncode == 0
         rows = wait_until(lambda: d.studies("no_model"), timeout=30, what="no_model")
         assert "MG" in rows[0]["detail"]
+
+
+def test_appliance_infer_cli_with_installed_bundle(home: Path, tmp_path: Path) -> None:
+    kid, pub = install_tiny_bundle(home, tmp_path / "bundle")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[engines]\ntrusted_keys = {{ "{kid}" = "{pub}" }}\n')
+    ds = make_dataset(synthetic_image(500, 400, (150, 250), radius=15))
+    src = save(ds, tmp_path / "in" / "x.dcm")
+    args = [sys.executable, "-m", "appliance", "--home", str(home), "-c", str(cfg), "infer", str(src.parent)]
+    table = subprocess.run(
+        [*args, "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120, env=daemon_env()
+    )
+    assert table.returncode == 0, table.stdout + table.stderr
+    assert "nodule" in table.stdout and "POSITIVE" in table.stdout and "sr-" in table.stdout
+    js = subprocess.run([*args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=daemon_env())
+    report = json.loads(js.stdout)
+    f = report["studies"][0]["results"][0]["findings"][0]
+    assert report["studies"][0]["study_uid"] == ds.StudyInstanceUID and f["positive"]
+    assert abs(f["location"]["row"] - 150) < 10 and abs(f["location"]["col"] - 250) < 8

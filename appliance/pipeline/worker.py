@@ -25,6 +25,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from appliance.config import Settings
+from appliance.dicom.records import study_instances
 from appliance.logs import get_logger
 from appliance.pipeline.analyse import analyse
 from appliance.pipeline.export import mark_if_exported
@@ -54,16 +55,17 @@ class StaticBundles:
 
 
 def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[Dataset], list[str]]:
-    """The study's spooled instances in arrival order; unreadable files are reported, not fatal.
+    """The whole study as of this revision (newest copy of each SOP instance), in arrival order.
 
-    Paths in ``instances`` are relative to the spool directory (absolute ones are used as they are)."""
-    rows = store.query("SELECT path, sop_instance_uid FROM instances WHERE study_id=? ORDER BY id", (study_id,))
+    Unreadable files are reported, not fatal. A later revision (late instance) is therefore analysed
+    with all of the study's images; per-image SC UIDs stay the same, the SR gets a new UID.
+    """
     datasets, problems = [], []
-    for r in rows:
+    for inst in study_instances(store, spool_dir, study_id, cumulative=True):
         try:
-            datasets.append(dcmread(spool_dir / r["path"]))
+            datasets.append(dcmread(inst.path))
         except Exception as exc:  # corrupt or missing spool file
-            problems.append(f"{r['sop_instance_uid']}: unreadable ({exc})")
+            problems.append(f"{inst.sop_instance_uid}: unreadable ({exc})")
     return datasets, problems
 
 
