@@ -186,4 +186,4 @@ def recent_log(conn: sqlite3.Connection, limit: int = 20) -> list[dict[str, obje
     rows = conn.execute(
         "SELECT message_id, kind, size, outcome, created_at, at FROM outbox_log ORDER BY id DESC LIMIT ?", (limit,)
     ).fetchall()
-    return [dict(zip(("message_id", "kind", "size", "outcome", "created_at", "at"), r)) for r in rows]
+    return [dict(zip(("message_id", "kind", "size", "outcome", "created_at", "at"), r, strict=True)) for r in rows]
