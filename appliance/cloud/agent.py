@@ -151,8 +151,8 @@ class CloudAgent:
             return
         self._inbox.put((topic, data))
 
-    def pump(self, client: HubClient) -> bool:
-        return self.sender.pump(client)
+    def pump(self, client: HubClient, publish: bool = True) -> bool:
+        return self.sender.pump(client, publish)
 
     # ---------------------------------------------------------------- worker thread
     def _run_method(self, name: str, rid: str, data: bytes) -> None:

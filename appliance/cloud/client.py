@@ -34,7 +34,7 @@ class ConnectionHandler(Protocol):
     def on_message(self, topic: str, payload: bytes) -> None: ...
     def on_ack(self, mid: int) -> None: ...
     def on_disconnected(self) -> None: ...
-    def pump(self, client: HubClient) -> bool: ...  # publish queued work; True if it did something
+    def pump(self, client: HubClient, publish: bool = True) -> bool: ...  # True if it did something
     def in_flight(self) -> int: ...
 
 
@@ -201,8 +201,8 @@ class HubClient:
                     self.last_error = self.last_error or f"connection lost ({mqtt.error_string(rc)})"
                 return False
             busy = self._drain_submissions(client)
-            if self.ready and renewing_since is None:
-                busy = self.handler.pump(self) or busy
+            if self.ready:  # while renewing: only commit acknowledgements, publish nothing new
+                busy = self.handler.pump(self, publish=renewing_since is None) or busy
             if self.connected and time.monotonic() >= renew_at:
                 if renewing_since is None:
                     renewing_since = time.monotonic()

@@ -39,15 +39,15 @@ class OutboxSender:
         self._last_budget = 0.0
 
     def reset(self) -> None:
+        """Connection gone: unacknowledged publishes will be re-sent; acknowledged ones still get committed."""
         self.inflight.clear()
-        self.acked.clear()
 
     def on_ack(self, mid: int) -> None:
         seq = self.inflight.pop(mid, None)
         if seq is not None:
             self.acked.append(seq)
 
-    def pump(self, client: HubClient) -> bool:
+    def pump(self, client: HubClient, publish: bool = True) -> bool:
         did = False
         conn = self.store.conn
         if self.acked:
@@ -62,6 +62,8 @@ class OutboxSender:
             conn.execute("COMMIT")
             self.sent_total += len(done)
             did = True
+        if not publish:
+            return did
         now = time.monotonic()
         if now - self._last_budget > 60:
             self._last_budget = now

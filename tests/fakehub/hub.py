@@ -339,9 +339,17 @@ class FakeHub:
             self._call(lambda: self._push_desired(device_id, body, version))
         return version
 
-    def send_raw_desired(self, device_id: str, body: bytes, version: int) -> None:
-        """Bad-input injection: deliver an arbitrary desired-patch body (the real hub validates, a proxy may not)."""
+    def send_raw_desired(self, device_id: str, body: bytes, version: int | None = None) -> int:
+        """Bad-input injection: deliver an arbitrary desired-patch body (the real hub validates, a proxy may not).
+
+        ``version`` None takes the hub's next desired ``$version`` (the document itself is not changed).
+        """
+        if version is None:
+            with self.lock:
+                self.devices[device_id].desired_version += 1
+                version = self.devices[device_id].desired_version
         self._call(lambda: self._push_desired(device_id, body, version))
+        return version
 
     def _push_desired(self, device_id: str, body: bytes, version: int) -> None:
         c = self._conns.get(device_id)
