@@ -133,6 +133,7 @@ class CloudConfig(Section):
     outbox_ttl_days: int = Field(default=60, ge=1)
     outbox_max_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
 
+
 class RetentionConfig(Section):
     days: float = Field(default=7.0, gt=0, description="purge instances/results this long after export+sync")
 

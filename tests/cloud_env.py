@@ -27,8 +27,16 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     srv_crt, srv_key = issue_cert(ca_key, ca_cert, "localhost", d, "server", server=True)
     dev_crt, dev_key = issue_cert(ca_key, ca_cert, DEVICE, d, "device", server=False)
     other_crt, other_key = issue_cert(ca_key, ca_cert, "someone-else", d, "other", server=False)
-    return {"ca": ca, "server_crt": srv_crt, "server_key": srv_key, "device_crt": dev_crt, "device_key": dev_key,
-            "other_crt": other_crt, "other_key": other_key, "dir": d}
+    return {
+        "ca": ca,
+        "server_crt": srv_crt,
+        "server_key": srv_key,
+        "device_crt": dev_crt,
+        "device_key": dev_key,
+        "other_crt": other_crt,
+        "other_key": other_key,
+        "dir": d,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +64,20 @@ def cloud_settings(home: Path, port: int, pki: dict[str, Path], key: str, pub: s
     secrets.mkdir(parents=True, exist_ok=True)
     (secrets / "device_key").write_text(key)
     base = {
-        "enabled": True, "hub_hostname": HUB, "connect_host": "127.0.0.1", "device_id": DEVICE, "port": port,
-        "ca_file": str(pki["ca"]), "cert_file": str(pki["device_crt"]), "key_file": str(pki["device_key"]),
-        "recipient_keys": {"central-1": pub}, "backoff_min_s": 0.2, "backoff_max_s": 1.0, "backoff_jitter_s": 0.2,
-        "keepalive_s": 30, "health_interval_s": 3600,
+        "enabled": True,
+        "hub_hostname": HUB,
+        "connect_host": "127.0.0.1",
+        "device_id": DEVICE,
+        "port": port,
+        "ca_file": str(pki["ca"]),
+        "cert_file": str(pki["device_crt"]),
+        "key_file": str(pki["device_key"]),
+        "recipient_keys": {"central-1": pub},
+        "backoff_min_s": 0.2,
+        "backoff_max_s": 1.0,
+        "backoff_jitter_s": 0.2,
+        "keepalive_s": 30,
+        "health_interval_s": 3600,
     }
     base.update(cloud)
     return Settings(state_dir=home, cloud=base)
@@ -73,7 +91,9 @@ def cloud_env(home: Path, port: int, pki: dict[str, Path], key: str, pub: str, *
     for k, v in s.cloud.model_dump().items():
         if v is None:
             continue
-        env[f"APPLIANCE_CLOUD__{k.upper()}"] = __import__("json").dumps(v) if isinstance(v, (dict, list, bool)) else str(v)
+        env[f"APPLIANCE_CLOUD__{k.upper()}"] = (
+            __import__("json").dumps(v) if isinstance(v, (dict, list, bool)) else str(v)
+        )
     return env
 
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The cloud agent against the fake IoT Hub over TLS: auth, renewal, twin, methods, C2D, bad input."""
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def test_wrong_key_refused_and_clock_far_off_is_a_clear_error(make_agent, hub: F
     agent.start()
     wait_for(lambda: hub.events_for(DEVICE, "refused"), what="expired token refused")
     assert "expired" in hub.events_for(DEVICE, "refused")[0].detail
+
     def logged(text: str) -> bool:
         return any(text in str(getattr(r, "fields", {})) for r in caplog.records)
 

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The same client against a real Mosquitto with TLS client certificates: plain MQTT resilience."""
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from tests.cloud_env import DEVICE, central_keys, cloud_settings, pki, wait_for 
 from tests.cloud_fixtures import issue_cert, make_ca, sample_result
 from tests.mosquitto_env import MOSQUITTO, Mosquitto
 
-pytestmark = pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto not installed (apt-get install mosquitto)")
+pytestmark = pytest.mark.skipif(
+    not shutil.which(MOSQUITTO), reason="mosquitto not installed (apt-get install mosquitto)"
+)
 
 
 def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Path, home: Path, central_keys) -> None:
@@ -40,8 +43,13 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
     sub.loop_start()
     wait_for(lambda: sub.is_connected(), 10, "collector connected")
     settings = cloud_settings(
-        home, broker.port, {"ca": ca, "device_crt": dev[0], "device_key": dev[1]}, "unused", central_keys["pub"],
-        auth="x509", max_inflight=50,
+        home,
+        broker.port,
+        {"ca": ca, "device_crt": dev[0], "device_key": dev[1]},
+        "unused",
+        central_keys["pub"],
+        auth="x509",
+        max_inflight=50,
     )
     agent = CloudAgent(settings)
     secret = load_or_create_device_secret(settings.secrets_dir)

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """Crash safety and the CLI: the cloud agent in its own process, SIGKILLed mid-stream; central tools."""
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def test_agent_sigkilled_mid_stream_loses_nothing(home: Path, hub: FakeHub, pki,
         assert n_before < 1000, "the kill must land mid-stream"
         hub.puback_delay_s = 0.0
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 1000, timeout=60, what="all")
+        wait_for(
+            lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 1000, timeout=60, what="all"
+        )
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(15)
@@ -57,7 +60,10 @@ def test_agent_sigkilled_mid_stream_loses_nothing(home: Path, hub: FakeHub, pki,
 
 def _cli(*args: str, home: Path, input: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "appliance", "--home", str(home), *args], cwd=ROOT, capture_output=True, input=input,
+        [sys.executable, "-m", "appliance", "--home", str(home), *args],
+        cwd=ROOT,
+        capture_output=True,
+        input=input,
         timeout=60,
     )
 

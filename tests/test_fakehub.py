@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The fake hub rejects what IoT Hub rejects (per Microsoft's MQTT docs), tested with a raw paho client."""
 
 from __future__ import annotations
@@ -119,12 +120,18 @@ def test_dps_register_and_poll_then_connect_to_assigned_hub(hub: FakeHub, pki) -
     hub.add_enrollment_group("clinics", group_key)
     reg = "clinic-0099"
     dev_key = sas.derive_device_key(group_key, reg)
-    token = sas.generate_sas_token(f"{hub.id_scope}/registrations/{reg}", dev_key, int(time.time()) + 60, "registration")
+    token = sas.generate_sas_token(
+        f"{hub.id_scope}/registrations/{reg}", dev_key, int(time.time()) + 60, "registration"
+    )
     r = Raw(hub.port, pki["ca"], reg, f"{hub.id_scope}/registrations/{reg}/api-version=2019-03-31", token)
     assert r.rc == 0
     r.c.subscribe("$dps/registrations/res/#", 1)
     time.sleep(0.2)
-    r.c.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", json.dumps({"registrationId": reg, "payload": {"site": "x"}}), qos=1)
+    r.c.publish(
+        "$dps/registrations/PUT/iotdps-register/?$rid=1",
+        json.dumps({"registrationId": reg, "payload": {"site": "x"}}),
+        qos=1,
+    )
     wait_for(lambda: r.msgs, 5, "202")
     assert r.msgs[0][0].startswith("$dps/registrations/res/202/?$rid=1&retry-after=")
     op = json.loads(r.msgs[0][1])["operationId"]
@@ -140,5 +147,7 @@ def test_dps_register_and_poll_then_connect_to_assigned_hub(hub: FakeHub, pki) -
     r.close()
     token2, _ = sas.device_token(HUB, reg, dev_key, 60)
     assert Raw(hub.port, pki["ca"], reg, sas.username(HUB, reg), token2).rc == 0  # the provisioned device connects
-    bad = sas.generate_sas_token(f"{hub.id_scope}/registrations/{reg}", group_key, int(time.time()) + 60, "registration")
+    bad = sas.generate_sas_token(
+        f"{hub.id_scope}/registrations/{reg}", group_key, int(time.time()) + 60, "registration"
+    )
     assert Raw(hub.port, pki["ca"], reg, f"{hub.id_scope}/registrations/{reg}/api-version=2019-03-31", bad).rc == 5

@@ -68,8 +68,10 @@ class CloudAgent:
         handlers["get_status"] = lambda _payload: (200, self.status())
         handlers.update(method_hooks or {})
         self.methods = methods_mod.MethodDispatcher(handlers)
+        # Hand paho twice its in-flight window: the next messages wait in paho's queue and go out the moment
+        # a PUBACK frees a slot, without a round trip through the outbox.
         self.sender = OutboxSender(
-            self.store, settings.cloud.device_id, settings.cloud.max_inflight, settings.cloud.outbox_max_bytes
+            self.store, settings.cloud.device_id, 2 * settings.cloud.max_inflight, settings.cloud.outbox_max_bytes
         )
         self.sender.upload_results = settings.cloud.upload_results
         self.client = HubClient(settings, self, time_fn=time_fn)
@@ -96,12 +98,14 @@ class CloudAgent:
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloud-method")
         self._worker = threading.Thread(target=self._work, name="cloud-agent", daemon=True)
         self._worker.start()
+        self.sender.start()
         self.client.start()
         log.info("cloud agent started", device_id=self.settings.cloud.device_id, hub=self.settings.cloud.hub_hostname)
 
     def stop(self) -> None:
         self._stop.set()
         self.client.stop()
+        self.sender.stop()
         self._inbox.put(None)
         if self._worker is not None:
             self._worker.join(10)
@@ -120,13 +124,23 @@ class CloudAgent:
             "connects": self.client.connects,
             "last_error": self.client.last_error,
             "studies": self.store.state_counts(),
-            "outbox": {"depth": count, "bytes": size, "by_kind": outbox.counts_by_kind(conn), "sent": self.sender.sent_total},
+            "outbox": {
+                "depth": count,
+                "bytes": size,
+                "by_kind": outbox.counts_by_kind(conn),
+                "sent": self.sender.sent_total,
+            },
             "desired": self.twin.status,
             "time": _iso(time.time()),
         }
 
     def _ping(self, payload: Any) -> tuple[int, Any]:
-        return 200, {"pong": True, "device_id": self.settings.cloud.device_id, "echo": payload, "time": _iso(time.time())}
+        return 200, {
+            "pong": True,
+            "device_id": self.settings.cloud.device_id,
+            "echo": payload,
+            "time": _iso(time.time()),
+        }
 
     # ---------------------------------------------------------------- ConnectionHandler (network thread)
     def on_ready(self) -> None:
@@ -231,7 +245,7 @@ class CloudAgent:
                 self._reported_dirty.set()
             else:
                 self._get_attempts += 1
-                delay = min(100.0, 2 ** self._get_attempts) if status in (429, 500, 503) else 30.0
+                delay = min(100.0, 2**self._get_attempts) if status in (429, 500, 503) else 30.0
                 log.warning("twin GET failed; retrying", status=status, retry_in_s=delay)
                 self._pending_get = None
                 self._retry_get_at = time.monotonic() + delay
@@ -241,7 +255,9 @@ class CloudAgent:
             log.warning("reported properties throttled; will resend", status=status)
             self._reported_dirty.set()
         elif status >= 400:
-            log.error("reported properties refused by the hub", status=status, body=data[:200].decode("utf-8", "replace"))
+            log.error(
+                "reported properties refused by the hub", status=status, body=data[:200].decode("utf-8", "replace")
+            )
 
     def reported(self) -> dict[str, Any]:
         conn = self.store.conn
@@ -280,8 +296,12 @@ class CloudAgent:
             mid, body = payload.build_health_message(health, self.settings)
             with self.store.transaction() as conn:
                 outbox.enqueue(
-                    conn, kind="health", message_id=mid, body=body,
-                    ttl_s=self.settings.cloud.outbox_ttl_days * 86400.0, max_bytes=self.settings.cloud.outbox_max_bytes,
+                    conn,
+                    kind="health",
+                    message_id=mid,
+                    body=body,
+                    ttl_s=self.settings.cloud.outbox_ttl_days * 86400.0,
+                    max_bytes=self.settings.cloud.outbox_max_bytes,
                 )
         except Exception:
             log.exception("health message could not be queued")

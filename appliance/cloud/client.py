@@ -9,6 +9,7 @@ reconnects at ``sas_renew_fraction`` of the token lifetime, after letting in-fli
 
 from __future__ import annotations
 
+import functools
 import queue
 import random
 import ssl
@@ -38,9 +39,17 @@ class ConnectionHandler(Protocol):
     def in_flight(self) -> int: ...
 
 
+@functools.lru_cache(maxsize=256)
+def _quote_const(s: str, safe: str) -> str:
+    return quote(s, safe=safe)
+
+
 def d2c_topic(device_id: str, props: dict[str, str]) -> str:
     """``devices/{id}/messages/events/{property bag}``, keys and values percent-encoded (quote, not quote_plus)."""
-    bag = "&".join(f"{quote(k, safe='$.')}={quote(v, safe='')}" for k, v in props.items())
+    bag = "&".join(
+        f"{_quote_const(k, '$.')}={quote(v, safe='') if k == '$.mid' else _quote_const(v, '')}"
+        for k, v in props.items()
+    )
     return f"devices/{device_id}/messages/events/{bag}"
 
 
@@ -135,7 +144,9 @@ class HubClient:
         renew_at = float("inf")
         if self.cfg.auth == "sas":
             key = self.key_file.read_text(encoding="ascii").strip()
-            token, expiry = sas.device_token(self.cfg.hub_hostname, self.device_id, key, self.cfg.sas_ttl_s, self.time_fn())
+            token, expiry = sas.device_token(
+                self.cfg.hub_hostname, self.device_id, key, self.cfg.sas_ttl_s, self.time_fn()
+            )
             client.username_pw_set(sas.username(self.cfg.hub_hostname, self.device_id), token)
             renew_at = time.monotonic() + self.cfg.sas_ttl_s * self.cfg.sas_renew_fraction
         else:
@@ -170,7 +181,13 @@ class HubClient:
                 attempt += 1
                 delay = self._backoff(attempt)
                 self.last_error = f"connect failed: {exc}"
-                log.warning("IoT Hub connect failed", host=self.host, port=self.cfg.port, error=str(exc), retry_in_s=round(delay, 1))
+                log.warning(
+                    "IoT Hub connect failed",
+                    host=self.host,
+                    port=self.cfg.port,
+                    error=str(exc),
+                    retry_in_s=round(delay, 1),
+                )
                 self._stop.wait(delay)
                 continue
             self._client = client
@@ -187,7 +204,11 @@ class HubClient:
                 continue
             attempt = 0 if was_ready else attempt + 1
             delay = self._backoff(attempt)
-            log.warning("IoT Hub connection down; reconnecting", reason=self._refused or self.last_error, retry_in_s=round(delay, 1))
+            log.warning(
+                "IoT Hub connection down; reconnecting",
+                reason=self._refused or self.last_error,
+                retry_in_s=round(delay, 1),
+            )
             self._stop.wait(delay)
 
     def _serve(self, client: mqtt.Client, renew_at: float) -> bool:
@@ -228,7 +249,9 @@ class HubClient:
         return did
 
     # ---------------------------------------------------------------- paho callbacks (network thread)
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: mqtt.ReasonCode, props: object) -> None:
+    def _on_connect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: mqtt.ReasonCode, props: object
+    ) -> None:
         if rc.is_failure:
             reason = f"connection refused: {rc}"
             if self.cfg.auth == "sas" and rc.value in (4, 5, 134, 135):
@@ -249,7 +272,9 @@ class HubClient:
                 self._outq.get_nowait()
             except queue.Empty:
                 break
-        log.info("connected to IoT Hub", host=self.host, device_id=self.device_id, auth=self.cfg.auth, connects=self.connects)
+        log.info(
+            "connected to IoT Hub", host=self.host, device_id=self.device_id, auth=self.cfg.auth, connects=self.connects
+        )
         result, mid = client.subscribe(subscriptions(self.device_id))
         self._sub_mid = mid
 
@@ -270,7 +295,9 @@ class HubClient:
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: mqtt.ReasonCode, props: object) -> None:
         self.handler.on_ack(mid)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: mqtt.ReasonCode, props: object) -> None:
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: object, flags: object, rc: mqtt.ReasonCode, props: object
+    ) -> None:
         if self.connected:
             log.warning("disconnected from IoT Hub", reason=str(rc))
         self._lost = True

@@ -98,13 +98,28 @@ def counts_by_kind(conn: sqlite3.Connection) -> dict[str, int]:
     return {r[0]: r[1] for r in conn.execute("SELECT kind, COUNT(*) FROM outbox GROUP BY kind")}
 
 
-def peek(conn: sqlite3.Connection, limit: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[OutboxRow]:
-    """The next ``limit`` messages in send order, skipping the sequence numbers in ``exclude`` (in flight)."""
-    rows = conn.execute(
-        "SELECT seq, message_id, kind, priority, body, props, created_at FROM outbox "
-        "ORDER BY priority DESC, seq LIMIT ?",
-        (limit + len(exclude),),
-    ).fetchall()
+def peek(
+    conn: sqlite3.Connection,
+    limit: int,
+    exclude: set[int] | frozenset[int] = frozenset(),
+    after: tuple[int, int] | None = None,
+) -> list[OutboxRow]:
+    """The next ``limit`` messages in send order, skipping the sequence numbers in ``exclude`` (in flight).
+
+    ``after`` = (priority, seq) of the last message handed out: continue from there (the sender's cursor).
+    """
+    if after is None:
+        rows = conn.execute(
+            "SELECT seq, message_id, kind, priority, body, props, created_at FROM outbox "
+            "ORDER BY priority DESC, seq LIMIT ?",
+            (limit + len(exclude),),
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT seq, message_id, kind, priority, body, props, created_at FROM outbox "
+            "WHERE priority < ? OR (priority = ? AND seq > ?) ORDER BY priority DESC, seq LIMIT ?",
+            (after[0], after[0], after[1], limit + len(exclude)),
+        ).fetchall()
     out = [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]), json.loads(r[5]), r[6]) for r in rows if r[0] not in exclude]
     return out[:limit]
 
@@ -113,16 +128,15 @@ def mark_sent(conn: sqlite3.Connection, seqs: list[int], now: float | None = Non
     """Remove acknowledged messages (PUBACK received) and record them as sent; returns rows removed."""
     t = time.time() if now is None else now
     n = 0
-    for seq in seqs:
-        row = conn.execute("SELECT message_id, kind, size, created_at FROM outbox WHERE seq=?", (seq,)).fetchone()
-        if row is None:  # evicted or expired while in flight: it was still delivered
-            continue
-        conn.execute("DELETE FROM outbox WHERE seq=?", (seq,))
+    for i in range(0, len(seqs), 500):  # rows evicted/expired while in flight simply are not there any more
+        chunk = seqs[i : i + 500]
+        marks = ",".join("?" * len(chunk))
         conn.execute(
-            "INSERT INTO outbox_log(message_id, kind, size, outcome, created_at, at) VALUES (?,?,?,?,?,?)",
-            (row[0], row[1], row[2], "sent", row[3], t),
+            "INSERT INTO outbox_log(message_id, kind, size, outcome, created_at, at) "
+            f"SELECT message_id, kind, size, 'sent', created_at, ? FROM outbox WHERE seq IN ({marks}) ORDER BY seq",
+            (t, *chunk),
         )
-        n += 1
+        n += conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk).rowcount
     return n
 
 

@@ -4,11 +4,16 @@ Runs on the MQTT network thread (``HubClient`` calls ``pump`` between reads), so
 thread only. Acknowledged rows are deleted in batches (one fsynced transaction per batch): a crash
 between PUBACK and commit re-sends a message with the same id, never loses one. On disconnect the window
 is forgotten and the next connection starts again from the head of the outbox, which keeps the order.
+Acknowledgements free the window at once; a committer thread deletes their rows in batches (one fsync
+per batch, off the network thread), so fsyncs do not pace the stream. Until a batch is committed its
+rows stay excluded from sending.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 
 from appliance.cloud import outbox
 from appliance.cloud.client import HubClient, d2c_topic
@@ -18,6 +23,8 @@ from appliance.store import Store
 log = get_logger(__name__)
 
 POLL_IDLE_S = 0.5
+COMMIT_INTERVAL_S = 0.02
+PREFETCH = 64  # rows read ahead in one query (bodies are <= 256 KB, so at most 16 MB in memory)
 
 
 def message_props(row: outbox.OutboxRow) -> dict[str, str]:
@@ -37,51 +44,112 @@ class OutboxSender:
         self.sent_total = 0
         self._last_poll = 0.0
         self._last_budget = 0.0
+        self._lock = threading.Lock()
+        self._uncommitted: set[int] = set()  # acknowledged, not yet deleted: never re-sent meanwhile
+        self._kick = threading.Event()
+        self._stop = threading.Event()
+        self._committer: threading.Thread | None = None
+        self._cursor: tuple[int, int] | None = None  # (priority, seq) of the last row read
+        self._buffer: deque[outbox.OutboxRow] = deque()
 
     def reset(self) -> None:
         """Connection gone: unacknowledged publishes will be re-sent; acknowledged ones still get committed."""
         self.inflight.clear()
+        self._buffer.clear()
+        self._cursor = None
 
-    def on_ack(self, mid: int) -> None:
-        seq = self.inflight.pop(mid, None)
-        if seq is not None:
-            self.acked.append(seq)
+    def start(self) -> None:
+        self._stop.clear()
+        self._committer = threading.Thread(target=self._commit_loop, name="cloud-outbox-commit", daemon=True)
+        self._committer.start()
 
-    def pump(self, client: HubClient, publish: bool = True) -> bool:
-        did = False
-        conn = self.store.conn
-        if self.acked:
+    def stop(self) -> None:
+        """Stop the committer after committing every acknowledged row."""
+        self._stop.set()
+        self._kick.set()
+        if self._committer is not None:
+            self._committer.join(10)
+            self._committer = None
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
             done, self.acked = self.acked, []
+        if done:
+            self._commit(done)
+
+    def _commit_loop(self) -> None:
+        while not self._stop.is_set():
+            self._kick.wait(0.5)
+            self._kick.clear()
+            time.sleep(COMMIT_INTERVAL_S)  # let a batch gather
+            try:
+                self.flush()
+            except Exception:
+                log.exception("outbox commit failed; will retry")
+                time.sleep(1)
+
+    def _commit(self, done: list[int]) -> None:
+        conn = self.store.conn
+        try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 outbox.mark_sent(conn, done)
             except BaseException:
                 conn.execute("ROLLBACK")
-                self.acked = done + self.acked
                 raise
             conn.execute("COMMIT")
+        except BaseException:
+            with self._lock:
+                self.acked = done + self.acked
+            raise
+        with self._lock:
+            self._uncommitted.difference_update(done)
             self.sent_total += len(done)
-            did = True
+
+    def on_ack(self, mid: int) -> None:
+        seq = self.inflight.pop(mid, None)
+        if seq is not None:
+            with self._lock:
+                self.acked.append(seq)
+                self._uncommitted.add(seq)
+            self._kick.set()
+
+    def pump(self, client: HubClient, publish: bool = True) -> bool:
+        did = False
+        conn = self.store.conn
+        now = time.monotonic()
         if not publish:
             return did
-        now = time.monotonic()
         if now - self._last_budget > 60:
             self._last_budget = now
             with self.store.transaction() as c:
                 outbox.enforce_budget(c, self.max_bytes)
         free = self.window - len(self.inflight)
-        if free <= 0 or not (did or outbox.wakeup.is_set() or now - self._last_poll > POLL_IDLE_S):
+        if free <= 0:
             return did
-        outbox.wakeup.clear()
-        self._last_poll = now
-        exclude = set(self.inflight.values())
-        rows = outbox.peek(conn, free + (0 if self.upload_results else self.window), exclude=exclude)
-        if not self.upload_results:
-            rows = [r for r in rows if r.kind != "result"]
-        for row in rows[:free]:
+        if outbox.wakeup.is_set():  # something new was queued: it may outrank what is buffered
+            outbox.wakeup.clear()
+            self._buffer.clear()
+            self._cursor = None
+            self._last_poll = 0.0
+        if not self._buffer and (did or self._cursor is not None or now - self._last_poll > POLL_IDLE_S):
+            self._last_poll = now
+            with self._lock:
+                exclude = set(self.inflight.values()) | self._uncommitted
+            rows = outbox.peek(conn, PREFETCH, exclude=exclude, after=self._cursor)
+            if rows:
+                self._cursor = (rows[-1].priority, rows[-1].seq)
+                self._buffer.extend(r for r in rows if self.upload_results or r.kind != "result")
+            else:
+                self._cursor = None  # at the end: next time start from the head (new rows, or after a reset)
+        while free > 0 and self._buffer:
+            row = self._buffer[0]
             mid = client.publish_now(d2c_topic(self.device_id, message_props(row)), row.body, qos=1)
             if mid is None:
                 break
+            self._buffer.popleft()
             self.inflight[mid] = row.seq
+            free -= 1
             did = True
         return did

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import hashlib
 import hmac
@@ -110,7 +111,9 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
             target[k] = copy.deepcopy(v)
 
 
-def verify_sas(token: str, expected_resource: str, key_b64: str, now: float, policy: str | None = None) -> tuple[bool, str, int]:
+def verify_sas(
+    token: str, expected_resource: str, key_b64: str, now: float, policy: str | None = None
+) -> tuple[bool, str, int]:
     """(ok, reason, expiry) for a ``SharedAccessSignature`` per Microsoft's "Control access with SAS" doc."""
     prefix = "SharedAccessSignature "
     if not token.startswith(prefix):
@@ -171,10 +174,8 @@ class _Conn:
         self.hub._event(self.device_id, "disconnected", reason)
         if self.expiry_handle:
             self.expiry_handle.cancel()
-        try:
+        with contextlib.suppress(Exception):
             self.writer.close()
-        except Exception:
-            pass
 
 
 class FakeHub:
@@ -236,7 +237,10 @@ class FakeHub:
 
             async def boot() -> None:
                 self._server = await asyncio.start_server(
-                    self._handle, "127.0.0.1", self.port, ssl=self._ssl() if self.certfile else None,
+                    self._handle,
+                    "127.0.0.1",
+                    self.port,
+                    ssl=self._ssl() if self.certfile else None,
                     reuse_address=True,
                 )
                 self.port = self._server.sockets[0].getsockname()[1]
@@ -324,7 +328,10 @@ class FakeHub:
         with self.lock:
             d = self.devices[device_id]
             return copy.deepcopy(
-                {"desired": {**d.desired, "$version": d.desired_version}, "reported": {**d.reported, "$version": d.reported_version}}
+                {
+                    "desired": {**d.desired, "$version": d.desired_version},
+                    "reported": {**d.reported, "$version": d.reported_version},
+                }
             )
 
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
@@ -392,7 +399,11 @@ class FakeHub:
         if len(body) > 64 * 1024:
             raise ValueError("C2D messages are limited to 64 KB")
         mid = str(uuid.uuid4())
-        msg = {"mid": mid, "body": body, "props": {"$.mid": mid, "$.to": f"/devices/{device_id}/messages/deviceBound", **(props or {})}}
+        msg = {
+            "mid": mid,
+            "body": body,
+            "props": {"$.mid": mid, "$.to": f"/devices/{device_id}/messages/deviceBound", **(props or {})},
+        }
         with self.lock:
             q = self.devices[device_id].c2d_queue
             if len(q) >= MAX_C2D_QUEUE:
@@ -406,7 +417,9 @@ class FakeHub:
         """Bad-input injection without the 64 KB check (what a misbehaving path could deliver)."""
         mid = str(uuid.uuid4())
         with self.lock:
-            self.devices[device_id].c2d_queue.append({"mid": mid, "body": body, "props": {"$.mid": mid, **(props or {})}})
+            self.devices[device_id].c2d_queue.append(
+                {"mid": mid, "body": body, "props": {"$.mid": mid, **(props or {})}}
+            )
         self._call(lambda: self._deliver_c2d(device_id))
         return mid
 
@@ -481,7 +494,9 @@ class FakeHub:
             return self._authenticate_dps(c, cn, user, cert_cn)
         parts = user.split("/", 2)
         if len(parts) != 3 or not parts[2].startswith("?") or "api-version=" not in parts[2]:
-            self._refuse(c, RC_BAD_CREDENTIALS, cn.client_id, f"username {user!r} is not {{hub}}/{{device}}/?api-version=...")
+            self._refuse(
+                c, RC_BAD_CREDENTIALS, cn.client_id, f"username {user!r} is not {{hub}}/{{device}}/?api-version=..."
+            )
             return False
         host, dev_id = parts[0], parts[1]
         if host.lower() != self.hostname.lower():
@@ -507,7 +522,12 @@ class FakeHub:
             c.expiry_handle = asyncio.get_running_loop().call_later(delay, self._expire, c)
         else:
             if not (dev.x509 and cert_cn == dev_id):
-                self._refuse(c, RC_NOT_AUTHORIZED, dev_id, f"no password and no client certificate for {dev_id!r} (CN={cert_cn!r})")
+                self._refuse(
+                    c,
+                    RC_NOT_AUTHORIZED,
+                    dev_id,
+                    f"no password and no client certificate for {dev_id!r} (CN={cert_cn!r})",
+                )
                 return False
         c.device_id = dev_id
         return True
@@ -525,14 +545,20 @@ class FakeHub:
             if ind and ind.get("key"):
                 keys.append(ind["key"])
             for gk in self.group_keys.values():
-                keys.append(base64.b64encode(hmac.new(base64.b64decode(gk), reg_id.encode(), hashlib.sha256).digest()).decode())
+                keys.append(
+                    base64.b64encode(hmac.new(base64.b64decode(gk), reg_id.encode(), hashlib.sha256).digest()).decode()
+                )
             for key in keys:
-                ok, reason, _ = verify_sas(cn.password, f"{self.id_scope}/registrations/{reg_id}", key, self.now(), "registration")
+                ok, reason, _ = verify_sas(
+                    cn.password, f"{self.id_scope}/registrations/{reg_id}", key, self.now(), "registration"
+                )
                 if ok:
                     c.device_id = reg_id
                     c.dps_key = key  # type: ignore[attr-defined]
                     return True
-            self._refuse(c, RC_NOT_AUTHORIZED, reg_id, f"DPS attestation failed ({reason if keys else 'no enrollment'})")
+            self._refuse(
+                c, RC_NOT_AUTHORIZED, reg_id, f"DPS attestation failed ({reason if keys else 'no enrollment'})"
+            )
             return False
         ind = self.individual.get(reg_id)
         if ind and ind.get("x509") and cert_cn == reg_id:
@@ -678,7 +704,9 @@ class FakeHub:
             with self.lock:
                 del self.cut_after_d2c[c.device_id or ""]
                 if cut[1]:
-                    self.telemetry.append(Telemetry(c.device_id or "", pub.topic, props, pub.payload, time.time(), c.number))
+                    self.telemetry.append(
+                        Telemetry(c.device_id or "", pub.topic, props, pub.payload, time.time(), c.number)
+                    )
             c.close("cut mid-publish by test")
             c.writer.transport.abort()
             return
@@ -705,7 +733,9 @@ class FakeHub:
             queued = self.twin_status_queue.get(c.device_id or "")
             injected = queued.pop(0) if queued else None
         if injected is not None:
-            self._twin_reply(c, injected, rid, json.dumps({"errorCode": injected * 1000 + 1, "message": "injected"}).encode())
+            self._twin_reply(
+                c, injected, rid, json.dumps({"errorCode": injected * 1000 + 1, "message": "injected"}).encode()
+            )
             return
         dev = self.devices[c.device_id or ""]
         if path == "$iothub/twin/GET":
@@ -765,7 +795,12 @@ class FakeHub:
                 reply(400, {"errorCode": 400004, "message": "registrationId missing or not the connected one"})
                 return
             op = f"4.{uuid.uuid4().hex[:16]}.{uuid.uuid4()}"
-            self.dps_operations[op] = {"reg": c.device_id, "polls": 0, "payload": req.get("payload"), "key": getattr(c, "dps_key", None)}
+            self.dps_operations[op] = {
+                "reg": c.device_id,
+                "polls": 0,
+                "payload": req.get("payload"),
+                "key": getattr(c, "dps_key", None),
+            }
             reply(202, {"operationId": op, "status": "assigning"}, f"&retry-after={self.dps_retry_after_s}")
         elif path == "$dps/registrations/GET/iotdps-get-operationstatus":
             op = self.dps_operations.get(qp.get("operationId", ""))
@@ -774,7 +809,11 @@ class FakeHub:
                 return
             op["polls"] += 1
             if op["polls"] <= self.dps_assigning_polls:
-                reply(202, {"operationId": qp["operationId"], "status": "assigning"}, f"&retry-after={self.dps_retry_after_s}")
+                reply(
+                    202,
+                    {"operationId": qp["operationId"], "status": "assigning"},
+                    f"&retry-after={self.dps_retry_after_s}",
+                )
                 return
             key = op["key"]
             self.add_device(op["reg"], key=key, x509=key is None)
@@ -785,9 +824,14 @@ class FakeHub:
                     "operationId": qp["operationId"],
                     "status": "assigned",
                     "registrationState": {
-                        "registrationId": op["reg"], "assignedHub": self.hostname, "deviceId": op["reg"],
-                        "status": "assigned", "substatus": "initialAssignment", "createdDateTimeUtc": ts,
-                        "lastUpdatedDateTimeUtc": ts, "etag": uuid.uuid4().hex,
+                        "registrationId": op["reg"],
+                        "assignedHub": self.hostname,
+                        "deviceId": op["reg"],
+                        "status": "assigned",
+                        "substatus": "initialAssignment",
+                        "createdDateTimeUtc": ts,
+                        "lastUpdatedDateTimeUtc": ts,
+                        "etag": uuid.uuid4().hex,
                         "payload": {"received": op["payload"]} if op["payload"] is not None else None,
                     },
                 },

@@ -128,7 +128,9 @@ def parse_connect(p: Packet) -> Connect:
         will_topic, will_payload = c.str(), c.bin()
     username = c.str() if flags & 0x80 else None
     password = c.bin().decode("utf-8", "replace") if flags & 0x40 else None
-    return Connect(proto, level, bool(flags & 0x02), keepalive, client_id, username, password, will_topic, will_payload, will_qos)
+    return Connect(
+        proto, level, bool(flags & 0x02), keepalive, client_id, username, password, will_topic, will_payload, will_qos
+    )
 
 
 def parse_publish(p: Packet) -> Publish:
