@@ -14,6 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_files
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
 from tests.daemon_tools import (
     appliance_cli,
     dcmtk_env,
@@ -25,11 +31,6 @@ from tests.daemon_tools import (
     wait_until,
 )
 from tests.dicom_tools import dataset_bytes, file_dataset_offset, make_instance, part10, write_series
-from pydicom import dcmread
-from pydicom.data import get_testdata_files
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/storescu"), reason="dcmtk (storescu) not installed")
 
