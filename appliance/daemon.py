@@ -46,7 +46,12 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
     assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
     scp = StorageSCP(settings.dicom, store, spool, assembler)
     # Pipeline: register on assembler.on_complete (called with the study row id after `complete` commits).
-    return [scp, assembler]
+    services: list[Service] = [scp, assembler]
+    if settings.cloud.enabled:
+        from appliance.cloud.agent import CloudAgent
+
+        services.append(CloudAgent(settings, store))
+    return services
 
 
 def status_path(settings: Settings) -> Path:
