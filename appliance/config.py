@@ -127,18 +127,32 @@ class PipelineConfig(Section):
 
 
 class CloudConfig(Section):
-    """Azure IoT Hub sync."""
+    """Azure IoT Hub sync (see docs/CLOUD.md)."""
 
     enabled: bool = False
-    hub_hostname: str = ""
+    hub_hostname: str = Field(default="", description="e.g. myhub.azure-devices.net (username and SAS resource)")
+    connect_host: str | None = Field(default=None, description="address to dial; None = hub_hostname (tests)")
     device_id: str = ""
     auth: Literal["sas", "x509"] = "sas"
     port: int = Field(default=8883, ge=1, le=65535)
-    ca_file: str | None = None
-    keepalive_s: int = Field(default=240, ge=30, le=1740)
-    sas_ttl_s: int = Field(default=3600, ge=300)
+    ca_file: str | None = Field(default=None, description="CA bundle for the hub; None = system store")
+    device_key_file: str | None = Field(default=None, description="SAS key (base64); None = secrets/device_key")
+    cert_file: str | None = Field(default=None, description="X.509 client cert (PEM); None = secrets/device.crt")
+    key_file: str | None = Field(default=None, description="X.509 client key (PEM); None = secrets/device.key")
+    keepalive_s: int = Field(default=240, ge=30, le=1177, description="hub times out at 1.5x, max 1767 s")
+    sas_ttl_s: int = Field(default=3600, ge=5, description="token lifetime; renewed by reconnecting early")
+    sas_renew_fraction: float = Field(default=0.8, gt=0.1, lt=1.0, description="reconnect at this share of TTL")
+    backoff_min_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=100.0, gt=0)
+    backoff_jitter_s: float = Field(default=5.0, ge=0)
+    max_inflight: int = Field(default=20, ge=1, le=1000, description="unacknowledged QoS 1 publishes")
+    health_interval_s: float = Field(default=900.0, ge=1.0, description="health message period (twin can set)")
+    upload_results: bool = Field(default=True, description="False pauses result upload (twin can set)")
     recipient_keys: dict[str, str] = Field(
         default_factory=dict, description="key id -> X25519 public key (base64) of the central team"
+    )
+    deid_retain_patient_characteristics: bool = Field(
+        default=False, description="PS3.15 option: keep sex and age in years (default: removed)"
     )
     outbox_ttl_days: int = Field(default=60, ge=1)
     outbox_max_bytes: int = Field(default=512 * 1024**2, ge=1024**2)

@@ -48,7 +48,12 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
     from appliance.pipeline.service import build_pipeline_services
 
     # Pipeline: woken by assembler.on_complete (called with the study row id after `complete` commits).
-    return [scp, assembler, *build_pipeline_services(settings, store, assembler)]
+    services: list[Service] = [scp, assembler, *build_pipeline_services(settings, store, assembler)]
+    if settings.cloud.enabled:
+        from appliance.cloud.agent import CloudAgent
+
+        services.append(CloudAgent(settings, store))
+    return services
 
 
 def status_path(settings: Settings) -> Path:

@@ -14,7 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from daemon_tools import (
+from pydicom import dcmread
+from pydicom.data import get_testdata_files
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+
+from tests.daemon_tools import (
     appliance_cli,
     dcmtk_env,
     echoscu,
@@ -24,12 +30,7 @@ from daemon_tools import (
     storescu_results,
     wait_until,
 )
-from dicom_tools import dataset_bytes, file_dataset_offset, make_instance, part10, write_series
-from pydicom import dcmread
-from pydicom.data import get_testdata_files
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import CTImageStorage, MRImageStorage
+from tests.dicom_tools import dataset_bytes, file_dataset_offset, make_instance, part10, write_series
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/storescu"), reason="dcmtk (storescu) not installed")
 
@@ -339,7 +340,7 @@ def test_malformed_instances_refused_consistently(home: Path, tmp_path: Path) ->
 
 
 def test_invalid_config_run_exits_nonzero_naming_key(home: Path) -> None:
-    from daemon_tools import daemon_env as env_for
+    from tests.daemon_tools import daemon_env as env_for
 
     r = appliance_cli(home, "run", env=env_for({"APPLIANCE_DICOM__PORT": "70000"}), timeout=30)
     assert r.returncode == 2 and "dicom.port" in r.stderr, (r.returncode, r.stderr)

@@ -1,0 +1,82 @@
+"""``appliance central ...``: the central team's tools (key pair for recipients, decrypting payloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+central_app = typer.Typer(help="Central-team tools: recipient keys and payload decryption.", no_args_is_help=True)
+
+
+@central_app.command("keygen")
+def keygen(
+    out: Path = typer.Option(..., "--out", help="directory for <kid>.key (private, 0600) and <kid>.pub"),
+    kid: str = typer.Option(..., "--kid", help="key id devices will name in envelopes, e.g. central-2025"),
+) -> None:
+    """Make an X25519 recipient key pair; put the public key in every box's cloud.recipient_keys."""
+    from appliance.cloud import crypto
+
+    if not kid or "/" in kid or len(kid) > 64:
+        typer.echo("--kid must be 1-64 characters without '/'", err=True)
+        raise typer.Exit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out / f"{kid}.key", out / f"{kid}.pub"
+    if priv_path.exists():
+        typer.echo(f"{priv_path} exists: refusing to overwrite a private key", err=True)
+        raise typer.Exit(1)
+    priv, pub = crypto.generate_keypair()
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(priv + "\n")
+    pub_path.write_text(pub + "\n")
+    typer.echo(json.dumps({"kid": kid, "public_key": pub, "private_key_file": str(priv_path)}))
+    typer.echo(f'config: [cloud.recipient_keys] "{kid}" = "{pub}"', err=True)
+
+
+def _load_keys(key_files: list[Path]) -> dict[str, str]:
+    keys = {}
+    for p in key_files:
+        if p.is_dir():
+            for f in sorted(p.glob("*.key")):
+                keys[f.stem] = f.read_text().strip()
+        else:
+            keys[p.stem] = p.read_text().strip()
+    return keys
+
+
+@central_app.command("decrypt")
+def decrypt(
+    key: list[Path] = typer.Option(..., "--key", help="<kid>.key file or a directory of them (repeatable)"),
+    infile: Path | None = typer.Argument(None, help="envelope file; '-' or none = stdin; JSON lines allowed"),
+) -> None:
+    """Decrypt message bodies (one envelope per line, or one file) to JSON: {"meta": ..., "payload": ...}."""
+    from appliance.cloud import crypto
+
+    keys = _load_keys(key)
+    if not keys:
+        typer.echo("no private keys found", err=True)
+        raise typer.Exit(2)
+    data = sys.stdin.buffer.read() if infile is None or str(infile) == "-" else infile.read_bytes()
+    lines = [ln for ln in data.splitlines() if ln.strip()] or [data]
+    failed = 0
+    for n, line in enumerate(lines, 1):
+        try:
+            meta, plain = crypto.decrypt(line, keys)
+        except crypto.DecryptError as exc:
+            typer.echo(f"envelope {n}: {exc}", err=True)
+            failed += 1
+            continue
+        try:
+            body = json.loads(plain)
+        except ValueError:
+            body = plain.decode("utf-8", "replace")
+        typer.echo(json.dumps({"meta": meta, "payload": body}, sort_keys=True))
+    raise typer.Exit(1 if failed else 0)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(central_app, name="central")

@@ -1,0 +1,53 @@
+"""What a cloud message carries: de-identified result -> JSON -> envelope for the central team.
+
+The 256 KB IoT Hub limit holds by construction: the de-identified form has bounded lists (256 findings,
+256 images) of bounded fields, no pixel data, and ``build_result_message`` still checks the final size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from appliance import __version__
+from appliance.cloud import crypto, deid
+from appliance.config import Settings
+
+MAX_MESSAGE_BYTES = 256 * 1024
+# Body budget: the property bag (message id, content type, type) takes well under 1 KB.
+MAX_BODY_BYTES = MAX_MESSAGE_BYTES - 4 * 1024
+
+
+class PayloadTooLarge(ValueError):
+    """A message body would exceed IoT Hub's 256 KB limit."""
+
+
+def _check(body: bytes, what: str) -> bytes:
+    if len(body) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"{what} message is {len(body)} bytes, over the {MAX_BODY_BYTES}-byte budget")
+    return body
+
+
+def build_result_message(result: dict[str, Any], settings: Settings, device_secret: bytes) -> tuple[str, bytes]:
+    """(stable message id, encrypted body) for one pipeline result; PHI never enters the body."""
+    message_id = deid.result_message_id(device_secret, result)
+    clean = deid.deidentify_result(result, device_secret, settings.cloud.deid_retain_patient_characteristics)
+    plaintext = json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()
+    meta = {"type": "result", "schema": deid.SCHEMA, "mid": message_id, "device": settings.cloud.device_id}
+    return message_id, _check(crypto.encrypt(plaintext, meta, settings.cloud.recipient_keys), "result")
+
+
+def build_audit_message(event: dict[str, Any], settings: Settings, message_id: str) -> tuple[str, bytes]:
+    """Audit events may name studies, so they are encrypted like results (the caller de-identifies)."""
+    plaintext = json.dumps(event, sort_keys=True, separators=(",", ":")).encode()
+    meta = {"type": "audit", "schema": "audit/v1", "mid": message_id, "device": settings.cloud.device_id}
+    return message_id, _check(crypto.encrypt(plaintext, meta, settings.cloud.recipient_keys), "audit")
+
+
+def build_health_message(health: dict[str, Any], settings: Settings) -> tuple[str, bytes]:
+    """Health carries no patient data (counts, disk, versions): plain JSON so operations can route on it."""
+    ts = time.time()
+    message_id = f"health-{settings.cloud.device_id}-{int(ts * 1000)}"
+    doc = {"schema": "health/v1", "software_version": __version__, "time": int(ts), **health}
+    return message_id, _check(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), "health")

@@ -1,0 +1,198 @@
+"""Device twin: desired properties (validated, versioned, persisted) and reported properties.
+
+Order per Microsoft's twin guide: on every (re)connect subscribe, GET the full twin, apply its desired
+section, then apply only patches whose ``$version`` is newer. The hub's desired document is tracked as
+received; it is applied only when the whole document validates, otherwise the reason is reported back
+(``reported.desired_status``) and the previously applied settings stay in force.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from appliance.cloud import crypto
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+
+MAX_TWIN_BYTES = 32 * 1024
+MAX_DEPTH = 10
+
+
+class Desired(BaseModel):
+    """The desired properties this build understands; anything else is an error reported back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    health_interval_s: float | None = Field(default=None, ge=1, le=86400)
+    upload_results: bool | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
+    outbox_ttl_days: int | None = Field(default=None, ge=1, le=365)
+    recipient_keys: dict[str, str] | None = Field(default=None, description="key id -> X25519 public key b64")
+    model_update: dict[str, Any] | None = Field(default=None, description="handed to the model-update hook")
+
+    @field_validator("recipient_keys")
+    @classmethod
+    def _keys(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("recipient_keys must not be empty: results would have no reader")
+            for kid, pub in v.items():
+                try:
+                    crypto.load_public_key(pub)
+                except Exception as exc:
+                    raise ValueError(f"recipient key {kid!r} is not a base64 X25519 public key ({exc})") from exc
+        return v
+
+
+def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch as the twin uses it: nested objects merge, null deletes."""
+    out = copy.deepcopy(target)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_patch(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _depth(obj: Any) -> int:
+    return 1 + max((_depth(v) for v in obj.values()), default=0) if isinstance(obj, dict) else 0
+
+
+def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
+    if len(raw) > MAX_TWIN_BYTES:
+        raise ValueError(f"{what} of {len(raw)} bytes is over the 32 KB twin limit")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} is not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(doc).__name__}")
+    if _depth(doc) > MAX_DEPTH:
+        raise ValueError(f"{what} is nested deeper than {MAX_DEPTH}")
+    return doc
+
+
+def strip_meta(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in doc.items() if not k.startswith("$")}
+
+
+def validate(doc: dict[str, Any]) -> Desired:
+    try:
+        return Desired.model_validate(doc)
+    except ValidationError as exc:
+        reasons = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ValueError("; ".join(reasons)) from exc
+
+
+class TwinState:
+    """Persisted desired-property state (``cloud_state`` rows) and the decision logic around it."""
+
+    def __init__(self, conn_fn: Callable[[], sqlite3.Connection], apply: Callable[[Desired], None]):
+        self._conn = conn_fn
+        self._apply = apply
+        self.version = int(self._get("twin.desired_version", "0"))
+        self.doc: dict[str, Any] = json.loads(self._get("twin.desired_doc", "{}"))
+        self.status: dict[str, Any] = json.loads(self._get("twin.desired_status", "null") or "null") or {}
+        self.applied_doc: dict[str, Any] | None = json.loads(self._get("twin.applied_doc", "null"))
+
+    def _get(self, key: str, default: str) -> str:
+        row = self._conn().execute("SELECT value FROM cloud_state WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _save(self) -> None:
+        conn = self._conn()
+        t = time.time()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for k, v in (
+                ("twin.desired_version", str(self.version)),
+                ("twin.desired_doc", json.dumps(self.doc)),
+                ("twin.desired_status", json.dumps(self.status)),
+                ("twin.applied_doc", json.dumps(self.applied_doc)),
+            ):
+                conn.execute(
+                    "INSERT INTO cloud_state(key, value, updated_at) VALUES (?,?,?) "
+                    "ON CONFLICT(key) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+                    (k, v, t),
+                )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def applied(self) -> Desired | None:
+        """The last desired document that was validated and applied (survives restarts)."""
+        try:
+            return validate(self.applied_doc) if self.applied_doc is not None else None
+        except ValueError:
+            return None
+
+    def on_full(self, raw: bytes) -> None:
+        """A GET response: the hub's whole twin; its desired section replaces ours."""
+        try:
+            twin = parse_json_object(raw, "twin document")
+            desired = twin.get("desired")
+            if not isinstance(desired, dict) or not isinstance(desired.get("$version"), int):
+                raise ValueError("twin document has no desired section with an integer $version")
+        except ValueError as exc:
+            log.error("twin GET response rejected", reason=str(exc))
+            return
+        self._consider(strip_meta(desired), desired["$version"], full=True)
+
+    def on_patch(self, raw: bytes, topic_version: int | None) -> bool:
+        """A desired-properties patch; False if it was ignored as not newer than what we have."""
+        version = topic_version
+        try:
+            patch = parse_json_object(raw, "desired patch")
+            if isinstance(patch.get("$version"), int):
+                version = patch["$version"]
+        except ValueError as exc:
+            if version is not None and version <= self.version:
+                return False
+            self._reject(version, str(exc), doc=None)
+            return True
+        if version is None:
+            self._reject(None, "desired patch without $version", doc=None)
+            return True
+        if version <= self.version:
+            log.info("desired patch ignored: not newer", version=version, have=self.version)
+            return False
+        self._consider(merge_patch(self.doc, strip_meta(patch)), version, full=False)
+        return True
+
+    def _consider(self, doc: dict[str, Any], version: int, full: bool) -> None:
+        try:
+            desired = validate(doc)
+        except ValueError as exc:
+            self._reject(version, str(exc), doc=doc)
+            return
+        try:
+            self._apply(desired)
+        except Exception as exc:
+            log.exception("desired properties could not be applied", version=version)
+            self._reject(version, f"apply failed: {exc}", doc=doc)
+            return
+        self.doc, self.version, self.applied_doc = doc, version, doc
+        self.status = {"version": version, "status": "applied", "reason": None, "at": int(time.time())}
+        self._save()
+        log.info("desired properties applied", version=version, full=full, keys=sorted(doc))
+
+    def _reject(self, version: int | None, reason: str, doc: dict[str, Any] | None) -> None:
+        log.warning("desired properties rejected; nothing applied", version=version, reason=reason)
+        if doc is not None:
+            self.doc = doc  # the hub's document as it now stands (a later patch may fix it)
+        if version is not None:
+            self.version = max(self.version, version)
+        self.status = {"version": version, "status": "rejected", "reason": reason[:1000], "at": int(time.time())}
+        self._save()
