@@ -10,6 +10,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from appliance.config import AllowedCaller, DicomConfig
 from appliance.dicom import records
 from appliance.dicom.assembler import StudyAssembler
+from appliance.dicom.durability import Watermark, write_watermark
 from appliance.dicom.header import InstanceHeader
 from appliance.dicom.scp import StorageSCP, caller_allowed
 from appliance.dicom.spool import Spool, safe_component
@@ -101,6 +102,106 @@ def test_recover_resets_stuck_associations_and_sweeps_orphans(tmp_path: Path) ->
     assert not orphan.exists() and not tmp.exists()
     assert [f.path.read_bytes() for f in records.study_instances(store, spool.root, rec.study_id)] == [b"kept"]
     assert StudyAssembler(store, 0.0).complete_due() == [rec.study_id]
+
+
+def test_recover_drops_unacked_rows_whose_file_is_not_durable(tmp_path: Path) -> None:
+    """Crash with the flushes overlapped: rows above the watermark are checked against their files."""
+    store, spool = Store(tmp_path / "state.db"), Spool(tmp_path / "spool")
+    old = _record(store, spool, _header("1.2.20"), b"acked long ago", set())
+    write_watermark(tmp_path / "ingest.watermark", old.instance_id)
+    spool.abspath(store.query("SELECT path FROM instances WHERE id=?", (old.instance_id,))[0]["path"]).write_bytes(
+        b"acked long agX"
+    )  # below the watermark: trusted, not re-read (durable when acked)
+    good = _record(store, spool, _header("1.2.21"), b"complete file", set())
+    short = _record(store, spool, _header("1.2.22"), b"file cut short", set())
+    damaged = _record(store, spool, _header("1.2.21"), b"damaged file", set())
+    missing = _record(store, spool, _header("1.2.23"), b"file never made it", set())
+
+    def path_of(rec: records.Recorded) -> Path:
+        return spool.abspath(store.query("SELECT path FROM instances WHERE id=?", (rec.instance_id,))[0]["path"])
+
+    path_of(short).write_bytes(b"file cut")
+    path_of(damaged).write_bytes(b"damaged fil\x00")
+    path_of(missing).unlink()
+    scp = StorageSCP(DicomConfig(port=0), store, spool)
+    scp.recover()
+    left = {r["id"] for r in store.query("SELECT id FROM instances")}
+    assert left == {old.instance_id, good.instance_id}
+    # the studies that only held dropped rows are gone with their events; 1.2.21 keeps its good row
+    assert sorted(r["study_uid"] for r in store.query("SELECT study_uid FROM studies")) == ["1.2.20", "1.2.21"]
+    assert (
+        store.query("SELECT COUNT(*) AS n FROM study_events WHERE study_id NOT IN (SELECT id FROM studies)")[0]["n"]
+        == 0
+    )
+    assert not path_of_exists(spool, "1.2.22") and not path_of_exists(spool, "1.2.23")  # swept
+    assert Watermark.read(tmp_path / "ingest.watermark") == good.instance_id  # moved to the newest row
+
+
+def path_of_exists(spool: Spool, study: str) -> bool:
+    d = spool.root / safe_component(study)
+    return d.exists() and any(d.iterdir())
+
+
+def test_watermark_never_passes_a_row_still_flushing(tmp_path: Path) -> None:
+    wm = Watermark(tmp_path / "w", 10)
+    a, b, c = wm.begin(), wm.begin(), wm.begin()
+    assert wm.current() == 10  # no rows yet: whatever they commit will be above 10
+    wm.assign(a, 11)
+    wm.assign(b, 12)
+    wm.done(b)
+    assert wm.current() == 10  # 11 still flushing
+    wm.done(a)
+    assert wm.current() == 12
+    wm.abandon(c)  # failed before committing anything
+    d = wm.begin()
+    wm.assign(d, 13)
+    wm.abandon(d)  # failed after its row may have committed: held below it until restart
+    e = wm.begin()
+    wm.assign(e, 14)
+    wm.done(e)
+    assert wm.current() == 12
+    wm.persist()
+    assert Watermark.read(tmp_path / "w") == 12
+    assert Watermark.read(tmp_path / "absent") == 0
+
+
+def test_failed_file_fsync_undoes_the_committed_row(tmp_path: Path, monkeypatch) -> None:
+    """The commit ran beside a file fsync that failed: the instance is refused and its row removed."""
+    import errno
+    import hashlib
+
+    import pytest
+
+    store, spool = Store(tmp_path / "state.db"), Spool(tmp_path / "spool")
+    scp = StorageSCP(DicomConfig(port=0), store, spool)
+    scp.recover()
+    h, data = _header("1.2.30"), b"will not be durable"
+    sha = hashlib.sha256(data).hexdigest()
+    rel = spool.relpath(h.study_uid, h.sop_instance_uid, sha)
+
+    spool.abspath(rel).parent.mkdir(parents=True)  # so the failure hits the overlapped flush, not mkdir
+    rows: list[int] = []
+
+    def record(on_row):  # type: ignore[no-untyped-def]
+        rows.append(0)
+        return records.record_instance(
+            store, h, rel_path=rel, size=len(data), sha256=sha, transfer_syntax="1.2.840.10008.1.2.1",
+            calling_ae="T", assoc_studies=set(), on_row=on_row,
+        )  # fmt: skip
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "simulated I/O error")
+
+    monkeypatch.setattr("appliance.dicom.scp.os.fsync", eio)
+    with pytest.raises(OSError):
+        scp._file_and_record(rel, data, record)
+    assert rows, "the row was committed beside the failing fsync"
+    assert store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+    assert store.query("SELECT COUNT(*) AS n FROM studies")[0]["n"] == 0
+    assert not spool.abspath(rel).exists()
+    monkeypatch.undo()
+    rec = scp._file_and_record(rel, data, record)  # the modality's retry succeeds
+    assert spool.abspath(rel).read_bytes() == data and scp.watermark.current() == rec.instance_id
 
 
 def test_duplicate_record_is_idempotent(tmp_path: Path) -> None:

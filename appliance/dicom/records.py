@@ -10,6 +10,7 @@ reset to 0 at startup because no association survives a restart.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +61,13 @@ def record_instance(
     transfer_syntax: str,
     calling_ae: str,
     assoc_studies: set[int],
+    on_row: Callable[[int], None] | None = None,
 ) -> Recorded:
-    """File one durable spool file under its study revision; idempotent on (SOP UID, sha256).
+    """File one spool file under its study revision; idempotent on (SOP UID, sha256).
 
     ``assoc_studies`` holds the study ids this association already counts in ``assoc_open``; it is
-    updated only after the commit.
+    updated only after the commit. ``on_row(instance_id)`` is called inside the transaction, before
+    COMMIT (the durability watermark must know every row before it can become visible).
     """
     ts = now()
     with store.transaction() as conn:
@@ -120,6 +123,8 @@ def record_instance(
             ),
         )
         instance_id = int(cur.lastrowid)
+        if on_row is not None:
+            on_row(instance_id)
         opens = 0 if study_id in assoc_studies else 1
         conn.execute(
             "UPDATE studies SET last_instance_at=?, updated_at=?, assoc_open=assoc_open+?,"
@@ -141,6 +146,31 @@ def release_association(store: Store, study_ids: set[int]) -> None:
                 "UPDATE studies SET assoc_open=MAX(assoc_open-1, 0), updated_at=? WHERE id=?",
                 (ts, sid),
             )
+
+
+def forget_instance(store: Store, instance_id: int) -> None:
+    """Remove a never-acknowledged instance row (its file did not become durable), and its study
+    revision too when that is left without instances. The spool file is left for the startup sweep."""
+    with store.transaction() as conn:
+        row = conn.execute("SELECT study_id FROM instances WHERE id=?", (instance_id,)).fetchone()
+        if row is None:
+            return
+        conn.execute("DELETE FROM instances WHERE id=?", (instance_id,))
+        study_id = int(row["study_id"])
+        empty = conn.execute("SELECT 1 FROM instances WHERE study_id=? LIMIT 1", (study_id,)).fetchone() is None
+        state = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
+        if empty and state is not None and state["state"] == RECEIVED:
+            conn.execute("SAVEPOINT drop_study")
+            try:
+                conn.execute("DELETE FROM study_events WHERE study_id=?", (study_id,))
+                conn.execute("DELETE FROM studies WHERE id=?", (study_id,))
+            except sqlite3.IntegrityError:  # another subsystem already refers to it: keep the empty revision
+                conn.execute("ROLLBACK TO drop_study")
+            conn.execute("RELEASE drop_study")
+
+
+def max_instance_id(store: Store) -> int:
+    return int(store.query("SELECT COALESCE(MAX(id), 0) AS m FROM instances")[0]["m"])
 
 
 def reset_open_associations(store: Store) -> int:

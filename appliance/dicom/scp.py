@@ -2,8 +2,10 @@
 
 Hot path of one C-STORE (in the association's thread): disk guard -> raw bytes (file meta + the data
 set exactly as received, never decoded into pixels or re-encoded) -> header check (see ``header``) ->
-durable spool file (``spool``) -> one durable SQLite transaction (``records``) -> 0x0000. Any failure
-before the commit answers a failure status, so nothing is acknowledged that is not on disk.
+spool file created and written (``spool``) -> its fsync and its directory's fsync on the flusher
+threads *while* the SQLite transaction (``records``, synchronous=FULL) commits -> 0x0000 once all three
+are durable. Any failure answers a failure status, so nothing is acknowledged that is not on disk;
+a row whose file never became durable is removed (now, or at startup: ``durability``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -25,9 +29,10 @@ from appliance.config import DicomConfig
 from appliance.dicom import records
 from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.contexts import scp_contexts
+from appliance.dicom.durability import Watermark, verify_after, write_watermark
 from appliance.dicom.fastpath import FastAcceptor
 from appliance.dicom.header import MalformedInstance, parse_header
-from appliance.dicom.spool import Spool
+from appliance.dicom.spool import Spool, fsync_dir
 from appliance.logs import get_logger
 from appliance.store import Store
 
@@ -96,6 +101,9 @@ class StorageSCP:
         self._assoc_studies: dict[int, set[int]] = {}
         self._lock = threading.Lock()
         self.ae = self._make_ae()
+        self.watermark_path = self.store.path.with_name("ingest.watermark")
+        self.watermark = Watermark(self.watermark_path, 0)
+        self._flusher = self._make_flusher()
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -108,15 +116,34 @@ class StorageSCP:
         ae.require_called_aet = False  # modalities are often configured with a sloppy called AE
         return ae
 
+    def _make_flusher(self) -> ThreadPoolExecutor:
+        """Two flushes (file, directory) per in-flight instance run here, beside the handler's commit."""
+        return ThreadPoolExecutor(max_workers=2 * self.cfg.max_associations, thread_name_prefix="fsync")
+
     def recover(self) -> None:
-        """Startup: no association survives a restart; files never recorded were never acknowledged."""
+        """Startup: rows above the durability watermark whose file is not intact were never
+        acknowledged (dropped); no association survives a restart; files without a row were never
+        acknowledged (removed). Then the watermark is moved to the newest row."""
+        upto = Watermark.read(self.watermark_path)
+        checked, dropped = verify_after(self.store, self.spool, upto)
         reset = records.reset_open_associations(self.store)
         removed = self.spool.sweep(records.known_paths(self.store))
-        if reset or removed:
-            log.info("recovered after unclean stop", studies_reset=reset, spool_files_removed=removed)
+        top = records.max_instance_id(self.store)
+        write_watermark(self.watermark_path, top)
+        self.watermark = Watermark(self.watermark_path, top)
+        if dropped or reset or removed:
+            log.info(
+                "recovered after unclean stop",
+                rows_checked=checked,
+                rows_dropped=dropped,
+                studies_reset=reset,
+                spool_files_removed=removed,
+            )
 
     def start(self) -> None:
         self.recover()
+        if self._flusher._shutdown:  # restarted after stop()
+            self._flusher = self._make_flusher()
         handlers = [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_STORE, self._on_store),
@@ -135,6 +162,7 @@ class StorageSCP:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-scp", daemon=True
         )
         self._thread.start()
+        self.watermark.start()
         host, port = self.address
         log.info("DICOM SCP listening", ae_title=self.cfg.ae_title, host=host, port=port)
 
@@ -169,6 +197,8 @@ class StorageSCP:
             assoc.join(timeout=5)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._flusher.shutdown(wait=True)
+        self.watermark.stop()
         self._server = None
         log.info("DICOM SCP stopped", aborted=len(left))
 
@@ -239,17 +269,23 @@ class StorageSCP:
                 log.info("duplicate acknowledged, not re-stored", sop_uid=sop_uid, study_id=existing["study_id"])
                 return STATUS_SUCCESS
             rel = self.spool.relpath(header.study_uid, header.sop_instance_uid, sha256)
-            self.spool.write_durable(rel, data)
-            rec = records.record_instance(
-                self.store,
-                header,
-                rel_path=rel,
-                size=len(data),
-                sha256=sha256,
-                transfer_syntax=str(event.context.transfer_syntax),
-                calling_ae=calling,
-                assoc_studies=self._studies_of(event.assoc),
-            )
+            assoc_studies = self._studies_of(event.assoc)
+            transfer_syntax = str(event.context.transfer_syntax)
+
+            def record(on_row: Callable[[int], None]) -> records.Recorded:
+                return records.record_instance(
+                    self.store,
+                    header,
+                    rel_path=rel,
+                    size=len(data),
+                    sha256=sha256,
+                    transfer_syntax=transfer_syntax,
+                    calling_ae=calling,
+                    assoc_studies=assoc_studies,
+                    on_row=on_row,
+                )
+
+            rec = self._file_and_record(rel, data, record)
         except OSError as exc:
             log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
             return STATUS_WRITE_FAILED
@@ -267,3 +303,42 @@ class StorageSCP:
             log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
         log.debug("instance stored", sop_uid=sop_uid, study_id=rec.study_id, bytes=len(data))
         return STATUS_SUCCESS
+
+    def _file_and_record(
+        self, rel: str, data: bytes, record: Callable[[Callable[[int], None]], records.Recorded]
+    ) -> records.Recorded:
+        """Write the spool file and commit its row with the three flushes overlapped; returns only
+        when file, directory entry and row are all durable (else raises, and nothing is acked)."""
+        token = self.watermark.begin()
+        mark = lambda row_id: self.watermark.assign(token, row_id)  # noqa: E731
+        try:
+            fd, path = self.spool.create(rel, data)
+        except FileExistsError:  # rare: leftover of an unacked attempt, or a concurrent twin
+            try:
+                self.spool.write_durable(rel, data)  # file durable before the row: no overlap
+                return record(mark)
+            finally:
+                self.watermark.done(token)
+        except BaseException:
+            self.watermark.abandon(token)
+            raise
+        try:
+            flushes = [self._flusher.submit(os.fsync, fd), self._flusher.submit(fsync_dir, path.parent)]
+            try:
+                rec = record(mark)
+            except BaseException:
+                self.watermark.abandon(token)  # a row it may have committed stays above the watermark
+                raise
+            finally:
+                errors = [f.exception() for f in flushes]
+        finally:
+            os.close(fd)
+        failed = next((e for e in errors if e is not None), None)
+        if failed is not None:
+            if not rec.duplicate:  # committed, but its file is not durable: never acknowledged
+                records.forget_instance(self.store, rec.instance_id)
+                path.unlink(missing_ok=True)
+            self.watermark.done(token)
+            raise failed
+        self.watermark.done(token)
+        return rec

@@ -2,9 +2,13 @@
 
 Layout: ``<spool>/<study_uid>/<sop_instance_uid>.<sha8>.dcm`` (names sanitised; ``sha8`` = first 8 hex
 digits of the file's sha256, so two different revisions of one SOP Instance UID never collide).
-Durability order: write ``.tmp-*`` in the study directory -> fsync file -> rename into place -> fsync
-directory (and the spool directory when the study directory is new). The database row recorded after
-this is the commit point: a file without a row was never acknowledged and is removed at startup.
+Hot path (``create``): the final name is created directly with O_EXCL and written in one go; the
+caller then fsyncs the file and the directory concurrently with its SQLite commit (``durability``)
+and acknowledges only when all three are done. When the name already exists (a leftover of an
+unacknowledged attempt, or the same instance arriving on two associations at once) ``write_durable``
+is used instead: ``.tmp-*`` -> fsync -> rename over -> fsync directory, before the commit.
+A new study directory is made durable (fsync of the spool directory) before its first file.
+A file without a row was never acknowledged and is removed at startup (``sweep``).
 """
 
 from __future__ import annotations
@@ -58,13 +62,36 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def write_durable(self, rel: str, data: bytes) -> Path:
-        """Write ``data`` at ``rel`` so that it survives a power cut once this returns."""
+    def _study_dir(self, rel: str) -> tuple[Path, Path]:
         final = self.root / rel
         directory = final.parent
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.root)
+        return final, directory
+
+    def create(self, rel: str, data: bytes) -> tuple[int, Path]:
+        """Create ``rel`` (must not exist) holding ``data``; returns the open fd, not yet fsynced.
+
+        Raises FileExistsError when the name is taken. The caller owns the fd: fsync it (and the
+        directory) before acknowledging, then close it.
+        """
+        final, _ = self._study_dir(rel)
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        except BaseException:
+            os.close(fd)
+            final.unlink(missing_ok=True)
+            raise
+        return fd, final
+
+    def write_durable(self, rel: str, data: bytes) -> Path:
+        """Write ``data`` at ``rel`` so that it survives a power cut once this returns."""
+        final, directory = self._study_dir(rel)
         tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
