@@ -9,9 +9,10 @@ minutes on 2 cores. Run from the repository root::
 NOT FOR CLINICAL USE: the models only ever saw synthetic phantoms.
 
 Preprocessing used here is the manifest's (the pipeline must do the same): window to [0, 1] (the DICOM
-window of the phantoms is their 0.5-99.5 percentile range), MONOCHROME1 inverted, keep aspect, scale to
-fit 256x256 (bilinear, antialiased when shrinking, half-pixel centres), pad centred with 0. A point maps back to the original image as
-``x_orig = (x_in - pad_x + 0.5) / scale - 0.5`` (same for y), with ``scale = 256 / max(rows, cols)``.
+window of the phantoms is their 0.5-99.5 percentile range), MONOCHROME1 inverted, keep aspect and scale to
+fit 256x256 (bilinear, antialiased when shrinking, half-pixel centres), pad centred with 0. With
+``nw = round(cols * 256 / max(rows, cols))``, ``scale_x = nw / cols`` and ``pad_x = (256 - nw) // 2`` (same
+for y), a point maps back to the original image as ``x_orig = (x_in - pad_x + 0.5) / scale_x - 0.5``.
 Heatmap cell (i, j) at stride 4 covers input pixels [4j, 4j + 4): its centre is ``x_in = 4 j + 1.5``.
 """
 
