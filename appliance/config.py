@@ -83,8 +83,9 @@ class EnginesConfig(Section):
         default_factory=dict, description="key id -> Ed25519 public key (base64); demo key added by default"
     )
     trust_demo_key: bool = Field(default=True, description="trust the reference bundles' demo key")
-    revoked_keys: list[str] = Field(default_factory=list)
+    revoked_keys: list[str] = Field(default_factory=list, description="key ids refused even if trusted")
     install_reference_bundles: bool = True
+    max_batch: int = Field(default=8, ge=1, le=256, description="largest batch an engine is built/sized for")
 
 
 class PacsDestination(Section):
