@@ -1,10 +1,12 @@
 """Engine latency: ONNX Runtime vs PyTorch eager on the same CPU, and the Engine wrapper's overhead.
 
-    PYTHONPATH=. python bench/engine.py [--runs 30] [--threads 2] [--skip-densenet]
+    PYTHONPATH=. python bench/engine.py [--runs 30] [--runs-small 300] [--threads 2] [--skip-densenet]
 
 Prints median and p95 per model for: PyTorch eager (torch.no_grad), a raw ORT session on the compiled
 (optimised) model, and the appliance's Engine (runtime.load_engine) on the same artefact; the wrapper
-overhead is median(Engine) / median(raw ORT) - 1, measured interleaved so drift hits both equally.
+overhead is the median of paired differences (Engine run minus the raw run right beside it, order
+alternating) over the raw median, so drift and load from other processes cancel out. Both sessions have
+ORT's thread spinning off: two live sessions' spinning workers would otherwise steal each other's CPU.
 Models: the reference bundles (cxr-phantom, mmg-phantom; eager timing uses the same architecture with
 fresh weights, latency does not depend on weights) and a DenseNet-121 sized net (1x1x512x512), defined
 here and exported to ONNX inside the bench. Needs torch (the ``train`` extra). Prints figures only.
@@ -83,8 +85,10 @@ def bench_model(name: str, onnx_path: Path, torch_model, x: np.ndarray, runs: in
 
     opt = work / f"{name}.opt.onnx"
     compile_ort(onnx_path, opt, intra_op_threads=threads, inter_op_threads=1)
-    engine = OrtEngine(opt, intra_op_threads=threads, inter_op_threads=1, optimised=True)
+    # two live sessions: spinning worker threads of one would steal the CPU from the other
+    engine = OrtEngine(opt, intra_op_threads=threads, inter_op_threads=1, optimised=True, allow_spinning=False)
     so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -97,24 +101,37 @@ def bench_model(name: str, onnx_path: Path, torch_model, x: np.ndarray, runs: in
         engine.infer(feed)
         with torch.no_grad():
             torch_model(tx)
-    t_raw, t_eng, t_torch = [], [], []
+    t_raw, t_eng, t_torch, diffs = [], [], [], []
     for i in range(runs):
-        order = [0, 1] if i % 2 == 0 else [1, 0]
-        for o in order:
+        a = b = 0.0
+        for o in [0, 1] if i % 2 == 0 else [1, 0]:
             if o == 0:
-                t_raw.append(timed(lambda: raw.run(names, feed)))
+                a = timed(lambda: raw.run(names, feed))
             else:
-                t_eng.append(timed(lambda: engine.infer(feed)))
-        with torch.no_grad():
+                b = timed(lambda: engine.infer(feed))
+        t_raw.append(a)
+        t_eng.append(b)
+        diffs.append(b - a)  # paired: both ran back to back, so drift and load cancel out
+    with torch.no_grad():
+        for _ in range(runs):
             t_torch.append(timed(lambda: torch_model(tx)))
     engine.close()
     r, e, t = stats(t_raw), stats(t_eng), stats(t_torch)
-    return {"model": name, "torch": t, "ort_raw": r, "engine": e, "overhead_pct": 100 * (e[0] / r[0] - 1)}
+    pair = statistics.median(diffs)
+    return {
+        "model": name,
+        "torch": t,
+        "ort_raw": r,
+        "engine": e,
+        "overhead_us": pair * 1e6,
+        "overhead_pct": 100 * pair / statistics.median(t_raw),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--runs", type=int, default=30, help="timed runs of the DenseNet-size model")
+    ap.add_argument("--runs-small", type=int, default=300, help="timed runs of the reference models")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-densenet", action="store_true")
     args = ap.parse_args()
@@ -136,26 +153,27 @@ def main() -> None:
             with tarfile.open(bundle) as tar:
                 (work / f"{bid}.onnx").write_bytes(tar.extractfile("model.onnx").read())  # type: ignore[union-attr]
             net = PhantomNet(labels).eval()
-            rows.append(bench_model(bid, work / f"{bid}.onnx", net, x256, args.runs, args.threads, work))
+            rows.append(bench_model(bid, work / f"{bid}.onnx", net, x256, args.runs_small, args.threads, work))
         if not args.skip_densenet:
             dn = densenet121()
-            export_onnx(dn, str(work / "densenet.onnx"), input_size=512)
+            export_onnx(dn, str(work / "densenet.onnx"), input_size=512, output_names=("scores",))
             x512 = np.random.default_rng(0).random((1, 1, 512, 512), dtype=np.float32)
             rows.append(bench_model("densenet121-512", work / "densenet.onnx", dn, x512, args.runs, args.threads, work))
+    runs = f"runs={args.runs_small} (reference) / {args.runs} (densenet)"
     print(
-        f"# CPU: {platform.processor() or platform.machine()}, threads={args.threads}, runs={args.runs}, "
+        f"# CPU: {platform.processor() or platform.machine()}, threads={args.threads}, {runs}, "
         f"onnxruntime {ort.__version__}, torch {torch.__version__}"
     )
     print(
         "| model (batch 1) | torch eager median / p95 ms | ORT raw median / p95 ms | Engine median / p95 ms "
-        "| ORT vs torch | Engine overhead vs raw ORT |"
+        "| ORT vs torch | Engine overhead vs raw ORT (median of paired diffs) |"
     )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['torch'][0]:.1f} / {r['torch'][1]:.1f} | {r['ort_raw'][0]:.1f} / "
             f"{r['ort_raw'][1]:.1f} | {r['engine'][0]:.1f} / {r['engine'][1]:.1f} | "
-            f"{r['torch'][0] / r['ort_raw'][0]:.2f}x faster | {r['overhead_pct']:+.1f}% |"
+            f"{r['torch'][0] / r['ort_raw'][0]:.2f}x faster | {r['overhead_us']:+.0f} us ({r['overhead_pct']:+.2f}%) |"
         )
 
 

@@ -147,6 +147,7 @@ def _write_tar(out: Path, members: list[tuple[str, bytes | Path]]) -> None:
                             tar.addfile(info, fh)
             raw.flush()
             os.fsync(raw.fileno())
+        os.chmod(tmp, 0o644)  # a bundle is signed, not secret
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -21,10 +21,12 @@ def ort_version() -> str:
     return ort.__version__
 
 
-def _session_options(intra_op_threads: int, inter_op_threads: int):
+def _session_options(intra_op_threads: int, inter_op_threads: int, allow_spinning: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not allow_spinning:  # idle worker threads sleep instead of spinning: kinder to a shared CPU
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if intra_op_threads:
         so.intra_op_num_threads = intra_op_threads
     if inter_op_threads:
@@ -65,11 +67,12 @@ class OrtEngine(Engine):
         inter_op_threads: int = 1,
         max_batch: int = 8,
         optimised: bool = False,
+        allow_spinning: bool = True,
         bundle: str = "?",
     ):
         import onnxruntime as ort
 
-        so = _session_options(intra_op_threads, inter_op_threads)
+        so = _session_options(intra_op_threads, inter_op_threads, allow_spinning)
         # An already-optimised model needs no second pass (that is the point of compiling it).
         so.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL if optimised else ort.GraphOptimizationLevel.ORT_ENABLE_ALL

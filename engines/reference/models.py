@@ -72,8 +72,10 @@ class _Export(nn.Module):
         return self.net.export_forward(x)
 
 
-def export_onnx(net: nn.Module, path: str, input_size: int = INPUT_SIZE) -> None:
-    """Single-file ONNX, opset 17, dynamic batch; inputs "image", outputs "scores" and "heatmap"."""
+def export_onnx(
+    net: nn.Module, path: str, input_size: int = INPUT_SIZE, output_names: tuple[str, ...] = ("scores", "heatmap")
+) -> None:
+    """Single-file ONNX, opset 17, dynamic batch; input "image", outputs "scores" and "heatmap" by default."""
     module = _Export(net).eval() if isinstance(net, PhantomNet) else net.eval()
     dummy = torch.zeros(1, 1, input_size, input_size)
     torch.onnx.export(
@@ -81,8 +83,8 @@ def export_onnx(net: nn.Module, path: str, input_size: int = INPUT_SIZE) -> None
         (dummy,),
         path,
         input_names=["image"],
-        output_names=["scores", "heatmap"],
-        dynamic_axes={"image": {0: "N"}, "scores": {0: "N"}, "heatmap": {0: "N"}},
+        output_names=list(output_names),
+        dynamic_axes={"image": {0: "N"}, **{name: {0: "N"} for name in output_names}},
         opset_version=17,
         dynamo=False,
     )
