@@ -57,7 +57,7 @@ def _text(ds, keyword: str) -> str | None:
     return text or None
 
 
-def parse_header(data: bytes, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
+def parse_header(data: bytes | bytearray, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
     """Parse the Part-10 bytes (our file meta + the data set exactly as received) and check them.
 
     Values stay raw (pydicom converts lazily), so this costs one pass over the element headers;
