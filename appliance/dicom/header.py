@@ -28,6 +28,13 @@ STATUS_UID_MISMATCH = 0xC212
 STATUS_CLASS_MISMATCH = 0xA900
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+# Error Comment (LO, at most 64 characters) sent back with each failure status; the log has the detail.
+COMMENTS = {
+    STATUS_UNREADABLE: "data set does not parse or an element is truncated",
+    STATUS_MISSING_UID: "Study or SOP Instance UID missing",
+    STATUS_UID_MISMATCH: "SOP Instance UID differs from the C-STORE command",
+    STATUS_CLASS_MISMATCH: "SOP Class UID differs from the C-STORE command",
+}
 
 
 class MalformedInstance(Exception):
@@ -36,6 +43,7 @@ class MalformedInstance(Exception):
     def __init__(self, status: int, reason: str):
         self.status = status
         self.reason = reason
+        self.comment = COMMENTS.get(status, "instance refused")
         super().__init__(f"0x{status:04X}: {reason}")
 
 

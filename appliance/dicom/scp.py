@@ -189,7 +189,7 @@ class StorageSCP:
                     sop_uid=sop_uid,
                     calling_ae=calling,
                 )
-                return bad.status, bad.reason
+                return bad.status, bad.comment
             sha256 = digest.result()
             existing = records.find_instance(self.store.conn, header.sop_instance_uid, sha256)
             if existing is not None and self.spool.abspath(existing["path"]).exists():
