@@ -103,7 +103,6 @@ class StorageSCP:
             self._flusher = self._make_flusher()
         cfg = self.cfg
         server_cfg = ServerConfig(
-            ae_title=cfg.ae_title,
             max_associations=cfg.max_associations,
             max_pdu=cfg.max_pdu,
             acse_timeout=cfg.acse_timeout,

@@ -31,7 +31,6 @@ STATUS_PROCESSING_FAILURE = 0x0110
 
 @dataclass(frozen=True)
 class ServerConfig:
-    ae_title: str
     max_associations: int
     max_pdu: int  # our maximum receive length, announced in the AC; 0 = unlimited
     acse_timeout: float
