@@ -2,13 +2,13 @@
 
 Modalities must never be refused for their transfer syntax, so every syntax pynetdicom knows is accepted
 (uncompressed LE/BE, deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, video):
-the bytes are stored as received, never transcoded. pynetdicom's default accepts uncompressed only.
+the bytes are stored as received, never transcoded. The UID tables come from pynetdicom (still the SCU
+library for export); the acceptor itself is ``ul.server``.
 """
 
 from __future__ import annotations
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, sop_class
-from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, sop_class
 
 # The imaging classes the box exists for (CR, DX, MG, CT, SC), their close relatives a clinic's X-ray,
 # mammography and CT machines also emit, and the CT dose report most CT scanners send with each study.
@@ -34,7 +34,7 @@ IMAGING_SOP_CLASSES: tuple[str, ...] = (
 )
 
 
-# Preference when one presentation context offers several syntaxes (pynetdicom takes the acceptor's order):
+# Preference when one presentation context offers several syntaxes (the acceptor's order decides):
 # explicit VR little endian, explicit big endian, implicit, as dcmtk's storescp does, then every other
 # syntax. A modality that proposes its compressed syntax in a context of its own gets it accepted as is.
 _FIRST = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2")
@@ -46,14 +46,10 @@ def all_storage_sop_classes() -> tuple[str, ...]:
     return tuple(str(uid) for uid in sop_class._STORAGE_CLASSES.values())
 
 
-def scp_contexts(accept_all_storage: bool) -> list[PresentationContext]:
-    """Presentation contexts for the SCP: Verification plus storage, each with every transfer syntax."""
+def scp_contexts(accept_all_storage: bool) -> dict[str, tuple[str, ...]]:
+    """Abstract syntax -> transfer syntaxes in preference order: Verification plus storage."""
     classes = all_storage_sop_classes() if accept_all_storage else IMAGING_SOP_CLASSES
-    contexts = [build_context(sop_class.Verification)]
-    seen: set[str] = set()
+    contexts: dict[str, tuple[str, ...]] = {str(sop_class.Verification): tuple(map(str, DEFAULT_TRANSFER_SYNTAXES))}
     for uid in classes:
-        if uid in seen:
-            continue
-        seen.add(uid)
-        contexts.append(build_context(uid, list(TRANSFER_SYNTAXES)))
+        contexts.setdefault(str(uid), TRANSFER_SYNTAXES)
     return contexts

@@ -10,29 +10,23 @@ a row whose file never became durable is removed (now, or at startup: ``durabili
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import os
-import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from appliance.config import DicomConfig
 from appliance.dicom import records
 from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.contexts import scp_contexts
 from appliance.dicom.durability import Watermark, verify_after, write_watermark
-from appliance.dicom.fastpath import FastAcceptor
 from appliance.dicom.header import MalformedInstance, parse_header
 from appliance.dicom.spool import Spool, fsync_dir
+from appliance.dicom.ul.dimse import Command
+from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
 from appliance.logs import get_logger
 from appliance.store import Store
 
@@ -42,32 +36,6 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk below the configured floor: refused before storing
 STATUS_WRITE_FAILED = 0xA701  # could not write or record (disk full, I/O error)
 STATUS_PROCESSING_FAILURE = 0x0110
-FAST_ACCEPTOR = os.environ.get("APPLIANCE_PYNETDICOM_STOCK_REACTOR") != "1"  # escape hatch, for comparison
-
-
-class _FastRequestHandler(RequestHandler):
-    def _create_association(self) -> Association:
-        assoc = super()._create_association()
-        if FAST_ACCEPTOR:
-            assoc.__class__ = FastAcceptor  # same object, lower-latency reactor loop (see fastpath)
-        return assoc
-
-
-class _NoDelayServer(ThreadedAssociationServer):
-    """pynetdicom's server with TCP_NODELAY on every accepted socket (it sets none itself).
-
-    Without it each C-STORE response waits for Nagle's delayed ACK (~40 ms per instance).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("request_handler", _FastRequestHandler)
-        super().__init__(*args, **kwargs)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, address = super().get_request()
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock, address
 
 
 def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
@@ -87,7 +55,7 @@ def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
 
 
 class StorageSCP:
-    """Service: listens for associations and files every accepted instance durably."""
+    """Service: listens for associations (``ul.server``) and files every accepted instance durably."""
 
     name = "dicom-scp"
 
@@ -96,28 +64,17 @@ class StorageSCP:
         self.store = store
         self.spool = spool
         self.assembler = assembler
-        self._server: ThreadedAssociationServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: AssociationServer | None = None
         self._assoc_studies: dict[int, set[int]] = {}
         self._lock = threading.Lock()
-        self.ae = self._make_ae()
         self.watermark_path = self.store.path.with_name("ingest.watermark")
         self.watermark = Watermark(self.watermark_path, 0)
         self._flusher = self._make_flusher()
 
     # --- lifecycle -------------------------------------------------------------------------------
-    def _make_ae(self) -> AE:
-        ae = AE(ae_title=self.cfg.ae_title)
-        ae.maximum_associations = self.cfg.max_associations
-        ae.maximum_pdu_size = self.cfg.max_pdu
-        ae.acse_timeout = self.cfg.acse_timeout
-        ae.dimse_timeout = self.cfg.dimse_timeout
-        ae.network_timeout = self.cfg.network_timeout
-        ae.require_called_aet = False  # modalities are often configured with a sloppy called AE
-        return ae
-
     def _make_flusher(self) -> ThreadPoolExecutor:
-        """Two flushes (file, directory) per in-flight instance run here, beside the handler's commit."""
+        """Per in-flight instance: its header parse (beside the handler's sha256), then its two flushes
+        (file, directory, beside the handler's commit)."""
         return ThreadPoolExecutor(max_workers=2 * self.cfg.max_associations, thread_name_prefix="fsync")
 
     def recover(self) -> None:
@@ -144,37 +101,27 @@ class StorageSCP:
         self.recover()
         if self._flusher._shutdown:  # restarted after stop()
             self._flusher = self._make_flusher()
-        handlers = [
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_CONN_CLOSE, self._on_conn_close),
-        ]
-        self._server = self.ae.make_server(
-            (self.cfg.bind, self.cfg.port),
-            contexts=scp_contexts(self.cfg.accept_all_storage),
-            evt_handlers=handlers,
-            server_class=_NoDelayServer,
+        cfg = self.cfg
+        server_cfg = ServerConfig(
+            max_associations=cfg.max_associations,
+            max_pdu=cfg.max_pdu,
+            acse_timeout=cfg.acse_timeout,
+            dimse_timeout=cfg.dimse_timeout,
+            network_timeout=cfg.network_timeout,
         )
-        self.ae._servers.append(self._server)  # pynetdicom's shutdown() removes it from this list
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-scp", daemon=True
-        )
-        self._thread.start()
+        # The called AE title is not checked: modalities are often configured with a sloppy one.
+        self._server = AssociationServer((cfg.bind, cfg.port), server_cfg, scp_contexts(cfg.accept_all_storage), self)
+        self._server.start()
         self.watermark.start()
         host, port = self.address
-        log.info("DICOM SCP listening", ae_title=self.cfg.ae_title, host=host, port=port)
+        log.info("DICOM SCP listening", ae_title=cfg.ae_title, host=host, port=port)
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None:
-            return (self.cfg.bind, self.cfg.port)
-        addr = self._server.server_address
-        return (str(addr[0]), int(addr[1]))
+        return self._server.address if self._server is not None else (self.cfg.bind, self.cfg.port)
 
     def active_associations(self) -> int:
-        return len(self._server.active_associations) if self._server is not None else 0
+        return self._server.count() if self._server is not None else 0
 
     def status(self) -> dict[str, Any]:
         host, port = self.address
@@ -185,47 +132,22 @@ class StorageSCP:
         server = self._server
         if server is None:
             return
-        server.shutdown()  # stops serve_forever and closes the listening socket
-        deadline = time.monotonic() + self.cfg.shutdown_grace_s
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = server.active_associations
-        for assoc in left:
-            log.warning("aborting association at shutdown", calling_ae=assoc.requestor.ae_title)
-            assoc.abort()
-        for assoc in left:
-            assoc.join(timeout=5)
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        aborted = server.stop(self.cfg.shutdown_grace_s)
         self._flusher.shutdown(wait=True)
         self.watermark.stop()
         self._server = None
-        log.info("DICOM SCP stopped", aborted=len(left))
+        log.info("DICOM SCP stopped", aborted=aborted)
 
-    # --- event handlers (association threads) ------------------------------------------------------
-    def _on_requested(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
-        host = assoc.requestor.address
-        if not caller_allowed(self.cfg, calling, host):
-            log.warning("association rejected: caller not allowed", calling_ae=calling, peer=host)
-            # rejected-permanent, service-user, calling AE title not recognised
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            assoc.kill()
+    # --- ul.server.Services (association threads) ------------------------------------------------
+    def admit(self, calling_ae: str, host: str) -> bool:
+        if caller_allowed(self.cfg, calling_ae, host):
+            return True
+        log.warning("association rejected: caller not allowed", calling_ae=calling_ae, peer=host)
+        return False
 
-    def _on_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
-
-    def _on_aborted(self, event: evt.Event) -> None:
-        log.warning(
-            "association aborted; any partly received instance is discarded",
-            calling_ae=event.assoc.requestor.ae_title,
-            peer=event.assoc.requestor.address,
-        )
-
-    def _on_conn_close(self, event: evt.Event) -> None:
+    def closed(self, assoc: Association, aborted: bool) -> None:
         with self._lock:
-            studies = self._assoc_studies.pop(id(event.assoc), set())
+            studies = self._assoc_studies.pop(id(assoc), set())
         try:
             records.release_association(self.store, studies)
         except Exception:
@@ -233,14 +155,17 @@ class StorageSCP:
         if self.assembler is not None and studies:
             self.assembler.poke()
 
-    def _studies_of(self, assoc: Any) -> set[int]:
+    def _studies_of(self, assoc: Association) -> set[int]:
         with self._lock:
             return self._assoc_studies.setdefault(id(assoc), set())
 
-    def _on_store(self, event: evt.Event) -> int:
-        req = event.request
-        calling = str(event.assoc.requestor.ae_title).strip()
-        sop_uid = str(req.AffectedSOPInstanceUID or "")
+    def store_instance(
+        self, assoc: Association, command: Command, transfer_syntax: str, data: bytearray
+    ) -> tuple[int, str | None]:
+        """File one instance (``data``: Part-10 bytes, the data set exactly as received); returns the
+        C-STORE status and, for a failure, an error comment."""
+        calling = assoc.calling_ae
+        sop_uid = command.sop_instance_uid
         try:
             free = self.spool.free_bytes()
             if free < self.cfg.min_free_bytes:
@@ -250,10 +175,13 @@ class StorageSCP:
                     free_bytes=free,
                     min_free_bytes=self.cfg.min_free_bytes,
                 )
-                return STATUS_OUT_OF_RESOURCES
-            data = event.encoded_dataset()
+                return STATUS_OUT_OF_RESOURCES, "disk space below the configured floor"
+            # The header parse (Python, holds the GIL) runs on a worker while this thread hashes (C,
+            # releases the GIL): the two overlap instead of adding up.
+            parsed = self._flusher.submit(parse_header, data, command.sop_class_uid, sop_uid, transfer_syntax)
+            sha256 = hashlib.sha256(data).hexdigest()
             try:
-                header = parse_header(data, str(req.AffectedSOPClassUID or ""), sop_uid)
+                header = parsed.result()
             except MalformedInstance as bad:
                 log.warning(
                     "instance refused: malformed",
@@ -262,15 +190,13 @@ class StorageSCP:
                     sop_uid=sop_uid,
                     calling_ae=calling,
                 )
-                return bad.status
-            sha256 = hashlib.sha256(data).hexdigest()
+                return bad.status, bad.comment
             existing = records.find_instance(self.store.conn, header.sop_instance_uid, sha256)
             if existing is not None and self.spool.abspath(existing["path"]).exists():
                 log.info("duplicate acknowledged, not re-stored", sop_uid=sop_uid, study_id=existing["study_id"])
-                return STATUS_SUCCESS
+                return STATUS_SUCCESS, None
             rel = self.spool.relpath(header.study_uid, header.sop_instance_uid, sha256)
-            assoc_studies = self._studies_of(event.assoc)
-            transfer_syntax = str(event.context.transfer_syntax)
+            assoc_studies = self._studies_of(assoc)
 
             def record(on_row: Callable[[int], None]) -> records.Recorded:
                 return records.record_instance(
@@ -288,10 +214,10 @@ class StorageSCP:
             rec = self._file_and_record(rel, data, record)
         except OSError as exc:
             log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
-            return STATUS_WRITE_FAILED
+            return STATUS_WRITE_FAILED, "could not write or record the instance"
         except Exception:
             log.exception("instance not stored: internal error", sop_uid=sop_uid)
-            return STATUS_PROCESSING_FAILURE
+            return STATUS_PROCESSING_FAILURE, "internal error"
         if rec.uid_reused:
             log.warning(
                 "SOP Instance UID received again with different bytes; both kept",
@@ -302,10 +228,10 @@ class StorageSCP:
         if rec.new_revision and rec.new_revision > 1:
             log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
         log.debug("instance stored", sop_uid=sop_uid, study_id=rec.study_id, bytes=len(data))
-        return STATUS_SUCCESS
+        return STATUS_SUCCESS, None
 
     def _file_and_record(
-        self, rel: str, data: bytes, record: Callable[[Callable[[int], None]], records.Recorded]
+        self, rel: str, data: bytes | bytearray, record: Callable[[Callable[[int], None]], records.Recorded]
     ) -> records.Recorded:
         """Write the spool file and commit its row with the three flushes overlapped; returns only
         when file, directory entry and row are all durable (else raises, and nothing is acked)."""

@@ -70,7 +70,7 @@ class Spool:
             fsync_dir(self.root)
         return final, directory
 
-    def create(self, rel: str, data: bytes) -> tuple[int, Path]:
+    def create(self, rel: str, data: bytes | bytearray) -> tuple[int, Path]:
         """Create ``rel`` (must not exist) holding ``data``; returns the open fd, not yet fsynced.
 
         Raises FileExistsError when the name is taken. The caller owns the fd: fsync it (and the
@@ -89,7 +89,7 @@ class Spool:
             raise
         return fd, final
 
-    def write_durable(self, rel: str, data: bytes) -> Path:
+    def write_durable(self, rel: str, data: bytes | bytearray) -> Path:
         """Write ``data`` at ``rel`` so that it survives a power cut once this returns."""
         final, directory = self._study_dir(rel)
         tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}"

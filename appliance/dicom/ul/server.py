@@ -1,0 +1,405 @@
+"""The association acceptor: one listening socket, one thread per association, blocking sockets.
+
+Threads, not asyncio: the per-instance work (fsyncs, the SQLite commit, sha256) releases the GIL, and a
+blocking ``readinto`` straight into the instance buffer is the cheapest way to move the data set.
+State per association is small (PS3.8's acceptor path): await A-ASSOCIATE-RQ (``acse_timeout``) ->
+accept or reject -> P-DATA messages (``network_timeout`` between messages, ``dimse_timeout`` inside
+one) -> A-RELEASE-RQ answered with RP, or A-ABORT / a dropped connection / a timeout. Anything that
+is not a valid PDU in its place is logged and answered with A-ABORT; an association thread never
+takes the server down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from appliance.dicom.ul import dimse, pdu
+from appliance.logs import get_logger
+
+log = get_logger(__name__)
+
+DATA_CHUNK = 4 << 20  # the instance buffer grows by at most this per read: a PDV's length claim is not trusted
+MAX_COMMAND = 64 << 10  # a command set is a few hundred bytes
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    max_associations: int
+    max_pdu: int  # our maximum receive length, announced in the AC; 0 = unlimited
+    acse_timeout: float
+    dimse_timeout: float
+    network_timeout: float
+
+
+class Services(Protocol):
+    """What the application does with an association (the storage SCP implements it)."""
+
+    def admit(self, calling_ae: str, host: str) -> bool:
+        """False rejects the association (calling AE not recognised)."""
+
+    def store_instance(
+        self, assoc: Association, command: dimse.Command, transfer_syntax: str, data: bytearray
+    ) -> tuple[int, str | None]:
+        """File one instance (``data``: Part-10 bytes); (DIMSE status, error comment or None)."""
+
+    def closed(self, assoc: Association, aborted: bool) -> None:
+        """An established association ended (released, or aborted / dropped / timed out)."""
+
+
+class PeerAborted(Exception):
+    pass
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class _Rejected(Exception):
+    pass
+
+
+def negotiate(proposed: list[pdu.ProposedContext], supported: Mapping[str, tuple[str, ...]]) -> list[pdu.ContextResult]:
+    """One result per proposed context: the first of *our* preferred syntaxes the requestor offers."""
+    results = []
+    for cx in sorted(proposed, key=lambda c: c.context_id):
+        ours = supported.get(cx.abstract_syntax)
+        if ours is None:
+            results.append(pdu.ContextResult(cx.context_id, pdu.ABSTRACT_SYNTAX_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
+            continue
+        ts = next((t for t in ours if t in cx.transfer_syntaxes), None)
+        if ts is None:
+            results.append(
+                pdu.ContextResult(cx.context_id, pdu.TRANSFER_SYNTAXES_NOT_SUPPORTED, cx.transfer_syntaxes[0])
+            )
+        else:
+            results.append(pdu.ContextResult(cx.context_id, pdu.ACCEPTANCE, ts))
+    return results
+
+
+class Association:
+    """One connection from a requestor, served by its own thread (``run``)."""
+
+    def __init__(self, server: AssociationServer, sock: socket.socket, peer: tuple[str, int]):
+        self.server = server
+        self.sock = sock
+        self.peer_host = str(peer[0])
+        self.calling_ae = ""
+        self.called_ae = ""
+        self.peer_max_pdu = 0
+        self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        self._send_lock = threading.Lock()
+        self._timeout: float | None = None
+        self._stopping = False
+        # the DIMSE message being received
+        self._command_buf = bytearray()
+        self._command_ctx: int | None = None
+        self._command: dimse.Command | None = None
+        self._data: bytearray | None = None
+
+    # --- I/O ---------------------------------------------------------------------------------
+    def _set_timeout(self, seconds: float) -> None:
+        if seconds != self._timeout:
+            self.sock.settimeout(seconds)
+            self._timeout = seconds
+
+    def _read(self, n: int) -> bytes:
+        data = self._rfile.read(n)
+        if len(data) != n:
+            raise ConnectionClosed()
+        return data
+
+    def _read_into(self, view: memoryview) -> None:
+        while view:
+            n = self._rfile.readinto(view)
+            if not n:
+                raise ConnectionClosed()
+            view = view[n:]
+
+    def _send(self, data: bytes) -> None:
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def abort(self, source: int = pdu.SOURCE_USER, reason: int = pdu.REASON_NOT_SPECIFIED) -> None:
+        """Send A-ABORT and cut the connection (safe from any thread; the association's thread exits)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._send(pdu.encode_abort(source, reason))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    # --- the association's life ------------------------------------------------------------------
+    def run(self) -> None:
+        established = released = False
+        try:
+            self._set_timeout(self.server.cfg.acse_timeout)
+            kind, length = pdu.HEADER.unpack(self._read(pdu.HEADER.size))
+            if kind != pdu.ASSOCIATE_RQ:
+                raise pdu.PDUError(f"PDU 0x{kind:02X} before A-ASSOCIATE-RQ", pdu.REASON_UNEXPECTED_PDU)
+            self._negotiate(pdu.parse_associate_rq(self._read_control_body(length)))
+            established = True
+            self._serve()
+            released = True
+        except _Rejected:
+            pass
+        except PeerAborted as exc:
+            log.warning("association aborted; any partly received instance is discarded", **self._who(), abort=str(exc))
+        except (ConnectionClosed, ConnectionError):
+            if self._stopping:
+                log.warning("association aborted at shutdown", **self._who())
+            else:
+                log.warning(
+                    "association aborted; any partly received instance is discarded",
+                    **self._who(),
+                    abort="connection dropped",
+                )
+        except TimeoutError:
+            log.warning("association timed out; aborted", **self._who(), timeout_s=self._timeout)
+            self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+        except (pdu.PDUError, dimse.CommandError) as exc:
+            reason = getattr(exc, "reason", pdu.REASON_INVALID_PARAMETER)
+            log.warning("malformed PDU; association aborted", **self._who(), error=str(exc))
+            self.abort(pdu.SOURCE_PROVIDER, reason)
+        except OSError as exc:
+            log.warning("association ended by a network error", **self._who(), error=str(exc))
+        except Exception:
+            log.exception("association failed; aborted", **self._who())
+            self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+        finally:
+            with contextlib.suppress(OSError):
+                self._rfile.close()
+                self.sock.close()
+            self.server._forget(self)
+            if established:
+                try:
+                    self.server.services.closed(self, aborted=not released)
+                except Exception:
+                    log.exception("association close hook failed", **self._who())
+
+    def _who(self) -> dict[str, str]:
+        return {"calling_ae": self.calling_ae, "peer": self.peer_host}
+
+    def _read_control_body(self, length: int) -> bytes:
+        if length > pdu.MAX_CONTROL_PDU:
+            raise pdu.PDUError(f"PDU length {length} beyond the {pdu.MAX_CONTROL_PDU}-byte limit")
+        return self._read(length)
+
+    def _negotiate(self, rq: pdu.AssociateRequest) -> None:
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        if not self.server.services.admit(rq.calling_ae, self.peer_host):
+            self._reject(0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
+        if rq.application_context != pdu.APPLICATION_CONTEXT:
+            log.warning(
+                "association rejected: unknown application context", **self._who(), context=rq.application_context
+            )
+            self._reject(0x01, 0x01, 0x02)
+        if self.server.count() > self.server.cfg.max_associations:
+            log.warning(
+                "association rejected: too many associations", **self._who(), limit=self.server.cfg.max_associations
+            )
+            self._reject(0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
+        results = negotiate(rq.contexts, self.server.contexts)
+        self.contexts = {r.context_id: r.transfer_syntax for r in results if r.result == pdu.ACCEPTANCE}
+        self.peer_max_pdu = rq.max_pdu
+        self._send(pdu.encode_associate_ac(rq, results, self.server.cfg.max_pdu))
+        log.debug(
+            "association accepted",
+            **self._who(),
+            contexts=len(self.contexts),
+            proposed=len(rq.contexts),
+            peer_max_pdu=rq.max_pdu,
+        )
+
+    def _reject(self, result: int, source: int, reason: int) -> None:
+        with contextlib.suppress(OSError):
+            self._send(pdu.encode_associate_rj(result, source, reason))
+        raise _Rejected()
+
+    def _serve(self) -> None:
+        """Receive P-DATA until A-RELEASE-RQ (returns) or anything else that ends the association (raises)."""
+        max_pdu = self.server.cfg.max_pdu
+        cfg = self.server.cfg
+        while True:
+            in_message = self._command_ctx is not None or self._command is not None
+            self._set_timeout(cfg.dimse_timeout if in_message else cfg.network_timeout)
+            kind, length = pdu.HEADER.unpack(self._read(pdu.HEADER.size))
+            if kind == pdu.P_DATA_TF:
+                if max_pdu and length > max_pdu:
+                    raise pdu.PDUError(f"P-DATA-TF of {length} bytes beyond our maximum {max_pdu}")
+                self._receive_pdvs(length)
+            elif kind == pdu.RELEASE_RQ:
+                self._read_control_body(length)
+                self._send(pdu.encode_release_rp())
+                if in_message:
+                    log.warning("association released mid-message; partial instance discarded", **self._who())
+                return
+            elif kind == pdu.ABORT:
+                source, reason = pdu.parse_abort(self._read_control_body(length))
+                raise PeerAborted(f"A-ABORT source {source} reason {reason}")
+            elif kind in pdu.KNOWN_TYPES:
+                raise pdu.PDUError(
+                    f"unexpected PDU 0x{kind:02X} in an established association", pdu.REASON_UNEXPECTED_PDU
+                )
+            else:
+                raise pdu.PDUError(f"unrecognised PDU type 0x{kind:02X}", pdu.REASON_UNRECOGNIZED_PDU)
+
+    def _receive_pdvs(self, length: int) -> None:
+        remaining = length
+        while remaining:
+            if remaining < pdu.PDV_HEADER.size:
+                raise pdu.PDUError(f"P-DATA-TF with {remaining} stray bytes after its last PDV")
+            item_len, ctx, control = pdu.PDV_HEADER.unpack(self._read(pdu.PDV_HEADER.size))
+            size = item_len - 2
+            if item_len < 2 or size > remaining - pdu.PDV_HEADER.size:
+                raise pdu.PDUError(f"PDV length {item_len} does not fit its P-DATA-TF ({remaining} bytes left)")
+            remaining -= pdu.PDV_HEADER.size + size
+            if ctx not in self.contexts:
+                raise pdu.PDUError(f"PDV for presentation context {ctx}, which was not accepted")
+            last = bool(control & 0x02)
+            if control & 0x01:
+                self._command_fragment(ctx, size, last)
+            else:
+                self._data_fragment(ctx, size, last)
+
+    def _command_fragment(self, ctx: int, size: int, last: bool) -> None:
+        if self._command is not None:
+            raise pdu.PDUError("command fragment while a data set was expected", pdu.REASON_UNEXPECTED_PARAMETER)
+        if self._command_ctx not in (None, ctx):
+            raise pdu.PDUError("command fragments on two presentation contexts", pdu.REASON_UNEXPECTED_PARAMETER)
+        if len(self._command_buf) + size > MAX_COMMAND:
+            raise pdu.PDUError(f"command set longer than {MAX_COMMAND} bytes")
+        self._command_ctx = ctx
+        self._command_buf += self._read(size)
+        if not last:
+            return
+        command = dimse.decode_command(self._command_buf)
+        self._command_buf = bytearray()
+        if command.field == dimse.C_ECHO_RQ and not command.has_data_set:
+            self._command_ctx = None
+            self._respond(ctx, dimse.C_ECHO_RSP, command, 0x0000, None)
+        elif command.field == dimse.C_STORE_RQ and command.has_data_set:
+            self._command = command
+            ts = self.contexts[ctx]
+            self._data = bytearray(dimse.part10_prefix(command.sop_class_uid, command.sop_instance_uid, ts))
+        else:
+            raise dimse.CommandError(
+                f"unsupported DIMSE command 0x{command.field:04X} (data set: {command.has_data_set})"
+            )
+
+    def _data_fragment(self, ctx: int, size: int, last: bool) -> None:
+        data = self._data
+        if self._command is None or data is None or ctx != self._command_ctx:
+            raise pdu.PDUError("data set fragment without its command", pdu.REASON_UNEXPECTED_PARAMETER)
+        while size:  # straight from the socket into the instance buffer, in bounded steps
+            step = min(size, DATA_CHUNK)
+            start = len(data)
+            data.extend(bytes(step))
+            self._read_into(memoryview(data)[start:])
+            size -= step
+        if not last:
+            return
+        command = self._command
+        self._command, self._command_ctx, self._data = None, None, None
+        try:
+            status, comment = self.server.services.store_instance(self, command, self.contexts[ctx], data)
+        except Exception:
+            log.exception("store handler failed", **self._who(), sop_uid=command.sop_instance_uid)
+            status, comment = STATUS_PROCESSING_FAILURE, "internal error"
+        self._respond(ctx, dimse.C_STORE_RSP, command, status, comment)
+
+    def _respond(self, ctx: int, field: int, rq: dimse.Command, status: int, comment: str | None) -> None:
+        rsp = dimse.encode_response(
+            field,
+            rq.message_id,
+            rq.sop_class_uid or dimse.VERIFICATION,
+            status,
+            sop_instance_uid=rq.sop_instance_uid if field == dimse.C_STORE_RSP else None,
+            error_comment=comment if status != 0 else None,
+        )
+        self._send(pdu.encode_p_data(ctx, rsp, True, self.peer_max_pdu))
+
+
+class AssociationServer:
+    """Accepts connections on ``(bind, port)`` and runs each association in its own thread."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        cfg: ServerConfig,
+        contexts: Mapping[str, tuple[str, ...]],
+        services: Services,
+    ):
+        self.cfg = cfg
+        self.contexts = contexts
+        self.services = services
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._listener = socket.create_server(address, family=family, backlog=64)
+        self._listener.settimeout(0.2)  # accept() polls the stop flag this often
+        self._active: set[Association] = set()
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._listener.getsockname()[:2]
+        return (str(host), int(port))
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    return
+                log.error("accept failed", error=str(exc))
+                time.sleep(0.1)
+                continue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else each response waits ~40 ms
+            assoc = Association(self, sock, peer)
+            thread = threading.Thread(target=assoc.run, name=f"assoc-{peer[0]}:{peer[1]}", daemon=True)
+            with self._lock:
+                self._active.add(assoc)
+                self._threads.add(thread)
+            thread.start()
+
+    def _forget(self, assoc: Association) -> None:
+        with self._lock:
+            self._active.discard(assoc)
+            self._threads.discard(threading.current_thread())
+
+    def stop(self, grace_s: float) -> int:
+        """Stop accepting, let associations finish for up to ``grace_s``, abort the rest; returns how many."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._listener.close()
+        deadline = time.monotonic() + grace_s
+        while self.count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
+            left, threads = list(self._active), list(self._threads)
+        for assoc in left:
+            assoc.abort()
+        for thread in threads:
+            thread.join(timeout=5)
+        return len(left)
