@@ -61,6 +61,9 @@ class DicomConfig(Section):
     accept_all_storage: bool = Field(
         default=False, description="accept every storage SOP class, not only CR/DX/MG/CT/SC and CT dose SR"
     )
+    max_instance_bytes: int = Field(
+        default=1024**3, ge=1024**2, description="a larger data set is drained and refused (0xA700), never buffered"
+    )
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="wait this long for associations at stop")
 
     @field_validator("ae_title")

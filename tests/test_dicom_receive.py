@@ -273,6 +273,20 @@ def test_disk_guard_refuses_before_storing(home: Path, tmp_path: Path) -> None:
         assert "disk below floor" in d.logs()
 
 
+def test_oversized_data_set_drained_and_refused_association_goes_on(home: Path, tmp_path: Path) -> None:
+    """A data set above max_instance_bytes is never buffered: refused with 0xA700, the next one is stored."""
+    big = write_series(tmp_path / "big", 1, rows=1024, cols=1024, prefix="big")  # ~2 MiB of pixels
+    small = write_series(tmp_path / "small", 1, prefix="small")
+    env = {"APPLIANCE_DICOM__MAX_INSTANCE_BYTES": str(1024**2)}
+    with running_daemon(home, env=env) as d:
+        answers = storescu_results(storescu(d.port, [*big, *small]).stdout)
+        by_name = {Path(k).name: v.replace(" ", "") for k, v in answers.items()}
+        assert "OutOfResources" in by_name[big[0].name], answers
+        assert "Success" in by_name[small[0].name], answers
+        assert len(d.instances()) == 1
+        assert "data set too large" in d.logs()
+
+
 def _send_raw(port: int, cases: list[tuple[str, str, str, bytes]], tmp_path: Path) -> list[int]:
     """Send each (sop_class, sop_uid, transfer_syntax, data set bytes) unchanged with pynetdicom."""
     ae = AE(ae_title="RAWSCU")

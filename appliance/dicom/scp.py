@@ -108,6 +108,7 @@ class StorageSCP:
             acse_timeout=cfg.acse_timeout,
             dimse_timeout=cfg.dimse_timeout,
             network_timeout=cfg.network_timeout,
+            max_instance_bytes=cfg.max_instance_bytes,
         )
         # The called AE title is not checked: modalities are often configured with a sloppy one.
         self._server = AssociationServer((cfg.bind, cfg.port), server_cfg, scp_contexts(cfg.accept_all_storage), self)

@@ -27,6 +27,7 @@ log = get_logger(__name__)
 DATA_CHUNK = 4 << 20  # the instance buffer grows by at most this per read: a PDV's length claim is not trusted
 MAX_COMMAND = 64 << 10  # a command set is a few hundred bytes
 STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_OUT_OF_RESOURCES = 0xA700
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class ServerConfig:
     acse_timeout: float
     dimse_timeout: float
     network_timeout: float
+    max_instance_bytes: int = 1 << 30  # a larger data set is read and discarded, then refused
 
 
 class Services(Protocol):
@@ -103,6 +105,7 @@ class Association:
         self._command_ctx: int | None = None
         self._command: dimse.Command | None = None
         self._data: bytearray | None = None
+        self._oversize = False  # the current data set passed max_instance_bytes: draining it
 
     # --- I/O ---------------------------------------------------------------------------------
     def _set_timeout(self, seconds: float) -> None:
@@ -297,16 +300,37 @@ class Association:
         data = self._data
         if self._command is None or data is None or ctx != self._command_ctx:
             raise pdu.PDUError("data set fragment without its command", pdu.REASON_UNEXPECTED_PARAMETER)
-        while size:  # straight from the socket into the instance buffer, in bounded steps
-            step = min(size, DATA_CHUNK)
-            start = len(data)
-            data.extend(bytes(step))
-            self._read_into(memoryview(data)[start:])
-            size -= step
+        limit = self.server.cfg.max_instance_bytes
+        if self._oversize or len(data) + size > limit:
+            # Too large to hold: drain the rest of the data set without keeping it, then refuse it.
+            if not self._oversize:
+                self._oversize = True
+                del data[:]
+            while size:
+                step = min(size, DATA_CHUNK)
+                self._read(step)
+                size -= step
+        else:
+            while size:  # straight from the socket into the instance buffer, in bounded steps
+                step = min(size, DATA_CHUNK)
+                start = len(data)
+                data.extend(bytes(step))
+                self._read_into(memoryview(data)[start:])
+                size -= step
         if not last:
             return
         command = self._command
         self._command, self._command_ctx, self._data = None, None, None
+        if self._oversize:
+            self._oversize = False
+            log.warning(
+                "instance refused: data set too large",
+                **self._who(),
+                sop_uid=command.sop_instance_uid,
+                max_instance_bytes=limit,
+            )
+            self._respond(ctx, dimse.C_STORE_RSP, command, STATUS_OUT_OF_RESOURCES, "data set too large")
+            return
         try:
             status, comment = self.server.services.store_instance(self, command, self.contexts[ctx], data)
         except Exception:
