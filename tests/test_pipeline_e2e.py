@@ -159,7 +159,7 @@ def test_study_no_bundle_applies_to_is_no_model(home: Path, tmp_path: Path) -> N
 def test_appliance_infer_cli_with_installed_bundle(home: Path, tmp_path: Path) -> None:
     kid, pub = install_tiny_bundle(home, tmp_path / "bundle")
     cfg = tmp_path / "a.toml"
-    cfg.write_text(f'[engines]\ntrusted_keys = {{ "{kid}" = "{pub}" }}\n')
+    cfg.write_text(f'[engines]\ninstall_reference_bundles = false\ntrusted_keys = {{ "{kid}" = "{pub}" }}\n')
     ds = make_dataset(synthetic_image(500, 400, (150, 250), radius=15))
     src = save(ds, tmp_path / "in" / "x.dcm")
     args = [sys.executable, "-m", "appliance", "--home", str(home), "-c", str(cfg), "infer", str(src.parent)]

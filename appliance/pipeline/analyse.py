@@ -90,6 +90,7 @@ def analyse(
                 heatmaps=maps,
                 heatmap_stride=int(heat_spec.stride or 1) if heat_spec else 1,
                 transform=prep.transform,
+                modality=str(ds.get("Modality", "") or "") or None,
             )
         )
     first = usable[0][0]

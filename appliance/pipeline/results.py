@@ -1,7 +1,8 @@
 """Build the result objects of one analysis and make them durable: files, rows, export queue, state.
 
 Files are written to ``<state>/results/<study uid>/<bundle>-<version>/`` (temp file, fsync, rename) before
-the one transaction that records them, queues their export and moves the study to ``inferred``. A crash
+the one transaction that records them, queues their export (PACS destinations and, with ``cloud.enabled``,
+the encrypted result message in the cloud outbox) and moves the study to ``inferred``. A crash
 before that commit leaves the study ``complete`` (reprocessed on restart, same UIDs); after it, the export
 queue carries on.
 """
@@ -16,6 +17,7 @@ from pydicom.dataset import Dataset
 
 from appliance.config import Settings
 from appliance.logs import get_logger
+from appliance.pipeline import cloud_link
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
@@ -80,8 +82,18 @@ def save_results(
     summary = res.summary()
     summary["skipped"] = [{"image_sop_uid": s, "reason": r} for s, r in analysis.skipped]
     summary["objects"] = [{"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(p)} for k, ds, p in written]
+    revision = store.query("SELECT revision FROM studies WHERE id=?", (study_id,))[0]["revision"]
+    try:  # encrypt before the transaction; a cloud problem must not keep the findings from the PACS
+        message = cloud_link.build_cloud_message(settings, summary, revision)
+    except Exception as exc:
+        message = None
+        log.error("cloud result message not built", study_uid=res.study_instance_uid, error=str(exc))
     ts = now()
     with store.transaction() as conn:
+        known = conn.execute(
+            "SELECT 1 FROM results WHERE study_id=? AND bundle_id=? AND bundle_version=?",
+            (study_id, manifest.bundle_id, manifest.version),
+        ).fetchone()
         conn.execute(
             "INSERT INTO results(study_id, study_uid, bundle_id, bundle_version, summary, study_score, dir, timings,"
             " created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(study_id, bundle_id, bundle_version) DO UPDATE SET"
@@ -114,6 +126,8 @@ def save_results(
                 " SELECT id, ?, ?, ?, ? FROM result_objects WHERE result_id=?",
                 (study_id, dest.name, ts, ts, result_id),
             )
+        if not known:  # a re-run of the same revision was already queued (same message id) with its result
+            cloud_link.enqueue(settings, conn, message)
         if set_state:
             detail = f"{manifest.bundle_id} {manifest.version}: study score {res.study_score:.3f}"
             store.set_study_state(conn, study_id, INFERRED, detail)
