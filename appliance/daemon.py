@@ -57,7 +57,10 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
         from appliance.cloud.agent import CloudAgent
         from appliance.pipeline.cloud_link import agent_hooks
 
-        services.append(CloudAgent(settings, store, **agent_hooks(settings, store, engines)))
+        agent = CloudAgent(settings, store, **agent_hooks(settings, store, engines))
+        if engines is not None:
+            engines.on_change.append(agent.report_changed)
+        services.append(agent)
     return services
 
 

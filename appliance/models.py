@@ -9,6 +9,7 @@ when the active version changes); :func:`load_active_engines` is the one-shot fo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,7 @@ class ActiveEngines:
         self._engines: dict[str, CompileResult] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
+        self.on_change: list[Callable[[], None]] = []  # called after an engine was loaded or replaced
 
     def _load(self, reg: Registry, bundle_id: str, version: str) -> CompileResult | None:
         try:
@@ -134,6 +136,7 @@ class ActiveEngines:
                 ensure_reference_bundles(self.settings)
             reg = registry(self.settings)
             out = []
+            changed = False
             for bundle_id in reg.bundle_ids():
                 version = reg.active_version(bundle_id)
                 if version is None or (bundle_id, version) in self._failed:
@@ -146,8 +149,12 @@ class ActiveEngines:
                     if cached is not None:
                         cached.engine.close()
                     cached = self._engines[bundle_id] = loaded
+                    changed = True
                 out.append((cached.manifest, cached.engine))
-            return out
+        if changed:
+            for callback in self.on_change:
+                callback()
+        return out
 
     def describe(self) -> dict[str, Any]:
         """What is loaded, for the device twin: active bundles and the backend each runs on."""
