@@ -22,12 +22,8 @@ from engines.keys import TrustStore, generate_private_key, key_id, public_key_b6
 from engines.runtime import install_bundle
 from tests.conftest import ROOT
 from tests.daemon_tools import daemon_env, running_daemon, storescu, wait_until
-from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
+from tests.orthanc_tools import AET, Orthanc
 from tests.pipeline_tools import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
-
-ROWS, COLS = 1000, 800
-TS_FLAG = {"1.2.840.10008.1.2.4.90": ["-xv"], "1.2.840.10008.1.2.5": ["-xr"], "1.2.840.10008.1.2.4.70": ["-xs"]}
-TRUTH = (320.0, 520.0)
 
 
 def install_tiny_bundle(home: Path, work: Path) -> tuple[str, str]:
@@ -55,11 +51,6 @@ def _config(home: Path, pacs: Orthanc, kid: str, pub: str) -> str:
         "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
         f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
     )
-
-
-def _jpeg_lossless(src: Path, dst: Path) -> Path:
-    subprocess.run(["/usr/bin/dcmcjpeg", str(src), str(dst)], check=True, capture_output=True, timeout=60)
-    return dst
 
 
 def _results_in_pacs(pacs: Orthanc, study_uid: str) -> list[dict]:
