@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -27,13 +28,20 @@ from engines.manifest import Manifest
 log = get_logger(__name__)
 
 
+# Result building runs on a few threads: Pillow drawing, numpy resampling and fsync release the GIL, so the
+# SCs of a 4-view study, the SR (pure Python, highdicom) and the file writes overlap instead of queueing.
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="results")
+
+
 def build_objects(analysis: Analysis, manifest: Manifest, sc_max_size: int = 1024) -> list[tuple[str, Dataset]]:
-    """[("SR", sr), ("SC", sc), ...] for one study and bundle."""
+    """[("SR", sr), ("SC", sc), ...] for one study and bundle (SCs built concurrently with the SR)."""
     res = analysis.result
-    objects: list[tuple[str, Dataset]] = [("SR", build_sr(res, analysis.sources, manifest.title))]
-    for i, (img, src, prep) in enumerate(zip(res.images, analysis.sources, analysis.prepared, strict=True)):
-        objects.append(("SC", build_sc(img, src, prep.display, res, i, sc_max_size, prep.display_factor)))
-    return objects
+    scs = [
+        _POOL.submit(build_sc, img, src, prep.display, res, i, sc_max_size, prep.display_factor)
+        for i, (img, src, prep) in enumerate(zip(res.images, analysis.sources, analysis.prepared, strict=True))
+    ]
+    sr = build_sr(res, analysis.sources, manifest.title)  # on this thread meanwhile
+    return [("SR", sr), *(("SC", f.result()) for f in scs)]
 
 
 def write_dataset(ds: Dataset, path: Path) -> None:
@@ -48,11 +56,11 @@ def write_dataset(ds: Dataset, path: Path) -> None:
 
 
 def write_objects(objects: list[tuple[str, Dataset]], out_dir: Path) -> list[tuple[str, Dataset, Path]]:
-    written = []
-    for kind, ds in objects:
-        path = out_dir / f"{kind.lower()}-{ds.SOPInstanceUID}.dcm"
-        write_dataset(ds, path)
-        written.append((kind, ds, path))
+    """Write every object (concurrently: each fsync waits on the disk, not on the others), then the dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [(kind, ds, out_dir / f"{kind.lower()}-{ds.SOPInstanceUID}.dcm") for kind, ds in objects]
+    for f in [_POOL.submit(write_dataset, ds, path) for _, ds, path in written]:
+        f.result()
     fd = os.open(out_dir, os.O_RDONLY)
     try:
         os.fsync(fd)
