@@ -45,14 +45,22 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
     spool = Spool(settings.spool_dir)
     assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
     scp = StorageSCP(settings.dicom, store, spool, assembler)
+    from appliance.models import ActiveEngines
     from appliance.pipeline.service import build_pipeline_services
 
+    # One engine per active bundle, shared by the pipeline and the cloud agent's reports and methods;
+    # the shipped reference bundles are installed on first run (engines.install_reference_bundles).
+    engines = ActiveEngines(settings, install_reference=True) if settings.pipeline.enabled else None
     # Pipeline: woken by assembler.on_complete (called with the study row id after `complete` commits).
-    services: list[Service] = [scp, assembler, *build_pipeline_services(settings, store, assembler)]
+    services: list[Service] = [scp, assembler, *build_pipeline_services(settings, store, assembler, engines)]
     if settings.cloud.enabled:
         from appliance.cloud.agent import CloudAgent
+        from appliance.pipeline.cloud_link import agent_hooks
 
-        services.append(CloudAgent(settings, store))
+        agent = CloudAgent(settings, store, **agent_hooks(settings, store, engines))
+        if engines is not None:
+            engines.on_change.append(agent.report_changed)
+        services.append(agent)
     return services
 
 

@@ -2,12 +2,16 @@
 
 Why here: ``engines`` knows nothing of the appliance's config. This module turns ``EnginesConfig`` into the
 engines' trust store and options, installs the shipped reference bundles on first run, and gives the
-pipeline one call, :func:`load_active_engines`, that returns every active bundle ready to run.
+pipeline its bundle source, :class:`ActiveEngines` (every active bundle with a loaded engine, reloaded
+when the active version changes); :func:`load_active_engines` is the one-shot form for tools.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from appliance import __version__
 from appliance.config import Settings
@@ -19,6 +23,7 @@ from engines.errors import EnginesError
 from engines.keys import TrustStore, read_public_key_file
 from engines.manifest import Manifest
 from engines.registry import Registry
+from engines.runtime import CompileResult
 
 log = get_logger(__name__)
 
@@ -86,23 +91,33 @@ def ensure_reference_bundles(settings: Settings) -> list[str]:
     return done
 
 
-def load_active_engines(settings: Settings) -> dict[str, tuple[Manifest, Engine]]:
-    """Every installed bundle's active version, verified, compiled (or from cache) and golden-checked.
+class ActiveEngines:
+    """The pipeline's bundle source: every active bundle with one loaded engine (created once, reused).
 
-    A bundle that cannot be loaded is logged with its reason and left out; the others still load.
+    ``active()`` re-reads the registry each call, so a model update or a rollback takes effect at the next
+    study: the engine is (re)loaded when the active version changes. A version whose engine cannot be
+    loaded (failed golden check, corrupt files) is left out with a logged reason and not retried, so its
+    studies end as ``no_model`` instead of failing one by one. With ``install_reference`` the shipped
+    reference bundles are installed on the first call (when ``engines.install_reference_bundles``).
     """
-    reg = registry(settings)
-    options = engine_options(settings)
-    out: dict[str, tuple[Manifest, Engine]] = {}
-    for bundle_id in reg.bundle_ids():
-        if reg.active_version(bundle_id) is None:
-            continue
+
+    def __init__(self, settings: Settings, install_reference: bool = False):
+        self.settings = settings
+        self._install_reference = install_reference
+        self._engines: dict[str, CompileResult] = {}
+        self._failed: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+        self.on_change: list[Callable[[], None]] = []  # called after an engine was loaded or replaced
+
+    def _load(self, reg: Registry, bundle_id: str, version: str) -> CompileResult | None:
         try:
-            res = runtime.compile_engine(settings.models_dir, bundle_id, options, trust=reg.trust)
-        except EnginesError as exc:
-            log.error("engine not loaded", bundle=bundle_id, reason=exc.reason, error=str(exc))
-            continue
-        out[bundle_id] = (res.manifest, res.engine)
+            res = runtime.compile_engine(
+                self.settings.models_dir, bundle_id, engine_options(self.settings), version=version, trust=reg.trust
+            )
+        except Exception as exc:  # EnginesError with a reason, or anything a broken bundle raises
+            self._failed[(bundle_id, version)] = str(exc)
+            log.error("engine not loaded", bundle=bundle_id, version=version, error=str(exc))
+            return None
         log.info(
             "engine loaded",
             bundle=bundle_id,
@@ -110,10 +125,78 @@ def load_active_engines(settings: Settings) -> dict[str, tuple[Manifest, Engine]
             backend=res.backend,
             precision=res.precision,
             cache_hit=res.cache_hit,
+            max_batch=res.engine.max_batch,
         )
-    return out
+        return res
+
+    def active(self) -> list[tuple[Manifest, Engine]]:
+        with self._lock:
+            if self._install_reference:
+                self._install_reference = False
+                ensure_reference_bundles(self.settings)
+            reg = registry(self.settings)
+            out = []
+            changed = False
+            for bundle_id in reg.bundle_ids():
+                version = reg.active_version(bundle_id)
+                if version is None or (bundle_id, version) in self._failed:
+                    continue
+                cached = self._engines.get(bundle_id)
+                if cached is None or cached.version != version:
+                    loaded = self._load(reg, bundle_id, version)
+                    if loaded is None:
+                        continue
+                    if cached is not None:
+                        cached.engine.close()
+                    cached = self._engines[bundle_id] = loaded
+                    changed = True
+                out.append((cached.manifest, cached.engine))
+        if changed:
+            for callback in self.on_change:
+                callback()
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for the device twin: active bundles and the backend each runs on."""
+        with self._lock:
+            loaded = [
+                {
+                    "bundle_id": r.manifest.bundle_id,
+                    "version": r.version,
+                    "backend": r.backend,
+                    "precision": r.precision,
+                }
+                for r in self._engines.values()
+            ]
+        backends = sorted({b["backend"] for b in loaded})
+        return {"bundles_active": loaded, "backend": ",".join(backends) or self.settings.engines.backend}
+
+    def close(self) -> None:
+        with self._lock:
+            for res in self._engines.values():
+                res.engine.close()
+            self._engines.clear()
+
+
+def load_active_engines(settings: Settings) -> dict[str, tuple[Manifest, Engine]]:
+    """Every installed bundle's active version, verified, compiled (or from cache) and golden-checked.
+
+    A bundle that cannot be loaded is logged with its reason and left out; the others still load. The
+    caller owns the engines (:func:`close_engines`).
+    """
+    return {m.bundle_id: (m, e) for m, e in ActiveEngines(settings).active()}
 
 
 def close_engines(engines: dict[str, tuple[Manifest, Engine]]) -> None:
     for _, engine in engines.values():
         engine.close()
+
+
+def rollback(settings: Settings, bundle_id: str) -> dict[str, str | None]:
+    """Switch ``bundle_id`` back to its previous version (the running pipeline picks it up at the next
+    study). Raises EnginesError (``no_previous``, ``not_installed``) with a reason."""
+    reg = registry(settings)
+    before = reg.active_version(bundle_id)
+    now_active = reg.rollback(bundle_id)
+    log.warning("model rolled back", bundle=bundle_id, from_version=before, to_version=now_active)
+    return {"bundle_id": bundle_id, "from_version": before, "active_version": now_active}

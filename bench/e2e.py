@@ -1,9 +1,11 @@
 """End-to-end latency: storescu -> appliance daemon -> SR stored in Orthanc, p50/p95 per stage.
 
-Studies: a 1-image chest (2500x2048, 12-bit, J2K lossless) and a 4-view mammogram (2560x2048 per view,
-J2K lossless), each sent with dcmtk ``storescu`` to a running daemon whose PACS destination is a real
-Orthanc. The bundle is the tiny deterministic detector from ``tests/pipeline_tools`` (signed and installed
-like any bundle), so "inference" here is a near-zero floor: real models add their own inference time.
+Studies: the reference phantoms (``engines.reference.phantoms``) at detector size, J2K lossless: a 1-image
+chest (2500x2048, 12-bit, one nodule) and a 4-view mammogram (3328x2560 per view, 14-bit, a mass in the left
+breast), each sent with dcmtk ``storescu`` to a running daemon whose PACS destination is a real Orthanc.
+The bundles are the REAL reference bundles (``cxr-phantom``, ``mmg-phantom``) on ONNX Runtime (CPU),
+installed by the daemon on first run. Each study is a copy of one generated study with fresh UIDs (J2K
+encoding a phantom takes seconds; the pixels are not re-encoded).
 
 Stages (seconds, per study):
 - receive: storescu start -> storescu exit (association, transfer, durable spool + ACK)
@@ -29,28 +31,31 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pydicom.uid import JPEG2000Lossless, generate_uid  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
 
+from engines.reference.phantoms import chest_study, mammo_study  # noqa: E402
 from tests.daemon_tools import running_daemon, storescu  # noqa: E402
-from tests.orthanc_tools import Orthanc  # noqa: E402
-from tests.pipeline_tools import make_dataset, save, synthetic_image  # noqa: E402
-from tests.test_pipeline_e2e import _config, install_tiny_bundle  # noqa: E402
+from tests.orthanc_tools import AET, Orthanc  # noqa: E402
 
 
-def _study(kind: str, out: Path, rng: np.random.Generator) -> list[Path]:
-    study = generate_uid()
-    if kind == "chest":
-        img = synthetic_image(2500, 2048, (900, 1300), radius=50) + rng.integers(0, 64, (2500, 2048), dtype=np.uint16)
-        return [save(make_dataset(img, study_uid=study, transfer_syntax=JPEG2000Lossless), out / f"{study}.dcm")]
+def _templates(out: Path) -> dict[str, list[Path]]:
+    chest = chest_study(out, seed=7, size="real", nodules=1, transfer_syntax="j2k-lossless")
+    mammo = mammo_study(out, seed=7, size="real", masses={"L": 1}, transfer_syntax="j2k-lossless")
+    return {"chest": [Path(f) for f in chest["files"]], "mammo": [Path(f) for f in mammo["files"]]}
+
+
+def _copy(template: list[Path], out: Path) -> list[Path]:
+    """The same images as a new study (new study/series/SOP UIDs), pixel data untouched."""
+    study, series = generate_uid(), generate_uid()
     files = []
-    for side in "LR":
-        for view in ("CC", "MLO"):
-            lesion = (800, 700) if side == "R" else None
-            img = synthetic_image(2560, 2048, lesion, radius=40) + rng.integers(0, 64, (2560, 2048), dtype=np.uint16)
-            ds = make_dataset(
-                img, modality="DX", laterality=side, view=view, study_uid=study, transfer_syntax=JPEG2000Lossless
-            )
-            files.append(save(ds, out / f"{study}-{side}{view}.dcm"))
+    for path in template:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        files.append(out / f"{ds.SOPInstanceUID}.dcm")
+        out.mkdir(parents=True, exist_ok=True)
+        ds.save_as(files[-1], enforce_file_format=True)
     return files
 
 
@@ -64,15 +69,19 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     home = tmp / "home"
-    kid, pub = install_tiny_bundle(home, tmp / "bundle")
     pacs = Orthanc(tmp / "pacs").start()
-    rng = np.random.default_rng(0)
+    templates = _templates(tmp / "templates")
+    cfg = (
+        '[engines]\nbackend = "ort"\n[pipeline]\nenabled = true\n'
+        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\nport = {pacs.dicom_port}\n'
+    )
+    env = {
+        "APPLIANCE_PIPELINE__ENABLED": "true",
+        "APPLIANCE_PIPELINE__POLL_S": "0.05",
+        "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true",
+    }
     try:
-        with running_daemon(
-            home,
-            config_toml=_config(home, pacs, kid, pub),
-            env={"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_PIPELINE__POLL_S": "0.05"},
-        ) as d:
+        with running_daemon(home, config_toml=cfg, env=env) as d:
             for kind in ("chest", "mammo"):
                 stages: dict[str, list[float]] = {
                     k: []
@@ -87,13 +96,11 @@ def main() -> None:
                     )
                 }
                 for i in range(args.n + 1):  # first study warms up (lazy imports, engine load): not counted
-                    files = _study(kind, tmp / f"{kind}{i}", rng)
+                    files = _copy(templates[kind], tmp / f"{kind}{i}")
                     t0 = time.time()
                     r = storescu(d.port, files, "-xv")
                     t1 = time.time()
                     assert "Success" in r.stdout, r.stdout[-800:]
-                    import pydicom
-
                     uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
                     while True:
                         row = d.query("SELECT id, state, completed_at FROM studies WHERE study_uid=?", (uid,))
@@ -120,7 +127,7 @@ def main() -> None:
                     )
                     stages["export"].append(ev["exported"] - ev["inferred"])
                     stages["total"].append(ev["exported"] - t0)
-                print(f"\n{kind}: {args.n} studies ({'1 x 2500x2048' if kind == 'chest' else '4 x 2560x2048'} J2K)")
+                print(f"\n{kind}: {args.n} studies ({'1 x 2500x2048' if kind == 'chest' else '4 x 3328x2560'} J2K)")
                 print(f"{'stage':<18} {'p50 ms':>8} {'p95 ms':>8}")
                 for k, v in stages.items():
                     print(f"{k:<18} {_pct(v, 50):>8.0f} {_pct(v, 95):>8.0f}")

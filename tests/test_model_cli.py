@@ -108,7 +108,7 @@ def test_reference_bundles_install_and_load(tmp_path: Path, monkeypatch) -> None
     settings = load_settings(None, {"state_dir": tmp_path})
     settings.engines.backend = "ort"
     installed = ensure_reference_bundles(settings)
-    assert sorted(installed) == ["cxr-phantom@1.0.0", "mmg-phantom@1.0.0"]
+    assert sorted(installed) == ["cxr-phantom@1.0.1", "mmg-phantom@1.0.1"]
     assert ensure_reference_bundles(settings) == []  # only on first run
     engines = load_active_engines(settings)
     assert set(engines) == {"cxr-phantom", "mmg-phantom"}

@@ -286,6 +286,10 @@ class CloudAgent:
                 log.exception("reported-properties hook failed")
         return doc
 
+    def report_changed(self) -> None:
+        """Something in the reported properties changed (e.g. a model loaded): send them at the next chance."""
+        self._reported_dirty.set()
+
     def _send_reported(self) -> None:
         body = json.dumps(self.reported()).encode()
         self.client.submit(f"$iothub/twin/PATCH/properties/reported/?$rid={self._next_rid()}", body, qos=0)

@@ -96,8 +96,11 @@ def pseudonym_uid(secret: bytes, uid: str) -> str:
 
 
 def result_message_id(secret: bytes, result: dict[str, Any]) -> str:
-    """Stable message id: the same study + bundle + task always gives the same id, so the cloud de-duplicates."""
+    """Stable message id: the same study (+ revision) + bundle + task always gives the same id, so the cloud
+    de-duplicates a re-run; a later revision of the study (late images) is a new result with a new id."""
     parts = [str(result.get(k, "")) for k in ("study_uid", "bundle_id", "bundle_version", "task")]
+    if result.get("revision") is not None:
+        parts.append(f"rev{result['revision']}")
     return "res-" + _mac(secret, "mid", *parts).hex()[:40]
 
 
@@ -167,6 +170,8 @@ def deidentify_result(
         "findings": [],
         "images": [],
     }
+    if "revision" in result:  # a later revision of a study (late images) supersedes the earlier result
+        out["revision"] = _int(result.get("revision"))
     pb = result.get("per_breast")
     if isinstance(pb, dict):
         out["per_breast"] = {side: _num(pb.get(side)) for side in ("L", "R")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +23,7 @@ from engines.manifest import Manifest
 log = get_logger(__name__)
 
 InferFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
 PATIENT_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate")
 
 
@@ -48,9 +50,11 @@ def analyse(
     t0 = time.perf_counter()
     usable: list[tuple[Dataset, Prepared]] = []
     skipped: list[tuple[str, str]] = []
-    for ds in datasets:
+    # images are prepared concurrently: decoders (openjpeg via Pillow, gdcm) and numpy release the GIL
+    futures = [_POOL.submit(prepare, ds, spec.preprocessing, max_pixels, min_size) for ds in datasets]
+    for ds, fut in zip(datasets, futures, strict=True):
         try:
-            usable.append((ds, prepare(ds, spec.preprocessing, max_pixels, min_size)))
+            usable.append((ds, fut.result()))
         except NotProcessable as exc:
             sop = str(ds.get("SOPInstanceUID", "?"))
             log.warning("image not processable", sop_uid=sop, reason=exc.reason, bundle=manifest.bundle_id)
@@ -90,6 +94,7 @@ def analyse(
                 heatmaps=maps,
                 heatmap_stride=int(heat_spec.stride or 1) if heat_spec else 1,
                 transform=prep.transform,
+                modality=str(ds.get("Modality", "") or "") or None,
             )
         )
     first = usable[0][0]

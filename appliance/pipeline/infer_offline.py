@@ -30,10 +30,10 @@ def collect(paths: list[Path]) -> list[Path]:
 
 
 def default_bundles(settings: Settings) -> BundleSource:
-    """The installed, active bundles (engines registry), each with a loaded engine."""
-    from appliance.pipeline.bundles import RegistryBundles
+    """The installed, active bundles (engines registry; reference bundles on first use), with engines."""
+    from appliance.models import ActiveEngines
 
-    return RegistryBundles(settings)
+    return ActiveEngines(settings, install_reference=True)
 
 
 def run_offline(
@@ -57,7 +57,18 @@ def run_offline(
             continue
         studies.setdefault(str(ds.StudyInstanceUID), []).append(ds)
     source = bundles or default_bundles(settings)
-    active = [(m, e) for m, e in source.active() if bundle is None or m.bundle_id == bundle]
+    try:
+        active = [(m, e) for m, e in source.active() if bundle is None or m.bundle_id == bundle]
+        return _run_studies(settings, studies, active, out, errors)
+    finally:
+        close = getattr(source, "close", None)
+        if bundles is None and close is not None:
+            close()
+
+
+def _run_studies(
+    settings: Settings, studies: dict[str, list], active: list, out: Path | None, errors: list[dict[str, str]]
+) -> dict[str, Any]:
     p = settings.pipeline
     report: dict[str, Any] = {"studies": [], "errors": errors}
     for study_uid, images in studies.items():

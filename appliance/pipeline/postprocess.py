@@ -52,6 +52,7 @@ class ImageResult:
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> (h, w) activated
     heatmap_stride: int = 1
     transform: Transform | None = None
+    modality: str | None = None
 
 
 @dataclass
@@ -75,6 +76,7 @@ class StudyResult:
             "bundle_version": self.bundle_version,
             "task": self.task,
             "clinical_use": self.clinical_use,
+            "modality": next((img.modality for img in self.images if img.modality), None),
             "study_score": round(self.study_score, 6),
             "per_breast": {k: round(v, 6) for k, v in self.per_breast.items()} if self.per_breast else None,
             "findings": [
@@ -96,6 +98,17 @@ class StudyResult:
                 }
                 for img in self.images
                 for f in img.findings
+            ],
+            "images": [
+                {
+                    "sop_instance_uid": img.sop_instance_uid,
+                    "series_uid": img.series_instance_uid,
+                    "rows": img.transform.original_shape[0] if img.transform else None,
+                    "columns": img.transform.original_shape[1] if img.transform else None,
+                    "view": img.view,
+                    "laterality": img.laterality,
+                }
+                for img in self.images
             ],
         }
 

@@ -154,6 +154,11 @@ class PipelineWorker:
             self._wake.clear()
 
     def _work_loop(self) -> None:
+        try:  # warm up before the first study: install reference bundles, load (compile) every engine
+            names = [f"{m.bundle_id}@{m.version}" for m, _ in self.bundles.active()]
+            log.info("pipeline ready", bundles=names)
+        except Exception:
+            log.exception("loading the active bundles failed; retrying per study")
         while not self._stop.is_set():
             try:
                 study_id = self.queue.get(timeout=0.5)

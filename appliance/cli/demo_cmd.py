@@ -1,0 +1,100 @@
+"""``appliance demo``: start the box with the reference models, send phantom studies, show the findings."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from appliance.cli import settings_from
+
+
+def _findings_table(summary: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{summary['bundle_id']} {summary['bundle_version']}", title_justify="left")
+    for col in ("image", "side/view", "finding", "score", "threshold", "", "row, col"):
+        table.add_column(col, justify="right" if col in ("score", "threshold") else "left")
+    for f in summary["findings"]:
+        loc = f["location"]
+        table.add_row(
+            "…" + f["image_sop_uid"][-8:],
+            "/".join(x for x in (f["laterality"], f["view"]) if x) or "-",
+            f["label"],
+            f"{f['score']:.3f}",
+            f"{f['threshold']:.3f}",
+            "[bold red]POSITIVE[/]" if f["positive"] else "",
+            f"{loc['row']:.0f}, {loc['col']:.0f}" if loc else "",
+        )
+    return table
+
+
+def demo_cmd(
+    ctx: typer.Context,
+    home: Path | None = typer.Option(None, "--home", help="state directory (default: a new temporary one)"),
+    keep: bool = typer.Option(False, "--keep", help="leave the appliance running afterwards"),
+    timeout: float = typer.Option(120.0, help="seconds to wait for all results"),
+) -> None:
+    """Start the appliance with the reference models, send three phantom studies over DICOM, show findings."""
+    from rich.console import Console
+
+    from appliance.pipeline import demo
+
+    console = Console(highlight=False)
+    root = ctx.find_root().obj
+    home = (home or root.home or Path(tempfile.mkdtemp(prefix="appliance-demo-"))).resolve()
+    root.home = home
+    settings = settings_from(ctx)
+    t0 = time.monotonic()
+    console.print(f"[bold]appliance demo[/] home: {home}")
+    console.print("NOT FOR CLINICAL USE: reference models trained on synthetic phantoms only.", style="red")
+    try:
+        proc, status = demo.start_daemon(home, root.config)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    scp = status["services"]["dicom-scp"]
+    console.print(f"appliance running (pid {proc.pid}), DICOM {scp['ae_title']}@127.0.0.1:{scp['port']}")
+    rc = 0
+    try:
+        studies = demo.write_studies(home / "demo-input")
+        for study in studies:
+            failed = demo.send_study(settings, scp, study)
+            console.print(
+                f"sent   {study.name} ({len(study.files)} image(s))" + (f" [red]{failed}[/]" if failed else "")
+            )
+            rc = rc or (1 if failed else 0)
+
+        def show(study: demo.DemoStudy, row: Any, results: list[dict]) -> None:
+            console.print()
+            console.print(f"[bold]{study.name}[/]: {row['state']} after {time.monotonic() - t0:.1f} s")
+            if not results:
+                console.print(f"  {row['detail'] or ''}")
+            for summary in results:
+                console.print(_findings_table(summary))
+                extra = f"study score {summary['study_score']:.3f}"
+                if summary.get("per_breast"):
+                    extra += "".join(f"   {k} breast {v:.3f}" for k, v in sorted(summary["per_breast"].items()))
+                console.print("  " + extra)
+                for obj in summary.get("objects", []):
+                    typer.echo(f"  {obj['kind']}: {obj['path']}")
+
+        missing = demo.wait_for_results(home, studies, show, timeout)
+        if missing:
+            console.print(f"[red]no result within {timeout:g} s for:[/] {', '.join(s.name for s in missing)}")
+            rc = 1
+    finally:
+        if keep:
+            console.print(f"\nstill running (pid {proc.pid}); stop it with: kill {proc.pid}")
+        else:
+            demo.stop_daemon(proc)
+    console.print(f"\ndone in {time.monotonic() - t0:.1f} s. Logs: {home / 'demo-daemon.log'}")
+    console.print(f"Try: appliance --home {home} infer {home / 'demo-input'}   |   appliance --home {home} status")
+    raise typer.Exit(rc)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_cmd)
