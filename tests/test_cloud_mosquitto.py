@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import ssl
+import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -72,7 +73,10 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
             ctx.load_cert_chain(*map(str, col))
             intruder.tls_set_context(ctx)
             intruder.connect("127.0.0.1", broker.port, 30)
-            intruder.loop(1.0)
+            deadline = time.monotonic() + 10
+            while not intruder.is_connected() and time.monotonic() < deadline:
+                intruder.loop(0.2)  # until the CONNACK: the takeover has really happened
+            assert intruder.is_connected(), "the takeover connection never completed"
             intruder.disconnect()
         wait_for(lambda: set(ids) <= set(got), 30, "all 600 results after the cuts")
         wait_for(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, 20, "outbox drained")

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 
+from appliance.background import BackgroundLoop
 from appliance.cloud import outbox
 from appliance.cloud.client import HubClient, d2c_topic
 from appliance.logs import get_logger
@@ -46,9 +47,7 @@ class OutboxSender:
         self._last_budget = 0.0
         self._lock = threading.Lock()
         self._uncommitted: set[int] = set()  # acknowledged, not yet deleted: never re-sent meanwhile
-        self._kick = threading.Event()
-        self._stop = threading.Event()
-        self._committer: threading.Thread | None = None
+        self._committer = BackgroundLoop("cloud-outbox-commit", self._commit_pass, 0.5, error_delay_s=1.0)
         self._cursor: tuple[int, int] | None = None  # (priority, seq) of the last row read
         self._buffer: deque[outbox.OutboxRow] = deque()
 
@@ -59,17 +58,11 @@ class OutboxSender:
         self._cursor = None
 
     def start(self) -> None:
-        self._stop.clear()
-        self._committer = threading.Thread(target=self._commit_loop, name="cloud-outbox-commit", daemon=True)
         self._committer.start()
 
     def stop(self) -> None:
         """Stop the committer after committing every acknowledged row."""
-        self._stop.set()
-        self._kick.set()
-        if self._committer is not None:
-            self._committer.join(10)
-            self._committer = None
+        self._committer.stop()
         self.flush()
 
     def flush(self) -> None:
@@ -78,16 +71,9 @@ class OutboxSender:
         if done:
             self._commit(done)
 
-    def _commit_loop(self) -> None:
-        while not self._stop.is_set():
-            self._kick.wait(0.5)
-            self._kick.clear()
-            time.sleep(COMMIT_INTERVAL_S)  # let a batch gather
-            try:
-                self.flush()
-            except Exception:
-                log.exception("outbox commit failed; will retry")
-                time.sleep(1)
+    def _commit_pass(self) -> None:
+        time.sleep(COMMIT_INTERVAL_S)  # let a batch gather
+        self.flush()
 
     def _commit(self, done: list[int]) -> None:
         conn = self.store.conn
@@ -113,7 +99,7 @@ class OutboxSender:
             with self._lock:
                 self.acked.append(seq)
                 self._uncommitted.add(seq)
-            self._kick.set()
+            self._committer.wake()
 
     def pump(self, client: HubClient, publish: bool = True) -> bool:
         did = False

@@ -9,9 +9,9 @@ study row id (the pipeline's low-latency hook); a failing hook is logged and nev
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
+from appliance.background import BackgroundLoop
 from appliance.logs import get_logger
 from appliance.store import COMPLETE, RECEIVED, Store, now
 
@@ -29,35 +29,20 @@ class StudyAssembler:
         self.store = store
         self.quiet_seconds = quiet_seconds
         self.on_complete: list[Callable[[int], None]] = []
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("study-assembler", self._pass, MAX_SLEEP_S)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="study-assembler", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._loop.stop()
 
     def poke(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.complete_due()
-                delay = self._next_delay()
-            except Exception:
-                log.exception("study assembler pass failed; retrying")
-                delay = MAX_SLEEP_S
-            self._wake.wait(timeout=delay)
-            self._wake.clear()
+    def _pass(self) -> float:
+        self.complete_due()
+        return self._next_delay()
 
     def _next_delay(self) -> float:
         row = self.store.query(

@@ -22,6 +22,7 @@ import os
 import threading
 from pathlib import Path
 
+from appliance.background import BackgroundLoop
 from appliance.dicom import records
 from appliance.dicom.spool import Spool, fsync_dir
 from appliance.logs import get_logger
@@ -48,8 +49,7 @@ class Watermark:
         self._inflight: dict[int, int | None] = {}
         self._max_done = start
         self._persisted = start
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop("ingest-watermark", self._persist_pass, PERSIST_INTERVAL_S)
 
     @staticmethod
     def read(path: Path) -> int:
@@ -99,26 +99,17 @@ class Watermark:
 
     # background writer: keeps the startup verification short (about one second of traffic)
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ingest-watermark", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+        self._loop.stop()
         try:
             self.persist()
         except OSError as exc:
             log.error("could not write ingest watermark at stop", error=str(exc))
 
-    def _run(self) -> None:
-        while not self._stop.wait(PERSIST_INTERVAL_S):
-            try:
-                self.persist()
-            except OSError as exc:
-                log.error("could not write ingest watermark", error=str(exc))
+    def _persist_pass(self) -> None:
+        self.persist()
 
 
 def write_watermark(path: Path, value: int) -> None:
