@@ -163,7 +163,8 @@ class CloudConfig(Section):
 
 
 class RetentionConfig(Section):
-    days: float = Field(default=7.0, gt=0, description="purge instances/results this long after export+sync")
+    days: float = Field(default=7.0, gt=0, description="purge instances/results this long after export")
+    check_interval_s: float = Field(default=3600.0, gt=0, description="how often the purge pass runs")
 
 
 class ApiConfig(Section):

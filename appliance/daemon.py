@@ -21,6 +21,7 @@ from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.scp import StorageSCP
 from appliance.dicom.spool import Spool
 from appliance.logs import configure, get_logger
+from appliance.retention import RetentionService
 from appliance.store import Store
 
 log = get_logger(__name__)
@@ -61,6 +62,7 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
         if engines is not None:
             engines.on_change.append(agent.report_changed)
         services.append(agent)
+    services.append(RetentionService(settings, store))
     return services
 
 

@@ -29,7 +29,21 @@ NO_MODEL = "no_model"  # no active bundle applies: recorded, not an error
 NOT_PROCESSABLE = "not_processable"  # input the models cannot take (reason recorded)
 FAILED = "failed"  # inference failed or timed out (reason recorded)
 SUPERSEDED = "superseded"  # a later revision of the same study replaced this one
-STUDY_STATES = (RECEIVED, COMPLETE, INFERRING, INFERRED, EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED, SUPERSEDED)
+PURGED = "purged"  # retention over: received files and results deleted, findings kept without PHI
+STUDY_STATES = (
+    RECEIVED,
+    COMPLETE,
+    INFERRING,
+    INFERRED,
+    EXPORTED,
+    NO_MODEL,
+    NOT_PROCESSABLE,
+    FAILED,
+    SUPERSEDED,
+    PURGED,
+)
+# States after which nothing more happens to a revision's files: retention may purge them.
+SETTLED_STATES = (EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED, SUPERSEDED)
 
 
 def _migrations() -> list[tuple[int, str, str]]:
