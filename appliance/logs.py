@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 _RESERVED = {"exc_info", "stack_info", "stacklevel", "extra"}
 
@@ -63,9 +63,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
-    """Send logs to stdout (journald picks them up under systemd)."""
-    handler = logging.StreamHandler(sys.stdout)
+def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Send logs to stdout (journald picks them up under systemd), or ``stream`` (CLI output on stdout)."""
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -125,8 +125,23 @@ def agent_hooks(settings: Settings, store: Store, engines: models.ActiveEngines 
         "method_hooks": {
             "rollback_model": lambda req: rollback_model(settings, req),
             "resend": lambda req: resend(settings, store, req),
+            "run_selftest": lambda req: run_selftest_method(settings, req),
         }
     }
     if engines is not None:
         hooks["reported_hook"] = engines.describe
     return hooks
+
+
+def run_selftest_method(settings: Settings, req: Any) -> tuple[int, dict[str, Any]]:
+    """Direct method ``run_selftest`` ({"pacs": bool}, optional): 200 and the report, whatever its verdict."""
+    from appliance.selftest import run_selftest
+
+    pacs = True
+    if isinstance(req, dict) and "pacs" in req:
+        if not isinstance(req["pacs"], bool):
+            return 400, {"error": "'pacs' must be true or false"}
+        pacs = req["pacs"]
+    elif req not in (None, {}, ""):
+        return 400, {"error": 'payload must be an object like {"pacs": false} or empty'}
+    return 200, run_selftest(settings, pacs=pacs)

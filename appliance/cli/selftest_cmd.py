@@ -1,0 +1,39 @@
+"""``appliance selftest``: the field technician's go/no-go check."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from appliance.cli import settings_from
+from appliance.logs import configure
+from appliance.selftest import run_selftest
+
+
+def selftest(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json"),
+    no_pacs: bool = typer.Option(False, "--no-pacs", help="skip the C-ECHO to each PACS destination"),
+) -> None:
+    """Check config, disk, database, active models (golden check) and the chain on phantoms; exit 1 on failure."""
+    settings = settings_from(ctx)
+    configure("WARNING", settings.log.format, sys.stderr)  # stdout carries the report
+    report = run_selftest(settings, pacs=not no_pacs)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        table = Table(title=f"self-test {'PASSED' if report['ok'] else 'FAILED'} at {report['at']}")
+        for col in ("check", "result", "detail", "s"):
+            table.add_column(col)
+        for c in report["checks"]:
+            table.add_row(c["name"], "ok" if c["ok"] else "[red]FAIL[/red]", c["detail"], f"{c['seconds']:.1f}")
+        Console().print(table)
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("selftest")(selftest)
