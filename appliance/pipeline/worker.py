@@ -198,6 +198,7 @@ class PipelineWorker:
             log.info("no model for study", study_uid=study_uid, detail=detail)
             return NO_MODEL
         p = self.settings.pipeline
+        loaded = time.perf_counter() - t0  # spool files read and routed
         reasons: list[str] = list(problems)
         stored = 0
         for r in routes:
@@ -229,13 +230,11 @@ class PipelineWorker:
                 self._set(study_id, FAILED, reason[:2000])
                 log.exception("inference failed", study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
-            t1 = time.perf_counter()
-            save_results(self.settings, self.store, study_id, analysis, r.manifest, set_state=False)
-            self.last_timings = {
-                **analysis.timings,
-                "results": time.perf_counter() - t1,
-                "total": time.perf_counter() - t0,
-            }
+            analysis.timings["load"] = loaded
+            save_results(
+                self.settings, self.store, study_id, analysis, r.manifest, set_state=False, on_queued=self.on_results
+            )
+            self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1
         if stored == 0:
             self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons)[:2000])
