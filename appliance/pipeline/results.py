@@ -3,7 +3,7 @@
 Files are written to ``<state>/results/<study uid>/<bundle>-<version>/`` (temp file, fsync, rename) before
 the transaction that records them and queues their export. The SR goes first, alone (it is what the PACS
 needs first, and what end-to-end latency is measured to): built, written and queued in its own transaction;
-the SCs render on the pool while it is exported. The final transaction records the SCs, queues the
+the SCs are rendered once it is out (or after a bounded wait). The final transaction records the SCs, queues the
 encrypted cloud result message (with ``cloud.enabled``) and moves the study to ``inferred``. A crash
 before it leaves the study ``inferring`` (-> ``complete`` on restart): reprocessed with the same UIDs, so
 an SR already queued or sent is not queued again (``INSERT OR IGNORE``), and the result row, marked
@@ -143,13 +143,13 @@ def save_results(
     manifest: Manifest,
     objects: list[tuple[str, Dataset]] | None = None,
     set_state: bool = True,
-    on_queued: Callable[[], None] | None = None,
+    on_queued: Callable[[], object] | None = None,
 ) -> int:
     """Write the objects, record them, queue their export to every destination; returns the result id.
 
     Without prebuilt ``objects`` the SR goes first: it is built, written and queued for export in its own
-    transaction (``on_queued`` is then called, e.g. to wake the exporter); the SCs are rendered on the pool
-    while it is sent, and follow in the final transaction. The study stays ``inferring`` until
+    transaction; then ``on_queued`` is called (the daemon's waits, bounded, for the exporter to send it), then
+    the SCs are rendered on the pool and follow in the final transaction. The study stays ``inferring`` until
     that one, so a crash in between reprocesses it (same UIDs: the queued SR is not queued twice).
     """
     res = analysis.result
@@ -169,8 +169,8 @@ def save_results(
         analysis.timings["sr_queued"] = time.perf_counter() - t0
         if on_queued is not None:
             on_queued()
-        # the SCs only now: rendering them beside the SR (threads, one GIL, 2 cores) delayed the SR more than
-        # it saved (measured, docs/PERFORMANCE.md); they overlap the SR's export instead
+        # the SCs only now: rendered beside the SR or its export (threads, one GIL) they delayed the SR more
+        # than they saved; the daemon's on_queued waits (bounded) until the exporter has tried the SR
         scs = submit_scs(analysis, settings.pipeline.sc_max_size)
         rest = write_objects([("SC", f.result()) for f in scs], out_dir)
         written = first + rest

@@ -75,12 +75,18 @@ class PipelineWorker:
     name = "pipeline"
 
     def __init__(
-        self, settings: Settings, store: Store, bundles: BundleSource, on_results: Callable[[], None] | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        bundles: BundleSource,
+        on_results: Callable[[], None] | None = None,
+        on_sr_queued: Callable[[], object] | None = None,
     ):
         self.settings = settings
         self.store = store
         self.bundles = bundles
-        self.on_results = on_results
+        self.on_results = on_results  # results queued for export (the exporter's wake)
+        self.on_sr_queued = on_sr_queued or on_results  # a study's SR queued, SCs not yet built
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -232,7 +238,7 @@ class PipelineWorker:
                 return FAILED
             analysis.timings["load"] = loaded
             save_results(
-                self.settings, self.store, study_id, analysis, r.manifest, set_state=False, on_queued=self.on_results
+                self.settings, self.store, study_id, analysis, r.manifest, set_state=False, on_queued=self.on_sr_queued
             )
             self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1
