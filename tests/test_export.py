@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from appliance.config import PacsDestination, Settings
 from appliance.pipeline.analyse import analyse
@@ -14,6 +16,7 @@ from appliance.pipeline.export import Exporter, backoff
 from appliance.pipeline.results import save_results
 from appliance.store import COMPLETE, EXPORTED, INFERRED, Store, now
 from tests.conftest import PYTHON, ROOT
+from tests.daemon_tools import wait_until
 from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
 from tests.pipeline_tools import TinyEngine, make_dataset, synthetic_image, tiny_manifest
 
@@ -169,4 +172,58 @@ def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -
         save_results(settings, store, study_id, a, m, set_state=False)
         store.conn.execute("UPDATE exports SET state='pending', next_attempt_at=0")
         Exporter(settings, store).run_once()
+    assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
+
+
+def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+    """The SR is queued (own transaction) and sent while the SCs are not yet built; the SCs follow."""
+    settings = _settings(home, orthanc)
+    store = Store(settings.db_path)
+    ds = make_dataset(synthetic_image(400, 300, (100, 200), radius=12))
+    m = tiny_manifest()
+    a = analyse([ds], m, TinyEngine().infer, 8, 10**8)
+    study_id = add_study(store, ds.StudyInstanceUID)
+    exporter = Exporter(settings, store)
+    exporter.start()
+    seen: list = []
+
+    def at_sr_queued() -> None:
+        assert exporter.send_now(timeout=10)
+        seen.append(store.query("SELECT o.kind, e.state FROM exports e JOIN result_objects o ON o.id=e.object_id"))
+        seen.append(orthanc.instances_of_study(ds.StudyInstanceUID))
+
+    try:
+        save_results(settings, store, study_id, a, m, on_queued=at_sr_queued)
+        assert [(r["kind"], r["state"]) for r in seen[0]] == [("SR", "done")]  # SC not even queued yet
+        assert len(seen[1]) == 1
+        exporter.wake()
+        wait_until(lambda: _state(store, study_id) == EXPORTED, timeout=20, what="study exported")
+    finally:
+        exporter.stop()
+    assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
+
+
+def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+    """Killed between the SR's transaction and the SCs': the study is still not ``inferred``; the re-run
+    queues the SCs, does not queue the SR again, and the result summary is complete."""
+    settings = _settings(home, orthanc)
+    store = Store(settings.db_path)
+    ds = make_dataset(synthetic_image(400, 300, (100, 200), radius=12))
+    m = tiny_manifest()
+    study_id = add_study(store, ds.StudyInstanceUID)
+
+    def crash() -> None:
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        save_results(settings, store, study_id, analyse([ds], m, TinyEngine().infer, 8, 10**8), m, on_queued=crash)
+    assert _state(store, study_id) == COMPLETE
+    assert json.loads(store.query("SELECT summary FROM results")[0]["summary"]) == {"partial": True}
+    assert Exporter(settings, store).run_once() == 1  # the SR
+    save_results(settings, store, study_id, analyse([ds], m, TinyEngine().infer, 8, 10**8), m)
+    rows = store.query("SELECT o.kind, e.state FROM exports e JOIN result_objects o ON o.id=e.object_id ORDER BY e.id")
+    assert [(r["kind"], r["state"]) for r in rows] == [("SR", "done"), ("SC", "pending")]
+    assert "partial" not in json.loads(store.query("SELECT summary FROM results")[0]["summary"])
+    assert Exporter(settings, store).run_once() == 1
+    assert _state(store, study_id) == EXPORTED
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2

@@ -157,3 +157,42 @@ def test_peak_subcell_and_contour_radius() -> None:
     radii = np.hypot(poly[:, 0] - 10.3, poly[:, 1] - 20.6)
     # half-maximum radius of a Gaussian: sigma * sqrt(2 ln 2)
     assert np.allclose(radii, 3.0 * np.sqrt(2 * np.log(2)), atol=0.3)
+
+
+def _sr_bytes(sr) -> bytes:
+    for kw in ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime"):
+        if kw in sr:
+            delattr(sr, kw)
+    for item in sr.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            del item.ContributionDateTime
+    buf = io.BytesIO()
+    sr.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_fast_sr_equals_highdicoms_full_path(engine: TinyEngine) -> None:
+    """The SR built without highdicom's deep copy is the same document as highdicom's own path."""
+    study = pydicom.uid.generate_uid()
+    views = [
+        make_dataset(
+            synthetic_image(600, 480, (200, 150) if side == "R" else None, radius=15),
+            modality="MG",
+            laterality=side,
+            view=view,
+            study_uid=study,
+        )
+        for side in ("L", "R")
+        for view in ("CC", "MLO")
+    ]
+    m = tiny_manifest(task="mmg", label="lesion", modalities=("MG",))
+    a = analyse(views, m, engine.infer, 4, 10**8)
+    assert any(f.location is not None for img in a.result.images for f in img.findings)
+    fast, full = build_sr(a.result, a.sources, m.title), build_sr(a.result, a.sources, m.title, full_copy=True)
+    evidence = fast.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert {r.ReferencedSOPInstanceUID for s in evidence for r in s.ReferencedSOPSequence} == {
+        v.SOPInstanceUID for v in views
+    }
+    assert _sr_bytes(fast) == _sr_bytes(full)
+    assert len(fast.content[0].ContentSequence) == len(full.content[0].ContentSequence)
+    assert read_sr_points(fast) == read_sr_points(full) != []

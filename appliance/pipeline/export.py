@@ -154,9 +154,23 @@ class Exporter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._passes = threading.Condition()
+        self._started = 0  # passes begun
+        self._finished = 0  # passes ended (numbers, in order: one thread)
 
     def wake(self) -> None:
         self._wake.set()
+
+    def send_now(self, timeout: float = 1.0) -> bool:
+        """Wake the exporter and wait (at most ``timeout``) until a pass that began after this call is over,
+        i.e. until what was committed before it has been tried. Lets the worker hold back CPU-heavy work
+        (SC rendering: Python threads contend for the GIL and slow the exporter's socket I/O several-fold)
+        while the SR goes out. False on timeout (PACS slow or down): the caller just carries on."""
+        with self._passes:
+            target = self._started + 1
+        self._wake.set()
+        with self._passes:
+            return self._passes.wait_for(lambda: self._finished >= target, timeout)
 
     def start(self) -> None:
         self._stop.clear()
@@ -172,12 +186,19 @@ class Exporter:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # a wake from now on asks for another pass
+            with self._passes:
+                self._started += 1
+                number = self._started
             try:
                 self.run_once()
             except Exception:
                 log.exception("export pass failed")
-            self._wake.wait(self._sleep_s())
-            self._wake.clear()
+            with self._passes:
+                self._finished = number
+                self._passes.notify_all()
+            if not self._wake.is_set():
+                self._wake.wait(self._sleep_s())
 
     def _sleep_s(self) -> float:
         row = self.store.query("SELECT MIN(next_attempt_at) AS t FROM exports WHERE state='pending'")

@@ -1,17 +1,22 @@
 """Build the result objects of one analysis and make them durable: files, rows, export queue, state.
 
 Files are written to ``<state>/results/<study uid>/<bundle>-<version>/`` (temp file, fsync, rename) before
-the one transaction that records them, queues their export (PACS destinations and, with ``cloud.enabled``,
-the encrypted result message in the cloud outbox) and moves the study to ``inferred``. A crash
-before that commit leaves the study ``complete`` (reprocessed on restart, same UIDs); after it, the export
-queue carries on.
+the transaction that records them and queues their export. The SR goes first, alone (it is what the PACS
+needs first, and what end-to-end latency is measured to): built, written and queued in its own transaction;
+the SCs are rendered once it is out (or after a bounded wait). The final transaction records the SCs, queues the
+encrypted cloud result message (with ``cloud.enabled``) and moves the study to ``inferred``. A crash
+before it leaves the study ``inferring`` (-> ``complete`` on restart): reprocessed with the same UIDs, so
+an SR already queued or sent is not queued again (``INSERT OR IGNORE``), and the result row, marked
+partial, still gets its cloud message.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -33,14 +38,19 @@ log = get_logger(__name__)
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="results")
 
 
-def build_objects(analysis: Analysis, manifest: Manifest, sc_max_size: int = 1024) -> list[tuple[str, Dataset]]:
-    """[("SR", sr), ("SC", sc), ...] for one study and bundle (SCs built concurrently with the SR)."""
+def submit_scs(analysis: Analysis, sc_max_size: int) -> list[Future]:
+    """Start rendering one SC per analysed image on the pool."""
     res = analysis.result
-    scs = [
+    return [
         _POOL.submit(build_sc, img, src, prep.display, res, i, sc_max_size, prep.display_factor)
         for i, (img, src, prep) in enumerate(zip(res.images, analysis.sources, analysis.prepared, strict=True))
     ]
-    sr = build_sr(res, analysis.sources, manifest.title)  # on this thread meanwhile
+
+
+def build_objects(analysis: Analysis, manifest: Manifest, sc_max_size: int = 1024) -> list[tuple[str, Dataset]]:
+    """[("SR", sr), ("SC", sc), ...] for one study and bundle (SCs built concurrently with the SR)."""
+    scs = submit_scs(analysis, sc_max_size)
+    sr = build_sr(analysis.result, analysis.sources, manifest.title)  # on this thread meanwhile
     return [("SR", sr), *(("SC", f.result()) for f in scs)]
 
 
@@ -73,6 +83,58 @@ def result_dir(settings: Settings, study_uid: str, manifest: Manifest) -> Path:
     return settings.results_dir / study_uid / f"{manifest.bundle_id}-{manifest.version}"
 
 
+PARTIAL = {"partial": True}  # summary of a result whose SR is queued but whose SCs are not yet
+
+
+def _result_row(conn, study_id: int, manifest: Manifest):
+    return conn.execute(
+        "SELECT id, summary FROM results WHERE study_id=? AND bundle_id=? AND bundle_version=?",
+        (study_id, manifest.bundle_id, manifest.version),
+    ).fetchone()
+
+
+def _upsert_result(conn, study_id: int, res, manifest: Manifest, summary: dict, timings: dict, out_dir: Path) -> int:
+    conn.execute(
+        "INSERT INTO results(study_id, study_uid, bundle_id, bundle_version, summary, study_score, dir, timings,"
+        " created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(study_id, bundle_id, bundle_version) DO UPDATE SET"
+        " summary=excluded.summary, study_score=excluded.study_score, timings=excluded.timings",
+        (
+            study_id,
+            res.study_instance_uid,
+            manifest.bundle_id,
+            manifest.version,
+            json.dumps(summary),
+            res.study_score,
+            str(out_dir),
+            json.dumps(timings),
+            now(),
+        ),
+    )
+    return conn.execute(
+        "SELECT id FROM results WHERE study_id=? AND bundle_id=? AND bundle_version=?",
+        (study_id, manifest.bundle_id, manifest.version),
+    ).fetchone()[0]
+
+
+def _queue_objects(
+    conn, settings: Settings, study_id: int, result_id: int, written: list[tuple[str, Dataset, Path]]
+) -> None:
+    """Record the objects and queue each for every destination (idempotent: a re-run adds nothing)."""
+    ts = now()
+    for kind, ds, path in written:
+        conn.execute(
+            "INSERT OR IGNORE INTO result_objects(result_id, kind, sop_instance_uid, sop_class_uid, path)"
+            " VALUES (?,?,?,?,?)",
+            (result_id, kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)),
+        )
+        for dest in settings.pipeline.destinations:
+            conn.execute(
+                "INSERT OR IGNORE INTO exports(object_id, study_id, destination, next_attempt_at, created_at)"
+                " SELECT id, ?, ?, ?, ? FROM result_objects WHERE result_id=? AND sop_instance_uid=?",
+                (study_id, dest.name, ts, ts, result_id, str(ds.SOPInstanceUID)),
+            )
+
+
 def save_results(
     settings: Settings,
     store: Store,
@@ -81,12 +143,39 @@ def save_results(
     manifest: Manifest,
     objects: list[tuple[str, Dataset]] | None = None,
     set_state: bool = True,
+    on_queued: Callable[[], object] | None = None,
 ) -> int:
-    """Write the objects, record them, queue their export to every destination; returns the result id."""
+    """Write the objects, record them, queue their export to every destination; returns the result id.
+
+    Without prebuilt ``objects`` the SR goes first: it is built, written and queued for export in its own
+    transaction; then ``on_queued`` is called (the daemon's waits, bounded, for the exporter to send it), then
+    the SCs are rendered on the pool and follow in the final transaction. The study stays ``inferring`` until
+    that one, so a crash in between reprocesses it (same UIDs: the queued SR is not queued twice).
+    """
     res = analysis.result
-    objects = objects if objects is not None else build_objects(analysis, manifest, settings.pipeline.sc_max_size)
     out_dir = result_dir(settings, res.study_instance_uid, manifest)
-    written = write_objects(objects, out_dir)
+    t0 = time.perf_counter()
+    known = False  # this revision's result was complete before (its cloud message already queued)
+    if objects is None:
+        sr = build_sr(res, analysis.sources, manifest.title)
+        first = write_objects([("SR", sr)], out_dir)
+        with store.transaction() as conn:
+            row = _result_row(conn, study_id, manifest)
+            known = row is not None and not json.loads(row["summary"]).get("partial")
+            result_id = (
+                row["id"] if row is not None else _upsert_result(conn, study_id, res, manifest, PARTIAL, {}, out_dir)
+            )
+            _queue_objects(conn, settings, study_id, result_id, first)
+        analysis.timings["sr_queued"] = time.perf_counter() - t0
+        if on_queued is not None:
+            on_queued()
+        # the SCs only now: rendered beside the SR or its export (threads, one GIL) they delayed the SR more
+        # than they saved; the daemon's on_queued waits (bounded) until the exporter has tried the SR
+        scs = submit_scs(analysis, settings.pipeline.sc_max_size)
+        rest = write_objects([("SC", f.result()) for f in scs], out_dir)
+        written = first + rest
+    else:
+        written = write_objects(objects, out_dir)
     summary = res.summary()
     summary["skipped"] = [{"image_sop_uid": s, "reason": r} for s, r in analysis.skipped]
     summary["objects"] = [{"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(p)} for k, ds, p in written]
@@ -96,44 +185,13 @@ def save_results(
     except Exception as exc:
         message = None
         log.error("cloud result message not built", study_uid=res.study_instance_uid, error=str(exc))
-    ts = now()
+    analysis.timings["results"] = time.perf_counter() - t0
     with store.transaction() as conn:
-        known = conn.execute(
-            "SELECT 1 FROM results WHERE study_id=? AND bundle_id=? AND bundle_version=?",
-            (study_id, manifest.bundle_id, manifest.version),
-        ).fetchone()
-        conn.execute(
-            "INSERT INTO results(study_id, study_uid, bundle_id, bundle_version, summary, study_score, dir, timings,"
-            " created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(study_id, bundle_id, bundle_version) DO UPDATE SET"
-            " summary=excluded.summary, study_score=excluded.study_score, timings=excluded.timings",
-            (
-                study_id,
-                res.study_instance_uid,
-                manifest.bundle_id,
-                manifest.version,
-                json.dumps(summary),
-                res.study_score,
-                str(out_dir),
-                json.dumps(analysis.timings),
-                ts,
-            ),
-        )
-        result_id = conn.execute(
-            "SELECT id FROM results WHERE study_id=? AND bundle_id=? AND bundle_version=?",
-            (study_id, manifest.bundle_id, manifest.version),
-        ).fetchone()[0]
-        for kind, ds, path in written:
-            conn.execute(
-                "INSERT OR IGNORE INTO result_objects(result_id, kind, sop_instance_uid, sop_class_uid, path)"
-                " VALUES (?,?,?,?,?)",
-                (result_id, kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)),
-            )
-        for dest in settings.pipeline.destinations:
-            conn.execute(
-                "INSERT OR IGNORE INTO exports(object_id, study_id, destination, next_attempt_at, created_at)"
-                " SELECT id, ?, ?, ?, ? FROM result_objects WHERE result_id=?",
-                (study_id, dest.name, ts, ts, result_id),
-            )
+        if objects is not None:
+            row = _result_row(conn, study_id, manifest)
+            known = row is not None and not json.loads(row["summary"]).get("partial")
+        result_id = _upsert_result(conn, study_id, res, manifest, summary, analysis.timings, out_dir)
+        _queue_objects(conn, settings, study_id, result_id, written)
         if not known:  # a re-run of the same revision was already queued (same message id) with its result
             cloud_link.enqueue(settings, conn, message)
         if set_state:

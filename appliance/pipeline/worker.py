@@ -75,12 +75,18 @@ class PipelineWorker:
     name = "pipeline"
 
     def __init__(
-        self, settings: Settings, store: Store, bundles: BundleSource, on_results: Callable[[], None] | None = None
+        self,
+        settings: Settings,
+        store: Store,
+        bundles: BundleSource,
+        on_results: Callable[[], None] | None = None,
+        on_sr_queued: Callable[[], object] | None = None,
     ):
         self.settings = settings
         self.store = store
         self.bundles = bundles
-        self.on_results = on_results
+        self.on_results = on_results  # results queued for export (the exporter's wake)
+        self.on_sr_queued = on_sr_queued or on_results  # a study's SR queued, SCs not yet built
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -198,6 +204,7 @@ class PipelineWorker:
             log.info("no model for study", study_uid=study_uid, detail=detail)
             return NO_MODEL
         p = self.settings.pipeline
+        loaded = time.perf_counter() - t0  # spool files read and routed
         reasons: list[str] = list(problems)
         stored = 0
         for r in routes:
@@ -229,13 +236,11 @@ class PipelineWorker:
                 self._set(study_id, FAILED, reason[:2000])
                 log.exception("inference failed", study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
-            t1 = time.perf_counter()
-            save_results(self.settings, self.store, study_id, analysis, r.manifest, set_state=False)
-            self.last_timings = {
-                **analysis.timings,
-                "results": time.perf_counter() - t1,
-                "total": time.perf_counter() - t0,
-            }
+            analysis.timings["load"] = loaded
+            save_results(
+                self.settings, self.store, study_id, analysis, r.manifest, set_state=False, on_queued=self.on_sr_queued
+            )
+            self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1
         if stored == 0:
             self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons)[:2000])
