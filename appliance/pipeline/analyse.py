@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
+from appliance.config import PipelineConfig
 from appliance.logs import get_logger
 from appliance.pipeline.postprocess import ImageResult, StudyResult, image_findings, laterality, study_result, view_of
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
+from appliance.pipeline.router import Route
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -106,4 +108,11 @@ def analyse(
         sources=[ds for ds, _ in usable],
         skipped=skipped,
         timings={"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2},
+    )
+
+
+def analyse_route(r: Route, cfg: PipelineConfig) -> Analysis:
+    """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits."""
+    return analyse(
+        r.images, r.manifest, r.engine.infer, getattr(r.engine, "max_batch", 1) or 1, cfg.max_pixels, cfg.min_image_size
     )

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from appliance.config import Settings
-from appliance.pipeline.analyse import analyse
+from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.preprocess import NotProcessable
 from appliance.pipeline.results import build_objects, write_objects
 from appliance.pipeline.router import describe, route
@@ -79,14 +79,7 @@ def _run_studies(
         reasons = []
         for r in routes:
             try:
-                a = analyse(
-                    r.images,
-                    r.manifest,
-                    r.engine.infer,
-                    getattr(r.engine, "max_batch", 1) or 1,
-                    p.max_pixels,
-                    p.min_image_size,
-                )
+                a = analyse_route(r, p)
             except NotProcessable as exc:
                 reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
                 continue

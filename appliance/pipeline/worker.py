@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from appliance.config import Settings
 from appliance.dicom.records import study_instances
 from appliance.logs import get_logger
-from appliance.pipeline.analyse import analyse
+from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.export import mark_if_exported
 from appliance.pipeline.preprocess import NotProcessable
 from appliance.pipeline.results import save_results
@@ -208,15 +208,7 @@ class PipelineWorker:
         reasons: list[str] = list(problems)
         stored = 0
         for r in routes:
-            fut = self._pool.submit(
-                analyse,
-                r.images,
-                r.manifest,
-                r.engine.infer,
-                getattr(r.engine, "max_batch", 1) or 1,
-                p.max_pixels,
-                p.min_image_size,
-            )
+            fut = self._pool.submit(analyse_route, r, p)
             try:
                 analysis = fut.result(timeout=p.inference_timeout_s)
             except FutureTimeout:
