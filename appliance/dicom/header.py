@@ -223,7 +223,10 @@ def check_tail(tail: bytes | bytearray, transfer_syntax: str) -> None:
     plain = _plain_syntax(transfer_syntax)
     if plain is None:
         raise MalformedInstance(STATUS_UNREADABLE, "not a plain transfer syntax")
-    _check_complete(_parsed(lambda: read_dataset(io.BytesIO(tail), *plain)))
+    ds = _parsed(lambda: read_dataset(io.BytesIO(tail), *plain))
+    _check_complete(ds)
+    if len(ds._dict) == 0:  # pydicom drops every element when one runs past the end (no delimiter)
+        raise MalformedInstance(STATUS_UNREADABLE, "Pixel Data runs past the end of the data set")
 
 
 def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
