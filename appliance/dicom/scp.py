@@ -1,11 +1,13 @@
 """The C-ECHO / C-STORE SCP: the box's front door for modalities.
 
-Hot path of one C-STORE (in the association's thread): disk guard -> raw bytes (file meta + the data
-set exactly as received, never decoded into pixels or re-encoded) -> header check (see ``header``) ->
-spool file created and written (``spool``) -> its fsync and its directory's fsync on the flusher
-threads *while* the SQLite transaction (``records``, synchronous=FULL) commits -> 0x0000 once all three
-are durable. Any failure answers a failure status, so nothing is acknowledged that is not on disk;
-a row whose file never became durable is removed (now, or at startup: ``durability``).
+Hot path of one C-STORE: disk guard -> while the fragments arrive, a worker hashes them, reads the
+header from the prefix and writes the spool file (``StreamedInstance``; the data set exactly as
+received, never decoded or re-encoded) -> at the last fragment: tail check -> the file's fsync and its
+directory's fsync on the flusher threads *while* the SQLite transaction (``records``,
+synchronous=FULL) commits -> 0x0000 once all three are durable. An instance whose header cannot be
+decided early is filed from one buffer at the end (``store_instance``), same order. Any failure
+answers a failure status, so nothing is acknowledged that is not on disk; a row whose file never
+became durable is removed (now, or at startup: ``durability``).
 """
 
 from __future__ import annotations
