@@ -3,6 +3,7 @@ over raw sockets, and interop with pynetdicom as the SCU (echo, store, fragmenta
 
 from __future__ import annotations
 
+import hashlib
 import io
 import socket
 import struct
@@ -440,5 +441,93 @@ def test_partial_data_set_cut_off_is_never_recorded(tmp_path: Path) -> None:
             assert kind == pdu.P_DATA_TF
             assert read_dataset(io.BytesIO(rsp[6:]), True, True).Status == 0
         assert s.store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 1
+    finally:
+        s.stop()
+
+
+# --- streaming: the spool file is written while the data set arrives ------------------------------------
+def _spool_files(s: StorageSCP) -> list[Path]:
+    return sorted(p for p in s.spool.root.rglob("*") if p.is_file())
+
+
+def _store_fragmented(sock: socket.socket, sop_uid: str, body: bytes, message_id: int) -> int:
+    """One C-STORE with its data set in 4000-byte fragments; the response status."""
+    sock.sendall(p_data(pdv(1, _store_rq(sop_uid, message_id), True)))
+    chunks = [body[i : i + 4000] for i in range(0, len(body), 4000)]
+    for i, chunk in enumerate(chunks):
+        sock.sendall(p_data(pdv(1, chunk, False, last=i == len(chunks) - 1)))
+    kind, rsp = read_pdu(sock)
+    assert kind == pdu.P_DATA_TF
+    return int(read_dataset(io.BytesIO(rsp[6:]), True, True).Status)
+
+
+def _wait(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_streamed_file_of_an_instance_cut_off_is_removed(tmp_path: Path) -> None:
+    """The spool file exists while the data set streams in (header decided from the first fragments);
+    when the association drops or is aborted mid-instance the file goes and no row is written."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, 256, 256)
+    body = dataset_bytes(_saved(ds, tmp_path / "i.dcm").read_bytes())
+    sop = str(ds.SOPInstanceUID)
+    cx = [(1, CTImageStorage, [ExplicitVRLittleEndian])]
+    s = _scp(tmp_path / "scp", max_pdu=4096)
+    try:
+        for ending in (b"", pdu.encode_abort(0, 0)):
+            with associate(s, contexts=cx) as sock:
+                sock.sendall(p_data(pdv(1, _store_rq(sop), True)))
+                for i in range(0, len(body) // 2, 4000):
+                    sock.sendall(p_data(pdv(1, body[i : i + 4000], False, last=False)))
+                assert _wait(lambda: len(_spool_files(s)) == 1), "the file is not written while streaming"
+                assert f"{sop}." in _spool_files(s)[0].name
+                sock.sendall(ending)
+            assert _wait(lambda: not _spool_files(s)), "partial spool file left behind"
+            assert s.store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+        with associate(s, contexts=cx) as sock:
+            assert _store_fragmented(sock, sop, body, 2) == 0
+        [row] = s.store.query("SELECT * FROM instances")
+        assert _spool_files(s) == [s.spool.abspath(row["path"])]
+        assert dataset_bytes(s.spool.abspath(row["path"]).read_bytes()) == body
+    finally:
+        s.stop()
+
+
+def test_streamed_duplicate_leaves_no_extra_file_changed_bytes_kept(tmp_path: Path) -> None:
+    """Same SOP UID + same bytes streamed again: Success, no new row, the copy just written is removed.
+    Different bytes under the same UID: a second row and file. Pixel data cut short (noticed only at
+    the last fragment, after the file was opened) is refused 0xC210 and leaves nothing."""
+    ds = make_instance(generate_uid(), generate_uid(), 1, 128, 128)
+    body = dataset_bytes(_saved(ds, tmp_path / "a.dcm").read_bytes())
+    sop = str(ds.SOPInstanceUID)
+    changed = body[:-2] + bytes([body[-2] ^ 0xFF, body[-1]])
+    truncated_uid = generate_uid()
+    ds.SOPInstanceUID = truncated_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = truncated_uid
+    short = dataset_bytes(_saved(ds, tmp_path / "t.dcm").read_bytes())[:-1000]
+    ds.SOPInstanceUID = padded_uid = generate_uid()
+    ds.DataSetTrailingPadding = b"\0" * 64  # an element after Pixel Data: the tail is parsed at the end
+    padded = dataset_bytes(_saved(ds, tmp_path / "p.dcm").read_bytes())
+    cx = [(1, CTImageStorage, [ExplicitVRLittleEndian])]
+    s = _scp(tmp_path / "scp", max_pdu=4096)
+    try:
+        with associate(s, contexts=cx) as sock:
+            assert [_store_fragmented(sock, sop, body, i) for i in (1, 2, 3)] == [0, 0, 0]
+            assert len(_spool_files(s)) == 1
+            assert _store_fragmented(sock, sop, changed, 4) == 0
+            assert _store_fragmented(sock, truncated_uid, short, 5) == 0xC210
+            assert _store_fragmented(sock, padded_uid, padded, 6) == 0
+        rows = s.store.query("SELECT * FROM instances ORDER BY id")
+        assert [r["sop_instance_uid"] for r in rows] == [sop, sop, padded_uid]
+        assert "sop_uid_reused" in (rows[1]["flags"] or "")
+        assert _spool_files(s) == sorted(s.spool.abspath(r["path"]) for r in rows)
+        for r, sent in zip(rows, (body, changed, padded), strict=True):
+            data = s.spool.abspath(r["path"]).read_bytes()
+            assert dataset_bytes(data) == sent and hashlib.sha256(data).hexdigest() == r["sha256"]
     finally:
         s.stop()

@@ -232,3 +232,59 @@ def test_allowlist_matching() -> None:
     assert caller_allowed(cfg, "ANY", "10.0.0.1")
     assert not caller_allowed(cfg, "OTHER", "192.168.1.7")
     assert caller_allowed(DicomConfig(), "WHOEVER", "8.8.8.8")  # allowlist off
+
+
+def _outcome(fn):  # type: ignore[no-untyped-def]
+    from appliance.dicom.header import MalformedInstance
+
+    try:
+        return fn()
+    except MalformedInstance as bad:
+        return bad.status
+
+
+def test_streamed_header_decides_like_the_whole_data_set() -> None:
+    """Every bundled pydicom file (and truncated copies), split into growing prefixes as the stream
+    worker sees them: the early header + tail check gives the same header or status as parsing the
+    whole data set at once (``parse_header``), so streaming changes no C-STORE status."""
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_files
+
+    from appliance.dicom.header import (
+        NotStreamable,
+        check_tail,
+        parse_header,
+        parse_header_prefix,
+        tail_is_exact,
+    )
+    from tests.dicom_tools import file_dataset_offset, part10
+
+    streamed = 0
+    for f in get_testdata_files():
+        p = Path(f)
+        try:
+            ds = dcmread(p, force=True, stop_before_pixels=True)
+            ts = str(ds.file_meta.TransferSyntaxUID)
+            body = p.read_bytes()[file_dataset_offset(p) :]
+        except Exception:
+            continue
+        cls, uid = str(ds.get("SOPClassUID", "1.2.3")), str(ds.get("SOPInstanceUID", "1.2.4"))
+        for data_set in (body, body[: len(body) - 7]):
+            data = part10(cls, uid, ts, data_set)
+            whole = _outcome(lambda: parse_header(data, cls, uid, ts))  # noqa: B023
+            early, size = None, 4096
+            try:
+                while early is None and size < 2 * len(data):
+                    early = parse_header_prefix(data[:size], cls, uid, ts)
+                    size *= 2
+            except NotStreamable:
+                continue
+            if early is None:
+                continue
+            streamed += 1
+            if tail_is_exact(early, len(data), ts):
+                got = early.header
+            else:
+                got = _outcome(lambda: check_tail(data[early.pixel_offset :], ts) or early.header)  # noqa: B023
+            assert got == whole, (p.name, len(data_set), got, whole)
+    assert streamed > 50

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pydicom import dcmread
@@ -28,6 +29,8 @@ STATUS_UID_MISMATCH = 0xC212
 STATUS_CLASS_MISMATCH = 0xA900
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA = 0x7FE00010
+PREFIX_GIVE_UP = 1 << 20  # no Pixel Data in the first MiB: parse the whole data set at the end
 # Error Comment (LO, at most 64 characters) sent back with each failure status; the log has the detail.
 COMMENTS = {
     STATUS_UNREADABLE: "data set does not parse or an element is truncated",
@@ -75,38 +78,41 @@ def _data_set_offset(data: bytes | bytearray) -> int | None:
     return 144 + int.from_bytes(data[140:144], "little")
 
 
+def _plain_syntax(transfer_syntax: str | None) -> tuple[bool, bool] | None:
+    """(implicit VR, little endian) for a syntax whose data set is read as is; None for deflate/unknown."""
+    if not transfer_syntax:
+        return None
+    try:
+        ts = UID(transfer_syntax)
+        if ts.is_deflated:
+            return None
+        return ts.is_implicit_VR, ts.is_little_endian
+    except ValueError:
+        return None
+
+
 def _read(data: bytes | bytearray, transfer_syntax: str | None) -> Dataset:
     """The data set, raw. With the negotiated transfer syntax known (and not deflate) the data set is
     read directly, which skips re-parsing the file meta we wrote ourselves (half the cost)."""
     offset = _data_set_offset(data) if transfer_syntax else None
-    if offset is not None:
-        try:
-            ts = UID(transfer_syntax)
-            implicit, little, deflated = ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated
-        except ValueError:  # not a transfer syntax pydicom knows: let dcmread decide
-            deflated = True
-        if not deflated:
-            return read_dataset(io.BytesIO(memoryview(data)[offset:]), implicit, little)
+    plain = _plain_syntax(transfer_syntax)
+    if offset is not None and plain is not None:
+        return read_dataset(io.BytesIO(memoryview(data)[offset:]), *plain)
     return dcmread(io.BytesIO(data))
 
 
-def parse_header(
-    data: bytes | bytearray, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str | None = None
-) -> InstanceHeader:
-    """Parse the Part-10 bytes (our file meta + the data set exactly as received) and check them.
-
-    Values stay raw (pydicom converts lazily), so this costs one pass over the element headers;
-    pixel data is not decoded.
-    """
+def _parsed(read: Callable[[], Dataset]) -> Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = _read(data, transfer_syntax)
+            return read()
     except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError, OSError) as exc:
         raise MalformedInstance(STATUS_UNREADABLE, f"data set does not parse: {exc}") from exc
     except Exception as exc:  # pydicom raises many kinds on garbage; none may crash the server
         raise MalformedInstance(STATUS_UNREADABLE, f"data set does not parse: {type(exc).__name__}: {exc}") from exc
 
+
+def _check_complete(ds: Dataset) -> None:
     for elem in ds._dict.values():  # top-level elements, still raw: compare declared and actual length
         if (
             isinstance(elem, RawDataElement)
@@ -117,9 +123,113 @@ def parse_header(
             raise MalformedInstance(
                 STATUS_UNREADABLE, f"element {elem.tag} truncated: {len(elem.value)} of {elem.length} bytes"
             )
+
+
+def parse_header(
+    data: bytes | bytearray, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str | None = None
+) -> InstanceHeader:
+    """Parse the Part-10 bytes (our file meta + the data set exactly as received) and check them.
+
+    Values stay raw (pydicom converts lazily), so this costs one pass over the element headers;
+    pixel data is not decoded.
+    """
+    ds = _parsed(lambda: _read(data, transfer_syntax))
+    _check_complete(ds)
     if len(ds._dict) == 0:
         raise MalformedInstance(STATUS_UNREADABLE, "empty data set")
+    return _identify(ds, sop_class_uid, sop_instance_uid)
 
+
+class NotStreamable(Exception):
+    """The header cannot be decided from a prefix (deflate, unknown syntax, or it looks malformed):
+    the whole data set is parsed at the end instead, so the statuses stay those of ``parse_header``."""
+
+
+@dataclass(frozen=True)
+class EarlyHeader:
+    """The header read from a prefix that reached the top-level Pixel Data element."""
+
+    header: InstanceHeader
+    pixel_offset: int  # where the Pixel Data element starts in the Part-10 bytes
+    pixel_head: bytes  # its first (up to) 12 bytes: tag, VR, length
+
+
+def parse_header_prefix(
+    data: bytes | bytearray, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str
+) -> EarlyHeader | None:
+    """The header from the first bytes of an instance still arriving; None: more bytes are needed.
+
+    Decided only when the parse reaches the top-level Pixel Data element: every element before it is
+    then complete, and ``check_tail`` covers the rest once the last byte is in. Raises NotStreamable
+    when only the whole data set can decide (see there).
+    """
+    offset = _data_set_offset(data)
+    plain = _plain_syntax(transfer_syntax)
+    if offset is None or plain is None:
+        raise NotStreamable("no file meta or not a plain transfer syntax")
+    fp = io.BytesIO(memoryview(data)[offset:])
+    reached: list[bool] = []
+
+    def at_pixels(tag: int, vr: object, length: int) -> bool:
+        if tag == PIXEL_DATA:
+            reached.append(True)
+            return True
+        return False
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(fp, *plain, stop_when=at_pixels)
+    except Exception:  # a prefix may end anywhere: undecided, unless it is clearly not streamable
+        if len(data) - offset > PREFIX_GIVE_UP:
+            raise NotStreamable("prefix does not parse") from None
+        return None
+    if not reached:
+        if len(data) - offset > PREFIX_GIVE_UP:
+            raise NotStreamable("no Pixel Data element in the first bytes")
+        return None
+    try:
+        _check_complete(ds)
+        if len(ds._dict) == 0:
+            raise MalformedInstance(STATUS_UNREADABLE, "empty data set")
+        header = _identify(ds, sop_class_uid, sop_instance_uid)
+    except MalformedInstance as bad:
+        raise NotStreamable(str(bad)) from bad
+    pixel_offset = offset + fp.tell()
+    return EarlyHeader(header, pixel_offset, bytes(memoryview(data)[pixel_offset : pixel_offset + 12]))
+
+
+def tail_is_exact(early: EarlyHeader, total: int, transfer_syntax: str) -> bool:
+    """True when the Pixel Data element has a defined length and ends exactly at the last byte (the
+    usual uncompressed instance): then the whole data set parses like its prefix, nothing to re-read."""
+    plain = _plain_syntax(transfer_syntax)
+    head = early.pixel_head
+    if plain is None or len(head) < 8:
+        return False
+    implicit, little = plain
+    order = "little" if little else "big"
+    if implicit:
+        length, size = int.from_bytes(head[4:8], order), 8
+    elif head[4:6] in (b"OB", b"OW", b"UN", b"OV", b"OF", b"OD", b"OL") and len(head) >= 12:
+        length, size = int.from_bytes(head[8:12], order), 12
+    else:
+        return False
+    return length != UNDEFINED_LENGTH and early.pixel_offset + size + length == total
+
+
+def check_tail(tail: bytes | bytearray, transfer_syntax: str) -> None:
+    """The elements from Pixel Data to the end (``tail``) must parse and be complete, as in
+    ``parse_header``; raises MalformedInstance (0xC210) otherwise."""
+    plain = _plain_syntax(transfer_syntax)
+    if plain is None:
+        raise MalformedInstance(STATUS_UNREADABLE, "not a plain transfer syntax")
+    ds = _parsed(lambda: read_dataset(io.BytesIO(tail), *plain))
+    _check_complete(ds)
+    if len(ds._dict) == 0:  # pydicom drops every element when one runs past the end (no delimiter)
+        raise MalformedInstance(STATUS_UNREADABLE, "Pixel Data runs past the end of the data set")
+
+
+def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
     study_uid = _text(ds, "StudyInstanceUID")
     sop_uid = _text(ds, "SOPInstanceUID")
     sop_class = _text(ds, "SOPClassUID")

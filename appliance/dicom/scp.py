@@ -1,21 +1,26 @@
 """The C-ECHO / C-STORE SCP: the box's front door for modalities.
 
-Hot path of one C-STORE (in the association's thread): disk guard -> raw bytes (file meta + the data
-set exactly as received, never decoded into pixels or re-encoded) -> header check (see ``header``) ->
-spool file created and written (``spool``) -> its fsync and its directory's fsync on the flusher
-threads *while* the SQLite transaction (``records``, synchronous=FULL) commits -> 0x0000 once all three
-are durable. Any failure answers a failure status, so nothing is acknowledged that is not on disk;
-a row whose file never became durable is removed (now, or at startup: ``durability``).
+Hot path of one C-STORE: disk guard -> while the fragments arrive, a worker hashes them, reads the
+header from the prefix and writes the spool file (``StreamedInstance``; the data set exactly as
+received, never decoded or re-encoded) -> at the last fragment: tail check -> the file's fsync and its
+directory's fsync on the flusher threads *while* the SQLite transaction (``records``,
+synchronous=FULL) commits -> 0x0000 once all three are durable. An instance whose header cannot be
+decided early is filed from one buffer at the end (``store_instance``), same order. Any failure
+answers a failure status, so nothing is acknowledged that is not on disk; a row whose file never
+became durable is removed (now, or at startup: ``durability``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import ipaddress
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 from appliance.config import DicomConfig
@@ -23,7 +28,16 @@ from appliance.dicom import records
 from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.contexts import scp_contexts
 from appliance.dicom.durability import Watermark, verify_after, write_watermark
-from appliance.dicom.header import MalformedInstance, parse_header
+from appliance.dicom.header import (
+    EarlyHeader,
+    InstanceHeader,
+    MalformedInstance,
+    NotStreamable,
+    check_tail,
+    parse_header,
+    parse_header_prefix,
+    tail_is_exact,
+)
 from appliance.dicom.spool import Spool, fsync_dir
 from appliance.dicom.ul.dimse import Command
 from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
@@ -73,9 +87,10 @@ class StorageSCP:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _make_flusher(self) -> ThreadPoolExecutor:
-        """Per in-flight instance: its header parse (beside the handler's sha256), then its two flushes
-        (file, directory, beside the handler's commit)."""
-        return ThreadPoolExecutor(max_workers=2 * self.cfg.max_associations, thread_name_prefix="fsync")
+        """Per in-flight instance: its stream worker (header parse, sha256, spool writes while the
+        fragments arrive; or the header parse beside the handler's sha256), then its two flushes (file,
+        directory, beside the handler's commit): at most three tasks per association."""
+        return ThreadPoolExecutor(max_workers=3 * self.cfg.max_associations, thread_name_prefix="fsync")
 
     def recover(self) -> None:
         """Startup: rows above the durability watermark whose file is not intact were never
@@ -219,47 +234,62 @@ class StorageSCP:
         except Exception:
             log.exception("instance not stored: internal error", sop_uid=sop_uid)
             return STATUS_PROCESSING_FAILURE, "internal error"
+        self._stored(rec, header, len(data))
+        return STATUS_SUCCESS, None
+
+    def _stored(self, rec: records.Recorded, header: InstanceHeader, size: int) -> None:
+        """An instance is durable and recorded (both store paths end here, before the Success)."""
         if rec.uid_reused:
             log.warning(
                 "SOP Instance UID received again with different bytes; both kept",
-                sop_uid=sop_uid,
+                sop_uid=header.sop_instance_uid,
                 study_uid=header.study_uid,
                 instance_id=rec.instance_id,
             )
         if rec.new_revision and rec.new_revision > 1:
             log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
-        log.debug("instance stored", sop_uid=sop_uid, study_id=rec.study_id, bytes=len(data))
-        return STATUS_SUCCESS, None
+        log.debug("instance stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id, bytes=size)
+
+    def begin_instance(
+        self, assoc: Association, command: Command, transfer_syntax: str, prefix: bytes
+    ) -> StreamedInstance:
+        """A C-STORE's data set starts arriving (``ul.server``): file it while it streams in."""
+        return StreamedInstance(self, assoc, command, transfer_syntax, prefix)
 
     def _file_and_record(
         self, rel: str, data: bytes | bytearray, record: Callable[[Callable[[int], None]], records.Recorded]
     ) -> records.Recorded:
         """Write the spool file and commit its row with the three flushes overlapped; returns only
         when file, directory entry and row are all durable (else raises, and nothing is acked)."""
-        token = self.watermark.begin()
-        mark = lambda row_id: self.watermark.assign(token, row_id)  # noqa: E731
         try:
             fd, path = self.spool.create(rel, data)
         except FileExistsError:  # rare: leftover of an unacked attempt, or a concurrent twin
+            token = self.watermark.begin()
             try:
                 self.spool.write_durable(rel, data)  # file durable before the row: no overlap
-                return record(mark)
+                return record(lambda row_id: self.watermark.assign(token, row_id))
             finally:
                 self.watermark.done(token)
-        except BaseException:
-            self.watermark.abandon(token)
-            raise
         try:
-            flushes = [self._flusher.submit(os.fsync, fd), self._flusher.submit(fsync_dir, path.parent)]
-            try:
-                rec = record(mark)
-            except BaseException:
-                self.watermark.abandon(token)  # a row it may have committed stays above the watermark
-                raise
-            finally:
-                errors = [f.exception() for f in flushes]
+            return self._flush_and_record(fd, path, record)
         finally:
             os.close(fd)
+
+    def _flush_and_record(
+        self, fd: int, path: Path, record: Callable[[Callable[[int], None]], records.Recorded]
+    ) -> records.Recorded:
+        """fsync of the written file ``fd`` and of its directory on the flusher threads while ``record``
+        commits the row; returns when all three are durable. On a failed flush the committed row is
+        removed with the file, and the error raised (nothing is acked)."""
+        token = self.watermark.begin()
+        flushes = [self._flusher.submit(os.fsync, fd), self._flusher.submit(fsync_dir, path.parent)]
+        try:
+            rec = record(lambda row_id: self.watermark.assign(token, row_id))
+        except BaseException:
+            self.watermark.abandon(token)  # a row it may have committed stays above the watermark
+            raise
+        finally:
+            errors = [f.exception() for f in flushes]
         failed = next((e for e in errors if e is not None), None)
         if failed is not None:
             if not rec.duplicate:  # committed, but its file is not durable: never acknowledged
@@ -269,3 +299,227 @@ class StorageSCP:
             raise failed
         self.watermark.done(token)
         return rec
+
+
+def _libc_sync_file_range() -> Callable[[int, int, int], None]:
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing the pages to the disk
+    now, without waiting, so the final fsync finds most of them written. Linux only; else a no-op."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return lambda fd, offset, n: None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+    def start(fd: int, offset: int, n: int) -> None:
+        fn(fd, offset, n, 2)  # a failure here only loses the head start; fsync still decides
+
+    return start
+
+
+start_writeback = _libc_sync_file_range()
+_ABORT = object()  # stream worker: the data set will not be completed
+
+
+class StreamedInstance:
+    """One C-STORE whose data set is still arriving (``ul.server``'s instance sink).
+
+    A worker (the SCP's pool) takes the fragments as the association's thread reads them: it hashes
+    each (sha256 releases the GIL), tries the header as soon as the bytes up to Pixel Data are in
+    (``parse_header_prefix``), then creates the spool file under the study's directory and writes
+    every fragment into it. At the last fragment (``finish``) only the rest of the writes, the tail
+    check and the three overlapped flushes remain. Nothing is acknowledged before file, directory
+    entry and row are durable; an instance that never completes (``discard``) leaves no file. When
+    the header cannot be decided early (no Pixel Data, deflate, looks malformed) the fragments are
+    kept and the whole instance is filed at the end by ``StorageSCP.store_instance`` as before.
+    """
+
+    def __init__(self, scp: StorageSCP, assoc: Association, command: Command, transfer_syntax: str, prefix: bytes):
+        self.scp, self.assoc, self.command, self.transfer_syntax = scp, assoc, command, transfer_syntax
+        self.parts: list[bytes] = [prefix]  # not yet in the spool file
+        self.size = len(prefix)
+        self.sha256 = hashlib.sha256(prefix)
+        self.early: EarlyHeader | None = None
+        self.fd: int | None = None
+        self.rel = ""
+        self.path: Path | None = None
+        self.error: OSError | None = None
+        self.written = 0
+        self.given_up = False
+        self.keep = False  # a row may refer to the file: never remove it here
+        self.refusal: tuple[int, str] | None = None
+        self.worker: Future[bool] | None = None
+        free = scp.spool.free_bytes()
+        if free < scp.cfg.min_free_bytes:  # refused before anything is stored; the data set is drained
+            log.error(
+                "refusing instance: disk below floor",
+                sop_uid=command.sop_instance_uid,
+                free_bytes=free,
+                min_free_bytes=scp.cfg.min_free_bytes,
+            )
+            self.refusal = (STATUS_OUT_OF_RESOURCES, "disk space below the configured floor")
+            self.parts = []
+            return
+        self.queue: SimpleQueue[object] = SimpleQueue()
+        self.worker = scp._flusher.submit(self._run)
+
+    # --- the association's thread ----------------------------------------------------------------
+    def feed(self, chunk: bytes) -> None:
+        if self.worker is not None:
+            self.queue.put(chunk)
+
+    def discard(self) -> None:
+        """The data set will not complete (abort, dropped connection, oversize): remove what was written."""
+        if self.worker is not None:
+            self.queue.put(_ABORT)
+            try:
+                self.worker.result(timeout=30)
+            except Exception:
+                log.exception("stream worker failed", sop_uid=self.command.sop_instance_uid)
+        self._close()
+
+    def finish(self) -> tuple[int, str | None]:
+        """The last fragment is in: complete the filing; the C-STORE status and comment."""
+        if self.refusal is not None or self.worker is None:
+            return self.refusal or (STATUS_PROCESSING_FAILURE, "internal error")
+        self.queue.put(None)
+        sop_uid = self.command.sop_instance_uid
+        try:
+            self.worker.result()
+            if self.error is not None:
+                raise self.error
+            if self.fd is None:  # header not decided early: file the whole instance from one buffer
+                data = bytearray(b"".join(self.parts))
+                self.parts = []
+                return self.scp.store_instance(self.assoc, self.command, self.transfer_syntax, data)
+            return self._complete()
+        except OSError as exc:
+            log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
+            return STATUS_WRITE_FAILED, "could not write or record the instance"
+        except Exception:
+            log.exception("instance not stored: internal error", sop_uid=sop_uid)
+            return STATUS_PROCESSING_FAILURE, "internal error"
+        finally:
+            self._close()
+
+    def _complete(self) -> tuple[int, str | None]:
+        scp, early, fd, path = self.scp, self.early, self.fd, self.path
+        assert early is not None and fd is not None and path is not None
+        header = early.header
+        try:
+            if not tail_is_exact(early, self.size, self.transfer_syntax):
+                check_tail(os.pread(fd, self.size - early.pixel_offset, early.pixel_offset), self.transfer_syntax)
+        except MalformedInstance as bad:
+            log.warning(
+                "instance refused: malformed",
+                status=f"0x{bad.status:04X}",
+                reason=bad.reason,
+                sop_uid=header.sop_instance_uid,
+                calling_ae=self.assoc.calling_ae,
+            )
+            return bad.status, bad.comment
+        sha256 = self.sha256.hexdigest()
+        existing = records.find_instance(scp.store.conn, header.sop_instance_uid, sha256)
+        if existing is not None:
+            if not scp.spool.abspath(existing["path"]).exists():  # its file was lost: this copy replaces it
+                self._move_to(existing["path"])
+            log.info("duplicate acknowledged, not re-stored", sop_uid=header.sop_instance_uid,
+                     study_id=existing["study_id"])  # fmt: skip
+            return STATUS_SUCCESS, None
+        studies = scp._studies_of(self.assoc)
+
+        def record(on_row: Callable[[int], None]) -> records.Recorded:
+            return records.record_instance(
+                scp.store,
+                header,
+                rel_path=self.rel,
+                size=self.size,
+                sha256=sha256,
+                transfer_syntax=self.transfer_syntax,
+                calling_ae=self.assoc.calling_ae,
+                assoc_studies=studies,
+                on_row=on_row,
+            )
+
+        self.keep = True  # from here a committed row may name the file (a failed flush removes both)
+        rec = scp._flush_and_record(fd, path, record)
+        if rec.duplicate:  # a twin on another association committed first: its file is the one kept
+            self.keep = False
+            log.info("duplicate acknowledged, not re-stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id)
+            return STATUS_SUCCESS, None
+        scp._stored(rec, header, self.size)
+        return STATUS_SUCCESS, None
+
+    def _move_to(self, rel: str) -> None:
+        """Give this (identical) copy the recorded name of a row whose file is missing, durably."""
+        assert self.fd is not None and self.path is not None
+        target = self.scp.spool.abspath(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.fsync(self.fd)
+        os.replace(self.path, target)
+        fsync_dir(target.parent)
+        self.keep = True
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            if not self.keep and self.path is not None:
+                self.path.unlink(missing_ok=True)
+        self.parts = []
+
+    # --- the worker ----------------------------------------------------------------------------
+    def _run(self) -> bool:
+        """Take fragments until the end (True) or an abort (False)."""
+        next_try = 0
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return True
+            if item is _ABORT:
+                return False
+            assert isinstance(item, bytes)
+            self.sha256.update(item)
+            self.size += len(item)
+            if self.error is not None:
+                continue
+            if self.fd is not None:
+                self._write(item)
+                continue
+            self.parts.append(item)
+            if not self.given_up and self.size >= next_try:
+                next_try = 2 * self.size  # a header that is not in yet costs at most twice its parse
+                self._try_open()
+
+    def _try_open(self) -> None:
+        data = b"".join(self.parts)
+        try:
+            early = parse_header_prefix(
+                data, self.command.sop_class_uid, self.command.sop_instance_uid, self.transfer_syntax
+            )
+        except NotStreamable:
+            self.given_up = True
+            return
+        if early is None:
+            return
+        try:
+            self.fd, self.rel, self.path = self.scp.spool.open_new(
+                early.header.study_uid, early.header.sop_instance_uid
+            )
+        except OSError as exc:
+            self.error = exc
+            self.parts = []
+            return
+        self.early = early
+        self.parts = []
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        assert self.fd is not None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view) :]
+            start_writeback(self.fd, self.written, len(data))
+            self.written += len(data)
+        except OSError as exc:
+            self.error = exc

@@ -1,12 +1,14 @@
 """The spool: received instances as Part-10 files, written durably before anything is acknowledged.
 
-Layout: ``<spool>/<study_uid>/<sop_instance_uid>.<sha8>.dcm`` (names sanitised; ``sha8`` = first 8 hex
-digits of the file's sha256, so two different revisions of one SOP Instance UID never collide).
-Hot path (``create``): the final name is created directly with O_EXCL and written in one go; the
-caller then fsyncs the file and the directory concurrently with its SQLite commit (``durability``)
-and acknowledges only when all three are done. When the name already exists (a leftover of an
-unacknowledged attempt, or the same instance arriving on two associations at once) ``write_durable``
-is used instead: ``.tmp-*`` -> fsync -> rename over -> fsync directory, before the commit.
+Layout: ``<spool>/<study_uid>/<sop_instance_uid>.<tag8>.dcm`` (names sanitised). A streamed instance
+(``open_new``: the file is created while its fragments still arrive, before its hash is known) gets a
+random ``tag8`` and O_EXCL, so two revisions or two concurrent copies of one SOP Instance UID never
+collide; the database row (path, size, sha256) is what identifies it. An instance filed from one
+buffer (``create``) uses the first 8 hex digits of its sha256 as ``tag8``; when that name already
+exists (a leftover of an unacknowledged attempt, or a concurrent twin) ``write_durable`` is used
+instead: ``.tmp-*`` -> fsync -> rename over -> fsync directory, before the commit. Either way the
+caller fsyncs the file and the directory concurrently with its SQLite commit (``durability``) and
+acknowledges only when all three are done.
 A new study directory is made durable (fsync of the spool directory) before its first file.
 A file without a row was never acknowledged and is removed at startup (``sweep``).
 """
@@ -17,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import uuid
 from pathlib import Path
@@ -69,6 +72,20 @@ class Spool:
             directory.mkdir(parents=True, exist_ok=True)
             fsync_dir(self.root)
         return final, directory
+
+    def open_new(self, study_uid: str, sop_uid: str) -> tuple[int, str, Path]:
+        """Create a new, empty spool file for an instance still arriving: (fd open read-write, rel, path).
+
+        The caller writes it, then fsyncs it and its directory before acknowledging, or removes it.
+        """
+        base = f"{safe_component(study_uid)}/{safe_component(sop_uid)}"
+        while True:
+            rel = f"{base}.{secrets.token_hex(4)}.dcm"
+            final, _ = self._study_dir(rel)
+            try:
+                return os.open(final, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640), rel, final
+            except FileExistsError:  # 1 in 4 billion per revision of this UID: draw again
+                continue
 
     def create(self, rel: str, data: bytes | bytearray) -> tuple[int, Path]:
         """Create ``rel`` (must not exist) holding ``data``; returns the open fd, not yet fsynced.

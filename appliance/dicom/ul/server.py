@@ -55,6 +55,19 @@ class Services(Protocol):
         """An established association ended (released, or aborted / dropped / timed out)."""
 
 
+class InstanceSink(Protocol):
+    """A data set being filed while it arrives (optional ``Services.begin_instance`` returns one)."""
+
+    def feed(self, chunk: bytes) -> None:
+        """The next bytes of the data set, in order; the sink owns them."""
+
+    def finish(self) -> tuple[int, str | None]:
+        """The last fragment is in: (DIMSE status, error comment or None), once filed durably or not."""
+
+    def discard(self) -> None:
+        """The data set will never complete: leave nothing of it behind."""
+
+
 class PeerAborted(Exception):
     pass
 
@@ -104,7 +117,9 @@ class Association:
         self._command_buf = bytearray()
         self._command_ctx: int | None = None
         self._command: dimse.Command | None = None
-        self._data: bytearray | None = None
+        self._data: bytearray | None = None  # buffered mode: the whole instance (Part-10 bytes)
+        self._sink: InstanceSink | None = None  # streaming mode: the services file it as it arrives
+        self._received = 0  # bytes of the current instance (Part-10 prefix included)
         self._oversize = False  # the current data set passed max_instance_bytes: draining it
 
     # --- I/O ---------------------------------------------------------------------------------
@@ -176,6 +191,7 @@ class Association:
             log.exception("association failed; aborted", **self._who())
             self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
         finally:
+            self._drop_partial()
             with contextlib.suppress(OSError):
                 self._rfile.close()
                 self.sock.close()
@@ -185,6 +201,15 @@ class Association:
                     self.server.services.closed(self, aborted=not released)
                 except Exception:
                     log.exception("association close hook failed", **self._who())
+
+    def _drop_partial(self) -> None:
+        """A data set cut off by the association's end is discarded, with anything filed of it."""
+        sink, self._sink, self._data = self._sink, None, None
+        if sink is not None:
+            try:
+                sink.discard()
+            except Exception:
+                log.exception("could not discard a partial instance", **self._who())
 
     def _who(self) -> dict[str, str]:
         return {"calling_ae": self.calling_ae, "peer": self.peer_host}
@@ -290,37 +315,54 @@ class Association:
         elif command.field == dimse.C_STORE_RQ and command.has_data_set:
             self._command = command
             ts = self.contexts[ctx]
-            self._data = bytearray(dimse.part10_prefix(command.sop_class_uid, command.sop_instance_uid, ts))
+            prefix = dimse.part10_prefix(command.sop_class_uid, command.sop_instance_uid, ts)
+            self._received = len(prefix)
+            begin = getattr(self.server.services, "begin_instance", None)
+            if begin is not None:
+                self._sink = begin(self, command, ts, prefix)
+            else:
+                self._data = bytearray(prefix)
         else:
             raise dimse.CommandError(
                 f"unsupported DIMSE command 0x{command.field:04X} (data set: {command.has_data_set})"
             )
 
     def _data_fragment(self, ctx: int, size: int, last: bool) -> None:
-        data = self._data
-        if self._command is None or data is None or ctx != self._command_ctx:
+        data, sink = self._data, self._sink
+        if self._command is None or (data is None and sink is None) or ctx != self._command_ctx:
             raise pdu.PDUError("data set fragment without its command", pdu.REASON_UNEXPECTED_PARAMETER)
         limit = self.server.cfg.max_instance_bytes
-        if self._oversize or len(data) + size > limit:
+        if self._oversize or self._received + size > limit:
             # Too large to hold: drain the rest of the data set without keeping it, then refuse it.
             if not self._oversize:
                 self._oversize = True
-                del data[:]
+                if data is not None:
+                    del data[:]
+                if sink is not None:
+                    sink.discard()
             while size:
                 step = min(size, DATA_CHUNK)
                 self._read(step)
                 size -= step
+        elif sink is not None:
+            while size:  # each piece goes to the sink as it arrives, in bounded steps
+                step = min(size, DATA_CHUNK)
+                sink.feed(self._read(step))
+                self._received += step
+                size -= step
         else:
+            assert data is not None
             while size:  # straight from the socket into the instance buffer, in bounded steps
                 step = min(size, DATA_CHUNK)
                 start = len(data)
                 data.extend(bytes(step))
                 self._read_into(memoryview(data)[start:])
+                self._received += step
                 size -= step
         if not last:
             return
         command = self._command
-        self._command, self._command_ctx, self._data = None, None, None
+        self._command, self._command_ctx, self._data, self._sink = None, None, None, None
         if self._oversize:
             self._oversize = False
             log.warning(
@@ -332,7 +374,11 @@ class Association:
             self._respond(ctx, dimse.C_STORE_RSP, command, STATUS_OUT_OF_RESOURCES, "data set too large")
             return
         try:
-            status, comment = self.server.services.store_instance(self, command, self.contexts[ctx], data)
+            if sink is not None:
+                status, comment = sink.finish()
+            else:
+                assert data is not None
+                status, comment = self.server.services.store_instance(self, command, self.contexts[ctx], data)
         except Exception:
             log.exception("store handler failed", **self._who(), sop_uid=command.sop_instance_uid)
             status, comment = STATUS_PROCESSING_FAILURE, "internal error"
