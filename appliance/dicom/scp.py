@@ -16,6 +16,8 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from appliance.config import DicomConfig
@@ -23,7 +25,7 @@ from appliance.dicom import records
 from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.contexts import scp_contexts
 from appliance.dicom.durability import Watermark, verify_after, write_watermark
-from appliance.dicom.header import MalformedInstance, parse_header
+from appliance.dicom.header import InstanceHeader, MalformedInstance, parse_header
 from appliance.dicom.spool import Spool, fsync_dir
 from appliance.dicom.ul.dimse import Command
 from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
@@ -54,6 +56,16 @@ def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class StoredInstance:
+    """What ``StorageSCP.on_instance`` hooks get once an instance is durable (file, directory, row)."""
+
+    study_id: int
+    path: Path  # absolute spool path
+    sha256: str
+    header: InstanceHeader
+
+
 class StorageSCP:
     """Service: listens for associations (``ul.server``) and files every accepted instance durably."""
 
@@ -70,6 +82,9 @@ class StorageSCP:
         self.watermark_path = self.store.path.with_name("ingest.watermark")
         self.watermark = Watermark(self.watermark_path, 0)
         self._flusher = self._make_flusher()
+        # Called in the association thread after each new instance is durable, before its ACK is sent:
+        # a hook must only enqueue (e.g. the pipeline's early preparation); one that raises is logged.
+        self.on_instance: list[Callable[[StoredInstance], None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _make_flusher(self) -> ThreadPoolExecutor:
@@ -229,7 +244,16 @@ class StorageSCP:
         if rec.new_revision and rec.new_revision > 1:
             log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
         log.debug("instance stored", sop_uid=sop_uid, study_id=rec.study_id, bytes=len(data))
+        if self.on_instance and not rec.duplicate:
+            self._notify(StoredInstance(rec.study_id, self.spool.abspath(rel), sha256, header))
         return STATUS_SUCCESS, None
+
+    def _notify(self, inst: StoredInstance) -> None:
+        for hook in self.on_instance:
+            try:
+                hook(inst)
+            except Exception:  # a hook's failure must not turn a durable instance into a failure status
+                log.exception("instance hook failed", sop_uid=inst.header.sop_instance_uid)
 
     def _file_and_record(
         self, rel: str, data: bytes | bytearray, record: Callable[[Callable[[int], None]], records.Recorded]
