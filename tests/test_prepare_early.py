@@ -48,7 +48,7 @@ def box(home: Path):
     assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
     scp = StorageSCP(settings.dicom, store, Spool(settings.spool_dir), assembler)
     cache = PreparedCache(settings.pipeline.early_cache_mb * 2**20)
-    preparer = EarlyPreparer(settings, engines, cache)
+    preparer = EarlyPreparer(settings, engines, cache, lambda: scp.active_associations() > 0)
     scp.on_instance.append(preparer.submit)
     for s in (scp, assembler, preparer):
         s.start()
@@ -276,8 +276,9 @@ def test_worker_waits_for_an_image_being_prepared_and_queue_is_bounded(chest) ->
     assert cache.get(key, wait_s=5.0) is prep and time.monotonic() - t0 < 4.0
     failed = ("0" * 64, "b", "1")
     assert cache.claim(failed)
-    cache.finish(failed, None)  # preparation failed: a miss, and it can be claimed again
-    assert cache.get(failed, wait_s=1.0) is None and cache.claim(failed)
+    cache.finish(failed, None)  # preparation failed: a miss ...
+    assert cache.get(failed, wait_s=1.0) is None
+    assert not cache.claim(failed)  # ... which the worker prepared itself: the early thread does not redo it
 
     settings.pipeline.early_queue_size = 2
     preparer = EarlyPreparer(settings, engines, cache)  # not started: nothing takes the queue
@@ -286,3 +287,31 @@ def test_worker_waits_for_an_image_being_prepared_and_queue_is_bounded(chest) ->
     for _ in range(5):
         preparer.submit(inst)
     assert time.monotonic() - t0 < 0.5 and preparer.queue.qsize() == 2 and preparer.skipped == 3
+
+
+def test_preparation_waits_while_receiving_at_most_max_defer(chest) -> None:
+    settings, engines, manifest, path = chest
+    busy = threading.Event()
+    busy.set()
+    settings.pipeline.early_max_defer_s = 30.0
+    cache = PreparedCache(2**26)
+    preparer = EarlyPreparer(settings, engines, cache, busy.is_set)
+    preparer.start()
+    try:
+        preparer.submit(StoredInstance(1, path, "a" * 64, StoredInstanceHeader("DX")))
+        time.sleep(0.5)
+        assert len(cache) == 0  # an association is open: not yet
+        busy.clear()
+        deadline = time.monotonic() + 10
+        while len(cache) == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache_key("a" * 64, manifest) in cache
+        settings.pipeline.early_max_defer_s = 0.3  # a receiver that never goes idle delays it only so long
+        busy.set()
+        t0 = time.monotonic()
+        preparer.submit(StoredInstance(1, path, "b" * 64, StoredInstanceHeader("DX")))
+        while len(cache) == 1 and time.monotonic() - t0 < 10:
+            time.sleep(0.01)
+        assert cache_key("b" * 64, manifest) in cache and 0.25 < time.monotonic() - t0 < 5
+    finally:
+        preparer.stop()

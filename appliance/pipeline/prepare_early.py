@@ -3,7 +3,8 @@
 The receiver calls :meth:`EarlyPreparer.submit` for every new durable instance (``StorageSCP.on_instance``);
 it only enqueues. One or two threads take the queue in arrival order, route each image from its header
 (which active bundles take it) and run :func:`~appliance.pipeline.preprocess.prepare` for each, during the
-rest of the transfer and the assembler's quiet period, which are otherwise idle on the CPU. The results go to a
+assembler's quiet period, which is otherwise idle on the CPU (each waits until no association is open, at
+most ``early_max_defer_s``: decoding beside a transfer slowed it). The results go to a
 :class:`PreparedCache` keyed by (sha256 of the received bytes, bundle id, bundle version): other bytes or another
 bundle version is another key, so a cached entry can never be served for anything but the exact same input.
 
@@ -20,6 +21,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
@@ -38,6 +40,8 @@ log = get_logger(__name__)
 
 CacheKey = tuple[str, str, str]  # (sha256 of the instance's bytes, bundle id, bundle version)
 MANIFESTS_TTL_S = 2.0  # how long the list of active bundles is reused (a new version is a new key anyway)
+RECEIVING_POLL_S = 0.005  # how often a deferred preparation checks whether the receiver is still busy
+MISSED_KEPT = 1024  # keys the worker looked up in vain (and so prepared itself): not prepared again
 
 
 def cache_key(sha256: str, manifest: Manifest) -> CacheKey:
@@ -57,6 +61,7 @@ class PreparedCache:
         self.max_entry_bytes = int(max_entry_bytes) if max_entry_bytes is not None else max(1, self.max_bytes // 8)
         self._entries: OrderedDict[CacheKey, tuple[Prepared, int]] = OrderedDict()
         self._pending: dict[CacheKey, threading.Event] = {}
+        self._missed: OrderedDict[CacheKey, None] = OrderedDict()  # the worker prepared these itself
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -95,10 +100,11 @@ class PreparedCache:
         return key in self._entries
 
     def claim(self, key: CacheKey) -> bool:
-        """True when the caller should prepare ``key`` (neither cached nor being prepared); it must then
-        call :meth:`finish`, with the result or None."""
+        """True when the caller should prepare ``key`` (not cached, not being prepared, not already looked up
+        in vain: then the worker has prepared it itself); it must then call :meth:`finish`, with the result
+        or None."""
         with self._lock:
-            if key in self._entries or key in self._pending:
+            if key in self._entries or key in self._pending or key in self._missed:
                 return False
             self._pending[key] = threading.Event()
             return True
@@ -129,6 +135,9 @@ class PreparedCache:
                     return entry[0]
         with self._lock:
             self.misses += 1
+            self._missed[key] = None
+            while len(self._missed) > MISSED_KEPT:
+                self._missed.popitem(last=False)
         return None
 
 
@@ -137,12 +146,19 @@ class EarlyPreparer:
 
     name = "prepare-early"
 
-    def __init__(self, settings: Settings, bundles: BundleSource, cache: PreparedCache):
+    def __init__(
+        self,
+        settings: Settings,
+        bundles: BundleSource,
+        cache: PreparedCache,
+        receiving: Callable[[], bool] | None = None,
+    ):
         p = settings.pipeline
         self.settings = settings
         self.bundles = bundles
         self.cache = cache
-        self.queue: queue.Queue[StoredInstance] = queue.Queue(maxsize=p.early_queue_size)
+        self.receiving = receiving  # True while an association is open (the SCP's active_associations)
+        self.queue: queue.Queue[tuple[float, StoredInstance]] = queue.Queue(maxsize=p.early_queue_size)
         self.threads = p.early_prepare_threads
         self.skipped = 0  # arrivals not enqueued: the queue was full
         self.prepared = 0  # entries put in the cache
@@ -155,7 +171,7 @@ class EarlyPreparer:
     # -- the receiver's hook (association thread): enqueue only ------------------------------------------
     def submit(self, inst: StoredInstance) -> None:
         try:
-            self.queue.put_nowait(inst)
+            self.queue.put_nowait((time.monotonic(), inst))
         except queue.Full:
             self.skipped += 1  # the worker will prepare it
 
@@ -179,13 +195,23 @@ class EarlyPreparer:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                inst = self.queue.get(timeout=0.5)
+                arrived, inst = self.queue.get(timeout=0.5)
             except queue.Empty:
                 continue
+            self._wait_until_receiving_stops(arrived)
             try:
                 self.prepare_instance(inst)
             except Exception:  # never fatal: the worker prepares what is not cached
                 log.exception("early preparation failed", path=str(inst.path))
+
+    def _wait_until_receiving_stops(self, arrived: float) -> None:
+        """Decoding beside an association slowed the transfer (2 cores, one GIL: mammogram receive 195 ->
+        360 ms): start once no association is open, or ``early_max_defer_s`` after the image arrived."""
+        if self.receiving is None:
+            return
+        until = arrived + self.settings.pipeline.early_max_defer_s
+        while not self._stop.is_set() and self.receiving() and time.monotonic() < until:
+            self._stop.wait(RECEIVING_POLL_S)
 
     # -- one instance -------------------------------------------------------------------------------------
     def active_manifests(self) -> list[Manifest]:
@@ -198,27 +224,26 @@ class EarlyPreparer:
 
     def prepare_instance(self, inst: StoredInstance) -> int:
         """Prepare one arrived instance for every active bundle that takes it; returns the entries cached."""
-        todo = [
-            (m, cache_key(inst.sha256, m))
+        claimed = [
+            (m, key)
             for m in self.active_manifests()
             if modality_applies(m, inst.header.modality)  # from the receiver's header: no file read
+            and self.cache.claim(key := cache_key(inst.sha256, m))
         ]
-        todo = [(m, key) for m, key in todo if key not in self.cache]
-        if not todo:
+        if not claimed:
             return 0
+        p = self.settings.pipeline
+        done = 0
+        ds = None
         try:
             ds = dcmread(inst.path)
         except Exception as exc:  # the worker reports unreadable files
             log.debug("early preparation: unreadable", path=str(inst.path), error=str(exc))
-            return 0
-        p = self.settings.pipeline
-        done = 0
-        for m, key in todo:
-            if not image_matches(m, ds) or not self.cache.claim(key):
-                continue
+        for m, key in claimed:
             prep: Prepared | None = None
             try:
-                prep = prepare(ds, m.input.preprocessing, p.max_pixels, p.min_image_size)
+                if ds is not None and image_matches(m, ds):
+                    prep = prepare(ds, m.input.preprocessing, p.max_pixels, p.min_image_size)
             except NotProcessable:
                 pass  # the worker records the reason
             finally:

@@ -36,7 +36,8 @@ def build_pipeline_services(
     cache = None
     if p.early_prepare and scp is not None and hasattr(scp, "on_instance"):
         cache = PreparedCache(p.early_cache_mb * 2**20)
-        preparer = EarlyPreparer(settings, source, cache)
+        receiving = getattr(scp, "active_associations", None)
+        preparer = EarlyPreparer(settings, source, cache, (lambda: receiving() > 0) if receiving else None)
         scp.on_instance.append(preparer.submit)
         early.append(preparer)
     worker = PipelineWorker(
