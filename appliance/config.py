@@ -128,6 +128,12 @@ class PipelineConfig(Section):
     export_batch: int = Field(default=64, ge=1, description="objects sent per association")
     poll_s: float = Field(default=1.0, gt=0, description="how often the worker/exporter look for work")
     routes: list[RouteRule] = Field(default_factory=list)
+    early_prepare: bool = Field(default=True, description="prepare each image as it arrives (daemon)")
+    early_prepare_threads: int = Field(default=1, ge=1, le=2, description="threads preparing arriving images")
+    early_cache_mb: int = Field(default=64, ge=1, description="memory cap of the prepared-image cache")
+    early_queue_size: int = Field(default=512, ge=1, description="arrived images waiting; beyond it: skipped")
+    early_wait_s: float = Field(default=2.0, ge=0, description="worker waits this long for one in preparation")
+    early_max_defer_s: float = Field(default=1.0, ge=0, description="wait (at most) for receiving to stop")
 
 
 class CloudConfig(Section):

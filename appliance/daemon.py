@@ -53,7 +53,8 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
     # the shipped reference bundles are installed on first run (engines.install_reference_bundles).
     engines = ActiveEngines(settings, install_reference=True) if settings.pipeline.enabled else None
     # Pipeline: woken by assembler.on_complete (called with the study row id after `complete` commits).
-    services: list[Service] = [scp, assembler, *build_pipeline_services(settings, store, assembler, engines)]
+    # Early preparation: scp.on_instance enqueues each arriving image, prepared during the quiet period.
+    services: list[Service] = [scp, assembler, *build_pipeline_services(settings, store, assembler, engines, scp)]
     if settings.cloud.enabled:
         from appliance.cloud.agent import CloudAgent
         from appliance.pipeline.cloud_link import agent_hooks

@@ -19,6 +19,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -68,6 +69,16 @@ def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class StoredInstance:
+    """What ``StorageSCP.on_instance`` hooks get once an instance is durable (file, directory, row)."""
+
+    study_id: int
+    path: Path  # absolute spool path
+    sha256: str
+    header: InstanceHeader
+
+
 class StorageSCP:
     """Service: listens for associations (``ul.server``) and files every accepted instance durably."""
 
@@ -84,6 +95,9 @@ class StorageSCP:
         self.watermark_path = self.store.path.with_name("ingest.watermark")
         self.watermark = Watermark(self.watermark_path, 0)
         self._flusher = self._make_flusher()
+        # Called in the association thread after each new instance is durable, before its ACK is sent:
+        # a hook must only enqueue (e.g. the pipeline's early preparation); one that raises is logged.
+        self.on_instance: list[Callable[[StoredInstance], None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------------
     def _make_flusher(self) -> ThreadPoolExecutor:
@@ -234,11 +248,12 @@ class StorageSCP:
         except Exception:
             log.exception("instance not stored: internal error", sop_uid=sop_uid)
             return STATUS_PROCESSING_FAILURE, "internal error"
-        self._stored(rec, header, len(data))
+        self._stored(rec, header, len(data), rel, sha256)
         return STATUS_SUCCESS, None
 
-    def _stored(self, rec: records.Recorded, header: InstanceHeader, size: int) -> None:
-        """An instance is durable and recorded (both store paths end here, before the Success)."""
+    def _stored(self, rec: records.Recorded, header: InstanceHeader, size: int, rel: str, sha256: str) -> None:
+        """An instance is durable and recorded (both store paths end here, before the Success); the
+        ``on_instance`` hooks hear of each new one here (they must only enqueue: the ack waits)."""
         if rec.uid_reused:
             log.warning(
                 "SOP Instance UID received again with different bytes; both kept",
@@ -249,12 +264,21 @@ class StorageSCP:
         if rec.new_revision and rec.new_revision > 1:
             log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
         log.debug("instance stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id, bytes=size)
+        if self.on_instance and not rec.duplicate:
+            self._notify(StoredInstance(rec.study_id, self.spool.abspath(rel), sha256, header))
 
     def begin_instance(
         self, assoc: Association, command: Command, transfer_syntax: str, prefix: bytes
     ) -> StreamedInstance:
         """A C-STORE's data set starts arriving (``ul.server``): file it while it streams in."""
         return StreamedInstance(self, assoc, command, transfer_syntax, prefix)
+
+    def _notify(self, inst: StoredInstance) -> None:
+        for hook in self.on_instance:
+            try:
+                hook(inst)
+            except Exception:  # a hook's failure must not turn a durable instance into a failure status
+                log.exception("instance hook failed", sop_uid=inst.header.sop_instance_uid)
 
     def _file_and_record(
         self, rel: str, data: bytes | bytearray, record: Callable[[Callable[[int], None]], records.Recorded]
@@ -446,7 +470,7 @@ class StreamedInstance:
             self.keep = False
             log.info("duplicate acknowledged, not re-stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id)
             return STATUS_SUCCESS, None
-        scp._stored(rec, header, self.size)
+        scp._stored(rec, header, self.size, self.rel, sha256)
         return STATUS_SUCCESS, None
 
     def _move_to(self, rel: str) -> None:

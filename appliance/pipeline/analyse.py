@@ -20,11 +20,12 @@ from appliance.logs import get_logger
 from appliance.pipeline.postprocess import ImageResult, StudyResult, image_findings, laterality, study_result, view_of
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
 from appliance.pipeline.router import Route
-from engines.manifest import Manifest
+from engines.manifest import Manifest, Preprocessing
 
 log = get_logger(__name__)
 
 InferFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+CachedFn = Callable[[Dataset], "Prepared | None"]  # an image already prepared for the bundle, or None
 _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
 PATIENT_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate")
 
@@ -42,10 +43,25 @@ def patient_fields(ds: Dataset) -> dict[str, str]:
     return {name: str(ds.get(name, "") or "") for name in PATIENT_FIELDS}
 
 
+def _prepared(ds: Dataset, spec: Preprocessing, max_pixels: int, min_size: int, cached: CachedFn | None) -> Prepared:
+    hit = cached(ds) if cached is not None else None
+    return hit if hit is not None else prepare(ds, spec, max_pixels, min_size)
+
+
 def analyse(
-    datasets: list[Dataset], manifest: Manifest, infer: InferFn, max_batch: int, max_pixels: int, min_size: int = 16
+    datasets: list[Dataset],
+    manifest: Manifest,
+    infer: InferFn,
+    max_batch: int,
+    max_pixels: int,
+    min_size: int = 16,
+    cached: CachedFn | None = None,
 ) -> Analysis:
-    """Run one bundle on one study's images. Raises NotProcessable if no image can be used."""
+    """Run one bundle on one study's images. Raises NotProcessable if no image can be used.
+
+    ``cached(ds)`` may return the image already prepared for this bundle (``prepare_early``); the others are
+    prepared here. ``prepare`` is deterministic, so the result is the same either way.
+    """
     if not datasets:
         raise NotProcessable("no images in the study")
     spec = manifest.input
@@ -53,7 +69,7 @@ def analyse(
     usable: list[tuple[Dataset, Prepared]] = []
     skipped: list[tuple[str, str]] = []
     # images are prepared concurrently: decoders (openjpeg via Pillow, gdcm) and numpy release the GIL
-    futures = [_POOL.submit(prepare, ds, spec.preprocessing, max_pixels, min_size) for ds in datasets]
+    futures = [_POOL.submit(_prepared, ds, spec.preprocessing, max_pixels, min_size, cached) for ds in datasets]
     for ds, fut in zip(datasets, futures, strict=True):
         try:
             usable.append((ds, fut.result()))
@@ -111,8 +127,7 @@ def analyse(
     )
 
 
-def analyse_route(r: Route, cfg: PipelineConfig) -> Analysis:
+def analyse_route(r: Route, cfg: PipelineConfig, cached: CachedFn | None = None) -> Analysis:
     """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits."""
-    return analyse(
-        r.images, r.manifest, r.engine.infer, getattr(r.engine, "max_batch", 1) or 1, cfg.max_pixels, cfg.min_image_size
-    )
+    max_batch = getattr(r.engine, "max_batch", 1) or 1
+    return analyse(r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached)

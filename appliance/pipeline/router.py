@@ -24,9 +24,14 @@ def _tag(ds: Dataset, name: str) -> str:
     return str(ds.get(name, "") or "").strip().upper()
 
 
+def modality_applies(manifest: Manifest, modality: str | None) -> bool:
+    """The first check of :func:`image_matches`, from the modality alone (the receiver's header)."""
+    return (modality or "").strip().upper() in _norm(manifest.applies_to.modalities)
+
+
 def image_matches(manifest: Manifest, ds: Dataset) -> bool:
     a = manifest.applies_to
-    if _tag(ds, "Modality") not in _norm(a.modalities):
+    if not modality_applies(manifest, _tag(ds, "Modality")):
         return False
     if a.body_parts and _tag(ds, "BodyPartExamined") not in _norm(a.body_parts):
         return False

@@ -1,4 +1,5 @@
-"""The pipeline's daemon services: the inference worker and the exporter, wired to the study assembler."""
+"""The pipeline's daemon services: early preparation, the inference worker and the exporter, wired to the
+receiver and the study assembler."""
 
 from __future__ import annotations
 
@@ -7,23 +8,41 @@ from typing import Any
 from appliance.config import Settings
 from appliance.models import ActiveEngines
 from appliance.pipeline.export import Exporter
+from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.worker import BundleSource, PipelineWorker
 from appliance.store import Store
 
 
 def build_pipeline_services(
-    settings: Settings, store: Store, assembler: Any | None = None, bundles: BundleSource | None = None
+    settings: Settings,
+    store: Store,
+    assembler: Any | None = None,
+    bundles: BundleSource | None = None,
+    scp: Any | None = None,
 ) -> list[Any]:
-    """[exporter, worker] in start order; the assembler's on_complete wakes the worker at once, and the
-    worker hands each study's SR to the exporter (``send_now``) before it renders the SCs.
+    """[exporter, early preparer, worker] in start order; the assembler's on_complete wakes the worker at
+    once, and the worker hands each study's SR to the exporter (``send_now``) before it renders the SCs.
 
+    With ``scp`` (and ``pipeline.early_prepare``) every arriving instance is prepared for its bundles while the
+    study is still arriving (``prepare_early``); the worker takes those from the shared cache.
     ``bundles`` defaults to the registry's active bundles (reference bundles installed on first run).
     """
-    if not settings.pipeline.enabled:
+    p = settings.pipeline
+    if not p.enabled:
         return []
     exporter = Exporter(settings, store)
     source = bundles if bundles is not None else ActiveEngines(settings, install_reference=True)
-    worker = PipelineWorker(settings, store, source, on_results=exporter.wake, on_sr_queued=exporter.send_now)
+    early: list[Any] = []
+    cache = None
+    if p.early_prepare and scp is not None and hasattr(scp, "on_instance"):
+        cache = PreparedCache(p.early_cache_mb * 2**20)
+        receiving = getattr(scp, "active_associations", None)
+        preparer = EarlyPreparer(settings, source, cache, (lambda: receiving() > 0) if receiving else None)
+        scp.on_instance.append(preparer.submit)
+        early.append(preparer)
+    worker = PipelineWorker(
+        settings, store, source, on_results=exporter.wake, on_sr_queued=exporter.send_now, prepared=cache
+    )
     if assembler is not None and hasattr(assembler, "on_complete"):
         assembler.on_complete.append(lambda _study_id: worker.wake())
-    return [exporter, worker]
+    return [exporter, *early, worker]

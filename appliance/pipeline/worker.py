@@ -27,9 +27,10 @@ from pydicom.dataset import Dataset
 from appliance.config import Settings
 from appliance.dicom.records import study_instances
 from appliance.logs import get_logger
-from appliance.pipeline.analyse import analyse_route
+from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.export import mark_if_exported
-from appliance.pipeline.preprocess import NotProcessable
+from appliance.pipeline.prepare_early import PreparedCache, cache_key
+from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.results import save_results
 from appliance.pipeline.router import describe, route
 from appliance.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store
@@ -54,19 +55,21 @@ class StaticBundles:
         return list(self.bundles)
 
 
-def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[Dataset], list[str]]:
-    """The whole study as of this revision (newest copy of each SOP instance), in arrival order.
+def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[Dataset], list[str], list[str]]:
+    """The whole study as of this revision (newest copy of each SOP instance), in arrival order: the
+    datasets, their sha256 (same order) and the problems.
 
     Unreadable files are reported, not fatal. A later revision (late instance) is therefore analysed
     with all of the study's images; per-image SC UIDs stay the same, the SR gets a new UID.
     """
-    datasets, problems = [], []
+    datasets, shas, problems = [], [], []
     for inst in study_instances(store, spool_dir, study_id, cumulative=True):
         try:
             datasets.append(dcmread(inst.path))
+            shas.append(inst.sha256)
         except Exception as exc:  # corrupt or missing spool file
             problems.append(f"{inst.sop_instance_uid}: unreadable ({exc})")
-    return datasets, problems
+    return datasets, shas, problems
 
 
 class PipelineWorker:
@@ -81,12 +84,14 @@ class PipelineWorker:
         bundles: BundleSource,
         on_results: Callable[[], None] | None = None,
         on_sr_queued: Callable[[], object] | None = None,
+        prepared: PreparedCache | None = None,
     ):
         self.settings = settings
         self.store = store
         self.bundles = bundles
         self.on_results = on_results  # results queued for export (the exporter's wake)
         self.on_sr_queued = on_sr_queued or on_results  # a study's SR queued, SCs not yet built
+        self.prepared = prepared  # images prepared as they arrived (prepare_early), keyed by sha256 + bundle
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -179,6 +184,25 @@ class PipelineWorker:
                     self._queued.discard(study_id)
 
     # -- one study -------------------------------------------------------------------------------------
+    def cached_lookup(
+        self, manifest: Manifest, images: list[Dataset], shas: list[str], hits: list[int]
+    ) -> CachedFn | None:
+        """Look an image up in the early-preparation cache by its sha256 and the bundle's id and version."""
+        cache = self.prepared
+        if cache is None:
+            return None
+        sha_of = {id(ds): sha for ds, sha in zip(images, shas, strict=True)}
+        wait_s = self.settings.pipeline.early_wait_s
+
+        def lookup(ds: Dataset) -> Prepared | None:
+            sha = sha_of.get(id(ds))
+            hit = cache.get(cache_key(sha, manifest), wait_s) if sha else None
+            if hit is not None:
+                hits.append(1)
+            return hit
+
+        return lookup
+
     def _set(self, study_id: int, state: str, detail: str | None) -> None:
         with self.store.transaction() as conn:
             self.store.set_study_state(conn, study_id, state, detail)
@@ -191,7 +215,7 @@ class PipelineWorker:
         study_uid, calling_ae = row[0]["study_uid"], row[0]["calling_ae"]
         self._set(study_id, INFERRING, None)
         t0 = time.perf_counter()
-        images, problems = load_instances(self.store, study_id, self.settings.spool_dir)
+        images, shas, problems = load_instances(self.store, study_id, self.settings.spool_dir)
         if not images:
             detail = "; ".join(problems) or "no instances recorded for the study"
             self._set(study_id, NOT_PROCESSABLE, detail[:2000])
@@ -208,7 +232,8 @@ class PipelineWorker:
         reasons: list[str] = list(problems)
         stored = 0
         for r in routes:
-            fut = self._pool.submit(analyse_route, r, p)
+            hits: list[int] = []
+            fut = self._pool.submit(analyse_route, r, p, self.cached_lookup(r.manifest, images, shas, hits))
             try:
                 analysis = fut.result(timeout=p.inference_timeout_s)
             except FutureTimeout:
@@ -229,6 +254,7 @@ class PipelineWorker:
                 log.exception("inference failed", study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
             analysis.timings["load"] = loaded
+            analysis.timings["early_prepared"] = float(len(hits))  # images taken from the cache (a count)
             save_results(
                 self.settings, self.store, study_id, analysis, r.manifest, set_state=False, on_queued=self.on_sr_queued
             )
