@@ -39,7 +39,7 @@ from appliance.dicom.header import (
     parse_header_prefix,
     tail_is_exact,
 )
-from appliance.dicom.spool import Spool, fsync_dir
+from appliance.dicom.spool import Spool, fsync_dir, write_all
 from appliance.dicom.ul.dimse import Command
 from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
 from appliance.logs import get_logger
@@ -67,6 +67,15 @@ def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
         if entry.host is None or addr in ipaddress.ip_network(entry.host, strict=False):
             return True
     return False
+
+
+def _not_stored(exc: Exception, sop_uid: str) -> tuple[int, str]:
+    """The failure status for an instance that could not be filed (nothing of it was acked)."""
+    if isinstance(exc, OSError):
+        log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
+        return STATUS_WRITE_FAILED, "could not write or record the instance"
+    log.error("instance not stored: internal error", sop_uid=sop_uid, exc_info=exc)
+    return STATUS_PROCESSING_FAILURE, "internal error"
 
 
 @dataclass(frozen=True)
@@ -242,12 +251,8 @@ class StorageSCP:
                 )
 
             rec = self._file_and_record(rel, data, record)
-        except OSError as exc:
-            log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
-            return STATUS_WRITE_FAILED, "could not write or record the instance"
-        except Exception:
-            log.exception("instance not stored: internal error", sop_uid=sop_uid)
-            return STATUS_PROCESSING_FAILURE, "internal error"
+        except Exception as exc:
+            return _not_stored(exc, sop_uid)
         self._stored(rec, header, len(data), rel, sha256)
         return STATUS_SUCCESS, None
 
@@ -416,12 +421,8 @@ class StreamedInstance:
                 self.parts = []
                 return self.scp.store_instance(self.assoc, self.command, self.transfer_syntax, data)
             return self._complete()
-        except OSError as exc:
-            log.error("instance not stored: write failed", sop_uid=sop_uid, error=str(exc))
-            return STATUS_WRITE_FAILED, "could not write or record the instance"
-        except Exception:
-            log.exception("instance not stored: internal error", sop_uid=sop_uid)
-            return STATUS_PROCESSING_FAILURE, "internal error"
+        except Exception as exc:
+            return _not_stored(exc, sop_uid)
         finally:
             self._close()
 
@@ -540,9 +541,7 @@ class StreamedInstance:
     def _write(self, data: bytes) -> None:
         assert self.fd is not None
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view) :]
+            write_all(self.fd, data)
             start_writeback(self.fd, self.written, len(data))
             self.written += len(data)
         except OSError as exc:

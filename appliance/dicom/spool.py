@@ -41,6 +41,13 @@ def safe_component(uid: str) -> str:
     return clean
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """os.write until every byte is written (a short write is legal)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -96,10 +103,7 @@ class Spool:
         final, _ = self._study_dir(rel)
         fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write_all(fd, data)
         except BaseException:
             os.close(fd)
             final.unlink(missing_ok=True)
@@ -112,10 +116,7 @@ class Spool:
         tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
