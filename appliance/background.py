@@ -57,10 +57,10 @@ class BackgroundLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # a wake from now on asks for another pass
             try:
                 delay = self._step()
             except Exception:
                 log.exception("background pass failed; will retry", loop=self.name)
                 delay = self.error_delay_s
             self._wake.wait(self.interval_s if delay is None else delay)
-            self._wake.clear()

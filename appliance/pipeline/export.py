@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
+from appliance.background import BackgroundLoop
 from appliance.config import PacsDestination, Settings
 from appliance.logs import get_logger
 from appliance.store import EXPORTED, INFERRED, Store, now
@@ -151,15 +152,15 @@ class Exporter:
     def __init__(self, settings: Settings, store: Store):
         self.settings = settings
         self.store = store
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = BackgroundLoop(
+            "export", self._pass, settings.pipeline.poll_s, join_timeout_s=settings.pipeline.export_timeout_s + 5
+        )
         self._passes = threading.Condition()
         self._started = 0  # passes begun
         self._finished = 0  # passes ended (numbers, in order: one thread)
 
     def wake(self) -> None:
-        self._wake.set()
+        self._loop.wake()
 
     def send_now(self, timeout: float = 1.0) -> bool:
         """Wake the exporter and wait (at most ``timeout``) until a pass that began after this call is over,
@@ -168,37 +169,29 @@ class Exporter:
         while the SR goes out. False on timeout (PACS slow or down): the caller just carries on."""
         with self._passes:
             target = self._started + 1
-        self._wake.set()
+        self._loop.wake()
         with self._passes:
             return self._passes.wait_for(lambda: self._finished >= target, timeout)
 
     def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="export", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.settings.pipeline.export_timeout_s + 5)
-            self._thread = None
+        self._loop.stop()
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.clear()  # a wake from now on asks for another pass
-            with self._passes:
-                self._started += 1
-                number = self._started
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("export pass failed")
+    def _pass(self) -> float:
+        with self._passes:
+            self._started += 1
+            number = self._started
+        try:
+            self.run_once()
+        except Exception:
+            log.exception("export pass failed")
+        finally:
             with self._passes:
                 self._finished = number
                 self._passes.notify_all()
-            if not self._wake.is_set():
-                self._wake.wait(self._sleep_s())
+        return self._sleep_s()
 
     def _sleep_s(self) -> float:
         row = self.store.query("SELECT MIN(next_attempt_at) AS t FROM exports WHERE state='pending'")
