@@ -80,6 +80,8 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
             intruder.disconnect()
         wait_for(lambda: set(ids) <= set(got), 30, "all 600 results after the cuts")
         wait_for(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, 20, "outbox drained")
+        # really cut and reconnected: the restart and each takeover cost the agent its connection
+        wait_for(lambda: agent.client.connects >= 3 and agent.status()["connected"], 20, "reconnected after the cuts")
     finally:
         agent.stop()
         sub.loop_stop()
