@@ -64,34 +64,20 @@ def save_golden(path: Path, inputs: dict[str, np.ndarray], outputs: dict[str, np
         np.savez_compressed(fh, **arrays)
 
 
+def _failed(name: str, atol: float, rtol: float, mismatched: int, total: int, note: str) -> OutputCheck:
+    """A check that cannot even be measured element-wise (shape, NaN/inf): failed, infinitely far off."""
+    return OutputCheck(name, False, atol, rtol, float("inf"), float("inf"), mismatched, total, note=note)
+
+
 def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputCheck:
     """Polygraphy-style element-wise comparison (fail only where |diff| > atol AND |diff|/|exp| > rtol)."""
     if actual.shape != expected.shape:
-        return OutputCheck(
-            name,
-            False,
-            atol,
-            rtol,
-            float("inf"),
-            float("inf"),
-            expected.size,
-            expected.size,
-            note=f"shape {actual.shape} != golden {expected.shape}",
-        )
+        note = f"shape {actual.shape} != golden {expected.shape}"
+        return _failed(name, atol, rtol, expected.size, expected.size, note)
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
     if not np.all(np.isfinite(a)):
-        return OutputCheck(
-            name,
-            False,
-            atol,
-            rtol,
-            float("inf"),
-            float("inf"),
-            int((~np.isfinite(a)).sum()),
-            a.size,
-            note="non-finite values",
-        )
+        return _failed(name, atol, rtol, int((~np.isfinite(a)).sum()), a.size, "non-finite values")
     diff = np.abs(a - e)
     rel = diff / np.maximum(np.abs(e), 1e-12)
     bad = (diff > atol) & (rel > rtol)
