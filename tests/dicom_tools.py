@@ -102,3 +102,8 @@ def file_dataset_offset(path: Path) -> int:
         read_preamble(f, False)
         _read_file_meta_info(f)
         return f.tell()
+
+
+def spool_data_files(spool_root: Path) -> list[Path]:
+    """Files in a spool that hold data: the empty ones are the reserve (``Spool.take``), not instances."""
+    return sorted(p for p in Path(spool_root).rglob("*") if p.is_file() and p.stat().st_size > 0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -13,7 +15,7 @@ from appliance.dicom.assembler import StudyAssembler
 from appliance.dicom.durability import Watermark, write_watermark
 from appliance.dicom.header import InstanceHeader
 from appliance.dicom.scp import StorageSCP, caller_allowed
-from appliance.dicom.spool import Spool, safe_component
+from appliance.dicom.spool import Spool, write_all
 from appliance.store import COMPLETE, RECEIVED, Store
 
 
@@ -25,12 +27,14 @@ def _record(store: Store, spool: Spool, h: InstanceHeader, data: bytes, assoc: s
     import hashlib
 
     sha = hashlib.sha256(data).hexdigest()
-    rel = spool.relpath(h.study_uid, h.sop_instance_uid, sha)
-    spool.write_durable(rel, data)
+    f = spool.take()
+    write_all(f.fd, data)
+    os.fsync(f.fd)
+    os.close(f.fd)
     return records.record_instance(
         store,
         h,
-        rel_path=rel,
+        rel_path=f.rel,
         size=len(data),
         sha256=sha,
         transfer_syntax=ExplicitVRLittleEndian,
@@ -92,14 +96,18 @@ def test_recover_resets_stuck_associations_and_sweeps_orphans(tmp_path: Path) ->
     store, spool = Store(tmp_path / "state.db"), Spool(tmp_path / "spool")
     assoc: set[int] = set()
     rec = _record(store, spool, _header("1.2.12"), b"kept", assoc)  # association never closed: a crash
-    orphan = spool.root / "1.2.12" / "never-recorded.dcm"
-    orphan.write_bytes(b"x")
-    tmp = spool.root / "1.2.12" / ".tmp-abc"
-    tmp.write_bytes(b"partial")
+    orphan = spool.take()  # written, never recorded: the crash came before its commit
+    write_all(orphan.fd, b"x")
+    os.close(orphan.fd)
+    unused = spool.take()  # a reserve file never handed out
+    os.close(unused.fd)
+    stray = spool.root / "20260101"
+    stray.mkdir()
+    (stray / "left.dcm").write_bytes(b"partial")
     scp = StorageSCP(DicomConfig(port=0), store, spool)
     scp.recover()
     assert store.query("SELECT assoc_open FROM studies")[0]["assoc_open"] == 0
-    assert not orphan.exists() and not tmp.exists()
+    assert not orphan.path.exists() and not unused.path.exists() and not stray.exists()
     assert [f.path.read_bytes() for f in records.study_instances(store, spool.root, rec.study_id)] == [b"kept"]
     assert StudyAssembler(store, 0.0).complete_due() == [rec.study_id]
 
@@ -133,13 +141,9 @@ def test_recover_drops_unacked_rows_whose_file_is_not_durable(tmp_path: Path) ->
         store.query("SELECT COUNT(*) AS n FROM study_events WHERE study_id NOT IN (SELECT id FROM studies)")[0]["n"]
         == 0
     )
-    assert not path_of_exists(spool, "1.2.22") and not path_of_exists(spool, "1.2.23")  # swept
+    kept = {spool.abspath(r["path"]) for r in store.query("SELECT path FROM instances")}
+    assert {p for p in spool.root.glob("*/*") if p.is_file()} == kept  # the dropped rows' files are swept
     assert Watermark.read(tmp_path / "ingest.watermark") == good.instance_id  # moved to the newest row
-
-
-def path_of_exists(spool: Spool, study: str) -> bool:
-    d = spool.root / safe_component(study)
-    return d.exists() and any(d.iterdir())
 
 
 def test_watermark_never_passes_a_row_still_flushing(tmp_path: Path) -> None:
@@ -177,13 +181,11 @@ def test_failed_file_fsync_undoes_the_committed_row(tmp_path: Path, monkeypatch)
     scp.recover()
     h, data = _header("1.2.30"), b"will not be durable"
     sha = hashlib.sha256(data).hexdigest()
-    rel = spool.relpath(h.study_uid, h.sop_instance_uid, sha)
+    spool._refill()  # reserve ready, so the failure hits the overlapped flush, not the file's creation
+    rows: list[str] = []
 
-    spool.abspath(rel).parent.mkdir(parents=True)  # so the failure hits the overlapped flush, not mkdir
-    rows: list[int] = []
-
-    def record(on_row):  # type: ignore[no-untyped-def]
-        rows.append(0)
+    def record(rel, on_row):  # type: ignore[no-untyped-def]
+        rows.append(rel)
         return records.record_instance(
             store, h, rel_path=rel, size=len(data), sha256=sha, transfer_syntax="1.2.840.10008.1.2.1",
             calling_ae="T", assoc_studies=set(), on_row=on_row,
@@ -194,13 +196,13 @@ def test_failed_file_fsync_undoes_the_committed_row(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr("appliance.dicom.scp.os.fsync", eio)
     with pytest.raises(OSError):
-        scp._file_and_record(rel, data, record)
+        scp._file_and_record(data, record)
     assert rows, "the row was committed beside the failing fsync"
     assert store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
     assert store.query("SELECT COUNT(*) AS n FROM studies")[0]["n"] == 0
-    assert not spool.abspath(rel).exists()
+    assert not spool.abspath(rows[0]).exists()
     monkeypatch.undo()
-    rec = scp._file_and_record(rel, data, record)  # the modality's retry succeeds
+    rec, rel = scp._file_and_record(data, record)  # the modality's retry succeeds
     assert spool.abspath(rel).read_bytes() == data and scp.watermark.current() == rec.instance_id
 
 
@@ -214,12 +216,30 @@ def test_duplicate_record_is_idempotent(tmp_path: Path) -> None:
     assert store.query("SELECT state FROM studies")[0]["state"] == RECEIVED
 
 
-def test_spool_names_are_safe() -> None:
-    assert safe_component("1.2.840.10008.1") == "1.2.840.10008.1"
-    for bad in ("../../etc/passwd", "..", ".", "", "a/b", "x\x00y", "1.2 3"):
-        name = safe_component(bad)
-        assert "/" not in name and "\x00" not in name and name not in ("", ".", "..") and not name.startswith(".")
-    assert safe_component("a/b") != safe_component("a_b")  # sanitised names stay distinct
+def test_spool_reserve_hands_out_fresh_durable_files_and_refills(tmp_path: Path) -> None:
+    """Files come ready from the reserve (created, directory fsynced) and are refilled in the
+    background; an empty reserve still works (inline creation); stop removes what was never used."""
+    spool = Spool(tmp_path / "spool", reserve_size=4)
+    first = spool.take()  # nothing reserved yet: made inline, same guarantee
+    assert spool.inline_creates == 1 and first.path.exists() and first.path.stat().st_size == 0
+    spool.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(spool._ready) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(spool._ready) == 4
+        taken = [spool.take() for _ in range(10)]  # beyond the reserve: refilled or made inline
+        names = {f.rel for f in [first, *taken]}
+        assert len(names) == 11  # never the same file twice
+        for f in taken:
+            assert f.path.parent.parent == spool.root and f.path.stat().st_size == 0
+            os.write(f.fd, b"data")
+            os.close(f.fd)
+    finally:
+        spool.stop()
+    os.close(first.fd)
+    left = {p for p in spool.root.glob("*/*")}
+    assert left == {first.path, *(f.path for f in taken)}  # unused reserve files removed at stop
 
 
 def test_allowlist_matching() -> None:

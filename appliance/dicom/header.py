@@ -10,7 +10,9 @@ pipeline's decision, not the receiver's. Nothing is ever acknowledged and then d
 
 from __future__ import annotations
 
+import functools
 import io
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,14 +62,28 @@ class InstanceHeader:
     flags: tuple[str, ...] = field(default=())
 
 
-def _text(ds, keyword: str) -> str | None:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a value that does not decode counts as missing
+# The identifying attributes, read from the raw element bytes: UI and CS values use the default
+# repertoire, so no character set, value conversion or validation is needed (pydicom's conversion
+# was most of the header's cost on the receive path).
+STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS, MODALITY = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016, 0x00080060
+_CONFORMANT_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _text(ds: Dataset, tag: int) -> str | None:
+    """The value of a top-level text element, trimmed of padding; None when absent or empty."""
+    elem = ds._dict.get(tag)
+    if elem is None:
         return None
+    value = elem.value
     if value is None:
         return None
-    text = str(value).strip().strip("\x00").strip()
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value).decode("latin-1")  # byte for byte: odd bytes survive to be flagged
+    elif isinstance(value, str):
+        text = value
+    else:  # not text at all (e.g. a sequence where a UID belongs): counts as missing
+        return None
+    text = text.strip().strip("\x00").strip()
     return text or None
 
 
@@ -78,6 +94,7 @@ def _data_set_offset(data: bytes | bytearray) -> int | None:
     return 144 + int.from_bytes(data[140:144], "little")
 
 
+@functools.lru_cache(maxsize=64)
 def _plain_syntax(transfer_syntax: str | None) -> tuple[bool, bool] | None:
     """(implicit VR, little endian) for a syntax whose data set is read as is; None for deflate/unknown."""
     if not transfer_syntax:
@@ -230,9 +247,9 @@ def check_tail(tail: bytes | bytearray, transfer_syntax: str) -> None:
 
 
 def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
-    study_uid = _text(ds, "StudyInstanceUID")
-    sop_uid = _text(ds, "SOPInstanceUID")
-    sop_class = _text(ds, "SOPClassUID")
+    study_uid = _text(ds, STUDY_UID)
+    sop_uid = _text(ds, SOP_UID)
+    sop_class = _text(ds, SOP_CLASS)
     if not study_uid:
         raise MalformedInstance(STATUS_MISSING_UID, "StudyInstanceUID missing or empty")
     if not sop_uid:
@@ -248,17 +265,17 @@ def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Instanc
     flags: list[str] = []
     if not sop_class:
         flags.append("no_sop_class_uid")
-    series_uid = _text(ds, "SeriesInstanceUID")
+    series_uid = _text(ds, SERIES_UID)
     if not series_uid:
         flags.append("no_series_uid")
     for name, uid in (("study", study_uid), ("series", series_uid), ("sop", sop_uid)):
-        if uid and (len(uid) > 64 or not all(c.isdigit() or c == "." for c in uid)):
+        if uid and not _CONFORMANT_UID.fullmatch(uid):
             flags.append(f"nonconformant_{name}_uid")
     return InstanceHeader(
         study_uid=study_uid,
         series_uid=series_uid,
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class_uid.strip(),
-        modality=_text(ds, "Modality"),
+        modality=_text(ds, MODALITY),
         flags=tuple(flags),
     )

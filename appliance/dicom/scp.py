@@ -1,14 +1,14 @@
 """The C-ECHO / C-STORE SCP: the box's front door for modalities.
 
 Hot path of one C-STORE: disk guard -> while the fragments arrive, a worker hashes them, reads the
-header from the prefix and writes the spool file (``StreamedInstance``; the data set exactly as
-received, never decoded or re-encoded) -> at the last fragment: tail check -> the file's fsync and its
-directory's fsync on the flusher threads *while* the SQLite transaction (``records``,
-synchronous=FULL) commits -> 0x0000 once all three are durable. An instance whose header cannot be
-decided early is filed from one buffer at the end (``store_instance``), same order. Any failure
-answers a failure status, so nothing is acknowledged that is not on disk; a row whose file never
-became durable is removed (now, or at startup: ``durability``).
-"""
+header from the prefix and writes them into a spool file taken from the reserve (``StreamedInstance``;
+the data set exactly as received, never decoded or re-encoded; the file's directory entry is already
+durable, see ``spool``) -> at the last fragment: tail check -> the file's fsync on a flusher thread
+*while* the SQLite transaction (``records``, synchronous=FULL) commits -> 0x0000 once both are
+durable. An instance whose header cannot be decided early is filed from one buffer at the end
+(``store_instance``), same order. Any failure answers a failure status, so nothing is acknowledged
+that is not on disk; a row whose file never became durable is removed (now, or at startup:
+``durability``)."""
 
 from __future__ import annotations
 
@@ -111,9 +111,9 @@ class StorageSCP:
     # --- lifecycle -------------------------------------------------------------------------------
     def _make_flusher(self) -> ThreadPoolExecutor:
         """Per in-flight instance: its stream worker (header parse, sha256, spool writes while the
-        fragments arrive; or the header parse beside the handler's sha256), then its two flushes (file,
-        directory, beside the handler's commit): at most three tasks per association."""
-        return ThreadPoolExecutor(max_workers=3 * self.cfg.max_associations, thread_name_prefix="fsync")
+        fragments arrive; or the header parse beside the handler's sha256), then its file fsync
+        (beside the handler's commit): at most two tasks per association."""
+        return ThreadPoolExecutor(max_workers=2 * self.cfg.max_associations, thread_name_prefix="fsync")
 
     def recover(self) -> None:
         """Startup: rows above the durability watermark whose file is not intact were never
@@ -150,6 +150,7 @@ class StorageSCP:
         )
         # The called AE title is not checked: modalities are often configured with a sloppy one.
         self._server = AssociationServer((cfg.bind, cfg.port), server_cfg, scp_contexts(cfg.accept_all_storage), self)
+        self.spool.start()
         self._server.start()
         self.watermark.start()
         host, port = self.address
@@ -173,6 +174,7 @@ class StorageSCP:
             return
         aborted = server.stop(self.cfg.shutdown_grace_s)
         self._flusher.shutdown(wait=True)
+        self.spool.stop()
         self.watermark.stop()
         self._server = None
         log.info("DICOM SCP stopped", aborted=aborted)
@@ -234,10 +236,9 @@ class StorageSCP:
             if existing is not None and self.spool.abspath(existing["path"]).exists():
                 log.info("duplicate acknowledged, not re-stored", sop_uid=sop_uid, study_id=existing["study_id"])
                 return STATUS_SUCCESS, None
-            rel = self.spool.relpath(header.study_uid, header.sop_instance_uid, sha256)
             assoc_studies = self._studies_of(assoc)
 
-            def record(on_row: Callable[[int], None]) -> records.Recorded:
+            def record(rel: str, on_row: Callable[[int], None]) -> records.Recorded:
                 return records.record_instance(
                     self.store,
                     header,
@@ -250,7 +251,7 @@ class StorageSCP:
                     on_row=on_row,
                 )
 
-            rec = self._file_and_record(rel, data, record)
+            rec, rel = self._file_and_record(data, record)
         except Exception as exc:
             return _not_stored(exc, sop_uid)
         self._stored(rec, header, len(data), rel, sha256)
@@ -286,40 +287,38 @@ class StorageSCP:
                 log.exception("instance hook failed", sop_uid=inst.header.sop_instance_uid)
 
     def _file_and_record(
-        self, rel: str, data: bytes | bytearray, record: Callable[[Callable[[int], None]], records.Recorded]
-    ) -> records.Recorded:
-        """Write the spool file and commit its row with the three flushes overlapped; returns only
-        when file, directory entry and row are all durable (else raises, and nothing is acked)."""
+        self, data: bytes | bytearray, record: Callable[[str, Callable[[int], None]], records.Recorded]
+    ) -> tuple[records.Recorded, str]:
+        """Write ``data`` into a reserved spool file and commit its row (``record(rel, on_row)``) with
+        the flushes overlapped; returns the row and the file's name only when both are durable (else
+        raises, the file is removed and nothing is acked)."""
+        f = self.spool.take()
         try:
-            fd, path = self.spool.create(rel, data)
-        except FileExistsError:  # rare: leftover of an unacked attempt, or a concurrent twin
-            token = self.watermark.begin()
-            try:
-                self.spool.write_durable(rel, data)  # file durable before the row: no overlap
-                return record(lambda row_id: self.watermark.assign(token, row_id))
-            finally:
-                self.watermark.done(token)
-        try:
-            return self._flush_and_record(fd, path, record)
-        finally:
-            os.close(fd)
+            write_all(f.fd, data)
+            rec = self._flush_and_record(f.fd, f.path, lambda on_row: record(f.rel, on_row))
+        except BaseException:
+            self.spool.discard(f)  # a committed row for it was already removed by _flush_and_record
+            raise
+        os.close(f.fd)
+        if rec.duplicate:  # a twin on another association committed first: its file is the one kept
+            f.path.unlink(missing_ok=True)
+        return rec, f.rel
 
     def _flush_and_record(
         self, fd: int, path: Path, record: Callable[[Callable[[int], None]], records.Recorded]
     ) -> records.Recorded:
-        """fsync of the written file ``fd`` and of its directory on the flusher threads while ``record``
-        commits the row; returns when all three are durable. On a failed flush the committed row is
-        removed with the file, and the error raised (nothing is acked)."""
+        """fsync of the written spool file ``fd`` on a flusher thread while ``record`` commits the row;
+        returns when both are durable (its directory entry already is: ``Spool.take``). On a failed
+        fsync the committed row is removed, and the error raised (nothing is acked)."""
         token = self.watermark.begin()
-        flushes = [self._flusher.submit(os.fsync, fd), self._flusher.submit(fsync_dir, path.parent)]
+        flushed = self._flusher.submit(os.fsync, fd)
         try:
             rec = record(lambda row_id: self.watermark.assign(token, row_id))
         except BaseException:
             self.watermark.abandon(token)  # a row it may have committed stays above the watermark
             raise
         finally:
-            errors = [f.exception() for f in flushes]
-        failed = next((e for e in errors if e is not None), None)
+            failed = flushed.exception()
         if failed is not None:
             if not rec.duplicate:  # committed, but its file is not durable: never acknowledged
                 records.forget_instance(self.store, rec.instance_id)
@@ -527,9 +526,8 @@ class StreamedInstance:
         if early is None:
             return
         try:
-            self.fd, self.rel, self.path = self.scp.spool.open_new(
-                early.header.study_uid, early.header.sop_instance_uid
-            )
+            f = self.scp.spool.take()
+            self.fd, self.rel, self.path = f.fd, f.rel, f.path
         except OSError as exc:
             self.error = exc
             self.parts = []

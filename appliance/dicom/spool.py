@@ -1,44 +1,39 @@
 """The spool: received instances as Part-10 files, written durably before anything is acknowledged.
 
-Layout: ``<spool>/<study_uid>/<sop_instance_uid>.<tag8>.dcm`` (names sanitised). A streamed instance
-(``open_new``: the file is created while its fragments still arrive, before its hash is known) gets a
-random ``tag8`` and O_EXCL, so two revisions or two concurrent copies of one SOP Instance UID never
-collide; the database row (path, size, sha256) is what identifies it. An instance filed from one
-buffer (``create``) uses the first 8 hex digits of its sha256 as ``tag8``; when that name already
-exists (a leftover of an unacknowledged attempt, or a concurrent twin) ``write_durable`` is used
-instead: ``.tmp-*`` -> fsync -> rename over -> fsync directory, before the commit. Either way the
-caller fsyncs the file and the directory concurrently with its SQLite commit (``durability``) and
-acknowledges only when all three are done.
-A new study directory is made durable (fsync of the spool directory) before its first file.
-A file without a row was never acknowledged and is removed at startup (``sweep``).
+Layout: ``<spool>/<YYYYMMDD>/<16 hex>.dcm`` (UTC day the file was made ready). The database row (path,
+size, sha256, study, SOP Instance UID) is what identifies a file; the name carries no meaning, so two
+revisions or two concurrent copies of one SOP Instance UID never collide.
+
+Files come from a small *reserve*: a background loop creates empty files ahead of need and fsyncs
+their directory once per batch, so a file handed out by :meth:`Spool.take` already has a durable
+directory entry. Receiving an instance then costs one write pass and one fsync of the file (beside
+the SQLite commit, see ``scp``), with no file creation and no directory fsync on the path to the
+acknowledgement (both cost more than the fsync itself under load, docs/PERFORMANCE.md). When the
+reserve is empty (a burst beyond it, or before the loop started) ``take`` creates the file and fsyncs
+its directory inline: slower, same guarantee.
+A file without a row was never acknowledged (or is an unused reserve file) and is removed at startup
+(``sweep``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import re
 import secrets
 import shutil
-import uuid
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.background import BackgroundLoop
 from appliance.logs import get_logger
 
 log = get_logger(__name__)
 
-_UNSAFE = re.compile(r"[^0-9A-Za-z._-]")
-TMP_PREFIX = ".tmp-"
-
-
-def safe_component(uid: str) -> str:
-    """A file-name-safe form of a UID; anything unusual gets a hash suffix so names stay distinct."""
-    clean = _UNSAFE.sub("_", uid)[:64]
-    if clean != uid or clean.startswith(".") or not clean:
-        digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-        clean = f"x{clean.lstrip('.')[:48]}_{digest}"
-    return clean
+RESERVE_SIZE = 32  # ready files; refilled when half are used
+RESERVE_IDLE_S = 60.0  # the loop also looks once a minute (e.g. a day directory to start)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -56,15 +51,26 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class SpoolFile:
+    """An empty spool file whose directory entry is durable, open read-write; the taker owns ``fd``."""
+
+    fd: int
+    rel: str
+    path: Path
+
+
 class Spool:
     """Owns the spool directory; paths stored in the database are relative to it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, reserve_size: int = RESERVE_SIZE):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-
-    def relpath(self, study_uid: str, sop_uid: str, sha256: str) -> str:
-        return f"{safe_component(study_uid)}/{safe_component(sop_uid)}.{sha256[:8]}.dcm"
+        self.reserve_size = reserve_size
+        self._ready: deque[SpoolFile] = deque()
+        self._make_lock = threading.Lock()  # one creator at a time: day directory and batch fsync
+        self._loop = BackgroundLoop("spool-reserve", self._refill, RESERVE_IDLE_S)
+        self.inline_creates = 0  # takes that found the reserve empty (see status / bench)
 
     def abspath(self, rel: str) -> Path:
         return self.root / rel
@@ -72,73 +78,90 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def _study_dir(self, rel: str) -> tuple[Path, Path]:
-        final = self.root / rel
-        directory = final.parent
-        if not directory.is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            fsync_dir(self.root)
-        return final, directory
+    # --- the reserve ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Keep the reserve filled in the background (after ``sweep``: it removes unused files)."""
+        self._loop.start()
 
-    def open_new(self, study_uid: str, sop_uid: str) -> tuple[int, str, Path]:
-        """Create a new, empty spool file for an instance still arriving: (fd open read-write, rel, path).
+    def stop(self) -> None:
+        """Stop refilling; close and remove the files still in reserve (never used, no row)."""
+        self._loop.stop()
+        while self._ready:
+            f = self._ready.popleft()
+            os.close(f.fd)
+            f.path.unlink(missing_ok=True)
 
-        The caller writes it, then fsyncs it and its directory before acknowledging, or removes it.
+    def take(self) -> SpoolFile:
+        """An empty file for one instance, its directory entry already durable.
+
+        The caller writes it, fsyncs it (the file only) before acknowledging, and closes it; on
+        failure it removes it (``discard``).
         """
-        base = f"{safe_component(study_uid)}/{safe_component(sop_uid)}"
-        while True:
-            rel = f"{base}.{secrets.token_hex(4)}.dcm"
-            final, _ = self._study_dir(rel)
+        try:
+            f = self._ready.popleft()
+        except IndexError:
+            self.inline_creates += 1
+            f = self._make(1)[0]
+        if len(self._ready) <= self.reserve_size // 2:
+            self._loop.wake()
+        return f
+
+    @staticmethod
+    def discard(f: SpoolFile) -> None:
+        os.close(f.fd)
+        f.path.unlink(missing_ok=True)
+
+    def _refill(self) -> None:
+        want = self.reserve_size - len(self._ready)
+        if want > 0:
+            self._ready.extend(self._make(want))
+
+    def _make(self, n: int) -> list[SpoolFile]:
+        """Create ``n`` empty files in today's directory and make their entries durable (one fsync)."""
+        with self._make_lock:
+            day = time.strftime("%Y%m%d", time.gmtime())
+            directory = self.root / day
+            if not directory.is_dir():
+                directory.mkdir(exist_ok=True)
+                fsync_dir(self.root)  # the day directory's own entry, before any file in it counts
+            made: list[SpoolFile] = []
             try:
-                return os.open(final, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640), rel, final
-            except FileExistsError:  # 1 in 4 billion per revision of this UID: draw again
-                continue
+                while len(made) < n:
+                    rel = f"{day}/{secrets.token_hex(8)}.dcm"
+                    try:
+                        fd = os.open(self.root / rel, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+                    except FileExistsError:  # 1 in 2**64: draw again
+                        continue
+                    made.append(SpoolFile(fd, rel, self.root / rel))
+                fsync_dir(directory)
+            except BaseException:
+                for f in made:
+                    self.discard(f)
+                raise
+            return made
 
-    def create(self, rel: str, data: bytes | bytearray) -> tuple[int, Path]:
-        """Create ``rel`` (must not exist) holding ``data``; returns the open fd, not yet fsynced.
-
-        Raises FileExistsError when the name is taken. The caller owns the fd: fsync it (and the
-        directory) before acknowledging, then close it.
-        """
-        final, _ = self._study_dir(rel)
-        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            write_all(fd, data)
-        except BaseException:
-            os.close(fd)
-            final.unlink(missing_ok=True)
-            raise
-        return fd, final
-
-    def write_durable(self, rel: str, data: bytes | bytearray) -> Path:
-        """Write ``data`` at ``rel`` so that it survives a power cut once this returns."""
-        final, directory = self._study_dir(rel)
-        tmp = directory / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, final)
-        fsync_dir(directory)
-        return final
-
+    # --- startup ---------------------------------------------------------------------------------
     def sweep(self, known: set[str]) -> int:
-        """Remove temp files and files no database row refers to (never acknowledged). Startup only."""
-        removed = 0
+        """Remove files no database row refers to: never acknowledged (removed, logged each) or unused
+        reserve files (empty, counted). Startup only, before ``start``; returns the files removed
+        that held data."""
+        removed = unused = 0
         for directory in self.root.iterdir():
             if not directory.is_dir():
                 continue
             for entry in directory.iterdir():
                 rel = f"{directory.name}/{entry.name}"
-                if entry.name.startswith(TMP_PREFIX) or (entry.is_file() and rel not in known):
-                    entry.unlink(missing_ok=True)
+                if rel in known or not entry.is_file():
+                    continue
+                empty = entry.stat().st_size == 0
+                entry.unlink(missing_ok=True)
+                if empty:
+                    unused += 1
+                else:
                     removed += 1
                     log.info("spool file without record removed", path=rel)
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only succeeds when empty
+        if unused:
+            log.debug("unused reserve files removed", count=unused)
         return removed
