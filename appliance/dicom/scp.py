@@ -12,6 +12,7 @@ that is not on disk; a row whose file never became durable is removed (now, or a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import ipaddress
@@ -305,13 +306,19 @@ class StorageSCP:
         return rec, f.rel
 
     def _flush_and_record(
-        self, fd: int, path: Path, record: Callable[[Callable[[int], None]], records.Recorded]
+        self,
+        fd: int,
+        path: Path,
+        record: Callable[[Callable[[int], None]], records.Recorded],
+        flushed: Future[Any] | None = None,
     ) -> records.Recorded:
-        """fsync of the written spool file ``fd`` on a flusher thread while ``record`` commits the row;
-        returns when both are durable (its directory entry already is: ``Spool.take``). On a failed
-        fsync the committed row is removed, and the error raised (nothing is acked)."""
+        """fsync of the written spool file ``fd`` (on a flusher thread, or ``flushed``: a future that
+        fsyncs it, already running) while ``record`` commits the row; returns when both are durable
+        (its directory entry already is: ``Spool.take``). On a failed fsync the committed row is
+        removed, and the error raised (nothing is acked)."""
         token = self.watermark.begin()
-        flushed = self._flusher.submit(os.fsync, fd)
+        if flushed is None:
+            flushed = self._flusher.submit(os.fsync, fd)
         try:
             rec = record(lambda row_id: self.watermark.assign(token, row_id))
         except BaseException:
@@ -375,7 +382,8 @@ class StreamedInstance:
         self.given_up = False
         self.keep = False  # a row may refer to the file: never remove it here
         self.refusal: tuple[int, str] | None = None
-        self.worker: Future[bool] | None = None
+        self.worker: Future[bool] | None = None  # done once the file is fsynced (or the data set abandoned)
+        self.settled = threading.Event()  # every fragment hashed and written (or an error noted)
         free = scp.spool.free_bytes()
         if free < scp.cfg.min_free_bytes:  # refused before anything is stored; the data set is drained
             log.error(
@@ -412,7 +420,9 @@ class StreamedInstance:
         self.queue.put(None)
         sop_uid = self.command.sop_instance_uid
         try:
-            self.worker.result()
+            self.settled.wait()
+            if self.worker.done() and self.worker.exception() is not None:
+                raise self.worker.exception()  # type: ignore[misc]
             if self.error is not None:
                 raise self.error
             if self.fd is None:  # header not decided early: file the whole instance from one buffer
@@ -465,7 +475,7 @@ class StreamedInstance:
             )
 
         self.keep = True  # from here a committed row may name the file (a failed flush removes both)
-        rec = scp._flush_and_record(fd, path, record)
+        rec = scp._flush_and_record(fd, path, record, flushed=self.worker)
         if rec.duplicate:  # a twin on another association committed first: its file is the one kept
             self.keep = False
             log.info("duplicate acknowledged, not re-stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id)
@@ -484,6 +494,9 @@ class StreamedInstance:
         self.keep = True
 
     def _close(self) -> None:
+        if self.worker is not None:  # its fsync may still run on the fd
+            with contextlib.suppress(Exception):
+                self.worker.result(timeout=30)
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
@@ -493,7 +506,18 @@ class StreamedInstance:
 
     # --- the worker ----------------------------------------------------------------------------
     def _run(self) -> bool:
-        """Take fragments until the end (True) or an abort (False)."""
+        """Take fragments until the end (True) or an abort (False). At the end the file is fsynced
+        here at once (this thread is awake and wrote the last bytes) while the handler, told by
+        ``settled``, checks the tail and commits the row: the two flushes overlap."""
+        try:
+            end = self._take_fragments()
+        finally:
+            self.settled.set()
+        if end and self.fd is not None and self.error is None:
+            os.fsync(self.fd)  # an error here fails the future: the instance is not acknowledged
+        return end
+
+    def _take_fragments(self) -> bool:
         next_try = 0
         while True:
             item = self.queue.get()
