@@ -184,25 +184,34 @@ def test_failed_file_fsync_undoes_the_committed_row(tmp_path: Path, monkeypatch)
     spool._refill()  # reserve ready, so the failure hits the overlapped flush, not the file's creation
     rows: list[str] = []
 
-    def record(rel, on_row):  # type: ignore[no-untyped-def]
-        rows.append(rel)
-        return records.record_instance(
-            store, h, rel_path=rel, size=len(data), sha256=sha, transfer_syntax="1.2.840.10008.1.2.1",
-            calling_ae="T", assoc_studies=set(), on_row=on_row,
-        )  # fmt: skip
+    def attempt() -> tuple[records.Recorded, str]:
+        f = spool.take()
+        write_all(f.fd, data)
+
+        def record(on_row):  # type: ignore[no-untyped-def]
+            rows.append(f.rel)
+            return records.record_instance(
+                store, h, rel_path=f.rel, size=len(data), sha256=sha, transfer_syntax="1.2.840.10008.1.2.1",
+                calling_ae="T", assoc_studies=set(), on_row=on_row,
+            )  # fmt: skip
+
+        try:
+            return scp._flush_and_record(f.fd, f.path, record), f.rel
+        finally:
+            os.close(f.fd)
 
     def eio(fd: int) -> None:
         raise OSError(errno.EIO, "simulated I/O error")
 
     monkeypatch.setattr("appliance.dicom.scp.os.fsync", eio)
     with pytest.raises(OSError):
-        scp._file_and_record(data, record)
+        attempt()
     assert rows, "the row was committed beside the failing fsync"
     assert store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
     assert store.query("SELECT COUNT(*) AS n FROM studies")[0]["n"] == 0
     assert not spool.abspath(rows[0]).exists()
     monkeypatch.undo()
-    rec, rel = scp._file_and_record(data, record)  # the modality's retry succeeds
+    rec, rel = attempt()  # the modality's retry succeeds
     assert spool.abspath(rel).read_bytes() == data and scp.watermark.current() == rec.instance_id
 
 

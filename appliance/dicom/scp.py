@@ -12,7 +12,6 @@ that is not on disk; a row whose file never became durable is removed (now, or a
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import ipaddress
@@ -40,7 +39,7 @@ from appliance.dicom.header import (
     parse_header_prefix,
     tail_is_exact,
 )
-from appliance.dicom.spool import Spool, fsync_dir, write_all
+from appliance.dicom.spool import Spool, SpoolFile, fsync_dir, read_all, write_all
 from appliance.dicom.ul.dimse import Command
 from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
 from appliance.logs import get_logger
@@ -201,66 +200,9 @@ class StorageSCP:
         with self._lock:
             return self._assoc_studies.setdefault(id(assoc), set())
 
-    def store_instance(
-        self, assoc: Association, command: Command, transfer_syntax: str, data: bytearray
-    ) -> tuple[int, str | None]:
-        """File one instance (``data``: Part-10 bytes, the data set exactly as received); returns the
-        C-STORE status and, for a failure, an error comment."""
-        calling = assoc.calling_ae
-        sop_uid = command.sop_instance_uid
-        try:
-            free = self.spool.free_bytes()
-            if free < self.cfg.min_free_bytes:
-                log.error(
-                    "refusing instance: disk below floor",
-                    sop_uid=sop_uid,
-                    free_bytes=free,
-                    min_free_bytes=self.cfg.min_free_bytes,
-                )
-                return STATUS_OUT_OF_RESOURCES, "disk space below the configured floor"
-            # The header parse (Python, holds the GIL) runs on a worker while this thread hashes (C,
-            # releases the GIL): the two overlap instead of adding up.
-            parsed = self._flusher.submit(parse_header, data, command.sop_class_uid, sop_uid, transfer_syntax)
-            sha256 = hashlib.sha256(data).hexdigest()
-            try:
-                header = parsed.result()
-            except MalformedInstance as bad:
-                log.warning(
-                    "instance refused: malformed",
-                    status=f"0x{bad.status:04X}",
-                    reason=bad.reason,
-                    sop_uid=sop_uid,
-                    calling_ae=calling,
-                )
-                return bad.status, bad.comment
-            existing = records.find_instance(self.store.conn, header.sop_instance_uid, sha256)
-            if existing is not None and self.spool.abspath(existing["path"]).exists():
-                log.info("duplicate acknowledged, not re-stored", sop_uid=sop_uid, study_id=existing["study_id"])
-                return STATUS_SUCCESS, None
-            assoc_studies = self._studies_of(assoc)
-
-            def record(rel: str, on_row: Callable[[int], None]) -> records.Recorded:
-                return records.record_instance(
-                    self.store,
-                    header,
-                    rel_path=rel,
-                    size=len(data),
-                    sha256=sha256,
-                    transfer_syntax=transfer_syntax,
-                    calling_ae=calling,
-                    assoc_studies=assoc_studies,
-                    on_row=on_row,
-                )
-
-            rec, rel = self._file_and_record(data, record)
-        except Exception as exc:
-            return _not_stored(exc, sop_uid)
-        self._stored(rec, header, len(data), rel, sha256)
-        return STATUS_SUCCESS, None
-
     def _stored(self, rec: records.Recorded, header: InstanceHeader, size: int, rel: str, sha256: str) -> None:
-        """An instance is durable and recorded (both store paths end here, before the Success); the
-        ``on_instance`` hooks hear of each new one here (they must only enqueue: the ack waits)."""
+        """An instance is durable and recorded (before the Success); the ``on_instance`` hooks hear
+        of each new one here (they must only enqueue: the ack waits)."""
         if rec.uid_reused:
             log.warning(
                 "SOP Instance UID received again with different bytes; both kept",
@@ -286,24 +228,6 @@ class StorageSCP:
                 hook(inst)
             except Exception:  # a hook's failure must not turn a durable instance into a failure status
                 log.exception("instance hook failed", sop_uid=inst.header.sop_instance_uid)
-
-    def _file_and_record(
-        self, data: bytes | bytearray, record: Callable[[str, Callable[[int], None]], records.Recorded]
-    ) -> tuple[records.Recorded, str]:
-        """Write ``data`` into a reserved spool file and commit its row (``record(rel, on_row)``) with
-        the flushes overlapped; returns the row and the file's name only when both are durable (else
-        raises, the file is removed and nothing is acked)."""
-        f = self.spool.take()
-        try:
-            write_all(f.fd, data)
-            rec = self._flush_and_record(f.fd, f.path, lambda on_row: record(f.rel, on_row))
-        except BaseException:
-            self.spool.discard(f)  # a committed row for it was already removed by _flush_and_record
-            raise
-        os.close(f.fd)
-        if rec.duplicate:  # a twin on another association committed first: its file is the one kept
-            f.path.unlink(missing_ok=True)
-        return rec, f.rel
 
     def _flush_and_record(
         self,
@@ -358,32 +282,32 @@ _ABORT = object()  # stream worker: the data set will not be completed
 class StreamedInstance:
     """One C-STORE whose data set is still arriving (``ul.server``'s instance sink).
 
-    A worker (the SCP's pool) takes the fragments as the association's thread reads them: it hashes
-    each (sha256 releases the GIL), tries the header as soon as the bytes up to Pixel Data are in
-    (``parse_header_prefix``), then creates the spool file under the study's directory and writes
-    every fragment into it. At the last fragment (``finish``) only the rest of the writes, the tail
-    check and the three overlapped flushes remain. Nothing is acknowledged before file, directory
-    entry and row are durable; an instance that never completes (``discard``) leaves no file. When
-    the header cannot be decided early (no Pixel Data, deflate, looks malformed) the fragments are
-    kept and the whole instance is filed at the end by ``StorageSCP.store_instance`` as before.
+    The association's thread writes each fragment into a spool file from the reserve as soon as it
+    has read it (``feed``); a worker (the SCP's pool) hashes the same fragments meanwhile (sha256
+    releases the GIL) and reads the header once the bytes up to Pixel Data are in
+    (``parse_header_prefix``). At the last fragment (``finish``) the worker fsyncs the file while the
+    association's thread checks the tail, looks for a duplicate and commits the row: the two flushes
+    overlap. Nothing is acknowledged before file and row are durable; an instance that never
+    completes (``discard``) or is refused leaves no file. When the header cannot be decided from a
+    prefix (no Pixel Data, deflate, looks malformed) the whole file is read back and parsed at the
+    end (``parse_header``): the same statuses either way.
     """
 
     def __init__(self, scp: StorageSCP, assoc: Association, command: Command, transfer_syntax: str, prefix: bytes):
         self.scp, self.assoc, self.command, self.transfer_syntax = scp, assoc, command, transfer_syntax
-        self.parts: list[bytes] = [prefix]  # not yet in the spool file
-        self.size = len(prefix)
-        self.sha256 = hashlib.sha256(prefix)
-        self.early: EarlyHeader | None = None
-        self.fd: int | None = None
-        self.rel = ""
-        self.path: Path | None = None
-        self.error: OSError | None = None
-        self.written = 0
-        self.given_up = False
+        self.size = 0  # bytes fed, Part-10 prefix included (association's thread)
+        self.file: SpoolFile | None = None
+        self.error: OSError | None = None  # a write failed: the rest is drained, then refused
         self.keep = False  # a row may refer to the file: never remove it here
         self.refusal: tuple[int, str] | None = None
-        self.worker: Future[bool] | None = None  # done once the file is fsynced (or the data set abandoned)
-        self.settled = threading.Event()  # every fragment hashed and written (or an error noted)
+        # the worker's side
+        self.sha256 = hashlib.sha256()
+        self.hashed = 0
+        self.head = b""  # the first bytes, until the header is decided
+        self.early: EarlyHeader | None = None
+        self.undecided = False  # only the whole data set can decide: parsed at the end
+        self.settled = threading.Event()  # every fragment hashed, header tried
+        self.worker: Future[bool] | None = None  # done once the file is fsynced (or abandoned)
         free = scp.spool.free_bytes()
         if free < scp.cfg.min_free_bytes:  # refused before anything is stored; the data set is drained
             log.error(
@@ -393,42 +317,47 @@ class StreamedInstance:
                 min_free_bytes=scp.cfg.min_free_bytes,
             )
             self.refusal = (STATUS_OUT_OF_RESOURCES, "disk space below the configured floor")
-            self.parts = []
+            return
+        try:
+            self.file = scp.spool.take()
+        except OSError as exc:  # answered at the end, once the data set is drained
+            self.error = exc
             return
         self.queue: SimpleQueue[object] = SimpleQueue()
         self.worker = scp._flusher.submit(self._run)
+        self.feed(prefix)
 
     # --- the association's thread ----------------------------------------------------------------
     def feed(self, chunk: bytes) -> None:
-        if self.worker is not None:
-            self.queue.put(chunk)
+        if self.worker is None or self.file is None:
+            return
+        self.queue.put(chunk)  # hashed on the worker while this thread writes it
+        if self.error is None:
+            try:
+                write_all(self.file.fd, chunk)
+                start_writeback(self.file.fd, self.size, len(chunk))
+            except OSError as exc:
+                self.error = exc
+        self.size += len(chunk)
 
     def discard(self) -> None:
         """The data set will not complete (abort, dropped connection, oversize): remove what was written."""
         if self.worker is not None:
             self.queue.put(_ABORT)
-            try:
-                self.worker.result(timeout=30)
-            except Exception:
-                log.exception("stream worker failed", sop_uid=self.command.sop_instance_uid)
         self._close()
 
     def finish(self) -> tuple[int, str | None]:
         """The last fragment is in: complete the filing; the C-STORE status and comment."""
-        if self.refusal is not None or self.worker is None:
-            return self.refusal or (STATUS_PROCESSING_FAILURE, "internal error")
-        self.queue.put(None)
+        if self.refusal is not None:
+            return self.refusal
         sop_uid = self.command.sop_instance_uid
         try:
+            if self.worker is None:
+                raise self.error or OSError("no spool file")
+            self.queue.put(None)  # after the last write: the worker fsyncs once all is hashed
             self.settled.wait()
-            if self.worker.done() and self.worker.exception() is not None:
-                raise self.worker.exception()  # type: ignore[misc]
             if self.error is not None:
                 raise self.error
-            if self.fd is None:  # header not decided early: file the whole instance from one buffer
-                data = bytearray(b"".join(self.parts))
-                self.parts = []
-                return self.scp.store_instance(self.assoc, self.command, self.transfer_syntax, data)
             return self._complete()
         except Exception as exc:
             return _not_stored(exc, sop_uid)
@@ -436,18 +365,16 @@ class StreamedInstance:
             self._close()
 
     def _complete(self) -> tuple[int, str | None]:
-        scp, early, fd, path = self.scp, self.early, self.fd, self.path
-        assert early is not None and fd is not None and path is not None
-        header = early.header
+        scp, f = self.scp, self.file
+        assert f is not None and self.worker is not None
         try:
-            if not tail_is_exact(early, self.size, self.transfer_syntax):
-                check_tail(os.pread(fd, self.size - early.pixel_offset, early.pixel_offset), self.transfer_syntax)
+            header = self._checked_header(f.fd)
         except MalformedInstance as bad:
             log.warning(
                 "instance refused: malformed",
                 status=f"0x{bad.status:04X}",
                 reason=bad.reason,
-                sop_uid=header.sop_instance_uid,
+                sop_uid=self.command.sop_instance_uid,
                 calling_ae=self.assoc.calling_ae,
             )
             return bad.status, bad.comment
@@ -465,7 +392,7 @@ class StreamedInstance:
             return records.record_instance(
                 scp.store,
                 header,
-                rel_path=self.rel,
+                rel_path=f.rel,
                 size=self.size,
                 sha256=sha256,
                 transfer_syntax=self.transfer_syntax,
@@ -475,49 +402,61 @@ class StreamedInstance:
             )
 
         self.keep = True  # from here a committed row may name the file (a failed flush removes both)
-        rec = scp._flush_and_record(fd, path, record, flushed=self.worker)
+        rec = scp._flush_and_record(f.fd, f.path, record, flushed=self.worker)
         if rec.duplicate:  # a twin on another association committed first: its file is the one kept
             self.keep = False
             log.info("duplicate acknowledged, not re-stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id)
             return STATUS_SUCCESS, None
-        scp._stored(rec, header, self.size, self.rel, sha256)
+        scp._stored(rec, header, self.size, f.rel, sha256)
         return STATUS_SUCCESS, None
+
+    def _checked_header(self, fd: int) -> InstanceHeader:
+        """The header, checked as ``parse_header`` would: the early one plus its tail, or (undecided)
+        the whole file read back and parsed."""
+        early, ts, cmd = self.early, self.transfer_syntax, self.command
+        if early is None:
+            return parse_header(read_all(fd, self.size), cmd.sop_class_uid, cmd.sop_instance_uid, ts)
+        if not tail_is_exact(early, self.size, ts):
+            check_tail(os.pread(fd, self.size - early.pixel_offset, early.pixel_offset), ts)
+        return early.header
 
     def _move_to(self, rel: str) -> None:
         """Give this (identical) copy the recorded name of a row whose file is missing, durably."""
-        assert self.fd is not None and self.path is not None
+        assert self.file is not None and self.worker is not None
+        self.worker.result()  # the file's fsync
         target = self.scp.spool.abspath(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.fsync(self.fd)
-        os.replace(self.path, target)
+        os.replace(self.file.path, target)
         fsync_dir(target.parent)
         self.keep = True
 
     def _close(self) -> None:
-        if self.worker is not None:  # its fsync may still run on the fd
-            with contextlib.suppress(Exception):
+        if self.worker is not None:  # it may still hash, or fsync the file
+            try:
                 self.worker.result(timeout=30)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-            if not self.keep and self.path is not None:
-                self.path.unlink(missing_ok=True)
-        self.parts = []
+            except Exception as exc:  # an fsync failure was already answered; anything else is a bug
+                if not isinstance(exc, OSError):
+                    log.exception("stream worker failed", sop_uid=self.command.sop_instance_uid)
+        f, self.file = self.file, None
+        if f is not None:
+            os.close(f.fd)
+            if not self.keep:
+                f.path.unlink(missing_ok=True)
 
     # --- the worker ----------------------------------------------------------------------------
     def _run(self) -> bool:
-        """Take fragments until the end (True) or an abort (False). At the end the file is fsynced
-        here at once (this thread is awake and wrote the last bytes) while the handler, told by
-        ``settled``, checks the tail and commits the row: the two flushes overlap."""
+        """Hash the fragments until the end (True) or an abort (False); at the end, fsync the file at
+        once (this thread is awake; every write came before the end marker) while the association's
+        thread, told by ``settled``, commits the row."""
         try:
-            end = self._take_fragments()
+            end = self._hash_fragments()
         finally:
             self.settled.set()
-        if end and self.fd is not None and self.error is None:
-            os.fsync(self.fd)  # an error here fails the future: the instance is not acknowledged
+        if end and self.error is None and self.file is not None:
+            os.fsync(self.file.fd)  # a failure fails this future: the instance is not acknowledged
         return end
 
-    def _take_fragments(self) -> bool:
+    def _hash_fragments(self) -> bool:
         next_try = 0
         while True:
             item = self.queue.get()
@@ -527,44 +466,18 @@ class StreamedInstance:
                 return False
             assert isinstance(item, bytes)
             self.sha256.update(item)
-            self.size += len(item)
-            if self.error is not None:
-                continue
-            if self.fd is not None:
-                self._write(item)
-                continue
-            self.parts.append(item)
-            if not self.given_up and self.size >= next_try:
-                next_try = 2 * self.size  # a header that is not in yet costs at most twice its parse
-                self._try_open()
+            self.hashed += len(item)
+            if self.early is None and not self.undecided:
+                self.head += item
+                if self.hashed >= next_try:
+                    next_try = 2 * self.hashed  # a header that is not in yet costs at most twice its parse
+                    self._try_header()
 
-    def _try_open(self) -> None:
-        data = b"".join(self.parts)
+    def _try_header(self) -> None:
+        cmd = self.command
         try:
-            early = parse_header_prefix(
-                data, self.command.sop_class_uid, self.command.sop_instance_uid, self.transfer_syntax
-            )
+            self.early = parse_header_prefix(self.head, cmd.sop_class_uid, cmd.sop_instance_uid, self.transfer_syntax)
         except NotStreamable:
-            self.given_up = True
-            return
-        if early is None:
-            return
-        try:
-            f = self.scp.spool.take()
-            self.fd, self.rel, self.path = f.fd, f.rel, f.path
-        except OSError as exc:
-            self.error = exc
-            self.parts = []
-            return
-        self.early = early
-        self.parts = []
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        assert self.fd is not None
-        try:
-            write_all(self.fd, data)
-            start_writeback(self.fd, self.written, len(data))
-            self.written += len(data)
-        except OSError as exc:
-            self.error = exc
+            self.undecided = True
+        if self.early is not None or self.undecided:
+            self.head = b""

@@ -43,6 +43,18 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def read_all(fd: int, n: int) -> bytes:
+    """The first ``n`` bytes of the file ``fd`` (pread until done: a short read is legal)."""
+    parts, offset = [], 0
+    while offset < n:
+        chunk = os.pread(fd, n - offset, offset)
+        if not chunk:
+            raise OSError(f"file ended after {offset} of {n} bytes")
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

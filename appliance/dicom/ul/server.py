@@ -1,7 +1,8 @@
 """The association acceptor: one listening socket, one thread per association, blocking sockets.
 
-Threads, not asyncio: the per-instance work (fsyncs, the SQLite commit, sha256) releases the GIL, and a
-blocking ``readinto`` straight into the instance buffer is the cheapest way to move the data set.
+Threads, not asyncio: the per-instance work (fsyncs, the SQLite commit, sha256, file writes) releases
+the GIL, and blocking reads handed straight to the application's sink (``Services.begin_instance``) are
+the cheapest way to move the data set.
 State per association is small (PS3.8's acceptor path): await A-ASSOCIATE-RQ (``acse_timeout``) ->
 accept or reject -> P-DATA messages (``network_timeout`` between messages, ``dimse_timeout`` inside
 one) -> A-RELEASE-RQ answered with RP, or A-ABORT / a dropped connection / a timeout. Anything that
@@ -24,7 +25,7 @@ from appliance.logs import get_logger
 
 log = get_logger(__name__)
 
-DATA_CHUNK = 4 << 20  # the instance buffer grows by at most this per read: a PDV's length claim is not trusted
+DATA_CHUNK = 4 << 20  # at most this is read at once: a PDV's length claim is not trusted
 MAX_COMMAND = 64 << 10  # a command set is a few hundred bytes
 STATUS_PROCESSING_FAILURE = 0x0110
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -46,17 +47,18 @@ class Services(Protocol):
     def admit(self, calling_ae: str, host: str) -> bool:
         """False rejects the association (calling AE not recognised)."""
 
-    def store_instance(
-        self, assoc: Association, command: dimse.Command, transfer_syntax: str, data: bytearray
-    ) -> tuple[int, str | None]:
-        """File one instance (``data``: Part-10 bytes); (DIMSE status, error comment or None)."""
+    def begin_instance(
+        self, assoc: Association, command: dimse.Command, transfer_syntax: str, prefix: bytes
+    ) -> InstanceSink:
+        """A C-STORE's data set starts (``prefix``: the Part-10 preamble and file meta for it); the
+        returned sink takes the data set's bytes as they arrive."""
 
     def closed(self, assoc: Association, aborted: bool) -> None:
         """An established association ended (released, or aborted / dropped / timed out)."""
 
 
 class InstanceSink(Protocol):
-    """A data set being filed while it arrives (optional ``Services.begin_instance`` returns one)."""
+    """A data set being filed while it arrives (``Services.begin_instance`` returns one)."""
 
     def feed(self, chunk: bytes) -> None:
         """The next bytes of the data set, in order; the sink owns them."""
@@ -117,8 +119,7 @@ class Association:
         self._command_buf = bytearray()
         self._command_ctx: int | None = None
         self._command: dimse.Command | None = None
-        self._data: bytearray | None = None  # buffered mode: the whole instance (Part-10 bytes)
-        self._sink: InstanceSink | None = None  # streaming mode: the services file it as it arrives
+        self._sink: InstanceSink | None = None  # the services file the data set as it arrives
         self._received = 0  # bytes of the current instance (Part-10 prefix included)
         self._oversize = False  # the current data set passed max_instance_bytes: draining it
 
@@ -133,13 +134,6 @@ class Association:
         if len(data) != n:
             raise ConnectionClosed()
         return data
-
-    def _read_into(self, view: memoryview) -> None:
-        while view:
-            n = self._rfile.readinto(view)
-            if not n:
-                raise ConnectionClosed()
-            view = view[n:]
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
@@ -204,7 +198,7 @@ class Association:
 
     def _drop_partial(self) -> None:
         """A data set cut off by the association's end is discarded, with anything filed of it."""
-        sink, self._sink, self._data = self._sink, None, None
+        sink, self._sink = self._sink, None
         if sink is not None:
             try:
                 sink.discard()
@@ -317,52 +311,36 @@ class Association:
             ts = self.contexts[ctx]
             prefix = dimse.part10_prefix(command.sop_class_uid, command.sop_instance_uid, ts)
             self._received = len(prefix)
-            begin = getattr(self.server.services, "begin_instance", None)
-            if begin is not None:
-                self._sink = begin(self, command, ts, prefix)
-            else:
-                self._data = bytearray(prefix)
+            self._sink = self.server.services.begin_instance(self, command, ts, prefix)
         else:
             raise dimse.CommandError(
                 f"unsupported DIMSE command 0x{command.field:04X} (data set: {command.has_data_set})"
             )
 
     def _data_fragment(self, ctx: int, size: int, last: bool) -> None:
-        data, sink = self._data, self._sink
-        if self._command is None or (data is None and sink is None) or ctx != self._command_ctx:
+        sink = self._sink
+        if self._command is None or sink is None or ctx != self._command_ctx:
             raise pdu.PDUError("data set fragment without its command", pdu.REASON_UNEXPECTED_PARAMETER)
         limit = self.server.cfg.max_instance_bytes
         if self._oversize or self._received + size > limit:
             # Too large to hold: drain the rest of the data set without keeping it, then refuse it.
             if not self._oversize:
                 self._oversize = True
-                if data is not None:
-                    del data[:]
-                if sink is not None:
-                    sink.discard()
+                sink.discard()
             while size:
                 step = min(size, DATA_CHUNK)
                 self._read(step)
                 size -= step
-        elif sink is not None:
+        else:
             while size:  # each piece goes to the sink as it arrives, in bounded steps
                 step = min(size, DATA_CHUNK)
                 sink.feed(self._read(step))
                 self._received += step
                 size -= step
-        else:
-            assert data is not None
-            while size:  # straight from the socket into the instance buffer, in bounded steps
-                step = min(size, DATA_CHUNK)
-                start = len(data)
-                data.extend(bytes(step))
-                self._read_into(memoryview(data)[start:])
-                self._received += step
-                size -= step
         if not last:
             return
         command = self._command
-        self._command, self._command_ctx, self._data, self._sink = None, None, None, None
+        self._command, self._command_ctx, self._sink = None, None, None
         if self._oversize:
             self._oversize = False
             log.warning(
@@ -374,11 +352,7 @@ class Association:
             self._respond(ctx, dimse.C_STORE_RSP, command, STATUS_OUT_OF_RESOURCES, "data set too large")
             return
         try:
-            if sink is not None:
-                status, comment = sink.finish()
-            else:
-                assert data is not None
-                status, comment = self.server.services.store_instance(self, command, self.contexts[ctx], data)
+            status, comment = sink.finish()
         except Exception:
             log.exception("store handler failed", **self._who(), sop_uid=command.sop_instance_uid)
             status, comment = STATUS_PROCESSING_FAILURE, "internal error"
