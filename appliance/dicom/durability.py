@@ -1,9 +1,9 @@
 """Overlapped flushes for the C-STORE hot path, and the watermark that makes them safe across a crash.
 
-Per instance the SCP issues three independent flushes at once: fsync of the new spool file, fsync of
-its directory, and the SQLite commit (``synchronous=FULL``), and answers Success only when all three
-are done. On this class of disk the three then share one journal commit / device flush instead of
-paying three in a row (measured 1.5 ms vs 12 ms under load, see docs/PERFORMANCE.md).
+Per instance the SCP issues two independent flushes at once: fsync of the spool file (its directory
+entry is durable already: ``spool``'s reserve) and the SQLite commit (``synchronous=FULL``), and
+answers Success only when both are done. On this class of disk they then share the device flush
+instead of paying for it twice in a row (see docs/PERFORMANCE.md).
 
 The price: a crash can leave a committed row whose file is not durable (missing, short or damaged).
 Such a row was never acknowledged, because its file's fsync had not returned. :class:`Watermark`
@@ -38,7 +38,7 @@ class Watermark:
 
     Protocol per instance: ``token = begin()`` before the transaction; ``assign(token, row_id)``
     inside it, before COMMIT (so no committed row is ever unknown to the tracker); ``done(token)``
-    once the file, directory and commit are all durable. A token never marked done holds the
+    once the file and the commit are both durable. A token never marked done holds the
     watermark below its row until the next restart, where that row is verified.
     """
 

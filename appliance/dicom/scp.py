@@ -1,14 +1,12 @@
 """The C-ECHO / C-STORE SCP: the box's front door for modalities.
 
-Hot path of one C-STORE: disk guard -> while the fragments arrive, a worker hashes them, reads the
-header from the prefix and writes them into a spool file taken from the reserve (``StreamedInstance``;
-the data set exactly as received, never decoded or re-encoded; the file's directory entry is already
-durable, see ``spool``) -> at the last fragment: tail check -> the file's fsync on a flusher thread
-*while* the SQLite transaction (``records``, synchronous=FULL) commits -> 0x0000 once both are
-durable. An instance whose header cannot be decided early is filed from one buffer at the end
-(``store_instance``), same order. Any failure answers a failure status, so nothing is acknowledged
-that is not on disk; a row whose file never became durable is removed (now, or at startup:
-``durability``)."""
+Hot path of one C-STORE: disk guard -> a spool file from the reserve (its directory entry already
+durable, see ``spool``) -> while the fragments arrive, the association's thread writes them into it
+(the data set exactly as received, never decoded or re-encoded) and a worker hashes them and reads
+the header from the prefix (``StreamedInstance``) -> at the last fragment: the worker fsyncs the file
+*while* the handler checks the tail and commits the row (``records``, synchronous=FULL) -> 0x0000
+once both are durable. Any failure answers a failure status, so nothing is acknowledged that is not
+on disk; a row whose file never became durable is removed (now, or at startup: ``durability``)."""
 
 from __future__ import annotations
 
