@@ -294,6 +294,7 @@ class StreamedInstance:
     def __init__(self, scp: StorageSCP, assoc: Association, command: Command, transfer_syntax: str, prefix: bytes):
         self.scp, self.assoc, self.command, self.transfer_syntax = scp, assoc, command, transfer_syntax
         self.size = 0  # bytes fed, Part-10 prefix included (association's thread)
+        self.prefix_size = len(prefix)
         self.file: SpoolFile | None = None
         self.error: OSError | None = None  # a write failed: the rest is drained, then refused
         self.keep = False  # a row may refer to the file: never remove it here
@@ -455,7 +456,7 @@ class StreamedInstance:
         return end
 
     def _hash_fragments(self) -> bool:
-        next_try = 0
+        next_try = self.prefix_size + 1  # the first try needs some of the data set, not only our file meta
         while True:
             item = self.queue.get()
             if item is None:
