@@ -7,6 +7,7 @@ import hashlib
 import io
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,8 @@ from appliance.dicom.spool import Spool
 from appliance.dicom.ul import dimse, pdu
 from appliance.dicom.ul.server import negotiate
 from appliance.store import Store
-from tests.dicom_tools import dataset_bytes, make_instance, part10, spool_data_files
+from tests.daemon_tools import storescu, storescu_results
+from tests.dicom_tools import dataset_bytes, make_instance, part10, spool_data_files, write_series
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 RLE = "1.2.840.10008.1.2.5"
@@ -529,5 +531,52 @@ def test_streamed_duplicate_leaves_no_extra_file_changed_bytes_kept(tmp_path: Pa
         for r, sent in zip(rows, (body, changed, padded), strict=True):
             data = s.spool.abspath(r["path"]).read_bytes()
             assert dataset_bytes(data) == sent and hashlib.sha256(data).hexdigest() == r["sha256"]
+    finally:
+        s.stop()
+
+
+# --- a disk that fills up while instances arrive -------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 3 MiB filesystem (tmpfs), so writes fail with ENOSPC as on a full disk."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_mid_instance_refuses_it_and_loses_nothing_acked(tmp_path: Path, small_disk: Path) -> None:
+    """The disk fills while data sets stream in (the free-space floor is off): the instances that fit
+    are acknowledged and intact; the ones that hit ENOSPC get 0xA701 with nothing of them left
+    behind; once there is room again the modality's resend stores them, each exactly once."""
+    files = write_series(tmp_path / "series", 8, rows=512, cols=512)  # 8 x 525 kB into 3 MiB
+    sop_of = {str(f): str(dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    s = StorageSCP(DicomConfig(port=0, min_free_bytes=0), Store(tmp_path / "state.db"), Spool(small_disk / "spool"))
+    s.start()
+    try:
+        answers = storescu_results(storescu(s.address[1], files).stdout)
+        acked = [f for f, a in answers.items() if a == "Success"]
+        refused = [f for f, a in answers.items() if a != "Success"]
+        assert len(answers) == len(files), answers  # every instance answered: the association went on
+        assert acked and refused, answers
+        assert all("OutOfResources" in answers[f] for f in refused)  # 0xA701: could not write
+        rows = {r["sop_instance_uid"]: r for r in s.store.query("SELECT * FROM instances")}
+        assert set(rows) == {sop_of[f] for f in acked}
+        for f in acked:
+            stored = s.spool.abspath(rows[sop_of[f]]["path"]).read_bytes()
+            assert dataset_bytes(stored) == dataset_bytes(Path(f).read_bytes())
+        assert spool_data_files(s.spool.root) == sorted(s.spool.abspath(r["path"]) for r in rows.values())
+        # room again (the technician cleared space): the resend completes the series, nothing twice
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+        again = storescu_results(storescu(s.address[1], files).stdout)
+        assert set(again.values()) == {"Success"}, again
+        assert sorted(r["sop_instance_uid"] for r in s.store.query("SELECT * FROM instances")) == sorted(
+            sop_of.values()
+        )
     finally:
         s.stop()
