@@ -5,7 +5,8 @@
 Sends a 500-instance 512x512 16-bit series over loopback with dcmtk storescu (TCP_NODELAY=1) into a
 fresh receiver per repetition, and prints median instances/s, MB/s and the ratios appliance/storescp
 and appliance/Orthanc. Neither storescp nor Orthanc fsyncs by default; the appliance fsyncs every
-file, its directory and its SQLite commit before each acknowledgement.
+file and its SQLite commit before each acknowledgement (the file's directory entry was made durable
+beforehand, by the spool's reserve).
 """
 
 from __future__ import annotations
