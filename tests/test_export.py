@@ -227,3 +227,42 @@ def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthan
     assert Exporter(settings, store).run_once() == 1
     assert _state(store, study_id) == EXPORTED
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
+
+
+def test_pacs_failure_status_keeps_results_and_retries(home: Path, tmp_path: Path) -> None:
+    """A PACS that associates but answers each C-STORE with a failure status (0xA700, out of
+    resources: a real storage SCP, the appliance's own, with its disk below the floor) keeps every row
+    pending with that status; once it has room again the retry delivers each object once."""
+    from appliance.config import DicomConfig
+    from appliance.dicom.scp import StorageSCP
+    from appliance.dicom.spool import Spool
+
+    pacs = StorageSCP(
+        DicomConfig(port=0, ae_title="FULLPACS", accept_all_storage=True, min_free_bytes=10**18),
+        Store(tmp_path / "pacs" / "state.db"),
+        Spool(tmp_path / "pacs" / "spool"),
+    )
+    pacs.start()
+    try:
+        settings = Settings(state_dir=home)
+        settings.pipeline.destinations = [
+            PacsDestination(name="pacs", ae_title="FULLPACS", host="127.0.0.1", port=pacs.address[1])
+        ]
+        settings.pipeline.export_timeout_s = 5
+        store = Store(settings.db_path)
+        study_uid, study_id = _results(settings, store)
+        assert Exporter(settings, store).run_once() == 0
+        rows = store.query("SELECT state, attempts, last_error FROM exports")
+        assert len(rows) == 2
+        assert all(r["state"] == "pending" and r["attempts"] == 1 for r in rows)
+        assert all(r["last_error"] == "C-STORE status 0xA700" for r in rows), rows
+        assert pacs.store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 0
+        assert _state(store, study_id) == INFERRED
+        pacs.cfg = pacs.cfg.model_copy(update={"min_free_bytes": 0})  # the PACS has room again
+        assert Exporter(settings, store).run_once(now() + 60) == 2
+        assert Exporter(settings, store).run_once(now() + 10_000) == 0
+        got = pacs.store.query("SELECT study_uid, modality FROM instances")
+        assert sorted((r["study_uid"], r["modality"]) for r in got) == [(study_uid, "OT"), (study_uid, "SR")]
+        assert _state(store, study_id) == EXPORTED
+    finally:
+        pacs.stop()
