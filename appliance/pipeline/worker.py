@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from appliance.background import BackgroundLoop
 from appliance.config import Settings
 from appliance.dicom.records import study_instances
 from appliance.logs import get_logger
@@ -96,7 +97,7 @@ class PipelineWorker:
         self._queued: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._scanner = BackgroundLoop("pipeline-scan", self._scan_pass, settings.pipeline.poll_s)
         self._threads: list[threading.Thread] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
         self.last_timings: dict[str, float] = {}
@@ -105,14 +106,14 @@ class PipelineWorker:
     def start(self) -> None:
         self.resume()
         self._stop.clear()
-        for target, name in ((self._scan_loop, "pipeline-scan"), (self._work_loop, "pipeline-work")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._scanner.start()
+        t = threading.Thread(target=self._work_loop, name="pipeline-work", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
+        self._scanner.stop()
         for t in self._threads:
             t.join(timeout=10)
         self._threads = []
@@ -123,7 +124,7 @@ class PipelineWorker:
 
     def wake(self) -> None:
         """A study just completed: look now instead of at the next poll."""
-        self._wake.set()
+        self._scanner.wake()
 
     def resume(self) -> int:
         """Studies killed mid-inference go back to ``complete``."""
@@ -155,14 +156,8 @@ class PipelineWorker:
                     continue
         return added
 
-    def _scan_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.scan_once()
-            except Exception:
-                log.exception("pipeline scan failed")
-            self._wake.wait(self.settings.pipeline.poll_s)
-            self._wake.clear()
+    def _scan_pass(self) -> None:
+        self.scan_once()
 
     def _work_loop(self) -> None:
         try:  # warm up before the first study: install reference bundles, load (compile) every engine
