@@ -56,17 +56,22 @@ class StaticBundles:
         return list(self.bundles)
 
 
+DEFER_BYTES = 64 * 1024  # values this large stay on disk until accessed (spool files never change)
+
+
 def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[Dataset], list[str], list[str]]:
     """The whole study as of this revision (newest copy of each SOP instance), in arrival order: the
     datasets, their sha256 (same order) and the problems.
 
     Unreadable files are reported, not fatal. A later revision (late instance) is therefore analysed
     with all of the study's images; per-image SC UIDs stay the same, the SR gets a new UID.
+    Large values (the pixel data) are read from the spool file only when used: with the model inputs
+    prepared while the study arrived, the SR needs the headers alone (a 4-view mammogram is 44 MB).
     """
     datasets, shas, problems = [], [], []
     for inst in study_instances(store, spool_dir, study_id, cumulative=True):
         try:
-            datasets.append(dcmread(inst.path))
+            datasets.append(dcmread(inst.path, defer_size=DEFER_BYTES))
             shas.append(inst.sha256)
         except Exception as exc:  # corrupt or missing spool file
             problems.append(f"{inst.sop_instance_uid}: unreadable ({exc})")
