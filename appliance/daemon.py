@@ -4,10 +4,13 @@ Every subsystem contributes its services in :func:`build_services` (one place, i
 are stopped in reverse order, so the DICOM SCP stops accepting and drains its associations before
 anything it feeds goes away. While running, ``<state_dir>/run/status.json`` says the pid, the start
 time and each service's status (e.g. the SCP's actual listening address), for ``appliance status``.
+One daemon per state directory: ``<state_dir>/run/appliance.lock`` (flock) is held for the process's
+life, and a second ``appliance run`` on the same directory exits 1 before touching anything.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -71,6 +74,32 @@ def status_path(settings: Settings) -> Path:
     return settings.state_dir / "run" / "status.json"
 
 
+class AlreadyRunning(Exception):
+    """Another ``appliance run`` holds this state directory."""
+
+    def __init__(self, pid: str):
+        self.pid = pid
+        super().__init__(f"another appliance (pid {pid or 'unknown'}) is running on this state directory")
+
+
+def hold_state_dir(settings: Settings) -> int:
+    """Take the state directory for this process (``run/appliance.lock``, flock; released when the
+    process ends, however it ends); returns the lock's fd. Two daemons on one state directory would
+    each sweep and recover the other's in-flight files at startup, so the second one must not start."""
+    path = settings.state_dir / "run" / "appliance.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise AlreadyRunning(holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
 def read_status(settings: Settings) -> dict[str, Any] | None:
     """The running daemon's status file, or None when no live daemon wrote one."""
     path = status_path(settings)
@@ -103,6 +132,15 @@ def run(settings: Settings) -> int:
     """Run in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if a service failed to start."""
     configure(settings.log.level, settings.log.format)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock_fd = hold_state_dir(settings)
+    except AlreadyRunning as exc:
+        log.error(
+            "not started: another appliance is running on this state directory",
+            state_dir=str(settings.state_dir),
+            pid=exc.pid,
+        )
+        return 1
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -137,4 +175,5 @@ def run(settings: Settings) -> int:
         status_path(settings).unlink(missing_ok=True)
         store.close()
     log.info("appliance stopped", rc=rc)
+    os.close(lock_fd)
     return rc

@@ -369,6 +369,28 @@ def test_invalid_config_run_exits_nonzero_naming_key(home: Path) -> None:
     assert r.returncode == 2 and "dicom.max_associations" in r.stderr
 
 
+def test_second_daemon_on_the_same_state_dir_refuses_to_start(home: Path, tmp_path: Path) -> None:
+    """A technician starts ``appliance run`` by hand while the service runs: the second one exits 1
+    naming the running pid, before its startup recovery could sweep the first one's in-flight and
+    reserve files; the first one goes on receiving."""
+    from tests.daemon_tools import daemon_env as env_for
+
+    with running_daemon(home) as d:
+        reserve = sorted(p for p in (home / "spool").rglob("*") if p.is_file())
+        r = appliance_cli(home, "run", env=env_for(), timeout=30)
+        assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        assert "another appliance is running" in r.stdout + r.stderr and str(d.proc.pid) in r.stdout + r.stderr
+        assert d.alive() and (home / "run" / "status.json").exists()
+        assert sorted(p for p in (home / "spool").rglob("*") if p.is_file()) == reserve  # nothing swept
+        files = write_series(tmp_path / "s", 3)
+        answers = storescu_results(storescu(d.port, files).stdout)
+        assert list(answers.values()) == ["Success"] * 3
+        assert len(d.instances()) == 3
+    # once the first has stopped, the state directory is free again
+    with running_daemon(home) as again:
+        assert len(again.instances()) == 3
+
+
 def _stream_storescu(port: int, files: list[Path], *options: str) -> subprocess.Popen:
     cmd = ["/usr/bin/storescu", "-v", "-aec", "APPLIANCE", *options, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.Popen(
