@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from engines.durable import replace_durably
 from engines.errors import BundleError
 from engines.keys import TrustStore, key_id, sign
 from engines.manifest import Manifest, canonical_bytes, version_key
@@ -148,7 +149,7 @@ def _write_tar(out: Path, members: list[tuple[str, bytes | Path]]) -> None:
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)  # a bundle is signed, not secret
-        os.replace(tmp, out)
+        replace_durably(Path(tmp), out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -317,7 +318,7 @@ def unpack_bundle(
             if p.is_file():
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
-        os.replace(tmp, dest)
+        replace_durably(tmp, dest)
         return verified
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

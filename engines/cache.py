@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.bundle import sha256_file
+from engines.durable import replace_durably, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class EngineCache:
                     os.fsync(fh.fileno())
             if final.exists():
                 shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_durably(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -141,9 +142,7 @@ class EngineCache:
         except (OSError, ValueError):
             return
         entry.update(info)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entry, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(entry, indent=2, sort_keys=True).encode("utf-8"))
 
     def invalidate(self, bundle_id: str, key: CacheKey) -> None:
         shutil.rmtree(self.entry_dir(bundle_id, key), ignore_errors=True)

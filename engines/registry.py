@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.bundle import Limits, Verified, unpack_bundle, verify_dir
+from engines.durable import replace_durably, write_atomic
 from engines.errors import BundleError
 from engines.keys import TrustStore
 from engines.manifest import BUNDLE_ID, Manifest, version_key
@@ -39,23 +39,7 @@ def _now() -> str:
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync it, rename it over ``path``, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, json.dumps(doc, indent=2, sort_keys=True).encode("utf-8"))
 
 
 @dataclass(frozen=True)
@@ -190,7 +174,7 @@ class Registry:
                 if target.exists():  # leftover of an interrupted install that never reached state.json
                     shutil.rmtree(target)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging, target)
+                replace_durably(staging, target)  # durable before state.json names it
                 st["installed"][m.version] = {
                     "installed_at": _now(),
                     "key_id": verified.key_id,

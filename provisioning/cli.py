@@ -16,6 +16,7 @@ import typer
 from appliance.cli import app, settings_from
 from appliance.cloud.sas import derive_device_key
 from appliance.config import ConfigError, config_path_from_env, load_settings
+from engines.durable import replace_durably, write_atomic
 from provisioning.dps import GLOBAL_ENDPOINT, DpsError, register
 
 if sys.version_info >= (3, 11):
@@ -29,13 +30,7 @@ provision_app = typer.Typer(help="Field technician: give this box its cloud iden
 def _write_private(path: Path, text: str) -> None:
     """Write a secret 0600 (atomically; the directory 0700)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("ascii"), mode=0o600)
 
 
 def _update_config(path: Path, cloud: dict[str, object]) -> None:
@@ -49,7 +44,9 @@ def _update_config(path: Path, cloud: dict[str, object]) -> None:
     except ConfigError:
         tmp.unlink()
         raise
-    os.replace(tmp, path)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    replace_durably(tmp, path)
 
 
 @provision_app.command("dps")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.logs import get_logger
+from engines.durable import write_atomic
 
 log = get_logger(__name__)
 
@@ -72,13 +73,7 @@ def load_or_create_device_secret(secrets_dir: Path) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(os.urandom(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, os.urandom(32), mode=0o600)  # lost in a power cut, every pseudonym would change
         log.info("device pseudonymisation secret created", path=str(path))
         data = path.read_bytes()
     if len(data) != 32:

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 import threading
 from pathlib import Path
 
 from appliance.background import BackgroundLoop
 from appliance.dicom import records
-from appliance.dicom.spool import Spool, fsync_dir
+from appliance.dicom.spool import Spool
 from appliance.logs import get_logger
 from appliance.store import Store
+from engines.durable import write_atomic
 
 log = get_logger(__name__)
 
@@ -113,15 +113,7 @@ class Watermark:
 
 
 def write_watermark(path: Path, value: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        os.write(fd, f"{value}\n".encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, f"{value}\n".encode("ascii"))
 
 
 def file_matches(path: Path, size: int, sha256: str) -> bool:

@@ -37,11 +37,12 @@ from appliance.dicom.header import (
     parse_header_prefix,
     tail_is_exact,
 )
-from appliance.dicom.spool import Spool, SpoolFile, fsync_dir, read_all, write_all
+from appliance.dicom.spool import Spool, SpoolFile, read_all, write_all
 from appliance.dicom.ul.dimse import Command
 from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
 from appliance.logs import get_logger
 from appliance.store import Store
+from engines.durable import replace_durably
 
 log = get_logger(__name__)
 
@@ -425,8 +426,7 @@ class StreamedInstance:
         self.worker.result()  # the file's fsync
         target = self.scp.spool.abspath(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.file.path, target)
-        fsync_dir(target.parent)
+        replace_durably(self.file.path, target)
         self.keep = True
 
     def _close(self) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from appliance.background import BackgroundLoop
 from appliance.logs import get_logger
+from engines.durable import fsync_dir
 
 log = get_logger(__name__)
 
@@ -53,14 +54,6 @@ def read_all(fd: int, n: int) -> bytes:
         parts.append(chunk)
         offset += len(chunk)
     return b"".join(parts)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

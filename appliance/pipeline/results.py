@@ -28,6 +28,7 @@ from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
 from appliance.store import INFERRED, Store, now
+from engines.durable import fsync_dir
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -71,11 +72,7 @@ def write_objects(objects: list[tuple[str, Dataset]], out_dir: Path) -> list[tup
     written = [(kind, ds, out_dir / f"{kind.lower()}-{ds.SOPInstanceUID}.dcm") for kind, ds in objects]
     for f in [_POOL.submit(write_dataset, ds, path) for _, ds, path in written]:
         f.result()
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(out_dir)  # every rename above, with one directory fsync
     return written
 
 
