@@ -34,7 +34,7 @@ from engines.durable import fsync_dir
 log = get_logger(__name__)
 
 RESERVE_SIZE = 32  # ready files; refilled when half are used
-RESERVE_IDLE_S = 60.0  # the loop also looks once a minute (e.g. a day directory to start)
+RESERVE_IDLE_S = 60.0  # besides being woken by take(), the loop tops the reserve up once a minute
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -75,7 +75,7 @@ class Spool:
         self._ready: deque[SpoolFile] = deque()
         self._make_lock = threading.Lock()  # one creator at a time: day directory and batch fsync
         self._loop = BackgroundLoop("spool-reserve", self._refill, RESERVE_IDLE_S)
-        self.inline_creates = 0  # takes that found the reserve empty (see status / bench)
+        self.inline_creates = 0  # takes that found the reserve empty (diagnostics, tests)
 
     def abspath(self, rel: str) -> Path:
         return self.root / rel
