@@ -138,7 +138,7 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from engines.reference.models import PhantomNet, export_onnx
+    from training.models import PhantomNet, export_onnx
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

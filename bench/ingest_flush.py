@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from engines.durable import fsync_dir
+from durable import fsync_dir
 
 BLOCK = 25
 

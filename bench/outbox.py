@@ -28,7 +28,7 @@ from appliance.cloud import crypto, outbox, payload  # noqa: E402
 from appliance.cloud.agent import CloudAgent  # noqa: E402
 from appliance.cloud.client import d2c_topic  # noqa: E402
 from appliance.cloud.deid import load_or_create_device_secret  # noqa: E402
-from appliance.config import Settings  # noqa: E402
+from appliance.core.config import Settings  # noqa: E402
 from tests.cloud_fixtures import issue_cert, make_ca, sample_result  # noqa: E402
 from tests.mosquitto_env import Mosquitto  # noqa: E402
 

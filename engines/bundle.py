@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engines.durable import replace_durably
+from durable import replace_durably
 from engines.errors import BundleError
 from engines.keys import TrustStore, key_id, sign
 from engines.manifest import Manifest, canonical_bytes, version_key

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from durable import replace_durably, write_atomic
 from engines.bundle import sha256_file
-from engines.durable import replace_durably, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from durable import replace_durably, write_atomic
 from engines.bundle import Limits, Verified, unpack_bundle, verify_dir
-from engines.durable import replace_durably, write_atomic
 from engines.errors import BundleError
 from engines.keys import TrustStore
 from engines.manifest import BUNDLE_ID, Manifest, version_key

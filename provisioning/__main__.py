@@ -1,3 +1,3 @@
-from provisioning.cli import main
+from appliance.cli import main
 
 main()

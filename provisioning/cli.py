@@ -1,7 +1,8 @@
-"""The installed ``appliance`` command: the appliance's CLI plus the technician's provisioning commands.
+"""The technician's ``appliance provision ...`` commands, plugged into the appliance's one command line.
 
-Provisioning sits above the appliance (it may import it, never the reverse), so it is this module that
-adds ``appliance provision ...`` to the one command line; ``python -m provisioning`` runs the same CLI.
+Provisioning sits above the appliance (it may import it, never the reverse): the appliance's CLI finds
+:func:`register` through the ``appliance.cli`` entry-point group declared in ``pyproject.toml``;
+``python -m provisioning`` runs the same CLI.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from pathlib import Path
 import tomli_w
 import typer
 
-from appliance.cli import app, settings_from
+from appliance.cli import settings_from
 from appliance.cloud.sas import derive_device_key
-from appliance.config import ConfigError, config_path_from_env, load_settings
-from engines.durable import replace_durably, write_atomic
-from provisioning.dps import GLOBAL_ENDPOINT, DpsError, register
+from appliance.core.config import ConfigError, config_path_from_env, load_settings
+from durable import replace_durably, write_atomic
+from provisioning.dps import GLOBAL_ENDPOINT, DpsError
+from provisioning.dps import register as dps_register
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,7 +77,7 @@ def dps(
         raise typer.Exit(2)
     device_key = derive_device_key(group_key, registration_id) if group_key else symmetric_key
     try:
-        a = register(
+        a = dps_register(
             id_scope=id_scope,
             registration_id=registration_id,
             symmetric_key=device_key,
@@ -105,8 +107,6 @@ def dps(
     typer.echo(f"assigned to {a.hub} as {a.device_id} ({a.substatus}); config {config} updated")
 
 
-app.add_typer(provision_app, name="provision")
-
-
-def main() -> None:
-    app()
+def register(app: typer.Typer) -> None:
+    """Add ``provision`` to the appliance CLI (entry point ``appliance.cli: provisioning``)."""
+    app.add_typer(provision_app, name="provision")

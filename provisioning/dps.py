@@ -22,7 +22,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.cloud.sas import generate_sas_token
-from appliance.logs import get_logger
+from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from appliance.cloud import crypto
-from appliance.config import Settings
+from appliance.core.config import Settings
 from tests.cloud_fixtures import issue_cert, make_ca
 from tests.fakehub.hub import FakeHub
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.cloud import crypto, deid, outbox, payload
-from appliance.config import Settings
-from appliance.store import Store
+from appliance.core.config import Settings
+from appliance.core.store import Store
 from tests.cloud_fixtures import PHI_STRINGS, sample_result
 
 SECRET = bytes(range(32))

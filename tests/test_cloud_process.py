@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.cloud import outbox, payload
 from appliance.cloud.deid import load_or_create_device_secret
-from appliance.store import Store
+from appliance.core.store import Store
 from tests.cloud_env import DEVICE, central_keys, cloud_env, cloud_settings, device_key, hub, pki, wait_for  # noqa: F401
 from tests.cloud_fixtures import PHI_STRINGS, sample_result
 from tests.conftest import ROOT
@@ -78,7 +78,7 @@ def test_central_keygen_decrypt_and_cloud_cli(tmp_path: Path, home: Path) -> Non
     assert (tmp_path / "keys" / "central-2025.key").stat().st_mode & 0o777 == 0o600
     again = _cli("central", "keygen", "--out", str(tmp_path / "keys"), "--kid", "central-2025", home=home)
     assert again.returncode == 1 and "refusing" in again.stderr.decode()
-    from appliance.config import Settings
+    from appliance.core.config import Settings
 
     s = Settings(state_dir=home, cloud={"device_id": "dev-9", "recipient_keys": {"central-2025": pub}})
     secret = load_or_create_device_secret(s.secrets_dir)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.config import ConfigError, check_problems, load_settings
+from appliance.core.config import ConfigError, check_problems, load_settings
 from tests.conftest import PYTHON, ROOT
 
 

@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
-from appliance.dicom.spool import RESERVE_SIZE
+from appliance.ingest.spool import RESERVE_SIZE
 from tests.daemon_tools import (
     appliance_cli,
     dcmtk_env,
@@ -318,7 +318,7 @@ def _send_raw(port: int, cases: list[tuple[str, str, str, bytes]], tmp_path: Pat
 
 
 def test_malformed_instances_refused_consistently(home: Path, tmp_path: Path) -> None:
-    """Policy (appliance/dicom/header.py): refuse what cannot be filed, with a failure status and a log line."""
+    """Policy (appliance/ingest/header.py): refuse what cannot be filed, with a failure status and a log line."""
 
     def body(name: str) -> tuple[str, str, bytes]:
         p = _testdata(name)

@@ -1,4 +1,4 @@
-"""The lean Upper Layer acceptor (appliance/dicom/ul): PDU/DIMSE decoding of bad input, the protocol
+"""The lean Upper Layer acceptor (appliance/ingest/ul): PDU/DIMSE decoding of bad input, the protocol
 over raw sockets, and interop with pynetdicom as the SCU (echo, store, fragmentation both ways)."""
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
-from appliance.config import DicomConfig
-from appliance.dicom.scp import StorageSCP
-from appliance.dicom.spool import Spool
-from appliance.dicom.ul import dimse, pdu
-from appliance.dicom.ul.server import negotiate
-from appliance.store import Store
+from appliance.core.config import DicomConfig
+from appliance.core.store import Store
+from appliance.ingest.scp import StorageSCP
+from appliance.ingest.spool import Spool
+from appliance.ingest.ul import dimse, pdu
+from appliance.ingest.ul.server import negotiate
 from tests.daemon_tools import storescu, storescu_results
 from tests.dicom_tools import dataset_bytes, make_instance, part10, spool_data_files, write_series
 

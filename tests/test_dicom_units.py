@@ -9,14 +9,14 @@ from pathlib import Path
 
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from appliance.config import AllowedCaller, DicomConfig
-from appliance.dicom import records
-from appliance.dicom.assembler import StudyAssembler
-from appliance.dicom.durability import Watermark, write_watermark
-from appliance.dicom.header import InstanceHeader
-from appliance.dicom.scp import StorageSCP, caller_allowed
-from appliance.dicom.spool import Spool, write_all
-from appliance.store import COMPLETE, RECEIVED, Store
+from appliance.core.config import AllowedCaller, DicomConfig
+from appliance.core.store import COMPLETE, RECEIVED, Store
+from appliance.ingest import records
+from appliance.ingest.assembler import StudyAssembler
+from appliance.ingest.durability import Watermark, write_watermark
+from appliance.ingest.header import InstanceHeader
+from appliance.ingest.scp import StorageSCP, caller_allowed
+from appliance.ingest.spool import Spool, write_all
 
 
 def _header(study: str, sop: str | None = None) -> InstanceHeader:
@@ -203,7 +203,7 @@ def test_failed_file_fsync_undoes_the_committed_row(tmp_path: Path, monkeypatch)
     def eio(fd: int) -> None:
         raise OSError(errno.EIO, "simulated I/O error")
 
-    monkeypatch.setattr("appliance.dicom.scp.os.fsync", eio)
+    monkeypatch.setattr("appliance.ingest.scp.os.fsync", eio)
     with pytest.raises(OSError):
         attempt()
     assert rows, "the row was committed beside the failing fsync"
@@ -264,7 +264,7 @@ def test_allowlist_matching() -> None:
 
 
 def _outcome(fn):  # type: ignore[no-untyped-def]
-    from appliance.dicom.header import MalformedInstance
+    from appliance.ingest.header import MalformedInstance
 
     try:
         return fn()
@@ -279,7 +279,7 @@ def test_streamed_header_decides_like_the_whole_data_set() -> None:
     from pydicom import dcmread
     from pydicom.data import get_testdata_files
 
-    from appliance.dicom.header import (
+    from appliance.ingest.header import (
         NotStreamable,
         check_tail,
         parse_header,

@@ -1,4 +1,4 @@
-"""engines.durable: the one way every package replaces a file so that a power cut leaves old or new."""
+"""durable: the one way every package replaces a file so that a power cut leaves old or new."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.durable import fsync_dir, replace_durably, write_atomic
+from durable import fsync_dir, replace_durably, write_atomic
 
 
 def test_write_atomic_replaces_with_mode_and_leaves_no_temp(tmp_path: Path) -> None:

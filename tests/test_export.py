@@ -10,11 +10,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from appliance.config import PacsDestination, Settings
+from appliance.core.config import PacsDestination, Settings
+from appliance.core.store import COMPLETE, EXPORTED, INFERRED, Store, now
+from appliance.delivery.export import Exporter, backoff
 from appliance.pipeline.analyse import analyse
-from appliance.pipeline.export import Exporter, backoff
 from appliance.pipeline.results import save_results
-from appliance.store import COMPLETE, EXPORTED, INFERRED, Store, now
 from tests.conftest import PYTHON, ROOT
 from tests.daemon_tools import wait_until
 from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
@@ -233,9 +233,9 @@ def test_pacs_failure_status_keeps_results_and_retries(home: Path, tmp_path: Pat
     """A PACS that associates but answers each C-STORE with a failure status (0xA700, out of
     resources: a real storage SCP, the appliance's own, with its disk below the floor) keeps every row
     pending with that status; once it has room again the retry delivers each object once."""
-    from appliance.config import DicomConfig
-    from appliance.dicom.scp import StorageSCP
-    from appliance.dicom.spool import Spool
+    from appliance.core.config import DicomConfig
+    from appliance.ingest.scp import StorageSCP
+    from appliance.ingest.spool import Spool
 
     pacs = StorageSCP(
         DicomConfig(port=0, ae_title="FULLPACS", accept_all_storage=True, min_free_bytes=10**18),

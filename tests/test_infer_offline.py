@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pydicom
 
-from appliance.config import Settings
-from appliance.pipeline.infer_offline import format_table, run_offline
+from appliance.app.infer_offline import format_table, run_offline
+from appliance.core.config import Settings
 from appliance.pipeline.worker import StaticBundles
 from tests.pipeline_tools import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
 

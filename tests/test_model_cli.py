@@ -101,8 +101,8 @@ def test_reference_bundles_install_and_load(tmp_path: Path, monkeypatch) -> None
     for k in list(os.environ):
         if k.startswith("APPLIANCE_"):
             monkeypatch.delenv(k)
-    from appliance.config import load_settings
-    from appliance.models import close_engines, ensure_reference_bundles, load_active_engines, reference_bundles
+    from appliance.core.config import load_settings
+    from appliance.models.active import close_engines, ensure_reference_bundles, load_active_engines, reference_bundles
 
     assert {p.name.split("-")[0] for p in reference_bundles()} == {"cxr", "mmg"}
     settings = load_settings(None, {"state_dir": tmp_path})

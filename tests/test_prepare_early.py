@@ -18,18 +18,18 @@ import numpy as np
 import pydicom
 import pytest
 
-from appliance.config import Settings
-from appliance.dicom.assembler import StudyAssembler
-from appliance.dicom.scp import StorageSCP, StoredInstance
-from appliance.dicom.spool import Spool
-from appliance.models import ActiveEngines
+from appliance.core.config import Settings
+from appliance.core.store import COMPLETE, INFERRED, Store
+from appliance.ingest.assembler import StudyAssembler
+from appliance.ingest.scp import StorageSCP, StoredInstance
+from appliance.ingest.spool import Spool
+from appliance.models.active import ActiveEngines
 from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache, cache_key, prepared_bytes
 from appliance.pipeline.preprocess import Prepared, prepare
 from appliance.pipeline.results import build_objects
 from appliance.pipeline.router import route
 from appliance.pipeline.worker import PipelineWorker, load_instances
-from appliance.store import COMPLETE, INFERRED, Store
 from engines.reference.phantoms import chest_study, mammo_study
 from tests.daemon_tools import storescu
 
@@ -240,7 +240,7 @@ def test_preparer_keys_by_sha_and_skips_other_modalities(chest) -> None:
 
 
 def StoredInstanceHeader(modality: str):  # noqa: N802 - a header as the receiver parses it
-    from appliance.dicom.header import InstanceHeader
+    from appliance.ingest.header import InstanceHeader
 
     return InstanceHeader("1.2", "1.2.3", "1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", modality)
 

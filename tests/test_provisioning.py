@@ -10,7 +10,7 @@ from pathlib import Path
 
 from appliance.cloud import sas
 from appliance.cloud.agent import CloudAgent
-from appliance.config import load_settings
+from appliance.core.config import load_settings
 from tests.cloud_env import HUB, central_keys, device_key, hub, pki, wait_for  # noqa: F401
 from tests.conftest import ROOT
 from tests.daemon_tools import daemon_env

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import COMPLETE, RECEIVED, Store, _migrations, now
+from appliance.core.store import COMPLETE, RECEIVED, Store, _migrations, now
 
 
 def test_migrations_apply_once_and_reopen(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from appliance.config import RouteRule, Settings
+from appliance.core.config import RouteRule, Settings
+from appliance.core.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store, now
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
-from appliance.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store, now
 from tests.pipeline_tools import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
 
 

@@ -1,6 +1,8 @@
 """The ``appliance`` command line.
 
-Each module in this package that defines ``register(app)`` adds its commands; the global options
+Each module in this package that defines ``register(app)`` adds its commands, and so does every
+``register`` named in the ``appliance.cli`` entry-point group (how ``provisioning``, a layer above, adds
+``appliance provision ...`` without the appliance importing it); the global options
 (``--config``, ``--home``) are resolved once by :func:`settings_from` so every command sees one config.
 """
 
@@ -8,12 +10,13 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import typer
 
 from appliance import __version__
-from appliance.config import ConfigError, Settings, load_settings
+from appliance.core.config import ConfigError, Settings, load_settings
 
 app = typer.Typer(
     name="appliance",
@@ -70,6 +73,8 @@ def _register_all() -> None:
         register = getattr(module, "register", None)
         if register is not None:
             register(app)
+    for ep in entry_points(group="appliance.cli"):
+        ep.load()(app)
 
 
 _register_all()

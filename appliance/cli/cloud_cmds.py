@@ -9,7 +9,7 @@ import threading
 import typer
 
 from appliance.cli import settings_from
-from appliance.logs import configure
+from appliance.core.logs import configure
 
 cloud_app = typer.Typer(help="Cloud sync with Azure IoT Hub (see docs/CLOUD.md).", no_args_is_help=True)
 
@@ -38,7 +38,7 @@ def status(ctx: typer.Context) -> None:
     """Outbox depth by kind, recent sends/evictions and the last desired-properties decision (JSON)."""
     settings = settings_from(ctx)
     from appliance.cloud import outbox
-    from appliance.store import Store
+    from appliance.core.store import Store
 
     store = Store(settings.db_path)
     count, size = outbox.depth(store.conn)
@@ -58,7 +58,7 @@ def outbox_cmd(ctx: typer.Context, limit: int = typer.Option(20, help="rows to s
     """The next messages to send and the latest outcomes (sent / expired / evicted)."""
     settings = settings_from(ctx)
     from appliance.cloud import outbox
-    from appliance.store import Store
+    from appliance.core.store import Store
 
     store = Store(settings.db_path)
     pending = [

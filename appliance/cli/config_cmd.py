@@ -7,7 +7,7 @@ import json
 import typer
 
 from appliance.cli import settings_from
-from appliance.config import check_problems
+from appliance.core.config import check_problems
 
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 

@@ -14,14 +14,14 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.cli import settings_from
-from appliance.config import Settings
-from appliance.store import STUDY_STATES
+from appliance.core.config import Settings
+from appliance.core.store import STUDY_STATES
 
 
 def run(ctx: typer.Context) -> None:
     """Run the appliance in the foreground (logs to stdout); SIGTERM/SIGINT stop it cleanly."""
     settings = settings_from(ctx)
-    from appliance.daemon import run as run_daemon  # keep `status` & co. light
+    from appliance.app.daemon import run as run_daemon  # keep `status` & co. light
 
     raise typer.Exit(run_daemon(settings))
 
@@ -43,7 +43,7 @@ def _disk(path: Path) -> dict[str, int]:
 
 
 def status_doc(settings: Settings) -> dict[str, Any]:
-    from appliance.daemon import read_status
+    from appliance.app.daemon import read_status
 
     running = read_status(settings)
     counts = {s: 0 for s in STUDY_STATES}

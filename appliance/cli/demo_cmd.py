@@ -41,7 +41,7 @@ def demo_cmd(
     """Start the appliance with the reference models, send three phantom studies over DICOM, show findings."""
     from rich.console import Console
 
-    from appliance.pipeline import demo
+    from appliance.app import demo
 
     console = Console(highlight=False)
     root = ctx.find_root().obj

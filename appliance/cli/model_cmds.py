@@ -102,7 +102,7 @@ def sign_cmd(
 @model_app.command("verify")
 def verify(ctx: typer.Context, bundle: Path, as_json: bool = typer.Option(False, "--json")) -> None:
     """Check a bundle file against this box's trusted keys: signature, hashes, layout, appliance version."""
-    from appliance.models import engine_options, trust_store
+    from appliance.models.active import engine_options, trust_store
 
     settings = settings_from(ctx)
     try:
@@ -137,7 +137,7 @@ def install(
     force: bool = typer.Option(False, "--force", help="allow a downgrade (technician only)"),
 ) -> None:
     """Verify and install a bundle; by default compile it for this box, golden-check it, activate it."""
-    from appliance.models import engine_options, trust_store
+    from appliance.models.active import engine_options, trust_store
     from engines import runtime
 
     settings = settings_from(ctx)
@@ -154,7 +154,7 @@ def install(
 @model_app.command("list")
 def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Installed bundles, their versions and which one is active."""
-    from appliance.models import registry
+    from appliance.models.active import registry
 
     reg = registry(settings_from(ctx))
     rows = reg.list()
@@ -193,7 +193,7 @@ def activate_cmd(
     force: bool = typer.Option(False, "--force", help="allow going down a version / retry a failed one"),
 ) -> None:
     """Compile + golden-check an installed version on this box, then make it active (atomically)."""
-    from appliance.models import engine_options, trust_store
+    from appliance.models.active import engine_options, trust_store
     from engines import runtime
 
     settings = settings_from(ctx)
@@ -210,7 +210,7 @@ def activate_cmd(
 @model_app.command("rollback")
 def rollback_cmd(ctx: typer.Context, bundle_id: str) -> None:
     """Switch a bundle back to its previous version."""
-    from appliance.models import registry
+    from appliance.models.active import registry
 
     try:
         version = registry(settings_from(ctx)).rollback(bundle_id)
@@ -254,7 +254,7 @@ def engine_compile(
     """Compile (or load from cache) and golden-check the active engines, with progress."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from appliance.models import engine_options, registry
+    from appliance.models.active import engine_options, registry
     from engines import runtime
 
     settings = settings_from(ctx)

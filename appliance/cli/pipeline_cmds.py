@@ -19,7 +19,7 @@ def pacs_echo(
     timeout: float = typer.Option(10.0, help="seconds per destination"),
 ) -> None:
     """C-ECHO the configured PACS destination(s); exit 1 if any fails."""
-    from appliance.pipeline.export import echo
+    from appliance.delivery.export import echo
 
     settings = settings_from(ctx)
     dests = settings.pipeline.destinations
@@ -48,7 +48,7 @@ def infer_cmd(
     bundle: str | None = typer.Option(None, "--bundle", help="bundle id (default: every matching active bundle)"),
 ) -> None:
     """Run the pipeline offline on files or folders: findings table (or JSON), SR/SC to --out."""
-    from appliance.pipeline.infer_offline import run_offline
+    from appliance.app.infer_offline import run_offline
 
     settings = settings_from(ctx)
     try:
@@ -59,7 +59,7 @@ def infer_cmd(
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
-        from appliance.pipeline.infer_offline import format_table
+        from appliance.app.infer_offline import format_table
 
         typer.echo(format_table(report))
     raise typer.Exit(0 if report["studies"] else 1)

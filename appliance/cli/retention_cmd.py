@@ -7,8 +7,8 @@ import json
 import typer
 
 from appliance.cli import settings_from
-from appliance.retention import due_studies, purge_due
-from appliance.store import Store
+from appliance.core.store import Store
+from appliance.lifecycle.retention import due_studies, purge_due
 
 
 def purge(

@@ -9,9 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from appliance.app.selftest import run_selftest
 from appliance.cli import settings_from
-from appliance.logs import configure
-from appliance.selftest import run_selftest
+from appliance.core.logs import configure
 
 
 def selftest(

@@ -26,9 +26,9 @@ from appliance.cloud import outbox, payload
 from appliance.cloud.client import HubClient
 from appliance.cloud.sender import OutboxSender
 from appliance.cloud.twin import Desired, TwinState
-from appliance.config import Settings
-from appliance.logs import get_logger
-from appliance.store import Store
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
 
 log = get_logger(__name__)
 

@@ -24,8 +24,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.cloud import sas
-from appliance.config import Settings
-from appliance.logs import get_logger
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 

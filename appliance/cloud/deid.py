@@ -19,8 +19,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from appliance.logs import get_logger
-from engines.durable import write_atomic
+from appliance.core.logs import get_logger
+from durable import write_atomic
 
 log = get_logger(__name__)
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from appliance.logs import get_logger
+from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from appliance.logs import get_logger
+from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 

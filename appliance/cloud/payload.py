@@ -12,7 +12,7 @@ from typing import Any
 
 from appliance import __version__
 from appliance.cloud import crypto, deid
-from appliance.config import Settings
+from appliance.core.config import Settings
 
 MAX_MESSAGE_BYTES = 256 * 1024
 # Body budget: the property bag (message id, content type, type) takes well under 1 KB.

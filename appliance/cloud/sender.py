@@ -15,11 +15,11 @@ import threading
 import time
 from collections import deque
 
-from appliance.background import BackgroundLoop
 from appliance.cloud import outbox
 from appliance.cloud.client import HubClient, d2c_topic
-from appliance.logs import get_logger
-from appliance.store import Store
+from appliance.core.background import BackgroundLoop
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
 
 log = get_logger(__name__)
 

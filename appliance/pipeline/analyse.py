@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from appliance.config import PipelineConfig
-from appliance.logs import get_logger
+from appliance.core.config import PipelineConfig
+from appliance.core.logs import get_logger
 from appliance.pipeline.postprocess import ImageResult, StudyResult, image_findings, laterality, study_result, view_of
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
 from appliance.pipeline.router import Route

@@ -14,11 +14,11 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from appliance import models
 from appliance.cloud import deid, outbox, payload
-from appliance.config import Settings
-from appliance.logs import get_logger
-from appliance.store import Store, now
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import Store, now
+from appliance.models import active as models
 from engines.errors import EnginesError
 
 log = get_logger(__name__)
@@ -135,7 +135,7 @@ def agent_hooks(settings: Settings, store: Store, engines: models.ActiveEngines 
 
 def run_selftest_method(settings: Settings, req: Any) -> tuple[int, dict[str, Any]]:
     """Direct method ``run_selftest`` ({"pacs": bool}, optional): 200 and the report, whatever its verdict."""
-    from appliance.selftest import run_selftest
+    from appliance.app.selftest import run_selftest
 
     pacs = True
     if isinstance(req, dict) and "pacs" in req:

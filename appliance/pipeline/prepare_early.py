@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING
 
 from pydicom import dcmread
 
-from appliance.config import Settings
-from appliance.logs import get_logger
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
 from appliance.pipeline.router import image_matches, modality_applies
 from engines.manifest import Manifest
 
 if TYPE_CHECKING:
-    from appliance.dicom.scp import StoredInstance
+    from appliance.ingest.scp import StoredInstance
     from appliance.pipeline.worker import BundleSource
 
 log = get_logger(__name__)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from appliance.config import Settings
-from appliance.logs import get_logger
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import INFERRED, Store, now
 from appliance.pipeline import cloud_link
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
-from appliance.store import INFERRED, Store, now
-from engines.durable import fsync_dir
+from durable import fsync_dir
 from engines.manifest import Manifest
 
 log = get_logger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from appliance.config import RouteRule
+from appliance.core.config import RouteRule
 from engines.manifest import Manifest
 
 

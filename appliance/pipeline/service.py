@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.config import Settings
-from appliance.models import ActiveEngines
-from appliance.pipeline.export import Exporter
+from appliance.core.config import Settings
+from appliance.core.store import Store
+from appliance.delivery.export import Exporter
+from appliance.models.active import ActiveEngines
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.worker import BundleSource, PipelineWorker
-from appliance.store import Store
 
 
 def build_pipeline_services(

@@ -24,17 +24,17 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from appliance.background import BackgroundLoop
-from appliance.config import Settings
-from appliance.dicom.records import study_instances
-from appliance.logs import get_logger
+from appliance.core.background import BackgroundLoop
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store
+from appliance.delivery.export import mark_if_exported
+from appliance.ingest.records import study_instances
 from appliance.pipeline.analyse import CachedFn, analyse_route
-from appliance.pipeline.export import mark_if_exported
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.results import save_results
 from appliance.pipeline.router import describe, route
-from appliance.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store
 from engines.manifest import Manifest
 
 log = get_logger(__name__)

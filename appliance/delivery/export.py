@@ -21,10 +21,10 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
-from appliance.background import BackgroundLoop
-from appliance.config import PacsDestination, Settings
-from appliance.logs import get_logger
-from appliance.store import EXPORTED, INFERRED, Store, now
+from appliance.core.background import BackgroundLoop
+from appliance.core.config import PacsDestination, Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import EXPORTED, INFERRED, Store, now
 
 log = get_logger(__name__)
 

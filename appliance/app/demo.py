@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.config import PacsDestination, Settings
-from appliance.store import EXPORTED, FAILED, INFERRED, NO_MODEL, NOT_PROCESSABLE
+from appliance.core.config import PacsDestination, Settings
+from appliance.core.store import EXPORTED, FAILED, INFERRED, NO_MODEL, NOT_PROCESSABLE
 
 DONE = (INFERRED, EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED)
 DAEMON_ENV = {
@@ -94,7 +94,7 @@ def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 def send_study(settings: Settings, scp: dict[str, Any], study: DemoStudy) -> list[str]:
     """C-STORE the study's files to the running appliance (one association); the failures, if any."""
-    from appliance.pipeline.export import send
+    from appliance.delivery.export import send
 
     dest = PacsDestination(name="appliance", ae_title=scp["ae_title"], host="127.0.0.1", port=int(scp["port"]))
     outcomes = send(settings, dest, list(enumerate(study.files)))

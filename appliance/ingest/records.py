@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.dicom.header import InstanceHeader
-from appliance.logs import get_logger
-from appliance.store import RECEIVED, Store, now
+from appliance.core.logs import get_logger
+from appliance.core.store import RECEIVED, Store, now
+from appliance.ingest.header import InstanceHeader
 
 log = get_logger(__name__)
 

@@ -21,12 +21,12 @@ import itertools
 import threading
 from pathlib import Path
 
-from appliance.background import BackgroundLoop
-from appliance.dicom import records
-from appliance.dicom.spool import Spool
-from appliance.logs import get_logger
-from appliance.store import Store
-from engines.durable import write_atomic
+from appliance.core.background import BackgroundLoop
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
+from appliance.ingest import records
+from appliance.ingest.spool import Spool
+from durable import write_atomic
 
 log = get_logger(__name__)
 

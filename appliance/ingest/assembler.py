@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from appliance.background import BackgroundLoop
-from appliance.logs import get_logger
-from appliance.store import COMPLETE, RECEIVED, Store, now
+from appliance.core.background import BackgroundLoop
+from appliance.core.logs import get_logger
+from appliance.core.store import COMPLETE, RECEIVED, Store, now
 
 log = get_logger(__name__)
 

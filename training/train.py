@@ -3,9 +3,9 @@
 Developer / central-team tool (needs the ``train`` extra: torch). Reproducible: fixed seeds, CPU, a few
 minutes on 2 cores. Run from the repository root::
 
-    python -m engines.reference.train            # train both, write bundles + docs/MODELS.md figures
-    python -m engines.reference.train --eval-only  # re-measure the shipped bundles
-    python -m engines.reference.train --recalibrate  # new operating points for the shipped models, re-sign
+    python -m training.train            # train both, write bundles + docs/MODELS.md figures
+    python -m training.train --eval-only  # re-measure the shipped bundles
+    python -m training.train --recalibrate  # new operating points for the shipped models, re-sign
 
 NOT FOR CLINICAL USE: the models only ever saw synthetic phantoms.
 
@@ -33,7 +33,7 @@ from engines.golden import reference_outputs, save_golden
 from engines.keys import load_private_key
 from engines.reference import phantoms as P
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent / "engines" / "reference"
 BUNDLES = HERE / "bundles"
 DEMO_KEY = HERE / "keys" / "DEMO-ONLY-NOT-FOR-PRODUCTION.ed25519.pem"
 SIZE = 256
@@ -161,7 +161,7 @@ def train(kind: str, n_train: int, epochs: int, seed: int = 1234, log=print):
     import torch
     from torch.nn import functional as F
 
-    from engines.reference.models import PhantomNet
+    from training.models import PhantomNet
 
     torch.manual_seed(seed)
     torch.set_num_threads(2)
@@ -295,7 +295,7 @@ def _write_bundle(kind: str, onnx_path: Path, golden: Path, out_dir: Path, key_p
 
 
 def build_reference_bundle(kind: str, net, out_dir: Path = BUNDLES, key_path: Path = DEMO_KEY) -> Path:
-    from engines.reference.models import export_onnx
+    from training.models import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from appliance import __version__
-from appliance.config import Settings
-from appliance.logs import get_logger
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
 from engines import runtime
 from engines.backends.base import Engine
 from engines.bundle import read_manifest_unverified
@@ -27,7 +28,7 @@ from engines.runtime import CompileResult
 
 log = get_logger(__name__)
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / "engines" / "reference"
+REFERENCE_DIR = Path(str(resources.files("engines.reference")))
 DEMO_PUBLIC_KEY = REFERENCE_DIR / "keys" / "DEMO-ONLY.pub"
 
 

@@ -15,10 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
-from appliance.background import BackgroundLoop
-from appliance.config import Settings
-from appliance.logs import get_logger
-from appliance.store import INFERRED, PURGED, SETTLED_STATES, Store, now
+from appliance.core.background import BackgroundLoop
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import INFERRED, PURGED, SETTLED_STATES, Store, now
 
 log = get_logger(__name__)
 

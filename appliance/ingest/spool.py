@@ -27,9 +27,9 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.background import BackgroundLoop
-from appliance.logs import get_logger
-from engines.durable import fsync_dir
+from appliance.core.background import BackgroundLoop
+from appliance.core.logs import get_logger
+from durable import fsync_dir
 
 log = get_logger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from appliance.dicom.ul import dimse, pdu
-from appliance.logs import get_logger
+from appliance.core.logs import get_logger
+from appliance.ingest.ul import dimse, pdu
 
 log = get_logger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from appliance.logs import get_logger
+from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 

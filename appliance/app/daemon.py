@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from appliance.config import Settings
-from appliance.dicom.assembler import StudyAssembler
-from appliance.dicom.scp import StorageSCP
-from appliance.dicom.spool import Spool
-from appliance.logs import configure, get_logger
-from appliance.retention import RetentionService
-from appliance.store import Store
+from appliance.core.config import Settings
+from appliance.core.logs import configure, get_logger
+from appliance.core.store import Store
+from appliance.ingest.assembler import StudyAssembler
+from appliance.ingest.scp import StorageSCP
+from appliance.ingest.spool import Spool
+from appliance.lifecycle.retention import RetentionService
 
 log = get_logger(__name__)
 
@@ -49,7 +49,7 @@ def build_services(settings: Settings, store: Store) -> list[Service]:
     spool = Spool(settings.spool_dir)
     assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
     scp = StorageSCP(settings.dicom, store, spool, assembler)
-    from appliance.models import ActiveEngines
+    from appliance.models.active import ActiveEngines
     from appliance.pipeline.service import build_pipeline_services
 
     # One engine per active bundle, shared by the pipeline and the cloud agent's reports and methods;

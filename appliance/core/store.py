@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from appliance.logs import get_logger
+from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 
@@ -48,7 +48,7 @@ SETTLED_STATES = (EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED, SUPERSEDED)
 
 def _migrations() -> list[tuple[int, str, str]]:
     out = []
-    for entry in resources.files("appliance.migrations").iterdir():
+    for entry in resources.files("appliance.core.migrations").iterdir():
         name = entry.name
         if name.endswith(".sql") and name[:4].isdigit():
             out.append((int(name[:4]), name, entry.read_text(encoding="utf-8")))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from appliance.dicom.ul.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+from appliance.ingest.ul.pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
 
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001

@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from appliance import models
-from appliance.config import Settings, check_problems
-from appliance.logs import get_logger
-from appliance.store import Store
+from appliance.core.config import Settings, check_problems
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
+from appliance.models import active as models
 
 log = get_logger(__name__)
 
@@ -61,7 +61,7 @@ def _active_bundles(settings: Settings) -> tuple[bool, str]:
 
 
 def _phantom_chain(settings: Settings) -> tuple[bool, str]:
-    from appliance.pipeline.infer_offline import run_offline
+    from appliance.app.infer_offline import run_offline
     from engines.reference.phantoms import chest_study, mammo_study
 
     with tempfile.TemporaryDirectory(prefix="appliance-selftest-") as tmp:
@@ -101,7 +101,7 @@ def _phantom_chain(settings: Settings) -> tuple[bool, str]:
 
 def _pacs(settings: Settings, dest: Any) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
-        from appliance.pipeline.export import echo
+        from appliance.delivery.export import echo
 
         return echo(settings, dest)
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
 
-from appliance.config import DicomConfig
-from appliance.dicom import records
-from appliance.dicom.assembler import StudyAssembler
-from appliance.dicom.contexts import scp_contexts
-from appliance.dicom.durability import Watermark, verify_after, write_watermark
-from appliance.dicom.header import (
+from appliance.core.config import DicomConfig
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
+from appliance.ingest import records
+from appliance.ingest.assembler import StudyAssembler
+from appliance.ingest.contexts import scp_contexts
+from appliance.ingest.durability import Watermark, verify_after, write_watermark
+from appliance.ingest.header import (
     EarlyHeader,
     InstanceHeader,
     MalformedInstance,
@@ -37,12 +39,10 @@ from appliance.dicom.header import (
     parse_header_prefix,
     tail_is_exact,
 )
-from appliance.dicom.spool import Spool, SpoolFile, read_all, write_all
-from appliance.dicom.ul.dimse import Command
-from appliance.dicom.ul.server import Association, AssociationServer, ServerConfig
-from appliance.logs import get_logger
-from appliance.store import Store
-from engines.durable import replace_durably
+from appliance.ingest.spool import Spool, SpoolFile, read_all, write_all
+from appliance.ingest.ul.dimse import Command
+from appliance.ingest.ul.server import Association, AssociationServer, ServerConfig
+from durable import replace_durably
 
 log = get_logger(__name__)
 

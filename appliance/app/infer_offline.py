@@ -12,7 +12,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from appliance.config import Settings
+from appliance.core.config import Settings
 from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.preprocess import NotProcessable
 from appliance.pipeline.results import build_objects, write_objects
@@ -31,7 +31,7 @@ def collect(paths: list[Path]) -> list[Path]:
 
 def default_bundles(settings: Settings) -> BundleSource:
     """The installed, active bundles (engines registry; reference bundles on first use), with engines."""
-    from appliance.models import ActiveEngines
+    from appliance.models.active import ActiveEngines
 
     return ActiveEngines(settings, install_reference=True)
 
