@@ -124,7 +124,10 @@ def main() -> None:
     try:
         for r in range(args.runs):
             bodies = [
-                payload.build_result_message(sample_result(r * 100000 + i + 1), s, secret) for i in range(args.messages)
+                payload.build_result_message(
+                    sample_result(r * 100000 + i + 1), s, secret, recipient_keys=s.cloud.recipient_keys
+                )
+                for i in range(args.messages)
             ]
             raw_rates.append(raw_run(broker.port, ca, dev, bodies, args.inflight))
             home = work / f"home{r}"

@@ -37,7 +37,9 @@ def _enqueue_results(agent: CloudAgent, n: int, start: int = 0) -> list[str]:
     ids = []
     with agent.store.transaction() as conn:
         for i in range(start, start + n):
-            mid, body = payload.build_result_message(sample_result(i + 1), agent.settings, secret)
+            mid, body = payload.build_result_message(
+                sample_result(i + 1), agent.settings, secret, recipient_keys=agent.settings.cloud.recipient_keys
+            )
             outbox.enqueue(conn, kind="result", message_id=mid, body=body)
             ids.append(mid)
     return ids
@@ -162,13 +164,52 @@ def test_bad_desired_properties_rejected_with_reason_nothing_applied(make_agent,
         vi = hub.send_raw_desired(DEVICE, body)
         wait_for(lambda vi=vi: agent.twin.status.get("version") == vi, what=f"case {i}")
         assert agent.twin.status["status"] == "rejected" and reason in agent.twin.status["reason"], agent.twin.status
-        assert agent.health_interval_s == 300 and agent.settings.cloud.recipient_keys.keys() == {"central-1"}
+        assert agent.health_interval_s == 300 and agent.overlay.current().recipient_keys.keys() == {"central-1"}
     wait_for(lambda: (hub.twin(DEVICE)["reported"].get("desired_status") or {}).get("status") == "rejected", what="rep")
     assert agent.methods.dispatch("ping", b"")[0] == 200 and agent.client.ready  # still running
     # the service fixes its document: applied
     hub.update_desired(DEVICE, {"open_all_ports": None, "recipient_keys": None, "health_interval_s": 60})
     wait_for(lambda: agent.twin.status.get("status") == "applied", what="fixed twin applied")
     assert agent.health_interval_s == 60
+
+
+def test_twin_settings_are_an_overlay_persisted_and_never_mutate_the_config(
+    make_agent, hub: FakeHub, central_keys, tmp_path: Path
+) -> None:
+    """Recipient keys and TTL from the twin reach the result publisher through the overlay; the config-file
+    ``Settings`` are never changed; the overlay (with its $version) survives a restart before the hub is back."""
+    from appliance.cloud.overlay import CloudOverlay
+    from appliance.cloud.result_messages import CloudResultPublisher
+
+    priv2, pub2 = crypto.generate_keypair()
+    agent = make_agent()
+    before = agent.settings.model_dump()
+    agent.start()
+    v = hub.update_desired(DEVICE, {"recipient_keys": {"central-2": pub2}, "outbox_ttl_days": 3})
+    wait_for(lambda: agent.twin.version == v and agent.twin.status.get("status") == "applied", what="overlay")
+    assert agent.settings.model_dump() == before  # the config file's settings are untouched
+    eff = agent.overlay.current()
+    assert eff.version == v and dict(eff.recipient_keys) == {"central-2": pub2} and eff.outbox_ttl_days == 3
+    publisher = CloudResultPublisher(agent.settings, agent.overlay)
+    msg = publisher.build(sample_result(1), 1)
+    meta, _ = crypto.decrypt(msg.body, {"central-2": priv2})  # readable with the twin's key ...
+    assert meta["mid"] == msg.message_id
+    with pytest.raises(crypto.DecryptError, match="no private key"):
+        crypto.decrypt(msg.body, {"central-1": central_keys["priv"]})  # ... no longer with the config's
+    with agent.store.transaction() as conn:
+        assert publisher.enqueue(conn, msg)
+    row = agent.store.query("SELECT created_at, expires_at FROM outbox WHERE message_id=?", (msg.message_id,))[0]
+    assert row["expires_at"] - row["created_at"] == pytest.approx(3 * 86400)
+    agent.stop()
+    # a restart with the hub unreachable: the persisted overlay is in force from the start
+    again = CloudOverlay(agent.settings.cloud, agent.store).current()
+    assert again.version == v and dict(again.recipient_keys) == {"central-2": pub2}
+    # an older version is refused
+    from appliance.cloud.overlay import StaleOverlay
+    from appliance.cloud.twin import Desired
+
+    with pytest.raises(StaleOverlay):
+        CloudOverlay(agent.settings.cloud, agent.store).apply(Desired(outbox_ttl_days=9), v - 1)
 
 
 def test_twin_get_throttled_429_is_retried(make_agent, hub: FakeHub) -> None:

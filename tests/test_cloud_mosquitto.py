@@ -57,7 +57,9 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
     ids = []
     with agent.store.transaction() as conn:
         for i in range(600):
-            mid, body = payload.build_result_message(sample_result(i + 1), settings, secret)
+            mid, body = payload.build_result_message(
+                sample_result(i + 1), settings, secret, recipient_keys=settings.cloud.recipient_keys
+            )
             outbox.enqueue(conn, kind="result", message_id=mid, body=body)
             ids.append(mid)
     try:

@@ -45,8 +45,8 @@ def test_decrypted_payload_is_result_minus_phi_and_no_phi_in_body(tmp_path: Path
     priv, pub = crypto.generate_keypair()
     s = _settings(tmp_path, {"central-2025": pub})
     result = sample_result()
-    mid, body = payload.build_result_message(result, s, SECRET)
-    mid2, _ = payload.build_result_message(result, s, SECRET)
+    mid, body = payload.build_result_message(result, s, SECRET, recipient_keys=s.cloud.recipient_keys)
+    mid2, _ = payload.build_result_message(result, s, SECRET, recipient_keys=s.cloud.recipient_keys)
     assert mid == mid2 and len(mid) <= 128  # stable id
     for phi in PHI_STRINGS:
         assert phi.encode() not in body
@@ -124,7 +124,7 @@ def test_worst_case_result_fits_256kb(tmp_path: Path) -> None:
         }
         for i in range(5000)
     ]
-    _, body = payload.build_result_message(big, s, SECRET)
+    _, body = payload.build_result_message(big, s, SECRET, recipient_keys=s.cloud.recipient_keys)
     assert len(body) <= payload.MAX_BODY_BYTES
 
 

@@ -25,7 +25,9 @@ def test_agent_sigkilled_mid_stream_loses_nothing(home: Path, hub: FakeHub, pki,
     ids = []
     with store.transaction() as conn:
         for i in range(1000):
-            mid, body = payload.build_result_message(sample_result(i + 1), settings, secret)
+            mid, body = payload.build_result_message(
+                sample_result(i + 1), settings, secret, recipient_keys=settings.cloud.recipient_keys
+            )
             outbox.enqueue(conn, kind="result", message_id=mid, body=body)
             ids.append(mid)
     store.close()
@@ -82,7 +84,10 @@ def test_central_keygen_decrypt_and_cloud_cli(tmp_path: Path, home: Path) -> Non
 
     s = Settings(state_dir=home, cloud={"device_id": "dev-9", "recipient_keys": {"central-2025": pub}})
     secret = load_or_create_device_secret(s.secrets_dir)
-    bodies = [payload.build_result_message(sample_result(i), s, secret)[1] for i in range(3)]
+    bodies = [
+        payload.build_result_message(sample_result(i), s, secret, recipient_keys=s.cloud.recipient_keys)[1]
+        for i in range(3)
+    ]
     r = _cli("central", "decrypt", "--key", str(tmp_path / "keys"), home=home, input=b"\n".join(bodies))
     assert r.returncode == 0, r.stderr
     docs = [json.loads(line) for line in r.stdout.splitlines()]

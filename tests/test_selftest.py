@@ -7,8 +7,8 @@ import socket
 import subprocess
 from pathlib import Path
 
+from appliance.app.methods import run_selftest_method
 from appliance.core.config import PacsDestination, Settings
-from appliance.pipeline.cloud_link import run_selftest_method
 from tests.conftest import PYTHON, ROOT
 from tests.daemon_tools import daemon_env
 

@@ -1,8 +1,7 @@
-"""The daemon: composes the services and runs them until SIGTERM/SIGINT.
+"""The daemon: runs what :func:`appliance.app.compose.compose` made until SIGTERM/SIGINT.
 
-Every subsystem contributes its services in :func:`build_services` (one place, in start order); they
-are stopped in reverse order, so the DICOM SCP stops accepting and drains its associations before
-anything it feeds goes away. While running, ``<state_dir>/run/status.json`` says the pid, the start
+Services start in the composed order and stop in reverse, so the DICOM SCP stops accepting and drains its
+associations before anything it feeds goes away. While running, ``<state_dir>/run/status.json`` says the pid, the start
 time and each service's status (e.g. the SCP's actual listening address), for ``appliance status``.
 One daemon per state directory: ``<state_dir>/run/appliance.lock`` (flock) is held for the process's
 life, and a second ``appliance run`` on the same directory exits 1 before touching anything.
@@ -17,57 +16,14 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
+from appliance.app.compose import Appliance, Service, compose
 from appliance.core.config import Settings
 from appliance.core.logs import configure, get_logger
 from appliance.core.store import Store
-from appliance.ingest.assembler import StudyAssembler
-from appliance.ingest.scp import StorageSCP
-from appliance.ingest.spool import Spool
-from appliance.lifecycle.retention import RetentionService
 
 log = get_logger(__name__)
-
-
-@runtime_checkable
-class Service(Protocol):
-    """A long-running part of the daemon. ``start`` returns once it is serving; ``stop`` once it has stopped.
-
-    A service may also define ``status() -> dict`` (JSON-serialisable), published in ``status.json``.
-    """
-
-    name: str
-
-    def start(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def build_services(settings: Settings, store: Store) -> list[Service]:
-    """Every service of the appliance, in start order. Other subsystems add theirs here."""
-    spool = Spool(settings.spool_dir)
-    assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
-    scp = StorageSCP(settings.dicom, store, spool, assembler)
-    from appliance.models.active import ActiveEngines
-    from appliance.pipeline.service import build_pipeline_services
-
-    # One engine per active bundle, shared by the pipeline and the cloud agent's reports and methods;
-    # the shipped reference bundles are installed on first run (engines.install_reference_bundles).
-    engines = ActiveEngines(settings, install_reference=True) if settings.pipeline.enabled else None
-    # Pipeline: woken by assembler.on_complete (called with the study row id after `complete` commits).
-    # Early preparation: scp.on_instance enqueues each arriving image, prepared during the quiet period.
-    services: list[Service] = [scp, assembler, *build_pipeline_services(settings, store, assembler, engines, scp)]
-    if settings.cloud.enabled:
-        from appliance.cloud.agent import CloudAgent
-        from appliance.pipeline.cloud_link import agent_hooks
-
-        agent = CloudAgent(settings, store, **agent_hooks(settings, store, engines))
-        if engines is not None:
-            engines.on_change.append(agent.report_changed)
-        services.append(agent)
-    services.append(RetentionService(settings, store))
-    return services
 
 
 def status_path(settings: Settings) -> Path:
@@ -115,12 +71,8 @@ def read_status(settings: Settings) -> dict[str, Any] | None:
     return doc
 
 
-def _write_status(settings: Settings, services: list[Service], started_at: float) -> None:
-    doc = {
-        "pid": os.getpid(),
-        "started_at": started_at,
-        "services": {s.name: (s.status() if hasattr(s, "status") else {}) for s in services},
-    }
+def _write_status(settings: Settings, app: Appliance, started_at: float) -> None:
+    doc = {"pid": os.getpid(), "started_at": started_at, "services": app.status_doc()}
     path = status_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -151,14 +103,14 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _on_signal)
 
     store = Store(settings.db_path)
-    services = build_services(settings, store)
+    app = compose(settings, store)
     started: list[Service] = []
     rc = 0
     try:
-        for service in services:
+        for service in app.services:
             service.start()
             started.append(service)
-        _write_status(settings, started, time.time())
+        _write_status(settings, app, time.time())
         log.info("appliance running", pid=os.getpid(), state_dir=str(settings.state_dir))
         while not stop.wait(0.5):
             pass

@@ -6,18 +6,24 @@ does, analysed, and (with ``--out``) the SR and SC objects are written to ``OUT/
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from appliance.core.config import Settings
+from appliance.models.active import ActiveEngines
 from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.preprocess import NotProcessable
 from appliance.pipeline.results import build_objects, write_objects
-from appliance.pipeline.router import describe, route
+from appliance.pipeline.router import InferenceEngine, describe, route
 from appliance.pipeline.worker import BundleSource
+from engines.manifest import Manifest
+
+POOL_THREADS = 4  # image preparation and result building overlap (decoders, numpy, Pillow release the GIL)
 
 
 def collect(paths: list[Path]) -> list[Path]:
@@ -31,8 +37,6 @@ def collect(paths: list[Path]) -> list[Path]:
 
 def default_bundles(settings: Settings) -> BundleSource:
     """The installed, active bundles (engines registry; reference bundles on first use), with engines."""
-    from appliance.models.active import ActiveEngines
-
     return ActiveEngines(settings, install_reference=True)
 
 
@@ -45,7 +49,7 @@ def run_offline(
 ) -> dict[str, Any]:
     files = collect(paths)
     errors: list[dict[str, str]] = []
-    studies: dict[str, list] = {}
+    studies: dict[str, list[Dataset]] = {}
     for f in files:
         try:
             ds = dcmread(f)
@@ -59,15 +63,20 @@ def run_offline(
     source = bundles or default_bundles(settings)
     try:
         active = [(m, e) for m, e in source.active() if bundle is None or m.bundle_id == bundle]
-        return _run_studies(settings, studies, active, out, errors)
+        with ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="infer-offline") as pool:
+            return _run_studies(settings, studies, active, out, errors, pool)
     finally:
-        close = getattr(source, "close", None)
-        if bundles is None and close is not None:
-            close()
+        if bundles is None:
+            source.close()
 
 
 def _run_studies(
-    settings: Settings, studies: dict[str, list], active: list, out: Path | None, errors: list[dict[str, str]]
+    settings: Settings,
+    studies: dict[str, list[Dataset]],
+    active: list[tuple[Manifest, InferenceEngine]],
+    out: Path | None,
+    errors: list[dict[str, str]],
+    pool: Executor,
 ) -> dict[str, Any]:
     p = settings.pipeline
     report: dict[str, Any] = {"studies": [], "errors": errors}
@@ -79,7 +88,7 @@ def _run_studies(
         reasons = []
         for r in routes:
             try:
-                a = analyse_route(r, p)
+                a = analyse_route(r, p, None, pool)
             except NotProcessable as exc:
                 reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
                 continue
@@ -87,11 +96,11 @@ def _run_studies(
             summary["skipped"] = [{"image_sop_uid": s, "reason": why} for s, why in a.skipped]
             summary["timings_s"] = {k: round(v, 4) for k, v in a.timings.items()}
             if out is not None:
-                objects = build_objects(a, r.manifest, p.sc_max_size)
+                objects = build_objects(a, r.manifest, p.sc_max_size, pool)
                 target = out / study_uid / f"{r.manifest.bundle_id}-{r.manifest.version}"
                 summary["objects"] = [
                     {"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(path)}
-                    for k, ds, path in write_objects(objects, target)
+                    for k, ds, path in write_objects(objects, target, pool)
                 ]
             entry["results"].append(summary)
         if routes and not entry["results"]:

@@ -4,13 +4,13 @@ It owns a :class:`HubClient` (connection), an :class:`OutboxSender` (D2C from th
 twin state, the direct-method dispatcher and a health reporter. Incoming messages are handled off the
 network thread (a worker thread for twin/C2D, a small pool for methods) so a slow method never stalls
 the connection. Integration points are constructor arguments: method hooks, extra reported properties,
-a C2D hook and a desired-properties hook.
+a C2D hook and a desired-properties hook. What the twin may change at run time lives in the settings overlay
+(:class:`~appliance.cloud.overlay.CloudOverlay`); the ``Settings`` from the config file are never mutated.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import queue
 import shutil
 import threading
@@ -24,6 +24,7 @@ from appliance import __version__
 from appliance.cloud import methods as methods_mod
 from appliance.cloud import outbox, payload
 from appliance.cloud.client import HubClient
+from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.sender import OutboxSender
 from appliance.cloud.twin import Desired, TwinState
 from appliance.core.config import Settings
@@ -54,13 +55,14 @@ class CloudAgent:
         c2d_hook: C2DHook | None = None,
         desired_hook: Callable[[Desired], None] | None = None,
         time_fn: Callable[[], float] = time.time,
+        overlay: CloudOverlay | None = None,
     ):
         self.settings = settings
         self.store = store or Store(settings.db_path)
+        self.overlay = overlay or CloudOverlay(settings.cloud, self.store)
         self.reported_hook = reported_hook
         self.c2d_hook = c2d_hook
         self.desired_hook = desired_hook
-        self.health_interval_s = settings.cloud.health_interval_s
         handlers: dict[str, methods_mod.MethodHandler] = {
             name: methods_mod.not_available(name) for name in methods_mod.HOOKED_METHODS
         }
@@ -71,9 +73,12 @@ class CloudAgent:
         # Hand paho twice its in-flight window: the next messages wait in paho's queue and go out the moment
         # a PUBACK frees a slot, without a round trip through the outbox.
         self.sender = OutboxSender(
-            self.store, settings.cloud.device_id, 2 * settings.cloud.max_inflight, settings.cloud.outbox_max_bytes
+            self.store,
+            settings.cloud.device_id,
+            2 * settings.cloud.max_inflight,
+            settings.cloud.outbox_max_bytes,
+            upload_results=lambda: self.overlay.current().upload_results,
         )
-        self.sender.upload_results = settings.cloud.upload_results
         self.client = HubClient(settings, self, time_fn=time_fn)
         self.twin = TwinState(lambda: self.store.conn, self._apply_desired)
         self.last_c2d: dict[str, Any] | None = None
@@ -90,10 +95,12 @@ class CloudAgent:
         self._retry_get_at: float | None = None
 
     # ---------------------------------------------------------------- Service
+    @property
+    def health_interval_s(self) -> float:
+        """Seconds between health messages (config, or the twin's overlay)."""
+        return self.overlay.current().health_interval_s
+
     def start(self) -> None:
-        applied = self.twin.applied()
-        if applied is not None:
-            self._apply_desired(applied)  # settings from the twin survive restarts
         self._stop.clear()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloud-method")
         self._worker = threading.Thread(target=self._work, name="cloud-agent", daemon=True)
@@ -304,9 +311,10 @@ class CloudAgent:
                     kind="health",
                     message_id=mid,
                     body=body,
-                    ttl_s=self.settings.cloud.outbox_ttl_days * 86400.0,
+                    ttl_s=self.overlay.current().outbox_ttl_s,
                     max_bytes=self.settings.cloud.outbox_max_bytes,
                 )
+            self.sender.notify_queued()
         except Exception:
             log.exception("health message could not be queued")
 
@@ -330,20 +338,12 @@ class CloudAgent:
             log.warning("C2D message rejected", message_id=mid, reason=str(exc))
         self._reported_dirty.set()
 
-    def _apply_desired(self, desired: Desired) -> None:
-        """Apply validated desired properties (called only with a fully valid document)."""
+    def _apply_desired(self, desired: Desired, version: int) -> None:
+        """Put a fully valid desired document in force (the overlay persists it); raising rejects it."""
         if self.desired_hook is not None:
             self.desired_hook(desired)
-        c = self.settings.cloud
-        self.health_interval_s = desired.health_interval_s or c.health_interval_s
-        self.sender.upload_results = c.upload_results if desired.upload_results is None else desired.upload_results
-        if desired.recipient_keys is not None:
-            c.recipient_keys = desired.recipient_keys
-        if desired.outbox_ttl_days is not None:
-            c.outbox_ttl_days = desired.outbox_ttl_days
-        if desired.log_level is not None:
-            logging.getLogger().setLevel(desired.log_level)
-        self._next_health = min(self._next_health, time.monotonic() + self.health_interval_s)
+        current = self.overlay.apply(desired, version)
+        self._next_health = min(self._next_health, time.monotonic() + current.health_interval_s)
 
 
 def _query(topic: str) -> dict[str, str]:

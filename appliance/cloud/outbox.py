@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -27,9 +26,6 @@ EVICTION_ORDER: tuple[str, ...] = ("health", "audit", "result")  # first evicted
 DEFAULT_TTL_S = 60 * 86400.0
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_MESSAGE_ID = 128
-
-# Set after each enqueue so an idle sender wakes up (it also polls, in case the enqueue rolls back).
-wakeup = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -57,7 +53,8 @@ def enqueue(
 ) -> bool:
     """Queue one message in the caller's transaction; False if this message id is already queued.
 
-    ``max_bytes`` (the disk budget) triggers expiry and eviction when the outbox grows past it.
+    ``max_bytes`` (the disk budget) triggers expiry and eviction when the outbox grows past it. The caller
+    tells the sender (``OutboxSender.notify_queued``) once committed; the sender also polls.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown outbox kind {kind!r}; expected one of {KINDS}")
@@ -84,7 +81,6 @@ def enqueue(
     )
     if max_bytes is not None:
         enforce_budget(conn, max_bytes, now=t)
-    wakeup.set()
     return cur.rowcount == 1
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from appliance import __version__
@@ -29,20 +30,28 @@ def _check(body: bytes, what: str) -> bytes:
     return body
 
 
-def build_result_message(result: dict[str, Any], settings: Settings, device_secret: bytes) -> tuple[str, bytes]:
-    """(stable message id, encrypted body) for one pipeline result; PHI never enters the body."""
+def build_result_message(
+    result: dict[str, Any], settings: Settings, device_secret: bytes, *, recipient_keys: Mapping[str, str]
+) -> tuple[str, bytes]:
+    """(stable message id, encrypted body) for one pipeline result; PHI never enters the body.
+
+    ``recipient_keys`` (key id -> base64 X25519 public key) are the ones in force: the settings overlay's
+    (:meth:`appliance.cloud.overlay.CloudOverlay.current`), not necessarily the config file's.
+    """
     message_id = deid.result_message_id(device_secret, result)
     clean = deid.deidentify_result(result, device_secret, settings.cloud.deid_retain_patient_characteristics)
     plaintext = json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()
     meta = {"type": "result", "schema": deid.SCHEMA, "mid": message_id, "device": settings.cloud.device_id}
-    return message_id, _check(crypto.encrypt(plaintext, meta, settings.cloud.recipient_keys), "result")
+    return message_id, _check(crypto.encrypt(plaintext, meta, dict(recipient_keys)), "result")
 
 
-def build_audit_message(event: dict[str, Any], settings: Settings, message_id: str) -> tuple[str, bytes]:
+def build_audit_message(
+    event: dict[str, Any], settings: Settings, message_id: str, *, recipient_keys: Mapping[str, str]
+) -> tuple[str, bytes]:
     """Audit events may name studies, so they are encrypted like results (the caller de-identifies)."""
     plaintext = json.dumps(event, sort_keys=True, separators=(",", ":")).encode()
     meta = {"type": "audit", "schema": "audit/v1", "mid": message_id, "device": settings.cloud.device_id}
-    return message_id, _check(crypto.encrypt(plaintext, meta, settings.cloud.recipient_keys), "audit")
+    return message_id, _check(crypto.encrypt(plaintext, meta, dict(recipient_keys)), "audit")
 
 
 def build_health_message(health: dict[str, Any], settings: Settings) -> tuple[str, bytes]:

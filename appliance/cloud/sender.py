@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from appliance.cloud import outbox
 from appliance.cloud.client import HubClient, d2c_topic
@@ -34,14 +35,24 @@ def message_props(row: outbox.OutboxRow) -> dict[str, str]:
 
 
 class OutboxSender:
-    def __init__(self, store: Store, device_id: str, window: int, max_bytes: int):
+    def __init__(
+        self,
+        store: Store,
+        device_id: str,
+        window: int,
+        max_bytes: int,
+        upload_results: Callable[[], bool] = lambda: True,
+    ):
+        """``window``: QoS 1 publishes in flight; ``max_bytes``: the outbox's disk budget; ``upload_results()``
+        says, at each read of the outbox, whether result messages may go (the twin can pause them)."""
         self.store = store
         self.device_id = device_id
         self.window = window
         self.max_bytes = max_bytes
         self.inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self.acked: list[int] = []
-        self.upload_results = True
+        self._upload_results = upload_results
+        self._queued = threading.Event()  # set by notify_queued: something new may outrank what is buffered
         self.sent_total = 0
         self._last_poll = 0.0
         self._last_budget = 0.0
@@ -50,6 +61,15 @@ class OutboxSender:
         self._committer = BackgroundLoop("cloud-outbox-commit", self._commit_pass, 0.5, error_delay_s=1.0)
         self._cursor: tuple[int, int] | None = None  # (priority, seq) of the last row read
         self._buffer: deque[outbox.OutboxRow] = deque()
+
+    @property
+    def upload_results(self) -> bool:
+        """Whether result messages are sent now (health and audit always are)."""
+        return self._upload_results()
+
+    def notify_queued(self) -> None:
+        """A message was queued: re-read the outbox at the next pump (it may outrank what is buffered)."""
+        self._queued.set()
 
     def reset(self) -> None:
         """Connection gone: unacknowledged publishes will be re-sent; acknowledged ones still get committed."""
@@ -114,8 +134,8 @@ class OutboxSender:
         free = self.window - len(self.inflight)
         if free <= 0:
             return did
-        if outbox.wakeup.is_set():  # something new was queued: it may outrank what is buffered
-            outbox.wakeup.clear()
+        if self._queued.is_set():  # something new was queued: it may outrank what is buffered
+            self._queued.clear()
             self._buffer.clear()
             self._cursor = None
             self._last_poll = 0.0
@@ -126,7 +146,8 @@ class OutboxSender:
             rows = outbox.peek(conn, PREFETCH, exclude=exclude, after=self._cursor)
             if rows:
                 self._cursor = (rows[-1].priority, rows[-1].seq)
-                self._buffer.extend(r for r in rows if self.upload_results or r.kind != "result")
+                upload = self.upload_results
+                self._buffer.extend(r for r in rows if upload or r.kind != "result")
             else:
                 self._cursor = None  # at the end: next time start from the head (new rows, or after a reset)
         while free > 0 and self._buffer:

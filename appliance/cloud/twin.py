@@ -96,15 +96,18 @@ def validate(doc: dict[str, Any]) -> Desired:
 
 
 class TwinState:
-    """Persisted desired-property state (``cloud_state`` rows) and the decision logic around it."""
+    """Persisted desired-property state (``cloud_state`` rows: the hub's document, its version and the status
+    reported back) and the decision logic around it. What is in force is the agent's settings overlay
+    (:mod:`appliance.cloud.overlay`), not a copy here."""
 
-    def __init__(self, conn_fn: Callable[[], sqlite3.Connection], apply: Callable[[Desired], None]):
+    def __init__(self, conn_fn: Callable[[], sqlite3.Connection], apply: Callable[[Desired, int], None]):
+        """``apply(desired, version)`` puts a validated document in force (the agent's settings overlay); an
+        exception from it rejects the document with its message."""
         self._conn = conn_fn
         self._apply = apply
         self.version = int(self._get("twin.desired_version", "0"))
         self.doc: dict[str, Any] = json.loads(self._get("twin.desired_doc", "{}"))
         self.status: dict[str, Any] = json.loads(self._get("twin.desired_status", "null") or "null") or {}
-        self.applied_doc: dict[str, Any] | None = json.loads(self._get("twin.applied_doc", "null"))
 
     def _get(self, key: str, default: str) -> str:
         row = self._conn().execute("SELECT value FROM cloud_state WHERE key=?", (key,)).fetchone()
@@ -119,7 +122,6 @@ class TwinState:
                 ("twin.desired_version", str(self.version)),
                 ("twin.desired_doc", json.dumps(self.doc)),
                 ("twin.desired_status", json.dumps(self.status)),
-                ("twin.applied_doc", json.dumps(self.applied_doc)),
             ):
                 conn.execute(
                     "INSERT INTO cloud_state(key, value, updated_at) VALUES (?,?,?) "
@@ -130,13 +132,6 @@ class TwinState:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-
-    def applied(self) -> Desired | None:
-        """The last desired document that was validated and applied (survives restarts)."""
-        try:
-            return validate(self.applied_doc) if self.applied_doc is not None else None
-        except ValueError:
-            return None
 
     def on_full(self, raw: bytes) -> None:
         """A GET response: the hub's whole twin; its desired section replaces ours."""
@@ -178,12 +173,12 @@ class TwinState:
             self._reject(version, str(exc), doc=doc)
             return
         try:
-            self._apply(desired)
+            self._apply(desired, version)
         except Exception as exc:
             log.exception("desired properties could not be applied", version=version)
             self._reject(version, f"apply failed: {exc}", doc=doc)
             return
-        self.doc, self.version, self.applied_doc = doc, version, doc
+        self.doc, self.version = doc, version
         self.status = {"version": version, "status": "applied", "reason": None, "at": int(time.time())}
         self._save()
         log.info("desired properties applied", version=version, full=full, keys=sorted(doc))

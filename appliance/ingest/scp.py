@@ -86,6 +86,11 @@ class StoredInstance:
     sha256: str
     header: InstanceHeader
 
+    @property
+    def modality(self) -> str | None:
+        """Modality (0008,0060) from the header, None when absent."""
+        return self.header.modality
+
 
 class StorageSCP:
     """Service: listens for associations (``ul.server``) and files every accepted instance durably."""

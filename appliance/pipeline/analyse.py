@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from appliance.core.config import PipelineConfig
+from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
 from appliance.pipeline.postprocess import ImageResult, StudyResult, image_findings, laterality, study_result, view_of
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
@@ -26,7 +27,6 @@ log = get_logger(__name__)
 
 InferFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 CachedFn = Callable[[Dataset], "Prepared | None"]  # an image already prepared for the bundle, or None
-_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare")
 PATIENT_FIELDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyDate")
 
 
@@ -56,8 +56,12 @@ def analyse(
     max_pixels: int,
     min_size: int = 16,
     cached: CachedFn | None = None,
+    pool: Executor | None = None,
 ) -> Analysis:
     """Run one bundle on one study's images. Raises NotProcessable if no image can be used.
+
+    Images are prepared on ``pool`` concurrently (decoders such as openjpeg and gdcm, and numpy, release the
+    GIL), or one after the other on this thread without one.
 
     ``cached(ds)`` may return the image already prepared for this bundle (``prepare_early``); the others are
     prepared here. ``prepare`` is deterministic, so the result is the same either way.
@@ -68,8 +72,7 @@ def analyse(
     t0 = time.perf_counter()
     usable: list[tuple[Dataset, Prepared]] = []
     skipped: list[tuple[str, str]] = []
-    # images are prepared concurrently: decoders (openjpeg via Pillow, gdcm) and numpy release the GIL
-    futures = [_POOL.submit(_prepared, ds, spec.preprocessing, max_pixels, min_size, cached) for ds in datasets]
+    futures = [submit_or_run(pool, _prepared, ds, spec.preprocessing, max_pixels, min_size, cached) for ds in datasets]
     for ds, fut in zip(datasets, futures, strict=True):
         try:
             usable.append((ds, fut.result()))
@@ -127,7 +130,9 @@ def analyse(
     )
 
 
-def analyse_route(r: Route, cfg: PipelineConfig, cached: CachedFn | None = None) -> Analysis:
+def analyse_route(
+    r: Route, cfg: PipelineConfig, cached: CachedFn | None = None, pool: Executor | None = None
+) -> Analysis:
     """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits."""
-    max_batch = getattr(r.engine, "max_batch", 1) or 1
-    return analyse(r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached)
+    max_batch = r.engine.max_batch or 1
+    return analyse(r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached, pool)

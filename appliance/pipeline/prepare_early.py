@@ -22,7 +22,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom import dcmread
 
@@ -33,10 +34,24 @@ from appliance.pipeline.router import image_matches, modality_applies
 from engines.manifest import Manifest
 
 if TYPE_CHECKING:
-    from appliance.ingest.scp import StoredInstance
     from appliance.pipeline.worker import BundleSource
 
 log = get_logger(__name__)
+
+
+class ArrivedInstance(Protocol):
+    """An instance the receiver has made durable (``appliance.ingest.scp.StoredInstance`` is one): its spool
+    file, the sha256 of its bytes and its Modality as read from the header (None when absent)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def sha256(self) -> str: ...
+
+    @property
+    def modality(self) -> str | None: ...
+
 
 CacheKey = tuple[str, str, str]  # (sha256 of the instance's bytes, bundle id, bundle version)
 MANIFESTS_TTL_S = 2.0  # how long the list of active bundles is reused (a new version is a new key anyway)
@@ -158,7 +173,7 @@ class EarlyPreparer:
         self.bundles = bundles
         self.cache = cache
         self.receiving = receiving  # True while an association is open (the SCP's active_associations)
-        self.queue: queue.Queue[tuple[float, StoredInstance]] = queue.Queue(maxsize=p.early_queue_size)
+        self.queue: queue.Queue[tuple[float, ArrivedInstance]] = queue.Queue(maxsize=p.early_queue_size)
         self.threads = p.early_prepare_threads
         self.skipped = 0  # arrivals not enqueued: the queue was full
         self.prepared = 0  # entries put in the cache
@@ -169,7 +184,7 @@ class EarlyPreparer:
         self._manifests_lock = threading.Lock()
 
     # -- the receiver's hook (association thread): enqueue only ------------------------------------------
-    def submit(self, inst: StoredInstance) -> None:
+    def submit(self, inst: ArrivedInstance) -> None:
         try:
             self.queue.put_nowait((time.monotonic(), inst))
         except queue.Full:
@@ -222,12 +237,12 @@ class EarlyPreparer:
                 self._manifests_at = time.monotonic()
             return self._manifests
 
-    def prepare_instance(self, inst: StoredInstance) -> int:
+    def prepare_instance(self, inst: ArrivedInstance) -> int:
         """Prepare one arrived instance for every active bundle that takes it; returns the entries cached."""
         claimed = [
             (m, key)
             for m in self.active_manifests()
-            if modality_applies(m, inst.header.modality)  # from the receiver's header: no file read
+            if modality_applies(m, inst.modality)  # from the receiver's header: no file read
             and self.cache.claim(key := cache_key(inst.sha256, m))
         ]
         if not claimed:

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from pathlib import Path
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
 from appliance.core.config import Settings
+from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
 from appliance.core.store import INFERRED, Store, now
-from appliance.pipeline import cloud_link
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
@@ -34,23 +36,54 @@ from engines.manifest import Manifest
 log = get_logger(__name__)
 
 
-# Result building runs on a few threads: Pillow drawing, numpy resampling and fsync release the GIL, so the
-# SCs of a 4-view study, the SR (pure Python, highdicom) and the file writes overlap instead of queueing.
-_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="results")
+class QueuedMessage(Protocol):
+    """A message built for the cloud (opaque to the pipeline)."""
+
+    message_id: str
 
 
-def submit_scs(analysis: Analysis, sc_max_size: int) -> list[Future]:
-    """Start rendering one SC per analysed image on the pool."""
+class ResultPublisher(Protocol):
+    """Where a stored result goes besides the PACS: the cloud outbox (``CloudResultPublisher``) or nowhere.
+
+    ``build`` runs outside any transaction (it may encrypt) and may raise; ``enqueue`` runs inside the
+    transaction that records the result; ``committed`` after that transaction has committed.
+    """
+
+    def build(self, summary: dict[str, Any], revision: int) -> QueuedMessage | None: ...
+
+    def enqueue(self, conn: sqlite3.Connection, message: Any) -> bool: ...
+
+    def committed(self) -> None: ...
+
+
+class NoPublisher:
+    """A ``ResultPublisher`` for a box without cloud sync (and ``appliance infer``): results go to the PACS only."""
+
+    def build(self, summary: dict[str, Any], revision: int) -> None:
+        return None
+
+    def enqueue(self, conn: sqlite3.Connection, message: Any) -> bool:
+        return False
+
+    def committed(self) -> None:
+        return None
+
+
+def submit_scs(analysis: Analysis, sc_max_size: int, pool: Executor | None = None) -> list[Future[Dataset]]:
+    """Start rendering one SC per analysed image on ``pool`` (the daemon's result pool: Pillow drawing, numpy
+    resampling and fsync release the GIL, so the SCs of a 4-view study overlap); without one, render here."""
     res = analysis.result
     return [
-        _POOL.submit(build_sc, img, src, prep.display, res, i, sc_max_size, prep.display_factor)
+        submit_or_run(pool, build_sc, img, src, prep.display, res, i, sc_max_size, prep.display_factor)
         for i, (img, src, prep) in enumerate(zip(res.images, analysis.sources, analysis.prepared, strict=True))
     ]
 
 
-def build_objects(analysis: Analysis, manifest: Manifest, sc_max_size: int = 1024) -> list[tuple[str, Dataset]]:
-    """[("SR", sr), ("SC", sc), ...] for one study and bundle (SCs built concurrently with the SR)."""
-    scs = submit_scs(analysis, sc_max_size)
+def build_objects(
+    analysis: Analysis, manifest: Manifest, sc_max_size: int = 1024, pool: Executor | None = None
+) -> list[tuple[str, Dataset]]:
+    """[("SR", sr), ("SC", sc), ...] for one study and bundle (SCs built on ``pool`` concurrently with the SR)."""
+    scs = submit_scs(analysis, sc_max_size, pool)
     sr = build_sr(analysis.result, analysis.sources, manifest.title)  # on this thread meanwhile
     return [("SR", sr), *(("SC", f.result()) for f in scs)]
 
@@ -66,11 +99,14 @@ def write_dataset(ds: Dataset, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_objects(objects: list[tuple[str, Dataset]], out_dir: Path) -> list[tuple[str, Dataset, Path]]:
-    """Write every object (concurrently: each fsync waits on the disk, not on the others), then the dir."""
+def write_objects(
+    objects: list[tuple[str, Dataset]], out_dir: Path, pool: Executor | None = None
+) -> list[tuple[str, Dataset, Path]]:
+    """Write every object (on ``pool``, concurrently: each fsync waits on the disk, not on the others), then
+    fsync the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [(kind, ds, out_dir / f"{kind.lower()}-{ds.SOPInstanceUID}.dcm") for kind, ds in objects]
-    for f in [_POOL.submit(write_dataset, ds, path) for _, ds, path in written]:
+    for f in [submit_or_run(pool, write_dataset, ds, path) for _, ds, path in written]:
         f.result()
     fsync_dir(out_dir)  # every rename above, with one directory fsync
     return written
@@ -141,6 +177,8 @@ def save_results(
     objects: list[tuple[str, Dataset]] | None = None,
     set_state: bool = True,
     on_queued: Callable[[], object] | None = None,
+    publisher: ResultPublisher | None = None,
+    pool: Executor | None = None,
 ) -> int:
     """Write the objects, record them, queue their export to every destination; returns the result id.
 
@@ -148,14 +186,17 @@ def save_results(
     transaction; then ``on_queued`` is called (the daemon's waits, bounded, for the exporter to send it), then
     the SCs are rendered on the pool and follow in the final transaction. The study stays ``inferring`` until
     that one, so a crash in between reprocesses it (same UIDs: the queued SR is not queued twice).
+    ``publisher`` builds and queues the cloud result message (default: none); ``pool`` renders and writes the
+    objects concurrently (default: on this thread).
     """
+    publisher = publisher or NoPublisher()
     res = analysis.result
     out_dir = result_dir(settings, res.study_instance_uid, manifest)
     t0 = time.perf_counter()
     known = False  # this revision's result was complete before (its cloud message already queued)
     if objects is None:
         sr = build_sr(res, analysis.sources, manifest.title)
-        first = write_objects([("SR", sr)], out_dir)
+        first = write_objects([("SR", sr)], out_dir, pool)
         with store.transaction() as conn:
             row = _result_row(conn, study_id, manifest)
             known = row is not None and not json.loads(row["summary"]).get("partial")
@@ -168,17 +209,17 @@ def save_results(
             on_queued()
         # the SCs only now: rendered beside the SR or its export (threads, one GIL) they delayed the SR more
         # than they saved; the daemon's on_queued waits (bounded) until the exporter has tried the SR
-        scs = submit_scs(analysis, settings.pipeline.sc_max_size)
-        rest = write_objects([("SC", f.result()) for f in scs], out_dir)
+        scs = submit_scs(analysis, settings.pipeline.sc_max_size, pool)
+        rest = write_objects([("SC", f.result()) for f in scs], out_dir, pool)
         written = first + rest
     else:
-        written = write_objects(objects, out_dir)
+        written = write_objects(objects, out_dir, pool)
     summary = res.summary()
     summary["skipped"] = [{"image_sop_uid": s, "reason": r} for s, r in analysis.skipped]
     summary["objects"] = [{"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(p)} for k, ds, p in written]
     revision = store.query("SELECT revision FROM studies WHERE id=?", (study_id,))[0]["revision"]
     try:  # encrypt before the transaction; a cloud problem must not keep the findings from the PACS
-        message = cloud_link.build_cloud_message(settings, summary, revision)
+        message = publisher.build(summary, revision)
     except Exception as exc:
         message = None
         log.error("cloud result message not built", study_uid=res.study_instance_uid, error=str(exc))
@@ -190,10 +231,11 @@ def save_results(
         result_id = _upsert_result(conn, study_id, res, manifest, summary, analysis.timings, out_dir)
         _queue_objects(conn, settings, study_id, result_id, written)
         if not known:  # a re-run of the same revision was already queued (same message id) with its result
-            cloud_link.enqueue(settings, conn, message)
+            publisher.enqueue(conn, message)
         if set_state:
             detail = f"{manifest.bundle_id} {manifest.version}: study score {res.study_score:.3f}"
             store.set_study_state(conn, study_id, INFERRED, detail)
+    publisher.committed()
     log.info(
         "results stored",
         study_uid=res.study_instance_uid,

@@ -8,8 +8,9 @@ applies to is recorded as ``no_model`` by the worker: that is a fact about the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from appliance.core.config import RouteRule
@@ -56,15 +57,27 @@ def allowed_by_rules(bundle_id: str, rules: list[RouteRule], images: list[Datase
     return not includes or any(_rule_matches(r, images, calling_ae) for r in includes)
 
 
+class InferenceEngine(Protocol):
+    """What the pipeline needs of a loaded model (``engines.backends.base.Engine`` is one): ``infer`` maps
+    input name -> array (N, ...) to output name -> array (N, ...); ``max_batch`` is the largest N it takes."""
+
+    max_batch: int
+
+    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
 @dataclass
 class Route:
     manifest: Manifest
-    engine: Any
+    engine: InferenceEngine
     images: list[Dataset]
 
 
 def route(
-    bundles: list[tuple[Manifest, Any]], images: list[Dataset], rules: list[RouteRule], calling_ae: str | None = None
+    bundles: list[tuple[Manifest, InferenceEngine]],
+    images: list[Dataset],
+    rules: list[RouteRule],
+    calling_ae: str | None = None,
 ) -> list[Route]:
     """One Route per applicable bundle, with the study's images that bundle takes (arrival order kept)."""
     out = []

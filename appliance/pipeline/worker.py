@@ -16,10 +16,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -33,27 +33,33 @@ from appliance.ingest.records import study_instances
 from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
-from appliance.pipeline.results import save_results
-from appliance.pipeline.router import describe, route
+from appliance.pipeline.results import ResultPublisher, save_results
+from appliance.pipeline.router import InferenceEngine, describe, route
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
 
 
 class BundleSource(Protocol):
-    """The active bundles, each with its loaded engine (``infer`` + ``max_batch``)."""
+    """The active bundles, each with its loaded engine (``infer`` + ``max_batch``); ``close`` releases them."""
 
-    def active(self) -> list[tuple[Manifest, Any]]: ...
+    def active(self) -> list[tuple[Manifest, InferenceEngine]]: ...
+
+    def close(self) -> None: ...
 
 
 class StaticBundles:
-    """A fixed list of (manifest, engine): tests and ``appliance infer``."""
+    """A fixed list of (manifest, engine): tests and ``appliance infer``. Closing it closes nothing: the
+    caller owns the engines."""
 
-    def __init__(self, bundles: list[tuple[Manifest, Any]]):
+    def __init__(self, bundles: list[tuple[Manifest, InferenceEngine]]):
         self.bundles = bundles
 
-    def active(self) -> list[tuple[Manifest, Any]]:
+    def active(self) -> list[tuple[Manifest, InferenceEngine]]:
         return list(self.bundles)
+
+    def close(self) -> None:
+        return None
 
 
 DEFER_BYTES = 64 * 1024  # values this large stay on disk until accessed (spool files never change)
@@ -91,13 +97,24 @@ class PipelineWorker:
         on_results: Callable[[], None] | None = None,
         on_sr_queued: Callable[[], object] | None = None,
         prepared: PreparedCache | None = None,
+        publisher: ResultPublisher | None = None,
+        prepare_pool: Executor | None = None,
+        results_pool: Executor | None = None,
     ):
+        """``on_results``: results queued for export (the exporter's ``wake``); ``on_sr_queued``: one study's SR
+        queued, its SCs not yet built (the exporter's ``send_now``); ``prepared``: images prepared while they
+        arrived; ``publisher``: where results go besides the PACS (the cloud outbox); ``prepare_pool`` and
+        ``results_pool``: the composition root's pools for image preparation and result building (None: on the
+        worker's thread). The worker owns only its inference thread."""
         self.settings = settings
         self.store = store
         self.bundles = bundles
         self.on_results = on_results  # results queued for export (the exporter's wake)
         self.on_sr_queued = on_sr_queued or on_results  # a study's SR queued, SCs not yet built
         self.prepared = prepared  # images prepared as they arrived (prepare_early), keyed by sha256 + bundle
+        self.publisher = publisher
+        self.prepare_pool = prepare_pool
+        self.results_pool = results_pool
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -123,9 +140,7 @@ class PipelineWorker:
             t.join(timeout=10)
         self._threads = []
         self._pool.shutdown(wait=False, cancel_futures=True)
-        close = getattr(self.bundles, "close", None)
-        if close is not None:
-            close()
+        self.bundles.close()
 
     def wake(self) -> None:
         """A study just completed: look now instead of at the next poll."""
@@ -233,7 +248,9 @@ class PipelineWorker:
         stored = 0
         for r in routes:
             hits: list[int] = []
-            fut = self._pool.submit(analyse_route, r, p, self.cached_lookup(r.manifest, images, shas, hits))
+            fut = self._pool.submit(
+                analyse_route, r, p, self.cached_lookup(r.manifest, images, shas, hits), self.prepare_pool
+            )
             try:
                 analysis = fut.result(timeout=p.inference_timeout_s)
             except FutureTimeout:
@@ -256,7 +273,15 @@ class PipelineWorker:
             analysis.timings["load"] = loaded
             analysis.timings["early_prepared"] = float(len(hits))  # images taken from the cache (a count)
             save_results(
-                self.settings, self.store, study_id, analysis, r.manifest, set_state=False, on_queued=self.on_sr_queued
+                self.settings,
+                self.store,
+                study_id,
+                analysis,
+                r.manifest,
+                set_state=False,
+                on_queued=self.on_sr_queued,
+                publisher=self.publisher,
+                pool=self.results_pool,
             )
             self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1

@@ -1,0 +1,150 @@
+"""The composition root: every service, pool, cache and queue of the daemon is made here and connected here.
+
+Reading :func:`compose` gives the whole graph (as ``Application.compose()`` does in MONAI Deploy's app SDK).
+No other module wires services together, creates a long-lived pool, or reaches for a module-global. The
+services meet only through the small typed ports each one declares:
+
+```
+StorageSCP --on_instance(StoredInstance)--> EarlyPreparer --PreparedCache--> PipelineWorker
+StudyAssembler --on_complete(study id)--> PipelineWorker.wake
+PipelineWorker --on_sr_queued / on_results--> Exporter.send_now / Exporter.wake        (PACS)
+PipelineWorker --ResultPublisher--> CloudResultPublisher --notify_queued--> OutboxSender   (IoT Hub)
+ActiveEngines --BundleSource--> PipelineWorker, EarlyPreparer;  --on_change--> CloudAgent.report_changed
+CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftest)
+CloudAgent.overlay (CloudOverlay): the twin's runtime settings, read by the publisher and the sender
+```
+
+Start order is the list order; the daemon stops them in reverse, so the DICOM listener stops accepting and
+drains before anything it feeds goes away, and the pools close last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from appliance.app.methods import ControlMethods
+from appliance.cloud.agent import CloudAgent
+from appliance.cloud.overlay import CloudOverlay
+from appliance.cloud.result_messages import CloudResultPublisher
+from appliance.core.config import Settings
+from appliance.core.store import Store
+from appliance.delivery.export import Exporter
+from appliance.ingest.assembler import StudyAssembler
+from appliance.ingest.scp import StorageSCP
+from appliance.ingest.spool import Spool
+from appliance.lifecycle.retention import RetentionService
+from appliance.models.active import ActiveEngines
+from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
+from appliance.pipeline.results import NoPublisher, ResultPublisher
+from appliance.pipeline.worker import PipelineWorker
+
+# Threads for image preparation (decoders and numpy release the GIL) and for result building (Pillow drawing,
+# numpy resampling and fsync do too): a 4-view mammogram's images and SCs overlap instead of queueing.
+PREPARE_THREADS = 4
+RESULT_THREADS = 4
+
+
+class Service(Protocol):
+    """A long-running part of the daemon. ``start`` returns once it is serving; ``stop`` once it has stopped."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class Pools:
+    """The daemon's shared thread pools, as a service: started first, shut down last."""
+
+    name = "pools"
+
+    def __init__(self) -> None:
+        self.prepare = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="prepare")
+        self.results = ThreadPoolExecutor(max_workers=RESULT_THREADS, thread_name_prefix="results")
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        for pool in (self.prepare, self.results):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Appliance:
+    """The composed daemon: its services in start order and where each one's status comes from."""
+
+    services: list[Service]
+    status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+
+    def status_doc(self) -> dict[str, dict[str, Any]]:
+        """Service name -> its status (JSON-serialisable); services without a status report ``{}``."""
+        return {s.name: self.status[s.name]() if s.name in self.status else {} for s in self.services}
+
+
+def compose(settings: Settings, store: Store) -> Appliance:
+    """Make and connect every service of the appliance for ``settings`` on ``store``; nothing is started."""
+    pools = Pools()
+    spool = Spool(settings.spool_dir)
+    assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
+    scp = StorageSCP(settings.dicom, store, spool, assembler)
+    services: list[Service] = [pools, scp, assembler]
+    app = Appliance(services, {scp.name: scp.status})
+
+    agent: CloudAgent | None = None
+    publisher: ResultPublisher = NoPublisher()
+    cloud_publisher: CloudResultPublisher | None = None
+    if settings.cloud.enabled:
+        overlay = CloudOverlay(settings.cloud, store)
+        cloud_publisher = CloudResultPublisher(settings, overlay)
+        publisher = cloud_publisher
+
+    engines: ActiveEngines | None = None
+    p = settings.pipeline
+    if p.enabled:
+        # One engine per active bundle, shared by the worker, early preparation and the cloud agent's reports;
+        # the shipped reference bundles are installed on first run (engines.install_reference_bundles).
+        engines = ActiveEngines(settings, install_reference=True)
+        exporter = Exporter(settings, store)
+        cache: PreparedCache | None = None
+        early: list[Service] = []
+        if p.early_prepare:
+            cache = PreparedCache(p.early_cache_mb * 2**20)
+            preparer = EarlyPreparer(settings, engines, cache, lambda: scp.active_associations() > 0)
+            scp.on_instance.append(preparer.submit)
+            early.append(preparer)
+            app.status[preparer.name] = preparer.status
+        worker = PipelineWorker(
+            settings,
+            store,
+            engines,
+            on_results=exporter.wake,
+            on_sr_queued=exporter.send_now,
+            prepared=cache,
+            publisher=publisher,
+            prepare_pool=pools.prepare,
+            results_pool=pools.results,
+        )
+        assembler.on_complete.append(lambda _study_id: worker.wake())
+        services += [exporter, *early, worker]
+
+    if cloud_publisher is not None:
+        control = ControlMethods(settings, store, cloud_publisher)
+        agent = CloudAgent(
+            settings,
+            store,
+            method_hooks=control.handlers(),
+            reported_hook=engines.describe if engines is not None else None,
+            overlay=overlay,
+        )
+        cloud_publisher.on_queued = agent.sender.notify_queued
+        if engines is not None:
+            engines.on_change.append(agent.report_changed)
+        services.append(agent)
+        app.status[agent.name] = agent.status
+    services.append(RetentionService(settings, store))
+    return app
