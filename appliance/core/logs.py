@@ -10,12 +10,12 @@ import logging
 import sys
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 _RESERVED = {"exc_info", "stack_info", "stacklevel", "extra"}
 
 
-class StructuredLogger(logging.LoggerAdapter):
+class StructuredLogger(logging.LoggerAdapter[logging.Logger]):
     """Adapter that turns keyword arguments into structured fields."""
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
@@ -24,6 +24,18 @@ class StructuredLogger(logging.LoggerAdapter):
         extra["fields"] = {**extra.get("fields", {}), **fields}
         kwargs["extra"] = extra
         return msg, kwargs
+
+    if TYPE_CHECKING:  # what callers may pass: any keyword is a structured field (the stdlib stubs say otherwise)
+
+        def debug(self, msg: object, *args: object, **fields: Any) -> None: ...
+
+        def info(self, msg: object, *args: object, **fields: Any) -> None: ...
+
+        def warning(self, msg: object, *args: object, **fields: Any) -> None: ...
+
+        def error(self, msg: object, *args: object, **fields: Any) -> None: ...
+
+        def exception(self, msg: object, *args: object, **fields: Any) -> None: ...
 
 
 def get_logger(name: str) -> StructuredLogger:

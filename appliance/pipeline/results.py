@@ -39,7 +39,8 @@ log = get_logger(__name__)
 class QueuedMessage(Protocol):
     """A message built for the cloud (opaque to the pipeline)."""
 
-    message_id: str
+    @property
+    def message_id(self) -> str: ...
 
 
 class ResultPublisher(Protocol):

@@ -7,6 +7,7 @@ applies to is recorded as ``no_model`` by the worker: that is a fact about the s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,7 +62,8 @@ class InferenceEngine(Protocol):
     """What the pipeline needs of a loaded model (``engines.backends.base.Engine`` is one): ``infer`` maps
     input name -> array (N, ...) to output name -> array (N, ...); ``max_batch`` is the largest N it takes."""
 
-    max_batch: int
+    @property
+    def max_batch(self) -> int: ...
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -74,7 +76,7 @@ class Route:
 
 
 def route(
-    bundles: list[tuple[Manifest, InferenceEngine]],
+    bundles: Sequence[tuple[Manifest, InferenceEngine]],
     images: list[Dataset],
     rules: list[RouteRule],
     calling_ae: str | None = None,

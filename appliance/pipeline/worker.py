@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -43,7 +43,7 @@ log = get_logger(__name__)
 class BundleSource(Protocol):
     """The active bundles, each with its loaded engine (``infer`` + ``max_batch``); ``close`` releases them."""
 
-    def active(self) -> list[tuple[Manifest, InferenceEngine]]: ...
+    def active(self) -> Sequence[tuple[Manifest, InferenceEngine]]: ...
 
     def close(self) -> None: ...
 
@@ -52,10 +52,10 @@ class StaticBundles:
     """A fixed list of (manifest, engine): tests and ``appliance infer``. Closing it closes nothing: the
     caller owns the engines."""
 
-    def __init__(self, bundles: list[tuple[Manifest, InferenceEngine]]):
-        self.bundles = bundles
+    def __init__(self, bundles: Sequence[tuple[Manifest, InferenceEngine]]):
+        self.bundles = list(bundles)
 
-    def active(self) -> list[tuple[Manifest, InferenceEngine]]:
+    def active(self) -> Sequence[tuple[Manifest, InferenceEngine]]:
         return list(self.bundles)
 
     def close(self) -> None:
@@ -74,7 +74,9 @@ def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[D
     Large values (the pixel data) are read from the spool file only when used: with the model inputs
     prepared while the study arrived, the SR needs the headers alone (a 4-view mammogram is 44 MB).
     """
-    datasets, shas, problems = [], [], []
+    datasets: list[Dataset] = []
+    shas: list[str] = []
+    problems: list[str] = []
     for inst in study_instances(store, spool_dir, study_id, cumulative=True):
         try:
             datasets.append(dcmread(inst.path, defer_size=DEFER_BYTES))
