@@ -149,7 +149,7 @@ class EngineCache:
 
     def entries(self) -> list[dict[str, Any]]:
         """Every readable entry (for ``appliance engine list``)."""
-        out = []
+        out: list[dict[str, Any]] = []
         if not self.root.exists():
             return out
         for entry in sorted(self.root.glob("*/*/entry.json")):

@@ -97,6 +97,8 @@ def dps(
         _write_private(settings.secrets_dir / "device_key", device_key + "\n")
         cloud["auth"] = "sas"
     else:
+        if cert is None:  # unreachable: exactly one of the three options was checked above
+            raise typer.Exit(2)
         cloud.update(auth="x509", cert_file=str(cert.resolve()), key_file=str(key.resolve()) if key else None)
         cloud = {k: v for k, v in cloud.items() if v is not None}
     try:

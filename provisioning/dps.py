@@ -81,7 +81,7 @@ def register(
     )
     client.tls_set_context(_tls(ca_file, cert_file, key_file))
     client.on_connect = lambda c, u, f, rc, p=None: connected.put(rc.value if hasattr(rc, "value") else int(rc))
-    client.on_message = lambda c, u, m: inbox.put((m.topic, m.payload))
+    client.on_message = lambda c, u, m: inbox.put((m.topic, bytes(m.payload)))
     deadline = time.monotonic() + timeout_s
     try:
         client.connect(connect_host or host, port, keepalive=60)

@@ -94,7 +94,7 @@ def _phantom_chain(settings: Settings) -> tuple[bool, str]:
         breasts = next((r["per_breast"] for s in report["studies"] for r in s["results"] if r["per_breast"]), None)
         if not breasts or not breasts.get("R", 0) > breasts.get("L", 1):
             problems.append(f"mammogram phantom: mass in R, per-breast scores {breasts}")
-        if problems:
+        if problems or not breasts:
             return False, "; ".join(problems)
         return True, f"chest nodule located within {err:.2%}; mammogram R {breasts['R']:.2f} > L {breasts['L']:.2f}"
 

@@ -204,7 +204,8 @@ def deidentify_result(
         )
     codes = [CODE_BASIC_PROFILE]
     if retain_patient_characteristics:
-        patient = result.get("patient") if isinstance(result.get("patient"), dict) else {}
+        given = result.get("patient")
+        patient: dict[str, Any] = given if isinstance(given, dict) else {}
         sex = patient.get("sex")
         out["patient"] = {
             "sex": sex if sex in ("M", "F", "O") else None,

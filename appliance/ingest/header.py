@@ -16,6 +16,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -224,7 +225,7 @@ def tail_is_exact(early: EarlyHeader, total: int, transfer_syntax: str) -> bool:
     if plain is None or len(head) < 8:
         return False
     implicit, little = plain
-    order = "little" if little else "big"
+    order: Literal["little", "big"] = "little" if little else "big"
     if implicit:
         length, size = int.from_bytes(head[4:8], order), 8
     elif head[4:6] in (b"OB", b"OW", b"UN", b"OV", b"OF", b"OD", b"OL") and len(head) >= 12:

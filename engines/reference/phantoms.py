@@ -195,7 +195,7 @@ def chest_phantom(
             findings.append({"kind": "effusion", "side": side_name, "level_y": round(level * rows, 1)})
 
     if isinstance(nodules, int):
-        specs = []
+        specs: list[tuple[float, float, float]] = []
         for _ in range(nodules):
             for _try in range(100):
                 side = rng.choice([-1, 1])
@@ -270,7 +270,7 @@ def mammo_phantom(
         img = np.maximum(img, (0.62 + 0.04 * _smooth_noise(rng, rows, cols, cols / 10)) * pect)
     findings: list[dict[str, Any]] = []
     if isinstance(masses, int):
-        specs = []
+        specs: list[tuple[float, float, float]] = []
         for _ in range(masses):
             for _try in range(100):
                 md = float(rng.uniform(0.12, 0.6)) * reach
@@ -379,8 +379,8 @@ def to_dicom(
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(SOP_CLASS[modality])
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
     ds.file_meta.TransferSyntaxUID = UID(TRANSFER_SYNTAX["explicit"])
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -591,7 +591,7 @@ def mammo_study(
     # one set of masses per breast, shared by its CC and MLO views: same depth, own vertical position
     per_breast: dict[str, list[tuple[float, float, float]]] = {}
     for side in ("R", "L"):
-        specs = []
+        specs: list[tuple[float, float, float]] = []
         for _ in range(int(masses.get(side, 0))):
             for _try in range(100):
                 depth = float(rng.uniform(0.15, 0.45))
