@@ -58,6 +58,14 @@ def test_check_problems_semantic(clean_env, tmp_path: Path) -> None:
     problems = check_problems(load_settings(cfg))
     assert any(p.startswith("dicom.allowed_callers") for p in problems)
     assert any(p.startswith("cloud.hub_hostname") for p in problems)
+    assert not any(p.startswith("api.") for p in problems)
+
+
+def test_a_configured_feature_that_is_not_built_is_a_problem(clean_env, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[api]\nenabled = true\n')
+    problems = check_problems(load_settings(cfg))
+    assert [p for p in problems if p.startswith("api.enabled")], problems
 
 
 def test_cli_config_check(clean_env, tmp_path: Path) -> None:

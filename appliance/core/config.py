@@ -292,6 +292,8 @@ def check_problems(settings: Settings) -> list[str]:
             problems.append("cloud.device_id: required when cloud.enabled")
         if not c.recipient_keys:
             problems.append("cloud.recipient_keys: required when cloud.enabled (results are encrypted)")
+    if settings.api.enabled:
+        problems.append("api.enabled: this build has no local web API yet; nothing would listen (set it false)")
     names = [dst.name for dst in settings.pipeline.destinations]
     if len(names) != len(set(names)):
         problems.append("pipeline.destinations: destination names must be unique")
