@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from pydantic import Field, ValidationError
 
-from appliance.core.config import EnginesConfig
+from appliance.core.config import ConfigError, EnginesConfig, load_settings
+from appliance.models.active import engine_options
 from engines import runtime
 from engines.backends import registry, select_backend
 from engines.backends.base import BackendPlugin, BuildContext, Engine, KeyFields, PluginConfig, Profile
@@ -196,3 +197,15 @@ def test_tensorrt_plugin_real() -> None:
     fields = TrtPlugin(TrtConfig(workspace_mib=256), Profile(precision="fp16", max_batch=4)).key_fields()
     assert fields.backend_version.startswith("10.") and fields.precision == "fp16"
     assert fields.profile == {"max_batch": 4, "opt_batch": 1, "workspace_mib": 256}
+
+
+def test_config_file_problem_names_the_plugin_option(clean_env, tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[engines]\nbackend = 'ort'\n[engines.plugins.ort]\nintra_op_thread = 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    (problem,) = err.value.problems
+    assert problem.startswith("engines.plugins") and "'ort': intra_op_thread: Extra inputs" in problem
+    cfg.write_text("[engines]\nort_intra_op_threads = 2\n[engines.plugins.tensorrt]\nworkspace_mib = 2048\n")
+    opts = engine_options(load_settings(cfg))
+    assert opts.plugins["ort"]["intra_op_threads"] == 2 and opts.plugins["tensorrt"] == {"workspace_mib": 2048}

@@ -122,7 +122,8 @@ def configure(key: str, options: Mapping[str, Any] | None) -> PluginConfig:
     try:
         return cls.Config.model_validate(dict(options or {}))
     except ValidationError as exc:
-        raise EngineBuildError("bad_backend_options", f"options of backend {key!r}: {exc}") from exc
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
+        raise EngineBuildError("bad_backend_options", f"options of backend {key!r}: {problems}") from exc
 
 
 def create(
