@@ -35,8 +35,8 @@ class TrustError(EnginesError):
 
 
 class EngineBuildError(EnginesError):
-    """A backend could not load or compile a bundle's model (reasons: backend_unavailable, model_load_failed,
-    build_failed, bad_input)."""
+    """A backend could not be chosen, or could not load or compile a bundle's model (reasons: unknown_backend,
+    backend_unavailable, bad_backend_options, model_load_failed, build_failed, incompatible_plan, bad_input)."""
 
 
 class GoldenCheckError(EnginesError):

@@ -1,9 +1,11 @@
 """The one entry the appliance calls: a verified, compiled, golden-checked engine for a bundle.
 
-``load_engine(models_dir, bundle_id, options)``: re-verify the installed bundle on disk, pick the backend,
-take the compiled artefact from the cache (or build it: ORT graph optimisation, or a TensorRT plan), load
-it, run the golden inputs. An engine that fails the golden check is closed, its cache entry deleted, the
-failure recorded in the registry, and :class:`GoldenCheckError` raised: it is never used or activated.
+``load_engine(models_dir, bundle_id, options)``: re-verify the installed bundle on disk, ask the backend
+registry (:mod:`engines.backends.registry`) for the plugin, take the compiled artefact from the cache (or
+have the plugin build it), have the plugin load it, run the golden inputs. Nothing here knows a backend by
+name: the plugin supplies availability, the cache key fields, the build and the load. An engine that fails
+the golden check is closed, its cache entry deleted, the failure recorded in the registry, and
+:class:`GoldenCheckError` raised: it is never used or activated.
 
 ``install_bundle(...)`` and ``activate_checked(...)`` are the update path: a new version is activated only
 after it compiled and passed its golden check on THIS hardware.
@@ -13,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from engines.backends import select_backend
-from engines.backends.base import Engine
+from engines.backends import registry as backends
+from engines.backends.base import BackendPlugin, BuildContext, Engine, Profile, Progress
 from engines.bundle import Limits, Verified, verify_dir
-from engines.cache import CacheKey, EngineCache, cpu_fingerprint
+from engines.cache import CacheKey, EngineCache
 from engines.errors import EngineBuildError, GoldenCheckError
 from engines.golden import GoldenReport, check_engine
 from engines.keys import TrustStore
@@ -29,23 +32,31 @@ from engines.registry import Registry
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
 
 @dataclass(frozen=True)
 class EngineOptions:
-    backend: str = "auto"  # auto | ort | tensorrt
-    precision: str = "auto"  # auto | fp32 | fp16 (TensorRT; ORT is always fp32)
-    ort_intra_op_threads: int = 0
-    ort_inter_op_threads: int = 1
-    trt_workspace_mib: int = 1024
+    """How to build and run engines. ``backend``: "auto" or a registered type key
+    (:func:`engines.backends.registry.names`); ``precision`` (auto | fp32 | fp16), ``max_batch`` and
+    ``opt_batch`` are shared by every backend; ``plugins`` maps a type key to that backend's own options
+    (validated by its ``Config`` model; missing = its defaults)."""
+
+    backend: str = "auto"
+    precision: str = "auto"
     max_batch: int = 8
     opt_batch: int = 1
     appliance_version: str | None = None
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def profile(self) -> Profile:
+        """The shared build profile every plugin receives."""
+        return Profile(precision=self.precision, max_batch=self.max_batch, opt_batch=self.opt_batch)
 
 
 @dataclass
 class CompileResult:
+    """A ready engine and how it came to be: ``backend`` is the plugin's type key, ``precision`` the one
+    actually built, ``cache_hit``/``cache_note`` whether the artefact came from the cache (and why not)."""
+
     engine: Engine
     manifest: Manifest
     version: str
@@ -57,82 +68,9 @@ class CompileResult:
     artefact: Path
 
 
-def _key(verified: Verified, backend: str, options: EngineOptions) -> CacheKey:
-    if backend == "tensorrt":
-        from engines.backends import tensorrt
-
-        return CacheKey(
-            verified.digest,
-            "tensorrt",
-            tensorrt.trt_version(),
-            tensorrt.gpu_fingerprint(),
-            options.precision,
-            {
-                "max_batch": options.max_batch,
-                "opt_batch": options.opt_batch,
-                "workspace_mib": options.trt_workspace_mib,
-            },
-        )
-    from engines.backends.ort import ort_version
-
-    return CacheKey(
-        verified.digest,
-        "ort",
-        ort_version(),
-        cpu_fingerprint(),
-        "fp32",
-        {"intra": options.ort_intra_op_threads, "inter": options.ort_inter_op_threads},
-    )
-
-
-def _build(backend: str, onnx: Path, out: Path, options: EngineOptions, bid: str, progress: Progress | None) -> str:
-    """Compile ``onnx`` to ``out``; returns the precision actually used."""
-    if backend == "tensorrt":
-        from engines.backends import tensorrt
-
-        timing = out.parent.parent / "trt-timing.cache"
-        return tensorrt.build_plan(
-            onnx,
-            out,
-            precision=options.precision,
-            workspace_mib=options.trt_workspace_mib,
-            max_batch=options.max_batch,
-            opt_batch=options.opt_batch,
-            timing_cache_path=timing,
-            progress=progress,
-            bundle=bid,
-        )
-    from engines.backends.ort import compile_ort
-
-    if progress:
-        progress("optimise", 0, 1)
-    compile_ort(
-        onnx,
-        out,
-        intra_op_threads=options.ort_intra_op_threads,
-        inter_op_threads=options.ort_inter_op_threads,
-        bundle=bid,
-    )
-    if progress:
-        progress("optimise", 1, 1)
-    return "fp32"
-
-
-def _open(backend: str, artefact: Path, options: EngineOptions, bid: str) -> Engine:
-    if backend == "tensorrt":
-        from engines.backends.tensorrt import TrtEngine
-
-        return TrtEngine(artefact, max_batch=options.max_batch, bundle=bid)
-    from engines.backends.ort import OrtEngine
-
-    return OrtEngine(
-        artefact,
-        intra_op_threads=options.ort_intra_op_threads,
-        inter_op_threads=options.ort_inter_op_threads,
-        max_batch=options.max_batch,
-        optimised=True,
-        bundle=bid,
-    )
+def _key(verified: Verified, plugin: BackendPlugin) -> CacheKey:
+    f = plugin.key_fields()
+    return CacheKey(verified.digest, plugin.type_key, f.backend_version, f.hardware, f.precision, f.profile)
 
 
 def compile_engine(
@@ -152,9 +90,11 @@ def compile_engine(
     verified = verify_dir(vdir, trust, appliance_version=options.appliance_version)
     m = verified.manifest
     bid = f"{m.bundle_id}@{m.version}"
-    backend = select_backend(options.backend)
+    plugin = backends.create(options.backend, options.plugins, options.profile())
+    backend = plugin.type_key
     cache = EngineCache(models_dir / "cache")
-    key = _key(verified, backend, options)
+    key = _key(verified, plugin)
+    ctx = BuildContext(bundle=bid, state_dir=cache.root, progress=progress)
     if rebuild:
         cache.invalidate(m.bundle_id, key)
     artefact, note = cache.lookup(m.bundle_id, key)
@@ -163,7 +103,7 @@ def compile_engine(
     precision = key.precision
     if artefact is not None:
         try:
-            engine = _open(backend, artefact, options, bid)
+            engine = plugin.load(artefact, ctx)
             precision = _entry_precision(cache, m.bundle_id, key) or precision
         except EngineBuildError as exc:  # e.g. a plan from another TensorRT: rebuild, never fatal
             log.warning("cached engine for %s unusable (%s), rebuilding", bid, exc)
@@ -174,12 +114,12 @@ def compile_engine(
         with tempfile.TemporaryDirectory(prefix=".build-", dir=cache.root) as tmp:
             out = Path(tmp) / "artefact"
             try:
-                precision = _build(backend, vdir / "model.onnx", out, options, bid, progress)
+                precision = plugin.build(vdir / "model.onnx", out, ctx)
             except EngineBuildError as exc:
                 registry.record_failure(m.bundle_id, m.version, exc.reason, str(exc))
                 raise
             artefact = cache.store(m.bundle_id, key, out, {"precision": precision, "bundle": bid})
-        engine = _open(backend, artefact, options, bid)
+        engine = plugin.load(artefact, ctx)
     report = check_engine(engine, vdir / "golden.npz", m, precision)
     cache.update_info(m.bundle_id, key, {"golden": report.as_dict()})
     if not report.passed:

@@ -16,7 +16,7 @@ from engines.golden import compare
 from engines.registry import Registry
 from tests.engine_tools import SIZE, make_bundle, new_key, trust_for
 
-ORT = runtime.EngineOptions(backend="ort", ort_intra_op_threads=1)
+ORT = runtime.EngineOptions(backend="ort", plugins={"ort": {"intra_op_threads": 1}})
 
 
 @pytest.fixture

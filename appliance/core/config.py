@@ -77,7 +77,11 @@ class DicomConfig(Section):
 class EnginesConfig(Section):
     """Inference backends and model trust."""
 
-    backend: Literal["auto", "ort", "tensorrt"] = "auto"
+    backend: str = Field(default="auto", description="auto, or a backend plugin's type key: ort, tensorrt")
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="[engines.plugins.<backend>]: that backend's own options"
+    )
+    # Flat keys kept for existing config files; [engines.plugins.ort] / [engines.plugins.tensorrt] win over them.
     ort_intra_op_threads: int = Field(default=0, ge=0, description="0 = ONNX Runtime decides")
     ort_inter_op_threads: int = Field(default=1, ge=0)
     precision: Literal["auto", "fp32", "fp16"] = "auto"
@@ -89,6 +93,38 @@ class EnginesConfig(Section):
     revoked_keys: list[str] = Field(default_factory=list, description="key ids refused even if trusted")
     install_reference_bundles: bool = True
     max_batch: int = Field(default=8, ge=1, le=256, description="largest batch an engine is built/sized for")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from engines.backends import registry
+
+        if v != registry.AUTO and v not in registry.names():
+            raise ValueError(f"unknown backend {v!r}, one of: {', '.join((registry.AUTO, *registry.names()))}")
+        return v
+
+    @field_validator("plugins")
+    @classmethod
+    def _valid_plugin_options(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from engines.backends import registry
+        from engines.errors import EngineBuildError
+
+        for key, options in v.items():
+            try:
+                registry.configure(key, options)
+            except EngineBuildError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    def plugin_options(self) -> dict[str, dict[str, Any]]:
+        """Each backend's own options: the flat legacy keys, overridden by ``[engines.plugins.<backend>]``."""
+        out: dict[str, dict[str, Any]] = {
+            "ort": {"intra_op_threads": self.ort_intra_op_threads, "inter_op_threads": self.ort_inter_op_threads},
+            "tensorrt": {"workspace_mib": self.trt_workspace_mib},
+        }
+        for key, options in self.plugins.items():
+            out[key] = {**out.get(key, {}), **options}
+        return out
 
 
 class PacsDestination(Section):

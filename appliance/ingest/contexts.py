@@ -8,7 +8,7 @@ library for export); the acceptor itself is ``ul.server``.
 
 from __future__ import annotations
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, sop_class
+from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, sop_class
 
 # The imaging classes the box exists for (CR, DX, MG, CT, SC), their close relatives a clinic's X-ray,
 # mammography and CT machines also emit, and the CT dose report most CT scanners send with each study.
@@ -43,7 +43,7 @@ TRANSFER_SYNTAXES: tuple[str, ...] = _FIRST + tuple(str(ts) for ts in ALL_TRANSF
 
 def all_storage_sop_classes() -> tuple[str, ...]:
     """Every storage SOP class pynetdicom knows (used when ``dicom.accept_all_storage`` is on)."""
-    return tuple(str(uid) for uid in sop_class._STORAGE_CLASSES.values())
+    return tuple(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 
 
 def scp_contexts(accept_all_storage: bool) -> dict[str, tuple[str, ...]]:

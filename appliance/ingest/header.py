@@ -72,7 +72,7 @@ _CONFORMANT_UID = re.compile(r"[0-9.]{1,64}")
 
 def _text(ds: Dataset, tag: int) -> str | None:
     """The value of a top-level text element, trimmed of padding; None when absent or empty."""
-    elem = ds._dict.get(tag)
+    elem = ds.get_item(tag, keep_deferred=True)  # the element as read: raw, unconverted
     if elem is None:
         return None
     value = elem.value
@@ -131,7 +131,7 @@ def _parsed(read: Callable[[], Dataset]) -> Dataset:
 
 
 def _check_complete(ds: Dataset) -> None:
-    for elem in ds._dict.values():  # top-level elements, still raw: compare declared and actual length
+    for elem in ds.values():  # top-level elements as read (raw, unconverted): compare declared and actual length
         if (
             isinstance(elem, RawDataElement)
             and elem.length != UNDEFINED_LENGTH
@@ -153,7 +153,7 @@ def parse_header(
     """
     ds = _parsed(lambda: _read(data, transfer_syntax))
     _check_complete(ds)
-    if len(ds._dict) == 0:
+    if len(ds) == 0:
         raise MalformedInstance(STATUS_UNREADABLE, "empty data set")
     return _identify(ds, sop_class_uid, sop_instance_uid)
 
@@ -208,7 +208,7 @@ def parse_header_prefix(
         return None
     try:
         _check_complete(ds)
-        if len(ds._dict) == 0:
+        if len(ds) == 0:
             raise MalformedInstance(STATUS_UNREADABLE, "empty data set")
         header = _identify(ds, sop_class_uid, sop_instance_uid)
     except MalformedInstance as bad:
@@ -243,7 +243,7 @@ def check_tail(tail: bytes | bytearray, transfer_syntax: str) -> None:
         raise MalformedInstance(STATUS_UNREADABLE, "not a plain transfer syntax")
     ds = _parsed(lambda: read_dataset(io.BytesIO(tail), *plain))
     _check_complete(ds)
-    if len(ds._dict) == 0:  # pydicom drops every element when one runs past the end (no delimiter)
+    if len(ds) == 0:  # pydicom drops every element when one runs past the end (no delimiter)
         raise MalformedInstance(STATUS_UNREADABLE, "Pixel Data runs past the end of the data set")
 
 

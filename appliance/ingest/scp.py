@@ -108,6 +108,7 @@ class StorageSCP:
         self.watermark_path = self.store.path.with_name("ingest.watermark")
         self.watermark = Watermark(self.watermark_path, 0)
         self._flusher = self._make_flusher()
+        self._flusher_down = False  # shut down by stop(): start() makes a new one
         # Called in the association thread after each new instance is durable, before its ACK is sent:
         # a hook must only enqueue (e.g. the pipeline's early preparation); one that raises is logged.
         self.on_instance: list[Callable[[StoredInstance], None]] = []
@@ -141,8 +142,8 @@ class StorageSCP:
 
     def start(self) -> None:
         self.recover()
-        if self._flusher._shutdown:  # restarted after stop()
-            self._flusher = self._make_flusher()
+        if self._flusher_down:  # restarted after stop()
+            self._flusher, self._flusher_down = self._make_flusher(), False
         cfg = self.cfg
         server_cfg = ServerConfig(
             max_associations=cfg.max_associations,
@@ -178,6 +179,7 @@ class StorageSCP:
             return
         aborted = server.stop(self.cfg.shutdown_grace_s)
         self._flusher.shutdown(wait=True)
+        self._flusher_down = True
         self.spool.stop()
         self.watermark.stop()
         self._server = None

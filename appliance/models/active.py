@@ -48,15 +48,14 @@ def trust_store(settings: Settings) -> TrustStore:
 
 
 def engine_options(settings: Settings) -> runtime.EngineOptions:
+    """The engines section as runtime options (each backend's own options via ``plugin_options``)."""
     e = settings.engines
     return runtime.EngineOptions(
         backend=e.backend,
         precision=e.precision,
-        ort_intra_op_threads=e.ort_intra_op_threads,
-        ort_inter_op_threads=e.ort_inter_op_threads,
-        trt_workspace_mib=e.trt_workspace_mib,
         max_batch=e.max_batch,
         appliance_version=__version__,
+        plugins=e.plugin_options(),
     )
 
 

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from appliance import __version__
+from appliance.core.compat import attach_sr_content
 from appliance.pipeline import uids
 from appliance.pipeline.postprocess import ImageResult, StudyResult
 
@@ -194,8 +195,7 @@ def build_sr(
         is_complete=True,
     )
     if not full_copy:
-        sr.ContentSequence = root.ContentSequence  # what highdicom assigns too (the original, not its copy)
-        sr._content = hd.sr.ContentSequence([root], is_root=True)  # ``sr.content``: the typed tree
+        attach_sr_content(sr, root)  # the original tree, not a copy, as ``sr.ContentSequence`` and ``sr.content``
     sr.SeriesDescription = f"AI findings {result.bundle_id} {result.bundle_version}{banner}"[:64]
     sr.SoftwareVersions = __version__
     return sr

@@ -1,30 +1,23 @@
-"""Inference backends behind one interface (:class:`engines.backends.base.Engine`), picked by name.
+"""Inference backends as plugins behind one interface (:mod:`engines.backends.base`), picked by type key.
 
-``auto`` = TensorRT when it is importable and a GPU is present, else ONNX Runtime on the CPU.
+Each backend is one module here with one :class:`~engines.backends.base.BackendPlugin` subclass registered
+in :mod:`engines.backends.registry` (``ort``: ONNX Runtime on the CPU; ``tensorrt``: TensorRT 10 on the
+GPU). ``auto`` = the available plugin with the lowest ``preference`` (TensorRT where it can run, else ONNX
+Runtime).
 """
 
 from __future__ import annotations
 
-from engines.backends.base import Engine
-from engines.errors import EngineBuildError
-
-BACKENDS = ("ort", "tensorrt")
+from engines.backends.base import BackendPlugin, Engine
+from engines.backends.registry import AUTO, names, select
 
 
-def select_backend(requested: str = "auto") -> str:
-    """Resolve "auto"/"ort"/"tensorrt" to a backend that can run here; an explicit unusable one is an error."""
-    if requested == "ort":
-        return "ort"
-    from engines.backends import tensorrt
+def select_backend(requested: str = AUTO) -> str:
+    """Resolve ``auto`` or a type key to the type key of a backend that can run here.
 
-    ok, why = tensorrt.available()
-    if requested == "tensorrt":
-        if not ok:
-            raise EngineBuildError("backend_unavailable", f"TensorRT backend requested but {why}")
-        return "tensorrt"
-    if requested != "auto":
-        raise EngineBuildError("backend_unavailable", f"unknown backend {requested!r} (auto, ort, tensorrt)")
-    return "tensorrt" if ok else "ort"
+    Raises EngineBuildError: unknown_backend, or backend_unavailable for a named backend that cannot run.
+    """
+    return select(requested).type_key
 
 
-__all__ = ["BACKENDS", "Engine", "select_backend"]
+__all__ = ["AUTO", "BackendPlugin", "Engine", "names", "select", "select_backend"]

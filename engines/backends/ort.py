@@ -1,4 +1,4 @@
-"""ONNX Runtime on the CPU.
+"""ONNX Runtime on the CPU: the ``ort`` backend plugin (:class:`OrtPlugin`) and its engine.
 
 The "compile" step runs ORT's graph optimiser once and saves the optimised model, so later loads skip
 the optimisation pass (that artefact is what the engine cache keeps). It is specific to this CPU's
@@ -10,12 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
-from engines.backends.base import Engine
+from engines.backends.base import BackendPlugin, BuildContext, Engine, KeyFields, PluginConfig
+from engines.backends.registry import register
+from engines.cache import cpu_fingerprint
 from engines.errors import EngineBuildError
 
 
 def ort_version() -> str:
+    """The installed onnxruntime version (part of the cache key)."""
     import onnxruntime as ort
 
     return ort.__version__
@@ -57,6 +61,9 @@ def compile_ort(
 
 
 class OrtEngine(Engine):
+    """An ONNX Runtime CPU session over ``model_path``; ``optimised`` = the model is already the output of
+    :func:`compile_ort` (no second optimisation pass). Raises EngineBuildError("model_load_failed")."""
+
     backend_name = "ort"
 
     def __init__(
@@ -98,3 +105,65 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self._session = None  # type: ignore[assignment]
+
+
+class OrtConfig(PluginConfig):
+    """Options of the ``ort`` backend (``[engines.plugins.ort]``; the flat ``engines.ort_*`` keys still work)."""
+
+    intra_op_threads: int = Field(default=0, ge=0, description="0 = ONNX Runtime decides")
+    inter_op_threads: int = Field(default=1, ge=0)
+    allow_spinning: bool = Field(default=True, description="False: idle ORT threads sleep (kinder to a shared CPU)")
+
+
+@register
+class OrtPlugin(BackendPlugin):
+    """ONNX Runtime on the CPU: runs everywhere, so ``auto``'s last resort. Always fp32; the compiled
+    artefact is ORT's optimised model, valid for this onnxruntime version and this CPU's ISA."""
+
+    type_key = "ort"
+    preference = 100
+    Config = OrtConfig
+    config: OrtConfig
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except Exception as exc:  # ImportError, or a broken native library
+            return False, f"onnxruntime not importable ({exc.__class__.__name__}: {exc})"
+        if "CPUExecutionProvider" not in ort.get_available_providers():
+            return False, "onnxruntime has no CPUExecutionProvider"
+        return True, ""
+
+    def key_fields(self) -> KeyFields:
+        c = self.config  # allow_spinning is a run-time setting: the optimised model does not depend on it
+        return KeyFields(
+            ort_version(), cpu_fingerprint(), "fp32", {"intra": c.intra_op_threads, "inter": c.inter_op_threads}
+        )
+
+    def build(self, onnx_path: Path, out_path: Path, ctx: BuildContext) -> str:
+        if ctx.progress:
+            ctx.progress("optimise", 0, 1)
+        c = self.config
+        compile_ort(
+            onnx_path,
+            out_path,
+            intra_op_threads=c.intra_op_threads,
+            inter_op_threads=c.inter_op_threads,
+            bundle=ctx.bundle,
+        )
+        if ctx.progress:
+            ctx.progress("optimise", 1, 1)
+        return "fp32"
+
+    def load(self, artefact: Path, ctx: BuildContext) -> Engine:
+        c = self.config
+        return OrtEngine(
+            artefact,
+            intra_op_threads=c.intra_op_threads,
+            inter_op_threads=c.inter_op_threads,
+            max_batch=self.profile.max_batch,
+            optimised=True,
+            allow_spinning=c.allow_spinning,
+            bundle=ctx.bundle,
+        )

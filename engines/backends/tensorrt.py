@@ -1,4 +1,5 @@
-"""TensorRT 10 on the GPU (Jetson Orin with JetPack 6, or an x86 PC with an NVIDIA GPU).
+"""TensorRT 10 on the GPU (Jetson Orin with JetPack 6, or an x86 PC with an NVIDIA GPU): the ``tensorrt``
+backend plugin (:class:`TrtPlugin`) and its engine.
 
 Real code against the TensorRT 10 Python API (``tensorrt>=10,<11``: TensorRT 11 removes
 ``BuilderFlag.FP16`` and ``platform_has_fast_fp16``; JetPack 6 ships 10.3). ``tensorrt`` and ``pycuda`` are
@@ -20,8 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
-from engines.backends.base import Engine
+from engines.backends.base import BackendPlugin, BuildContext, Engine, KeyFields, PluginConfig
+from engines.backends.registry import register
 from engines.errors import EngineBuildError
 
 _lock = threading.Lock()
@@ -48,6 +51,7 @@ def available() -> tuple[bool, str]:
 
 
 def trt_version() -> str:
+    """The installed TensorRT version (part of the cache key: a plan only runs on the TensorRT that built it)."""
     import tensorrt as trt
 
     return trt.__version__
@@ -181,6 +185,9 @@ class _Progress:  # becomes a trt.IProgressMonitor subclass on first use (tensor
 
 
 class TrtEngine(Engine):
+    """A deserialised TensorRT plan with buffers sized for its max batch, on ``device``. Raises
+    EngineBuildError("incompatible_plan") when this GPU/TensorRT cannot deserialise the plan."""
+
     backend_name = "tensorrt"
 
     def __init__(self, plan_path: Path, *, max_batch: int = 8, device: int = 0, bundle: str = "?"):
@@ -263,3 +270,52 @@ class TrtEngine(Engine):
             self._engine = None
             self._runtime = None
         self._ctx.detach()
+
+
+class TrtConfig(PluginConfig):
+    """Options of the ``tensorrt`` backend (``[engines.plugins.tensorrt]``; ``engines.trt_workspace_mib``
+    still works)."""
+
+    workspace_mib: int = Field(default=1024, ge=64, description="builder workspace memory pool limit")
+
+
+@register
+class TrtPlugin(BackendPlugin):
+    """TensorRT 10 on an NVIDIA GPU: preferred by ``auto`` wherever it can run. The artefact is a
+    serialised plan, valid only for this TensorRT version and this GPU (and L4T release on a Jetson).
+    Builds and runs on CUDA device 0 (one GPU per box)."""
+
+    type_key = "tensorrt"
+    preference = 10
+    Config = TrtConfig
+    config: TrtConfig
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        return available()
+
+    def key_fields(self) -> KeyFields:
+        p = self.profile
+        return KeyFields(
+            trt_version(),
+            gpu_fingerprint(),
+            p.precision,
+            {"max_batch": p.max_batch, "opt_batch": p.opt_batch, "workspace_mib": self.config.workspace_mib},
+        )
+
+    def build(self, onnx_path: Path, out_path: Path, ctx: BuildContext) -> str:
+        p = self.profile
+        return build_plan(
+            onnx_path,
+            out_path,
+            precision=p.precision,
+            workspace_mib=self.config.workspace_mib,
+            max_batch=p.max_batch,
+            opt_batch=p.opt_batch,
+            timing_cache_path=ctx.state_dir / "trt-timing.cache" if ctx.state_dir else None,
+            progress=ctx.progress,
+            bundle=ctx.bundle,
+        )
+
+    def load(self, artefact: Path, ctx: BuildContext) -> Engine:
+        return TrtEngine(artefact, max_batch=self.profile.max_batch, bundle=ctx.bundle)
