@@ -135,13 +135,12 @@ def _write_tar(out: Path, members: list[tuple[str, bytes | Path]]) -> None:
                 tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
             ):
                 for name, src in members:
-                    data = src if isinstance(src, bytes) else None
                     info = tarfile.TarInfo(name)
                     info.mode, info.mtime, info.uid, info.gid = 0o644, 0, 0, 0
                     info.uname = info.gname = ""
-                    if data is not None:
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
+                    if isinstance(src, bytes):
+                        info.size = len(src)
+                        tar.addfile(info, io.BytesIO(src))
                     else:
                         info.size = Path(src).stat().st_size
                         with open(src, "rb") as fh:

@@ -61,7 +61,7 @@ def load_golden(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
 def save_golden(path: Path, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
     arrays = {f"input:{k}": v for k, v in inputs.items()} | {f"output:{k}": v for k, v in outputs.items()}
     with open(path, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub: ** could name allow_pickle
 
 
 def _failed(name: str, atol: float, rtol: float, mismatched: int, total: int, note: str) -> OutputCheck:

@@ -109,7 +109,7 @@ def compile_engine(
             log.warning("cached engine for %s unusable (%s), rebuilding", bid, exc)
             cache.invalidate(m.bundle_id, key)
             note, hit, engine = f"cached engine unusable: {exc.reason}", False, None
-    if engine is None:
+    if engine is None or artefact is None:
         cache.root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".build-", dir=cache.root) as tmp:
             out = Path(tmp) / "artefact"

@@ -210,11 +210,12 @@ def image_findings(
         act = activate(heatmaps, heatmap_spec.activation, axis=0)
         maps = {label: act[i] for i, label in enumerate(heatmap_spec.labels)}
     findings = []
+    stride = int(heatmap_spec.stride or 1) if heatmap_spec is not None else 1
     for i, label in enumerate(score_spec.labels):
         thr = float(score_spec.thresholds.get(label, DEFAULT_THRESHOLD))
         score = float(probs[i])
         positive = score >= thr
-        loc = locate(maps[label], tf, int(heatmap_spec.stride or 1)) if positive and label in maps else None
+        loc = locate(maps[label], tf, stride) if positive and label in maps else None
         findings.append(Finding(label=label, score=score, threshold=thr, positive=positive, location=loc))
     return findings, maps
 

@@ -170,7 +170,9 @@ def build_sr(
     """
     report = build_report(result, sources, title)
     root = report[0]
-    content: Dataset = report
+    if not isinstance(root, hd.sr.ContentItem):  # highdicom's report holds its root CONTAINER item
+        raise TypeError(f"unexpected TID 1500 root: {type(root).__name__}")
+    content: Dataset = report  # type: ignore[assignment]  # MeasurementReport is a ContentSequence; highdicom takes both
     if not full_copy:
         missing = _referenced_sops(root.ContentSequence) - {str(s.SOPInstanceUID) for s in sources}
         if missing:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import Field
@@ -218,7 +219,7 @@ class TrtEngine(Engine):
             else:
                 self.max_batch = int(shape[0])
             self._host: dict[str, np.ndarray] = {}
-            self._device: dict[str, object] = {}
+            self._device: dict[str, Any] = {}  # pycuda DeviceAllocation per tensor
             for n in names:
                 full = tuple(self.max_batch if d < 0 else d for d in engine.get_tensor_shape(n))
                 if any(d < 0 for d in full):

@@ -635,5 +635,7 @@ def _size(size: str | tuple[int, int], small: tuple[int, int], real: tuple[int, 
         return small
     if size == "real":
         return real
-    rows, cols = size  # type: ignore[misc]
+    if isinstance(size, str):
+        raise ValueError(f"size must be 'small', 'real' or (rows, cols), not {size!r}")
+    rows, cols = size
     return int(rows), int(cols)
