@@ -2,35 +2,38 @@
 
 Modalities must never be refused for their transfer syntax, so every syntax pynetdicom knows is accepted
 (uncompressed LE/BE, deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, video):
-the bytes are stored as received, never transcoded. The UID tables come from pynetdicom (still the SCU
+the bytes are stored as received, never transcoded. The SOP class UIDs come from pydicom's named constants, the transfer syntax tables from pynetdicom (still the SCU
 library for export); the acceptor itself is ``ul.server``.
 """
 
 from __future__ import annotations
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts, sop_class
+from pydicom import uid
+from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 A.4 (pydicom names no constant for it)
 
 # The imaging classes the box exists for (CR, DX, MG, CT, SC), their close relatives a clinic's X-ray,
 # mammography and CT machines also emit, and the CT dose report most CT scanners send with each study.
 IMAGING_SOP_CLASSES: tuple[str, ...] = (
-    sop_class.ComputedRadiographyImageStorage,
-    sop_class.DigitalXRayImageStorageForPresentation,
-    sop_class.DigitalXRayImageStorageForProcessing,
-    sop_class.DigitalMammographyXRayImageStorageForPresentation,
-    sop_class.DigitalMammographyXRayImageStorageForProcessing,
-    sop_class.DigitalIntraOralXRayImageStorageForPresentation,
-    sop_class.DigitalIntraOralXRayImageStorageForProcessing,
-    sop_class.BreastTomosynthesisImageStorage,
-    sop_class.BreastProjectionXRayImageStorageForPresentation,
-    sop_class.BreastProjectionXRayImageStorageForProcessing,
-    sop_class.CTImageStorage,
-    sop_class.EnhancedCTImageStorage,
-    sop_class.SecondaryCaptureImageStorage,
-    sop_class.MultiFrameSingleBitSecondaryCaptureImageStorage,
-    sop_class.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
-    sop_class.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
-    sop_class.MultiFrameTrueColorSecondaryCaptureImageStorage,
-    sop_class.XRayRadiationDoseSRStorage,
+    uid.ComputedRadiographyImageStorage,
+    uid.DigitalXRayImageStorageForPresentation,
+    uid.DigitalXRayImageStorageForProcessing,
+    uid.DigitalMammographyXRayImageStorageForPresentation,
+    uid.DigitalMammographyXRayImageStorageForProcessing,
+    uid.DigitalIntraOralXRayImageStorageForPresentation,
+    uid.DigitalIntraOralXRayImageStorageForProcessing,
+    uid.BreastTomosynthesisImageStorage,
+    uid.BreastProjectionXRayImageStorageForPresentation,
+    uid.BreastProjectionXRayImageStorageForProcessing,
+    uid.CTImageStorage,
+    uid.EnhancedCTImageStorage,
+    uid.SecondaryCaptureImageStorage,
+    uid.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    uid.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    uid.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    uid.XRayRadiationDoseSRStorage,
 )
 
 
@@ -49,7 +52,7 @@ def all_storage_sop_classes() -> tuple[str, ...]:
 def scp_contexts(accept_all_storage: bool) -> dict[str, tuple[str, ...]]:
     """Abstract syntax -> transfer syntaxes in preference order: Verification plus storage."""
     classes = all_storage_sop_classes() if accept_all_storage else IMAGING_SOP_CLASSES
-    contexts: dict[str, tuple[str, ...]] = {str(sop_class.Verification): tuple(map(str, DEFAULT_TRANSFER_SYNTAXES))}
+    contexts: dict[str, tuple[str, ...]] = {str(VERIFICATION_SOP_CLASS): tuple(map(str, DEFAULT_TRANSFER_SYNTAXES))}
     for uid in classes:
         contexts.setdefault(str(uid), TRANSFER_SYNTAXES)
     return contexts
