@@ -2,7 +2,8 @@
 
 Modalities must never be refused for their transfer syntax, so every syntax pynetdicom knows is accepted
 (uncompressed LE/BE, deflate, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE, video):
-the bytes are stored as received, never transcoded. The SOP class UIDs come from pydicom's named constants, the transfer syntax tables from pynetdicom (still the SCU
+the bytes are stored as received, never transcoded. The SOP class UIDs come from pydicom's named
+constants, the transfer syntax tables from pynetdicom (still the SCU
 library for export); the acceptor itself is ``ul.server``.
 """
 
@@ -53,6 +54,6 @@ def scp_contexts(accept_all_storage: bool) -> dict[str, tuple[str, ...]]:
     """Abstract syntax -> transfer syntaxes in preference order: Verification plus storage."""
     classes = all_storage_sop_classes() if accept_all_storage else IMAGING_SOP_CLASSES
     contexts: dict[str, tuple[str, ...]] = {str(VERIFICATION_SOP_CLASS): tuple(map(str, DEFAULT_TRANSFER_SYNTAXES))}
-    for uid in classes:
-        contexts.setdefault(str(uid), TRANSFER_SYNTAXES)
+    for sop in classes:
+        contexts.setdefault(str(sop), TRANSFER_SYNTAXES)
     return contexts
