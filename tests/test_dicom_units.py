@@ -10,13 +10,14 @@ from pathlib import Path
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from appliance.core.config import AllowedCaller, DicomConfig
-from appliance.core.store import COMPLETE, RECEIVED, Store
+from appliance.core.store import Store
 from appliance.ingest import records
 from appliance.ingest.assembler import StudyAssembler
 from appliance.ingest.durability import Watermark, write_watermark
 from appliance.ingest.header import InstanceHeader
 from appliance.ingest.scp import StorageSCP, caller_allowed
 from appliance.ingest.spool import Spool, write_all
+from appliance.lifecycle.studies import COMPLETE, RECEIVED
 
 
 def _header(study: str, sop: str | None = None) -> InstanceHeader:

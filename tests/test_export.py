@@ -11,8 +11,10 @@ import pydicom
 import pytest
 
 from appliance.core.config import PacsDestination, Settings
-from appliance.core.store import COMPLETE, EXPORTED, INFERRED, Store, now
+from appliance.core.store import Store, now
 from appliance.delivery.export import Exporter, backoff
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import EXPORTED, INFERRED, INFERRING
 from appliance.pipeline.analyse import analyse
 from appliance.pipeline.results import save_results
 from tests.conftest import PYTHON, ROOT
@@ -29,7 +31,8 @@ def _settings(home: Path, pacs: Orthanc) -> Settings:
     return s
 
 
-def add_study(store: Store, study_uid: str, state: str = COMPLETE) -> int:
+def add_study(store: Store, study_uid: str, state: str = INFERRING) -> int:
+    """A study row as the worker has it while it saves results (``inferring``)."""
     ts = now()
     with store.transaction() as conn:
         cur = conn.execute(
@@ -45,7 +48,14 @@ def _results(settings: Settings, store: Store) -> tuple[str, int]:
     a = analyse([ds], m, TinyEngine().infer, 8, 10**8)
     study_id = add_study(store, ds.StudyInstanceUID)
     save_results(settings, store, study_id, a, m)
+    mark_inferred(store, study_id)
     return ds.StudyInstanceUID, study_id
+
+
+def mark_inferred(store: Store, study_id: int) -> None:
+    """What the worker does once a study's results are saved."""
+    with store.transaction() as conn:
+        studies.transition(conn, study_id, INFERRING, INFERRED, "1 bundle(s)")
 
 
 def _state(store: Store, study_id: int) -> str:
@@ -169,7 +179,7 @@ def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -
     study_id = add_study(store, ds.StudyInstanceUID)
     for _ in range(2):
         a = analyse([ds], m, eng.infer, 8, 10**8)
-        save_results(settings, store, study_id, a, m, set_state=False)
+        save_results(settings, store, study_id, a, m)
         store.conn.execute("UPDATE exports SET state='pending', next_attempt_at=0")
         Exporter(settings, store).run_once()
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
@@ -194,6 +204,7 @@ def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> N
 
     try:
         save_results(settings, store, study_id, a, m, on_queued=at_sr_queued)
+        mark_inferred(store, study_id)
         assert [(r["kind"], r["state"]) for r in seen[0]] == [("SR", "done")]  # SC not even queued yet
         assert len(seen[1]) == 1
         exporter.wake()
@@ -217,10 +228,11 @@ def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthan
 
     with pytest.raises(KeyboardInterrupt):
         save_results(settings, store, study_id, analyse([ds], m, TinyEngine().infer, 8, 10**8), m, on_queued=crash)
-    assert _state(store, study_id) == COMPLETE
+    assert _state(store, study_id) == INFERRING
     assert json.loads(store.query("SELECT summary FROM results")[0]["summary"]) == {"partial": True}
     assert Exporter(settings, store).run_once() == 1  # the SR
     save_results(settings, store, study_id, analyse([ds], m, TinyEngine().infer, 8, 10**8), m)
+    mark_inferred(store, study_id)
     rows = store.query("SELECT o.kind, e.state FROM exports e JOIN result_objects o ON o.id=e.object_id ORDER BY e.id")
     assert [(r["kind"], r["state"]) for r in rows] == [("SR", "done"), ("SC", "pending")]
     assert "partial" not in json.loads(store.query("SELECT summary FROM results")[0]["summary"])

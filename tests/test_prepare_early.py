@@ -19,10 +19,11 @@ import pydicom
 import pytest
 
 from appliance.core.config import Settings
-from appliance.core.store import COMPLETE, INFERRED, Store
+from appliance.core.store import Store
 from appliance.ingest.assembler import StudyAssembler
 from appliance.ingest.scp import StorageSCP, StoredInstance
 from appliance.ingest.spool import Spool
+from appliance.lifecycle.studies import COMPLETE, INFERRED
 from appliance.models.active import ActiveEngines
 from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache, cache_key, prepared_bytes

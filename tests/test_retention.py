@@ -7,7 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from appliance.core.store import PURGED, Store
+from appliance.core.store import Store
+from appliance.lifecycle.studies import PURGED
 from engines.reference import phantoms
 from tests.conftest import PYTHON, ROOT
 from tests.daemon_tools import daemon_env, running_daemon, storescu, wait_until

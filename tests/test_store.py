@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from appliance.core.store import COMPLETE, RECEIVED, Store, _migrations, now
+from appliance.core.store import Store, _migrations, now
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import COMPLETE, RECEIVED
 
 
 def test_migrations_apply_once_and_reopen(tmp_path: Path) -> None:
@@ -29,12 +31,13 @@ def test_state_transition_recorded_and_rollback(tmp_path: Path) -> None:
         )
         sid = cur.lastrowid
     with s.transaction() as c:
-        s.set_study_state(c, sid, COMPLETE, "quiet period over")
+        studies.transition(c, sid, RECEIVED, COMPLETE, "quiet period over")
     assert s.state_counts() == {COMPLETE: 1}
     ev = s.query("SELECT from_state, to_state, detail FROM study_events WHERE study_id=?", (sid,))
     assert [tuple(r) for r in ev] == [(RECEIVED, COMPLETE, "quiet period over")]
-    with pytest.raises(ValueError), s.transaction() as c:
-        s.set_study_state(c, sid, "bogus")
+    with pytest.raises(studies.IllegalTransition), s.transaction() as c:
+        studies.transition(c, sid, COMPLETE, "bogus")
+    assert s.state_counts() == {COMPLETE: 1}
     with pytest.raises(sqlite3.IntegrityError), s.transaction() as c:
         c.execute(
             "INSERT INTO studies(study_uid, state, created_at, updated_at, last_instance_at) VALUES (?,?,?,?,?)",

@@ -12,7 +12,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from appliance.core.config import RouteRule, Settings
-from appliance.core.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store, now
+from appliance.core.store import Store, now
+from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
 from tests.pipeline_tools import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
 

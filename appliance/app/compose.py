@@ -35,11 +35,11 @@ from appliance.delivery.export import Exporter
 from appliance.ingest.assembler import StudyAssembler
 from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
-from appliance.lifecycle.retention import RetentionService
 from appliance.models.active import ActiveEngines
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.results import NoPublisher, ResultPublisher
 from appliance.pipeline.worker import PipelineWorker
+from appliance.retention.purge import RetentionService
 
 # Threads for image preparation (decoders and numpy release the GIL) and for result building (Pillow drawing,
 # numpy resampling and fsync do too): a 4-view mammogram's images and SCs overlap instead of queueing.

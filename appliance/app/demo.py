@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core.config import PacsDestination, Settings
-from appliance.core.store import EXPORTED, FAILED, INFERRED, NO_MODEL, NOT_PROCESSABLE
+from appliance.lifecycle.studies import EXPORTED, FAILED, INFERRED, NO_MODEL, NOT_PROCESSABLE
 
 DONE = (INFERRED, EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED)
 DAEMON_ENV = {

@@ -18,6 +18,7 @@ from appliance.cloud.result_messages import CloudResultPublisher
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
 from appliance.core.store import Store, now
+from appliance.delivery.export import requeue_study
 from appliance.models import active as models
 from engines.errors import EnginesError
 
@@ -57,12 +58,8 @@ class ControlMethods:
         ts = now()
         with self._store.transaction() as conn:
             exports = 0
-            for r in rows:
-                exports += conn.execute(
-                    "UPDATE exports SET state='pending', attempts=0, next_attempt_at=?, done_at=NULL, last_error=NULL"
-                    " WHERE study_id=?",
-                    (ts, r["study_id"]),
-                ).rowcount
+            for study_id in sorted({r["study_id"] for r in rows}):
+                exports += requeue_study(conn, study_id, ts)
             queued = sum(self._publisher.enqueue(conn, m) for m in messages)
         self._publisher.committed()
         log.info("resend requested", results=len(rows), exports=exports, cloud_messages=queued)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from appliance.cli import settings_from
 from appliance.core.config import Settings
-from appliance.core.store import STUDY_STATES
+from appliance.lifecycle.studies import STUDY_STATES
 
 
 def run(ctx: typer.Context) -> None:

@@ -8,7 +8,7 @@ import typer
 
 from appliance.cli import settings_from
 from appliance.core.store import Store
-from appliance.lifecycle.retention import due_studies, purge_due
+from appliance.retention.purge import due_studies, purge_due
 
 
 def purge(

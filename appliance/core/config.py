@@ -154,6 +154,9 @@ class PipelineConfig(Section):
     enabled: bool = True
     queue_size: int = Field(default=64, ge=1)
     inference_timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="a study interrupted or crashing this often is ended failed"
+    )
     max_pixels: int = Field(default=100_000_000, ge=1, description="rows*columns*frames above this is refused")
     destinations: list[PacsDestination] = Field(default_factory=list)
     retry_initial_s: float = Field(default=5.0, gt=0)

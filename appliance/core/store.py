@@ -1,8 +1,9 @@
 """The state store: one SQLite database (WAL) in the state dir, with versioned schema migrations.
 
-This module owns the connection settings and the migrations; the tables are used by the subsystems
-through the helpers here. ``synchronous=FULL`` makes each commit durable (fsync) before it returns,
-which is what lets the SCP acknowledge a C-STORE only after its record is on disk.
+This module owns the connection settings and the migrations; each table has one owning module that
+writes it (``studies`` and ``study_events``: ``appliance.lifecycle.studies``). ``synchronous=FULL`` makes
+each commit durable (fsync) before it returns, which is what lets the SCP acknowledge a C-STORE only after
+its record is on disk.
 """
 
 from __future__ import annotations
@@ -18,32 +19,6 @@ from pathlib import Path
 from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
-
-# Study states, in the order a study moves through them. Terminal states are final for a revision.
-RECEIVED = "received"  # instances arriving
-COMPLETE = "complete"  # association released and quiet period over
-INFERRING = "inferring"
-INFERRED = "inferred"  # results built and durable, export queued
-EXPORTED = "exported"  # every destination acknowledged
-NO_MODEL = "no_model"  # no active bundle applies: recorded, not an error
-NOT_PROCESSABLE = "not_processable"  # input the models cannot take (reason recorded)
-FAILED = "failed"  # inference failed or timed out (reason recorded)
-SUPERSEDED = "superseded"  # a later revision of the same study replaced this one
-PURGED = "purged"  # retention over: received files and results deleted, findings kept without PHI
-STUDY_STATES = (
-    RECEIVED,
-    COMPLETE,
-    INFERRING,
-    INFERRED,
-    EXPORTED,
-    NO_MODEL,
-    NOT_PROCESSABLE,
-    FAILED,
-    SUPERSEDED,
-    PURGED,
-)
-# States after which nothing more happens to a revision's files: retention may purge them.
-SETTLED_STATES = (EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED, SUPERSEDED)
 
 
 def _migrations() -> list[tuple[int, str, str]]:
@@ -127,20 +102,6 @@ class Store:
             log.info("schema migrated", db=str(self.path), migration=name, version=version)
             current = version
         return current
-
-    def set_study_state(self, conn: sqlite3.Connection, study_id: int, state: str, detail: str | None = None) -> None:
-        """Record a state transition (inside the caller's transaction) with its history row."""
-        if state not in STUDY_STATES:
-            raise ValueError(f"unknown study state {state!r}")
-        row = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
-        if row is None:
-            raise KeyError(f"no study {study_id}")
-        ts = now()
-        conn.execute("UPDATE studies SET state=?, detail=?, updated_at=? WHERE id=?", (state, detail, ts, study_id))
-        conn.execute(
-            "INSERT INTO study_events(study_id, from_state, to_state, at, detail) VALUES (?,?,?,?,?)",
-            (study_id, row["state"], state, ts, detail),
-        )
 
     def state_counts(self) -> dict[str, int]:
         rows = self.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")

@@ -6,6 +6,9 @@ with ``attempts`` and a ``next_attempt_at`` that backs off exponentially (retry_
 at retry_max_s). The queue lives in SQLite, so it survives restarts; since result UIDs are deterministic,
 a resend after a crash between "stored by PACS" and "marked done" is the same instance (PACS de-duplicates).
 A study moves to ``exported`` when every row of it is done.
+
+This module is the one writer of the ``exports`` table: results queue through :func:`queue_object`, the
+cloud's ``resend`` method through :func:`requeue_study`, retention through :func:`forget_study`.
 """
 
 from __future__ import annotations
@@ -14,17 +17,20 @@ import contextlib
 import socket
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, VerificationPresentationContexts, evt
 
 from appliance.core.background import BackgroundLoop
 from appliance.core.config import PacsDestination, Settings
 from appliance.core.logs import get_logger
-from appliance.core.store import EXPORTED, INFERRED, Store, now
+from appliance.core.store import Store, now
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import EXPORTED, INFERRED
 
 log = get_logger(__name__)
 
@@ -39,7 +45,10 @@ def _nodelay(event: evt.Event) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-HANDLERS = [(evt.EVT_CONN_OPEN, _nodelay)]
+HANDLERS: list[
+    tuple[evt.NotificationEvent | evt.InterventionEvent, Callable[..., Any]]
+    | tuple[evt.NotificationEvent | evt.InterventionEvent, Callable[..., Any], list[Any]]
+] = [(evt.EVT_CONN_OPEN, _nodelay)]
 
 
 def backoff(attempts: int, initial: float, maximum: float) -> float:
@@ -59,7 +68,7 @@ def _ae(settings: Settings, timeout: float) -> AE:
 def echo(settings: Settings, dest: PacsDestination, timeout: float | None = None) -> tuple[bool, str]:
     """C-ECHO a destination: (ok, message)."""
     ae = _ae(settings, timeout or settings.pipeline.export_timeout_s)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(str(VerificationPresentationContexts[0].abstract_syntax))
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=HANDLERS)
     if not assoc.is_established:
         why = "association rejected" if assoc.is_rejected else "no association (unreachable or aborted)"
@@ -99,14 +108,9 @@ def send(settings: Settings, dest: PacsDestination, items: list[tuple[int, Path]
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=HANDLERS)
     except Exception as exc:  # socket errors surface in various types
-        assoc, err = None, f"association failed: {exc}"
-    else:
-        err = (
-            None
-            if assoc.is_established
-            else ("association rejected" if assoc.is_rejected else "no association (PACS unreachable or aborted)")
-        )
-    if err is not None:
+        return outcomes + [Outcome(eid, False, f"association failed: {exc}") for eid, _ in datasets]
+    if not assoc.is_established:
+        err = "association rejected" if assoc.is_rejected else "no association (PACS unreachable or aborted)"
         return outcomes + [Outcome(eid, False, err) for eid, _ in datasets]
     try:
         for export_id, ds in datasets:
@@ -131,17 +135,67 @@ def send(settings: Settings, dest: PacsDestination, items: list[tuple[int, Path]
     return outcomes
 
 
-def mark_if_exported(store: Store, conn: sqlite3.Connection, study_id: int) -> bool:
+def mark_if_exported(conn: sqlite3.Connection, study_id: int) -> bool:
     """``inferred`` -> ``exported`` once every queued object of the study is acknowledged (in ``conn``'s
-    transaction). A study with no destinations configured stays ``inferred``: nothing was delivered."""
+    transaction); the ``inferred`` detail (e.g. an image whose SC could not be built) is kept after it.
+    A study with no destinations configured stays ``inferred``: nothing was delivered."""
     counts = conn.execute(
         "SELECT COUNT(*) AS n, SUM(state='done') AS done FROM exports WHERE study_id=?", (study_id,)
     ).fetchone()
-    state = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
-    if counts["n"] and counts["n"] == counts["done"] and state is not None and state["state"] == INFERRED:
-        store.set_study_state(conn, study_id, EXPORTED, "all results acknowledged by PACS")
+    st = studies.get(conn, study_id)
+    if counts["n"] and counts["n"] == counts["done"] and st is not None and st.state == INFERRED:
+        detail = "all results acknowledged by PACS" + (f"; {st.detail}" if st.detail else "")
+        studies.transition(conn, study_id, INFERRED, EXPORTED, detail)
         return True
     return False
+
+
+def queue_object(
+    conn: sqlite3.Connection, study_id: int, object_id: int, destinations: list[PacsDestination], at: float
+) -> int:
+    """Queue one result object (a ``result_objects`` row) for every destination, in the caller's
+    transaction; idempotent (an object already queued for a destination is not queued again). Returns
+    how many rows were added."""
+    added = 0
+    for dest in destinations:
+        added += conn.execute(
+            "INSERT OR IGNORE INTO exports(object_id, study_id, destination, next_attempt_at, created_at)"
+            " VALUES (?,?,?,?,?)",
+            (object_id, study_id, dest.name, at, at),
+        ).rowcount
+    return added
+
+
+def requeue_study(conn: sqlite3.Connection, study_id: int, at: float) -> int:
+    """Send every object of the study again (the cloud's ``resend``): its rows back to pending with no
+    attempts, due at ``at``; an ``exported`` study goes back to ``inferred`` until they are acknowledged
+    again (so retention does not purge what is being resent). Returns how many rows were re-queued."""
+    n = conn.execute(
+        "UPDATE exports SET state='pending', attempts=0, next_attempt_at=?, done_at=NULL, last_error=NULL"
+        " WHERE study_id=?",
+        (at, study_id),
+    ).rowcount
+    st = studies.get(conn, study_id)
+    if n and st is not None and st.state == EXPORTED:
+        studies.transition(conn, study_id, EXPORTED, INFERRED, f"resend requested: {n} export(s) re-queued")
+    return n
+
+
+def pending_count(conn: sqlite3.Connection, study_id: int) -> tuple[int, int]:
+    """(rows queued, rows not yet done) for one study."""
+    r = conn.execute(
+        "SELECT COUNT(*) AS n, COALESCE(SUM(state!='done'), 0) AS pending FROM exports WHERE study_id=?", (study_id,)
+    ).fetchone()
+    return int(r["n"]), int(r["pending"])
+
+
+def forget_study(conn: sqlite3.Connection, study_id: int) -> int:
+    """Delete the study's export rows (retention, before its result objects go); returns how many."""
+    return conn.execute(
+        "DELETE FROM exports WHERE study_id=? OR object_id IN (SELECT o.id FROM result_objects o"
+        " JOIN results r ON r.id=o.result_id WHERE r.study_id=?)",
+        (study_id, study_id),
+    ).rowcount
 
 
 class Exporter:
@@ -245,7 +299,7 @@ class Exporter:
                         (n, ts + backoff(n, p.retry_initial_s, p.retry_max_s), o.error, o.export_id),
                     )
             for study_id in {study_of[o.export_id] for o in outcomes}:
-                mark_if_exported(self.store, conn, study_id)
+                mark_if_exported(conn, study_id)
         for o in outcomes:
             if o.ok:
                 log.info("result exported", export_id=o.export_id, study_id=study_of[o.export_id])

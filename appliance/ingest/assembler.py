@@ -13,7 +13,9 @@ from collections.abc import Callable
 
 from appliance.core.background import BackgroundLoop
 from appliance.core.logs import get_logger
-from appliance.core.store import COMPLETE, RECEIVED, Store, now
+from appliance.core.store import Store, now
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import COMPLETE, RECEIVED
 
 log = get_logger(__name__)
 
@@ -70,8 +72,7 @@ class StudyAssembler:
                 ).fetchone()
                 if cur is None:  # an instance arrived meanwhile
                     continue
-                self.store.set_study_state(conn, sid, COMPLETE, f"{cur['n']} instances")
-                conn.execute("UPDATE studies SET completed_at=? WHERE id=?", (now(), sid))
+                studies.transition(conn, sid, RECEIVED, COMPLETE, f"{cur['n']} instances", completed=True)
             log.info(
                 "study complete", study_id=sid, study_uid=cur["study_uid"], revision=cur["revision"], instances=cur["n"]
             )

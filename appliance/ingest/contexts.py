@@ -10,9 +10,14 @@ library for export); the acceptor itself is ``ul.server``.
 from __future__ import annotations
 
 from pydicom import uid
-from pynetdicom import ALL_TRANSFER_SYNTAXES, DEFAULT_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    DEFAULT_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    VerificationPresentationContexts,
+)
 
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"  # PS3.4 A.4 (pydicom names no constant for it)
+VERIFICATION_SOP_CLASS = str(VerificationPresentationContexts[0].abstract_syntax)  # PS3.4 A.4
 
 # The imaging classes the box exists for (CR, DX, MG, CT, SC), their close relatives a clinic's X-ray,
 # mammography and CT machines also emit, and the CT dose report most CT scanners send with each study.

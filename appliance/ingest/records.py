@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.core.logs import get_logger
-from appliance.core.store import RECEIVED, Store, now
+from appliance.core.store import Store, now
 from appliance.ingest.header import InstanceHeader
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import RECEIVED
 
 log = get_logger(__name__)
 
@@ -89,16 +91,9 @@ def record_instance(
             study_id = int(latest["id"])
         else:
             new_revision = 1 if latest is None else int(latest["revision"]) + 1
-            cur = conn.execute(
-                "INSERT INTO studies(study_uid, revision, state, modality, calling_ae, created_at, updated_at,"
-                " last_instance_at, assoc_open) VALUES (?,?,?,?,?,?,?,?,0)",
-                (header.study_uid, new_revision, RECEIVED, header.modality, calling_ae, ts, ts, ts),
-            )
-            study_id = int(cur.lastrowid)
             detail = "first instance" if latest is None else f"late instance re-opened study (was {latest['state']})"
-            conn.execute(
-                "INSERT INTO study_events(study_id, from_state, to_state, at, detail) VALUES (?,?,?,?,?)",
-                (study_id, None, RECEIVED, ts, detail),
+            study_id = studies.open_revision(
+                conn, header.study_uid, new_revision, header.modality, calling_ae, detail, ts
             )
         flags = list(header.flags)
         if uid_reused:
@@ -122,15 +117,11 @@ def record_instance(
                 ts,
             ),
         )
-        instance_id = int(cur.lastrowid)
+        instance_id = int(cur.lastrowid or 0)  # always set after an INSERT
         if on_row is not None:
             on_row(instance_id)
         opens = 0 if study_id in assoc_studies else 1
-        conn.execute(
-            "UPDATE studies SET last_instance_at=?, updated_at=?, assoc_open=assoc_open+?,"
-            " modality=COALESCE(modality, ?) WHERE id=?",
-            (ts, ts, opens, header.modality, study_id),
-        )
+        studies.note_instance(conn, study_id, ts, opens, header.modality)
     assoc_studies.add(study_id)
     return Recorded(study_id, instance_id, duplicate=False, new_revision=new_revision, uid_reused=uid_reused)
 
@@ -139,13 +130,8 @@ def release_association(store: Store, study_ids: set[int]) -> None:
     """An association ended (released, aborted or dropped): it no longer holds its studies open."""
     if not study_ids:
         return
-    ts = now()
     with store.transaction() as conn:
-        for sid in study_ids:
-            conn.execute(
-                "UPDATE studies SET assoc_open=MAX(assoc_open-1, 0), updated_at=? WHERE id=?",
-                (ts, sid),
-            )
+        studies.release_associations(conn, study_ids, now())
 
 
 def forget_instance(store: Store, instance_id: int) -> None:
@@ -156,17 +142,7 @@ def forget_instance(store: Store, instance_id: int) -> None:
         if row is None:
             return
         conn.execute("DELETE FROM instances WHERE id=?", (instance_id,))
-        study_id = int(row["study_id"])
-        empty = conn.execute("SELECT 1 FROM instances WHERE study_id=? LIMIT 1", (study_id,)).fetchone() is None
-        state = conn.execute("SELECT state FROM studies WHERE id=?", (study_id,)).fetchone()
-        if empty and state is not None and state["state"] == RECEIVED:
-            conn.execute("SAVEPOINT drop_study")
-            try:
-                conn.execute("DELETE FROM study_events WHERE study_id=?", (study_id,))
-                conn.execute("DELETE FROM studies WHERE id=?", (study_id,))
-            except sqlite3.IntegrityError:  # another subsystem already refers to it: keep the empty revision
-                conn.execute("ROLLBACK TO drop_study")
-            conn.execute("RELEASE drop_study")
+        studies.drop_empty_revision(conn, int(row["study_id"]))
 
 
 def max_instance_id(store: Store) -> int:
@@ -176,8 +152,13 @@ def max_instance_id(store: Store) -> int:
 def reset_open_associations(store: Store) -> int:
     """At startup no association is open, whatever a crash left behind."""
     with store.transaction() as conn:
-        cur = conn.execute("UPDATE studies SET assoc_open=0 WHERE assoc_open != 0")
-        return cur.rowcount
+        return studies.reset_open_associations(conn)
+
+
+def forget_study_instances(conn: sqlite3.Connection, study_id: int) -> int:
+    """Delete a revision's instance rows in the caller's transaction (retention, after their files went);
+    returns how many. A modality re-sending the study later gets it stored and analysed again."""
+    return conn.execute("DELETE FROM instances WHERE study_id=?", (study_id,)).rowcount
 
 
 def known_paths(store: Store) -> set[str]:

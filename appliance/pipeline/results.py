@@ -3,11 +3,15 @@
 Files are written to ``<state>/results/<study uid>/<bundle>-<version>/`` (temp file, fsync, rename) before
 the transaction that records them and queues their export. The SR goes first, alone (it is what the PACS
 needs first, and what end-to-end latency is measured to): built, written and queued in its own transaction;
-the SCs are rendered once it is out (or after a bounded wait). The final transaction records the SCs, queues the
-encrypted cloud result message (with ``cloud.enabled``) and moves the study to ``inferred``. A crash
-before it leaves the study ``inferring`` (-> ``complete`` on restart): reprocessed with the same UIDs, so
-an SR already queued or sent is not queued again (``INSERT OR IGNORE``), and the result row, marked
-partial, still gets its cloud message.
+the SCs are rendered once it is out (or after a bounded wait). The final transaction records the SCs and queues the
+encrypted cloud result message (with ``cloud.enabled``); the worker then moves the study to ``inferred``
+(``appliance.lifecycle.studies``). A crash before it leaves the study ``inferring`` (-> ``complete`` on restart,
+within ``pipeline.max_attempts``): reprocessed with the same UIDs, so an SR already queued or sent is not
+queued again, and the result row, marked partial, still gets its cloud message. An SC that cannot be built is
+left out and named in :attr:`Saved.problems` and the summary's ``object_errors``: the SR still goes out.
+
+This module is the one writer of ``results`` and ``result_objects`` (retention purges through
+:func:`purge_study_results`); export rows are queued through ``appliance.delivery.export.queue_object``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +31,8 @@ from pydicom.dataset import Dataset
 from appliance.core.config import Settings
 from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
-from appliance.core.store import INFERRED, Store, now
+from appliance.core.store import Store, now
+from appliance.delivery.export import queue_object
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
@@ -161,12 +167,53 @@ def _queue_objects(
             " VALUES (?,?,?,?,?)",
             (result_id, kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)),
         )
-        for dest in settings.pipeline.destinations:
-            conn.execute(
-                "INSERT OR IGNORE INTO exports(object_id, study_id, destination, next_attempt_at, created_at)"
-                " SELECT id, ?, ?, ?, ? FROM result_objects WHERE result_id=? AND sop_instance_uid=?",
-                (study_id, dest.name, ts, ts, result_id, str(ds.SOPInstanceUID)),
-            )
+        object_id = conn.execute(
+            "SELECT id FROM result_objects WHERE result_id=? AND sop_instance_uid=?",
+            (result_id, str(ds.SOPInstanceUID)),
+        ).fetchone()[0]
+        queue_object(conn, study_id, int(object_id), settings.pipeline.destinations, ts)
+
+
+def queue_unqueued_objects(conn: sqlite3.Connection, settings: Settings, study_id: int) -> int:
+    """Queue every recorded object of the study for the destinations configured now (startup recovery of a
+    study inferred while none was configured); returns how many export rows were added."""
+    rows = conn.execute(
+        "SELECT o.id FROM result_objects o JOIN results r ON r.id=o.result_id WHERE r.study_id=?", (study_id,)
+    ).fetchall()
+    return sum(queue_object(conn, study_id, int(r["id"]), settings.pipeline.destinations, now()) for r in rows)
+
+
+def purge_study_results(conn: sqlite3.Connection, study_id: int) -> int:
+    """Retention, in the caller's transaction (after the export rows went): delete the study's result
+    objects and drop the patient block from each result's findings (kept for statistics). Returns how many
+    result rows were stripped."""
+    rows = conn.execute("SELECT id, summary FROM results WHERE study_id=?", (study_id,)).fetchall()
+    for r in rows:
+        conn.execute("DELETE FROM result_objects WHERE result_id=?", (r["id"],))
+        summary = json.loads(r["summary"] or "{}")
+        summary.pop("patient", None)
+        conn.execute("UPDATE results SET summary=? WHERE id=?", (json.dumps(summary), r["id"]))
+    return len(rows)
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`save_results` stored: the ``results`` row and the objects it could not build."""
+
+    result_id: int
+    problems: list[str] = field(default_factory=list)  # e.g. "SC not built for image <uid>: ValueError: ..."
+
+
+def _built_scs(analysis: Analysis, futures: list[Future]) -> tuple[list[tuple[str, Dataset]], list[dict[str, str]]]:
+    """The SCs that were built, and {image_sop_uid, error} for each that raised (logged, never fatal)."""
+    built, errors = [], []
+    for img, fut in zip(analysis.result.images, futures, strict=True):
+        try:
+            built.append(("SC", fut.result()))
+        except Exception as exc:
+            errors.append({"image_sop_uid": img.sop_instance_uid, "error": f"{type(exc).__name__}: {exc}"})
+            log.warning("SC not built", image_sop_uid=img.sop_instance_uid, error=f"{type(exc).__name__}: {exc}")
+    return built, errors
 
 
 def save_results(
@@ -176,17 +223,18 @@ def save_results(
     analysis: Analysis,
     manifest: Manifest,
     objects: list[tuple[str, Dataset]] | None = None,
-    set_state: bool = True,
     on_queued: Callable[[], object] | None = None,
     publisher: ResultPublisher | None = None,
     pool: Executor | None = None,
-) -> int:
-    """Write the objects, record them, queue their export to every destination; returns the result id.
+) -> Saved:
+    """Write the objects, record them, queue their export to every destination; the study's state is the
+    caller's (the worker moves it to ``inferred`` afterwards).
 
     Without prebuilt ``objects`` the SR goes first: it is built, written and queued for export in its own
     transaction; then ``on_queued`` is called (the daemon's waits, bounded, for the exporter to send it), then
-    the SCs are rendered on the pool and follow in the final transaction. The study stays ``inferring`` until
-    that one, so a crash in between reprocesses it (same UIDs: the queued SR is not queued twice).
+    the SCs are rendered on the pool and follow in the final transaction. An SC whose builder raises is left
+    out and reported in ``Saved.problems``. Raises whatever building the SR or writing a file raises (then
+    nothing of this call is queued, or only the SR).
     ``publisher`` builds and queues the cloud result message (default: none); ``pool`` renders and writes the
     objects concurrently (default: on this thread).
     """
@@ -210,12 +258,13 @@ def save_results(
             on_queued()
         # the SCs only now: rendered beside the SR or its export (threads, one GIL) they delayed the SR more
         # than they saved; the daemon's on_queued waits (bounded) until the exporter has tried the SR
-        scs = submit_scs(analysis, settings.pipeline.sc_max_size, pool)
-        rest = write_objects([("SC", f.result()) for f in scs], out_dir, pool)
-        written = first + rest
+        built, object_errors = _built_scs(analysis, submit_scs(analysis, settings.pipeline.sc_max_size, pool))
+        written = first + write_objects(built, out_dir, pool)
     else:
-        written = write_objects(objects, out_dir, pool)
+        written, object_errors = write_objects(objects, out_dir, pool), []
     summary = res.summary()
+    if object_errors:
+        summary["object_errors"] = object_errors
     summary["skipped"] = [{"image_sop_uid": s, "reason": r} for s, r in analysis.skipped]
     summary["objects"] = [{"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(p)} for k, ds, p in written]
     revision = store.query("SELECT revision FROM studies WHERE id=?", (study_id,))[0]["revision"]
@@ -233,9 +282,6 @@ def save_results(
         _queue_objects(conn, settings, study_id, result_id, written)
         if not known:  # a re-run of the same revision was already queued (same message id) with its result
             publisher.enqueue(conn, message)
-        if set_state:
-            detail = f"{manifest.bundle_id} {manifest.version}: study score {res.study_score:.3f}"
-            store.set_study_state(conn, study_id, INFERRED, detail)
     publisher.committed()
     log.info(
         "results stored",
@@ -244,5 +290,7 @@ def save_results(
         version=manifest.version,
         objects=len(written),
         study_score=round(res.study_score, 4),
+        object_errors=len(object_errors),
     )
-    return result_id
+    problems = [f"SC not built for image {e['image_sop_uid']}: {e['error']}" for e in object_errors]
+    return Saved(result_id, problems)

@@ -5,9 +5,13 @@
 - One worker thread takes studies one at a time; each applicable bundle runs on its own engine (one engine
   per active bundle, created once), with all of the study's images in as few batches as ``max_batch``
   allows. Inference runs under a timeout: a study that times out or raises is marked ``failed`` with the
-  reason and the worker moves on.
-- Restart: studies left ``inferring`` (killed mid-inference) go back to ``complete`` and are reprocessed
-  (same UIDs, so nothing is duplicated); ``inferred`` studies are already in the export queue.
+  reason and the worker moves on. Result building that raises ends that bundle with the reason (an SC that
+  cannot be built is only left out: the SR still goes); a study no bundle stored results for is ``failed``.
+  Any other exception sends the study back to ``complete`` for another attempt, at most
+  ``pipeline.max_attempts`` (``studies.attempts``), then ``failed``: never a crash loop.
+- Restart: ``appliance.pipeline.recovery`` resumes or ends every transient study first (an interrupted
+  one is reprocessed with the same UIDs, so nothing is duplicated, within its attempts).
+Every state change goes through ``appliance.lifecycle.studies`` (compare-and-set + event).
 """
 
 from __future__ import annotations
@@ -27,12 +31,15 @@ from pydicom.dataset import Dataset
 from appliance.core.background import BackgroundLoop
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
-from appliance.core.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store
+from appliance.core.store import Store
 from appliance.delivery.export import mark_if_exported
 from appliance.ingest.records import study_instances
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
 from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
+from appliance.pipeline.recovery import recover
 from appliance.pipeline.results import ResultPublisher, save_results
 from appliance.pipeline.router import InferenceEngine, describe, route
 from engines.manifest import Manifest
@@ -149,14 +156,8 @@ class PipelineWorker:
         self._scanner.wake()
 
     def resume(self) -> int:
-        """Studies killed mid-inference go back to ``complete``."""
-        with self.store.transaction() as conn:
-            rows = conn.execute("SELECT id FROM studies WHERE state=?", (INFERRING,)).fetchall()
-            for r in rows:
-                self.store.set_study_state(conn, r["id"], COMPLETE, "interrupted during inference: reprocessing")
-        if rows:
-            log.info("resuming interrupted studies", count=len(rows))
-        return len(rows)
+        """Startup recovery (``lifecycle.recovery.recover``); returns how many studies were ``inferring``."""
+        return recover(self.settings, self.store).interrupted
 
     # -- scanning --------------------------------------------------------------------------------------
     def scan_once(self) -> int:
@@ -194,8 +195,9 @@ class PipelineWorker:
                 continue
             try:
                 self.process(study_id)
-            except Exception:
+            except Exception as exc:
                 log.exception("pipeline crashed on study", study_id=study_id)
+                self._after_crash(study_id, f"{type(exc).__name__}: {exc}")
             finally:
                 with self._lock:
                     self._queued.discard(study_id)
@@ -221,8 +223,22 @@ class PipelineWorker:
         return lookup
 
     def _set(self, study_id: int, state: str, detail: str | None) -> None:
+        """``inferring`` -> ``state`` (compare-and-set, with its event)."""
         with self.store.transaction() as conn:
-            self.store.set_study_state(conn, study_id, state, detail)
+            studies.transition(conn, study_id, INFERRING, state, detail)
+
+    def _after_crash(self, study_id: int, reason: str) -> None:
+        """``process`` raised: an ``inferring`` study gets another attempt or ends ``failed`` (bounded)."""
+        try:
+            with self.store.transaction() as conn:
+                st = studies.get(conn, study_id)
+                if st is not None and st.state == INFERRING:
+                    state = studies.retry_or_fail(
+                        conn, study_id, f"pipeline error: {reason}", self.settings.pipeline.max_attempts
+                    )
+                    log.warning("study after pipeline error", study_id=study_id, state=state)
+        except Exception:
+            log.exception("could not record the pipeline error", study_id=study_id)
 
     def process(self, study_id: int) -> str:
         """Run every applicable bundle on one study; returns the state it ends in."""
@@ -230,12 +246,19 @@ class PipelineWorker:
         if not row or row[0]["state"] != COMPLETE:
             return row[0]["state"] if row else "missing"
         study_uid, calling_ae = row[0]["study_uid"], row[0]["calling_ae"]
-        self._set(study_id, INFERRING, None)
+        try:
+            with self.store.transaction() as conn:
+                go = studies.begin_inference(conn, study_id, self.settings.pipeline.max_attempts)
+        except studies.LostRace as exc:  # moved on meanwhile
+            return exc.actual or "missing"
+        if not go:
+            log.error("study failed: attempts used up", study_id=study_id)
+            return FAILED
         t0 = time.perf_counter()
         images, shas, problems = load_instances(self.store, study_id, self.settings.spool_dir)
         if not images:
             detail = "; ".join(problems) or "no instances recorded for the study"
-            self._set(study_id, NOT_PROCESSABLE, detail[:2000])
+            self._set(study_id, NOT_PROCESSABLE, detail)
             log.warning("study not processable", study_uid=study_uid, reason=detail)
             return NOT_PROCESSABLE
         routes = route(self.bundles.active(), images, self.settings.pipeline.routes, calling_ae)
@@ -246,9 +269,12 @@ class PipelineWorker:
             return NO_MODEL
         p = self.settings.pipeline
         loaded = time.perf_counter() - t0  # spool files read and routed
-        reasons: list[str] = list(problems)
+        reasons: list[str] = list(problems)  # images or bundles skipped (not processable)
+        failures: list[str] = []  # bundles whose results could not be built
+        left_out: list[str] = []  # objects missing from stored results (e.g. an SC that could not be built)
         stored = 0
         for r in routes:
+            name = f"{r.manifest.bundle_id} {r.manifest.version}"
             hits: list[int] = []
             fut = self._pool.submit(
                 analyse_route, r, p, self.cached_lookup(r.manifest, images, shas, hits), self.prepare_pool
@@ -259,7 +285,6 @@ class PipelineWorker:
                 # the stuck call keeps its thread; a fresh pool lets the next study run
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
-                name = f"{r.manifest.bundle_id} {r.manifest.version}"
                 reason = f"{name}: inference timed out after {p.inference_timeout_s:g} s"
                 self._set(study_id, FAILED, reason)
                 log.error("inference timed out", study_uid=study_uid, bundle=r.manifest.bundle_id)
@@ -269,32 +294,45 @@ class PipelineWorker:
                 continue
             except Exception as exc:
                 reason = f"{r.manifest.bundle_id} {r.manifest.version}: {type(exc).__name__}: {exc}"
-                self._set(study_id, FAILED, reason[:2000])
+                self._set(study_id, FAILED, reason)
                 log.exception("inference failed", study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
             analysis.timings["load"] = loaded
             analysis.timings["early_prepared"] = float(len(hits))  # images taken from the cache (a count)
-            save_results(
-                self.settings,
-                self.store,
-                study_id,
-                analysis,
-                r.manifest,
-                set_state=False,
-                on_queued=self.on_sr_queued,
-                publisher=self.publisher,
-                pool=self.results_pool,
-            )
+            try:
+                saved = save_results(
+                    self.settings,
+                    self.store,
+                    study_id,
+                    analysis,
+                    r.manifest,
+                    on_queued=self.on_sr_queued,
+                    publisher=self.publisher,
+                    pool=self.results_pool,
+                )
+            except Exception as exc:  # a result builder or a file write raised: this bundle has no results
+                failures.append(f"{name}: results not built: {type(exc).__name__}: {exc}")
+                log.exception("results not built", study_id=study_id, bundle=r.manifest.bundle_id)
+                continue
+            left_out += [f"{name}: {what}" for what in saved.problems]
             self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1
+        if stored == 0 and failures:
+            self._set(study_id, FAILED, "; ".join(failures + reasons))
+            log.error("study failed: no results built", study_id=study_id, bundles=len(failures))
+            return FAILED
         if stored == 0:
-            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons)[:2000])
+            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons))
             log.warning("study not processable", study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
-        detail = f"{stored} bundle(s)" + (f"; skipped: {'; '.join(reasons)}" if reasons else "")
+        detail = f"{stored} bundle(s)" + "".join(
+            f"; {what}: {'; '.join(items)}"
+            for what, items in (("failed", failures), ("left out", left_out), ("skipped", reasons))
+            if items
+        )
         with self.store.transaction() as conn:
-            self.store.set_study_state(conn, study_id, INFERRED, detail[:2000])
-            mark_if_exported(self.store, conn, study_id)  # a fast exporter may already be done
+            studies.transition(conn, study_id, INFERRING, INFERRED, detail)
+            mark_if_exported(conn, study_id)  # a fast exporter may already be done
         if self.on_results is not None:
             self.on_results()
         return INFERRED

@@ -11,14 +11,18 @@ means a modality re-sending the study later gets it stored and analysed again, n
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from appliance.core.background import BackgroundLoop
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
-from appliance.core.store import INFERRED, PURGED, SETTLED_STATES, Store, now
+from appliance.core.store import Store, now
+from appliance.delivery.export import forget_study
+from appliance.ingest.records import forget_study_instances
+from appliance.lifecycle import studies
+from appliance.lifecycle.studies import INFERRED, PURGED, SETTLED_STATES
+from appliance.pipeline.results import purge_study_results
 
 log = get_logger(__name__)
 
@@ -56,7 +60,7 @@ def _remove(path: Path) -> int:
 def purge_study(settings: Settings, store: Store, study_id: int) -> dict[str, int]:
     """Delete one settled revision's files, then its rows, in that order (a crash in between re-runs cleanly)."""
     instances = store.query("SELECT id, path FROM instances WHERE study_id=?", (study_id,))
-    results = store.query("SELECT id, dir, summary FROM results WHERE study_id=?", (study_id,))
+    results = store.query("SELECT id, dir FROM results WHERE study_id=?", (study_id,))
     removed = {"instance_files": 0, "result_files": 0}
     for r in instances:
         removed["instance_files"] += _remove(settings.spool_dir / r["path"])
@@ -68,23 +72,14 @@ def purge_study(settings: Settings, store: Store, study_id: int) -> dict[str, in
         ).fetchone()
         if state is None:
             return removed  # moved on meanwhile (e.g. a resend re-queued its exports): leave it
-        result_ids = [r["id"] for r in results]
-        for rid in result_ids:
-            conn.execute(
-                "DELETE FROM exports WHERE object_id IN (SELECT id FROM result_objects WHERE result_id=?)", (rid,)
-            )
-            conn.execute("DELETE FROM result_objects WHERE result_id=?", (rid,))
-        for r in results:
-            summary = json.loads(r["summary"] or "{}")
-            summary.pop("patient", None)
-            conn.execute("UPDATE results SET summary=? WHERE id=?", (json.dumps(summary), r["id"]))
-        conn.execute("DELETE FROM exports WHERE study_id=?", (study_id,))
-        conn.execute("DELETE FROM instances WHERE study_id=?", (study_id,))
+        forget_study(conn, study_id)  # export rows first: they refer to the result objects
+        purge_study_results(conn, study_id)
+        forget_study_instances(conn, study_id)
         detail = (
             f"retention {settings.retention.days:g} d: {removed['instance_files']} received file(s), "
             f"{removed['result_files']} result file(s) deleted"
         )
-        store.set_study_state(conn, study_id, PURGED, detail)
+        studies.transition(conn, study_id, state["state"], PURGED, detail)
     # empty study folders in the spool go too
     for r in instances:
         parent = (settings.spool_dir / r["path"]).parent
