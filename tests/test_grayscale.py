@@ -46,9 +46,9 @@ def _corpus() -> list[str]:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
         except Exception:  # not DICOM, or a broken header: not a grayscale image to compare on
             continue
-        if "Rows" in ds and str(ds.get("PhotometricInterpretation", "")) in ("MONOCHROME1", "MONOCHROME2"):
-            if frames == 1 and int(ds.get("BitsAllocated", 0)) in (8, 16):
-                names.append(str(f.relative_to(TEST_FILES)))
+        mono = str(ds.get("PhotometricInterpretation", "")) in ("MONOCHROME1", "MONOCHROME2")
+        if "Rows" in ds and mono and frames == 1 and int(ds.get("BitsAllocated", 0)) in (8, 16):
+            names.append(str(f.relative_to(TEST_FILES)))
     return names
 
 
