@@ -339,22 +339,21 @@ def _centred_means_axis(x: np.ndarray, factor: float, axis: int) -> np.ndarray:
     """Means of ``x`` over intervals of ``factor`` pixels centred on original pixels 0, f, 2f, ... (``axis``
     0 or 1 of a 2D float32 array), with exact fractional coverage, clipped at the borders.
 
-    Display sample d is then centred on original pixel index d * factor (what the SC renderer assumes).
+    Display sample d is then centred on original pixel index d * factor (what the SC renderer assumes). Done as
+    a few weighted gathers of whole lines (one per pixel an interval touches: ceil(factor) + 1 at most).
     """
     n_in = x.shape[axis]
     n_out = int(np.floor((n_in - 1) / factor)) + 1
     centres = np.arange(n_out, dtype=np.float64) * factor + 0.5  # continuous coordinate of pixel centres
-    edges = np.clip(np.append(centres - factor / 2.0, centres[-1] + factor / 2.0), 0.0, float(n_in))
-    i0 = np.floor(edges).astype(np.int64)
-    frac = (edges - i0).astype(np.float32)
+    lo = np.clip(centres - factor / 2.0, 0.0, float(n_in))
+    hi = np.clip(centres + factor / 2.0, 0.0, float(n_in))
+    start = np.floor(lo).astype(np.int64)
     shape = (-1, 1) if axis == 0 else (1, -1)
-    pad = np.zeros((1, x.shape[1]) if axis == 0 else (x.shape[0], 1), dtype=np.float32)
-    xp = np.concatenate([x, pad], axis=axis)  # xp[n_in] exists (zero) for the last edge's correction
-    head = xp[: i0[-1]] if axis == 0 else xp[:, : i0[-1]]
-    out = np.add.reduceat(head, i0[:-1], axis=axis)  # whole lines [i0_k, i0_{k+1})
-    out -= frac[:-1].reshape(shape) * np.take(xp, i0[:-1], axis=axis)
-    out += frac[1:].reshape(shape) * np.take(xp, i0[1:], axis=axis)
-    out *= (1.0 / np.diff(edges)).astype(np.float32).reshape(shape)
+    out = np.zeros((n_out, x.shape[1]) if axis == 0 else (x.shape[0], n_out), dtype=np.float32)
+    for j in range(int(np.ceil((hi - start).max()))):
+        p = start + j  # the j-th pixel each interval touches: weight = its overlap / the interval's length
+        w = np.clip(np.minimum(hi, p + 1) - np.maximum(lo, p), 0.0, None) / (hi - lo)
+        out += w.astype(np.float32).reshape(shape) * np.take(x, np.minimum(p, n_in - 1), axis=axis)
     return out
 
 
@@ -365,7 +364,7 @@ def display_image(view: np.ndarray) -> tuple[np.ndarray, float]:
     factor = display_factor(view.shape)
     if factor == 1.0:
         return view, 1.0
-    return _centred_means_axis(_centred_means_axis(view, factor, 1), factor, 0), factor
+    return _centred_means_axis(_centred_means_axis(view, factor, 0), factor, 1), factor
 
 
 def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
