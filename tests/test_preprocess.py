@@ -203,20 +203,24 @@ def test_transform_is_plain_data() -> None:
     assert copy.deepcopy(tf) == tf
 
 
-def test_j2k_reduced_resolution_decode_keeps_geometry_and_values() -> None:
-    """A big J2K image is decoded at a lower wavelet level; the transform still maps to original pixels."""
+def test_big_j2k_image_is_decoded_in_full_and_display_keeps_geometry() -> None:
+    """A big J2K lossless image gives the same model input as uncompressed (no reduced-resolution decode);
+    the display is reduced to DISPLAY_LONG_SIDE with display pixel d centred on original pixel d * factor."""
     spec = Preprocessing(target_size=(128, 128), window="minmax")
     dot = (700.0, 333.0)
     img = synthetic_image(1200, 1000, dot, radius=40, background=300, peak=3000)
     full = prepare(make_dataset(img), spec, MAXPIX)
-    reduced = prepare(make_dataset(img, transfer_syntax=JPEG2000Lossless), spec, MAXPIX)
-    assert full.display_factor == 1 and reduced.display_factor >= 4
-    assert reduced.display.shape[0] * reduced.display_factor >= 1200
-    # same image content up to the half-display-pixel sampling offset of the pyramid level
-    assert abs(float(reduced.tensor.mean()) - float(full.tensor.mean())) < 0.01
-    for prep in (full, reduced):
-        t = prep.tensor[0]
-        rr, cc = np.mgrid[0 : t.shape[0], 0 : t.shape[1]]
-        w = np.clip(t - 0.2, 0, None)
-        back = prep.transform.to_original((w * rr).sum() / w.sum(), (w * cc).sum() / w.sum())
-        assert abs(float(back[0]) - dot[0]) <= 2.0 and abs(float(back[1]) - dot[1]) <= 2.0
+    j2k = prepare(make_dataset(img, transfer_syntax=JPEG2000Lossless), spec, MAXPIX)
+    assert j2k.tensor.tobytes() == full.tensor.tobytes() and j2k.display.tobytes() == full.display.tobytes()
+    assert j2k.transform == full.transform and j2k.display_factor == full.display_factor == 1200 / 1024
+    assert max(full.display.shape) == 1024
+    d = full.display
+    rr, cc = np.mgrid[0 : d.shape[0], 0 : d.shape[1]]
+    w = np.clip(d - 0.2, 0, None)
+    centroid = ((w * rr).sum() / w.sum() * full.display_factor, (w * cc).sum() / w.sum() * full.display_factor)
+    assert abs(centroid[0] - dot[0]) <= 1.0 and abs(centroid[1] - dot[1]) <= 1.0
+    t = full.tensor[0]
+    rr, cc = np.mgrid[0 : t.shape[0], 0 : t.shape[1]]
+    w = np.clip(t - 0.2, 0, None)
+    back = full.transform.to_original((w * rr).sum() / w.sum(), (w * cc).sum() / w.sum())
+    assert abs(float(back[0]) - dot[0]) <= 2.0 and abs(float(back[1]) - dot[1]) <= 2.0

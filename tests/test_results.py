@@ -87,7 +87,8 @@ def test_uids_are_deterministic_per_input_and_bundle_version(engine: TinyEngine)
 def test_sc_overlay_banner_and_text(engine: TinyEngine) -> None:
     ds = make_dataset(synthetic_image(1500, 1200, (400, 800), radius=40), spacing=(0.2, 0.2))
     a = analyse([ds], tiny_manifest(), engine.infer, 8, 10**8)
-    sc = _roundtrip(build_sc(a.result.images[0], ds, a.prepared[0].display, a.result, 0, max_size=512))
+    prep = a.prepared[0]  # the display is reduced (1500 > 1024 rows): its factor maps it to original pixels
+    sc = _roundtrip(build_sc(a.result.images[0], ds, prep.display, a.result, 0, 512, prep.display_factor))
     px = sc.pixel_array
     assert sc.PhotometricInterpretation == "RGB" and px.shape == (512, 410, 3)
     assert sc.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"

@@ -11,8 +11,10 @@ bundle version is another key, so a cached entry can never be served for anythin
 The worker looks each image up (waiting, bounded, for one still being prepared) and prepares the misses itself,
 exactly as before: ``prepare`` is deterministic, so the results are identical either way. An image whose
 preparation fails is not cached; the worker then prepares it again and records the reason as usual. Memory is
-bounded by the cache's byte cap (least recently used first out; an entry is the model input plus the
-reduced-resolution display image the SC is drawn on) and by the queue size (a full queue skips the image).
+bounded by the cache's byte cap (least recently used first out; an entry is the model input plus the display
+image the SC is drawn on, at most ``DISPLAY_LONG_SIDE`` pixels on its long side, about 4 MB) and by the queue
+size (a full queue skips the image). Images are decoded in full, whatever their transfer syntax: the entry is
+the same for every lossless encoding of the same pixels.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """DICOM image -> model input tensor, exactly as a bundle's ``Preprocessing`` says, plus the transform back.
 
-Order (DICOM PS3.4 grayscale pipeline): decode -> modality LUT (rescale or LUT) -> VOI (window or VOI LUT
-sequence, per the manifest's window policy) -> MONOCHROME1 inversion -> resample to square physical pixels
-and fit into the target size (area averaging, vectorised) -> centred pad -> (x - mean) / std.
+Order (the grayscale pipeline of PS3.3 C.11 / PS3.4 N.2 / PS3.14): decode (full resolution, any transfer
+syntax: the same stored values for every lossless encoding) -> modality LUT (Modality LUT Sequence or rescale)
+-> VOI (VOI LUT Sequence, window with its VOI LUT Function, per the manifest's window policy) -> presentation
+(Presentation LUT Shape, else MONOCHROME1) -> resample to square physical pixels and fit into the target size
+(area averaging, vectorised) -> centred pad -> (x - mean) / std. The SC overlay's display image is the same
+view reduced to ``DISPLAY_LONG_SIDE``.
 
 Every refusal (decompression bomb, colour image, 1x1, missing pixel data, undecodable) raises
 :class:`NotProcessable` with a reason a person can act on; the geometry is recorded in a :class:`Transform`
@@ -11,21 +14,22 @@ so heatmap peaks and contours can be drawn on the original image.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut
-from pydicom.uid import JPEG2000, JPEG2000Lossless
+from pydicom.uid import ExplicitVRBigEndian
 
 from engines.manifest import Preprocessing
 
 MONO = ("MONOCHROME1", "MONOCHROME2")
 MAX_DIM = 65535  # Rows/Columns are US: anything larger is a corrupt header
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # PS3.3 C.11.2.1.3; another value: LINEAR (as dcmtk)
+PRESENTATION_SHAPES = ("IDENTITY", "INVERSE")  # PS3.3 C.11.6.1.1 values an image carries
+DISPLAY_LONG_SIDE = 1024  # long side of the display image the SC is drawn on (pipeline.sc_max_size default)
 
 
 class NotProcessable(Exception):
@@ -84,9 +88,9 @@ class Prepared:
 
     tensor: np.ndarray  # (1, H, W) float32, normalised
     transform: Transform
-    display: np.ndarray  # float32 in [0, 1], bright = dense: the image the SC overlay is drawn on
+    display: np.ndarray  # float32 in [0, 1], as a viewer shows it, long side <= DISPLAY_LONG_SIDE: the SC's image
     pixel_spacing: tuple[float, float] | None
-    display_factor: int = 1  # original pixels per display pixel (J2K reduced-resolution decode)
+    display_factor: float = 1.0  # original pixels per display pixel: display pixel d is on original pixel d * f
 
 
 def check_header(ds: Dataset, max_pixels: int, min_size: int = 16) -> None:
@@ -132,57 +136,114 @@ def decode(ds: Dataset) -> np.ndarray:
     return arr
 
 
-def decode_reduced(ds: Dataset, min_rows: int, min_cols: int) -> tuple[np.ndarray, int] | None:
-    """Decode a JPEG 2000 image at a lower resolution level, if that still gives >= (min_rows, min_cols).
+# ---- the grayscale chain (PS3.3 C.11, PS3.4 N.2, PS3.14) -------------------------------------------------
 
-    JPEG 2000 stores a wavelet pyramid: decoding level r skips the finest r levels (Pillow's ``reduce``),
-    about 5-20x cheaper than a full decode, and yields a low-passed image whose sample j is centred on
-    original pixel j * 2**r. Returns (stored values, 2**r), or None to decode in full.
+
+def _little_endian(ds: Dataset) -> bool:
+    """Byte order the dataset was read in (what OW LUT Data bytes are in); little endian unless it says big."""
+    enc = getattr(ds, "original_encoding", (None, None))
+    if enc[1] is not None:
+        return bool(enc[1])
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return str(ts) != ExplicitVRBigEndian
+
+
+def lut_table(item: Dataset, ds: Dataset) -> tuple[np.ndarray, int, int]:
+    """One LUT of a Modality or VOI LUT Sequence item (PS3.3 C.11.1.1.1, C.11.2.1.1) -> (entries, first, bits).
+
+    ``entries`` is an int64 array of the LUT Data, whatever their VR: US (a list), SS (the same 16 bits read
+    signed: taken back as unsigned, LUT entries are unsigned), OW (bytes, in the byte order of ``ds``; how an
+    implicit VR file stores it), and 8-bit entries packed two per word. ``first`` is the first input value
+    mapped (signed when the descriptor is SS), ``bits`` the descriptor's third value, as written.
+    Raises :class:`NotProcessable` for a descriptor without 3 values or empty data.
     """
-    ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
-    if ts not in (JPEG2000Lossless, JPEG2000) or int(ds.get("PixelRepresentation", 0)) != 0:
-        return None
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    r = 0
-    while r < 5 and -(-rows // 2 ** (r + 1)) >= min_rows and -(-cols // 2 ** (r + 1)) >= min_cols:
-        r += 1
-    if r == 0:
-        return None
-    try:
-        from openjpeg import get_parameters
-        from PIL import Image
-        from pydicom.encaps import generate_frames
-
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        params = get_parameters(frame)
-    except Exception:  # anything unusual: the full decoder will either cope or say why
-        return None
-    if params["is_signed"] or params["samples_per_pixel"] != 1 or params["precision"] > 16:
-        return None
-    arr = None
-    while r > 0:  # some level/size combinations fail in openjpeg ("broken data stream"): try a finer level
-        try:
-            with Image.open(io.BytesIO(frame)) as im:
-                im.reduce = r
-                im.load()
-                arr = np.asarray(im)
-            break
-        except Exception:
-            r -= 1
-    if arr is None or arr.ndim != 2 or arr.shape != (-(-rows // 2**r), -(-cols // 2**r)):
-        return None
-    if arr.dtype == np.uint16 and params["precision"] < 16:
-        arr = arr >> (16 - params["precision"])  # Pillow scales I;16 samples up to 16 bits
-    return arr, 2**r
-
-
-def _window_linear(x: np.ndarray, center: float, width: float, exact: bool) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 window to [0, 1] (LINEAR uses the c-0.5 / w-1 convention)."""
-    if exact:
-        lo, span = center - width / 2.0, max(width, 1e-6)
+    desc = item.get("LUTDescriptor")
+    values = [desc] if isinstance(desc, int) else list(desc or [])
+    if len(values) != 3 or "LUTData" not in item:
+        raise NotProcessable(f"LUT with an invalid descriptor {values!r} or no LUT Data")
+    n, first, bits = (int(v) for v in values)
+    n = n or 65536  # PS3.3 C.11.1.1.1: 0 means 2**16 entries
+    raw = item["LUTData"].value
+    if isinstance(raw, (bytes, bytearray)):
+        if bits <= 8 and len(raw) in (n, n + 1):  # 8-bit entries, one byte each (padded to even length)
+            data = np.frombuffer(raw, dtype=np.uint8)[:n]
+        else:
+            data = np.frombuffer(raw, dtype="<u2" if _little_endian(ds) else ">u2", count=len(raw) // 2)
     else:
+        data = np.asarray([raw] if isinstance(raw, int) else list(raw or []), dtype=np.int64) & 0xFFFF
+        if bits <= 8 and n > 1 and data.size == (n + 1) // 2:  # 8-bit entries packed two per 16-bit word
+            data = np.stack([data & 0xFF, data >> 8], axis=1).ravel()
+    data = np.asarray(data, dtype=np.int64)[:n]
+    if data.size == 0:
+        raise NotProcessable("LUT with empty LUT Data")
+    return data, first, bits
+
+
+def _lut_index(values: np.ndarray, first: int, size: int) -> np.ndarray:
+    """Input values -> LUT index: below the first mapped value -> entry 0, beyond the last -> the last."""
+    if first >= 2**15 and float(values.max()) < 2**15:
+        first -= 2**16  # a signed first value written as US (the inputs never reach it otherwise)
+    idx = np.rint(values) if values.dtype.kind == "f" else values
+    return np.clip(idx.astype(np.int64, copy=False) - first, 0, size - 1)
+
+
+def lut_output_bits(data: np.ndarray, bits: int) -> int:
+    """Bits the LUT output range has: those the data actually use (at least 8, at most 16), as DICOM
+    renderers do (dcmtk ``--ignore-vlut-depth``): a descriptor saying 16 over data spanning 0..4095 means
+    a 12-bit output, not a 16-bit one whose top sixteenth is used. All-zero data: the descriptor's value."""
+    top = int(data.max())
+    return min(16, max(8, top.bit_length())) if top > 0 else min(16, max(1, bits))
+
+
+def modality_lut(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """PS3.3 C.11.1 Modality LUT: the Modality LUT Sequence if present, else Rescale Slope/Intercept
+    -> float32 in modality output units (what windows and VOI LUTs are expressed in). Same values as
+    pydicom's ``apply_modality_lut`` (compared in the tests), in float32 and for LUT Data in any VR."""
+    if ds.get("ModalityLUTSequence"):
+        data, first, _ = lut_table(ds.ModalityLUTSequence[0], ds)
+        return data.astype(np.float32)[_lut_index(stored, first, data.size)]
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    values = stored.astype(np.float32)
+    if slope != 1.0 or intercept != 0.0:
+        values = values * np.float32(slope) + np.float32(intercept)
+    return values
+
+
+def voi_lut(item: Dataset, ds: Dataset, values: np.ndarray) -> np.ndarray:
+    """PS3.3 C.11.2.1.1 VOI LUT (one VOI LUT Sequence item) -> float32 in [0, 1]: the LUT entry of each
+    value (clamped to the LUT's range) over the top of the output range the data use (:func:`lut_output_bits`).
+    Equals pydicom's ``apply_voi`` divided by that top where pydicom reads the LUT (compared in the tests)."""
+    data, first, bits = lut_table(item, ds)
+    top = 2 ** lut_output_bits(data, bits) - 1
+    table = np.clip(data.astype(np.float32) * np.float32(1.0 / top), 0.0, 1.0)
+    return table[_lut_index(values, first, data.size)]
+
+
+def window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 (LINEAR) and C.11.2.1.3 (LINEAR_EXACT, SIGMOID) window -> float32 in [0, 1].
+
+    LINEAR: ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clamped (needs w >= 1); LINEAR_EXACT: ``(x - c) / w + 0.5``
+    clamped (w > 0); SIGMOID: ``1 / (1 + exp(-4 (x - c) / w))`` (w > 0). The output range [ymin, ymax] of the
+    standard is [0, 1] here. Raises ValueError for a width the function does not allow or an unknown function.
+    """
+    function = function.strip().upper() or "LINEAR"
+    if function == "SIGMOID":
+        if width <= 0:
+            raise ValueError(f"SIGMOID window width {width} must be > 0")
+        z = (values - np.float32(center)) * np.float32(-4.0 / width)
+        return (1.0 / (1.0 + np.exp(np.minimum(z, 80.0, dtype=np.float32)))).astype(np.float32)
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise ValueError(f"LINEAR_EXACT window width {width} must be > 0")
+        lo, span = center - width / 2.0, width
+    elif function == "LINEAR":
+        if width < 1:
+            raise ValueError(f"LINEAR window width {width} must be >= 1")
         lo, span = (center - 0.5) - (width - 1.0) / 2.0, max(width - 1.0, 1e-6)
-    return np.clip((x - np.float32(lo)) * np.float32(1.0 / span), 0.0, 1.0, dtype=np.float32)
+    else:
+        raise ValueError(f"unknown VOI LUT Function {function!r}")
+    return np.clip((values - np.float32(lo)) * np.float32(1.0 / span), 0.0, 1.0, dtype=np.float32)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -190,51 +251,120 @@ def _minmax(x: np.ndarray) -> np.ndarray:
     return np.clip((x - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6)), 0.0, 1.0, dtype=np.float32)
 
 
-def _voi_lut(item: Dataset, values: np.ndarray) -> np.ndarray:
-    """VOI LUT Sequence item (PS3.3 C.11.2.1.1): input clamped to the LUT's range, output scaled to [0, 1]."""
-    n, first, bits = (int(v) for v in item.LUTDescriptor)
-    n = n or 65536
-    lut = np.asarray(item.LUTData, dtype=np.float32).ravel()[:n]
-    if lut.size == 0:
-        raise NotProcessable("empty VOI LUT")
-    idx = np.clip(np.rint(values).astype(np.int64) - first, 0, lut.size - 1)
-    top = max(float(2**bits - 1), float(lut.max()), 1.0)
-    return lut[idx] * np.float32(1.0 / top)
-
-
 def _first(value: Any) -> float:
     return float(value[0]) if isinstance(value, (MultiValue, list, tuple)) else float(value)
 
 
+def _header_window(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
+    """The first (default) Window Center/Width with its VOI LUT Function, or None when absent or invalid."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+        function = _first_str(ds.get("VOILUTFunction", "LINEAR"))
+        return window(values, center, width, function if function in VOI_FUNCTIONS else "LINEAR")
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _first_str(value: Any) -> str:
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else ""
+    return str(value or "").strip().upper()
+
+
 def voi(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> np.ndarray:
-    """Modality LUT + VOI per the manifest's window policy -> float32 in [0, 1] (before MONOCHROME1 inversion)."""
-    if "ModalityLUTSequence" in ds:
-        values = apply_modality_lut(stored, ds)
-    else:  # rescale only: do it in float32 (pydicom would go to float64)
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        values = stored.astype(np.float32)
-        if slope != 1.0 or intercept != 0.0:
-            values = values * np.float32(slope) + np.float32(intercept)
-    values = np.asarray(values, dtype=np.float32)
+    """Modality LUT + VOI per the manifest's window policy -> float32 in [0, 1], before the presentation LUT.
+
+    ``dicom``: the first VOI LUT Sequence item if present (PS3.3 C.11.2: a LUT is preferred over a window
+    when both are given, as pydicom does), else the first Window Center/Width with its VOI LUT Function,
+    else min-max; ``minmax``: the image's range; ``percentile``: the manifest's percentiles.
+    """
+    values = modality_lut(ds, stored)
     if spec.window == "percentile":
         sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
         lo, hi = np.percentile(sample, spec.percentiles)
         return np.clip((values - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0.0, 1.0, dtype=np.float32)
     if spec.window == "dicom":
-        if "VOILUTSequence" in ds:
-            return _voi_lut(ds.VOILUTSequence[0], values)
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            try:
-                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            except (TypeError, ValueError):
-                center, width = None, None
-            if center is not None and width is not None and width > 0:
-                func = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-                if func == "SIGMOID":
-                    return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))).astype(np.float32)
-                return _window_linear(values, center, width, exact=func == "LINEAR_EXACT")
+        if ds.get("VOILUTSequence"):
+            return voi_lut(ds.VOILUTSequence[0], ds, values)
+        windowed = _header_window(ds, values)
+        if windowed is not None:
+            return windowed
     return _minmax(values)
+
+
+def presentation_inverts(ds: Dataset) -> bool:
+    """Whether the display inverts the VOI output (minimum shown white): PS3.3 C.11.6 / C.8.11.1.1.
+
+    Presentation LUT Shape (2050,0020), when IDENTITY or INVERSE, decides alone: its output is P-values
+    (PS3.4 N.2), so INVERSE inverts once whatever the Photometric Interpretation (MONOCHROME1 + INVERSE,
+    as DX and MG images are written, is one inversion, not two; MONOCHROME2 + INVERSE is inverted).
+    Without it, MONOCHROME1 (C.7.6.3.1.2: minimum displayed white) inverts. This is what dcmtk renders
+    (checked against ``dcm2pnm`` in the tests).
+    """
+    shape = _first_str(ds.get("PresentationLUTShape", ""))
+    if shape in PRESENTATION_SHAPES:
+        return shape == "INVERSE"
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+
+
+def grayscale(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """The whole grayscale chain on stored values -> (model image, view), both float32 in [0, 1].
+
+    ``view`` is what a conformant viewer shows (bright = displayed bright): modality LUT -> VOI ->
+    presentation. The model image is the view, or the VOI output before the presentation inversion when the
+    manifest sets ``invert_monochrome1 = false``. Raises :class:`NotProcessable` for malformed LUTs/windows.
+    """
+    try:
+        img = voi(ds, stored, spec)
+    except NotProcessable:
+        raise
+    except Exception as exc:  # malformed LUTs / windows
+        raise NotProcessable(f"grayscale transform failed: {exc}") from exc
+    view = np.subtract(np.float32(1.0), img, dtype=np.float32) if presentation_inverts(ds) else img
+    return (view if spec.invert_monochrome1 else img), view
+
+
+# ---- the display image the SC overlay is drawn on ---------------------------------------------------------
+
+
+def display_factor(shape: tuple[int, int]) -> float:
+    """Original pixels per display pixel: the display's long side is ``DISPLAY_LONG_SIDE`` (never enlarged).
+    A power-of-two division, so exact in floating point."""
+    return max(1.0, max(shape) / DISPLAY_LONG_SIDE)
+
+
+def _centred_means_axis(x: np.ndarray, factor: float, axis: int) -> np.ndarray:
+    """Means of ``x`` over intervals of ``factor`` pixels centred on original pixels 0, f, 2f, ... (``axis``
+    0 or 1 of a 2D float32 array), with exact fractional coverage, clipped at the borders.
+
+    Display sample d is then centred on original pixel index d * factor (what the SC renderer assumes). Done as
+    a few weighted gathers of whole lines (one per pixel an interval touches: ceil(factor) + 1 at most).
+    """
+    n_in = x.shape[axis]
+    n_out = int(np.floor((n_in - 1) / factor)) + 1
+    centres = np.arange(n_out, dtype=np.float64) * factor + 0.5  # continuous coordinate of pixel centres
+    lo = np.clip(centres - factor / 2.0, 0.0, float(n_in))
+    hi = np.clip(centres + factor / 2.0, 0.0, float(n_in))
+    start = np.floor(lo).astype(np.int64)
+    shape = (-1, 1) if axis == 0 else (1, -1)
+    out = np.zeros((n_out, x.shape[1]) if axis == 0 else (x.shape[0], n_out), dtype=np.float32)
+    for j in range(int(np.ceil((hi - start).max()))):
+        p = start + j  # the j-th pixel each interval touches: weight = its overlap / the interval's length
+        w = np.clip(np.minimum(hi, p + 1) - np.maximum(lo, p), 0.0, None) / (hi - lo)
+        out += w.astype(np.float32).reshape(shape) * np.take(x, np.minimum(p, n_in - 1), axis=axis)
+    return out
+
+
+def display_image(view: np.ndarray) -> tuple[np.ndarray, float]:
+    """The view reduced to a long side of ``DISPLAY_LONG_SIDE`` (SC size; small in the prepared-image cache)
+    -> (display, factor): display pixel d is centred on original pixel d * factor. A function of the decoded
+    pixels only, so the same for every lossless encoding of them."""
+    factor = display_factor(view.shape)
+    if factor == 1.0:
+        return view, 1.0
+    return _centred_means_axis(_centred_means_axis(view, factor, 0), factor, 1), factor
 
 
 def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
@@ -314,35 +444,18 @@ def fit(img: np.ndarray, tf: Transform, pad_value: float) -> np.ndarray:
 
 
 def prepare(ds: Dataset, spec: Preprocessing, max_pixels: int, min_size: int = 16) -> Prepared:
-    """The whole chain for one dataset; raises NotProcessable with the reason."""
+    """The whole chain for one dataset -> :class:`Prepared` (tensor (1, H, W) float32, transform, display).
+
+    Deterministic in the decoded stored values: any lossless encoding of the same pixels gives the same bytes.
+    Raises :class:`NotProcessable` with the reason.
+    """
     check_header(ds, max_pixels, min_size)
     spacing = pixel_spacing(ds)
-    full_tf = plan_transform((int(ds.Rows), int(ds.Columns)), spacing, spec)
-    reduced = decode_reduced(ds, *full_tf.content_shape)
-    stored, factor = reduced if reduced is not None else (decode(ds), 1)
-    try:
-        img = voi(ds, stored, spec)
-    except NotProcessable:
-        raise
-    except Exception as exc:  # malformed LUTs / windows
-        raise NotProcessable(f"grayscale transform failed: {exc}") from exc
-    if str(ds.PhotometricInterpretation).strip().upper() == "MONOCHROME1" and spec.invert_monochrome1:
-        img = np.subtract(np.float32(1.0), img, dtype=np.float32)
+    stored = decode(ds)
+    img, view = grayscale(ds, stored, spec)
     tf = plan_transform(img.shape, spacing, spec)
     tensor = fit(img, tf, spec.pad_value)
     if spec.mean != 0.0 or spec.std != 1.0:
         tensor = (tensor - np.float32(spec.mean)) * np.float32(1.0 / spec.std)
-    if factor != 1:
-        # display pixel d is centred on original pixel d * factor (the wavelet low-pass is centred on even
-        # samples; checked against a full decode in the tests): fold that into the original<->tensor map
-        tf = Transform(
-            original_shape=(int(ds.Rows), int(ds.Columns)),
-            target_shape=tf.target_shape,
-            scale=(tf.scale[0] / factor, tf.scale[1] / factor),
-            offset=(
-                tf.offset[0] + 0.5 * tf.scale[0] * (1 - 1 / factor),
-                tf.offset[1] + 0.5 * tf.scale[1] * (1 - 1 / factor),
-            ),
-            content_shape=tf.content_shape,
-        )
-    return Prepared(tensor=tensor[None], transform=tf, display=img, pixel_spacing=spacing, display_factor=factor)
+    display, factor = display_image(view)
+    return Prepared(tensor=tensor[None], transform=tf, display=display, pixel_spacing=spacing, display_factor=factor)
