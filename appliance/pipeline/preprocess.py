@@ -164,6 +164,7 @@ def lut_table(item: Dataset, ds: Dataset) -> tuple[np.ndarray, int, int]:
     n, first, bits = (int(v) for v in values)
     n = n or 65536  # PS3.3 C.11.1.1.1: 0 means 2**16 entries
     raw = item["LUTData"].value
+    data: np.ndarray
     if isinstance(raw, (bytes, bytearray)):
         if bits <= 8 and len(raw) in (n, n + 1):  # 8-bit entries, one byte each (padded to even length)
             data = np.frombuffer(raw, dtype=np.uint8)[:n]
