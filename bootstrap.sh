@@ -36,6 +36,10 @@ case "${1:-}" in
     apt_install
     setup
     shift
+    echo "== lint (ruff), layer contracts (import-linter), types (mypy)" >&2
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/lint-imports" --no-cache
+    "$VENV/bin/mypy"
     set +e
     "$VENV/bin/python" -m pytest "$@"
     rc=$?
