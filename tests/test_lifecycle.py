@@ -225,6 +225,9 @@ def test_worker_crash_is_retried_then_failed(home: Path) -> None:
         def active(self):
             raise OSError("registry unreadable")
 
+        def close(self) -> None:
+            return None
+
     settings = Settings(state_dir=home)
     settings.pipeline.poll_s = 0.05
     store = Store(settings.db_path)
