@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from appliance.core.config import ConfigError, check_problems, load_settings
-from tests.conftest import PYTHON, ROOT
+from testsupport.common import PYTHON, ROOT
 
 
 def test_defaults_without_file(clean_env, tmp_path: Path) -> None:

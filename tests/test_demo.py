@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pydicom
 
-from tests.conftest import ROOT
-from tests.daemon_tools import daemon_env
+from testsupport.common import ROOT
+from testsupport.daemon import daemon_env
 
 
 def test_demo_shows_findings_and_result_files(tmp_path: Path) -> None:

@@ -32,8 +32,8 @@ from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
 from appliance.ingest.ul import dimse, pdu
 from appliance.ingest.ul.server import negotiate
-from tests.daemon_tools import storescu, storescu_results
-from tests.dicom_tools import dataset_bytes, make_instance, part10, spool_data_files, write_series
+from testsupport.dcmtk import storescu, storescu_results
+from testsupport.dicom import dataset_bytes, make_instance, part10, spool_data_files, write_series
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 RLE = "1.2.840.10008.1.2.5"

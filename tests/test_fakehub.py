@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The fake hub rejects what IoT Hub rejects (per Microsoft's MQTT docs), tested with a raw paho client."""
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.cloud import sas
-from tests.cloud_env import DEVICE, HUB, device_key, hub, pki, wait_for  # noqa: F401
-from tests.fakehub.hub import FakeHub
+from testsupport.cloud import DEVICE, HUB
+from testsupport.common import wait_until
+from testsupport.fakehub import FakeHub
 
 
 class Raw:
@@ -38,7 +38,7 @@ class Raw:
         self.c.on_message = lambda c, u, m: self.msgs.append((m.topic, m.payload))
         self.c.connect("127.0.0.1", port, 30)
         self.c.loop_start()
-        wait_for(lambda: self.rc is not None, 5, "CONNACK")
+        wait_until(lambda: self.rc is not None, 5, "CONNACK")
 
     def close(self) -> None:
         self.c.disconnect()
@@ -96,12 +96,12 @@ def test_twin_get_patch_versions_and_qos2_subscribe_granted_as_1(hub: FakeHub, p
     granted = []
     r.c.on_subscribe = lambda c, u, mid, codes, p: granted.extend(x.value for x in codes)
     r.c.subscribe([("$iothub/twin/res/#", 2), ("$iothub/twin/PATCH/properties/desired/#", 0)])
-    wait_for(lambda: granted, 5, "SUBACK")
+    wait_until(lambda: granted, 5, "SUBACK")
     assert granted == [1, 0]
     r.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=7", json.dumps({"fw": "1.0"}))
     r.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=8", json.dumps({"bad.key": 1}))
     r.c.publish("$iothub/twin/GET/?$rid=9", b"")
-    wait_for(lambda: len(r.msgs) == 3, 5, "twin replies")
+    wait_until(lambda: len(r.msgs) == 3, 5, "twin replies")
     topics = [t for t, _ in r.msgs]
     assert topics[0].startswith("$iothub/twin/res/204/?$rid=7&$version=")
     assert topics[1].startswith("$iothub/twin/res/400/?$rid=8")
@@ -109,7 +109,7 @@ def test_twin_get_patch_versions_and_qos2_subscribe_granted_as_1(hub: FakeHub, p
     twin = json.loads(r.msgs[2][1])
     assert twin["reported"]["fw"] == "1.0" and isinstance(twin["desired"]["$version"], int)
     v = hub.update_desired(DEVICE, {"a": 1})
-    wait_for(lambda: len(r.msgs) == 4, 5, "desired patch")
+    wait_until(lambda: len(r.msgs) == 4, 5, "desired patch")
     assert r.msgs[3][0] == f"$iothub/twin/PATCH/properties/desired/?$version={v}"
     assert json.loads(r.msgs[3][1]) == {"a": 1, "$version": v}
     r.close()
@@ -132,13 +132,13 @@ def test_dps_register_and_poll_then_connect_to_assigned_hub(hub: FakeHub, pki) -
         json.dumps({"registrationId": reg, "payload": {"site": "x"}}),
         qos=1,
     )
-    wait_for(lambda: r.msgs, 5, "202")
+    wait_until(lambda: r.msgs, 5, "202")
     assert r.msgs[0][0].startswith("$dps/registrations/res/202/?$rid=1&retry-after=")
     op = json.loads(r.msgs[0][1])["operationId"]
     status = None
     for rid in range(2, 6):
         r.c.publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op}", b"", qos=1)
-        wait_for(lambda rid=rid: len(r.msgs) == rid, 5, "poll reply")
+        wait_until(lambda rid=rid: len(r.msgs) == rid, 5, "poll reply")
         status = json.loads(r.msgs[-1][1])
         if status["status"] == "assigned":
             break

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.conftest import PYTHON, ROOT
-from tests.engine_tools import SIZE, manifest_doc, tiny_onnx
+from testsupport.bundles import SIZE, manifest_doc, tiny_onnx
+from testsupport.common import PYTHON, ROOT
 
 
 def _run(home: Path, cfg: Path | None, *args: str) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ from appliance.pipeline.results import build_objects
 from appliance.pipeline.router import route
 from appliance.pipeline.worker import PipelineWorker, load_instances
 from engines.reference.phantoms import chest_study, mammo_study
-from tests.daemon_tools import storescu
+from testsupport.dcmtk import storescu
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from appliance.core.store import PURGED, Store
 from engines.reference import phantoms
-from tests.conftest import PYTHON, ROOT
-from tests.daemon_tools import daemon_env, running_daemon, storescu, wait_until
+from testsupport.common import PYTHON, ROOT, wait_until
+from testsupport.daemon import daemon_env, running_daemon
+from testsupport.dcmtk import storescu
 
 PIPELINE_ON = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
 

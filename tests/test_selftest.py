@@ -9,8 +9,8 @@ from pathlib import Path
 
 from appliance.core.config import PacsDestination, Settings
 from appliance.pipeline.cloud_link import run_selftest_method
-from tests.conftest import PYTHON, ROOT
-from tests.daemon_tools import daemon_env
+from testsupport.common import PYTHON, ROOT
+from testsupport.daemon import daemon_env
 
 
 def _selftest(home: Path, env: dict[str, str] | None = None, *args: str) -> tuple[int, dict]:

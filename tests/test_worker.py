@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 from appliance.core.config import RouteRule, Settings
 from appliance.core.store import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE, Store, now
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
-from tests.pipeline_tools import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
+from testsupport.pipeline import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
 
 
 def add_spooled_study(store: Store, spool: Path, datasets, state: str = COMPLETE, completed_at=None) -> int:
