@@ -2,6 +2,11 @@
 
 The launchers themselves (dcmtk, Orthanc, Mosquitto, the daemon, the fake IoT Hub) are in ``testsupport/``;
 the fixtures here wrap the ones several test modules share. Tests receive them as arguments.
+
+Markers (registered in pyproject.toml): a test that starts a process, opens a network socket or runs a
+shipped model end to end is marked ``integration``; everything else is a fast in-process test, and
+``pytest -m "not integration"`` runs those alone. The ``_unit_tests_stay_in_process`` guard below makes an
+unmarked test that starts a process or opens an IP socket fail, so the mark cannot silently go stale.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import pytest
 from appliance.cloud import crypto
 from testsupport.cloud import DEVICE, HUB, make_pki
 from testsupport.fakehub import FakeHub
+from testsupport.guard import stay_in_process
 from testsupport.orthanc import Orthanc, have_orthanc
 
 
@@ -76,3 +82,13 @@ def hub(pki: dict[str, Path], device_key: str) -> Iterator[FakeHub]:
     h.add_device(DEVICE, key=device_key, x509=True)
     with h:
         yield h
+
+
+# -- keeping unmarked tests fast ------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_in_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests not marked ``integration`` may not start processes or use IP sockets (``testsupport.guard``)."""
+    if request.node.get_closest_marker("integration") is None:
+        stay_in_process(monkeypatch)

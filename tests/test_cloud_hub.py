@@ -14,6 +14,8 @@ from testsupport.cloud import DEVICE, PHI_STRINGS, cloud_settings, sample_result
 from testsupport.common import wait_until
 from testsupport.fakehub import FakeHub
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def make_agent(home: Path, hub: FakeHub, pki, device_key: str, central_keys):

@@ -19,9 +19,10 @@ from testsupport.common import wait_until
 from testsupport.mosquitto import MOSQUITTO, Mosquitto
 from testsupport.pki import issue_cert, make_ca
 
-pytestmark = pytest.mark.skipif(
-    not shutil.which(MOSQUITTO), reason="mosquitto not installed (apt-get install mosquitto)"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto not installed (apt-get install mosquitto)"),
+]
 
 
 def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Path, home: Path, central_keys) -> None:

@@ -8,12 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from appliance.cloud import outbox, payload
 from appliance.cloud.deid import load_or_create_device_secret
 from appliance.core.store import Store
 from testsupport.cloud import DEVICE, PHI_STRINGS, cloud_env, cloud_settings, sample_result
 from testsupport.common import ROOT, wait_until
 from testsupport.fakehub import FakeHub
+
+pytestmark = pytest.mark.integration
 
 
 def test_agent_sigkilled_mid_stream_loses_nothing(home: Path, hub: FakeHub, pki, device_key, central_keys) -> None:

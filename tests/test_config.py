@@ -60,6 +60,7 @@ def test_check_problems_semantic(clean_env, tmp_path: Path) -> None:
     assert any(p.startswith("cloud.hub_hostname") for p in problems)
 
 
+@pytest.mark.integration
 def test_cli_config_check(clean_env, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[dicom]\nport = -1\n")

@@ -24,7 +24,10 @@ from testsupport.daemon import appliance_cli, running_daemon, start_daemon
 from testsupport.dcmtk import STORESCU, dcmtk_env, echoscu, have_dcmtk, storescp, storescu, storescu_results
 from testsupport.dicom import dataset_bytes, file_dataset_offset, make_instance, part10, spool_data_files, write_series
 
-pytestmark = pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu) not installed")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu) not installed"),
+]
 
 QUIET = {"APPLIANCE_DICOM__QUIET_SECONDS": "0.5"}
 

@@ -55,6 +55,7 @@ def test_backoff_is_exponential_and_capped() -> None:
     assert [backoff(n, 5, 60) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
 
 
+@pytest.mark.integration
 def test_results_reach_orthanc_in_the_same_study(home: Path, orthanc: Orthanc) -> None:
     settings = _settings(home, orthanc)
     store = Store(settings.db_path)
@@ -80,6 +81,7 @@ def test_results_reach_orthanc_in_the_same_study(home: Path, orthanc: Orthanc) -
     assert Exporter(settings, store).run_once(now() + 10_000) == 0
 
 
+@pytest.mark.integration
 def test_pacs_down_retried_then_delivered_once(home: Path, tmp_path: Path) -> None:
     pacs = Orthanc(tmp_path / "down")  # ports chosen, not started
     settings = _settings(home, pacs)
@@ -103,6 +105,7 @@ def test_pacs_down_retried_then_delivered_once(home: Path, tmp_path: Path) -> No
         pacs.stop()
 
 
+@pytest.mark.integration
 def test_pacs_rejecting_keeps_results_and_retries(home: Path, tmp_path: Path) -> None:
     pacs = Orthanc(tmp_path / "reject", reject=True).start()
     try:
@@ -122,6 +125,7 @@ def test_pacs_rejecting_keeps_results_and_retries(home: Path, tmp_path: Path) ->
         pacs.stop()
 
 
+@pytest.mark.integration
 def test_pacs_echo_cli(home: Path, orthanc: Orthanc, tmp_path: Path, clean_env) -> None:
     cfg = tmp_path / "appliance.toml"
     cfg.write_text(
@@ -158,6 +162,7 @@ def test_pacs_echo_cli(home: Path, orthanc: Orthanc, tmp_path: Path, clean_env) 
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.integration
 def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -> None:
     """Same study processed twice (e.g. a restart after export): same UIDs, Orthanc keeps one copy each."""
     settings = _settings(home, orthanc)
@@ -174,6 +179,7 @@ def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
 
 
+@pytest.mark.integration
 def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> None:
     """The SR is queued (own transaction) and sent while the SCs are not yet built; the SCs follow."""
     settings = _settings(home, orthanc)
@@ -202,6 +208,7 @@ def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> N
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
 
 
+@pytest.mark.integration
 def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthanc: Orthanc) -> None:
     """Killed between the SR's transaction and the SCs': the study is still not ``inferred``; the re-run
     queues the SCs, does not queue the SR again, and the result summary is complete."""
@@ -228,6 +235,7 @@ def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthan
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
 
 
+@pytest.mark.integration
 def test_pacs_failure_status_keeps_results_and_retries(home: Path, tmp_path: Path) -> None:
     """A PACS that associates but answers each C-STORE with a failure status (0xA700, out of
     resources: a real storage SCP, the appliance's own, with its disk below the floor) keeps every row

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from appliance.cloud import crypto
 from engines.reference.phantoms import PatientInfo, chest_study
 from testsupport.cloud import DEVICE, cloud_env
@@ -14,6 +16,8 @@ from testsupport.daemon import running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.fakehub import FakeHub
 from testsupport.orthanc import AET, Orthanc
+
+pytestmark = pytest.mark.integration
 
 PATIENT = PatientInfo(
     name="CLOUDTEST^MARGARET^Q",

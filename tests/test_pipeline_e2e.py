@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from engines import bundle as B
 from engines.golden import reference_outputs, save_golden
@@ -25,6 +26,8 @@ from testsupport.daemon import daemon_env, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
 from testsupport.pipeline import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
+
+pytestmark = pytest.mark.integration
 
 
 def install_tiny_bundle(home: Path, work: Path) -> tuple[str, str]:

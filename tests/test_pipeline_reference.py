@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from appliance.pipeline.results_sr import read_sr_points
 from engines.reference.phantoms import chest_study, mammo_study
@@ -22,6 +23,8 @@ from testsupport.daemon import running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
 from testsupport.phantoms import anisotropic_chest
+
+pytestmark = pytest.mark.integration
 
 # dcmtk storescu: propose exactly the file's transfer syntax (else it may transcode)
 TS_FLAG = {"1.2.840.10008.1.2.4.90": ["-xv"], "1.2.840.10008.1.2.5": ["-xr"], "1.2.840.10008.1.2.4.70": ["-xs"]}

@@ -104,6 +104,7 @@ def _without_times(ds: pydicom.Dataset) -> bytes:
         return fh.getvalue()
 
 
+@pytest.mark.integration
 def test_cached_and_uncached_paths_identical(box, tmp_path: Path) -> None:
     settings, store, scp, engines, cache, preparer = box
     studies = [
@@ -138,6 +139,7 @@ def test_cached_and_uncached_paths_identical(box, tmp_path: Path) -> None:
             assert _without_times(a) == _without_times(b)
 
 
+@pytest.mark.integration
 def test_worker_takes_prepared_images_from_the_cache(box, tmp_path: Path) -> None:
     settings, store, scp, engines, cache, preparer = box
     study = mammo_study(tmp_path, seed=9, masses={"R": 1}, transfer_syntax="j2k-lossless")
@@ -150,6 +152,7 @@ def test_worker_takes_prepared_images_from_the_cache(box, tmp_path: Path) -> Non
     assert summary["per_breast"]["R"] > summary["per_breast"]["L"]
 
 
+@pytest.mark.integration
 def test_receiver_hook_gets_durable_instances_and_a_failing_hook_is_ignored(box, tmp_path: Path) -> None:
     settings, store, scp, engines, cache, preparer = box
     seen: list[StoredInstance] = []

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from appliance.cloud import sas
 from appliance.cloud.agent import CloudAgent
 from appliance.core.config import load_settings
@@ -14,6 +16,8 @@ from testsupport.cloud import HUB
 from testsupport.common import ROOT, wait_until
 from testsupport.daemon import daemon_env
 from testsupport.fakehub import FakeHub
+
+pytestmark = pytest.mark.integration
 
 GROUP_KEY = "Z3JvdXAta2V5LWZvci10ZXN0cy0zMi1ieXRlcy1sb25nISE="
 

@@ -7,11 +7,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from appliance.core.store import PURGED, Store
 from engines.reference import phantoms
 from testsupport.common import PYTHON, ROOT, wait_until
 from testsupport.daemon import daemon_env, running_daemon
 from testsupport.dcmtk import storescu
+
+pytestmark = pytest.mark.integration
 
 PIPELINE_ON = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
 

@@ -8,6 +8,8 @@ Each launcher starts its process on 127.0.0.1 with an ephemeral port and stops i
 - :mod:`testsupport.daemon`: the appliance daemon (``python -m appliance --home H run``)
 - :mod:`testsupport.fakehub`: the fake Azure IoT Hub + DPS (``python -m testsupport.fakehub``)
 
+:mod:`testsupport.guard` keeps unmarked (unit) tests in process.
+
 Test data: :mod:`testsupport.dicom` (synthetic instances and series), :mod:`testsupport.phantoms` (phantom
 studies ``engines.reference.phantoms`` does not write), :mod:`testsupport.pipeline` and
 :mod:`testsupport.bundles` (tiny real ONNX models, manifests, signed bundles), :mod:`testsupport.pki` (a test
