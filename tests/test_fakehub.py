@@ -6,6 +6,7 @@ import json
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -17,11 +18,16 @@ from testsupport.cloud import DEVICE, HUB
 from testsupport.common import wait_until
 from testsupport.fakehub import FakeHub
 
+pytestmark = pytest.mark.integration
+
 
 class Raw:
     """A bare paho connection with the hub's username rules, to poke at the fake hub."""
 
+    opened: list[Raw] = []  # closed after each test (before its hub stops): no paho thread lives on, reconnecting
+
     def __init__(self, port: int, ca: Path, client_id: str, username: str, password: str | None, cert=None):
+        Raw.opened.append(self)
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         ctx = ssl.create_default_context(cafile=str(ca))
         if cert:
@@ -43,6 +49,15 @@ class Raw:
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients(hub: FakeHub) -> Iterator[None]:
+    yield
+    for r in Raw.opened:  # all at once: each paho thread may sit up to 1 s in its reconnect wait
+        r.c.disconnect()
+    while Raw.opened:
+        Raw.opened.pop().c.loop_stop()
 
 
 def _raw(hub: FakeHub, pki, key: str, ttl: int = 60, **kw) -> Raw:
