@@ -43,8 +43,9 @@ import pydicom  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
 from engines.reference.phantoms import chest_study, mammo_study  # noqa: E402
-from tests.daemon_tools import running_daemon, storescu  # noqa: E402
-from tests.orthanc_tools import AET, Orthanc  # noqa: E402
+from testsupport.daemon import running_daemon  # noqa: E402
+from testsupport.dcmtk import storescu  # noqa: E402
+from testsupport.orthanc import AET, Orthanc  # noqa: E402
 
 
 def _templates(out: Path) -> dict[str, list[Path]]:

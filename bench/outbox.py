@@ -29,8 +29,9 @@ from appliance.cloud.agent import CloudAgent  # noqa: E402
 from appliance.cloud.client import d2c_topic  # noqa: E402
 from appliance.cloud.deid import load_or_create_device_secret  # noqa: E402
 from appliance.core.config import Settings  # noqa: E402
-from tests.cloud_fixtures import issue_cert, make_ca, sample_result  # noqa: E402
-from tests.mosquitto_env import Mosquitto  # noqa: E402
+from testsupport.cloud import sample_result  # noqa: E402
+from testsupport.mosquitto import Mosquitto  # noqa: E402
+from testsupport.pki import issue_cert, make_ca  # noqa: E402
 
 DEVICE = "bench-device"
 
@@ -115,13 +116,11 @@ def main() -> None:
     ca_key, ca_cert, ca = make_ca(work)
     srv = issue_cert(ca_key, ca_cert, "localhost", work, "server", server=True)
     dev = issue_cert(ca_key, ca_cert, DEVICE, work, "device", server=False)
-    broker = Mosquitto(work, ca, *srv)
-    broker.start()
     _, pub = crypto.generate_keypair()
     s = Settings(state_dir=work, cloud={"device_id": DEVICE, "recipient_keys": {"k": pub}})
     secret = load_or_create_device_secret(work / "secrets")
     raw_rates, box_rates = [], []
-    try:
+    with Mosquitto(work, ca, *srv) as broker:
         for r in range(args.runs):
             bodies = [
                 payload.build_result_message(
@@ -134,8 +133,6 @@ def main() -> None:
             home.mkdir()
             box_rates.append(outbox_run(home, broker.port, ca, dev, bodies, args.inflight, pub))
             print(f"run {r + 1}: raw paho {raw_rates[-1]:.0f} msg/s, outbox {box_rates[-1]:.0f} msg/s", flush=True)
-    finally:
-        broker.stop()
     size = statistics.median(len(b) for _, b in bodies)
     raw_m, box_m = statistics.median(raw_rates), statistics.median(box_rates)
     print(

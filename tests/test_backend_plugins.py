@@ -21,7 +21,7 @@ from engines.bundle import verify_dir
 from engines.cache import EngineCache, cpu_fingerprint
 from engines.errors import EngineBuildError
 from engines.registry import Registry
-from tests.engine_tools import SIZE, make_bundle, new_key, trust_for
+from testsupport.bundles import SIZE, make_bundle, new_key, trust_for
 
 ORT = runtime.EngineOptions(backend="ort", plugins={"ort": {"intra_op_threads": 1}})
 

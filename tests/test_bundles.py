@@ -13,7 +13,7 @@ from engines import bundle as B
 from engines.errors import BundleError, TrustError
 from engines.keys import TrustStore, key_id, public_key_b64
 from engines.registry import Registry
-from tests.engine_tools import make_bundle, new_key, trust_for
+from testsupport.bundles import make_bundle, new_key, trust_for
 
 
 def _members(path: Path) -> list[tuple[tarfile.TarInfo, bytes]]:

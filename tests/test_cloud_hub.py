@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The cloud agent against the fake IoT Hub over TLS: auth, renewal, twin, methods, C2D, bad input."""
 
 from __future__ import annotations
@@ -11,9 +10,11 @@ import pytest
 from appliance.cloud import crypto, outbox, payload
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.deid import load_or_create_device_secret
-from tests.cloud_env import DEVICE, central_keys, cloud_settings, device_key, hub, pki, wait_for  # noqa: F401
-from tests.cloud_fixtures import PHI_STRINGS, sample_result
-from tests.fakehub.hub import FakeHub
+from testsupport.cloud import DEVICE, PHI_STRINGS, cloud_settings, sample_result
+from testsupport.common import wait_until
+from testsupport.fakehub import FakeHub
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -49,7 +50,7 @@ def test_sas_connect_d2c_properties_and_no_phi(make_agent, hub: FakeHub, central
     agent = make_agent()
     ids = _enqueue_results(agent, 3)
     agent.start()
-    wait_for(lambda: len(hub.messages(DEVICE, "result")) == 3, what="3 results")
+    wait_until(lambda: len(hub.messages(DEVICE, "result")) == 3, timeout=20, what="3 results")
     msgs = hub.messages(DEVICE, "result")
     assert [m.props["$.mid"] for m in msgs] == ids
     m = msgs[0]
@@ -60,8 +61,10 @@ def test_sas_connect_d2c_properties_and_no_phi(make_agent, hub: FakeHub, central
             assert phi.encode() not in t.body and phi not in t.topic
     meta, plain = crypto.decrypt(m.body, {"central-1": central_keys["priv"]})
     assert meta["mid"] == ids[0] and json.loads(plain)["modality"] == "MG"
-    wait_for(lambda: agent.store.query("SELECT COUNT(*) FROM outbox WHERE kind='result'")[0][0] == 0, what="sent")
-    wait_for(lambda: hub.twin(DEVICE)["reported"].get("software_version"), what="reported properties")
+    wait_until(
+        lambda: agent.store.query("SELECT COUNT(*) FROM outbox WHERE kind='result'")[0][0] == 0, timeout=20, what="sent"
+    )
+    wait_until(lambda: hub.twin(DEVICE)["reported"].get("software_version"), timeout=20, what="reported properties")
     rep = hub.twin(DEVICE)["reported"]
     assert {"outbox", "disk", "backend", "bundles_active", "software_version"} <= set(rep)
 
@@ -79,14 +82,14 @@ def test_x509_connect_and_wrong_identity_refused(make_agent, hub: FakeHub, pki, 
     agent = make_agent(auth="x509")
     ids = _enqueue_results(agent, 2)
     agent.start()
-    wait_for(lambda: len(hub.messages(DEVICE, "result")) == 2, what="results over X.509")
+    wait_until(lambda: len(hub.messages(DEVICE, "result")) == 2, timeout=20, what="results over X.509")
     assert [m.props["$.mid"] for m in hub.messages(DEVICE, "result")] == ids
     agent.stop()
     bad = make_agent(auth="x509", cert_file=str(pki["other_crt"]), key_file=str(pki["other_key"]))
     bad.start()
-    wait_for(lambda: hub.events_for(DEVICE, "refused"), what="refusal")
+    wait_until(lambda: hub.events_for(DEVICE, "refused"), timeout=20, what="refusal")
     assert "CN='someone-else'" in hub.events_for(DEVICE, "refused")[-1].detail
-    wait_for(lambda: "refused" in (bad.client.last_error or ""), what="client error")
+    wait_until(lambda: "refused" in (bad.client.last_error or ""), timeout=20, what="client error")
 
 
 def test_wrong_key_refused_and_clock_far_off_is_a_clear_error(make_agent, hub: FakeHub, caplog) -> None:
@@ -95,17 +98,21 @@ def test_wrong_key_refused_and_clock_far_off_is_a_clear_error(make_agent, hub: F
 
     agent = make_agent(time_fn=lambda: _t.time() + clock["offset"])
     agent.start()
-    wait_for(lambda: hub.events_for(DEVICE, "refused"), what="expired token refused")
+    wait_until(lambda: hub.events_for(DEVICE, "refused"), timeout=20, what="expired token refused")
     assert "expired" in hub.events_for(DEVICE, "refused")[0].detail
 
     def logged(text: str) -> bool:
         return any(text in str(getattr(r, "fields", {})) for r in caplog.records)
 
-    wait_for(lambda: "clock far off" in caplog.text and logged("system clock reads 19"), what="clock error logged")
+    wait_until(
+        lambda: "clock far off" in caplog.text and logged("system clock reads 19"),
+        timeout=20,
+        what="clock error logged",
+    )
     assert logged("SAS token was rejected")
     assert agent.status()["outbox"]["depth"] >= 0  # agent alive
     clock["offset"] = 0.0  # NTP fixed the clock: the next attempt succeeds
-    wait_for(lambda: agent.client.ready, what="connect after clock fix")
+    wait_until(lambda: agent.client.ready, timeout=20, what="connect after clock fix")
 
 
 def test_sas_token_renewal_over_a_long_run(make_agent, hub: FakeHub) -> None:
@@ -115,7 +122,9 @@ def test_sas_token_renewal_over_a_long_run(make_agent, hub: FakeHub) -> None:
     for k in range(8):
         ids += _enqueue_results(agent, 25, start=k * 25)
         _t_sleep(0.6)
-    wait_for(lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 200, what="200 results")
+    wait_until(
+        lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 200, timeout=20, what="200 results"
+    )
     got = [m.props["$.mid"] for m in hub.messages(DEVICE, "result")]
     assert _first_occurrences(got) == ids and len(got) == len(ids)  # in order, each once
     assert len(hub.events_for(DEVICE, "connected")) >= 3  # renewed by reconnecting
@@ -131,19 +140,23 @@ def _t_sleep(s: float) -> None:
 def test_twin_reconciled_after_patches_sent_while_offline(make_agent, hub: FakeHub) -> None:
     agent = make_agent()
     agent.start()
-    wait_for(lambda: agent.twin.status.get("status") == "applied", what="initial twin")
+    wait_until(lambda: agent.twin.status.get("status") == "applied", timeout=20, what="initial twin")
     agent.stop()
     hub.update_desired(DEVICE, {"health_interval_s": 120})  # offline: not delivered
     v = hub.update_desired(DEVICE, {"upload_results": False, "log_level": "INFO"})
     agent2 = make_agent()
     agent2.start()
-    wait_for(lambda: agent2.twin.version == v, what="twin GET on reconnect")
+    wait_until(lambda: agent2.twin.version == v, timeout=20, what="twin GET on reconnect")
     assert agent2.health_interval_s == 120 and agent2.sender.upload_results is False
-    wait_for(lambda: (hub.twin(DEVICE)["reported"].get("desired_status") or {}).get("version") == v, what="reported")
+    wait_until(
+        lambda: (hub.twin(DEVICE)["reported"].get("desired_status") or {}).get("version") == v,
+        timeout=20,
+        what="reported",
+    )
     # a stale patch ($version not newer) is ignored, a newer one applied
     hub.send_raw_desired(DEVICE, json.dumps({"health_interval_s": 5, "$version": v}).encode(), v)
     v2 = hub.update_desired(DEVICE, {"upload_results": True})
-    wait_for(lambda: agent2.twin.version == v2, what="live patch")
+    wait_until(lambda: agent2.twin.version == v2, timeout=20, what="live patch")
     assert agent2.health_interval_s == 120 and agent2.sender.upload_results is True
 
 
@@ -151,7 +164,7 @@ def test_bad_desired_properties_rejected_with_reason_nothing_applied(make_agent,
     v = hub.update_desired(DEVICE, {"health_interval_s": 300})
     agent = make_agent()
     agent.start()
-    wait_for(lambda: agent.twin.version == v, what="twin")
+    wait_until(lambda: agent.twin.version == v, timeout=20, what="twin")
     cases = [
         (b"{not json", "not JSON"),
         (json.dumps({"x": "y" * 40000}).encode(), "32 KB"),
@@ -162,14 +175,18 @@ def test_bad_desired_properties_rejected_with_reason_nothing_applied(make_agent,
     ]
     for i, (body, reason) in enumerate(cases):
         vi = hub.send_raw_desired(DEVICE, body)
-        wait_for(lambda vi=vi: agent.twin.status.get("version") == vi, what=f"case {i}")
+        wait_until(lambda vi=vi: agent.twin.status.get("version") == vi, timeout=20, what=f"case {i}")
         assert agent.twin.status["status"] == "rejected" and reason in agent.twin.status["reason"], agent.twin.status
         assert agent.health_interval_s == 300 and agent.overlay.current().recipient_keys.keys() == {"central-1"}
-    wait_for(lambda: (hub.twin(DEVICE)["reported"].get("desired_status") or {}).get("status") == "rejected", what="rep")
+    wait_until(
+        lambda: (hub.twin(DEVICE)["reported"].get("desired_status") or {}).get("status") == "rejected",
+        timeout=20,
+        what="rep",
+    )
     assert agent.methods.dispatch("ping", b"")[0] == 200 and agent.client.ready  # still running
     # the service fixes its document: applied
     hub.update_desired(DEVICE, {"open_all_ports": None, "recipient_keys": None, "health_interval_s": 60})
-    wait_for(lambda: agent.twin.status.get("status") == "applied", what="fixed twin applied")
+    wait_until(lambda: agent.twin.status.get("status") == "applied", timeout=20, what="fixed twin applied")
     assert agent.health_interval_s == 60
 
 
@@ -186,7 +203,9 @@ def test_twin_settings_are_an_overlay_persisted_and_never_mutate_the_config(
     before = agent.settings.model_dump()
     agent.start()
     v = hub.update_desired(DEVICE, {"recipient_keys": {"central-2": pub2}, "outbox_ttl_days": 3})
-    wait_for(lambda: agent.twin.version == v and agent.twin.status.get("status") == "applied", what="overlay")
+    wait_until(
+        lambda: agent.twin.version == v and agent.twin.status.get("status") == "applied", timeout=20, what="overlay"
+    )
     assert agent.settings.model_dump() == before  # the config file's settings are untouched
     eff = agent.overlay.current()
     assert eff.version == v and dict(eff.recipient_keys) == {"central-2": pub2} and eff.outbox_ttl_days == 3
@@ -217,7 +236,7 @@ def test_twin_get_throttled_429_is_retried(make_agent, hub: FakeHub) -> None:
     v = hub.update_desired(DEVICE, {"health_interval_s": 77})
     agent = make_agent()
     agent.start()
-    wait_for(lambda: agent.twin.version == v, timeout=15, what="twin after 429")
+    wait_until(lambda: agent.twin.version == v, timeout=15, what="twin after 429")
     assert agent.health_interval_s == 77
 
 
@@ -234,7 +253,7 @@ def test_direct_methods(make_agent, hub: FakeHub) -> None:
     agent = make_agent(method_hooks={"run_selftest": selftest, "resend": broken})
     _enqueue_results(agent, 1)
     agent.start()
-    wait_for(lambda: agent.client.ready, what="ready")
+    wait_until(lambda: agent.client.ready, timeout=20, what="ready")
     assert hub.invoke_method(DEVICE, "ping", {"n": 1})[0] == 200
     status, body = hub.invoke_method(DEVICE, "get_status")
     assert status == 200 and "outbox" in body and body["device_id"] == DEVICE and "studies" in body
@@ -263,15 +282,21 @@ def test_c2d_received_acked_and_bad_ones_rejected(make_agent, hub: FakeHub) -> N
 
     agent = make_agent(c2d_hook=on_c2d)
     agent.start()
-    wait_for(lambda: agent.client.ready, what="ready")
+    wait_until(lambda: agent.client.ready, timeout=20, what="ready")
     hub.send_c2d(DEVICE, b'{"hello": 1}', {"cmd": "note"})
-    wait_for(lambda: got == [("note", {"hello": 1})], what="c2d delivered")
+    wait_until(lambda: got == [("note", {"hello": 1})], timeout=20, what="c2d delivered")
     for body, reason in ((b"\x00garbage", "not JSON"), (b"x" * 70_000, "64 KB"), (b'{"reject": true}', "not allowed")):
         hub.send_raw_c2d(DEVICE, body)
-        wait_for(lambda r=reason: agent.last_c2d and r in (agent.last_c2d.get("reason") or ""), what=reason)
-    wait_for(lambda: len(hub.c2d_completed) == 4, what="all acknowledged")
+        wait_until(
+            lambda r=reason: agent.last_c2d and r in (agent.last_c2d.get("reason") or ""), timeout=20, what=reason
+        )
+    wait_until(lambda: len(hub.c2d_completed) == 4, timeout=20, what="all acknowledged")
     assert not hub.devices[DEVICE].c2d_queue
-    wait_for(lambda: (hub.twin(DEVICE)["reported"].get("last_c2d") or {}).get("status") == "rejected", what="reported")
+    wait_until(
+        lambda: (hub.twin(DEVICE)["reported"].get("last_c2d") or {}).get("status") == "rejected",
+        timeout=20,
+        what="reported",
+    )
     assert hub.invoke_method(DEVICE, "ping")[0] == 200
 
 
@@ -279,12 +304,12 @@ def test_c2d_sent_while_offline_is_delivered_on_reconnect(make_agent, hub: FakeH
     got = []
     agent = make_agent(c2d_hook=lambda p, b: got.append(b))
     agent.start()
-    wait_for(lambda: agent.client.ready, what="ready")
+    wait_until(lambda: agent.client.ready, timeout=20, what="ready")
     agent.stop()
     hub.send_c2d(DEVICE, b'{"n": 1}')
     agent2 = make_agent(c2d_hook=lambda p, b: got.append(b))
     agent2.start()
-    wait_for(lambda: got == [{"n": 1}], what="queued C2D after reconnect (CleanSession=0)")
+    wait_until(lambda: got == [{"n": 1}], timeout=20, what="queued C2D after reconnect (CleanSession=0)")
 
 
 def test_broker_cut_mid_publish_resends_same_id(make_agent, hub: FakeHub) -> None:
@@ -292,12 +317,12 @@ def test_broker_cut_mid_publish_resends_same_id(make_agent, hub: FakeHub) -> Non
     ids = _enqueue_results(agent, 50)
     hub.cut_after(DEVICE, 10, capture_last=True)  # 10th message reaches the hub, its PUBACK never comes back
     agent.start()
-    wait_for(lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 50, what="all 50")
+    wait_until(lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 50, timeout=20, what="all 50")
     got = [m.props["$.mid"] for m in hub.messages(DEVICE, "result")]
     assert _first_occurrences(got) == ids
     assert ids[9] in got[10:]  # the cut one was re-sent with the same id
     assert len(hub.events_for(DEVICE, "connected")) >= 2
-    wait_for(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, what="outbox drained")
+    wait_until(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, timeout=20, what="outbox drained")
 
 
 def test_1000_offline_results_then_hub_up_and_hub_killed_mid_stream(make_agent, hub: FakeHub) -> None:
@@ -307,15 +332,15 @@ def test_1000_offline_results_then_hub_up_and_hub_killed_mid_stream(make_agent, 
     ids = _enqueue_results(agent, 1000)
     _t_sleep(1.0)
     hub.start()
-    wait_for(lambda: len(hub.messages(DEVICE, "result")) >= 300, what="first 300")
+    wait_until(lambda: len(hub.messages(DEVICE, "result")) >= 300, timeout=20, what="first 300")
     hub.stop()  # killed mid-stream
     _t_sleep(0.5)
     hub.start()
-    wait_for(lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 1000, timeout=60, what="1000")
+    wait_until(lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 1000, timeout=60, what="1000")
     got = [m.props["$.mid"] for m in hub.messages(DEVICE, "result")]
     assert _first_occurrences(got) == ids  # in order; duplicates only of ids already sent
     assert len(got) - 1000 <= agent.settings.cloud.max_inflight
-    wait_for(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, what="outbox drained")
+    wait_until(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, timeout=20, what="outbox drained")
 
 
 def test_1000_offline_results_delivered_once_in_order(make_agent, hub: FakeHub) -> None:
@@ -325,7 +350,7 @@ def test_1000_offline_results_delivered_once_in_order(make_agent, hub: FakeHub) 
     agent.start()
     _t_sleep(0.5)
     hub.start()
-    wait_for(lambda: len(hub.messages(DEVICE, "result")) >= 1000, timeout=60, what="1000")
-    wait_for(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, what="outbox drained")
+    wait_until(lambda: len(hub.messages(DEVICE, "result")) >= 1000, timeout=60, what="1000")
+    wait_until(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, timeout=20, what="outbox drained")
     got = [m.props["$.mid"] for m in hub.messages(DEVICE, "result")]
     assert got == ids  # each exactly once, in order

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The same client against a real Mosquitto with TLS client certificates: plain MQTT resilience."""
 
 from __future__ import annotations
@@ -15,13 +14,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 from appliance.cloud import outbox, payload
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.deid import load_or_create_device_secret
-from tests.cloud_env import DEVICE, central_keys, cloud_settings, pki, wait_for  # noqa: F401
-from tests.cloud_fixtures import issue_cert, make_ca, sample_result
-from tests.mosquitto_env import MOSQUITTO, Mosquitto
+from testsupport.cloud import DEVICE, cloud_settings, sample_result
+from testsupport.common import wait_until
+from testsupport.mosquitto import MOSQUITTO, Mosquitto
+from testsupport.pki import issue_cert, make_ca
 
-pytestmark = pytest.mark.skipif(
-    not shutil.which(MOSQUITTO), reason="mosquitto not installed (apt-get install mosquitto)"
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not shutil.which(MOSQUITTO), reason="mosquitto not installed (apt-get install mosquitto)"),
+]
 
 
 def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Path, home: Path, central_keys) -> None:
@@ -42,7 +43,7 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
     sub.reconnect_delay_set(0.1, 0.5)
     sub.connect("127.0.0.1", broker.port, 30)
     sub.loop_start()
-    wait_for(lambda: sub.is_connected(), 10, "collector connected")
+    wait_until(lambda: sub.is_connected(), 10, "collector connected")
     settings = cloud_settings(
         home,
         broker.port,
@@ -64,11 +65,11 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
             ids.append(mid)
     try:
         agent.start()
-        wait_for(lambda: len(got) >= 100, 30, "100 through mosquitto")
+        wait_until(lambda: len(got) >= 100, 30, "100 through mosquitto")
         broker.stop()  # broker restart mid-stream (persistence keeps the collector's session)
         broker.start()
         for n in (250, 400):
-            wait_for(lambda n=n: len(got) >= n, 30, f"{n} through mosquitto")
+            wait_until(lambda n=n: len(got) >= n, 30, f"{n} through mosquitto")
             # cut the device mid-stream: a second connection with its client id takes the session over
             intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=DEVICE, protocol=mqtt.MQTTv311)
             ctx = ssl.create_default_context(cafile=str(ca))
@@ -80,10 +81,10 @@ def test_outbox_survives_broker_restart_and_cuts_with_client_certs(tmp_path: Pat
                 intruder.loop(0.2)  # until the CONNACK: the takeover has really happened
             assert intruder.is_connected(), "the takeover connection never completed"
             intruder.disconnect()
-        wait_for(lambda: set(ids) <= set(got), 30, "all 600 results after the cuts")
-        wait_for(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, 20, "outbox drained")
+        wait_until(lambda: set(ids) <= set(got), 30, "all 600 results after the cuts")
+        wait_until(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, 20, "outbox drained")
         # really cut and reconnected: the restart and each takeover cost the agent its connection
-        wait_for(lambda: agent.client.connects >= 3 and agent.status()["connected"], 20, "reconnected after the cuts")
+        wait_until(lambda: agent.client.connects >= 3 and agent.status()["connected"], 20, "reconnected after the cuts")
     finally:
         agent.stop()
         sub.loop_stop()

@@ -11,7 +11,7 @@ import pytest
 from appliance.cloud import crypto, deid, outbox, payload
 from appliance.core.config import Settings
 from appliance.core.store import Store
-from tests.cloud_fixtures import PHI_STRINGS, sample_result
+from testsupport.cloud import PHI_STRINGS, sample_result
 
 SECRET = bytes(range(32))
 

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """Crash safety and the CLI: the cloud agent in its own process, SIGKILLed mid-stream; central tools."""
 
 from __future__ import annotations
@@ -9,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from appliance.cloud import outbox, payload
 from appliance.cloud.deid import load_or_create_device_secret
 from appliance.core.store import Store
-from tests.cloud_env import DEVICE, central_keys, cloud_env, cloud_settings, device_key, hub, pki, wait_for  # noqa: F401
-from tests.cloud_fixtures import PHI_STRINGS, sample_result
-from tests.conftest import ROOT
-from tests.fakehub.hub import FakeHub
+from testsupport.cloud import DEVICE, PHI_STRINGS, cloud_env, cloud_settings, sample_result
+from testsupport.common import ROOT, wait_until
+from testsupport.fakehub import FakeHub
+
+pytestmark = pytest.mark.integration
 
 
 def test_agent_sigkilled_mid_stream_loses_nothing(home: Path, hub: FakeHub, pki, device_key, central_keys) -> None:
@@ -36,14 +38,14 @@ def test_agent_sigkilled_mid_stream_loses_nothing(home: Path, hub: FakeHub, pki,
     cmd = [sys.executable, "-m", "appliance", "cloud", "run"]
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: len(hub.messages(DEVICE, "result")) >= 200, timeout=30, what="first 200")
+        wait_until(lambda: len(hub.messages(DEVICE, "result")) >= 200, timeout=30, what="first 200")
         p.send_signal(signal.SIGKILL)
         p.wait(10)
         before = {m.props["$.mid"] for m in hub.messages(DEVICE, "result")}
         assert len(before) < 1000, "the kill must land mid-stream"
         hub.puback_delay_s = 0.0
         p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(
+        wait_until(
             lambda: len({m.props["$.mid"] for m in hub.messages(DEVICE, "result")}) == 1000, timeout=60, what="all"
         )
     finally:

@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 
 import highdicom as hd
+import pytest
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -24,9 +25,9 @@ from appliance.ingest.contexts import all_storage_sop_classes, scp_contexts
 from appliance.ingest.header import STUDY_UID
 from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
-from tests.daemon_tools import storescu, storescu_results
-from tests.dicom_tools import dataset_bytes, write_series
-from tests.pipeline_tools import make_dataset, synthetic_image
+from testsupport.dcmtk import storescu, storescu_results
+from testsupport.dicom import dataset_bytes, write_series
+from testsupport.pipeline import make_dataset, synthetic_image
 
 
 def _report() -> hd.sr.MeasurementReport:
@@ -102,6 +103,7 @@ def test_every_storage_class_comes_from_pynetdicoms_public_contexts() -> None:
     assert set(classes) <= set(scp_contexts(True)) and not set(classes) <= set(scp_contexts(False))
 
 
+@pytest.mark.integration
 def test_scp_restarts_after_stop(tmp_path: Path) -> None:
     """stop() shuts the flush pool down; start() must make a new one (tracked by the SCP itself, not by
     ThreadPoolExecutor's private ``_shutdown``) and store instances again."""

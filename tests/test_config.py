@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from appliance.core.config import ConfigError, check_problems, load_settings
-from tests.conftest import PYTHON, ROOT
+from testsupport.common import PYTHON, ROOT
 
 
 def test_defaults_without_file(clean_env, tmp_path: Path) -> None:
@@ -68,6 +68,7 @@ def test_a_configured_feature_that_is_not_built_is_a_problem(clean_env, tmp_path
     assert [p for p in problems if p.startswith("api.enabled")], problems
 
 
+@pytest.mark.integration
 def test_cli_config_check(clean_env, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[dicom]\nport = -1\n")

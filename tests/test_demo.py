@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 
-from tests.conftest import ROOT
-from tests.daemon_tools import daemon_env
+from testsupport.common import ROOT
+from testsupport.daemon import daemon_env
+
+pytestmark = pytest.mark.integration
 
 
 def test_demo_shows_findings_and_result_files(tmp_path: Path) -> None:

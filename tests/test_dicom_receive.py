@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -21,26 +19,15 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
 
 from appliance.ingest.spool import RESERVE_SIZE
-from tests.daemon_tools import (
-    appliance_cli,
-    dcmtk_env,
-    echoscu,
-    running_daemon,
-    start_daemon,
-    storescu,
-    storescu_results,
-    wait_until,
-)
-from tests.dicom_tools import (
-    dataset_bytes,
-    file_dataset_offset,
-    make_instance,
-    part10,
-    spool_data_files,
-    write_series,
-)
+from testsupport.common import wait_until
+from testsupport.daemon import appliance_cli, running_daemon, start_daemon
+from testsupport.dcmtk import STORESCU, dcmtk_env, echoscu, have_dcmtk, storescp, storescu, storescu_results
+from testsupport.dicom import dataset_bytes, file_dataset_offset, make_instance, part10, spool_data_files, write_series
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/bin/storescu"), reason="dcmtk (storescu) not installed")
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not have_dcmtk(), reason="dcmtk (storescu) not installed"),
+]
 
 QUIET = {"APPLIANCE_DICOM__QUIET_SECONDS": "0.5"}
 
@@ -94,12 +81,6 @@ _TS_FLAG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _corpus_by_ts() -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = defaultdict(list)
     for f in get_testdata_files():
@@ -133,20 +114,9 @@ def test_pydicom_corpus_stored_byte_identical_and_once(home: Path, tmp_path: Pat
     groups = _corpus_by_ts()
     oracle_dir = tmp_path / "oracle"
     oracle_dir.mkdir()
-    port = _free_port()
-    oracle = subprocess.Popen(
-        ["/usr/bin/storescp", "+B", "+xa", "-pm", "+uf", "-od", str(oracle_dir), "-aet", "ORACLE", str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, what="storescp")
+    with storescp(oracle_dir, "+B", "+xa", "-pm", "+uf", aet="ORACLE") as port:
         for ts, files in groups.items():
             storescu(port, files, "-R", *_TS_FLAG[ts], called="ORACLE")
-    finally:
-        oracle.terminate()
-        oracle.wait(10)
     sent = _received_set(list(oracle_dir.iterdir()))
     assert len(sent) > 80
 
@@ -362,7 +332,7 @@ def test_malformed_instances_refused_consistently(home: Path, tmp_path: Path) ->
 
 
 def test_invalid_config_run_exits_nonzero_naming_key(home: Path) -> None:
-    from tests.daemon_tools import daemon_env as env_for
+    from testsupport.daemon import daemon_env as env_for
 
     r = appliance_cli(home, "run", env=env_for({"APPLIANCE_DICOM__PORT": "70000"}), timeout=30)
     assert r.returncode == 2 and "dicom.port" in r.stderr, (r.returncode, r.stderr)
@@ -374,7 +344,7 @@ def test_second_daemon_on_the_same_state_dir_refuses_to_start(home: Path, tmp_pa
     """A technician starts ``appliance run`` by hand while the service runs: the second one exits 1
     naming the running pid, before its startup recovery could sweep the first one's in-flight and
     reserve files; the first one goes on receiving."""
-    from tests.daemon_tools import daemon_env as env_for
+    from testsupport.daemon import daemon_env as env_for
 
     def spool_files() -> set[Path]:
         return {p for p in (home / "spool").rglob("*") if p.is_file()}
@@ -397,7 +367,7 @@ def test_second_daemon_on_the_same_state_dir_refuses_to_start(home: Path, tmp_pa
 
 
 def _stream_storescu(port: int, files: list[Path], *options: str) -> subprocess.Popen:
-    cmd = ["/usr/bin/storescu", "-v", "-aec", "APPLIANCE", *options, "127.0.0.1", str(port), *map(str, files)]
+    cmd = [STORESCU, "-v", "-aec", "APPLIANCE", *options, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.Popen(
         cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )

@@ -32,8 +32,8 @@ from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
 from appliance.ingest.ul import dimse, pdu
 from appliance.ingest.ul.server import negotiate
-from tests.daemon_tools import storescu, storescu_results
-from tests.dicom_tools import dataset_bytes, make_instance, part10, spool_data_files, write_series
+from testsupport.dcmtk import storescu, storescu_results
+from testsupport.dicom import dataset_bytes, make_instance, part10, spool_data_files, write_series
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 RLE = "1.2.840.10008.1.2.5"
@@ -240,6 +240,7 @@ def test_p_data_fragments_to_peer_max() -> None:
 
 
 # --- the protocol over raw sockets: bad input is aborted, the server lives on ------------------------------
+@pytest.mark.integration
 def test_p_data_before_association_is_aborted(scp: StorageSCP) -> None:
     with connect(scp) as sock:
         sock.sendall(p_data(pdv(1, echo_rq(), True)))
@@ -248,6 +249,7 @@ def test_p_data_before_association_is_aborted(scp: StorageSCP) -> None:
     assert echo_works(scp)
 
 
+@pytest.mark.integration
 def test_unknown_pdu_type_is_aborted(scp: StorageSCP) -> None:
     with associate(scp) as sock:
         sock.sendall(struct.pack(">BxI", 0x09, 4) + bytes(4))
@@ -255,6 +257,7 @@ def test_unknown_pdu_type_is_aborted(scp: StorageSCP) -> None:
     assert echo_works(scp)
 
 
+@pytest.mark.integration
 def test_oversized_pdu_length_claims_are_aborted_without_reading(scp: StorageSCP) -> None:
     with connect(scp) as sock:  # an A-ASSOCIATE-RQ claiming ~4 GiB
         sock.sendall(struct.pack(">BxI", pdu.ASSOCIATE_RQ, 0xFFFFFFF0) + bytes(100))
@@ -265,6 +268,7 @@ def test_oversized_pdu_length_claims_are_aborted_without_reading(scp: StorageSCP
     assert echo_works(scp)
 
 
+@pytest.mark.integration
 def test_wrong_lengths_and_unknown_context_are_aborted(scp: StorageSCP) -> None:
     cases = [
         # PDV claims more than its PDU holds
@@ -285,6 +289,7 @@ def test_wrong_lengths_and_unknown_context_are_aborted(scp: StorageSCP) -> None:
     assert echo_works(scp)
 
 
+@pytest.mark.integration
 def test_truncated_pdu_then_disconnect_leaves_server_serving(scp: StorageSCP) -> None:
     with connect(scp) as sock:
         sock.sendall(assoc_rq(VERIFY_CX)[:40])  # the peer dies halfway through its request
@@ -294,6 +299,7 @@ def test_truncated_pdu_then_disconnect_leaves_server_serving(scp: StorageSCP) ->
     assert echo_works(scp) and scp.active_associations() == 0
 
 
+@pytest.mark.integration
 def test_echo_release_and_peer_abort_over_raw_socket(scp: StorageSCP) -> None:
     with associate(scp) as sock:
         sock.sendall(p_data(pdv(1, echo_rq(42), True)))
@@ -308,6 +314,7 @@ def test_echo_release_and_peer_abort_over_raw_socket(scp: StorageSCP) -> None:
         assert read_pdu(sock) == (0, b"")
 
 
+@pytest.mark.integration
 def test_unknown_application_context_and_artim_timeout(tmp_path: Path) -> None:
     s = _scp(tmp_path, acse_timeout=0.3)
     try:
@@ -323,6 +330,7 @@ def test_unknown_application_context_and_artim_timeout(tmp_path: Path) -> None:
         s.stop()
 
 
+@pytest.mark.integration
 def test_max_associations_rejected_transient_local_limit(tmp_path: Path) -> None:
     s = _scp(tmp_path, max_associations=1)
     try:
@@ -359,6 +367,7 @@ def _corpus_file(ts: str) -> Path:
     raise AssertionError(f"no bundled pydicom file in {ts}")
 
 
+@pytest.mark.integration
 def test_pynetdicom_scu_echo_and_store_with_fragmentation_both_ways(tmp_path: Path) -> None:
     """Our max PDU 4096 makes the SCU fragment each data set; its max PDU 120 makes us fragment responses."""
     study = generate_uid()
@@ -417,6 +426,7 @@ def _store_rq(sop_uid: str, message_id: int = 1) -> bytes:
     return struct.pack("<HHII", 0, 0, 4, len(rest)) + rest
 
 
+@pytest.mark.integration
 def test_partial_data_set_cut_off_is_never_recorded(tmp_path: Path) -> None:
     """A C-STORE whose data set stops halfway (connection dropped, or A-ABORT) leaves no row and no file;
     the same instance sent whole afterwards is stored and acknowledged."""
@@ -472,6 +482,7 @@ def _wait(predicate, timeout: float = 5.0) -> bool:
     return False
 
 
+@pytest.mark.integration
 def test_streamed_file_of_an_instance_cut_off_is_removed(tmp_path: Path) -> None:
     """The spool file exists while the data set streams in (header decided from the first fragments);
     when the association drops or is aborted mid-instance the file goes and no row is written."""
@@ -500,6 +511,7 @@ def test_streamed_file_of_an_instance_cut_off_is_removed(tmp_path: Path) -> None
         s.stop()
 
 
+@pytest.mark.integration
 def test_streamed_duplicate_leaves_no_extra_file_changed_bytes_kept(tmp_path: Path) -> None:
     """Same SOP UID + same bytes streamed again: Success, no new row, the copy just written is removed.
     Different bytes under the same UID: a second row and file. Pixel data cut short (noticed only at
@@ -550,6 +562,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.integration
 def test_disk_full_mid_instance_refuses_it_and_loses_nothing_acked(tmp_path: Path, small_disk: Path) -> None:
     """The disk fills while data sets stream in (the free-space floor is off): the instances that fit
     are acknowledged and intact; the ones that hit ENOSPC get 0xA701 with nothing of them left
@@ -582,6 +595,7 @@ def test_disk_full_mid_instance_refuses_it_and_loses_nothing_acked(tmp_path: Pat
         s.stop()
 
 
+@pytest.mark.integration
 def test_concurrent_modalities_each_instance_once_and_intact(tmp_path: Path) -> None:
     """Four modalities send at once (one re-sends another's series at the same time), with a spool
     reserve far smaller than the burst (refilled meanwhile): every instance is acknowledged, recorded

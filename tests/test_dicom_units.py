@@ -287,7 +287,7 @@ def test_streamed_header_decides_like_the_whole_data_set() -> None:
         parse_header_prefix,
         tail_is_exact,
     )
-    from tests.dicom_tools import file_dataset_offset, part10
+    from testsupport.dicom import file_dataset_offset, part10
 
     streamed = 0
     for f in get_testdata_files():

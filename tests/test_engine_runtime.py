@@ -14,7 +14,7 @@ from engines.cache import EngineCache
 from engines.errors import BundleError, EngineBuildError, GoldenCheckError
 from engines.golden import compare
 from engines.registry import Registry
-from tests.engine_tools import SIZE, make_bundle, new_key, trust_for
+from testsupport.bundles import SIZE, make_bundle, new_key, trust_for
 
 ORT = runtime.EngineOptions(backend="ort", plugins={"ort": {"intra_op_threads": 1}})
 
@@ -89,7 +89,7 @@ def test_unloadable_onnx_names_the_bundle(setup, tmp_path) -> None:
     key, trust, models = setup
     # a syntactically valid bundle whose model.onnx is not an ONNX model
     from engines import bundle as B
-    from tests.engine_tools import manifest_doc
+    from testsupport.bundles import manifest_doc
 
     work = tmp_path / "w"
     work.mkdir()
@@ -141,7 +141,7 @@ def test_backend_selection_and_ort_threads(tmp_path) -> None:
         with pytest.raises(EngineBuildError) as ei:
             select_backend("tensorrt")
         assert ei.value.reason == "backend_unavailable" and why in str(ei.value)
-    from tests.engine_tools import tiny_onnx
+    from testsupport.bundles import tiny_onnx
 
     eng = OrtEngine(tiny_onnx(tmp_path / "m.onnx"), intra_op_threads=1, inter_op_threads=1, max_batch=4)
     assert eng.max_batch == 4 and eng.input_names == ("image",)

@@ -17,10 +17,9 @@ from appliance.lifecycle import studies
 from appliance.lifecycle.studies import EXPORTED, INFERRED, INFERRING
 from appliance.pipeline.analyse import analyse
 from appliance.pipeline.results import save_results
-from tests.conftest import PYTHON, ROOT
-from tests.daemon_tools import wait_until
-from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
-from tests.pipeline_tools import TinyEngine, make_dataset, synthetic_image, tiny_manifest
+from testsupport.common import PYTHON, ROOT, wait_until
+from testsupport.orthanc import AET, Orthanc
+from testsupport.pipeline import TinyEngine, make_dataset, synthetic_image, tiny_manifest
 
 
 def _settings(home: Path, pacs: Orthanc) -> Settings:
@@ -66,7 +65,8 @@ def test_backoff_is_exponential_and_capped() -> None:
     assert [backoff(n, 5, 60) for n in (1, 2, 3, 4, 5)] == [5, 10, 20, 40, 60]
 
 
-def test_results_reach_orthanc_in_the_same_study(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_results_reach_orthanc_in_the_same_study(home: Path, orthanc: Orthanc) -> None:
     settings = _settings(home, orthanc)
     store = Store(settings.db_path)
     study_uid, study_id = _results(settings, store)
@@ -91,6 +91,7 @@ def test_results_reach_orthanc_in_the_same_study(home: Path, orthanc: Orthanc) -
     assert Exporter(settings, store).run_once(now() + 10_000) == 0
 
 
+@pytest.mark.integration
 def test_pacs_down_retried_then_delivered_once(home: Path, tmp_path: Path) -> None:
     pacs = Orthanc(tmp_path / "down")  # ports chosen, not started
     settings = _settings(home, pacs)
@@ -114,6 +115,7 @@ def test_pacs_down_retried_then_delivered_once(home: Path, tmp_path: Path) -> No
         pacs.stop()
 
 
+@pytest.mark.integration
 def test_pacs_rejecting_keeps_results_and_retries(home: Path, tmp_path: Path) -> None:
     pacs = Orthanc(tmp_path / "reject", reject=True).start()
     try:
@@ -133,7 +135,8 @@ def test_pacs_rejecting_keeps_results_and_retries(home: Path, tmp_path: Path) ->
         pacs.stop()
 
 
-def test_pacs_echo_cli(home: Path, orthanc: Orthanc, tmp_path: Path, clean_env) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_pacs_echo_cli(home: Path, orthanc: Orthanc, tmp_path: Path, clean_env) -> None:
     cfg = tmp_path / "appliance.toml"
     cfg.write_text(
         f'state_dir = "{home}"\n[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\n'
@@ -169,7 +172,8 @@ def test_pacs_echo_cli(home: Path, orthanc: Orthanc, tmp_path: Path, clean_env) 
     assert time.monotonic() - t0 < 60
 
 
-def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -> None:
     """Same study processed twice (e.g. a restart after export): same UIDs, Orthanc keeps one copy each."""
     settings = _settings(home, orthanc)
     store = Store(settings.db_path)
@@ -185,7 +189,8 @@ def test_reprocessing_does_not_duplicate_in_pacs(home: Path, orthanc: Orthanc) -
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
 
 
-def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> None:
     """The SR is queued (own transaction) and sent while the SCs are not yet built; the SCs follow."""
     settings = _settings(home, orthanc)
     store = Store(settings.db_path)
@@ -214,7 +219,8 @@ def test_sr_goes_out_before_the_scs_are_built(home: Path, orthanc: Orthanc) -> N
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
 
 
-def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthanc: Orthanc) -> None:  # noqa: F811
+@pytest.mark.integration
+def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthanc: Orthanc) -> None:
     """Killed between the SR's transaction and the SCs': the study is still not ``inferred``; the re-run
     queues the SCs, does not queue the SR again, and the result summary is complete."""
     settings = _settings(home, orthanc)
@@ -241,6 +247,7 @@ def test_crash_after_sr_queued_reprocesses_without_duplicates(home: Path, orthan
     assert len(orthanc.instances_of_study(ds.StudyInstanceUID)) == 2
 
 
+@pytest.mark.integration
 def test_pacs_failure_status_keeps_results_and_retries(home: Path, tmp_path: Path) -> None:
     """A PACS that associates but answers each C-STORE with a failure status (0xA700, out of
     resources: a real storage SCP, the appliance's own, with its disk below the floor) keeps every row

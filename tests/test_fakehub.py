@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """The fake hub rejects what IoT Hub rejects (per Microsoft's MQTT docs), tested with a raw paho client."""
 
 from __future__ import annotations
@@ -7,6 +6,7 @@ import json
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -14,14 +14,20 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from appliance.cloud import sas
-from tests.cloud_env import DEVICE, HUB, device_key, hub, pki, wait_for  # noqa: F401
-from tests.fakehub.hub import FakeHub
+from testsupport.cloud import DEVICE, HUB
+from testsupport.common import wait_until
+from testsupport.fakehub import FakeHub
+
+pytestmark = pytest.mark.integration
 
 
 class Raw:
     """A bare paho connection with the hub's username rules, to poke at the fake hub."""
 
+    opened: list[Raw] = []  # closed after each test (before its hub stops): no paho thread lives on, reconnecting
+
     def __init__(self, port: int, ca: Path, client_id: str, username: str, password: str | None, cert=None):
+        Raw.opened.append(self)
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         ctx = ssl.create_default_context(cafile=str(ca))
         if cert:
@@ -38,11 +44,20 @@ class Raw:
         self.c.on_message = lambda c, u, m: self.msgs.append((m.topic, m.payload))
         self.c.connect("127.0.0.1", port, 30)
         self.c.loop_start()
-        wait_for(lambda: self.rc is not None, 5, "CONNACK")
+        wait_until(lambda: self.rc is not None, 5, "CONNACK")
 
     def close(self) -> None:
         self.c.disconnect()
         self.c.loop_stop()
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients(hub: FakeHub) -> Iterator[None]:
+    yield
+    for r in Raw.opened:  # all at once: each paho thread may sit up to 1 s in its reconnect wait
+        r.c.disconnect()
+    while Raw.opened:
+        Raw.opened.pop().c.loop_stop()
 
 
 def _raw(hub: FakeHub, pki, key: str, ttl: int = 60, **kw) -> Raw:
@@ -96,12 +111,12 @@ def test_twin_get_patch_versions_and_qos2_subscribe_granted_as_1(hub: FakeHub, p
     granted = []
     r.c.on_subscribe = lambda c, u, mid, codes, p: granted.extend(x.value for x in codes)
     r.c.subscribe([("$iothub/twin/res/#", 2), ("$iothub/twin/PATCH/properties/desired/#", 0)])
-    wait_for(lambda: granted, 5, "SUBACK")
+    wait_until(lambda: granted, 5, "SUBACK")
     assert granted == [1, 0]
     r.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=7", json.dumps({"fw": "1.0"}))
     r.c.publish("$iothub/twin/PATCH/properties/reported/?$rid=8", json.dumps({"bad.key": 1}))
     r.c.publish("$iothub/twin/GET/?$rid=9", b"")
-    wait_for(lambda: len(r.msgs) == 3, 5, "twin replies")
+    wait_until(lambda: len(r.msgs) == 3, 5, "twin replies")
     topics = [t for t, _ in r.msgs]
     assert topics[0].startswith("$iothub/twin/res/204/?$rid=7&$version=")
     assert topics[1].startswith("$iothub/twin/res/400/?$rid=8")
@@ -109,7 +124,7 @@ def test_twin_get_patch_versions_and_qos2_subscribe_granted_as_1(hub: FakeHub, p
     twin = json.loads(r.msgs[2][1])
     assert twin["reported"]["fw"] == "1.0" and isinstance(twin["desired"]["$version"], int)
     v = hub.update_desired(DEVICE, {"a": 1})
-    wait_for(lambda: len(r.msgs) == 4, 5, "desired patch")
+    wait_until(lambda: len(r.msgs) == 4, 5, "desired patch")
     assert r.msgs[3][0] == f"$iothub/twin/PATCH/properties/desired/?$version={v}"
     assert json.loads(r.msgs[3][1]) == {"a": 1, "$version": v}
     r.close()
@@ -132,13 +147,13 @@ def test_dps_register_and_poll_then_connect_to_assigned_hub(hub: FakeHub, pki) -
         json.dumps({"registrationId": reg, "payload": {"site": "x"}}),
         qos=1,
     )
-    wait_for(lambda: r.msgs, 5, "202")
+    wait_until(lambda: r.msgs, 5, "202")
     assert r.msgs[0][0].startswith("$dps/registrations/res/202/?$rid=1&retry-after=")
     op = json.loads(r.msgs[0][1])["operationId"]
     status = None
     for rid in range(2, 6):
         r.c.publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op}", b"", qos=1)
-        wait_for(lambda rid=rid: len(r.msgs) == rid, 5, "poll reply")
+        wait_until(lambda rid=rid: len(r.msgs) == rid, 5, "poll reply")
         status = json.loads(r.msgs[-1][1])
         if status["status"] == "assigned":
             break

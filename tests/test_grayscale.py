@@ -30,8 +30,8 @@ from appliance.pipeline.preprocess import (
     window,
 )
 from engines.manifest import Preprocessing
-from tests.pipeline_tools import make_dataset, save
-from tests.reference_tools import findings, model_input, reference_engines, write_case
+from testsupport.pipeline import make_dataset, save
+from testsupport.reference import findings, model_input, reference_engines, write_case
 
 DICOM = Preprocessing(target_size=(64, 64), window="dicom")
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -144,6 +144,7 @@ SHAPES = {
 
 @pytest.mark.parametrize(("vr", "syntax"), [("US", "explicit"), ("SS", "explicit"), ("OW", "explicit"),
                                             ("US", "implicit"), ("OW", "big")])  # fmt: skip
+@pytest.mark.integration
 @pytest.mark.parametrize(("desc_bits", "data_bits"), [(8, 8), (10, 10), (12, 12), (16, 16), (16, 12), (16, 10)])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_voi_lut_every_vr_and_depth(tmp_path: Path, vr: str, syntax: str, desc_bits: int, data_bits: int, shape: str):
@@ -164,6 +165,7 @@ def test_voi_lut_every_vr_and_depth(tmp_path: Path, vr: str, syntax: str, desc_b
         np.testing.assert_allclose(got * top, apply_voi(stored, ds), atol=1e-3)
 
 
+@pytest.mark.integration
 def test_narrow_voi_lut_matches_dcmtk_ignoring_the_descriptor_depth(tmp_path: Path) -> None:
     """dcmtk ``+Mv`` (determine the LUT depth from the data) renders what we feed the model; dcmtk trusting
     the descriptor (16 bits over 12-bit data) renders it near black: the field case's fault."""
@@ -236,6 +238,7 @@ def _dcm2pnm(path: Path, tmp_path: Path, *opts: str) -> np.ndarray:
     return np.asarray(Image.open(out), dtype=np.float64)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("photometric", "shape", "inverts"), COMBOS)
 def test_presentation_combinations_match_dcmtk(tmp_path: Path, photometric: str, shape: str | None, inverts: bool):
     img = (np.arange(64 * 64, dtype=np.uint16) % 4096).reshape(64, 64)
@@ -266,6 +269,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory):
     engines.close()
 
 
+@pytest.mark.integration
 def test_case_voi_lut_narrow_output(reference, tmp_path: Path) -> None:
     """Right outcome: full contrast (as the same image with a plain window), the nodule found, no false finding."""
     settings, engines = reference
@@ -286,6 +290,7 @@ def test_case_voi_lut_narrow_output(reference, tmp_path: Path) -> None:
     assert abs(got["nodule"][0] - want["nodule"][0]) < 0.03
 
 
+@pytest.mark.integration
 def test_case_mg_monochrome2_presentation_inverse(reference, tmp_path: Path) -> None:
     """Right outcome: the model sees what the viewer shows (dense bright); the mass found exactly as in the
     control written conventionally (MONOCHROME2, IDENTITY)."""

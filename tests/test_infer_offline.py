@@ -9,7 +9,7 @@ import pydicom
 from appliance.app.infer_offline import format_table, run_offline
 from appliance.core.config import Settings
 from appliance.pipeline.worker import StaticBundles
-from tests.pipeline_tools import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
+from testsupport.pipeline import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
 
 
 def test_offline_inference_writes_results_and_reports(tmp_path: Path) -> None:

@@ -31,12 +31,13 @@ from appliance.lifecycle.studies import (
 from appliance.pipeline.recovery import recover
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
 from engines.reference.phantoms import PatientInfo, chest_phantom, to_dicom, write_dicom
-from tests.conftest import PYTHON, ROOT
-from tests.daemon_tools import appliance_cli, running_daemon, storescu, wait_until
-from tests.orthanc_tools import AET, Orthanc
-from tests.pipeline_tools import TinyEngine, tiny_manifest
 from tests.test_pipeline_e2e import install_tiny_bundle
 from tests.test_worker import add_spooled_study
+from testsupport.common import PYTHON, ROOT, wait_until
+from testsupport.daemon import appliance_cli, running_daemon
+from testsupport.dcmtk import storescu
+from testsupport.orthanc import AET, Orthanc
+from testsupport.pipeline import TinyEngine, tiny_manifest
 
 SC_FAULT = "SC not built for image"
 
@@ -246,6 +247,7 @@ def test_worker_crash_is_retried_then_failed(home: Path) -> None:
 # -- result building that raises -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_sc_builder_fault_keeps_the_sr_and_names_the_image(home: Path) -> None:
     settings = Settings(state_dir=home)
     store = Store(settings.db_path)
@@ -282,6 +284,7 @@ def test_sr_builder_fault_ends_the_study_failed_with_the_reason(home: Path, monk
 # -- through the real daemon ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_daemon_contains_the_sc_fault_and_does_not_reprocess_after_restart(home: Path, tmp_path: Path) -> None:
     """storescu -> daemon (tiny bundle) -> Orthanc with the field case: the SR reaches the PACS, the study
     ends ``exported`` with the failing image in ``appliance studies``; a restart neither re-processes it nor
@@ -321,6 +324,7 @@ def test_daemon_contains_the_sc_fault_and_does_not_reprocess_after_restart(home:
         pacs.stop()
 
 
+@pytest.mark.integration
 def test_shared_field_case_script_still_matches_the_copy(tmp_path: Path) -> None:
     """The copy above writes what the shared case script writes (when that script is present)."""
     if not CASE_SCRIPT.exists():

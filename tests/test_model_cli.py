@@ -8,9 +8,12 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from tests.conftest import PYTHON, ROOT
-from tests.engine_tools import SIZE, manifest_doc, tiny_onnx
+from testsupport.bundles import SIZE, manifest_doc, tiny_onnx
+from testsupport.common import PYTHON, ROOT
+
+pytestmark = pytest.mark.integration
 
 
 def _run(home: Path, cfg: Path | None, *args: str) -> subprocess.CompletedProcess:

@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env / tests.orthanc_tools)
 """The whole box with cloud sync: storescu -> daemon (reference cxr-phantom bundle) -> Orthanc, and the result
 as one encrypted, de-identified message in the fake IoT Hub, plus the pipeline's direct methods."""
 
@@ -7,12 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from appliance.cloud import crypto
 from engines.reference.phantoms import PatientInfo, chest_study
-from tests.cloud_env import DEVICE, central_keys, cloud_env, device_key, hub, pki  # noqa: F401
-from tests.daemon_tools import running_daemon, storescu, wait_until
-from tests.fakehub.hub import FakeHub
-from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401
+from testsupport.cloud import DEVICE, cloud_env
+from testsupport.common import wait_until
+from testsupport.daemon import running_daemon
+from testsupport.dcmtk import storescu
+from testsupport.fakehub import FakeHub
+from testsupport.orthanc import AET, Orthanc
+
+pytestmark = pytest.mark.integration
 
 PATIENT = PatientInfo(
     name="CLOUDTEST^MARGARET^Q",

@@ -15,15 +15,19 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from engines import bundle as B
 from engines.golden import reference_outputs, save_golden
 from engines.keys import TrustStore, generate_private_key, key_id, public_key_b64
 from engines.runtime import install_bundle
-from tests.conftest import ROOT
-from tests.daemon_tools import daemon_env, running_daemon, storescu, wait_until
-from tests.orthanc_tools import AET, Orthanc
-from tests.pipeline_tools import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
+from testsupport.common import ROOT, wait_until
+from testsupport.daemon import daemon_env, running_daemon
+from testsupport.dcmtk import storescu
+from testsupport.orthanc import AET, Orthanc
+from testsupport.pipeline import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
+
+pytestmark = pytest.mark.integration
 
 
 def install_tiny_bundle(home: Path, work: Path) -> tuple[str, str]:

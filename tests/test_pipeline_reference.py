@@ -14,12 +14,17 @@ import json
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from appliance.pipeline.results_sr import read_sr_points
 from engines.reference.phantoms import chest_study, mammo_study
-from tests.daemon_tools import running_daemon, storescu, wait_until
-from tests.orthanc_tools import AET, Orthanc, orthanc  # noqa: F401 - fixture
-from tests.phantom_cases import anisotropic_chest
+from testsupport.common import wait_until
+from testsupport.daemon import running_daemon
+from testsupport.dcmtk import storescu
+from testsupport.orthanc import AET, Orthanc
+from testsupport.phantoms import anisotropic_chest
+
+pytestmark = pytest.mark.integration
 
 # dcmtk storescu: propose exactly the file's transfer syntax (else it may transcode)
 TS_FLAG = {"1.2.840.10008.1.2.4.90": ["-xv"], "1.2.840.10008.1.2.5": ["-xr"], "1.2.840.10008.1.2.4.70": ["-xs"]}
@@ -74,7 +79,7 @@ def _num_items(sr: pydicom.Dataset) -> dict[str, float]:
     return out
 
 
-def test_reference_bundles_end_to_end_through_orthanc(home: Path, tmp_path: Path, orthanc: Orthanc) -> None:  # noqa: F811
+def test_reference_bundles_end_to_end_through_orthanc(home: Path, tmp_path: Path, orthanc: Orthanc) -> None:
     src = tmp_path / "in"
     chests = {
         "mono1": chest_study(src, seed=21, photometric="MONOCHROME1"),

@@ -32,7 +32,7 @@ from appliance.pipeline.results import build_objects
 from appliance.pipeline.router import route
 from appliance.pipeline.worker import PipelineWorker, load_instances
 from engines.reference.phantoms import chest_study, mammo_study
-from tests.daemon_tools import storescu
+from testsupport.dcmtk import storescu
 
 
 @pytest.fixture
@@ -105,6 +105,7 @@ def _without_times(ds: pydicom.Dataset) -> bytes:
         return fh.getvalue()
 
 
+@pytest.mark.integration
 def test_cached_and_uncached_paths_identical(box, tmp_path: Path) -> None:
     settings, store, scp, engines, cache, preparer = box
     studies = [
@@ -139,6 +140,7 @@ def test_cached_and_uncached_paths_identical(box, tmp_path: Path) -> None:
             assert _without_times(a) == _without_times(b)
 
 
+@pytest.mark.integration
 def test_worker_takes_prepared_images_from_the_cache(box, tmp_path: Path) -> None:
     settings, store, scp, engines, cache, preparer = box
     study = mammo_study(tmp_path, seed=9, masses={"R": 1}, transfer_syntax="j2k-lossless")
@@ -151,6 +153,7 @@ def test_worker_takes_prepared_images_from_the_cache(box, tmp_path: Path) -> Non
     assert summary["per_breast"]["R"] > summary["per_breast"]["L"]
 
 
+@pytest.mark.integration
 def test_receiver_hook_gets_durable_instances_and_a_failing_hook_is_ignored(box, tmp_path: Path) -> None:
     settings, store, scp, engines, cache, preparer = box
     seen: list[StoredInstance] = []

@@ -13,7 +13,7 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from appliance.pipeline.preprocess import NotProcessable, Transform, plan_transform, prepare
 from engines.manifest import Preprocessing
-from tests.pipeline_tools import make_dataset, synthetic_image
+from testsupport.pipeline import make_dataset, synthetic_image
 
 SPEC = Preprocessing(target_size=(64, 64), window="minmax")
 MAXPIX = 100_000_000

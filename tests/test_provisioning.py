@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.cloud_env)
 """Field provisioning: DPS registration against the fake DPS over TLS, config + secret written, hub reachable."""
 
 from __future__ import annotations
@@ -8,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from appliance.cloud import sas
 from appliance.cloud.agent import CloudAgent
 from appliance.core.config import load_settings
-from tests.cloud_env import HUB, central_keys, device_key, hub, pki, wait_for  # noqa: F401
-from tests.conftest import ROOT
-from tests.daemon_tools import daemon_env
-from tests.fakehub.hub import FakeHub
+from testsupport.cloud import HUB
+from testsupport.common import ROOT, wait_until
+from testsupport.daemon import daemon_env
+from testsupport.fakehub import FakeHub
+
+pytestmark = pytest.mark.integration
 
 GROUP_KEY = "Z3JvdXAta2V5LWZvci10ZXN0cy0zMi1ieXRlcy1sb25nISE="
 
@@ -49,7 +52,7 @@ def test_dps_group_enrollment_provisions_the_box(home: Path, tmp_path: Path, hub
     agent = CloudAgent(settings)
     agent.start()
     try:
-        wait_for(lambda: agent.status()["connected"], 15, "provisioned device connected")
+        wait_until(lambda: agent.status()["connected"], 15, "provisioned device connected")
     finally:
         agent.stop()
 

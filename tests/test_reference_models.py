@@ -48,6 +48,7 @@ def test_reference_bundles_verify_with_demo_key() -> None:
         assert v.key_id == kid and not v.manifest.clinical_use and "NOT FOR CLINICAL USE" in v.manifest.title
 
 
+@pytest.mark.integration
 def test_cxr_detects_and_localises_nodules() -> None:
     sess = _session("cxr")
     rng = np.random.default_rng(4242)
@@ -67,6 +68,7 @@ def test_cxr_detects_and_localises_nodules() -> None:
     assert np.median(rel) < 0.02, rel
 
 
+@pytest.mark.integration
 def test_mmg_scores_masses() -> None:
     sess = _session("mmg")
     rng = np.random.default_rng(99)

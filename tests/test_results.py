@@ -15,7 +15,7 @@ from appliance.pipeline.postprocess import contour, peak
 from appliance.pipeline.preprocess import NotProcessable
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr, read_sr_points
-from tests.pipeline_tools import TinyEngine, make_dataset, synthetic_image, tiny_manifest
+from testsupport.pipeline import TinyEngine, make_dataset, synthetic_image, tiny_manifest
 
 ROWS, COLS = 900, 700
 TRUTH = (300.0, 480.0)

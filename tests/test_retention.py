@@ -7,11 +7,16 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from appliance.core.store import Store
 from appliance.lifecycle.studies import PURGED
 from engines.reference import phantoms
-from tests.conftest import PYTHON, ROOT
-from tests.daemon_tools import daemon_env, running_daemon, storescu, wait_until
+from testsupport.common import PYTHON, ROOT, wait_until
+from testsupport.daemon import daemon_env, running_daemon
+from testsupport.dcmtk import storescu
+
+pytestmark = pytest.mark.integration
 
 PIPELINE_ON = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
 

@@ -7,10 +7,14 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from appliance.app.methods import run_selftest_method
 from appliance.core.config import PacsDestination, Settings
-from tests.conftest import PYTHON, ROOT
-from tests.daemon_tools import daemon_env
+from testsupport.common import PYTHON, ROOT
+from testsupport.daemon import daemon_env
+
+pytestmark = pytest.mark.integration
 
 
 def _selftest(home: Path, env: dict[str, str] | None = None, *args: str) -> tuple[int, dict]:

@@ -23,13 +23,15 @@ from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, RLELossless
 from appliance.app.infer_offline import run_offline
 from appliance.pipeline.preprocess import prepare
 from engines.reference.phantoms import PatientInfo, chest_phantom, to_dicom, write_dicom
-from tests.reference_tools import findings, model_input, reference_engines
+from testsupport.reference import findings, model_input, reference_engines
 
 # Lossy encodings: the tolerance stated for them (JPEG 2000 irreversible at 10:1, JPEG-LS NEAR=2 on 12 bits).
 LOSSY_SCORE_ATOL = 0.02  # every score within 0.02 of the lossless one, the same findings positive
 LOSSY_INPUT_MEAN_ATOL = 0.005  # mean absolute difference of the model input (intensities in [0, 1])
 
 SIZE = (1400, 1150)  # bigger than the SC / display long side (1024): the reduced display is exercised too
+
+pytestmark = pytest.mark.integration  # dcmtk encoders and the shipped reference models
 
 
 def _dcmtk(tool: str, *args: str) -> None:

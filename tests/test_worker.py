@@ -15,7 +15,7 @@ from appliance.core.config import RouteRule, Settings
 from appliance.core.store import Store, now
 from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
-from tests.pipeline_tools import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
+from testsupport.pipeline import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
 
 
 def add_spooled_study(store: Store, spool: Path, datasets, state: str = COMPLETE, completed_at=None) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tests.fakehub import mqtt
+from testsupport.fakehub import mqtt
 
 MAX_D2C_BYTES = 256 * 1024
 MAX_TWIN_SECTION_BYTES = 32 * 1024

@@ -1,4 +1,4 @@
-"""Run the fake IoT Hub + DPS standalone: ``python -m tests.fakehub --help``."""
+"""Run the fake IoT Hub + DPS standalone: ``python -m testsupport.fakehub --help``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.cloud_fixtures import issue_cert, make_ca
-from tests.fakehub.hub import FakeHub
+from testsupport.fakehub.hub import FakeHub
+from testsupport.pki import issue_cert, make_ca
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m tests.fakehub", description=__doc__)
+    """Serve until Ctrl-C, printing each device-to-cloud message as it arrives."""
+    ap = argparse.ArgumentParser(prog="python -m testsupport.fakehub", description=__doc__)
     ap.add_argument("--port", type=int, default=8883)
     ap.add_argument("--hostname", default="fakehub.azure-devices.net", help="the hub name devices put in usernames")
     ap.add_argument("--cert", help="server certificate (PEM); default: generate a test CA + cert")

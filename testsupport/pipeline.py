@@ -1,4 +1,4 @@
-"""Test helpers for the pipeline: a tiny deterministic ONNX "detector" and synthetic DICOM with known truth.
+"""Pipeline test data: a tiny deterministic ONNX "detector" and synthetic DICOM with known truth.
 
 The model: heatmap = average-pool(input, stride) (so its peak sits on the brightest blob), score =
 global max of the heatmap. Run by ONNX Runtime directly; the manifest is a real ``engines.manifest.Manifest``.
@@ -29,6 +29,7 @@ STRIDE = 8
 
 
 def tiny_model_bytes(size: int = SIZE, stride: int = STRIDE) -> bytes:
+    """The serialised ONNX model: image (N,1,size,size) -> heatmap (N,1,size/stride,size/stride), scores (N,1)."""
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
     heat = helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", 1, size // stride, size // stride])
     scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 1])
@@ -46,7 +47,10 @@ def tiny_model_bytes(size: int = SIZE, stride: int = STRIDE) -> bytes:
     return model.SerializeToString()
 
 
-def tiny_manifest(task: str = "cxr", label: str = "nodule", window: str = "dicom", modalities=("DX", "CR")) -> Manifest:
+def tiny_manifest(
+    task: str = "cxr", label: str = "nodule", window: str = "dicom", modalities: tuple[str, ...] = ("DX", "CR")
+) -> Manifest:
+    """A manifest for :func:`tiny_model_bytes`: one ``label`` (threshold 0.3) with a heatmap of stride ``STRIDE``."""
     return Manifest(
         bundle_id=f"tiny-{task}",
         version="1.0.0",
@@ -83,6 +87,7 @@ class TinyEngine:
         self.calls = 0
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch: ``{"image": (N,1,SIZE,SIZE)}`` -> ``{"heatmap": ..., "scores": (N,1)}``; counts calls."""
         self.calls += 1
         heat, scores = self.session.run(["heatmap", "scores"], inputs)
         return {"heatmap": heat, "scores": scores}
@@ -110,7 +115,7 @@ def make_dataset(
     *,
     modality: str = "DX",
     photometric: str = "MONOCHROME2",
-    spacing=(0.2, 0.2),
+    spacing: tuple[float, float] = (0.2, 0.2),
     study_uid: str | None = None,
     laterality: str | None = None,
     view: str | None = None,
@@ -171,6 +176,7 @@ def make_dataset(
 
 
 def save(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` as a Part-10 file at ``path`` (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -1,4 +1,4 @@
-"""Shared helpers for the cloud tests: sample results full of PHI, TLS certificates, settings."""
+"""A throwaway certificate authority and the TLS certificates it signs (EC P-256, valid 30 days)."""
 
 from __future__ import annotations
 
@@ -12,69 +12,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-PHI_STRINGS = [
-    "DOE^JANE^Q",
-    "PID-7781234",
-    "ACC-99887766",
-    "19610315",
-    "20240507",
-    "St. Elsewhere Rural Clinic",
-    "1.2.826.0.1.3680043.8.498.1001",  # the real study UID
-    "1.2.826.0.1.3680043.8.498.2001",  # SOP instance UIDs
-    "1.2.826.0.1.3680043.8.498.3001",  # series UID
-    "SECRET-IN-EXTRA-KEY",
-]
-
-
-def sample_result(i: int = 0) -> dict[str, Any]:
-    """A pipeline result as the pipeline issue describes it, with PHI everywhere PHI can be."""
-    study = f"1.2.826.0.1.3680043.8.498.1001{'.' + str(i) if i else ''}"
-    sops = [f"1.2.826.0.1.3680043.8.498.2001.{k}{'.' + str(i) if i else ''}" for k in range(2)]
-    return {
-        "study_uid": study,
-        "accession_number": "ACC-99887766",
-        "patient": {"name": "DOE^JANE^Q", "id": "PID-7781234", "birth_date": "19610315", "sex": "F"},
-        "study_date": "20240507",
-        "modality": "MG",
-        "institution": "St. Elsewhere Rural Clinic",
-        "bundle_id": "ref-mmg",
-        "bundle_version": "1.0.0",
-        "task": "mmg",
-        "findings": [
-            {
-                "label": "mass",
-                "score": 0.91,
-                "positive": True,
-                "image_sop_uid": sops[0],
-                "location": {"row": 120, "col": 88},
-            },
-            {"label": "mass", "score": 0.12, "positive": False, "image_sop_uid": sops[1], "location": None},
-        ],
-        "study_score": 0.91,
-        "per_breast": {"L": 0.91, "R": 0.12},
-        "images": [
-            {
-                "sop_instance_uid": sops[k],
-                "series_uid": "1.2.826.0.1.3680043.8.498.3001",
-                "rows": 4096,
-                "columns": 3328,
-                "view": "CC" if k == 0 else "MLO",
-                "laterality": "L" if k == 0 else "R",
-            }
-            for k in range(2)
-        ],
-        "created": "2024-05-07T10:11:12Z",
-        # PHI in places the schema does not know: must never leave
-        "operator_note": "SECRET-IN-EXTRA-KEY DOE^JANE^Q",
-        "extra": {"nested": ["PID-7781234"]},
-    }
-
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 def make_ca(dirpath: Path) -> tuple[Any, Any, Path]:
+    """A self-signed CA: (private key, certificate, path of ``ca.crt`` written in ``dirpath``)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (

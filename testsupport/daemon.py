@@ -1,52 +1,31 @@
 """Start the real daemon (``python -m appliance --home H run``) as a subprocess, and talk to it.
 
-Shared by every integration test that needs a running appliance::
+Shared by every integration test and benchmark that needs a running appliance::
 
     with running_daemon(home, env={"APPLIANCE_DICOM__QUIET_SECONDS": "0.3"}) as d:
         storescu(d.port, files)
         wait_until(lambda: d.studies(state="complete"), timeout=10)
 
 The DICOM port defaults to 0 (the kernel picks a free one, no race); the daemon publishes the real
-address in ``<home>/run/status.json``, which ``start_daemon`` waits for. dcmtk tools get TCP_NODELAY=1.
+address in ``<home>/run/status.json``, which ``start_daemon`` waits for. The dcmtk tools that talk to it
+are in :mod:`testsupport.dcmtk`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-STORESCU = "/usr/bin/storescu"
-ECHOSCU = "/usr/bin/echoscu"
-T = TypeVar("T")
-
-
-def wait_until(fn: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
-    """Poll ``fn`` until it returns something truthy; fail the test with ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or fn}")
-        time.sleep(interval)
-
-
-def dcmtk_env() -> dict[str, str]:
-    """Environment for dcmtk/Orthanc: Debian's builds need TCP_NODELAY=1 (else ~45 ms per message)."""
-    return {**os.environ, "TCP_NODELAY": "1"}
+from testsupport.common import PYTHON, ROOT, wait_until
 
 
 def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -67,6 +46,8 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass
 class Daemon:
+    """A started daemon: its process, state directory, log file and the address it published."""
+
     proc: subprocess.Popen
     home: Path
     log_path: Path
@@ -75,20 +56,25 @@ class Daemon:
 
     @property
     def host(self) -> str:
+        """The address the DICOM SCP listens on (from status.json)."""
         return self.status_doc["services"]["dicom-scp"]["host"]
 
     @property
     def port(self) -> int:
+        """The DICOM port the kernel picked (from status.json)."""
         return int(self.status_doc["services"]["dicom-scp"]["port"])
 
     @property
     def ae_title(self) -> str:
+        """The SCP's AE title (from status.json)."""
         return self.status_doc["services"]["dicom-scp"]["ae_title"]
 
     def logs(self) -> str:
+        """Everything the daemon wrote to stdout/stderr so far."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
     def alive(self) -> bool:
+        """True while the process runs."""
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> int:
@@ -115,6 +101,7 @@ class Daemon:
         return conn
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of one read-only query on state.db."""
         conn = self.db()
         try:
             return conn.execute(sql, tuple(params)).fetchall()
@@ -122,11 +109,13 @@ class Daemon:
             conn.close()
 
     def studies(self, state: str | None = None) -> list[sqlite3.Row]:
+        """Rows of ``studies`` (only those in ``state`` if given), oldest first."""
         if state is None:
             return self.query("SELECT * FROM studies ORDER BY id")
         return self.query("SELECT * FROM studies WHERE state=? ORDER BY id", (state,))
 
     def instances(self) -> list[sqlite3.Row]:
+        """Rows of ``instances``, oldest first."""
         return self.query("SELECT * FROM instances ORDER BY id")
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
@@ -137,8 +126,10 @@ class Daemon:
 def appliance_cli(
     home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 30.0
 ) -> subprocess.CompletedProcess:
+    """``python -m appliance --home HOME ARGS`` to completion (``daemon_env()`` unless ``env`` is given);
+    raises subprocess.TimeoutExpired after ``timeout`` seconds."""
     return subprocess.run(
-        [sys.executable, "-m", "appliance", "--home", str(home), *args],
+        [PYTHON, "-m", "appliance", "--home", str(home), *args],
         cwd=ROOT,
         env=env if env is not None else daemon_env(),
         capture_output=True,
@@ -160,7 +151,7 @@ def start_daemon(
     """
     home.mkdir(parents=True, exist_ok=True)
     full_env = daemon_env(env)
-    args = [sys.executable, "-m", "appliance", "--home", str(home)]
+    args = [PYTHON, "-m", "appliance", "--home", str(home)]
     if config_toml is not None:
         cfg = home.parent / f"{home.name}.toml"
         cfg.write_text(config_toml, encoding="utf-8")
@@ -202,55 +193,3 @@ def running_daemon(home: Path, **kwargs: Any) -> Iterator[Daemon]:
         if d.alive():
             with suppress(AssertionError):
                 d.stop(timeout=15)
-
-
-def storescu(
-    port: int,
-    files: Sequence[Path | str],
-    *options: str,
-    host: str = "127.0.0.1",
-    aet: str = "STORESCU",
-    called: str = "APPLIANCE",
-    timeout: float = 120.0,
-) -> subprocess.CompletedProcess:
-    """dcmtk ``storescu -v -nh`` (continue after failures), stdout+stderr together in ``.stdout``."""
-    cmd = [STORESCU, "-v", "-nh", "-aet", aet, "-aec", called, *options, host, str(port), *map(str, files)]
-    return subprocess.run(
-        cmd, env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
-
-
-def echoscu(
-    port: int, host: str = "127.0.0.1", aet: str = "ECHOSCU", called: str = "APPLIANCE"
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [ECHOSCU, "-v", "-aet", aet, "-aec", called, host, str(port)],
-        env=dcmtk_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=30,
-    )
-
-
-_SENDING = re.compile(r"Sending file: (.+)$")
-_RESPONSE = re.compile(r"Received Store Response(?: \(([^)]*)\))?")
-
-
-def storescu_results(output: str) -> dict[str, str]:
-    """file -> response text ("Success", "Out of Resources", ...) as storescu -v reported it.
-
-    A file with no entry was never answered (storescu stopped or the connection broke).
-    """
-    results: dict[str, str] = {}
-    current: str | None = None
-    for line in output.splitlines():
-        m = _SENDING.search(line)
-        if m:
-            current = m.group(1).strip()
-            continue
-        m = _RESPONSE.search(line)
-        if m and current is not None:
-            results[current] = (m.group(1) or "").strip()
-            current = None
-    return results

@@ -1,47 +1,71 @@
-"""A real Orthanc (Debian's /usr/sbin/Orthanc) as the clinic PACS in tests.
+"""A real Orthanc (Debian's /usr/sbin/Orthanc) as the clinic PACS in tests and benchmarks.
 
 Started with a generated JSON config: temp storage, ephemeral HTTP and DICOM ports on 127.0.0.1, no remote
 access, no auth, the appliance's AE in ``DicomModalities``. ``reject=True`` makes it refuse the appliance:
 its AE is left out of ``DicomModalities`` and ``DicomAlwaysAllowStore`` is off (Orthanc 1.10's Lua
 ``ReceivedInstanceFilter`` drops instances but still answers success, so it cannot model a refusal).
-Restarting on the same storage and ports models "the PACS comes back".
+Restarting on the same storage and ports models "the PACS comes back"::
+
+    with Orthanc(tmp_path / "pacs") as pacs:
+        ...  # send to 127.0.0.1:pacs.dicom_port, AE title AET; read back over REST (pacs.instances())
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
-import pytest
+from testsupport.common import free_port
+from testsupport.dcmtk import dcmtk_env
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 AET = "TESTPACS"
+T = TypeVar("T")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def have_orthanc() -> bool:
+    """True when Orthanc is installed (``apt-get install orthanc``)."""
+    return Path(ORTHANC).exists()
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, appliance_aet: str = "APPLIANCE", reject: bool = False):
+    """One Orthanc on 127.0.0.1 with free HTTP and DICOM ports, storing under ``workdir``.
+
+    ``config`` overrides keys of the generated configuration (e.g. ``{"SyncStorageArea": True}``).
+    Not started until :meth:`start` or ``with``.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        appliance_aet: str = "APPLIANCE",
+        reject: bool = False,
+        config: dict[str, Any] | None = None,
+    ):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.appliance_aet = appliance_aet
         self.reject = reject
+        self.overrides = dict(config or {})
         self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     @property
     def url(self) -> str:
+        """Base URL of its REST API."""
         return f"http://127.0.0.1:{self.http_port}"
 
     def _config(self) -> Path:
@@ -65,16 +89,17 @@ class Orthanc:
             "SyncStorageArea": False,
             "StableAge": 60,
             "OverwriteInstances": False,
+            **self.overrides,
         }
         path = self.dir / ("config-reject.json" if self.reject else "config.json")
         path.write_text(json.dumps(cfg, indent=1))
         return path
 
     def start(self, timeout: float = 30.0) -> Orthanc:
+        """Start it and return once its REST API answers; RuntimeError if it exits or stays silent."""
         cfg = self._config()
-        log = open(self.dir / "orthanc.log", "ab")  # noqa: SIM115 - closed with the process
-        env = {**os.environ, "TCP_NODELAY": "1"}
-        self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=env)
+        with open(self.dir / "orthanc.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen([ORTHANC, str(cfg)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -88,6 +113,7 @@ class Orthanc:
         raise RuntimeError("Orthanc did not answer on REST in time")
 
     def stop(self) -> None:
+        """Terminate it (SIGKILL after 10 s); its storage stays for a restart."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -98,27 +124,33 @@ class Orthanc:
         self.proc = None
 
     def restart(self, reject: bool | None = None) -> Orthanc:
+        """Stop and start on the same storage and ports, accepting or refusing the appliance anew."""
         self.stop()
         if reject is not None:
             self.reject = reject
         return self.start()
 
-    def get(self, path: str):
+    def get(self, path: str) -> Any:
+        """GET ``path`` on the REST API: parsed JSON, or the raw bytes for other content types."""
         with urllib.request.urlopen(self.url + path, timeout=10) as resp:
             body = resp.read()
             ctype = resp.headers.get("Content-Type", "")
         return json.loads(body) if "json" in ctype else body
 
     def studies(self) -> list[str]:
+        """Orthanc ids of every stored study."""
         return self.get("/studies")
 
     def instances(self) -> list[str]:
+        """Orthanc ids of every stored instance."""
         return self.get("/instances")
 
     def instance_tags(self, orthanc_id: str) -> dict:
+        """One instance's tags, keyword -> value (Orthanc's simplified tags)."""
         return self.get(f"/instances/{orthanc_id}/simplified-tags")
 
     def instance_file(self, orthanc_id: str) -> bytes:
+        """One instance's Part-10 file as stored."""
         return self.get(f"/instances/{orthanc_id}/file")
 
     def instances_of_study(self, study_uid: str) -> list[dict]:
@@ -131,7 +163,8 @@ class Orthanc:
                 out.append(tags)
         return out
 
-    def wait_for(self, predicate, timeout: float = 30.0, interval: float = 0.2):
+    def wait_for(self, predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.2) -> T:
+        """Poll ``predicate`` until truthy; after ``timeout`` return its last value (falsy) instead of raising."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             value = predicate()
@@ -139,14 +172,3 @@ class Orthanc:
                 return value
             time.sleep(interval)
         return predicate()
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path):
-    if not Path(ORTHANC).exists():
-        pytest.skip("Orthanc is not installed (apt-get install orthanc)")
-    pacs = Orthanc(tmp_path / "orthanc").start()
-    try:
-        yield pacs
-    finally:
-        pacs.stop()

@@ -1,4 +1,4 @@
-"""Helpers for engine tests: a tiny real ONNX model, a manifest for it, keys, and signed bundles."""
+"""Engine test data: a tiny real ONNX model, a manifest for it, keys, and signed bundles."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def tiny_onnx(path: Path, gain: float = 1.0) -> Path:
 
 
 def manifest_doc(bundle_id: str = "tiny", version: str = "1.0.0", **over: Any) -> dict[str, Any]:
+    """The manifest (as a dict) of a bundle of :func:`tiny_onnx`: a CXR task on DX/CR chests; ``over``
+    replaces top-level keys."""
     doc: dict[str, Any] = {
         "bundle_id": bundle_id,
         "version": version,
@@ -66,7 +68,7 @@ def manifest_doc(bundle_id: str = "tiny", version: str = "1.0.0", **over: Any) -
 
 def make_bundle(
     tmp: Path,
-    key,
+    key: Any,
     *,
     bundle_id: str = "tiny",
     version: str = "1.0.0",
@@ -92,9 +94,11 @@ def make_bundle(
     return out
 
 
-def trust_for(*keys, revoked: tuple = ()) -> TrustStore:
+def trust_for(*keys: Any, revoked: tuple = ()) -> TrustStore:
+    """A trust store holding the public halves of ``keys``, with ``revoked`` key ids."""
     return TrustStore.from_config({key_id(k): public_key_b64(k) for k in keys}, revoked)
 
 
-def new_key():
+def new_key() -> Any:
+    """A fresh bundle-signing private key (Ed25519, as ``engines.keys`` makes them)."""
     return generate_private_key()
