@@ -42,7 +42,7 @@ from testsupport.pipeline import TinyEngine, tiny_manifest
 SC_FAULT = "SC not built for image"
 
 
-CASE_SCRIPT = Path("/work/shared/cases/cr_without_patient_orientation.py")
+CASE_SCRIPT = ROOT.parent / "shared" / "cases" / "cr_without_patient_orientation.py"
 
 
 def case_file(path: Path, empty: bool = False) -> Path:

@@ -18,7 +18,7 @@ from appliance.pipeline.preprocess import prepare
 from appliance.pipeline.router import image_matches
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = Path(__file__).resolve().parent / "cases"  # copies of ../shared/cases (the field cases; ruff-formatted)
+CASES = ROOT / "tests" / "cases"  # copies of ../shared/cases (the field cases; ruff-formatted)
 
 
 def reference_engines(home: Path) -> tuple[Settings, ActiveEngines]:
