@@ -171,7 +171,11 @@ class PipelineConfig(Section):
     early_prepare_threads: int = Field(default=1, ge=1, le=2, description="threads preparing arriving images")
     early_cache_mb: int = Field(default=64, ge=1, description="memory cap of the prepared-image cache")
     early_queue_size: int = Field(default=512, ge=1, description="arrived images waiting; beyond it: skipped")
-    early_wait_s: float = Field(default=2.0, ge=0, description="worker waits this long for one in preparation")
+    early_wait_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="worker waits this long for an image already being prepared (never slower than redoing it)",
+    )
     early_max_defer_s: float = Field(default=1.0, ge=0, description="wait (at most) for receiving to stop")
 
 
