@@ -27,8 +27,11 @@ def replace_durably(src: Path, dst: Path) -> None:
     fsync_dir(Path(dst).parent)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Replace ``path`` with ``data`` durably (temp file, fsync, rename, directory fsync)."""
+def write_atomic(path: Path, data: bytes, mode: int = 0o640, *, sync_dir: bool = True) -> None:
+    """Replace ``path`` with ``data`` durably (temp file, fsync, rename, directory fsync).
+
+    ``sync_dir=False`` leaves the directory fsync to the caller, who writes several files into one
+    directory and then calls :func:`fsync_dir` once (until then a power cut may undo the rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,7 +44,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o640) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        replace_durably(Path(tmp), path)
+        if sync_dir:
+            replace_durably(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from testsupport.common import ROOT
-from testsupport.daemon import daemon_env
+from testsupport.common import ROOT, wait_until
+from testsupport.daemon import appliance_cli, daemon_env, running_daemon
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +43,54 @@ def test_demo_shows_findings_and_result_files(tmp_path: Path) -> None:
     assert pydicom.dcmread(paths[0]).Modality == "SR"
     # not --keep: the daemon is gone
     assert not (home / "run" / "status.json").exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_demo_stopped_by_a_signal_stops_its_daemon(tmp_path: Path) -> None:
+    """The daemon runs in its own session; a demo ended by SIGTERM (a closed terminal, a service manager)
+    must not leave it running behind."""
+    home = tmp_path / "demo-home"
+    env = daemon_env()
+    env.pop("APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES")
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "demo", "--home", str(home)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    status = home / "run" / "status.json"
+    try:
+        doc = wait_until(lambda: json.loads(status.read_text()) if status.is_file() else None, 60, "daemon up")
+        pid = int(doc["pid"])
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 128 + signal.SIGTERM
+        wait_until(lambda: not _alive(pid), 30, "the demo's daemon stopped")
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+
+
+def test_demo_on_a_home_with_a_running_appliance_refuses_and_leaves_it_alone(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with running_daemon(home) as d:
+        r = subprocess.run(
+            [sys.executable, "-m", "appliance", "demo", "--home", str(home)],
+            cwd=ROOT,
+            env=daemon_env({"COLUMNS": "400"}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 1
+        assert f"already running on {home}" in r.stdout and str(d.proc.pid) in r.stdout
+        # the running appliance's status is untouched: `appliance status` still finds it
+        st = appliance_cli(home, "status", "--json")
+        assert json.loads(st.stdout)["running"] is True

@@ -68,18 +68,21 @@ def start_daemon(home: Path, config: Path | None, timeout: float = 60.0) -> tupl
     proc = subprocess.Popen([*args, "run"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the appliance exited with {proc.returncode}; see {home / 'demo-daemon.log'}")
-        try:
-            doc = json.loads(status_file.read_text(encoding="utf-8"))
-            if doc.get("pid") == proc.pid:
-                return proc, doc
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    stop_daemon(proc)
-    raise RuntimeError(f"the appliance did not start within {timeout:g} s; see {home / 'demo-daemon.log'}")
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the appliance exited with {proc.returncode}; see {home / 'demo-daemon.log'}")
+            try:
+                doc = json.loads(status_file.read_text(encoding="utf-8"))
+                if doc.get("pid") == proc.pid:
+                    return proc, doc
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"the appliance did not start within {timeout:g} s; see {home / 'demo-daemon.log'}")
+    except BaseException:  # not started in time, or interrupted (Ctrl-C, SIGTERM) while starting: never leave it
+        stop_daemon(proc)
+        raise
 
 
 def stop_daemon(proc: subprocess.Popen, timeout: float = 30.0) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import typer
 
+from appliance.app.daemon import read_status
 from appliance.cli import settings_from
 
 
@@ -51,6 +54,17 @@ def demo_cmd(
     t0 = time.monotonic()
     console.print(f"[bold]appliance demo[/] home: {home}")
     console.print("NOT FOR CLINICAL USE: reference models trained on synthetic phantoms only.", style="red")
+    running = read_status(settings)
+    if running is not None:
+        console.print(
+            f"[red]error:[/] an appliance (pid {running['pid']}) is already running on {home}; "
+            f"stop it first (kill {running['pid']}) or give another --home"
+        )
+        raise typer.Exit(1)
+    # stopped by a signal (a terminal closed, a service manager, kill): the finally below still stops the
+    # daemon, which runs in its own session and would otherwise outlive the demo
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda s, _frame: sys.exit(128 + s))
     try:
         proc, status = demo.start_daemon(home, root.config)
     except RuntimeError as exc:

@@ -16,8 +16,8 @@ This module is the one writer of ``results`` and ``result_objects`` (retention p
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -36,7 +36,7 @@ from appliance.delivery.export import queue_object
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
-from durable import fsync_dir
+from durable import fsync_dir, write_atomic
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -96,14 +96,11 @@ def build_objects(
 
 
 def write_dataset(ds: Dataset, path: Path) -> None:
-    """Atomic, durable write of one DICOM file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        ds.save_as(fh, enforce_file_format=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomic write of one DICOM file (Part 10): fsynced and renamed into place; the caller fsyncs the
+    directory once for all the objects it writes (:func:`write_objects`)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    write_atomic(path, buf.getvalue(), sync_dir=False)
 
 
 def write_objects(
