@@ -89,11 +89,12 @@ def test_voi_lut_sequence_is_applied() -> None:
 
 def test_rescale_slope_intercept_applied_before_window() -> None:
     base = synthetic_image(64, 64, None) + 1000
+    base[:, 32:] += 40  # a second level, so the image has contrast
     ds = make_dataset(base.astype(np.uint16), window=(100.0, 200.0))  # window in rescaled units
-    ds.RescaleSlope, ds.RescaleIntercept = 0.5, -450  # 1200 stored -> 150 rescaled
+    ds.RescaleSlope, ds.RescaleIntercept = 0.5, -450  # 1200 stored -> 150 rescaled, 1240 -> 170
     prep = prepare(ds, Preprocessing(target_size=(64, 64), window="dicom"), MAXPIX)
-    expected = np.clip((150 - 99.5) / 199 + 0.5, 0, 1)
-    np.testing.assert_allclose(prep.display, expected, atol=1e-5)
+    np.testing.assert_allclose(prep.display[:, :32], np.clip((150 - 99.5) / 199 + 0.5, 0, 1), atol=1e-5)
+    np.testing.assert_allclose(prep.display[:, 32:], np.clip((170 - 99.5) / 199 + 0.5, 0, 1), atol=1e-5)
 
 
 def test_percentile_window() -> None:
@@ -224,3 +225,28 @@ def test_big_j2k_image_is_decoded_in_full_and_display_keeps_geometry() -> None:
     w = np.clip(t - 0.2, 0, None)
     back = full.transform.to_original((w * rr).sum() / w.sum(), (w * cc).sum() / w.sum())
     assert abs(float(back[0]) - dot[0]) <= 2.0 and abs(float(back[1]) - dot[1]) <= 2.0
+
+
+@pytest.mark.parametrize(
+    ("attrs", "reason"),
+    [
+        ({"RescaleSlope": "NaN"}, "non-finite"),
+        ({"RescaleSlope": "inf"}, "non-finite"),
+        ({"RescaleIntercept": "1e300"}, "non-finite"),  # overflows float32
+        ({"WindowCenter": "NaN", "WindowWidth": "400"}, None),  # invalid window: the image's own range instead
+    ],
+)
+def test_non_finite_or_contrastless_grayscale_is_refused_with_a_reason(attrs: dict, reason: str | None) -> None:
+    """Hostile or broken rescale/window values never reach the model as NaN or as a blank image."""
+    base = synthetic_image(64, 64, None) + 1000
+    base[:, 32:] += 400
+    ds = make_dataset(base.astype(np.uint16), window=(1200.0, 800.0))
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    spec = Preprocessing(target_size=(64, 64), window="dicom")
+    if reason is None:
+        prep = prepare(ds, spec, MAXPIX)
+        assert np.isfinite(prep.tensor).all() and np.ptp(prep.display) > 0.5
+    else:
+        with pytest.raises(NotProcessable, match=reason):
+            prepare(ds, spec, MAXPIX)

@@ -14,6 +14,7 @@ so heatmap peaks and contours can be drawn on the original image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,8 +227,11 @@ def window(values: np.ndarray, center: float, width: float, function: str) -> np
 
     LINEAR: ``((x - (c - 0.5)) / (w - 1) + 0.5)`` clamped (needs w >= 1); LINEAR_EXACT: ``(x - c) / w + 0.5``
     clamped (w > 0); SIGMOID: ``1 / (1 + exp(-4 (x - c) / w))`` (w > 0). The output range [ymin, ymax] of the
-    standard is [0, 1] here. Raises ValueError for a width the function does not allow or an unknown function.
+    standard is [0, 1] here. Raises ValueError for a non-finite center or width, a width the function does not
+    allow, or an unknown function.
     """
+    if not (math.isfinite(center) and math.isfinite(width)):
+        raise ValueError(f"window center {center} / width {width} not finite")
     function = function.strip().upper() or "LINEAR"
     if function == "SIGMOID":
         if width <= 0:
@@ -279,9 +283,17 @@ def voi(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> np.ndarray:
 
     ``dicom``: the first VOI LUT Sequence item if present (PS3.3 C.11.2: a LUT is preferred over a window
     when both are given, as pydicom does), else the first Window Center/Width with its VOI LUT Function,
-    else min-max; ``minmax``: the image's range; ``percentile``: the manifest's percentiles.
+    else min-max; ``minmax``: the image's range; ``percentile``: the manifest's percentiles. Raises
+    :class:`NotProcessable` when the modality LUT gives non-finite values (NaN or infinite Rescale
+    Slope/Intercept, float32 overflow).
     """
     values = modality_lut(ds, stored)
+    lo, hi = float(values.min()), float(values.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf Rescale Slope or Intercept, overflow to inf
+        raise NotProcessable(
+            "modality LUT gives non-finite values (Rescale Slope "
+            f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})"
+        )
     if spec.window == "percentile":
         sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
         lo, hi = np.percentile(sample, spec.percentiles)
@@ -315,7 +327,8 @@ def grayscale(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> tuple[np.
 
     ``view`` is what a conformant viewer shows (bright = displayed bright): modality LUT -> VOI ->
     presentation. The model image is the view, or the VOI output before the presentation inversion when the
-    manifest sets ``invert_monochrome1 = false``. Raises :class:`NotProcessable` for malformed LUTs/windows.
+    manifest sets ``invert_monochrome1 = false``. Raises :class:`NotProcessable` for malformed LUTs/windows
+    and non-finite values (a NaN or infinite Rescale Slope/Intercept, float32 overflow).
     """
     try:
         img = voi(ds, stored, spec)
