@@ -223,12 +223,14 @@ def test_twin_settings_are_an_overlay_persisted_and_never_mutate_the_config(
     # a restart with the hub unreachable: the persisted overlay is in force from the start
     again = CloudOverlay(agent.settings.cloud, agent.store).current()
     assert again.version == v and dict(again.recipient_keys) == {"central-2": pub2}
-    # an older version is refused
-    from appliance.cloud.overlay import StaleOverlay
-    from appliance.cloud.twin import Desired
-
-    with pytest.raises(StaleOverlay):
-        CloudOverlay(agent.settings.cloud, agent.store).apply(Desired(outbox_ttl_days=9), v - 1)
+    # the twin re-created in the hub (its $version starts again at 1): the full GET is authoritative
+    with hub.lock:  # what a new device identity's twin holds
+        hub.devices[DEVICE].desired.clear()
+        hub.devices[DEVICE].desired_version = 1
+    agent2 = make_agent()
+    agent2.start()
+    wait_until(lambda: agent2.overlay.current().version == 1, timeout=20, what="re-created twin applied")
+    assert dict(agent2.overlay.current().recipient_keys) == {"central-1": central_keys["pub"]}  # the config's
 
 
 def test_twin_get_throttled_429_is_retried(make_agent, hub: FakeHub) -> None:
@@ -354,3 +356,27 @@ def test_1000_offline_results_delivered_once_in_order(make_agent, hub: FakeHub) 
     wait_until(lambda: agent.status()["outbox"]["by_kind"].get("result", 0) == 0, timeout=20, what="outbox drained")
     got = [m.props["$.mid"] for m in hub.messages(DEVICE, "result")]
     assert got == ids  # each exactly once, in order
+
+
+def test_out_of_range_versions_and_damaged_twin_rows_never_stop_the_agent(make_agent, hub: FakeHub) -> None:
+    """A desired $version beyond 64 bits is refused without being adopted (later patches still apply), and
+    cloud_state rows that cannot be read are forgotten at start instead of crashing the daemon."""
+    agent = make_agent()
+    agent.start()
+    v = hub.update_desired(DEVICE, {"health_interval_s": 300})
+    wait_until(lambda: agent.twin.version == v, timeout=20, what="twin")
+    hub.send_raw_desired(DEVICE, json.dumps({"health_interval_s": 61, "$version": 10**23}).encode(), v + 1)
+    wait_until(lambda: agent.twin.status.get("status") == "rejected", timeout=20, what="huge $version rejected")
+    assert agent.twin.version == v and "64-bit" in agent.twin.status["reason"]
+    v2 = hub.update_desired(DEVICE, {"health_interval_s": 62})
+    wait_until(lambda: agent.health_interval_s == 62, timeout=20, what="the next patch still applies")
+    assert agent.twin.version == v2
+    agent.stop()
+    for key, value in (("twin.desired_doc", "garbage"), ("twin.desired_version", "abc"), ("twin.desired_status", "[")):
+        with agent.store.transaction() as conn:
+            conn.execute("UPDATE cloud_state SET value=? WHERE key=?", (value, key))
+    again = make_agent()  # reads the damaged rows
+    assert again.twin.version == 0 and again.twin.doc == {}
+    again.start()
+    wait_until(lambda: again.twin.version == v2, timeout=20, what="the full twin GET restores the document")
+    assert again.health_interval_s == 62

@@ -89,3 +89,13 @@ def test_cli_config_check(clean_env, tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert '"state_dir"' in ok.stdout
+
+
+@pytest.mark.parametrize("var", ["APPLIANCE_ENGINES__PLUGINS", "APPLIANCE_PIPELINE"])
+def test_malformed_json_in_an_environment_variable_is_a_config_error(
+    clean_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
+    monkeypatch.setenv(var, "{not json")
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    assert "environment" in err.value.problems[0] and "JSON object" in err.value.problems[0]

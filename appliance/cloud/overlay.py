@@ -5,7 +5,9 @@ time through the twin (``Desired`` in :mod:`appliance.cloud.twin`: health interv
 level, outbox TTL, recipient keys) is applied here as an explicit overlay:
 
 - **validated**: only a whole ``Desired`` document that passed validation is applied;
-- **versioned**: each applied overlay carries the twin's desired ``$version``; an older one is refused;
+- **versioned**: each applied overlay carries the twin's desired ``$version`` it came from (``TwinState``
+  decides the order: only newer patches, and the full twin after each connect, which is authoritative even
+  when its version is lower, e.g. a device identity re-created in the hub);
 - **persisted**: the one copy lives in the ``settings_overlay`` table (this module is its only writer), so
   it survives restarts before the hub is reachable again;
 - **read through one locked accessor**: :meth:`CloudOverlay.current` returns an immutable
@@ -51,10 +53,6 @@ class EffectiveCloud:
         return self.outbox_ttl_days * 86400.0
 
 
-class StaleOverlay(ValueError):
-    """An overlay older than the one already applied (its desired ``$version`` is not newer)."""
-
-
 def _effective(base: CloudConfig, desired: Desired | None, version: int) -> EffectiveCloud:
     d = desired or Desired()
     return EffectiveCloud(
@@ -96,12 +94,8 @@ class CloudOverlay:
     def apply(self, desired: Desired, version: int) -> EffectiveCloud:
         """Make ``desired`` (validated; the twin's ``$version``) the overlay: persisted, then in force.
 
-        Raises :class:`StaleOverlay` when ``version`` is older than the applied one (equal is a re-apply,
-        e.g. the full twin after a reconnect).
-        """
+        Raises ``sqlite3.Error`` when it cannot be persisted (then nothing changes)."""
         with self._lock:
-            if version < self._current.version:
-                raise StaleOverlay(f"desired version {version} is older than the applied {self._current.version}")
             doc = desired.model_dump(exclude_none=True)
             with self._store.transaction() as conn:
                 conn.execute(

@@ -95,6 +95,25 @@ def validate(doc: dict[str, Any]) -> Desired:
         raise ValueError("; ".join(reasons)) from exc
 
 
+MAX_VERSION = 2**63 - 1  # the hub's $version is a 64-bit integer; anything larger is not a version
+
+
+def _stored(raw: str, parse: Callable[[str], Any], key: str) -> Any:
+    """``parse(raw)``, or None (logged) when the stored ``cloud_state`` value cannot be parsed."""
+    try:
+        return parse(raw)
+    except (ValueError, TypeError) as exc:
+        log.warning("unreadable twin state ignored", key=key, error=str(exc)[:200])
+        return None
+
+
+def _version(value: Any) -> int | None:
+    """A desired ``$version`` (a non-negative 64-bit integer, not a bool), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_VERSION:
+        return value
+    return None
+
+
 class TwinState:
     """Persisted desired-property state (``cloud_state`` rows: the hub's document, its version and the status
     reported back) and the decision logic around it. What is in force is the agent's settings overlay
@@ -105,9 +124,14 @@ class TwinState:
         exception from it rejects the document with its message."""
         self._conn = conn_fn
         self._apply = apply
-        self.version = int(self._get("twin.desired_version", "0"))
-        self.doc: dict[str, Any] = json.loads(self._get("twin.desired_doc", "{}"))
-        self.status: dict[str, Any] = json.loads(self._get("twin.desired_status", "null") or "null") or {}
+        # rows that cannot be read (a damaged database, an older or newer build) are forgotten with a warning:
+        # the full twin GET at the next connection brings the hub's document back; never a crash at startup
+        version = _stored(self._get("twin.desired_version", "0"), lambda raw: int(raw), "twin.desired_version")
+        self.version: int = version if isinstance(version, int) and 0 <= version <= MAX_VERSION else 0
+        doc = _stored(self._get("twin.desired_doc", "{}"), json.loads, "twin.desired_doc")
+        self.doc: dict[str, Any] = doc if isinstance(doc, dict) else {}
+        status = _stored(self._get("twin.desired_status", "null"), json.loads, "twin.desired_status")
+        self.status: dict[str, Any] = status if isinstance(status, dict) else {}
 
     def _get(self, key: str, default: str) -> str:
         row = self._conn().execute("SELECT value FROM cloud_state WHERE key=?", (key,)).fetchone()
@@ -138,20 +162,23 @@ class TwinState:
         try:
             twin = parse_json_object(raw, "twin document")
             desired = twin.get("desired")
-            if not isinstance(desired, dict) or not isinstance(desired.get("$version"), int):
-                raise ValueError("twin document has no desired section with an integer $version")
+            version = _version(desired.get("$version")) if isinstance(desired, dict) else None
+            if not isinstance(desired, dict) or version is None:
+                raise ValueError("twin document has no desired section with a 64-bit integer $version")
         except ValueError as exc:
             log.error("twin GET response rejected", reason=str(exc))
             return
-        self._consider(strip_meta(desired), desired["$version"], full=True)
+        self._consider(strip_meta(desired), version, full=True)
 
     def on_patch(self, raw: bytes, topic_version: int | None) -> bool:
         """A desired-properties patch; False if it was ignored as not newer than what we have."""
-        version = topic_version
+        version = _version(topic_version)
         try:
             patch = parse_json_object(raw, "desired patch")
-            if isinstance(patch.get("$version"), int):
-                version = patch["$version"]
+            if "$version" in patch:
+                version = _version(patch["$version"])
+                if version is None:
+                    raise ValueError(f"$version {str(patch['$version'])[:40]} is not a 64-bit integer version")
         except ValueError as exc:
             if version is not None and version <= self.version:
                 return False

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -318,6 +318,8 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
             setattr(settings, key, value)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from exc
+    except SettingsError as exc:  # an APPLIANCE_* variable holding malformed JSON for a section or table
+        raise ConfigError([f"environment: {exc} (a section or table variable must hold a JSON object)"]) from exc
     return settings
 
 
