@@ -13,6 +13,7 @@ apt_install() {
   command -v Orthanc >/dev/null || missing+=(orthanc)
   command -v mosquitto >/dev/null || missing+=(mosquitto)
   command -v openssl >/dev/null || missing+=(openssl)
+  command -v dciodvfy >/dev/null || missing+=(dicom3tools)   # DICOM validator for what the box writes (tests)
   if ((${#missing[@]})); then
     local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q
