@@ -10,9 +10,17 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 MANIFEST_SCHEMA = 1
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?$")
@@ -23,13 +31,65 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CodeRef(_Strict):
+    """A coded concept as a DICOM Code Sequence item carries it (PS3.3 Section 8.8, Table 8.8-1): Code Value
+    (0008,0100) and Coding Scheme Designator (0008,0102); ``meaning`` (Code Meaning) is for people only.
+
+    SNOMED concepts may be given with either designator, ``SCT`` (SNOMED CT identifiers) or the retired ``SRT``
+    (SNOMED-RT identifiers, PS3.16 Section 8); the router treats the two as the same concept."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme_designator: str = Field(min_length=1, max_length=16)
+    meaning: str = ""
+
+    @field_validator("value", "scheme_designator")
+    @classmethod
+    def _trim(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be blank")
+        return v
+
+
+# Fields added to AppliesTo after reference bundles were signed: left out of the canonical form while at their
+# default, so that every manifest signed before them keeps its exact canonical bytes (and its signature).
+_APPLIES_TO_EXTENSIONS: dict[str, Any] = {
+    "view_codes": [],
+    "view_modifiers": None,
+    "anatomy_codes": [],
+    "lateralities": [],
+}
+
+
 class AppliesTo(_Strict):
-    """Which images a bundle takes. Empty list = any. Values are matched case-insensitively."""
+    """Which images a bundle takes. Empty list = any. Strings are matched case-insensitively.
+
+    Views and anatomy may be stated as strings (View Position (0018,5101) / Body Part Examined (0018,0015)
+    defined terms), as codes (View Code Sequence (0054,0220), PS3.16 CID 4010 / CID 4014; Anatomic Region
+    Sequence (0008,2218), CID 4009 / CID 4031), or both: an image is taken when its view (anatomy) matches any
+    of them, each string standing also for its codes and each code for its string (``appliance.pipeline.anatomy``).
+    """
 
     modalities: list[str] = Field(min_length=1)  # e.g. ["DX", "CR"], ["MG"]
-    body_parts: list[str] = Field(default_factory=list)  # BodyPartExamined, e.g. ["CHEST"]
-    views: list[str] = Field(default_factory=list)  # ViewPosition, e.g. ["PA", "AP"], ["CC", "MLO"]
+    body_parts: list[str] = Field(default_factory=list)  # BodyPartExamined terms, e.g. ["CHEST"]
+    views: list[str] = Field(default_factory=list)  # ViewPosition terms, e.g. ["PA", "AP"], ["CC", "MLO"]
     sop_classes: list[str] = Field(default_factory=list)  # SOP Class UIDs
+    view_codes: list[CodeRef] = Field(default_factory=list)  # View Code Sequence concepts
+    # View Modifier Code Sequence (0054,0222) concepts an image may carry (CID 4011 / CID 4015): None = any
+    # modifier; [] = images with a view modifier (spot compression, magnification, ...) are not taken.
+    view_modifiers: list[CodeRef] | None = None
+    anatomy_codes: list[CodeRef] = Field(default_factory=list)  # Anatomic Region Sequence concepts
+    # Image / frame / series laterality the image must have (PS3.3 C.8.11.7, C.7.6.16.2.8, C.7.3.1): e.g.
+    # ["L", "R"] = one breast per image; empty = any, unknown included.
+    lateralities: list[Literal["L", "R", "B"]] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key, default in _APPLIES_TO_EXTENSIONS.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
 
 
 class Preprocessing(_Strict):

@@ -19,7 +19,7 @@ from appliance.models.active import ActiveEngines
 from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.preprocess import NotProcessable
 from appliance.pipeline.results import build_objects, write_objects
-from appliance.pipeline.router import InferenceEngine, describe, route
+from appliance.pipeline.router import InferenceEngine, explain, route
 from appliance.pipeline.worker import BundleSource
 from engines.manifest import Manifest
 
@@ -84,7 +84,7 @@ def _run_studies(
         entry: dict[str, Any] = {"study_uid": study_uid, "results": [], "state": "inferred", "reason": None}
         routes = route(active, images, p.routes)
         if not routes:
-            entry.update(state="no_model", reason=f"no active model applies to {describe(images)}")
+            entry.update(state="no_model", reason=explain(active, images, p.routes))
         reasons = []
         for r in routes:
             try:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from appliance.pipeline.anatomy import laterality_of
+from appliance.pipeline.anatomy import view_of as coded_view
 from appliance.pipeline.preprocess import Transform
 from engines.manifest import Manifest, OutputSpec
 
@@ -221,17 +223,18 @@ def image_findings(
 
 
 def laterality(ds: Any) -> str | None:
-    """Breast side from ImageLaterality (0020,0062), else Laterality (0020,0060); 'B'/'U' mean unknown."""
-    for tag in ("ImageLaterality", "Laterality"):
-        v = str(ds.get(tag, "") or "").strip().upper()
-        if v in ("L", "R"):
-            return v
-    return None
+    """Breast (or body) side of the image, "L" or "R", from :func:`appliance.pipeline.anatomy.laterality_of`
+    (Image Laterality (0020,0062), frame-level Frame Laterality (0020,9072), series Laterality (0020,0060),
+    PS3.3 C.8.11.7 / C.7.6.16.2.8 / C.7.3.1); "B" (both) and unknown give None."""
+    side = laterality_of(ds)
+    return side if side in ("L", "R") else None
 
 
 def view_of(ds: Any) -> str | None:
-    v = str(ds.get("ViewPosition", "") or "").strip().upper()
-    return v or None
+    """The image's view as a defined term (e.g. "CC", "MLO", "PA"), from the same coded view the router uses
+    (:func:`appliance.pipeline.anatomy.view_of`: View Code Sequence (0054,0220), else View Position
+    (0018,5101), PS3.3 C.8.11.7 / C.8.11.5); a code with no defined term gives its Code Meaning."""
+    return coded_view(ds).label
 
 
 def per_breast(images: list[ImageResult]) -> dict[str, float]:

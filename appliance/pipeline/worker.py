@@ -41,7 +41,7 @@ from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.recovery import recover
 from appliance.pipeline.results import ResultPublisher, save_results
-from appliance.pipeline.router import InferenceEngine, describe, route
+from appliance.pipeline.router import InferenceEngine, explain, route
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -261,9 +261,10 @@ class PipelineWorker:
             self._set(study_id, NOT_PROCESSABLE, detail)
             log.warning("study not processable", study_uid=study_uid, reason=detail)
             return NOT_PROCESSABLE
-        routes = route(self.bundles.active(), images, self.settings.pipeline.routes, calling_ae)
+        active = self.bundles.active()
+        routes = route(active, images, self.settings.pipeline.routes, calling_ae)
         if not routes:
-            detail = f"no active model applies to {describe(images)}"
+            detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
             self._set(study_id, NO_MODEL, detail)
             log.info("no model for study", study_uid=study_uid, detail=detail)
             return NO_MODEL
