@@ -30,6 +30,7 @@ class Recorded:
     duplicate: bool  # same SOP Instance UID and same bytes already recorded: nothing new
     new_revision: int | None = None  # set when this instance opened a study revision
     uid_reused: bool = False  # same SOP Instance UID already recorded with different bytes
+    other_series: bool = False  # ... and in another series: two images share the UID (both are analysed)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ def record_instance(
 ) -> Recorded:
     """File one spool file under its study revision; idempotent on (SOP UID, sha256).
 
+    The same SOP Instance UID with other bytes is kept as a new row flagged ``sop_uid_reused``: in the
+    same series it is a correction that replaces the earlier copy for analysis; in another series of the
+    study (flag ``sop_uid_in_other_series``) it is a second image and both are analysed
+    (:func:`study_instances`).
+
     ``assoc_studies`` holds the study ids this association already counts in ``assoc_open``; it is
     updated only after the commit. ``on_row(instance_id)`` is called inside the transaction, before
     COMMIT (the durability watermark must know every row before it can become visible).
@@ -76,12 +82,20 @@ def record_instance(
         dup = find_instance(conn, header.sop_instance_uid, sha256)
         if dup is not None:
             return Recorded(study_id=dup["study_id"], instance_id=dup["id"], duplicate=True)
-        uid_reused = (
+        series_seen = [
+            r["series_uid"]
+            for r in conn.execute(
+                "SELECT DISTINCT series_uid FROM instances WHERE sop_instance_uid=? AND study_uid=?",
+                (header.sop_instance_uid, header.study_uid),
+            )
+        ]
+        uid_reused = bool(series_seen) or (
             conn.execute(
                 "SELECT 1 FROM instances WHERE sop_instance_uid=? LIMIT 1", (header.sop_instance_uid,)
             ).fetchone()
             is not None
         )
+        other_series = any(s != header.series_uid for s in series_seen)
         latest = conn.execute(
             "SELECT id, state, revision FROM studies WHERE study_uid=? ORDER BY revision DESC LIMIT 1",
             (header.study_uid,),
@@ -98,6 +112,8 @@ def record_instance(
         flags = list(header.flags)
         if uid_reused:
             flags.append("sop_uid_reused")
+        if other_series:
+            flags.append("sop_uid_in_other_series")
         cur = conn.execute(
             "INSERT INTO instances(study_id, study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax,"
             " modality, path, size, sha256, calling_ae, flags, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -123,7 +139,14 @@ def record_instance(
         opens = 0 if study_id in assoc_studies else 1
         studies.note_instance(conn, study_id, ts, opens, header.modality)
     assoc_studies.add(study_id)
-    return Recorded(study_id, instance_id, duplicate=False, new_revision=new_revision, uid_reused=uid_reused)
+    return Recorded(
+        study_id,
+        instance_id,
+        duplicate=False,
+        new_revision=new_revision,
+        uid_reused=uid_reused,
+        other_series=other_series,
+    )
 
 
 def release_association(store: Store, study_ids: set[int]) -> None:
@@ -169,7 +192,14 @@ def study_instances(store: Store, spool_root: Path, study_id: int, cumulative: b
     """The instances of one study revision, in arrival order, with absolute spool paths.
 
     ``cumulative=True`` returns the whole study as of this revision: the instances of every revision up
-    to this one, keeping the newest copy of each SOP Instance UID (what a re-run of the study needs).
+    to this one, keeping the newest copy of each image, an image being identified by its (Series Instance
+    UID, SOP Instance UID) pair (what a re-run of the study needs). So a re-sent or corrected instance
+    (same SOP Instance UID in the same series, other bytes) replaces its earlier copy, while two images
+    that share a SOP Instance UID in different series (a modality re-using UIDs, against PS3.3 C.12.1.1.1
+    and PS3.5 9: a SOP Instance UID identifies one instance) are both kept and both analysed; the
+    pipeline notes the conflict (:func:`appliance.pipeline.uids.shared_sop_uids`). Rows without a Series
+    Instance UID (flag ``no_series_uid``) form one series of their own. ``cumulative=False`` lists the
+    revision's rows as recorded, every copy.
     """
     cols = "i.id, i.sop_instance_uid, i.sop_class_uid, i.series_uid, i.modality, i.transfer_syntax, i.path,"
     cols += " i.sha256, i.flags"
@@ -178,7 +208,8 @@ def study_instances(store: Store, spool_root: Path, study_id: int, cumulative: b
             f"SELECT {cols} FROM instances i JOIN studies s ON s.id=i.study_id"
             " JOIN studies me ON me.id=? AND s.study_uid=me.study_uid AND s.revision<=me.revision"
             " WHERE i.id = (SELECT MAX(j.id) FROM instances j JOIN studies t ON t.id=j.study_id"
-            "   WHERE j.sop_instance_uid=i.sop_instance_uid AND t.study_uid=me.study_uid"
+            "   WHERE j.sop_instance_uid=i.sop_instance_uid AND j.series_uid IS i.series_uid"
+            "   AND t.study_uid=me.study_uid"
             "   AND t.revision<=me.revision)"
             " ORDER BY i.id",
             (study_id,),

@@ -211,7 +211,10 @@ class StorageSCP:
         of each new one here (they must only enqueue: the ack waits)."""
         if rec.uid_reused:
             log.warning(
-                "SOP Instance UID received again with different bytes; both kept",
+                "SOP Instance UID received again with different bytes in another series of the study; both images"
+                " kept and analysed"
+                if rec.other_series
+                else "SOP Instance UID received again with different bytes; both kept",
                 sop_uid=header.sop_instance_uid,
                 study_uid=header.study_uid,
                 instance_id=rec.instance_id,
