@@ -84,6 +84,7 @@ class StudyResult:
             "findings": [
                 {
                     "image_sop_uid": img.sop_instance_uid,
+                    "image_series_uid": img.series_instance_uid,  # tells apart images re-using a SOP UID
                     "laterality": img.laterality,
                     "view": img.view,
                     "label": f.label,

@@ -33,6 +33,7 @@ from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
 from appliance.core.store import Store, now
 from appliance.delivery.export import queue_object
+from appliance.pipeline import uids
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
@@ -86,12 +87,72 @@ def submit_scs(analysis: Analysis, sc_max_size: int, pool: Executor | None = Non
     ]
 
 
+def complete_evidence(sr: Dataset, sources: list[Dataset]) -> int:
+    """List every source image of the SR's study in its Current Requested Procedure Evidence Sequence (PS3.3
+    C.17.2.3, Hierarchical SOP Instance Reference Macro, Table C.17-3) under its own series; returns how many
+    references were added.
+
+    highdicom's ``collect_evidence`` skips a SOP Instance UID it has seen once, so of two images that share a
+    SOP Instance UID in two series (a modality re-using UIDs) the second series would be missing from the
+    evidence although its image was analysed and is referenced by the content tree.
+    """
+    study_items = {str(item.StudyInstanceUID): item for item in sr.get("CurrentRequestedProcedureEvidenceSequence", [])}
+    listed = {
+        (study, str(series.SeriesInstanceUID), str(ref.ReferencedSOPInstanceUID))
+        for study, item in study_items.items()
+        for series in item.get("ReferencedSeriesSequence", [])
+        for ref in series.get("ReferencedSOPSequence", [])
+    }
+    added = 0
+    for src in sources:
+        study, series_uid, sop = (
+            str(src.StudyInstanceUID),
+            str(src.get("SeriesInstanceUID", "")),
+            str(src.SOPInstanceUID),
+        )
+        if (study, series_uid, sop) in listed or study not in study_items:
+            continue  # listed already, or another study (Pertinent Other Evidence, never ours: one study per SR)
+        series_items = study_items[study].ReferencedSeriesSequence
+        series_item = next((s for s in series_items if str(s.SeriesInstanceUID) == series_uid), None)
+        if series_item is None:
+            series_item = Dataset()
+            series_item.SeriesInstanceUID = series_uid
+            series_item.ReferencedSOPSequence = []
+            series_items.append(series_item)
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = src.SOPClassUID
+        ref.ReferencedSOPInstanceUID = sop
+        series_item.ReferencedSOPSequence.append(ref)
+        listed.add((study, series_uid, sop))
+        added += 1
+    return added
+
+
+def _sr(analysis: Analysis, manifest: Manifest) -> Dataset:
+    """The study's SR (``results_sr.build_sr``) with every analysed image in its evidence."""
+    sr = build_sr(analysis.result, analysis.sources, manifest.title)
+    complete_evidence(sr, analysis.sources)
+    return sr
+
+
+def result_summary(analysis: Analysis) -> dict[str, Any]:
+    """The findings JSON of one analysis (``StudyResult.summary``) with the images skipped and their reasons and,
+    when analysed images share a SOP Instance UID in different series, ``sop_uid_conflicts``
+    (:func:`appliance.pipeline.uids.shared_sop_uids`; each image's own results, PS3.3 C.12.1.1.1)."""
+    summary = analysis.result.summary()
+    summary["skipped"] = [{"image_sop_uid": s, "reason": r} for s, r in analysis.skipped]
+    conflicts = uids.shared_sop_uids((img.series_instance_uid, img.sop_instance_uid) for img in analysis.result.images)
+    if conflicts:
+        summary["sop_uid_conflicts"] = conflicts
+    return summary
+
+
 def build_objects(
     analysis: Analysis, manifest: Manifest, sc_max_size: int = 1024, pool: Executor | None = None
 ) -> list[tuple[str, Dataset]]:
     """[("SR", sr), ("SC", sc), ...] for one study and bundle (SCs built on ``pool`` concurrently with the SR)."""
     scs = submit_scs(analysis, sc_max_size, pool)
-    sr = build_sr(analysis.result, analysis.sources, manifest.title)  # on this thread meanwhile
+    sr = _sr(analysis, manifest)  # on this thread meanwhile
     return [("SR", sr), *(("SC", f.result()) for f in scs)]
 
 
@@ -202,13 +263,20 @@ class Saved:
 
 
 def _built_scs(analysis: Analysis, futures: list[Future]) -> tuple[list[tuple[str, Dataset]], list[dict[str, str]]]:
-    """The SCs that were built, and {image_sop_uid, error} for each that raised (logged, never fatal)."""
+    """The SCs that were built, and {image_sop_uid, image_series_uid, error} for each that raised (logged,
+    never fatal)."""
     built, errors = [], []
     for img, fut in zip(analysis.result.images, futures, strict=True):
         try:
             built.append(("SC", fut.result()))
         except Exception as exc:
-            errors.append({"image_sop_uid": img.sop_instance_uid, "error": f"{type(exc).__name__}: {exc}"})
+            errors.append(
+                {
+                    "image_sop_uid": img.sop_instance_uid,
+                    "image_series_uid": img.series_instance_uid,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            )
             log.warning("SC not built", image_sop_uid=img.sop_instance_uid, error=f"{type(exc).__name__}: {exc}")
     return built, errors
 
@@ -241,7 +309,7 @@ def save_results(
     t0 = time.perf_counter()
     known = False  # this revision's result was complete before (its cloud message already queued)
     if objects is None:
-        sr = build_sr(res, analysis.sources, manifest.title)
+        sr = _sr(analysis, manifest)
         first = write_objects([("SR", sr)], out_dir, pool)
         with store.transaction() as conn:
             row = _result_row(conn, study_id, manifest)
@@ -259,10 +327,9 @@ def save_results(
         written = first + write_objects(built, out_dir, pool)
     else:
         written, object_errors = write_objects(objects, out_dir, pool), []
-    summary = res.summary()
+    summary = result_summary(analysis)
     if object_errors:
         summary["object_errors"] = object_errors
-    summary["skipped"] = [{"image_sop_uid": s, "reason": r} for s, r in analysis.skipped]
     summary["objects"] = [{"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(p)} for k, ds, p in written]
     revision = store.query("SELECT revision FROM studies WHERE id=?", (study_id,))[0]["revision"]
     try:  # encrypt before the transaction; a cloud problem must not keep the findings from the PACS

@@ -64,7 +64,14 @@ def scoord(rows_cols: np.ndarray) -> np.ndarray:
 def _image_groups(img: ImageResult, src: Dataset, result: StudyResult, algo: hd.sr.AlgorithmIdentification) -> list:
     groups: list = []
     for f in img.findings:
-        track = uids.tracking_uid(img.sop_instance_uid, f.label, result.bundle_id, result.bundle_version)
+        track = uids.tracking_uid(
+            result.study_instance_uid,
+            img.series_instance_uid,
+            img.sop_instance_uid,
+            f.label,
+            result.bundle_id,
+            result.bundle_version,
+        )
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(uid=track, identifier=f"{f.label} score"),

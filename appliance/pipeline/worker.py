@@ -36,6 +36,7 @@ from appliance.delivery.export import mark_if_exported
 from appliance.ingest.records import study_instances
 from appliance.lifecycle import studies
 from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
+from appliance.pipeline import uids
 from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
@@ -73,7 +74,7 @@ DEFER_BYTES = 64 * 1024  # values this large stay on disk until accessed (spool 
 
 
 def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[Dataset], list[str], list[str]]:
-    """The whole study as of this revision (newest copy of each SOP instance), in arrival order: the
+    """The whole study as of this revision (newest copy of each image: series + SOP UID), in arrival order: the
     datasets, their sha256 (same order) and the problems.
 
     Unreadable files are reported, not fatal. A later revision (late instance) is therefore analysed
@@ -91,6 +92,27 @@ def load_instances(store: Store, study_id: int, spool_dir: Path) -> tuple[list[D
         except Exception as exc:  # corrupt or missing spool file
             problems.append(f"{inst.sop_instance_uid}: unreadable ({exc})")
     return datasets, shas, problems
+
+
+def uid_conflict_notes(study_id: int, images: list[Dataset]) -> list[str]:
+    """One line per SOP Instance UID that images of different series share (PS3.3 C.12.1.1.1 says it cannot
+    happen; modalities re-using UIDs make it happen): each image is analysed and gets its own results
+    (``records.study_instances`` keeps one copy per series and SOP UID, ``uids.image_key``). Logged as a
+    warning with counts only (no patient data)."""
+    pairs = [(str(ds.get("SeriesInstanceUID", "") or ""), str(ds.SOPInstanceUID)) for ds in images]
+    conflicts = uids.shared_sop_uids(pairs)
+    if conflicts:
+        log.warning(
+            "images of different series share a SOP Instance UID; each analysed with its own results",
+            study_id=study_id,
+            sop_uids=len(conflicts),
+            images=sum(len(c["series_uids"]) for c in conflicts),
+        )
+    return [
+        f"SOP Instance UID {c['sop_instance_uid']} shared by {len(c['series_uids'])} images in different series,"
+        " each analysed"
+        for c in conflicts
+    ]
 
 
 class PipelineWorker:
@@ -261,10 +283,12 @@ class PipelineWorker:
             self._set(study_id, NOT_PROCESSABLE, detail)
             log.warning("study not processable", study_uid=study_uid, reason=detail)
             return NOT_PROCESSABLE
+        notes = uid_conflict_notes(study_id, images)
         active = self.bundles.active()
         routes = route(active, images, self.settings.pipeline.routes, calling_ae)
         if not routes:
             detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
+            detail += "".join(f"; {n}" for n in notes)
             self._set(study_id, NO_MODEL, detail)
             log.info("no model for study", study_uid=study_uid, detail=detail)
             return NO_MODEL
@@ -319,16 +343,21 @@ class PipelineWorker:
             self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1
         if stored == 0 and failures:
-            self._set(study_id, FAILED, "; ".join(failures + reasons))
+            self._set(study_id, FAILED, "; ".join(failures + reasons + notes))
             log.error("study failed: no results built", study_id=study_id, bundles=len(failures))
             return FAILED
         if stored == 0:
-            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons))
+            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes))
             log.warning("study not processable", study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
         detail = f"{stored} bundle(s)" + "".join(
             f"; {what}: {'; '.join(items)}"
-            for what, items in (("failed", failures), ("left out", left_out), ("skipped", reasons))
+            for what, items in (
+                ("failed", failures),
+                ("left out", left_out),
+                ("skipped", reasons),
+                ("SOP UID conflict", notes),
+            )
             if items
         )
         with self.store.transaction() as conn:
