@@ -2,11 +2,19 @@
 
 Files are grouped into studies by StudyInstanceUID, routed to the active bundles exactly as the worker
 does, analysed, and (with ``--out``) the SR and SC objects are written to ``OUT/<study uid>/``.
+
+An image is identified as in the daemon (``records.study_instances``) by its (Series Instance UID, SOP
+Instance UID): two files with the same pair are copies of one image, of which the newest file (modification
+time, then path order) is analysed and the others are listed in the study's ``replaced``; two images sharing
+a SOP Instance UID in different series are both analysed, with distinct result UIDs, and listed in the
+study's ``sop_uid_conflicts`` (and each result's).
 """
 
 from __future__ import annotations
 
+import hashlib
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +24,10 @@ from pydicom.errors import InvalidDicomError
 
 from appliance.core.config import Settings
 from appliance.models.active import ActiveEngines
+from appliance.pipeline import uids
 from appliance.pipeline.analyse import analyse_route
 from appliance.pipeline.preprocess import NotProcessable
-from appliance.pipeline.results import build_objects, write_objects
+from appliance.pipeline.results import build_objects, result_summary, write_objects
 from appliance.pipeline.router import InferenceEngine, explain, route
 from appliance.pipeline.worker import BundleSource
 from engines.manifest import Manifest
@@ -49,7 +58,7 @@ def run_offline(
 ) -> dict[str, Any]:
     files = collect(paths)
     errors: list[dict[str, str]] = []
-    studies: dict[str, list[Dataset]] = {}
+    read: dict[str, list[tuple[Path, Dataset]]] = {}
     for f in files:
         try:
             ds = dcmread(f)
@@ -59,7 +68,8 @@ def run_offline(
         if "StudyInstanceUID" not in ds or "SOPInstanceUID" not in ds:
             errors.append({"path": str(f), "error": "no StudyInstanceUID/SOPInstanceUID"})
             continue
-        studies.setdefault(str(ds.StudyInstanceUID), []).append(ds)
+        read.setdefault(str(ds.StudyInstanceUID), []).append((f, ds))
+    studies = {study_uid: one_copy_per_image(copies) for study_uid, copies in read.items()}
     source = bundles or default_bundles(settings)
     try:
         active = [(m, e) for m, e in source.active() if bundle is None or m.bundle_id == bundle]
@@ -70,9 +80,18 @@ def run_offline(
             source.close()
 
 
+@dataclass
+class Study:
+    """One study's images for analysis, with the copies left out and the SOP Instance UIDs shared across series."""
+
+    images: list[Dataset]
+    replaced: list[dict[str, str]] = field(default_factory=list)
+    sop_uid_conflicts: list[dict[str, Any]] = field(default_factory=list)
+
+
 def _run_studies(
     settings: Settings,
-    studies: dict[str, list[Dataset]],
+    studies: dict[str, Study],
     active: list[tuple[Manifest, InferenceEngine]],
     out: Path | None,
     errors: list[dict[str, str]],
@@ -80,8 +99,13 @@ def _run_studies(
 ) -> dict[str, Any]:
     p = settings.pipeline
     report: dict[str, Any] = {"studies": [], "errors": errors}
-    for study_uid, images in studies.items():
+    for study_uid, study in studies.items():
+        images = study.images
         entry: dict[str, Any] = {"study_uid": study_uid, "results": [], "state": "inferred", "reason": None}
+        if study.replaced:
+            entry["replaced"] = study.replaced
+        if study.sop_uid_conflicts:
+            entry["sop_uid_conflicts"] = study.sop_uid_conflicts
         routes = route(active, images, p.routes)
         if not routes:
             entry.update(state="no_model", reason=explain(active, images, p.routes))
@@ -92,8 +116,7 @@ def _run_studies(
             except NotProcessable as exc:
                 reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
                 continue
-            summary = a.result.summary()
-            summary["skipped"] = [{"image_sop_uid": s, "reason": why} for s, why in a.skipped]
+            summary = result_summary(a)
             summary["timings_s"] = {k: round(v, 4) for k, v in a.timings.items()}
             if out is not None:
                 objects = build_objects(a, r.manifest, p.sc_max_size, pool)
@@ -118,13 +141,17 @@ def format_table(report: dict[str, Any]) -> str:
         short = "…" + st["study_uid"][-16:]
         if not st["results"]:
             lines.append(f"{short:<18} {st['state']}: {st['reason']}")
+        shared = {c["sop_instance_uid"] for c in st.get("sop_uid_conflicts", [])}
         for res in st["results"]:
             tag = f"{res['bundle_id']} {res['bundle_version']}"
             for f in res["findings"]:
                 loc = f["location"]
                 where = f"row {loc['row']:.0f}, col {loc['col']:.0f}" if loc else ""
+                image = "…" + f["image_sop_uid"][-12:]
+                if f["image_sop_uid"] in shared:  # the SOP UID alone does not say which image: add the series
+                    image = f"…{f.get('image_series_uid', '')[-5:]}/…{f['image_sop_uid'][-5:]}"
                 lines.append(
-                    f"{short:<18} {tag:<22} {'…' + f['image_sop_uid'][-12:]:<14} {f['laterality'] or '':<4} "
+                    f"{short:<18} {tag:<22} {image:<14} {f['laterality'] or '':<4} "
                     f"{f['label']:<14} {f['score']:>6.3f}  {'POSITIVE' if f['positive'] else '':<8} {where}"
                 )
             extra = f"study score {res['study_score']:.3f}"
@@ -135,6 +162,57 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(f"{'':<18} {obj['kind']}: {obj['path']}")
             if not res["clinical_use"]:
                 lines.append(f"{'':<18} NOT FOR CLINICAL USE ({res['bundle_id']} is a reference model)")
+    for st in report["studies"]:
+        short = "…" + st["study_uid"][-16:]
+        for c in st.get("sop_uid_conflicts", []):
+            lines.append(
+                f"{short:<18} note: {len(c['series_uids'])} images in different series share SOP Instance UID"
+                f" …{c['sop_instance_uid'][-12:]}; each analysed"
+            )
+        for r in st.get("replaced", []):
+            lines.append(f"{short:<18} note: {r['path']} not analysed, {r['by']} is the same image ({r['reason']})")
     for e in report["errors"]:
         lines.append(f"skipped {e['path']}: {e['error']}")
     return "\n".join(lines)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def image_identity(ds: Dataset) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID): what identifies one image of a study (PS3.3 C.7.3.1, C.12.1),
+    as the daemon's ``records.study_instances`` decides; a missing series UID counts as empty."""
+    return str(ds.get("SeriesInstanceUID", "") or ""), str(ds.SOPInstanceUID)
+
+
+def one_copy_per_image(files: list[tuple[Path, Dataset]]) -> Study:
+    """The images of one study, one copy each (:func:`image_identity`), in file order: of several files of one
+    image the newest (modification time, then the later path) is kept, as a corrected resend replaces its
+    earlier copy in the daemon; the others are named in ``replaced``, never dropped silently."""
+    newest: dict[tuple[str, str], int] = {}
+    for i, (path, ds) in enumerate(files):
+        key = image_identity(ds)
+        j = newest.get(key)
+        if j is None or (path.stat().st_mtime_ns, i) >= (files[j][0].stat().st_mtime_ns, j):
+            newest[key] = i
+    kept = sorted(newest.values())
+    replaced = []
+    for i, (path, ds) in enumerate(files):
+        j = newest[image_identity(ds)]
+        if i != j:
+            same = _sha256(path) == _sha256(files[j][0])
+            replaced.append(
+                {
+                    "path": str(path),
+                    "by": str(files[j][0]),
+                    "reason": "same series and SOP Instance UID, "
+                    + ("identical file" if same else "older file (the newest copy of an image is analysed)"),
+                }
+            )
+    images = [files[i][1] for i in kept]
+    return Study(images, replaced, uids.shared_sop_uids(image_identity(ds) for ds in images))
