@@ -4,27 +4,42 @@ Many viewers show neither SR nor GSPS, but every viewer shows an image. The SC i
 (Explicit VR Little Endian) in a new series of the same study, resampled to square physical pixels and at
 most ``max_size`` pixels on its long side (it is a display aid; the SR carries full-resolution
 coordinates). Bundles that are not for clinical use get a red "NOT FOR CLINICAL USE" banner.
-Text is drawn with Pillow's bundled default font (Pillow: HPND licence).
+
+What it says, on opaque black boxes (white text, 21:1 contrast: legible on any tissue), at a size that
+scales with the image (the long side / 42 pixels): each positive finding's marker labelled "nodule 0.82",
+the laterality and view ("L CC") with the bundle and the breast score in the darker top corner, and a
+one-line plain summary at the bottom ("AI: nodule 0.82 (positive); effusion 0.03; NOT FOR CLINICAL USE").
+The SCs of a study go to one series per laterality (left and right views never share a series).
+Text is drawn with the scalable font embedded in Pillow >= 10.1 (Aileron Regular, CC0; Pillow: HPND licence).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.pipeline import uids
-from appliance.pipeline.postprocess import ImageResult, StudyResult
+from appliance.pipeline.postprocess import Finding, ImageResult, StudyResult
 from appliance.pipeline.preprocess import pixel_spacing, plan_transform, resample
 from engines.manifest import Preprocessing
 
 MANUFACTURER = "clinic-appliance"
-SC_SERIES_NUMBER = 9902
+SC_SERIES_NUMBER = 9902  # images without laterality (a chest); lateral images get a series per side:
+SC_SERIES_NUMBERS = {None: SC_SERIES_NUMBER, "R": 9903, "L": 9904}
 BANNER = "NOT FOR CLINICAL USE"
 OVERLAY_FLOOR = 0.3  # heatmap fraction (of floor..peak) below which nothing is tinted
 OVERLAY_ALPHA = 0.5
+MIN_FONT_PX, MAX_FONT_PX = 10, 48  # text height: the long side / 42, within these
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+BANNER_RED = (200, 0, 0)
+MARKER = (255, 255, 0)
 
 
 def _colormap(v: np.ndarray) -> np.ndarray:
@@ -47,17 +62,287 @@ def _interp_matrix(pos: np.ndarray, n: int) -> np.ndarray:
     return m
 
 
-def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def _font(px: int) -> ImageFont.FreeTypeFont:
+    """Pillow's embedded scalable font (Aileron Regular; Pillow >= 10.1) at ``px`` pixels. Loading takes
+    ~0.05 ms, so each render loads its own (no FreeType face shared between the result pool's threads)."""
+    font = ImageFont.load_default(size=px)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow built without FreeType: a fixed 11 px bitmap
+        raise RuntimeError("Pillow lacks FreeType: the overlay text cannot be scaled")
+    return font
+
+
+# --------------------------------------------------------------------------------------------------
+# What the overlay says
+
+
+# Mammography views (PS3.16 CID 4014 "View for Mammography") -> the ACR abbreviation a radiographer reads.
+# pydicom's Code compares SRT codes equal to their SNOMED CT counterparts.
+_V = codes.cid4014
+MG_VIEW_ABBREVIATIONS: tuple[tuple[Code, str], ...] = (
+    (_V.CranioCaudal, "CC"),
+    (_V.CranioCaudalExaggeratedLaterally, "XCCL"),
+    (_V.CranioCaudalExaggeratedMedially, "XCCM"),
+    (_V.CaudoCranial, "FB"),  # from below
+    (_V.MedioLateralObliqueProjection, "MLO"),
+    (_V.MedioLateralProjection, "ML"),
+    (_V.LateroMedial, "LM"),
+    (_V.LateroMedialOblique, "LMO"),
+    (_V.SuperolateralToInferomedialOblique, "SIO"),
+    (_V.InferomedialToSuperolateralOblique, "ISO"),
+)
+
+
+def _coded_view(src: Dataset) -> str | None:
+    """The view of View Code Sequence (0054,0220) (PS3.3 C.8.11.5), abbreviated for display; its code
+    meaning when the code is not a CID 4014 view."""
+    seq = src.get("ViewCodeSequence") or []
+    if not seq:
+        return None
+    item = seq[0]
+    meaning = str(item.get("CodeMeaning", "")).strip()
     try:
-        return ImageFont.load_default(size=px)
-    except TypeError:  # Pillow < 10.1: fixed bitmap font
-        return ImageFont.load_default()
+        code = Code(str(item.CodeValue), str(item.CodingSchemeDesignator), meaning or "?")
+    except (AttributeError, ValueError):
+        return meaning[:24] or None
+    return next((abbr for known, abbr in MG_VIEW_ABBREVIATIONS if code == known), meaning[:24] or None)
+
+
+def image_caption(img: ImageResult, src: Dataset) -> str:
+    """Laterality and view as a radiographer reads them on a film ("L CC", "R MLO", "PA"; PS3.3 C.7.6.2
+    Image Laterality, C.8.11.5 View Code Sequence, C.8.11.7 View Position): empty when neither is known."""
+    view = img.view or _coded_view(src)
+    return " ".join(v for v in (img.laterality, view) if v)
+
+
+def _ordered(img: ImageResult) -> list[Finding]:
+    """Positive findings first, then by score, highest first."""
+    return sorted(img.findings, key=lambda f: (not f.positive, -f.score))
+
+
+def summary_line(img: ImageResult, result: StudyResult) -> str:
+    """The one-line plain summary burned into the SC ("AI: nodule 0.82 (positive); effusion 0.03; NOT FOR
+    CLINICAL USE"): every finding of this image with its score, positives first, the clinical-use notice last."""
+    parts = [f"{f.label} {f.score:.2f}{' (positive)' if f.positive else ''}" for f in _ordered(img)]
+    text = "AI: " + ("; ".join(parts) if parts else "no findings")
+    return f"{text}; {BANNER}" if not result.clinical_use else text
+
+
+@dataclass(frozen=True)
+class TextBox:
+    """One piece of text on the overlay: ``text`` (lines) drawn in ``fg`` on an opaque ``bg`` box ``box``
+    (x0, y0, x1, y1 in SC pixels, end exclusive). ``kind``: banner, caption, info, label, summary."""
+
+    kind: str
+    lines: tuple[str, ...]
+    box: tuple[int, int, int, int]
+    fg: tuple[int, int, int]
+    bg: tuple[int, int, int]
+    font_px: int
+    finding: str | None = None  # the finding a marker label names
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A positive finding's marker in SC pixels: peak (x, y) and contour [(x, y), ...]."""
+
+    finding: Finding
+    peak: tuple[float, float]
+    contour: list[tuple[float, float]]
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0) * max(h, 0)
+
+
+def _bounds(m: Marker) -> tuple[int, int, int, int]:
+    xs = [p[0] for p in m.contour] + [m.peak[0]]
+    ys = [p[1] for p in m.contour] + [m.peak[1]]
+    return int(min(xs)), int(min(ys)), int(np.ceil(max(xs))) + 1, int(np.ceil(max(ys))) + 1
+
+
+def _clamped(
+    xy: tuple[int, int], size: tuple[int, int], area: tuple[int, int, int, int]
+) -> tuple[tuple[int, int, int, int], int]:
+    """A box of ``size`` at ``xy`` moved inside ``area``, and how far it was moved."""
+    (x, y), (bw, bh) = xy, size
+    cx = min(max(x, area[0]), max(area[2] - bw, area[0]))
+    cy = min(max(y, area[1]), max(area[3] - bh, area[1]))
+    return (cx, cy, cx + bw, cy + bh), abs(cx - x) + abs(cy - y)
+
+
+def _cost(placed: tuple[tuple[int, int, int, int], int], avoid: list[tuple[int, int, int, int]]) -> tuple[int, int]:
+    """Area covered of what must stay visible, then the distance moved from the preferred place."""
+    box, moved = placed
+    return sum(_overlaps(box, a) for a in avoid), moved
+
+
+def _block(font: ImageFont.FreeTypeFont, lines: list[str], pad: int) -> tuple[int, int, int]:
+    """(width, height, line pitch) of a text block with ``pad`` pixels of backing around it."""
+    asc, desc = font.getmetrics()
+    pitch = asc + desc
+    width = max((int(np.ceil(font.getlength(line))) for line in lines), default=0)
+    return width + 2 * pad, pitch * len(lines) + 2 * pad, pitch
+
+
+def _wrap(font: ImageFont.FreeTypeFont, text: str, width: int) -> list[str]:
+    """Break ``text`` at "; " so that each line fits ``width`` pixels (a part longer than that stays whole)."""
+    lines: list[str] = []
+    for part in text.split("; "):
+        joined = f"{lines[-1]}; {part}" if lines else part
+        if lines and font.getlength(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(part)
+    return lines
+
+
+def layout(
+    shape: tuple[int, int],
+    gray: np.ndarray | None,
+    img: ImageResult,
+    result: StudyResult,
+    markers: list[Marker],
+    caption: str,
+) -> list[TextBox]:
+    """Where each text goes on an SC of ``shape`` (rows, cols); ``gray`` (the image, 0..1) picks the darker
+    top corner for the caption block, so it covers air rather than tissue.
+
+    Boxes: the red NOT FOR CLINICAL USE banner (top, full width) for non-clinical bundles; the caption block
+    (laterality + view, bundle, breast score) in a top corner; one label per marker ("nodule 0.82") beside
+    its contour, inside the image and clear of the other boxes; the summary line (bottom, full width; smaller
+    type, then wrapped at "; ", when it does not fit). Text is white on black (21:1, WCAG 2 contrast) or
+    white on the banner red (6:1): legible on any tissue.
+    """
+    h, w = shape
+    long_side = max(h, w)
+    fpx = int(np.clip(round(long_side / 42), MIN_FONT_PX, MAX_FONT_PX))
+    font = _font(fpx)
+    pad = max(2, fpx // 5)
+    boxes: list[TextBox] = []
+    top = 0
+    if not result.clinical_use:
+        bh = int(fpx * 1.6)
+        boxes.append(TextBox("banner", (BANNER,), (0, 0, w, bh), WHITE, BANNER_RED, fpx))
+        top = bh
+
+    # summary: one line at the bottom; smaller type down to MIN_FONT_PX, then wrapped
+    text = summary_line(img, result)
+    spx = fpx
+    while spx > MIN_FONT_PX and _font(spx).getlength(text) + 2 * pad > w:
+        spx -= 1
+    sfont = _font(spx)
+    lines = [text] if sfont.getlength(text) + 2 * pad <= w else _wrap(sfont, text, w - 2 * pad)
+    _, sh, _ = _block(sfont, lines, pad)
+    summary = TextBox("summary", tuple(lines), (0, max(top, h - sh), w, h), WHITE, BLACK, spx)
+    boxes.append(summary)
+    bottom = summary.box[1]
+
+    # caption block in the darker top corner
+    info = [f"AI {result.bundle_id} {result.bundle_version}"]
+    if result.per_breast and img.laterality in result.per_breast:
+        info.append(f"{img.laterality} breast score {result.per_breast[img.laterality]:.2f}")
+    cpx = int(fpx * 1.5)
+    cfont = _font(cpx)
+    cw, ch, _ = _block(cfont, [caption], pad) if caption else (0, 0, 0)
+    iw, ih, _ = _block(font, info, pad)
+    bw = min(max(cw, iw), w)
+    corners = [(0, top), (w - bw, top)]
+    if gray is not None:
+        corners.sort(key=lambda xy: float(gray[xy[1] : xy[1] + ch + ih, xy[0] : xy[0] + bw].mean()) if bw else 0.0)
+    x0, y0 = corners[0]
+    if caption:
+        boxes.append(TextBox("caption", (caption,), (x0, y0, x0 + bw, y0 + ch), WHITE, BLACK, cpx))
+    boxes.append(TextBox("info", tuple(info), (x0, y0 + ch, x0 + bw, y0 + ch + ih), WHITE, BLACK, fpx))
+
+    # marker labels beside their contours, clear of the other boxes and of every marker
+    avoid = [b.box for b in boxes] + [_bounds(m) for m in markers]
+    for m in markers:
+        text = f"{m.finding.label} {m.finding.score:.2f}"
+        lw, lh, _ = _block(font, [text], pad)
+        x0, y0, x1, y1 = _bounds(m)
+        gap = max(3, fpx // 3)
+        py, px = int(m.peak[1] - lh / 2), int(m.peak[0] - lw / 2)
+        candidates = [(x1 + gap, py), (x0 - gap - lw, py), (px, y1 + gap), (px, y0 - gap - lh)]
+        area = (0, top, w, bottom)
+        box = min((_clamped(c, (lw, lh), area) for c in candidates), key=lambda bc: _cost(bc, avoid))[0]
+        boxes.append(TextBox("label", (text,), box, WHITE, BLACK, fpx, m.finding.label))
+        avoid.append(box)
+    return boxes
+
+
+def markers(img: ImageResult, scale: tuple[float, float], factor: int = 1) -> list[Marker]:
+    """The positive located findings of ``img`` in SC pixel coordinates (x, y) (``scale`` = SC pixels per
+    display pixel, ``factor`` = original pixels per display pixel)."""
+    out: list[Marker] = []
+    for f in _ordered(img):
+        loc = f.location
+        if not f.positive or loc is None:
+            continue
+        pts = [((c / factor + 0.5) * scale[1], (r / factor + 0.5) * scale[0]) for r, c in loc.contour]
+        peak = ((loc.col / factor + 0.5) * scale[1], (loc.row / factor + 0.5) * scale[0])
+        out.append(Marker(f, peak, pts))
+    return out
+
+
+def _draw_boxes(draw: ImageDraw.ImageDraw, boxes: list[TextBox]) -> None:
+    for b in boxes:
+        draw.rectangle([b.box[0], b.box[1], b.box[2] - 1, b.box[3] - 1], fill=b.bg)
+        font = _font(b.font_px)
+        if b.kind == "banner":
+            centre = ((b.box[0] + b.box[2]) // 2, (b.box[1] + b.box[3]) // 2)
+            draw.text(centre, b.text, fill=b.fg, font=font, anchor="mm")
+            continue
+        _, _, pitch = _block(font, list(b.lines), 0)
+        pad = (b.box[3] - b.box[1] - pitch * len(b.lines)) // 2
+        for i, line in enumerate(b.lines):
+            draw.text((b.box[0] + pad, b.box[1] + pad + i * pitch), line, fill=b.fg, font=font)
+        if b.kind == "label":
+            draw.rectangle([b.box[0], b.box[1], b.box[2] - 1, b.box[3] - 1], outline=MARKER, width=1)
+
+
+def _draw_marker(draw: ImageDraw.ImageDraw, m: Marker, h: int) -> None:
+    """Contour and peak cross in yellow over a black edge, so that they show on bright tissue too."""
+    lw = max(1, h // 400)
+    d = max(4, h // 100)
+    x, y = m.peak
+    for colour, width in ((BLACK, lw + 2), (MARKER, lw)):
+        draw.line(m.contour + m.contour[:1], fill=colour, width=width)
+        draw.line([(x - d, y), (x + d, y)], fill=colour, width=width)
+        draw.line([(x, y - d), (x, y + d)], fill=colour, width=width)
 
 
 def render(
-    img: ImageResult, display: np.ndarray, spacing, result: StudyResult, max_size: int, factor: int = 1
+    img: ImageResult,
+    display: np.ndarray,
+    spacing,
+    result: StudyResult,
+    max_size: int,
+    factor: int = 1,
+    caption: str = "",
 ) -> np.ndarray:
-    """(rows, cols, 3) uint8: grayscale image, heatmap overlay of the strongest positive label, text.
+    """(rows, cols, 3) uint8: the SC's pixels (:func:`render_overlay`)."""
+    return render_overlay(img, display, spacing, result, max_size, factor, caption)[0]
+
+
+def render_overlay(
+    img: ImageResult,
+    display: np.ndarray,
+    spacing,
+    result: StudyResult,
+    max_size: int,
+    factor: int = 1,
+    caption: str = "",
+) -> tuple[np.ndarray, list[TextBox]]:
+    """(rows, cols, 3) uint8 and the text boxes drawn on it: grayscale image, heatmap overlay of the strongest
+    positive label, a labelled marker per positive located finding, the caption (laterality + view; PS3.3
+    C.7.6.2, C.8.11.5), the summary line (:func:`layout`). Burned In Annotation (0028,0301) (PS3.3 C.7.6.1): the SC
+    says ``BurnedInAnnotation = YES``.
 
     ``display`` may be a reduced-resolution decode: display pixel d is centred on original pixel d * factor.
     """
@@ -89,35 +374,12 @@ def render(
 
     out = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(out)
-    fpx = max(12, h // 40)
-    font = _font(fpx)
-    for f in positives:
-        loc = f.location
-        if loc is None:
-            continue
-        pts = [((c / factor + 0.5) * view_tf.scale[1], (r / factor + 0.5) * view_tf.scale[0]) for r, c in loc.contour]
-        draw.line(pts + pts[:1], fill=(255, 255, 0), width=max(1, h // 400))
-        x, y = (loc.col / factor + 0.5) * view_tf.scale[1], (loc.row / factor + 0.5) * view_tf.scale[0]
-        d = max(4, h // 100)
-        draw.line([(x - d, y), (x + d, y)], fill=(255, 255, 0), width=max(1, h // 400))
-        draw.line([(x, y - d), (x, y + d)], fill=(255, 255, 0), width=max(1, h // 400))
-    lines = [f"AI {result.bundle_id} {result.bundle_version}"]
-    for f in sorted(img.findings, key=lambda f: -f.score):
-        lines.append(f"{f.label}: {f.score:.2f}{'  POSITIVE' if f.positive else ''}")
-    if result.per_breast and img.laterality in result.per_breast:
-        lines.append(f"{img.laterality} breast score: {result.per_breast[img.laterality]:.2f}")
-    top = 0
-    if not result.clinical_use:
-        bh = int(fpx * 1.6)
-        draw.rectangle([0, 0, w, bh], fill=(200, 0, 0))
-        draw.text((w // 2, bh // 2), BANNER, fill=(255, 255, 255), font=font, anchor="mm")
-        top = bh
-    y = top + fpx // 2
-    for line in lines:
-        draw.text((fpx // 2 + 1, y + 1), line, fill=(0, 0, 0), font=font)
-        draw.text((fpx // 2, y), line, fill=(255, 255, 255), font=font)
-        y += int(fpx * 1.3)
-    return np.asarray(out)
+    marks = markers(img, view_tf.scale, factor)
+    for m in marks:
+        _draw_marker(draw, m, h)
+    boxes = layout((h, w), gray, img, result, marks, caption)
+    _draw_boxes(draw, boxes)
+    return np.asarray(out), boxes
 
 
 def build_sc(
@@ -129,8 +391,14 @@ def build_sc(
     max_size: int = 1024,
     factor: int = 1,
 ) -> hd.sc.SCImage:
+    """The Secondary Capture Image (PS3.3 A.8.1) showing ``img``'s findings on ``src`` (see :func:`render`).
+
+    One SC series per laterality (General Series Laterality, PS3.3 C.7.3.1, is a series attribute): the
+    left and right views of a mammogram go to two series, never mixed; images without laterality share
+    the study's one SC series.
+    """
     spacing = pixel_spacing(src)
-    pixels = render(img, display, spacing, result, max_size, factor)
+    pixels = render(img, display, spacing, result, max_size, factor, image_caption(img, src))
     sc_spacing = None
     if spacing is not None:
         # square output pixels covering the same physical extent as the source image
@@ -141,8 +409,10 @@ def build_sc(
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
-        series_instance_uid=uids.sc_series_uid(result.study_instance_uid, result.bundle_id, result.bundle_version),
-        series_number=SC_SERIES_NUMBER,
+        series_instance_uid=uids.sc_series_uid(
+            result.study_instance_uid, result.bundle_id, result.bundle_version, img.laterality
+        ),
+        series_number=SC_SERIES_NUMBERS.get(img.laterality, SC_SERIES_NUMBER),
         sop_instance_uid=uids.sc_instance_uid(
             result.study_instance_uid,
             img.series_instance_uid,
@@ -158,7 +428,8 @@ def build_sc(
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     banner = "" if result.clinical_use else " NOT FOR CLINICAL USE"
-    sc.SeriesDescription = f"AI overlay {result.bundle_id} {result.bundle_version}{banner}"[:64]
+    side = f" {img.laterality}" if img.laterality else ""
+    sc.SeriesDescription = f"AI overlay{side} {result.bundle_id} {result.bundle_version}{banner}"[:64]
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = f"AI heatmap and findings by {result.bundle_id} {result.bundle_version}"[:1024]
     ref = Dataset()

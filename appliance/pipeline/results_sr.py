@@ -7,6 +7,8 @@ Content, built with highdicom's typed templates:
 - per positive finding with a heatmap: a TID 1410 group whose region is the peak as SCOORD POINT and one
   whose region is the iso-line contour as closed SCOORD POLYLINE, both on the source image;
 - per study: the study-level abnormality score and, for mammography, the per-breast scores.
+- procedure reported: the study's own (its procedure codes, else its description, else modality + body
+  part; :func:`procedure_reported`), never a fixed title.
 SCOORD convention: (column, row) with (0, 0) the top-left corner of the top-left pixel, so a pixel index
 (r, c) is drawn at (c + 0.5, r + 0.5).
 """
@@ -44,11 +46,66 @@ BREAST_SCORE = {
 }
 ABOVE_THRESHOLD = CodedConcept("above-threshold", SCHEME, "Score at or above operating point")
 YES, NO = codes.SCT.Yes, codes.SCT.No
-PROCEDURE = {
-    "mmg": CodedConcept("24606-6", "LN", "MG Breast Screening"),
-    "cxr": CodedConcept("36643-5", "LN", "XR Chest 2V"),
-}
 GENERIC_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def _codes(items) -> list[CodedConcept]:
+    out: list[CodedConcept] = []
+    for item in items or []:
+        try:
+            code = CodedConcept.from_dataset(item)
+        except (AttributeError, TypeError, ValueError):  # an incomplete code item: not a procedure we can name
+            continue
+        if all((c.value, c.scheme_designator) != (code.value, code.scheme_designator) for c in out):
+            out.append(code)
+    return out
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    return " ".join(str(ds.get(keyword, "") or "").split())
+
+
+def procedure_reported(sources: list[Dataset]) -> list[CodedConcept]:
+    """TID 1500 "Procedure reported" (121058, DCM; PS3.16 TID 1500 row 4) from the study itself, in order:
+
+    1. the study's Procedure Code Sequence (0008,1032) (PS3.3 C.7.2.1 General Study);
+    2. the Requested Procedure Code Sequence (0032,1064), top level or in the Request Attributes Sequence
+       (0040,0275) (PS3.3 C.7.3.1, Table 10-9);
+    3. else a code of this box's private scheme whose meaning is the study's own words: Study Description
+       (0008,1030), else Requested Procedure Description (0032,1060), else modality + Body Part Examined
+       ("DX CHEST"); the generic "Imaging procedure" when even those are absent.
+    Never a fixed title: a one-view PA chest is not "XR Chest 2V".
+    """
+    for keyword in ("ProcedureCodeSequence", "RequestedProcedureCodeSequence"):
+        found = _codes([item for ds in sources for item in ds.get(keyword) or []])
+        if found:
+            return found
+    requested = _codes(
+        [
+            item
+            for ds in sources
+            for request in ds.get("RequestAttributesSequence") or []
+            for item in request.get("RequestedProcedureCodeSequence") or []
+        ]
+    )
+    if requested:
+        return requested
+    words = ""
+    for ds in sources:
+        words = _text(ds, "StudyDescription") or _text(ds, "RequestedProcedureDescription")
+        words = words or next(
+            (_text(r, "RequestedProcedureDescription") for r in ds.get("RequestAttributesSequence") or []), ""
+        )
+        if words:
+            break
+    if not words:
+        modalities = dict.fromkeys(_text(ds, "Modality").upper() for ds in sources)
+        parts = dict.fromkeys(_text(ds, "BodyPartExamined").upper() for ds in sources)
+        words = " ".join(v for v in [*modalities, *parts] if v)
+    if not words:
+        return [GENERIC_PROCEDURE]
+    meaning = words[:64]
+    return [CodedConcept(f"P{uids.derive_uid('procedure', meaning)[-15:]}", SCHEME, meaning)]
 
 
 def finding_code(label: str) -> CodedConcept:
@@ -144,7 +201,7 @@ def build_report(result: StudyResult, sources: list[Dataset], title: str) -> hd.
     )
     return hd.sr.MeasurementReport(
         observation_context=observer,
-        procedure_reported=PROCEDURE.get(result.task, GENERIC_PROCEDURE),
+        procedure_reported=procedure_reported(sources),
         imaging_measurements=groups,
     )
 

@@ -47,8 +47,12 @@ def sr_instance_uid(study_uid: str, source_uids: Iterable[str], bundle_id: str, 
     return derive_uid("sr", study_uid, _key(source_uids), bundle_id, version)
 
 
-def sc_series_uid(study_uid: str, bundle_id: str, version: str) -> str:
-    return derive_uid("sc-series", study_uid, bundle_id, version)
+def sc_series_uid(study_uid: str, bundle_id: str, version: str, laterality: str | None = None) -> str:
+    """The SC series of a study and bundle version, one per laterality ("L", "R"; ``None``: unpaired images,
+    the same UID as before series were split by side)."""
+    if laterality is None:
+        return derive_uid("sc-series", study_uid, bundle_id, version)
+    return derive_uid("sc-series", study_uid, bundle_id, version, laterality)
 
 
 def sc_instance_uid(study_uid: str, series_uid: str | None, source_sop_uid: str, bundle_id: str, version: str) -> str:
