@@ -27,11 +27,15 @@ from pydicom.uid import generate_uid
 from appliance.app.infer_offline import run_offline
 from appliance.core.config import Settings
 from appliance.models.active import ActiveEngines
+from appliance.pipeline.analyse import analyse
+from appliance.pipeline.results_sc import build_sc
+from appliance.pipeline.results_source import UNPAIRED_BODY_PARTS, series_laterality
 from engines.reference.phantoms import PatientInfo, chest_phantom, chest_study, mammo_study, to_dicom, write_dicom
 from testsupport.common import ROOT, wait_until
 from testsupport.daemon import daemon_env, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
+from testsupport.pipeline import TinyEngine, make_dataset, synthetic_image, tiny_manifest
 from testsupport.reference import CASES, reference_engines, write_case
 
 pytestmark = [
@@ -209,3 +213,25 @@ def test_cases_through_the_daemon_to_orthanc(home: Path, tmp_path: Path, orthanc
         for t in tags:
             obj = pydicom.dcmread(io.BytesIO(orthanc.instance_file(t["_id"])))
             _check_copied(obj, src)
+
+
+@pytest.mark.parametrize("body_part", [*sorted(UNPAIRED_BODY_PARTS), "BREAST", "KNEE", "HAND", "", None])
+@pytest.mark.parametrize("side", ["L", None])
+def test_sc_series_laterality_passes_dciodvfy_for_every_body_part(
+    tmp_path: Path, body_part: str | None, side: str | None
+) -> None:
+    """General Series Laterality (PS3.3 C.7.3.1, Type 2C) as :func:`series_laterality` sets it, for every
+    unpaired Body Part Examined of PS3.16 Annex L, paired ones and none: dciodvfy finds no error."""
+    engine = TinyEngine()
+    src = make_dataset(synthetic_image(200, 160, (80, 90), radius=10), laterality=side)
+    if body_part is None:
+        del src.BodyPartExamined
+    else:
+        src.BodyPartExamined = body_part
+    m = tiny_manifest()
+    a = analyse([src], m, engine.infer, engine.max_batch, 10**8)
+    sc = build_sc(a.result.images[0], src, a.prepared[0].display, a.result, 0)
+    path = tmp_path / "sc.dcm"
+    sc.save_as(path, enforce_file_format=True)
+    assert sc.get("Laterality") == series_laterality(body_part, side)
+    assert dciodvfy_errors(path) == []

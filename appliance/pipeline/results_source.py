@@ -74,7 +74,7 @@ _IDENTIFICATION = (
 
 
 # Body Part Examined defined terms of unpaired structures (PS3.16 Annex L, "Laterality" column; the list
-# dciodvfy checks General Series Laterality against, each asserted in tests/test_result_objects.py)
+# dciodvfy checks General Series Laterality against, each asserted in tests/test_result_objects_dicom.py)
 UNPAIRED_BODY_PARTS = frozenset(
     {
         "ABDOMEN",
