@@ -8,6 +8,10 @@ Instance UID): two files with the same pair are copies of one image, of which th
 time, then path order) is analysed and the others are listed in the study's ``replaced``; two images sharing
 a SOP Instance UID in different series are both analysed, with distinct result UIDs, and listed in the
 study's ``sop_uid_conflicts`` (and each result's).
+
+Nothing stops the run but a path that does not exist: a file that is not readable DICOM, a study that
+fails, a result object that cannot be built are each reported per file in ``errors`` (and the object in the
+result's ``object_errors``), and the run goes on.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from appliance.core.config import Settings
+from appliance.core.logs import get_logger
 from appliance.models.active import ActiveEngines
 from appliance.pipeline import uids
-from appliance.pipeline.analyse import analyse_route
+from appliance.pipeline.analyse import Analysis, analyse_route
 from appliance.pipeline.preprocess import NotProcessable
-from appliance.pipeline.results import build_objects, result_summary, write_objects
+from appliance.pipeline.results import complete_evidence, result_summary, submit_scs, write_objects
+from appliance.pipeline.results_sr import build_sr
 from appliance.pipeline.router import InferenceEngine, explain, route
 from appliance.pipeline.worker import BundleSource
 from engines.manifest import Manifest
+
+log = get_logger(__name__)
 
 POOL_THREADS = 4  # image preparation and result building overlap (decoders, numpy, Pillow release the GIL)
 
@@ -62,8 +70,11 @@ def run_offline(
     for f in files:
         try:
             ds = dcmread(f)
-        except (InvalidDicomError, OSError, ValueError) as exc:
+        except (InvalidDicomError, OSError) as exc:
             errors.append({"path": str(f), "error": f"not readable as DICOM: {exc}"})
+            continue
+        except Exception as exc:  # a malformed file raises whatever its parser meets; the run goes on
+            errors.append({"path": str(f), "error": f"not readable as DICOM: {_fault(exc)}"})
             continue
         if "StudyInstanceUID" not in ds or "SOPInstanceUID" not in ds:
             errors.append({"path": str(f), "error": "no StudyInstanceUID/SOPInstanceUID"})
@@ -89,6 +100,15 @@ class Study:
     sop_uid_conflicts: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _path(ds: Dataset) -> str:
+    """The file a dataset was read from (pydicom's ``FileDataset.filename``)."""
+    return str(getattr(ds, "filename", "") or "")
+
+
+def _fault(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _run_studies(
     settings: Settings,
     studies: dict[str, Study],
@@ -97,41 +117,105 @@ def _run_studies(
     errors: list[dict[str, str]],
     pool: Executor,
 ) -> dict[str, Any]:
-    p = settings.pipeline
+    """Every study in turn; one that fails is reported (state ``failed``, each of its files in ``errors``)
+    and the run goes on with the next (the daemon's contract: bad input gets a clear error, never a crash)."""
     report: dict[str, Any] = {"studies": [], "errors": errors}
     for study_uid, study in studies.items():
-        images = study.images
-        entry: dict[str, Any] = {"study_uid": study_uid, "results": [], "state": "inferred", "reason": None}
-        if study.replaced:
-            entry["replaced"] = study.replaced
-        if study.sop_uid_conflicts:
-            entry["sop_uid_conflicts"] = study.sop_uid_conflicts
-        routes = route(active, images, p.routes)
-        if not routes:
-            entry.update(state="no_model", reason=explain(active, images, p.routes))
-        reasons = []
-        for r in routes:
-            try:
-                a = analyse_route(r, p, None, pool)
-            except NotProcessable as exc:
-                reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
-                continue
-            summary = result_summary(a)
-            summary["timings_s"] = {k: round(v, 4) for k, v in a.timings.items()}
-            if out is not None:
-                objects = build_objects(a, r.manifest, p.sc_max_size, pool)
-                target = out / study_uid / f"{r.manifest.bundle_id}-{r.manifest.version}"
-                summary["objects"] = [
-                    {"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(path)}
-                    for k, ds, path in write_objects(objects, target, pool)
-                ]
-            entry["results"].append(summary)
-        if routes and not entry["results"]:
-            entry.update(state="not_processable", reason="; ".join(reasons))
-        elif reasons:
-            entry["reason"] = "; ".join(reasons)
+        try:
+            entry = _run_study(settings, study_uid, study, active, out, errors, pool)
+        except Exception as exc:
+            reason = _fault(exc)
+            log.warning("study failed offline", study_uid=study_uid, error=reason)
+            entry = {"study_uid": study_uid, "results": [], "state": "failed", "reason": reason}
+            errors.extend({"path": _path(ds), "error": f"study failed: {reason}"} for ds in study.images)
         report["studies"].append(entry)
     return report
+
+
+def _run_study(
+    settings: Settings,
+    study_uid: str,
+    study: Study,
+    active: list[tuple[Manifest, InferenceEngine]],
+    out: Path | None,
+    errors: list[dict[str, str]],
+    pool: Executor,
+) -> dict[str, Any]:
+    p = settings.pipeline
+    images = study.images
+    entry: dict[str, Any] = {"study_uid": study_uid, "results": [], "state": "inferred", "reason": None}
+    if study.replaced:
+        entry["replaced"] = study.replaced
+    if study.sop_uid_conflicts:
+        entry["sop_uid_conflicts"] = study.sop_uid_conflicts
+    routes = route(active, images, p.routes)
+    if not routes:
+        entry.update(state="no_model", reason=explain(active, images, p.routes))
+    reasons = []
+    for r in routes:
+        try:
+            a = analyse_route(r, p, None, pool)
+        except NotProcessable as exc:
+            reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
+            continue
+        paths = {(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)): _path(ds) for ds in r.images}
+        by_sop = {sop: path for (_, sop), path in paths.items()}
+        summary = result_summary(a)
+        for sk in summary["skipped"]:
+            sk["path"] = by_sop.get(sk["image_sop_uid"], "")
+        summary["timings_s"] = {k: round(v, 4) for k, v in a.timings.items()}
+        if out is not None:
+            objects, object_errors = build_objects_reporting(a, r.manifest, p.sc_max_size, pool)
+            target = out / study_uid / f"{r.manifest.bundle_id}-{r.manifest.version}"
+            summary["objects"] = [
+                {"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(path)}
+                for k, ds, path in write_objects(objects, target, pool)
+            ]
+            if object_errors:
+                summary["object_errors"] = object_errors
+            for e in object_errors:
+                key = (e["image_series_uid"], e["image_sop_uid"])
+                files = [paths.get(key, "")] if e["image_sop_uid"] else list(paths.values())
+                errors.extend({"path": f, "error": f"{e['kind']} not built: {e['error']}"} for f in files)
+        entry["results"].append(summary)
+    if routes and not entry["results"]:
+        entry.update(state="not_processable", reason="; ".join(reasons))
+    elif reasons:
+        entry["reason"] = "; ".join(reasons)
+    return entry
+
+
+def build_objects_reporting(
+    analysis: Analysis, manifest: Manifest, sc_max_size: int, pool: Executor | None = None
+) -> tuple[list[tuple[str, Dataset]], list[dict[str, str]]]:
+    """The SR (PS3.3 A.35.13, every analysed image in its evidence) and one SC (PS3.3 A.8.1) per image, as
+    the daemon builds them, except that an object whose builder raises is left out and reported as
+    ``{kind, image_sop_uid, image_series_uid, error}`` (the image UIDs empty for the study's SR); the rest
+    are still returned: a result object that cannot be built never blocks the others."""
+    futures = submit_scs(analysis, sc_max_size, pool)  # rendered on the pool while the SR is built here
+    objects: list[tuple[str, Dataset]] = []
+    problems: list[dict[str, str]] = []
+    try:
+        sr = build_sr(analysis.result, analysis.sources, manifest.title)
+        complete_evidence(sr, analysis.sources)
+        objects.append(("SR", sr))
+    except Exception as exc:
+        problems.append({"kind": "SR", "image_sop_uid": "", "image_series_uid": "", "error": _fault(exc)})
+    for img, fut in zip(analysis.result.images, futures, strict=True):
+        try:
+            objects.append(("SC", fut.result()))
+        except Exception as exc:
+            problems.append(
+                {
+                    "kind": "SC",
+                    "image_sop_uid": img.sop_instance_uid,
+                    "image_series_uid": img.series_instance_uid,
+                    "error": _fault(exc),
+                }
+            )
+    for e in problems:
+        log.warning("result object not built", kind=e["kind"], image_sop_uid=e["image_sop_uid"], error=e["error"])
+    return objects, problems
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -160,6 +244,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{short:<18} {tag:<22} {extra}")
             for obj in res.get("objects", []):
                 lines.append(f"{'':<18} {obj['kind']}: {obj['path']}")
+            for sk in res.get("skipped", []):
+                lines.append(f"{'':<18} not analysed {sk['path'] or sk['image_sop_uid']}: {sk['reason']}")
             if not res["clinical_use"]:
                 lines.append(f"{'':<18} NOT FOR CLINICAL USE ({res['bundle_id']} is a reference model)")
     for st in report["studies"]:

@@ -28,6 +28,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 from appliance.pipeline import uids
 from appliance.pipeline.postprocess import Finding, ImageResult, StudyResult
 from appliance.pipeline.preprocess import pixel_spacing, plan_transform, resample
+from appliance.pipeline.results_source import (
+    copy_source_attributes,
+    highdicom_header,
+    patient_orientation,
+    series_laterality,
+)
 from engines.manifest import Preprocessing
 
 MANUFACTURER = "clinic-appliance"
@@ -391,11 +397,16 @@ def build_sc(
     max_size: int = 1024,
     factor: int = 1,
 ) -> hd.sc.SCImage:
-    """The Secondary Capture Image (PS3.3 A.8.1) showing ``img``'s findings on ``src`` (see :func:`render`).
+    """The Secondary Capture Image (PS3.3 A.8.1) showing ``img``'s findings on ``src`` (see :func:`render`),
+    in a new series of its study.
 
     One SC series per laterality (General Series Laterality, PS3.3 C.7.3.1, is a series attribute): the
     left and right views of a mammogram go to two series, never mixed; images without laterality share
-    the study's one SC series.
+    the study's one SC series. Patient and study attributes and the Specific Character Set are the
+    source's, exactly (:func:`appliance.pipeline.results_source.copy_source_attributes`); Patient
+    Orientation is the source's (zero length where it has none: Type 2, PS3.3 C.7.6.1); General Series
+    Laterality (Type 2C) is the image's side, absent for an unpaired body part, zero length where the side
+    is not known.
     """
     spacing = pixel_spacing(src)
     pixels = render(img, display, spacing, result, max_size, factor, image_caption(img, src))
@@ -404,7 +415,7 @@ def build_sc(
         # square output pixels covering the same physical extent as the source image
         sc_spacing = (int(src.Rows) * spacing[0] / pixels.shape[0], int(src.Columns) * spacing[1] / pixels.shape[1])
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=src,
+        ref_dataset=highdicom_header(src),
         pixel_array=pixels,
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -423,10 +434,12 @@ def build_sc(
         instance_number=index + 1,
         manufacturer=MANUFACTURER,
         pixel_spacing=sc_spacing,
-        laterality=img.laterality,
-        patient_orientation=tuple(src.PatientOrientation) if len(src.get("PatientOrientation", [])) == 2 else ("", ""),
+        # highdicom requires an orientation and accepts only single letters: replaced below by the source's
+        patient_orientation=("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
+        specific_character_set=None,
     )
+    set_sc_source_attributes(sc, src, img.laterality)
     banner = "" if result.clinical_use else " NOT FOR CLINICAL USE"
     side = f" {img.laterality}" if img.laterality else ""
     sc.SeriesDescription = f"AI overlay{side} {result.bundle_id} {result.bundle_version}{banner}"[:64]
@@ -437,3 +450,21 @@ def build_sc(
     ref.ReferencedSOPInstanceUID = src.SOPInstanceUID
     sc.SourceImageSequence = [ref]
     return sc
+
+
+def set_sc_source_attributes(sc: hd.sc.SCImage, src: Dataset, laterality: str | None) -> None:
+    """What an SC takes from its source image (PS3.3 A.8.1): the Patient and study modules and Specific
+    Character Set exactly (PS3.3 C.7.1.1, C.7.2.1, C.12.1.1.2), Patient Orientation (C.7.6.1.1.1; the SC's
+    pixels are the source's, resampled, neither rotated nor flipped) with Anatomical Orientation Type, Body
+    Part Examined, and General Series Laterality (C.7.3.1, Type 2C;
+    :func:`~appliance.pipeline.results_source.series_laterality`)."""
+    copy_source_attributes(sc, src)
+    sc.PatientOrientation = patient_orientation(src)
+    if "AnatomicalOrientationType" in src:
+        sc.AnatomicalOrientationType = src.AnatomicalOrientationType
+    body_part = src.get("BodyPartExamined")
+    if body_part:
+        sc.BodyPartExamined = body_part
+    side = series_laterality(body_part, laterality)
+    if side is not None:
+        sc.Laterality = side

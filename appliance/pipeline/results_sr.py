@@ -25,6 +25,7 @@ from appliance import __version__
 from appliance.core.compat import attach_sr_content
 from appliance.pipeline import uids
 from appliance.pipeline.postprocess import ImageResult, StudyResult
+from appliance.pipeline.results_source import copy_source_attributes, highdicom_header
 
 MANUFACTURER = "clinic-appliance"
 SCHEME = "99CLINICAI"  # private coding scheme for what has no standard code
@@ -231,6 +232,11 @@ def build_sr(
     compares both paths), evidence still from ``sources`` (the Current Requested Procedure Evidence lists
     every evidence instance whether or not the tree references it), reference check done here.
     ``full_copy=True`` takes highdicom's own path.
+
+    Patient and study attributes and the Specific Character Set are the first source's, exactly (PS3.3
+    C.7.1.1, C.7.2.1, C.12.1.1.2; :func:`appliance.pipeline.results_source.copy_source_attributes`):
+    highdicom is given only the sources' UIDs and equipment
+    (:func:`~appliance.pipeline.results_source.highdicom_header`).
     """
     report = build_report(result, sources, title)
     root = report[0]
@@ -249,7 +255,7 @@ def build_sr(
     source_uids = [img.sop_instance_uid for img in result.images]
     banner = "" if result.clinical_use else " NOT FOR CLINICAL USE"
     sr = hd.sr.Comprehensive3DSR(
-        evidence=sources,
+        evidence=[highdicom_header(s) for s in sources],
         content=content,
         series_instance_uid=uids.sr_series_uid(result.study_instance_uid, result.bundle_id, result.bundle_version),
         series_number=SR_SERIES_NUMBER,
@@ -259,7 +265,9 @@ def build_sr(
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
+        specific_character_set=None,
     )
+    copy_source_attributes(sr, sources[0])
     if not full_copy:
         attach_sr_content(sr, root)  # the original tree, not a copy, as ``sr.ContentSequence`` and ``sr.content``
     sr.SeriesDescription = f"AI findings {result.bundle_id} {result.bundle_version}{banner}"[:64]
