@@ -47,7 +47,10 @@ def infer_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the findings as JSON"),
     bundle: str | None = typer.Option(None, "--bundle", help="bundle id (default: every matching active bundle)"),
 ) -> None:
-    """Run the pipeline offline on files or folders: findings table (or JSON), SR/SC to --out."""
+    """Run the pipeline offline on files or folders: findings table (or JSON), SR/SC to --out.
+
+    Exit 0 when every file was analysed (or routed to no model), 1 when a file, study or result object failed
+    (each reported, the rest still done) or nothing was found, 2 for a path that does not exist."""
     from appliance.app.infer_offline import run_offline
 
     settings = settings_from(ctx)
@@ -62,7 +65,7 @@ def infer_cmd(
         from appliance.app.infer_offline import format_table
 
         typer.echo(format_table(report))
-    raise typer.Exit(0 if report["studies"] else 1)
+    raise typer.Exit(0 if report["studies"] and not report["errors"] else 1)
 
 
 def register(app: typer.Typer) -> None:
