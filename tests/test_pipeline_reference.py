@@ -59,7 +59,13 @@ def _results(pacs: Orthanc, study_uid: str, n_images: int) -> tuple[pydicom.Data
     sr_tags = next(t for t in tags if t["Modality"] == "SR")
     sr = pydicom.dcmread(io.BytesIO(pacs.instance_file(sr_tags["_id"])))
     scs = [t for t in tags if t["Modality"] == "OT"]
-    assert len({t["SeriesInstanceUID"] for t in scs}) == 1 and scs[0]["SeriesInstanceUID"] != sr.SeriesInstanceUID
+    # one SC series per laterality (a mammogram's L and R views never share one), none of them the SR's
+    by_series: dict[str, set[str]] = {}
+    for t in scs:
+        by_series.setdefault(t["SeriesInstanceUID"], set()).add(t.get("Laterality") or "")
+    assert all(len(sides) == 1 for sides in by_series.values()), by_series
+    assert len(by_series) == len({side for sides in by_series.values() for side in sides})
+    assert sr.SeriesInstanceUID not in by_series
     return sr, scs
 
 
