@@ -206,6 +206,32 @@ def test_coded_view_wins_over_a_contradicting_view_position(refs: dict[str, Mani
     assert image_matches(refs["mmg-phantom"], mg(view=None, position="MLO"))  # no code: View Position
 
 
+def test_a_coded_view_this_build_cannot_name_is_never_taken_for_the_stale_view_position(
+    refs: dict[str, Manifest],
+) -> None:
+    """An oblique chest or a breast specimen radiograph coded in View Code Sequence, with a left-over View
+    Position of PA / CC: no bundle that states its views by name may take it (it would analyse the wrong
+    view); the reason names the code. Likewise a coded anatomy overrides Body Part Examined."""
+    lao = dx(view=("399135007", "SCT", "left anterior oblique"), region=None, position="PA")
+    why = refusal(refs["cxr-phantom"], lao)
+    assert why is not None and "SCT 399135007" in why and "PA, AP" in why, why
+    specimen = mg(view=("127457009", "SCT", "tissue specimen from breast"), position="CC")
+    why = refusal(refs["mmg-phantom"], specimen)
+    assert why is not None and "SCT 127457009" in why, why
+    knee = mg(region=("72696002", "SCT", "Knee"), body_part="BREAST")
+    assert refusal(refs["mmg-phantom"], knee) is not None
+
+
+def test_text_where_a_code_sequence_belongs_counts_as_absent(refs: dict[str, Manifest]) -> None:
+    """A broken or hostile file with a string in View Code Sequence or View Modifier Code Sequence: never a
+    crash; the image is routed by what else it states."""
+    ds = mg(view=None, position="CC")
+    ds.add_new(0x00540220, "LO", "CC")  # View Code Sequence holding text
+    ds.add_new(0x00540222, "LO", "SPOT")  # View Modifier Code Sequence holding text
+    assert view_of(ds).code is None and view_of(ds).term == "CC"
+    assert image_matches(refs["mmg-phantom"], ds)
+
+
 def test_image_without_any_view_is_refused_with_the_reason(refs: dict[str, Manifest]) -> None:
     why = refusal(refs["mmg-phantom"], mg(view=None))
     assert why == "view unknown (no View Code Sequence, no View Position) not in CC, MLO"

@@ -20,10 +20,12 @@ concept. Comparison is pydicom's :class:`~pydicom.sr.coding.Code` equality, whic
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
@@ -128,17 +130,22 @@ class Region:
 
 
 def code_text(code: Code) -> str:
-    """``SCT 399162004 "cranio-caudal"``: a code for a reason or a log line."""
+    """``SCT 399162004 "cranio-caudal"``: a code for a reason or a log line (each part bounded in length)."""
     meaning = code.meaning.strip()[:64]
-    return f"{code.scheme_designator} {code.value}" + (f' "{meaning}"' if meaning else "")
+    text = f"{code.scheme_designator[:16]} {code.value.strip()[:64]}"
+    return text + (f' "{meaning}"' if meaning else "")
 
 
 def code_of(item: Any) -> Code | None:
     """The concept of one Code Sequence item (PS3.3 Table 8.8-1: Code Value, else Long Code Value or URN Code
-    Value; Coding Scheme Designator), or None when the item states none."""
+    Value; Coding Scheme Designator), or None when the item states none (or is not a sequence item at all: a
+    hostile or broken file may put text where a sequence belongs)."""
+    if not isinstance(item, Dataset):
+        return None
     value = ""
     for keyword in ("CodeValue", "LongCodeValue", "URNCodeValue"):
-        value = str(item.get(keyword, "") or "").strip()
+        raw = item.get(keyword, "") or ""
+        value = str(raw[0] if isinstance(raw, MultiValue) and len(raw) else raw).strip()
         if value:
             break
     scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
@@ -148,16 +155,27 @@ def code_of(item: Any) -> Code | None:
 
 
 def _first_code(ds: Any, keyword: str) -> tuple[Code | None, Any]:
-    """The first item of a Code Sequence that carries a concept, and the item itself."""
-    for item in ds.get(keyword, None) or ():
+    """The first item of a Code Sequence that carries a concept, and the item itself (a value that is not a
+    sequence counts as absent)."""
+    for item in _items(ds.get(keyword, None)):
         code = code_of(item)
         if code is not None:
             return code, item
     return None, None
 
 
-def _codes(items: Iterable[Any]) -> list[Code]:
-    return [c for c in (code_of(i) for i in items) if c is not None]
+def _items(value: Any) -> list[Any]:
+    """The items of a sequence value; [] for anything else (absent, text, a number)."""
+    return list(value) if isinstance(value, (Sequence, list, tuple)) else []
+
+
+def _datasets(value: Any) -> list[Dataset]:
+    """The items of a sequence value that are data sets."""
+    return [item for item in _items(value) if isinstance(item, Dataset)]
+
+
+def _codes(items: Any) -> list[Code]:
+    return [c for c in (code_of(i) for i in _items(items)) if c is not None]
 
 
 def _term(ds: Any, keyword: str) -> str | None:
@@ -174,11 +192,13 @@ def view_of(ds: Any) -> View:
     """The image's view as PS3.3 C.8.11.7 / C.8.11.5 state it: View Code Sequence first, View Position as the
     fall-back; with the View Modifier Code Sequence concepts (nested in the view's item, or top level)."""
     code, item = _first_code(ds, "ViewCodeSequence")
-    modifiers = _codes(item.get("ViewModifierCodeSequence", None) or ()) if item is not None else []
-    modifiers += [m for m in _codes(ds.get("ViewModifierCodeSequence", None) or ()) if m not in modifiers]
+    modifiers = _codes(item.get("ViewModifierCodeSequence", None)) if item is not None else []
+    modifiers += [m for m in _codes(ds.get("ViewModifierCodeSequence", None)) if m not in modifiers]
     position = _term(ds, "ViewPosition")
     if code is not None:
-        return View(code, term_of(code, VIEW_TERMS) or position, tuple(modifiers), "View Code Sequence")
+        # the code overrides View Position: a view this build does not know by name (an oblique, a specimen)
+        # has no name, so no bundle stating views by name takes it, rather than it passing for the old position
+        return View(code, term_of(code, VIEW_TERMS), tuple(modifiers), "View Code Sequence")
     return View(None, position, tuple(modifiers), "View Position" if position else "")
 
 
@@ -186,23 +206,23 @@ def region_of(ds: Any) -> Region:
     """The image's anatomy: Anatomic Region Sequence (PS3.3 C.8.11.2) first, Body Part Examined the fall-back."""
     code, _ = _first_code(ds, "AnatomicRegionSequence")
     body_part = _term(ds, "BodyPartExamined")
-    if code is not None:
-        return Region(code, term_of(code, BODY_PART_TERMS) or body_part)
+    if code is not None:  # the code overrides Body Part Examined, as the view's does View Position
+        return Region(code, term_of(code, BODY_PART_TERMS))
     return Region(None, body_part)
 
 
 def _frame_side(ds: Any) -> Side | None:
     """Frame Laterality (0020,9072) of the Frame Anatomy Sequence (PS3.3 C.7.6.16.2.8): the shared functional
     group's, else the per-frame groups' when every frame states the same side."""
-    for group in ds.get("SharedFunctionalGroupsSequence", None) or ():
-        for anatomy in group.get("FrameAnatomySequence", None) or ():
+    for group in _datasets(ds.get("SharedFunctionalGroupsSequence", None)):
+        for anatomy in _datasets(group.get("FrameAnatomySequence", None)):
             side = _SIDES.get(str(anatomy.get("FrameLaterality", "") or "").strip().upper())
             if side:
                 return side
     sides = set()
-    for group in ds.get("PerFrameFunctionalGroupsSequence", None) or ():
-        anatomy = group.get("FrameAnatomySequence", None) or ()
-        sides.add(_SIDES.get(str(anatomy[0].get("FrameLaterality", "") or "").strip().upper()) if anatomy else None)
+    for group in _datasets(ds.get("PerFrameFunctionalGroupsSequence", None)):
+        frame = _datasets(group.get("FrameAnatomySequence", None))
+        sides.add(_SIDES.get(str(frame[0].get("FrameLaterality", "") or "").strip().upper()) if frame else None)
     return sides.pop() if len(sides) == 1 else None
 
 
@@ -215,7 +235,7 @@ def laterality_of(ds: Any) -> Side | None:
     if side:
         return side
     _, region = _first_code(ds, "AnatomicRegionSequence")
-    for modifier in _codes(region.get("AnatomicRegionModifierSequence", None) or ()) if region is not None else ():
+    for modifier in _codes(region.get("AnatomicRegionModifierSequence", None)) if region is not None else ():
         for known, s in _SIDE_CODES:
             if modifier == known:
                 return s
