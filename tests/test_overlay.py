@@ -369,3 +369,30 @@ def test_reference_models_on_phantoms_label_every_positive_finding(tmp_path: Pat
                 assert [t[2] for t in _procedure(ds)] == [dss[0].StudyDescription]
         assert all(len(s) == 1 for s in sides.values()), sides
     assert positives >= 3  # the nodule, the effusion, the left mass (on at least one view)
+
+
+@pytest.mark.parametrize("rows, cols", [(16, 16), (17, 300), (64, 4000)])
+def test_a_tiny_or_skinny_image_gets_a_canvas_with_room_for_legible_text(
+    tmp_path: Path, engine: TinyEngine, rows: int, cols: int
+) -> None:
+    """An image that passed ``min_image_size`` but is too short or narrow for the banner, labels and summary
+    (16x16, 17x300, a 4000x64 strip reduced to 1024x16) still gets its SC: the image at the top left of a
+    black canvas at least MIN_CANVAS on each side, every text box legible and inside the canvas, and the SC's
+    Pixel Spacing that of the image (the margin has the same pixel size)."""
+    from appliance.pipeline.results_sc import MIN_CANVAS
+
+    a, ds, _ = _chest(tmp_path, engine)
+    img = a.result.images[0]
+    display = np.linspace(0.0, 1.0, rows * cols, dtype=np.float32).reshape(rows, cols)
+    px, boxes = render_overlay(img, display, (0.2, 0.2), a.result, 1024, 1, "PA")
+    assert px.shape[0] >= MIN_CANVAS and px.shape[1] >= MIN_CANVAS
+    for box in boxes:
+        assert _inside(box.box, px.shape) and box.box[3] > box.box[1], box
+        _assert_legible(px, box)
+    small = ds.copy()
+    small.Rows, small.Columns = rows, cols
+    small.PixelSpacing = [0.2, 0.2]
+    sc = build_sc(img, small, display, a.result, 0, 1024, 1)
+    assert (sc.Rows, sc.Columns) == px.shape[:2]
+    content_cols = min(cols, 1024)
+    assert float(sc.PixelSpacing[1]) == pytest.approx(cols * 0.2 / content_cols)

@@ -16,6 +16,7 @@ Text is drawn with the scalable font embedded in Pillow >= 10.1 (Aileron Regular
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -27,7 +28,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.pipeline import uids
 from appliance.pipeline.postprocess import Finding, ImageResult, StudyResult
-from appliance.pipeline.preprocess import pixel_spacing, plan_transform, resample
+from appliance.pipeline.preprocess import Transform, pixel_spacing, plan_transform, resample
 from appliance.pipeline.results_source import (
     copy_source_attributes,
     highdicom_header,
@@ -323,6 +324,21 @@ def _draw_marker(draw: ImageDraw.ImageDraw, m: Marker, h: int) -> None:
         draw.line([(x, y - d), (x, y + d)], fill=colour, width=width)
 
 
+MIN_IMAGE_ROOM = 160  # px: an SC image shorter or narrower than this has no room for its text ...
+MIN_CANVAS = 512  # ... so it is put on a black canvas at least this large (margin bottom / right)
+
+
+def sc_view_transform(display: np.ndarray, spacing: Any, max_size: int, factor: int = 1) -> Transform:
+    """Display image -> SC pixels: square pixels, long side <= ``max_size`` (identity when it already fits).
+    ``content_shape`` is the image's size in the SC; a small one sits in a larger canvas (:data:`MIN_CANVAS`)."""
+    if spacing is not None and factor != 1:
+        spacing = (spacing[0] * factor, spacing[1] * factor)
+    view_tf = plan_transform(display.shape, spacing, Preprocessing(target_size=(max_size, max_size)))
+    if max(display.shape) <= max_size and (spacing is None or spacing[0] == spacing[1]):
+        view_tf = plan_transform(display.shape, None, Preprocessing(target_size=display.shape, keep_aspect=False))
+    return view_tf
+
+
 def render(
     img: ImageResult,
     display: np.ndarray,
@@ -351,15 +367,16 @@ def render_overlay(
     says ``BurnedInAnnotation = YES``.
 
     ``display`` may be a reduced-resolution decode: display pixel d is centred on original pixel d * factor.
+    An image shorter or narrower than :data:`MIN_IMAGE_ROOM` SC pixels keeps its place at the top left of a
+    black canvas at least :data:`MIN_CANVAS` on each side, so the banner, caption, labels and summary have
+    room and never cover it all.
     """
-    if spacing is not None and factor != 1:
-        spacing = (spacing[0] * factor, spacing[1] * factor)
-    view_tf = plan_transform(display.shape, spacing, Preprocessing(target_size=(max_size, max_size)))
-    if max(display.shape) <= max_size and (spacing is None or spacing[0] == spacing[1]):
-        view_tf = plan_transform(display.shape, None, Preprocessing(target_size=display.shape, keep_aspect=False))
-
-    gray = resample(display, view_tf)
-    h, w = gray.shape
+    view_tf = sc_view_transform(display, spacing, max_size, factor)
+    content = resample(display, view_tf)
+    h, w = content.shape
+    room = MIN_CANVAS if min(h, w) < MIN_IMAGE_ROOM else 0
+    gray = np.zeros((max(h, room), max(w, room)), dtype=content.dtype)
+    gray[:h, :w] = content
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
 
     positives = [f for f in img.findings if f.positive and f.label in img.heatmaps]
@@ -376,14 +393,14 @@ def render_overlay(
         lo, hi = float(hm.min()), float(hm.max())
         norm = np.clip((vals - lo) / max(hi - lo, 1e-6), 0, 1)
         alpha = OVERLAY_ALPHA * np.clip((norm - OVERLAY_FLOOR) / (1 - OVERLAY_FLOOR), 0, 1)[..., None]
-        rgb = rgb * (1 - alpha) + _colormap(norm) * alpha
+        rgb[:h, :w] = rgb[:h, :w] * (1 - alpha) + _colormap(norm) * alpha
 
     out = Image.fromarray(np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(out)
     marks = markers(img, view_tf.scale, factor)
     for m in marks:
         _draw_marker(draw, m, h)
-    boxes = layout((h, w), gray, img, result, marks, caption)
+    boxes = layout(gray.shape, gray, img, result, marks, caption)
     _draw_boxes(draw, boxes)
     return np.asarray(out), boxes
 
@@ -412,8 +429,10 @@ def build_sc(
     pixels = render(img, display, spacing, result, max_size, factor, image_caption(img, src))
     sc_spacing = None
     if spacing is not None:
-        # square output pixels covering the same physical extent as the source image
-        sc_spacing = (int(src.Rows) * spacing[0] / pixels.shape[0], int(src.Columns) * spacing[1] / pixels.shape[1])
+        # square output pixels covering the same physical extent as the source image (a margin added to a
+        # small image has the same pixel size)
+        ch, cw = sc_view_transform(display, spacing, max_size, factor).content_shape
+        sc_spacing = (int(src.Rows) * spacing[0] / ch, int(src.Columns) * spacing[1] / cw)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=highdicom_header(src),
         pixel_array=pixels,
@@ -433,7 +452,7 @@ def build_sc(
         ),
         instance_number=index + 1,
         manufacturer=MANUFACTURER,
-        pixel_spacing=sc_spacing,
+        pixel_spacing=sc_spacing,  # type: ignore[arg-type]  # highdicom hints int; PixelSpacing is DS (mm)
         # highdicom requires an orientation and accepts only single letters: replaced below by the source's
         patient_orientation=("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
