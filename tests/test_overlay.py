@@ -396,3 +396,17 @@ def test_a_tiny_or_skinny_image_gets_a_canvas_with_room_for_legible_text(
     assert (sc.Rows, sc.Columns) == px.shape[:2]
     content_cols = min(cols, 1024)
     assert float(sc.PixelSpacing[1]) == pytest.approx(cols * 0.2 / content_cols)
+
+
+@pytest.mark.parametrize(
+    ("description", "meaning"),
+    [
+        (["CHEST PA", "LAT"], "CHEST PA LAT"),  # multi-valued LO: one line, not a Python list
+        ("CHEST\tPA\x1b[31m\\X", "CHEST PA [31m X"),  # control characters and the value delimiter dropped
+    ],
+)
+def test_sr_procedure_title_is_one_clean_line(tmp_path: Path, engine: TinyEngine, description, meaning) -> None:
+    a, ds, _ = _chest(tmp_path, engine)
+    ds.StudyDescription = description
+    (concept,) = [c for c in procedure_reported([ds]) if c.scheme_designator == "99CLINICAI"]
+    assert concept.meaning == meaning

@@ -164,8 +164,17 @@ def test_result_character_set_rules() -> None:
 
 @pytest.mark.parametrize(
     ("orientation", "expected"),
-    [(["A", "FR"], ["A", "FR"]), (["L", "F"], ["L", "F"]), ("", []), (None, [])],
-    ids=["compound", "two-letters", "empty", "absent"],
+    [
+        (["A", "FR"], ["A", "FR"]),
+        (["L", "F"], ["L", "F"]),
+        (["LE", "CR"], ["LE", "CR"]),  # quadruped terms (PS3.3 C.7.6.1.1.1.1)
+        ("", []),
+        (None, []),
+        (["LEFT", "FEET"], []),  # not orientation letters: the SC would fail dciodvfy
+        (["XX", ""], []),
+        (["A"], []),  # one value
+    ],
+    ids=["compound", "two-letters", "quadruped", "empty", "absent", "words", "garbage", "one-value"],
 )
 def test_sc_patient_orientation_is_the_source_s(engine: TinyEngine, orientation: Any, expected: list[str]) -> None:
     """PS3.3 C.7.6.1.1.1: the SC shows the source's pixels neither rotated nor flipped, so its Patient

@@ -16,6 +16,7 @@ the modules afterwards through highdicom's own module tables.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import highdicom as hd
@@ -214,9 +215,15 @@ def copy_source_attributes(dst: hd.SOPClass, src: Dataset) -> None:
         dst.SpecificCharacterSet = charset
 
 
+# PS3.3 C.7.6.1.1.1: each value is letters of A P R L H F (biped), or of the quadruped terms (C.7.6.1.1.1.1)
+_ORIENTATION = re.compile(r"[APRLHF]{1,3}|(?:LE|RT|CR|CD|PR|DI|PA|PL|D|V|R|M|L){1,4}")
+
+
 def patient_orientation(src: Dataset) -> list[str]:
     """Patient Orientation (0020,0020) of an image that shows ``src``'s pixels resampled, neither rotated nor
     flipped: the source's two values exactly (PS3.3 C.7.6.1.1.1, e.g. ``A\\FR``); zero length where the source
-    has none or not two values (``[]``; Type 2 in the General Image module of the SC IOD, PS3.3 A.8.1)."""
-    values = _terms(src.get("PatientOrientation"))
-    return list(values) if len(values) == 2 else []
+    has none, not two values, or values that are not orientation letters (``[]``; Type 2 in the General
+    Image module of the SC IOD, PS3.3 A.8.1)."""
+    values = [v.strip().upper() for v in _terms(src.get("PatientOrientation"))]
+    valid = len(values) == 2 and all(_ORIENTATION.fullmatch(v) for v in values)
+    return values if valid else []

@@ -19,6 +19,7 @@ import highdicom as hd
 import numpy as np
 from highdicom.sr import CodedConcept
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from appliance import __version__
@@ -63,7 +64,12 @@ def _codes(items) -> list[CodedConcept]:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    return " ".join(str(ds.get(keyword, "") or "").split())
+    """A text attribute as one line for a Code Meaning (LO, VM 1): values of a multi-valued element joined
+    with spaces; control characters and backslashes (the value delimiter) dropped; white space folded."""
+    value = ds.get(keyword, "") or ""
+    joined = " ".join(str(v) for v in value) if isinstance(value, (MultiValue, list, tuple)) else str(value)
+    cleaned = "".join(ch if ch.isprintable() and ch != "\\" else " " for ch in joined)
+    return " ".join(cleaned.split())
 
 
 def procedure_reported(sources: list[Dataset]) -> list[CodedConcept]:
