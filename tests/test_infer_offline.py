@@ -34,3 +34,15 @@ def test_offline_inference_writes_results_and_reports(tmp_path: Path) -> None:
     assert report["errors"] and "notes.txt" in report["errors"][0]["path"]
     table = format_table(report)
     assert "POSITIVE" in table and "nodule" in table and "NOT FOR CLINICAL USE" in table
+
+
+def test_broken_links_are_reported_and_an_empty_folder_says_so(tmp_path: Path) -> None:
+    from appliance.app.infer_offline import collect
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "gone.dcm").symlink_to(tmp_path / "missing.dcm")
+    assert collect([folder]) == [folder / "gone.dcm"]  # kept, so that reading it reports it
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert collect([empty]) == []

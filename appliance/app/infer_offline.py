@@ -44,11 +44,14 @@ POOL_THREADS = 4  # image preparation and result building overlap (decoders, num
 
 
 def collect(paths: list[Path]) -> list[Path]:
+    """Every file named or under a folder named, sorted per folder; entries that are neither a file nor a
+    folder (a broken link, a socket) are kept, so that reading them reports them. Raises FileNotFoundError
+    for a path that does not exist."""
     files: list[Path] = []
     for p in paths:
         if not p.exists():
             raise FileNotFoundError(f"{p}: no such file or folder")
-        files.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+        files.extend(sorted(f for f in p.rglob("*") if not f.is_dir()) if p.is_dir() else [p])
     return files
 
 

@@ -59,6 +59,8 @@ def infer_cmd(
     except FileNotFoundError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if not report["studies"] and not report["errors"]:
+        typer.echo(f"no files found in {', '.join(map(str, paths))}", err=True)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
