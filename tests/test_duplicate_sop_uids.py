@@ -38,7 +38,7 @@ from appliance.pipeline.results import complete_evidence
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
 from engines.reference.phantoms import chest_phantom
 from testsupport.common import wait_until
-from testsupport.daemon import appliance_cli, running_daemon
+from testsupport.daemon import appliance_cli, reference_pipeline_to_pacs, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
 from testsupport.pipeline import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
@@ -360,13 +360,7 @@ def test_field_case_through_the_daemon_reaches_the_pacs_as_two_overlays(
     """storescu -> daemon (reference bundles) -> Orthanc: an SR and two SCs with distinct UIDs in the study, the
     nodule on the series-1 image, the conflict in the study detail and a warning in the log without patient data."""
     files, series, sop = _case(tmp_path)
-    cfg = (
-        '[engines]\nbackend = "ort"\n'
-        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
-        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\n'
-        f"port = {orthanc.dicom_port}\n"
-    )
-    env = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
+    cfg, env = reference_pipeline_to_pacs(orthanc.dicom_port, AET)
     study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     with running_daemon(home, config_toml=cfg, env=env) as d:
         sent = storescu(d.port, files)

@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from testsupport.common import wait_until
-from testsupport.daemon import running_daemon
+from testsupport.daemon import reference_pipeline_to_pacs, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
 from testsupport.reference import write_case
@@ -46,13 +46,7 @@ def test_grayscale_cases_through_the_daemon_reach_the_pacs_with_the_right_findin
     ds.save_as(control, enforce_file_format=True)
     uids = {p: str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in (voi, inverse, control)}
     assert len(set(uids.values())) == 3  # three studies
-    cfg = (
-        '[engines]\nbackend = "ort"\n'
-        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
-        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\n'
-        f"port = {orthanc.dicom_port}\n"
-    )
-    env = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
+    cfg, env = reference_pipeline_to_pacs(orthanc.dicom_port, AET)
     with running_daemon(home, config_toml=cfg, env=env) as d:
         for path in (voi, inverse, control):
             sent = storescu(d.port, [str(path)])

@@ -32,7 +32,7 @@ from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_source import UNPAIRED_BODY_PARTS, series_laterality
 from engines.reference.phantoms import PatientInfo, chest_phantom, chest_study, mammo_study, to_dicom, write_dicom
 from testsupport.common import ROOT, wait_until
-from testsupport.daemon import daemon_env, running_daemon
+from testsupport.daemon import daemon_env, reference_pipeline_to_pacs, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
 from testsupport.pipeline import TinyEngine, make_dataset, synthetic_image, tiny_manifest
@@ -192,13 +192,7 @@ def test_cases_through_the_daemon_to_orthanc(home: Path, tmp_path: Path, orthanc
         *(family_member(n, tmp_path / "in" / f"{n}.dcm") for n in FAMILY),
     ]
     sources = [pydicom.dcmread(p) for p in inputs]
-    config = (
-        '[engines]\nbackend = "ort"\n'
-        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
-        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\n'
-        f"port = {orthanc.dicom_port}\n"
-    )
-    env = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
+    config, env = reference_pipeline_to_pacs(orthanc.dicom_port, AET)
     with running_daemon(home, config_toml=config, env=env) as d:
         sent = storescu(d.port, [str(p) for p in inputs])
         assert sent.stdout.count("Received Store Response (Success)") == len(inputs), sent.stdout

@@ -40,7 +40,7 @@ from engines.keys import TrustStore, read_public_key_file
 from engines.manifest import Manifest, canonical_bytes
 from engines.reference.phantoms import to_dicom
 from testsupport.common import PYTHON, ROOT, wait_until
-from testsupport.daemon import running_daemon
+from testsupport.daemon import reference_pipeline_to_pacs, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
 from testsupport.pipeline import TinyEngine
@@ -410,13 +410,7 @@ def test_case_through_the_daemon_is_analysed_and_a_no_model_study_says_why(
     odd_path = tmp_path / "odd" / "xccl.dcm"
     odd_path.parent.mkdir()
     odd.save_as(odd_path, enforce_file_format=True)
-    cfg = (
-        '[engines]\nbackend = "ort"\n'
-        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
-        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\n'
-        f"port = {orthanc.dicom_port}\n"
-    )
-    env = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
+    cfg, env = reference_pipeline_to_pacs(orthanc.dicom_port, AET)
     with running_daemon(home, config_toml=cfg, env=env) as d:
         for files in (case, [str(odd_path)]):
             sent = storescu(d.port, files)

@@ -193,3 +193,15 @@ def running_daemon(home: Path, **kwargs: Any) -> Iterator[Daemon]:
         if d.alive():
             with suppress(AssertionError):
                 d.stop(timeout=15)
+
+
+def reference_pipeline_to_pacs(pacs_port: int, pacs_ae: str) -> tuple[str, dict[str, str]]:
+    """(config TOML, environment) for a daemon that analyses with the shipped reference bundles on ONNX
+    Runtime and sends its results to one PACS (``pacs_ae`` at 127.0.0.1:``pacs_port``), retrying quickly."""
+    config = (
+        '[engines]\nbackend = "ort"\n'
+        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
+        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{pacs_ae}"\nhost = "127.0.0.1"\n'
+        f"port = {pacs_port}\n"
+    )
+    return config, {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
