@@ -67,6 +67,7 @@ def test_demo_stopped_by_a_signal_stops_its_daemon(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     status = home / "run" / "status.json"
+    pid = 0
     try:
         doc = wait_until(lambda: json.loads(status.read_text()) if status.is_file() else None, 60, "daemon up")
         pid = int(doc["pid"])
@@ -76,6 +77,8 @@ def test_demo_stopped_by_a_signal_stops_its_daemon(tmp_path: Path) -> None:
     finally:
         if demo.poll() is None:
             demo.kill()
+        if pid and _alive(pid):  # the test failed: leave no daemon behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_demo_on_a_home_with_a_running_appliance_refuses_and_leaves_it_alone(tmp_path: Path) -> None:
