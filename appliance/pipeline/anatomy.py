@@ -114,8 +114,9 @@ class View:
 
 @dataclass(frozen=True)
 class Region:
-    """An image's anatomy: ``code`` from Anatomic Region Sequence, ``term`` its Body Part Examined term (from
-    the code when it is one of :data:`BODY_PART_TERMS`, else the image's Body Part Examined)."""
+    """An image's anatomy: ``code`` from Anatomic Region Sequence, ``term`` its Body Part Examined term: the
+    code's when it is one of :data:`BODY_PART_TERMS` (None for a code this build cannot name: the code
+    overrides Body Part Examined), else the image's Body Part Examined."""
 
     code: Code | None
     term: str | None
@@ -178,9 +179,17 @@ def _codes(items: Any) -> list[Code]:
     return [c for c in (code_of(i) for i in _items(items)) if c is not None]
 
 
+def defined_term(value: Any) -> str:
+    """A Code String attribute's value as a defined term: the first value of a multi-valued element, stripped
+    of padding, upper case; "" when absent or empty. The one reader of CS terms (modality, body part, view
+    position, laterality, VOI LUT function, presentation LUT shape) in the pipeline."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0] if len(value) else ""
+    return str(value or "").strip().upper()
+
+
 def _term(ds: Any, keyword: str) -> str | None:
-    v = str(ds.get(keyword, "") or "").strip().upper()
-    return v or None
+    return defined_term(ds.get(keyword, "")) or None
 
 
 def term_of(code: Code, table: dict[str, tuple[Code, ...]]) -> str | None:
@@ -216,13 +225,13 @@ def _frame_side(ds: Any) -> Side | None:
     group's, else the per-frame groups' when every frame states the same side."""
     for group in _datasets(ds.get("SharedFunctionalGroupsSequence", None)):
         for anatomy in _datasets(group.get("FrameAnatomySequence", None)):
-            side = _SIDES.get(str(anatomy.get("FrameLaterality", "") or "").strip().upper())
+            side = _SIDES.get(defined_term(anatomy.get("FrameLaterality", "")))
             if side:
                 return side
     sides = set()
     for group in _datasets(ds.get("PerFrameFunctionalGroupsSequence", None)):
         frame = _datasets(group.get("FrameAnatomySequence", None))
-        sides.add(_SIDES.get(str(frame[0].get("FrameLaterality", "") or "").strip().upper()) if frame else None)
+        sides.add(_SIDES.get(defined_term(frame[0].get("FrameLaterality", ""))) if frame else None)
     return sides.pop() if len(sides) == 1 else None
 
 
@@ -230,8 +239,8 @@ def laterality_of(ds: Any) -> Side | None:
     """Which side the image shows ("L", "R", "B" both) or None when unknown ("U" unpaired included): Image
     Laterality (0020,0062), else the frame-level Frame Laterality (0020,9072), else the series Laterality
     (0020,0060), else a left/right/bilateral Anatomic Region Modifier (PS3.16 CID 244)."""
-    side = _SIDES.get(str(ds.get("ImageLaterality", "") or "").strip().upper()) or _frame_side(ds)
-    side = side or _SIDES.get(str(ds.get("Laterality", "") or "").strip().upper())
+    side = _SIDES.get(defined_term(ds.get("ImageLaterality", ""))) or _frame_side(ds)
+    side = side or _SIDES.get(defined_term(ds.get("Laterality", "")))
     if side:
         return side
     _, region = _first_code(ds, "AnatomicRegionSequence")

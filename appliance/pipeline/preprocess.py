@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian
 
+from appliance.pipeline.anatomy import defined_term
 from engines.manifest import Preprocessing
 
 MONO = ("MONOCHROME1", "MONOCHROME2")
@@ -266,16 +267,10 @@ def _header_window(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
         return None
     try:
         center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        function = _first_str(ds.get("VOILUTFunction", "LINEAR"))
+        function = defined_term(ds.get("VOILUTFunction", "LINEAR"))
         return window(values, center, width, function if function in VOI_FUNCTIONS else "LINEAR")
     except (TypeError, ValueError, IndexError):
         return None
-
-
-def _first_str(value: Any) -> str:
-    if isinstance(value, (MultiValue, list, tuple)):
-        value = value[0] if len(value) else ""
-    return str(value or "").strip().upper()
 
 
 def voi(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> np.ndarray:
@@ -316,7 +311,7 @@ def presentation_inverts(ds: Dataset) -> bool:
     Without it, MONOCHROME1 (C.7.6.3.1.2: minimum displayed white) inverts. This is what dcmtk renders
     (checked against ``dcm2pnm`` in the tests).
     """
-    shape = _first_str(ds.get("PresentationLUTShape", ""))
+    shape = defined_term(ds.get("PresentationLUTShape", ""))
     if shape in PRESENTATION_SHAPES:
         return shape == "INVERSE"
     return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"

@@ -339,19 +339,6 @@ def sc_view_transform(display: np.ndarray, spacing: Any, max_size: int, factor: 
     return view_tf
 
 
-def render(
-    img: ImageResult,
-    display: np.ndarray,
-    spacing,
-    result: StudyResult,
-    max_size: int,
-    factor: int = 1,
-    caption: str = "",
-) -> np.ndarray:
-    """(rows, cols, 3) uint8: the SC's pixels (:func:`render_overlay`)."""
-    return render_overlay(img, display, spacing, result, max_size, factor, caption)[0]
-
-
 def render_overlay(
     img: ImageResult,
     display: np.ndarray,
@@ -414,7 +401,7 @@ def build_sc(
     max_size: int = 1024,
     factor: int = 1,
 ) -> hd.sc.SCImage:
-    """The Secondary Capture Image (PS3.3 A.8.1) showing ``img``'s findings on ``src`` (see :func:`render`),
+    """The Secondary Capture Image (PS3.3 A.8.1) showing ``img``'s findings on ``src`` (see :func:`render_overlay`),
     in a new series of its study.
 
     One SC series per laterality (General Series Laterality, PS3.3 C.7.3.1, is a series attribute): the
@@ -426,7 +413,7 @@ def build_sc(
     is not known.
     """
     spacing = pixel_spacing(src)
-    pixels = render(img, display, spacing, result, max_size, factor, image_caption(img, src))
+    pixels, _ = render_overlay(img, display, spacing, result, max_size, factor, image_caption(img, src))
     sc_spacing = None
     if spacing is not None:
         # square output pixels covering the same physical extent as the source image (a margin added to a

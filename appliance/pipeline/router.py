@@ -23,6 +23,7 @@ from appliance.pipeline.anatomy import (
     BODY_PART_TERMS,
     VIEW_TERMS,
     code_text,
+    defined_term,
     laterality_of,
     region_of,
     term_of,
@@ -38,7 +39,7 @@ def _norm(values: list[str]) -> set[str]:
 
 
 def _tag(ds: Dataset, name: str) -> str:
-    return str(ds.get(name, "") or "").strip().upper()
+    return defined_term(ds.get(name, ""))
 
 
 def _code(ref: CodeRef) -> Code:
