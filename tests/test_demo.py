@@ -72,7 +72,8 @@ def test_demo_stopped_by_a_signal_stops_its_daemon(tmp_path: Path) -> None:
         doc = wait_until(lambda: json.loads(status.read_text()) if status.is_file() else None, 60, "daemon up")
         pid = int(doc["pid"])
         demo.send_signal(signal.SIGTERM)
-        assert demo.wait(60) == 128 + signal.SIGTERM
+        # 143 from the demo's own handler; -15 if the signal came as it was exiting (default action)
+        assert demo.wait(60) in (128 + signal.SIGTERM, -signal.SIGTERM)
         wait_until(lambda: not _alive(pid), 30, "the demo's daemon stopped")
     finally:
         if demo.poll() is None:

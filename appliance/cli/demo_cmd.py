@@ -63,8 +63,14 @@ def demo_cmd(
         raise typer.Exit(1)
     # stopped by a signal (a terminal closed, a service manager, kill): the finally below still stops the
     # daemon, which runs in its own session and would otherwise outlive the demo
+    signalled: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signalled.append(signum)
+        sys.exit(128 + signum)
+
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, lambda s, _frame: sys.exit(128 + s))
+        signal.signal(signum, on_signal)
     try:
         proc, status = demo.start_daemon(home, root.config)
     except RuntimeError as exc:
@@ -105,6 +111,12 @@ def demo_cmd(
             console.print(f"\nstill running (pid {proc.pid}); stop it with: kill {proc.pid}")
         else:
             demo.stop_daemon(proc)
+    # from here on a signal ends the process the default way (never an exit status of 0 after a signal, even
+    # one that lands while the interpreter shuts down and can no longer run a Python handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    if signalled:
+        raise typer.Exit(128 + signalled[0])
     console.print(f"\ndone in {time.monotonic() - t0:.1f} s. Logs: {home / 'demo-daemon.log'}")
     console.print(f"Try: appliance --home {home} infer {home / 'demo-input'}   |   appliance --home {home} status")
     raise typer.Exit(rc)
