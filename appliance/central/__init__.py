@@ -1,0 +1,1 @@
+"""The central team's side of model updates: the TUF repository, publishing to Blob Storage, rollouts."""

@@ -1,0 +1,1 @@
+"""The local web dashboard and JSON API (FastAPI + uvicorn), served by the daemon over HTTPS."""
