@@ -29,9 +29,11 @@ versions) and retention never purges it.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import ipaddress
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator, Mapping
@@ -140,6 +142,14 @@ class AuditFault:
 
 class AuditError(ValueError):
     """An entry that cannot be recorded (unknown event or outcome, empty actor, bad IP, non-JSON detail)."""
+
+
+def cli_actor() -> str:
+    """The actor of a command-line action: ``cli:<os user>`` (``cli:uid<N>`` when the user has no name)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (a bare container)
+        return f"cli:uid{os.getuid()}"
 
 
 def utc_timestamp(when: datetime | None = None) -> str:

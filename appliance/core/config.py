@@ -222,6 +222,17 @@ class ApiConfig(Section):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class AuditConfig(Section):
+    """The audit trail (appliance/core/audit.py): kept for the box's life (no PHI), never purged by retention."""
+
+    source_id: str | None = Field(
+        default=None, min_length=1, description="AuditSourceID in DICOM audit messages; None = the host name"
+    )
+    enterprise_site_id: str | None = Field(
+        default=None, min_length=1, description="AuditEnterpriseSiteID in DICOM audit messages (e.g. the clinic)"
+    )
+
+
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -241,6 +252,7 @@ class Settings(BaseSettings):
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @classmethod
