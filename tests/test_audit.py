@@ -20,7 +20,12 @@ import pytest
 from appliance.core import audit
 from appliance.core.audit import AuditError, AuditEvent, record_event
 from appliance.core.audit_dicom import EVENT_MAPPING, to_dicom_audit_message
+from appliance.core.config import load_settings
 from appliance.core.store import Store
+from appliance.lifecycle.studies import FAILED
+from appliance.retention.purge import purge_due
+from engines.keys import key_id, public_key_b64
+from testsupport.bundles import make_bundle, new_key
 from testsupport.common import PYTHON, ROOT
 from testsupport.daemon import daemon_env
 
@@ -437,3 +442,100 @@ def test_cli_list_and_export(home: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["audit-00000003.xml"]
     _check_message((out / "audit-00000003.xml").read_text(encoding="utf-8").strip())
     assert _cli(home, "audit", "export", "--format", "pdf").returncode == 2
+
+
+# -- events recorded by the real actions ----------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_model_install_activate_rollback_are_audited(home: Path, tmp_path: Path) -> None:
+    key = new_key()
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(
+        '[engines]\nbackend = "ort"\ntrust_demo_key = false\ninstall_reference_bundles = false\n'
+        f'[engines.trusted_keys]\n"{key_id(key)}" = "{public_key_b64(key)}"\n'
+    )
+    old = make_bundle(tmp_path, key, version="1.0.0")
+    new = make_bundle(tmp_path, key, version="1.1.0")
+    for args in (["install", str(old)], ["install", str(new)]):
+        r = _cli(home, "model", *args, cfg=cfg)
+        assert r.returncode == 0, r.stderr
+    r = _cli(home, "model", "install", str(old), cfg=cfg)  # a downgrade without --force: refused
+    assert r.returncode == 1 and "reason: downgrade" in r.stderr
+    r = _cli(home, "model", "rollback", "tiny", cfg=cfg)
+    assert r.returncode == 0, r.stderr
+    r = _cli(home, "model", "rollback", "nosuch", cfg=cfg)
+    assert r.returncode == 1
+    r = _cli(home, "model", "activate", "tiny", "1.1.0", cfg=cfg)
+    assert r.returncode == 0, r.stderr
+
+    s = Store(home / "state.db")
+    trail = [(e.event, e.outcome, e.subject) for e in audit.query(s, newest_first=False)]
+    assert trail == [
+        ("model_installed", "success", "tiny@1.0.0"),
+        ("model_installed", "success", "tiny@1.1.0"),
+        ("model_installed", "failure", "tiny-1.0.0.bundle"),
+        ("model_rolled_back", "success", "tiny@1.0.0"),
+        ("model_rolled_back", "failure", "nosuch"),
+        ("model_activated", "success", "tiny@1.1.0"),
+    ]
+    entries = audit.query(s, newest_first=False)
+    assert {e.actor for e in entries} == {audit.cli_actor()}
+    assert entries[2].detail == {"reason": "downgrade"}
+    assert entries[4].detail == {"reason": "no_previous"}
+    assert audit.verify(s) == []
+
+
+def _settled_study(store: Store, spool: Path, uid: str, updated_at: float) -> Path:
+    """A study revision that failed long ago with one received file: due for purge."""
+    f = spool / uid / "1.dcm"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"\0" * 132 + b"DICM")
+    with store.transaction() as c:
+        sid = c.execute(
+            "INSERT INTO studies(study_uid, state, created_at, updated_at, last_instance_at) VALUES (?,?,?,?,?)",
+            (uid, FAILED, updated_at, updated_at, updated_at),
+        ).lastrowid
+        c.execute(
+            "INSERT INTO instances(study_id, study_uid, sop_instance_uid, sop_class_uid, transfer_syntax, path, size,"
+            " sha256, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                sid,
+                uid,
+                uid + ".1",
+                "1.2.840.10008.5.1.4.1.1.7",
+                "1.2.840.10008.1.2.1",
+                f"{uid}/1.dcm",
+                136,
+                "0" * 64,
+                updated_at,
+            ),
+        )
+    return f
+
+
+@pytest.mark.integration
+def test_purge_pass_is_one_audit_entry_with_counts(home: Path) -> None:
+    s = Store(home / "state.db")
+    old = time.time() - 30 * 86400
+    files = [_settled_study(s, home / "spool", f"2.25.{i}", old) for i in (1, 2)]
+    s.close()
+    r = _cli(home, "purge")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout.strip().splitlines()[-1])["purged"]) == 2
+    assert not any(f.exists() for f in files)
+    r = _cli(home, "purge")  # nothing due: no entry
+    assert r.returncode == 0, r.stderr
+
+    s = Store(home / "state.db")
+    (entry,) = audit.query(s)
+    assert (entry.event, entry.actor, entry.outcome, entry.subject) == ("purge", audit.cli_actor(), "success", None)
+    assert entry.detail == {"studies": 2, "failed": 0, "instance_files": 2, "result_files": 0, "retention_days": 7.0}
+
+    # the daemon's pass (RetentionService) records as "system"
+    _settled_study(s, home / "spool", "2.25.3", old)
+    assert purge_due(load_settings(overrides={"state_dir": home}), s) == [3]
+    assert [(e.actor, e.detail["studies"]) for e in audit.query(s, event=AuditEvent.PURGE)] == [
+        ("system", 1),
+        (audit.cli_actor(), 2),
+    ]
