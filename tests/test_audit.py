@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sqlite3
+import ssl
 import subprocess
 import threading
 import time
@@ -20,14 +22,18 @@ import pytest
 from appliance.core import audit
 from appliance.core.audit import AuditError, AuditEvent, record_event
 from appliance.core.audit_dicom import EVENT_MAPPING, to_dicom_audit_message
-from appliance.core.config import load_settings
+from appliance.core.audit_syslog import AuditForwarder
+from appliance.core.config import AuditConfig, Settings, load_settings
 from appliance.core.store import Store
 from appliance.lifecycle.studies import FAILED
 from appliance.retention.purge import purge_due
 from engines.keys import key_id, public_key_b64
 from testsupport.bundles import make_bundle, new_key
-from testsupport.common import PYTHON, ROOT
-from testsupport.daemon import daemon_env
+from testsupport.cloud import DEVICE
+from testsupport.common import PYTHON, ROOT, free_port, wait_until
+from testsupport.daemon import daemon_env, running_daemon
+from testsupport.pki import issue_cert, make_ca
+from testsupport.syslogd import SyslogTlsServer
 
 
 def _store(tmp_path: Path) -> Store:
@@ -539,3 +545,127 @@ def test_purge_pass_is_one_audit_entry_with_counts(home: Path) -> None:
         ("system", 1),
         (audit.cli_actor(), 2),
     ]
+
+
+# -- forwarding to the hospital's audit repository (RFC 5425 syslog over TLS) -----------------------------------
+
+_SYSLOG = re.compile(rb"^<85>1 (\S+) (\S+) appliance (\d+) IHE\+RFC-3881 - \xef\xbb\xbf(<\?xml.*)$", re.S)
+
+
+def _forward_settings(home: Path, port: int, **audit_cfg: Any) -> Settings:
+    return Settings(state_dir=home, audit=AuditConfig(syslog_host="127.0.0.1", syslog_port=port, **audit_cfg))
+
+
+def _received(srv: SyslogTlsServer, n: int) -> list[bytes]:
+    """The first ``n`` messages the repository got, once it has them."""
+    wait_until(lambda: len(srv.messages()) >= n, timeout=30, what=f"{n} syslog message(s)")
+    return srv.messages()[:n]
+
+
+def _event_of(msg: bytes) -> str:
+    code = _parse_syslog(msg)[2].find("EventIdentification/EventTypeCode[@codeSystemName='99APPLIANCE']")
+    assert code is not None
+    return code.attrib["csd-code"]
+
+
+def _parse_syslog(msg: bytes) -> tuple[str, str, ET.Element]:
+    m = _SYSLOG.match(msg)
+    assert m is not None, msg[:120]
+    return m.group(1).decode(), m.group(2).decode(), _check_message(m.group(4).decode("utf-8"))
+
+
+@pytest.mark.integration
+def test_forwarder_sends_each_entry_once_in_order_over_mutual_tls(
+    home: Path, pki: dict[str, Path], clean_env: None
+) -> None:
+    s = Store(home / "state.db")
+    record_event(s, AuditEvent.LOGIN, actor="alice", source_ip="10.1.2.3")
+    record_event(s, AuditEvent.EXPORT, actor="system", subject="5", detail={"destination": "pacs"})
+    record_event(s, AuditEvent.PURGE, actor="system", detail={"studies": 2})
+    with SyslogTlsServer(pki["server_crt"], pki["server_key"], client_ca=pki["ca"]) as srv:
+        settings = _forward_settings(
+            home,
+            srv.port,
+            ca_file=pki["ca"],
+            cert_file=pki["device_crt"],
+            key_file=pki["device_key"],
+            source_id="box-7",
+        )
+        fwd = AuditForwarder(settings, s)
+        try:
+            assert fwd.forward_once() == 3
+            msgs = _received(srv, 3)
+            entries = audit.query(s, newest_first=False)
+            for entry, msg in zip(entries, msgs, strict=True):
+                timestamp, hostname, root = _parse_syslog(msg)
+                assert (timestamp, hostname) == (entry.time, "box-7")
+                ev = root.find("EventIdentification/EventTypeCode[@codeSystemName='99APPLIANCE']")
+                assert ev is not None and ev.attrib["csd-code"] == entry.event
+                seq = root.find(".//ParticipantObjectDetail[@type='seq']")
+                assert seq is not None and base64.b64decode(seq.attrib["value"]) == str(entry.seq).encode()
+            assert srv.client_subjects == [DEVICE]  # the box authenticated with its certificate
+            assert fwd.forwarded_seq() == 3
+            assert fwd.forward_once() == 0  # nothing new: nothing sent again
+        finally:
+            fwd.close()
+        # a restarted forwarder carries on after what the repository already has
+        record_event(s, AuditEvent.APPLIANCE_STOPPED, actor="system")
+        fwd = AuditForwarder(settings, s)
+        try:
+            assert fwd.forward_once() == 1
+        finally:
+            fwd.close()
+        msgs = _received(srv, 4)
+        assert b'csd-code="appliance_stopped"' in msgs[3]
+
+
+@pytest.mark.integration
+def test_forwarder_keeps_entries_while_the_repository_is_down_or_untrusted(
+    home: Path, tmp_path: Path, pki: dict[str, Path], clean_env: None
+) -> None:
+    s = Store(home / "state.db")
+    record_event(s, AuditEvent.LOGIN, actor="alice")
+    record_event(s, AuditEvent.LOGOUT, actor="alice")
+    # nobody listening
+    fwd = AuditForwarder(_forward_settings(home, free_port(), ca_file=pki["ca"]), s)
+    with pytest.raises(OSError):
+        fwd.forward_once()
+    assert fwd.forwarded_seq() == 0
+    # a server whose certificate this box does not trust
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    ca_key, ca_cert, _ = make_ca(other)
+    crt, key = issue_cert(ca_key, ca_cert, "localhost", other, "server", server=True)
+    with SyslogTlsServer(crt, key) as impostor:
+        fwd = AuditForwarder(_forward_settings(home, impostor.port, ca_file=pki["ca"]), s)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            fwd.forward_once()
+        assert fwd.forwarded_seq() == 0 and impostor.messages() == []
+    # the real repository comes back: everything goes, in order
+    with SyslogTlsServer(pki["server_crt"], pki["server_key"]) as srv:
+        fwd = AuditForwarder(_forward_settings(home, srv.port, ca_file=pki["ca"]), s)
+        try:
+            assert fwd.forward_once() == 2
+        finally:
+            fwd.close()
+        msgs = _received(srv, 2)
+        assert [_event_of(m) for m in msgs] == ["login", "logout"]
+
+
+@pytest.mark.integration
+def test_daemon_forwards_its_trail(home: Path, pki: dict[str, Path]) -> None:
+    with SyslogTlsServer(pki["server_crt"], pki["server_key"]) as srv:
+        env = {
+            "APPLIANCE_AUDIT__SYSLOG_HOST": "127.0.0.1",
+            "APPLIANCE_AUDIT__SYSLOG_PORT": str(srv.port),
+            "APPLIANCE_AUDIT__CA_FILE": str(pki["ca"]),
+            "APPLIANCE_AUDIT__FORWARD_INTERVAL_S": "0.2",
+        }
+        with running_daemon(home, env=env):
+            wait_until(
+                lambda: any(b'csd-code="appliance_started"' in m for m in srv.messages()),
+                timeout=60,
+                what="appliance_started at the audit repository",
+            )
+    s = Store(home / "state.db")
+    assert [e.event for e in audit.query(s, newest_first=False)] == ["appliance_started", "appliance_stopped"]

@@ -323,12 +323,14 @@ def query(
     limit: int | None = None,
     offset: int = 0,
     newest_first: bool = True,
+    after_seq: int | None = None,
 ) -> list[AuditEntry]:
     """Entries matching every given filter, newest first by default (``newest_first=False``: in order).
 
     ``since`` (inclusive) and ``until`` (exclusive) are ``datetime`` (naive = UTC) or ISO 8601 text (a
     date alone means its midnight UTC); ``event``, ``actor``, ``subject``, ``outcome`` match exactly;
-    ``limit`` (None = all) and ``offset`` page the result. Raises :class:`AuditError` for a malformed
+    ``limit`` (None = all) and ``offset`` page the result; ``after_seq`` keeps entries with a greater
+    seq (a reader's cursor). Raises :class:`AuditError` for a malformed
     time or a negative limit/offset.
     """
     clauses: list[str] = []
@@ -340,6 +342,9 @@ def query(
     if hi is not None:
         clauses.append("time < ?")
         params.append(hi)
+    if after_seq is not None:
+        clauses.append("seq > ?")
+        params.append(int(after_seq))
     for column, value in (("event", event), ("actor", actor), ("subject", subject), ("outcome", outcome)):
         if value is not None:
             clauses.append(f"{column} = ?")
