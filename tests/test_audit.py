@@ -177,6 +177,11 @@ def test_query_filters_and_pages(tmp_path: Path) -> None:
     assert len(audit.query(s, until="2999-01-01T00:00:00Z")) == 3
     with pytest.raises(AuditError):
         audit.query(s, since="yesterday")
+    with pytest.raises(AuditError):
+        audit.query(s, limit=-1)
+    assert audit.count(s, actor="alice") == 2 and audit.count(s, outcome="failure", since=first.time) == 1
+    assert audit.count(s, since="2999-01-01") == 0 and audit.count(s) == 3
+    assert [e.seq for e in audit.query(s, after_seq=1, newest_first=False)] == [2, 3]
 
 
 # -- DICOM Audit Messages (PS3.15 A.5) ----------------------------------------------------------------------

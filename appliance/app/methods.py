@@ -15,7 +15,7 @@ from appliance.app.selftest import run_selftest
 from appliance.cloud import deid
 from appliance.cloud.methods import MethodHandler
 from appliance.cloud.result_messages import CloudResultPublisher
-from appliance.core.audit import FAILURE, AuditEvent, record_event
+from appliance.core.audit import FAILURE, SUCCESS, AuditEvent, record_event
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
 from appliance.core.store import Store, now
@@ -100,7 +100,12 @@ class ControlMethods:
         return 200, done
 
     def run_selftest(self, request: Any) -> tuple[int, Any]:
-        return run_selftest_method(self._settings, request)
+        status, report = run_selftest_method(self._settings, request)
+        if status == 200:
+            failed = [c["name"] for c in report["checks"] if not c["ok"]]
+            outcome = FAILURE if failed else SUCCESS
+            record_event(self._store, AuditEvent.SELFTEST, actor="cloud", outcome=outcome, detail={"failed": failed})
+        return status, report
 
 
 def run_selftest_method(settings: Settings, req: Any) -> tuple[int, dict[str, Any]]:

@@ -311,6 +311,31 @@ def _time_bound(value: datetime | str | None, name: str) -> str | None:
     return utc_timestamp(value)
 
 
+def _where(
+    since: datetime | str | None,
+    until: datetime | str | None,
+    filters: Mapping[str, str | None],
+    after_seq: int | None,
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    lo, hi = _time_bound(since, "since"), _time_bound(until, "until")
+    if lo is not None:
+        clauses.append("time >= ?")
+        params.append(lo)
+    if hi is not None:
+        clauses.append("time < ?")
+        params.append(hi)
+    if after_seq is not None:
+        clauses.append("seq > ?")
+        params.append(int(after_seq))
+    for column, value in filters.items():
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(str(value))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
 def query(
     store: Store,
     *,
@@ -330,39 +355,31 @@ def query(
     ``since`` (inclusive) and ``until`` (exclusive) are ``datetime`` (naive = UTC) or ISO 8601 text (a
     date alone means its midnight UTC); ``event``, ``actor``, ``subject``, ``outcome`` match exactly;
     ``limit`` (None = all) and ``offset`` page the result; ``after_seq`` keeps entries with a greater
-    seq (a reader's cursor). Raises :class:`AuditError` for a malformed
-    time or a negative limit/offset.
+    seq (a reader's cursor). Raises :class:`AuditError` for a malformed time or a negative limit/offset.
     """
-    clauses: list[str] = []
-    params: list[Any] = []
-    lo, hi = _time_bound(since, "since"), _time_bound(until, "until")
-    if lo is not None:
-        clauses.append("time >= ?")
-        params.append(lo)
-    if hi is not None:
-        clauses.append("time < ?")
-        params.append(hi)
-    if after_seq is not None:
-        clauses.append("seq > ?")
-        params.append(int(after_seq))
-    for column, value in (("event", event), ("actor", actor), ("subject", subject), ("outcome", outcome)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(str(value))
     if (limit is not None and limit < 0) or offset < 0:
         raise AuditError("limit and offset must not be negative")
-    sql = "SELECT * FROM audit_log"
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
-    sql += " ORDER BY seq " + ("DESC" if newest_first else "ASC")
-    sql += " LIMIT ? OFFSET ?"
+    filters = {"event": event, "actor": actor, "subject": subject, "outcome": outcome}
+    where, params = _where(since, until, filters, after_seq)
+    sql = f"SELECT * FROM audit_log{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ? OFFSET ?"
     params += [-1 if limit is None else limit, offset]
     return [_entry(r) for r in store.query(sql, tuple(params))]
 
 
-def count(store: Store) -> int:
-    """The number of entries in the trail."""
-    return int(store.query("SELECT COUNT(*) FROM audit_log")[0][0])
+def count(
+    store: Store,
+    *,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    event: AuditEvent | str | None = None,
+    actor: str | None = None,
+    subject: str | None = None,
+    outcome: str | None = None,
+) -> int:
+    """How many entries match the filters (as in :func:`query`; none given: the whole trail)."""
+    filters = {"event": event, "actor": actor, "subject": subject, "outcome": outcome}
+    where, params = _where(since, until, filters, None)
+    return int(store.query(f"SELECT COUNT(*) FROM audit_log{where}", tuple(params))[0][0])
 
 
 def verify(store: Store) -> list[AuditFault]:
