@@ -21,7 +21,7 @@ Integrity, and its limits (said plainly):
 - The chain is not signed and the anchor lives in the same database: an attacker with write access to
   ``state.db`` who rewrites every later hash *and* the anchor, or replaces the whole file with an older
   copy, is not detected here. Forwarding entries off the box as they happen (DICOM audit messages to
-  the hospital's audit repository) is what covers that.
+  the hospital's audit repository, :mod:`appliance.core.audit_syslog`) is what covers that.
 
 The trail holds no PHI (actors are user names or roles, subjects are pseudonyms, ids or bundle
 versions) and retention never purges it.
