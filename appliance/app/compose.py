@@ -12,6 +12,7 @@ PipelineWorker --ResultPublisher--> CloudResultPublisher --notify_queued--> Outb
 ActiveEngines --BundleSource--> PipelineWorker, EarlyPreparer;  --on_change--> CloudAgent.report_changed
 CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftest)
 CloudAgent.overlay (CloudOverlay): the twin's runtime settings, read by the publisher and the sender
+AuditForwarder (with [audit] syslog_host): the audit trail -> the hospital's audit repository (syslog/TLS)
 ```
 
 Start order is the list order; the daemon stops them in reverse, so the DICOM listener stops accepting and
@@ -29,6 +30,7 @@ from appliance.app.methods import ControlMethods
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.result_messages import CloudResultPublisher
+from appliance.core.audit_syslog import AuditForwarder
 from appliance.core.config import Settings
 from appliance.core.store import Store
 from appliance.delivery.export import Exporter
@@ -94,6 +96,10 @@ def compose(settings: Settings, store: Store) -> Appliance:
     scp = StorageSCP(settings.dicom, store, spool, assembler)
     services: list[Service] = [pools, scp, assembler]
     app = Appliance(services, {scp.name: scp.status})
+    if settings.audit.syslog_host:  # the audit trail to the hospital's repository; stops after the listener
+        forwarder = AuditForwarder(settings, store)
+        services.insert(1, forwarder)
+        app.status[forwarder.name] = forwarder.status
 
     agent: CloudAgent | None = None
     publisher: ResultPublisher = NoPublisher()
