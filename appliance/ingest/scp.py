@@ -152,6 +152,7 @@ class StorageSCP:
             dimse_timeout=cfg.dimse_timeout,
             network_timeout=cfg.network_timeout,
             max_instance_bytes=cfg.max_instance_bytes,
+            max_pending=cfg.max_pending_connections,
         )
         # The called AE title is not checked: modalities are often configured with a sloppy one.
         self._server = AssociationServer((cfg.bind, cfg.port), server_cfg, scp_contexts(cfg.accept_all_storage), self)
@@ -171,6 +172,14 @@ class StorageSCP:
     def status(self) -> dict[str, Any]:
         host, port = self.address
         return {"ae_title": self.cfg.ae_title, "host": host, "port": port}
+
+    def health(self) -> str | None:
+        """None while the listener accepts connections and ``state.db`` takes a write lock; else what is
+        wrong (one line, for the service manager's watchdog and the logs)."""
+        server = self._server
+        if server is None or not server.listening():
+            return "DICOM listener not running"
+        return self.store.write_problem()
 
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (up to ``shutdown_grace_s``), then abort."""
