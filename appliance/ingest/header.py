@@ -111,7 +111,7 @@ def _plain_syntax(transfer_syntax: str | None) -> tuple[bool, bool] | None:
         return None
 
 
-def check_encoding(first: bytes | bytearray, transfer_syntax: str) -> None:
+def check_encoding(first: bytes | bytearray | memoryview, transfer_syntax: str) -> None:
     """The first bytes of a data set (at least 6: tag and what follows it) must be encoded as the
     negotiated ``transfer_syntax`` says (PS3.5 7.1, PS3.8: a data set travels in its presentation
     context's transfer syntax). Raises MalformedInstance (0xC213) when they are not:
@@ -119,24 +119,33 @@ def check_encoding(first: bytes | bytearray, transfer_syntax: str) -> None:
     * VR: an explicit VR syntax has two upper-case letters after the tag, an implicit one has a
       length there (pydicom's own test: a first element of 16 KiB would be needed to fool it);
     * byte order: every storable data set has a group 0008 element (SOP Class/Instance UID), and
-      elements come in tag order, so the first group is at most 0008; read in the wrong byte order
+      elements come in tag order, so the first group is 0002-0008; read in the wrong byte order
       0008 becomes 0800.
 
-    Deflate and unknown syntaxes, and fewer than 6 bytes, are not checked here (the parse decides).
+    A mismatch is claimed only when the first tag is plausible (group 0002-0008) in the encoding the
+    bytes show: garbage is left to the parse (0xC210). Deflate and unknown syntaxes, and fewer than 6
+    bytes, are not checked here.
     """
     plain = _plain_syntax(transfer_syntax)
     if plain is None or len(first) < 6:
         return
     implicit, little = plain
+    group = int.from_bytes(first[0:2], "little" if little else "big")
+    swapped = int.from_bytes(first[0:2], "big" if little else "little")
+    if not _FIRST_GROUPS[0] <= group <= _FIRST_GROUPS[1]:
+        if _FIRST_GROUPS[0] <= swapped <= _FIRST_GROUPS[1]:
+            order = "big" if little else "little"
+            raise MalformedInstance(
+                STATUS_ENCODING_MISMATCH, f"{order} endian data set, transfer syntax {transfer_syntax}"
+            )
+        return  # not a plausible first tag either way: the parse decides
     looks_explicit = 0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B
     if looks_explicit == implicit:
         found = "explicit" if looks_explicit else "implicit"
         raise MalformedInstance(STATUS_ENCODING_MISMATCH, f"{found} VR data set, transfer syntax {transfer_syntax}")
-    group = int.from_bytes(first[0:2], "little" if little else "big")
-    swapped = int.from_bytes(first[0:2], "big" if little else "little")
-    if group > 0x0008 and swapped <= 0x0008:
-        order = "big" if little else "little"
-        raise MalformedInstance(STATUS_ENCODING_MISMATCH, f"{order} endian data set, transfer syntax {transfer_syntax}")
+
+
+_FIRST_GROUPS = (0x0002, 0x0008)  # where a data set's first element can be (see check_encoding)
 
 
 def _read(data: bytes | bytearray, transfer_syntax: str | None) -> Dataset:
