@@ -316,3 +316,24 @@ def test_data_set_not_in_the_negotiated_transfer_syntax_is_refused(
         sop, right = instance_body(tmp_path, ts=negotiated)
         assert send_store(sock, 1, CTImageStorage, sop, right, 2) == 0x0000
     assert _rows(box) == 1
+
+
+def test_allowlist_closes_unknown_addresses_at_accept(tmp_path: Path) -> None:
+    """With the allowlist on, a connection from an address no entry could admit is closed at once: it
+    never waits for ARTIM nor takes a pending slot. An address an entry names still gets A-ASSOCIATE-RJ
+    for a wrong AE title (the existing rule), and the right caller gets in."""
+    far = _scp(tmp_path / "far", allowlist_enabled=True, allowed_callers=[{"ae_title": "XRAY1", "host": "10.9.9.9"}])
+    try:
+        with socket.create_connection(("127.0.0.1", far.address[1]), timeout=20) as sock:
+            assert read_pdu(sock) == (0, b"")  # closed without a word, long before acse_timeout (30 s)
+        assert far._server is not None and far._server.pending() == 0
+    finally:
+        far.stop()
+    near = _scp(tmp_path / "near", allowlist_enabled=True, allowed_callers=[{"ae_title": "XRAY1", "host": "127.0.0.1"}])
+    try:
+        items = [APP, context(1, Verification, [ImplicitVRLittleEndian]), USER]
+        kind, body = answer(near.address[1], raw_rq(items))  # calling AE "RAWSCU" is not XRAY1
+        assert kind == pdu.ASSOCIATE_RJ and body == b"\x00\x01\x01\x03"
+        assert echoscu(near.address[1], aet="XRAY1").returncode == 0
+    finally:
+        near.stop()

@@ -68,6 +68,18 @@ def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
     return False
 
 
+def address_allowed(cfg: DicomConfig, host: str) -> bool:
+    """True when the allowlist is off, or some entry could admit a caller from ``host`` (an entry
+    without ``host`` admits every address)."""
+    if not cfg.allowlist_enabled:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(e.host is None or addr in ipaddress.ip_network(e.host, strict=False) for e in cfg.allowed_callers)
+
+
 def _not_stored(exc: Exception, sop_uid: str) -> tuple[int, str]:
     """The failure status for an instance that could not be filed (nothing of it was acked)."""
     if isinstance(exc, OSError):
@@ -195,6 +207,12 @@ class StorageSCP:
         log.info("DICOM SCP stopped", aborted=aborted)
 
     # --- ul.server.Services (association threads) ------------------------------------------------
+    def may_connect(self, host: str) -> bool:
+        if address_allowed(self.cfg, host):
+            return True
+        log.info("connection closed: address not in the allowlist", peer=host)
+        return False
+
     def admit(self, calling_ae: str, host: str) -> bool:
         if caller_allowed(self.cfg, calling_ae, host):
             return True

@@ -22,9 +22,10 @@ import contextlib
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from appliance.core.logs import get_logger
 from appliance.ingest.ul import dimse, pdu
@@ -52,6 +53,10 @@ class ServerConfig:
 
 class Services(Protocol):
     """What the application does with an association (the storage SCP implements it)."""
+
+    def may_connect(self, host: str) -> bool:
+        """False closes a new connection from ``host`` at once: no association could be admitted from
+        that address, so it never takes a pending slot."""
 
     def admit(self, calling_ae: str, host: str) -> bool:
         """False rejects the association (calling AE not recognised)."""
@@ -460,12 +465,29 @@ class Association:
         self._send(pdu.encode_p_data(ctx, rsp, True, self.peer_max_pdu))
 
 
+class _Pending(Protocol):
+    peer_host: str
+
+
+P = TypeVar("P", bound=_Pending)
+
+
+def eviction_victim(pending: list[P]) -> P:
+    """Which pending connection (oldest first in ``pending``) to close for a new one: the oldest of the
+    peer address holding the most pending connections. A flood from one address then only displaces
+    its own connections, never a modality's single pending one from another address."""
+    counts = Counter(c.peer_host for c in pending)
+    busiest = max(counts.values())
+    return next(c for c in pending if counts[c.peer_host] == busiest)
+
+
 class AssociationServer:
     """Accepts connections on ``(bind, port)`` and runs each in its own thread.
 
     A connection is *pending* from accept until its A-ASSOCIATE-RQ is accepted, then *established*.
     At most ``cfg.max_pending`` are pending: a new connection beyond that closes the oldest pending
-    one (a modality completes its request in milliseconds; an idle probe is the one that goes). At
+    one of the busiest peer address (``eviction_victim``; a modality completes its request in
+    milliseconds, an idle probe or a flood is what goes). At
     most ``cfg.max_associations`` are established; pending ones never count against that limit.
     """
 
@@ -525,6 +547,10 @@ class AssociationServer:
                 time.sleep(0.1)
                 continue
             accepted_at = time.monotonic()
+            if not self.services.may_connect(str(peer[0])):
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else each response waits ~40 ms
             assoc = Association(self, sock, peer, accepted_at)
@@ -532,9 +558,9 @@ class AssociationServer:
             evicted: list[Association] = []
             with self._lock:
                 while len(self._pending) >= max(1, self.cfg.max_pending):
-                    oldest = next(iter(self._pending))
-                    del self._pending[oldest]
-                    evicted.append(oldest)
+                    victim = eviction_victim(list(self._pending))
+                    del self._pending[victim]
+                    evicted.append(victim)
                 self._pending[assoc] = None
                 self._threads.add(thread)
             for old in evicted:
