@@ -73,7 +73,7 @@ def test_ready_watchdog_only_while_healthy_and_stopping(
     tmp_path: Path, notify_socket: tuple[socket.socket, str]
 ) -> None:
     sock, path = notify_socket
-    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000"}  # a ping every 0.5 s
+    env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}  # a ping every 0.5 s
     with running_daemon(tmp_path / "home", env=env, timeout=60) as d:
         before = receive_until(sock, "READY=1", 60)
         assert "WATCHDOG=1" not in before  # nothing before the services are up
@@ -85,7 +85,7 @@ def test_ready_watchdog_only_while_healthy_and_stopping(
         try:
             blocker.execute("BEGIN EXCLUSIVE")
             receive_until(sock, "STATUS=unhealthy: dicom-scp: state database not writable", 60)
-            assert "WATCHDOG=1" not in receive_for(sock, 5.0)  # ten periods without a ping
+            assert "WATCHDOG=1" not in receive_for(sock, 5.0)  # ten ping intervals without a ping
         finally:
             blocker.execute("ROLLBACK")
             blocker.close()

@@ -89,12 +89,12 @@ def test_check_encoding(first: bytes, syntax: str, mismatch: str | None) -> None
     assert exc.value.status == STATUS_ENCODING_MISMATCH == 0xC213
 
 
-def test_watchdog_interval_is_half_of_watchdog_usec(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watchdog_interval_is_a_quarter_of_watchdog_usec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     monkeypatch.delenv("WATCHDOG_USEC", raising=False)
     assert watchdog_interval() is None
     monkeypatch.setenv("WATCHDOG_USEC", "60000000")
-    assert watchdog_interval() == 30.0
+    assert watchdog_interval() == 15.0
     monkeypatch.setenv("WATCHDOG_PID", "1")  # meant for another process
     assert watchdog_interval() is None
     monkeypatch.delenv("WATCHDOG_PID")

@@ -8,7 +8,7 @@ life, and a second ``appliance run`` on the same directory exits 1 before touchi
 
 Under systemd (``Type=notify``, ``systemd/appliance.service``) the daemon tells the service manager
 ``READY=1`` once every service started, ``STOPPING=1`` when it begins to stop, and, when the unit sets
-``WatchdogSec=``, ``WATCHDOG=1`` from the main loop every half period *only while* the services' health
+``WatchdogSec=``, ``WATCHDOG=1`` from the main loop every quarter period *only while* the services' health
 checks pass (``Appliance.health_problem``: the DICOM listener accepting, ``state.db`` writable); a failing
 check stops the pings and systemd restarts the daemon once the period runs out. Without
 ``NOTIFY_SOCKET`` all of this is a no-op (``sdnotify``).
@@ -91,9 +91,10 @@ def _write_status(settings: Settings, app: Appliance, started_at: float) -> None
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between ``WATCHDOG=1`` pings: half of systemd's ``WATCHDOG_USEC`` (as sd_watchdog_enabled
-    advises), or None when the service manager asked for none (unset, 0, not a number, or
-    ``WATCHDOG_PID`` names another process)."""
+    """Seconds between ``WATCHDOG=1`` pings: a quarter of systemd's ``WATCHDOG_USEC`` (sd_watchdog_enabled
+    advises at most half; a quarter lets one slow or transiently failing health check pass without a
+    restart: only about three failing in a row let the period run out), or None when the service
+    manager asked for none (unset, 0, not a number, or ``WATCHDOG_PID`` names another process)."""
     pid = os.environ.get("WATCHDOG_PID")
     if pid and pid != str(os.getpid()):
         return None
@@ -101,7 +102,7 @@ def watchdog_interval() -> float | None:
         usec = int(os.environ.get("WATCHDOG_USEC", "0"))
     except ValueError:
         return None
-    return usec / 2e6 if usec > 0 else None
+    return usec / 4e6 if usec > 0 else None
 
 
 class Watchdog:
