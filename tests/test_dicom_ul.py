@@ -179,10 +179,11 @@ def test_associate_rq_truncated_or_wrong_lengths_raise() -> None:
     struct.pack_into(">H", bad, 68 + 2, 0xFFFF)
     with pytest.raises(pdu.PDUError, match="claims"):
         pdu.parse_associate_rq(bytes(bad))
-    # a context without transfer syntax
+    # a context without transfer syntax is decoded as a refused proposal (only it is rejected: PS3.8 Table 9-18)
     no_ts = assoc_rq([(1, CTImageStorage, [])])[6:]
-    with pytest.raises(pdu.PDUError, match="without abstract or transfer syntax"):
-        pdu.parse_associate_rq(no_ts)
+    assert pdu.parse_associate_rq(no_ts).contexts == [
+        pdu.ProposedContext(1, CTImageStorage, (), pdu.TRANSFER_SYNTAXES_NOT_SUPPORTED)
+    ]
 
 
 def test_negotiation_uses_acceptor_preference_and_result_reasons() -> None:

@@ -82,10 +82,20 @@ class Appliance:
 
     services: list[Service]
     status: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
+    # service name -> its health check: None when healthy, else the problem in one line (the daemon's watchdog)
+    health: dict[str, Callable[[], str | None]] = field(default_factory=dict)
 
     def status_doc(self) -> dict[str, dict[str, Any]]:
         """Service name -> its status (JSON-serialisable); services without a status report ``{}``."""
         return {s.name: self.status[s.name]() if s.name in self.status else {} for s in self.services}
+
+    def health_problem(self) -> str | None:
+        """None when every health check passes; else the first failing one's ``"<service>: <problem>"``."""
+        for name, check in self.health.items():
+            problem = check()
+            if problem is not None:
+                return f"{name}: {problem}"
+        return None
 
 
 def compose(settings: Settings, store: Store) -> Appliance:
@@ -95,7 +105,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
     assembler = StudyAssembler(store, settings.dicom.quiet_seconds)
     scp = StorageSCP(settings.dicom, store, spool, assembler)
     services: list[Service] = [pools, scp, assembler]
-    app = Appliance(services, {scp.name: scp.status})
+    app = Appliance(services, {scp.name: scp.status}, {scp.name: scp.health})
     if settings.audit.syslog_host:  # the audit trail to the hospital's repository; stops after the listener
         forwarder = AuditForwarder(settings, store)
         services.insert(1, forwarder)

@@ -5,6 +5,13 @@ associations before anything it feeds goes away. While running, ``<state_dir>/ru
 time and each service's status (e.g. the SCP's actual listening address), for ``appliance status``.
 One daemon per state directory: ``<state_dir>/run/appliance.lock`` (flock) is held for the process's
 life, and a second ``appliance run`` on the same directory exits 1 before touching anything.
+
+Under systemd (``Type=notify``, ``systemd/appliance.service``) the daemon tells the service manager
+``READY=1`` once every service started, ``STOPPING=1`` when it begins to stop, and, when the unit sets
+``WatchdogSec=``, ``WATCHDOG=1`` from the main loop every quarter period *only while* the services' health
+checks pass (``Appliance.health_problem``: the DICOM listener accepting, ``state.db`` writable); a failing
+check stops the pings and systemd restarts the daemon once the period runs out. Without
+``NOTIFY_SOCKET`` all of this is a no-op (``sdnotify``).
 """
 
 from __future__ import annotations
@@ -15,8 +22,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import sdnotify
 
 from appliance import __version__
 from appliance.app.compose import Appliance, Service, compose
@@ -82,6 +92,55 @@ def _write_status(settings: Settings, app: Appliance, started_at: float) -> None
     os.replace(tmp, path)
 
 
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: a quarter of systemd's ``WATCHDOG_USEC`` (sd_watchdog_enabled
+    advises at most half; a quarter lets one slow or transiently failing health check pass without a
+    restart: only about three failing in a row let the period run out), or None when the service
+    manager asked for none (unset, 0, not a number, or ``WATCHDOG_PID`` names another process)."""
+    pid = os.environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return None
+    return usec / 4e6 if usec > 0 else None
+
+
+class Watchdog:
+    """Pings the service manager's watchdog while ``check`` (None = healthy, else the problem) passes.
+
+    ``tick`` is called from the main loop; it runs the check and pings at most once per ``interval``
+    seconds. A failed check is logged once (and each recovery), and shown as the unit's STATUS=.
+    """
+
+    def __init__(self, notifier: sdnotify.SystemdNotifier, interval: float, check: Callable[[], str | None]):
+        self.notifier, self.interval, self.check = notifier, interval, check
+        self._next = 0.0
+        self._problem: str | None = None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval
+        try:
+            problem = self.check()
+        except Exception as exc:  # a check that crashes is a failed check
+            problem = f"health check failed: {type(exc).__name__}: {exc}"
+        if problem is None:
+            if self._problem is not None:
+                log.info("health check passes again; watchdog pings resumed")
+                self.notifier.notify("STATUS=running")
+            self._problem = None
+            self.notifier.notify("WATCHDOG=1")
+            return
+        if problem != self._problem:
+            log.error("health check failed; watchdog pings stopped", problem=problem)
+            self.notifier.notify(f"STATUS=unhealthy: {problem}")
+        self._problem = problem
+
+
 def run(settings: Settings) -> int:
     """Run in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if a service failed to start."""
     configure(settings.log.level, settings.log.format)
@@ -104,6 +163,7 @@ def run(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
+    notifier = sdnotify.SystemdNotifier()  # no-op without NOTIFY_SOCKET
     store = Store(settings.db_path)
     app = compose(settings, store)
     started: list[Service] = []
@@ -117,12 +177,20 @@ def run(settings: Settings) -> int:
             store, AuditEvent.APPLIANCE_STARTED, actor="system", detail={"pid": os.getpid(), "version": __version__}
         )
         log.info("appliance running", pid=os.getpid(), state_dir=str(settings.state_dir))
-        while not stop.wait(0.5):
-            pass
+        notifier.notify("READY=1\nSTATUS=running")
+        interval = watchdog_interval()
+        watchdog = Watchdog(notifier, interval, app.health_problem) if interval else None
+        tick = min(0.5, interval) if interval else 0.5
+        while True:
+            if watchdog is not None:
+                watchdog.tick()
+            if stop.wait(tick):
+                break
     except Exception as exc:
         log.exception("service failed to start", error=str(exc))
         rc = 1
     finally:
+        notifier.notify("STOPPING=1")
         for service in reversed(started):
             try:
                 service.stop()

@@ -49,9 +49,17 @@ class DicomConfig(Section):
     ae_title: str = Field(default="APPLIANCE", min_length=1, max_length=16)
     bind: str = Field(default="127.0.0.1", description="0.0.0.0 in a clinic so modalities can reach it")
     port: int = Field(default=11112, ge=0, le=65535)
-    max_associations: int = Field(default=10, ge=1, le=1000)
+    max_associations: int = Field(default=10, ge=1, le=1000, description="established associations at once")
+    max_pending_connections: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="connections without a complete A-ASSOCIATE-RQ yet; a new one beyond this closes the oldest",
+    )
     max_pdu: int = Field(default=0, ge=0, description="0 = unlimited (fastest)")
-    acse_timeout: float = Field(default=30.0, gt=0)
+    acse_timeout: float = Field(
+        default=30.0, gt=0, description="ARTIM: seconds from TCP connect to a complete A-ASSOCIATE-RQ (PS3.8 9.1.5)"
+    )
     dimse_timeout: float = Field(default=30.0, gt=0)
     network_timeout: float = Field(default=60.0, gt=0)
     allowlist_enabled: bool = False

@@ -107,6 +107,24 @@ class Store:
         rows = self.query("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
         return {r["state"]: r["n"] for r in rows}
 
+    def write_problem(self, timeout_s: float = 2.0) -> str | None:
+        """None when a writer can take ``state.db``'s write lock within ``timeout_s`` seconds (``BEGIN
+        IMMEDIATE``, then rolled back: nothing is written); else why not, in one line (locked by a stuck
+        writer, file gone or unreadable, read-only database, I/O error). A health check, on a short-lived
+        connection of its own so that a hung check never holds a thread's connection."""
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=rw", uri=True, timeout=timeout_s, isolation_level=None)
+        except sqlite3.Error as exc:
+            return f"state database cannot be opened: {exc}"
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            return f"state database not writable: {exc}"
+        finally:
+            conn.close()
+        return None
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:

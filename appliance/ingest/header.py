@@ -30,6 +30,7 @@ STATUS_UNREADABLE = 0xC210
 STATUS_MISSING_UID = 0xC211
 STATUS_UID_MISMATCH = 0xC212
 STATUS_CLASS_MISMATCH = 0xA900
+STATUS_ENCODING_MISMATCH = 0xC213  # "cannot understand": not encoded in the negotiated transfer syntax
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
@@ -40,6 +41,7 @@ COMMENTS = {
     STATUS_MISSING_UID: "Study or SOP Instance UID missing",
     STATUS_UID_MISMATCH: "SOP Instance UID differs from the C-STORE command",
     STATUS_CLASS_MISMATCH: "SOP Class UID differs from the C-STORE command",
+    STATUS_ENCODING_MISMATCH: "data set not encoded in the negotiated transfer syntax",
 }
 
 
@@ -109,12 +111,51 @@ def _plain_syntax(transfer_syntax: str | None) -> tuple[bool, bool] | None:
         return None
 
 
+def check_encoding(first: bytes | bytearray | memoryview, transfer_syntax: str) -> None:
+    """The first bytes of a data set (at least 6: tag and what follows it) must be encoded as the
+    negotiated ``transfer_syntax`` says (PS3.5 7.1, PS3.8: a data set travels in its presentation
+    context's transfer syntax). Raises MalformedInstance (0xC213) when they are not:
+
+    * VR: an explicit VR syntax has two upper-case letters after the tag, an implicit one has a
+      length there (pydicom's own test: a first element of 16 KiB would be needed to fool it);
+    * byte order: every storable data set has a group 0008 element (SOP Class/Instance UID), and
+      elements come in tag order, so the first group is 0002-0008; read in the wrong byte order
+      0008 becomes 0800.
+
+    A mismatch is claimed only when the first tag is plausible (group 0002-0008) in the encoding the
+    bytes show: garbage is left to the parse (0xC210). Deflate and unknown syntaxes, and fewer than 6
+    bytes, are not checked here.
+    """
+    plain = _plain_syntax(transfer_syntax)
+    if plain is None or len(first) < 6:
+        return
+    implicit, little = plain
+    group = int.from_bytes(first[0:2], "little" if little else "big")
+    swapped = int.from_bytes(first[0:2], "big" if little else "little")
+    if not _FIRST_GROUPS[0] <= group <= _FIRST_GROUPS[1]:
+        if _FIRST_GROUPS[0] <= swapped <= _FIRST_GROUPS[1]:
+            order = "big" if little else "little"
+            raise MalformedInstance(
+                STATUS_ENCODING_MISMATCH, f"{order} endian data set, transfer syntax {transfer_syntax}"
+            )
+        return  # not a plausible first tag either way: the parse decides
+    looks_explicit = 0x40 < first[4] < 0x5B and 0x40 < first[5] < 0x5B
+    if looks_explicit == implicit:
+        found = "explicit" if looks_explicit else "implicit"
+        raise MalformedInstance(STATUS_ENCODING_MISMATCH, f"{found} VR data set, transfer syntax {transfer_syntax}")
+
+
+_FIRST_GROUPS = (0x0002, 0x0008)  # where a data set's first element can be (see check_encoding)
+
+
 def _read(data: bytes | bytearray, transfer_syntax: str | None) -> Dataset:
     """The data set, raw. With the negotiated transfer syntax known (and not deflate) the data set is
     read directly, which skips re-parsing the file meta we wrote ourselves (half the cost)."""
     offset = _data_set_offset(data) if transfer_syntax else None
     plain = _plain_syntax(transfer_syntax)
     if offset is not None and plain is not None:
+        assert transfer_syntax is not None
+        check_encoding(memoryview(data)[offset : offset + 6], transfer_syntax)
         return read_dataset(io.BytesIO(memoryview(data)[offset:]), *plain)
     return dcmread(io.BytesIO(data))
 
@@ -124,6 +165,8 @@ def _parsed(read: Callable[[], Dataset]) -> Dataset:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return read()
+    except MalformedInstance:
+        raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, NotImplementedError, OSError) as exc:
         raise MalformedInstance(STATUS_UNREADABLE, f"data set does not parse: {exc}") from exc
     except Exception as exc:  # pydicom raises many kinds on garbage; none may crash the server
@@ -151,7 +194,7 @@ def parse_header(
     Values stay raw (pydicom converts lazily), so this costs one pass over the element headers;
     pixel data is not decoded.
     """
-    ds = _parsed(lambda: _read(data, transfer_syntax))
+    ds = _parsed(lambda: _read(data, transfer_syntax))  # check_encoding first, when the syntax is known
     _check_complete(ds)
     if len(ds) == 0:
         raise MalformedInstance(STATUS_UNREADABLE, "empty data set")
@@ -185,6 +228,12 @@ def parse_header_prefix(
     plain = _plain_syntax(transfer_syntax)
     if offset is None or plain is None:
         raise NotStreamable("no file meta or not a plain transfer syntax")
+    if len(data) - offset < 6:
+        return None
+    try:
+        check_encoding(memoryview(data)[offset : offset + 6], transfer_syntax)
+    except MalformedInstance as bad:  # parse_header at the end answers it
+        raise NotStreamable(str(bad)) from bad
     fp = io.BytesIO(memoryview(data)[offset:])
     reached: list[bool] = []
 

@@ -68,6 +68,18 @@ def caller_allowed(cfg: DicomConfig, calling_ae: str, host: str) -> bool:
     return False
 
 
+def address_allowed(cfg: DicomConfig, host: str) -> bool:
+    """True when the allowlist is off, or some entry could admit a caller from ``host`` (an entry
+    without ``host`` admits every address)."""
+    if not cfg.allowlist_enabled:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(e.host is None or addr in ipaddress.ip_network(e.host, strict=False) for e in cfg.allowed_callers)
+
+
 def _not_stored(exc: Exception, sop_uid: str) -> tuple[int, str]:
     """The failure status for an instance that could not be filed (nothing of it was acked)."""
     if isinstance(exc, OSError):
@@ -152,6 +164,7 @@ class StorageSCP:
             dimse_timeout=cfg.dimse_timeout,
             network_timeout=cfg.network_timeout,
             max_instance_bytes=cfg.max_instance_bytes,
+            max_pending=cfg.max_pending_connections,
         )
         # The called AE title is not checked: modalities are often configured with a sloppy one.
         self._server = AssociationServer((cfg.bind, cfg.port), server_cfg, scp_contexts(cfg.accept_all_storage), self)
@@ -172,6 +185,14 @@ class StorageSCP:
         host, port = self.address
         return {"ae_title": self.cfg.ae_title, "host": host, "port": port}
 
+    def health(self) -> str | None:
+        """None while the listener accepts connections and ``state.db`` takes a write lock; else what is
+        wrong (one line, for the service manager's watchdog and the logs)."""
+        server = self._server
+        if server is None or not server.listening():
+            return "DICOM listener not running"
+        return self.store.write_problem()
+
     def stop(self) -> None:
         """Stop accepting, let in-flight associations finish (up to ``shutdown_grace_s``), then abort."""
         server = self._server
@@ -186,6 +207,12 @@ class StorageSCP:
         log.info("DICOM SCP stopped", aborted=aborted)
 
     # --- ul.server.Services (association threads) ------------------------------------------------
+    def may_connect(self, host: str) -> bool:
+        if address_allowed(self.cfg, host):
+            return True
+        log.info("connection closed: address not in the allowlist", peer=host)
+        return False
+
     def admit(self, calling_ae: str, host: str) -> bool:
         if caller_allowed(self.cfg, calling_ae, host):
             return True

@@ -1,7 +1,8 @@
 """Upper Layer PDUs (PS3.8 section 9.3): decode what a requestor sends, encode what an acceptor answers.
 
-Only the acceptor's side: A-ASSOCIATE-RQ is decoded in full (unknown or extended-negotiation
-sub-items are skipped, never fatal), A-ASSOCIATE-AC/RJ, A-RELEASE-RP, A-ABORT and P-DATA-TF are
+Only the acceptor's side: A-ASSOCIATE-RQ is decoded in full (unknown items and sub-items are skipped,
+never fatal, as dcmtk does; a malformed presentation context item is kept as a rejected proposal so
+only that context is refused, PS3.8 Table 9-18), A-ASSOCIATE-AC/RJ, A-RELEASE-RP, A-ABORT and P-DATA-TF are
 encoded. P-DATA-TF is *decoded* by the server itself, PDV by PDV, so data set bytes go straight into
 the instance buffer. Every length is checked against what is really there; a bad PDU raises
 :class:`PDUError` carrying the A-ABORT reason to answer with.
@@ -43,10 +44,16 @@ REASON_UNRECOGNIZED_PARAMETER = 0x04
 REASON_UNEXPECTED_PARAMETER = 0x05
 REASON_INVALID_PARAMETER = 0x06
 
-# Presentation context results (PS3.8 9.3.3.2)
+# Presentation context results (PS3.8 9.3.3.2, Table 9-18)
 ACCEPTANCE = 0x00
+USER_REJECTION = 0x01
+NO_REASON = 0x02  # provider rejection, no reason given: a context item that does not decode
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 TRANSFER_SYNTAXES_NOT_SUPPORTED = 0x04
+
+# Protocol-version field (PS3.8 9.3.2): bit 0 is version 1, the only one; a receiver tests that bit only.
+PROTOCOL_VERSION_1 = 0x0001
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"  # the Transfer Syntax sub-item of a refused context without one
 
 
 class PDUError(Exception):
@@ -59,9 +66,17 @@ class PDUError(Exception):
 
 @dataclass(frozen=True)
 class ProposedContext:
+    """One presentation context item of an A-ASSOCIATE-RQ (PS3.8 9.3.2.2).
+
+    ``defect`` is None for a well-formed item; else the result it must be answered with (Table 9-18:
+    ``NO_REASON`` when its sub-items do not decode, ``ABSTRACT_SYNTAX_NOT_SUPPORTED`` without an
+    abstract syntax, ``TRANSFER_SYNTAXES_NOT_SUPPORTED`` without a transfer syntax).
+    """
+
     context_id: int
     abstract_syntax: str
     transfer_syntaxes: tuple[str, ...]
+    defect: int | None = None
 
 
 @dataclass
@@ -72,6 +87,7 @@ class AssociateRequest:
     calling_ae: str
     called_raw: bytes  # echoed back verbatim in the AC, as PS3.8 asks
     calling_raw: bytes
+    protocol_version: int = PROTOCOL_VERSION_1  # the raw 16-bit field; bit 0 must be set
     application_context: str = ""
     contexts: list[ProposedContext] = field(default_factory=list)
     max_pdu: int = 0  # the requestor's maximum receive length; 0 = unlimited
@@ -79,6 +95,7 @@ class AssociateRequest:
     implementation_version: str = ""
     async_ops: tuple[int, int] | None = None
     roles: dict[str, tuple[int, int]] = field(default_factory=dict)  # SOP class -> (SCU role, SCP role)
+    ignored_items: list[int] = field(default_factory=list)  # item types skipped as unknown
 
 
 @dataclass(frozen=True)
@@ -109,7 +126,14 @@ def _items(body: bytes, start: int, end: int) -> list[tuple[int, bytes]]:
 
 
 def parse_associate_rq(body: bytes) -> AssociateRequest:
-    """Decode the body (after the 6-byte header) of an A-ASSOCIATE-RQ."""
+    """Decode the body (after the 6-byte header) of an A-ASSOCIATE-RQ (PS3.8 9.3.2).
+
+    Returns the request; the protocol version is returned as sent (the acceptor rejects one without
+    bit 0). Items of an unknown type are skipped, as dcmtk does; a presentation context item whose
+    sub-items do not decode becomes a proposal with a ``defect`` (only that context is refused).
+    Raises PDUError when the PDU itself does not decode (fixed fields short, item lengths that do
+    not tile the PDU) or has no application context.
+    """
     if len(body) < 68:
         raise PDUError(f"A-ASSOCIATE-RQ too short ({len(body)} bytes)")
     called_raw, calling_raw = body[4:20], body[20:36]
@@ -118,35 +142,51 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
         calling_ae=calling_raw.decode("ascii", "replace").strip(),
         called_raw=called_raw,
         calling_raw=calling_raw,
+        protocol_version=struct.unpack_from(">H", body, 0)[0],
     )
     for kind, value in _items(body, 68, len(body)):
         if kind == 0x10:
             rq.application_context = _uid(value)
         elif kind == 0x20:
-            rq.contexts.append(_parse_proposed_context(value))
+            proposed = _parse_proposed_context(value)
+            if proposed is not None:
+                rq.contexts.append(proposed)
         elif kind == 0x50:
             _parse_user_information(value, rq)
         else:
-            raise PDUError(f"unexpected item 0x{kind:02X} in A-ASSOCIATE-RQ", REASON_UNRECOGNIZED_PARAMETER)
+            rq.ignored_items.append(kind)  # unknown item: skipped, as dcmtk's acceptor does
     if not rq.application_context:
         raise PDUError("A-ASSOCIATE-RQ without application context", REASON_INVALID_PARAMETER)
     return rq
 
 
-def _parse_proposed_context(value: bytes) -> ProposedContext:
+def _parse_proposed_context(value: bytes) -> ProposedContext | None:
+    """One presentation context item; None for an empty item (no context ID to answer)."""
+    if not value:
+        return None
+    context_id = value[0]
     if len(value) < 4:
-        raise PDUError("truncated presentation context item")
-    abstract = ""
+        return ProposedContext(context_id, "", (), NO_REASON)
+    abstracts: list[str] = []
     syntaxes: list[str] = []
-    for kind, sub in _items(value, 4, len(value)):
+    try:
+        subs = _items(value, 4, len(value))
+    except PDUError:
+        return ProposedContext(context_id, "", (), NO_REASON)
+    for kind, sub in subs:
         if kind == 0x30:
-            abstract = _uid(sub)
+            abstracts.append(_uid(sub))
         elif kind == 0x40:
             syntaxes.append(_uid(sub))
         # other sub-items are not defined for a proposal: skipped
-    if not abstract or not syntaxes:
-        raise PDUError(f"presentation context {value[0]} without abstract or transfer syntax")
-    return ProposedContext(value[0], abstract, tuple(syntaxes))
+    syntaxes = [ts for ts in syntaxes if ts]
+    if len(abstracts) > 1:
+        return ProposedContext(context_id, abstracts[0], tuple(syntaxes), NO_REASON)
+    if not abstracts or not abstracts[0]:
+        return ProposedContext(context_id, "", tuple(syntaxes), ABSTRACT_SYNTAX_NOT_SUPPORTED)
+    if not syntaxes:
+        return ProposedContext(context_id, abstracts[0], (), TRANSFER_SYNTAXES_NOT_SUPPORTED)
+    return ProposedContext(context_id, abstracts[0], tuple(syntaxes))
 
 
 def _parse_user_information(value: bytes, rq: AssociateRequest) -> None:

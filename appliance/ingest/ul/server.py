@@ -1,13 +1,19 @@
-"""The association acceptor: one listening socket, one thread per association, blocking sockets.
+"""The association acceptor: one listening socket, one thread per connection, blocking sockets.
 
 Threads, not asyncio: the per-instance work (fsyncs, the SQLite commit, sha256, file writes) releases
 the GIL, and blocking reads handed straight to the application's sink (``Services.begin_instance``) are
 the cheapest way to move the data set.
-State per association is small (PS3.8's acceptor path): await A-ASSOCIATE-RQ (``acse_timeout``) ->
-accept or reject -> P-DATA messages (``network_timeout`` between messages, ``dimse_timeout`` inside
-one) -> A-RELEASE-RQ answered with RP, or A-ABORT / a dropped connection / a timeout. Anything that
-is not a valid PDU in its place is logged and answered with A-ABORT; an association thread never
-takes the server down.
+State per association is small (PS3.8's acceptor path): await A-ASSOCIATE-RQ -> accept or reject ->
+P-DATA messages (``network_timeout`` between messages, ``dimse_timeout`` inside one) -> A-RELEASE-RQ
+answered with RP, or A-ABORT / a dropped connection / a timeout. Anything that is not a valid PDU in
+its place is logged and answered with A-ABORT; an association thread never takes the server down.
+
+Availability (a port scanner or a slow client must never lock out a modality): a connection that has
+not yet completed its A-ASSOCIATE-RQ is *pending*. Pending connections have a budget of their own
+(``max_pending``; when it is full the oldest pending one is closed to make room) and never count
+against ``max_associations``, which only established associations use. The ARTIM timer (PS3.8
+9.1.5, state Sta2) runs once, from TCP accept to the last byte of the A-ASSOCIATE-RQ
+(``acse_timeout``): it does not restart on each byte, and on expiry the connection is closed.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import contextlib
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from appliance.core.logs import get_logger
 from appliance.ingest.ul import dimse, pdu
@@ -33,16 +40,23 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 
 @dataclass(frozen=True)
 class ServerConfig:
-    max_associations: int
+    """Limits of the acceptor; times in seconds, sizes in bytes."""
+
+    max_associations: int  # established associations at once; more are rejected (transient, local limit)
     max_pdu: int  # our maximum receive length, announced in the AC; 0 = unlimited
-    acse_timeout: float
+    acse_timeout: float  # ARTIM: from TCP accept to a complete A-ASSOCIATE-RQ, once (PS3.8 9.1.5)
     dimse_timeout: float
     network_timeout: float
     max_instance_bytes: int = 1 << 30  # a larger data set is read and discarded, then refused
+    max_pending: int = 16  # connections not yet associated; the oldest is closed when a new one needs room
 
 
 class Services(Protocol):
     """What the application does with an association (the storage SCP implements it)."""
+
+    def may_connect(self, host: str) -> bool:
+        """False closes a new connection from ``host`` at once: no association could be admitted from
+        that address, so it never takes a pending slot."""
 
     def admit(self, calling_ae: str, host: str) -> bool:
         """False rejects the association (calling AE not recognised)."""
@@ -82,10 +96,25 @@ class _Rejected(Exception):
     pass
 
 
+class ArtimExpired(Exception):
+    """The A-ASSOCIATE-RQ was not complete when the ARTIM timer ran out (PS3.8 9.1.5)."""
+
+
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.4.2.1.6 / Annex C: Refused: SOP Class not supported
+
+
 def negotiate(proposed: list[pdu.ProposedContext], supported: Mapping[str, tuple[str, ...]]) -> list[pdu.ContextResult]:
-    """One result per proposed context: the first of *our* preferred syntaxes the requestor offers."""
+    """One result per proposed context: the first of *our* preferred syntaxes the requestor offers.
+
+    A malformed proposal is answered with its ``defect`` (PS3.8 Table 9-18); the others are
+    negotiated as usual.
+    """
     results = []
     for cx in sorted(proposed, key=lambda c: c.context_id):
+        if cx.defect is not None:
+            fallback = cx.transfer_syntaxes[0] if cx.transfer_syntaxes else pdu.IMPLICIT_VR_LITTLE_ENDIAN
+            results.append(pdu.ContextResult(cx.context_id, cx.defect, fallback))
+            continue
         ours = supported.get(cx.abstract_syntax)
         if ours is None:
             results.append(pdu.ContextResult(cx.context_id, pdu.ABSTRACT_SYNTAX_NOT_SUPPORTED, cx.transfer_syntaxes[0]))
@@ -103,14 +132,18 @@ def negotiate(proposed: list[pdu.ProposedContext], supported: Mapping[str, tuple
 class Association:
     """One connection from a requestor, served by its own thread (``run``)."""
 
-    def __init__(self, server: AssociationServer, sock: socket.socket, peer: tuple[str, int]):
+    def __init__(
+        self, server: AssociationServer, sock: socket.socket, peer: tuple[str, int], accepted_at: float | None = None
+    ):
         self.server = server
         self.sock = sock
         self.peer_host = str(peer[0])
+        self.accepted_at = time.monotonic() if accepted_at is None else accepted_at  # ARTIM starts here
         self.calling_ae = ""
         self.called_ae = ""
         self.peer_max_pdu = 0
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
+        self.abstract_syntaxes: dict[int, str] = {}  # accepted context id -> its abstract syntax (SOP class)
         self._rfile = sock.makefile("rb", buffering=1 << 16)
         self._send_lock = threading.Lock()
         self._timeout: float | None = None
@@ -121,7 +154,9 @@ class Association:
         self._command: dimse.Command | None = None
         self._sink: InstanceSink | None = None  # the services file the data set as it arrives
         self._received = 0  # bytes of the current instance (Part-10 prefix included)
-        self._oversize = False  # the current data set passed max_instance_bytes: draining it
+        # the current data set is drained and then refused with this (status, comment): too large, or
+        # a SOP class other than its presentation context's
+        self._refusal: tuple[int, str] | None = None
 
     # --- I/O ---------------------------------------------------------------------------------
     def _set_timeout(self, seconds: float) -> None:
@@ -135,9 +170,35 @@ class Association:
             raise ConnectionClosed()
         return data
 
+    def _read_by(self, deadline: float, n: int) -> bytes:
+        """``n`` bytes read before ``deadline`` (monotonic), however slowly they trickle in; raises
+        ArtimExpired when the deadline passes first. Reads the socket directly (exactly ``n`` bytes,
+        nothing buffered ahead), so the buffered reader takes over cleanly afterwards."""
+        buf = bytearray()
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ArtimExpired()
+            self.sock.settimeout(left)
+            self._timeout = None  # the next _set_timeout applies its value
+            try:
+                chunk = self.sock.recv(min(n - len(buf), 1 << 16))
+            except TimeoutError:
+                raise ArtimExpired() from None
+            if not chunk:
+                raise ConnectionClosed()
+            buf += chunk
+        return bytes(buf)
+
     def _send(self, data: bytes) -> None:
         with self._send_lock:
             self.sock.sendall(data)
+
+    def drop(self) -> None:
+        """Close a connection that never became an association (no A-ABORT: PS3.8 Sta2, AA-2)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def abort(self, source: int = pdu.SOURCE_USER, reason: int = pdu.REASON_NOT_SPECIFIED) -> None:
         """Send A-ABORT and cut the connection (safe from any thread; the association's thread exits)."""
@@ -151,20 +212,30 @@ class Association:
     def run(self) -> None:
         established = released = False
         try:
-            self._set_timeout(self.server.cfg.acse_timeout)
-            kind, length = pdu.HEADER.unpack(self._read(pdu.HEADER.size))
+            deadline = self.accepted_at + self.server.cfg.acse_timeout  # ARTIM, started at accept
+            kind, length = pdu.HEADER.unpack(self._read_by(deadline, pdu.HEADER.size))
             if kind != pdu.ASSOCIATE_RQ:
                 raise pdu.PDUError(f"PDU 0x{kind:02X} before A-ASSOCIATE-RQ", pdu.REASON_UNEXPECTED_PDU)
-            self._negotiate(pdu.parse_associate_rq(self._read_control_body(length)))
+            if length > pdu.MAX_CONTROL_PDU:
+                raise pdu.PDUError(f"PDU length {length} beyond the {pdu.MAX_CONTROL_PDU}-byte limit")
+            self._negotiate(pdu.parse_associate_rq(self._read_by(deadline, length)))
             established = True
             self._serve()
             released = True
         except _Rejected:
             pass
+        except ArtimExpired:
+            log.warning(
+                "connection closed: no complete A-ASSOCIATE-RQ before the ARTIM timer expired",
+                peer=self.peer_host,
+                artim_s=self.server.cfg.acse_timeout,
+            )
         except PeerAborted as exc:
             log.warning("association aborted; any partly received instance is discarded", **self._who(), abort=str(exc))
         except (ConnectionClosed, ConnectionError):
-            if self._stopping:
+            if not established:
+                log.debug("connection closed before an association was established", peer=self.peer_host)
+            elif self._stopping:
                 log.warning("association aborted at shutdown", **self._who())
             else:
                 log.warning(
@@ -215,6 +286,13 @@ class Association:
 
     def _negotiate(self, rq: pdu.AssociateRequest) -> None:
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        if not rq.protocol_version & pdu.PROTOCOL_VERSION_1:
+            log.warning(
+                "association rejected: protocol version not supported", **self._who(), version=rq.protocol_version
+            )
+            self._reject(0x01, 0x02, 0x02)  # permanent, service-provider (ACSE), protocol-version not supported
+        if rq.ignored_items:
+            log.debug("unknown A-ASSOCIATE-RQ items ignored", **self._who(), items=sorted(set(rq.ignored_items)))
         if not self.server.services.admit(rq.calling_ae, self.peer_host):
             self._reject(0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
         if rq.application_context != pdu.APPLICATION_CONTEXT:
@@ -222,13 +300,15 @@ class Association:
                 "association rejected: unknown application context", **self._who(), context=rq.application_context
             )
             self._reject(0x01, 0x01, 0x02)
-        if self.server.count() > self.server.cfg.max_associations:
+        if not self.server._establish(self):
             log.warning(
                 "association rejected: too many associations", **self._who(), limit=self.server.cfg.max_associations
             )
             self._reject(0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
         results = negotiate(rq.contexts, self.server.contexts)
         self.contexts = {r.context_id: r.transfer_syntax for r in results if r.result == pdu.ACCEPTANCE}
+        proposed = {cx.context_id: cx.abstract_syntax for cx in rq.contexts}
+        self.abstract_syntaxes = {cid: proposed[cid] for cid in self.contexts}
         self.peer_max_pdu = rq.max_pdu
         self._send(pdu.encode_associate_ac(rq, results, self.server.cfg.max_pdu))
         log.debug(
@@ -308,6 +388,18 @@ class Association:
             self._respond(ctx, dimse.C_ECHO_RSP, command, 0x0000, None)
         elif command.field == dimse.C_STORE_RQ and command.has_data_set:
             self._command = command
+            if command.sop_class_uid != self.abstract_syntaxes[ctx]:
+                # PS3.7/PS3.8: a message belongs to its presentation context's abstract syntax; an instance
+                # of a class that was not accepted (perhaps proposed and rejected) is drained and refused.
+                log.warning(
+                    "instance refused: SOP class not accepted on its presentation context",
+                    **self._who(),
+                    sop_class=command.sop_class_uid,
+                    context_id=ctx,
+                    context_sop_class=self.abstract_syntaxes[ctx],
+                )
+                self._refusal = (STATUS_SOP_CLASS_NOT_SUPPORTED, "SOP class not accepted on this presentation context")
+                return
             ts = self.contexts[ctx]
             prefix = dimse.part10_prefix(command.sop_class_uid, command.sop_instance_uid, ts)
             self._received = len(prefix)
@@ -319,19 +411,28 @@ class Association:
 
     def _data_fragment(self, ctx: int, size: int, last: bool) -> None:
         sink = self._sink
-        if self._command is None or sink is None or ctx != self._command_ctx:
+        if self._command is None or ctx != self._command_ctx or (sink is None and self._refusal is None):
             raise pdu.PDUError("data set fragment without its command", pdu.REASON_UNEXPECTED_PARAMETER)
         limit = self.server.cfg.max_instance_bytes
-        if self._oversize or self._received + size > limit:
-            # Too large to hold: drain the rest of the data set without keeping it, then refuse it.
-            if not self._oversize:
-                self._oversize = True
+        if self._refusal is None and self._received + size > limit:
+            log.warning(
+                "instance refused: data set too large",
+                **self._who(),
+                sop_uid=self._command.sop_instance_uid,
+                max_instance_bytes=limit,
+            )
+            self._refusal = (STATUS_OUT_OF_RESOURCES, "data set too large")
+        if self._refusal is not None:
+            # Refused: drain the rest of the data set without keeping it, then answer the refusal.
+            if sink is not None:  # what was filed of it so far is removed
+                self._sink = None
                 sink.discard()
             while size:
                 step = min(size, DATA_CHUNK)
                 self._read(step)
                 size -= step
         else:
+            assert sink is not None
             while size:  # each piece goes to the sink as it arrives, in bounded steps
                 step = min(size, DATA_CHUNK)
                 sink.feed(self._read(step))
@@ -339,18 +440,12 @@ class Association:
                 size -= step
         if not last:
             return
-        command = self._command
-        self._command, self._command_ctx, self._sink = None, None, None
-        if self._oversize:
-            self._oversize = False
-            log.warning(
-                "instance refused: data set too large",
-                **self._who(),
-                sop_uid=command.sop_instance_uid,
-                max_instance_bytes=limit,
-            )
-            self._respond(ctx, dimse.C_STORE_RSP, command, STATUS_OUT_OF_RESOURCES, "data set too large")
+        command, refusal = self._command, self._refusal
+        self._command, self._command_ctx, self._sink, self._refusal = None, None, None, None
+        if refusal is not None:
+            self._respond(ctx, dimse.C_STORE_RSP, command, *refusal)
             return
+        assert sink is not None
         try:
             status, comment = sink.finish()
         except Exception:
@@ -370,8 +465,31 @@ class Association:
         self._send(pdu.encode_p_data(ctx, rsp, True, self.peer_max_pdu))
 
 
+class _Pending(Protocol):
+    peer_host: str
+
+
+P = TypeVar("P", bound=_Pending)
+
+
+def eviction_victim(pending: list[P]) -> P:
+    """Which pending connection (oldest first in ``pending``) to close for a new one: the oldest of the
+    peer address holding the most pending connections. A flood from one address then only displaces
+    its own connections, never a modality's single pending one from another address."""
+    counts = Counter(c.peer_host for c in pending)
+    busiest = max(counts.values())
+    return next(c for c in pending if counts[c.peer_host] == busiest)
+
+
 class AssociationServer:
-    """Accepts connections on ``(bind, port)`` and runs each association in its own thread."""
+    """Accepts connections on ``(bind, port)`` and runs each in its own thread.
+
+    A connection is *pending* from accept until its A-ASSOCIATE-RQ is accepted, then *established*.
+    At most ``cfg.max_pending`` are pending: a new connection beyond that closes the oldest pending
+    one of the busiest peer address (``eviction_victim``; a modality completes its request in
+    milliseconds, an idle probe or a flood is what goes). At
+    most ``cfg.max_associations`` are established; pending ones never count against that limit.
+    """
 
     def __init__(
         self,
@@ -386,7 +504,8 @@ class AssociationServer:
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._listener = socket.create_server(address, family=family, backlog=64)
         self._listener.settimeout(0.2)  # accept() polls the stop flag this often
-        self._active: set[Association] = set()
+        self._pending: dict[Association, None] = {}  # insertion-ordered: the oldest first
+        self._established: set[Association] = set()
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -398,8 +517,18 @@ class AssociationServer:
         return (str(host), int(port))
 
     def count(self) -> int:
+        """Established associations."""
         with self._lock:
-            return len(self._active)
+            return len(self._established)
+
+    def pending(self) -> int:
+        """Connections that have not (yet) completed an A-ASSOCIATE-RQ."""
+        with self._lock:
+            return len(self._pending)
+
+    def listening(self) -> bool:
+        """True while the accept loop runs (started and neither stopped nor crashed)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._accept_loop, name="dicom-accept", daemon=True)
@@ -417,31 +546,63 @@ class AssociationServer:
                 log.error("accept failed", error=str(exc))
                 time.sleep(0.1)
                 continue
+            accepted_at = time.monotonic()
+            if not self.services.may_connect(str(peer[0])):
+                with contextlib.suppress(OSError):
+                    sock.close()
+                continue
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # else each response waits ~40 ms
-            assoc = Association(self, sock, peer)
+            assoc = Association(self, sock, peer, accepted_at)
             thread = threading.Thread(target=assoc.run, name=f"assoc-{peer[0]}:{peer[1]}", daemon=True)
+            evicted: list[Association] = []
             with self._lock:
-                self._active.add(assoc)
+                while len(self._pending) >= max(1, self.cfg.max_pending):
+                    victim = eviction_victim(list(self._pending))
+                    del self._pending[victim]
+                    evicted.append(victim)
+                self._pending[assoc] = None
                 self._threads.add(thread)
+            for old in evicted:
+                log.warning(
+                    "pending connection closed to make room: too many connections without an association",
+                    peer=old.peer_host,
+                    max_pending=self.cfg.max_pending,
+                )
+                old.drop()
             thread.start()
+
+    def _establish(self, assoc: Association) -> bool:
+        """Move a pending connection to the established ones; False when ``max_associations`` are in use."""
+        with self._lock:
+            if len(self._established) >= self.cfg.max_associations:
+                return False
+            self._pending.pop(assoc, None)
+            self._established.add(assoc)
+            return True
 
     def _forget(self, assoc: Association) -> None:
         with self._lock:
-            self._active.discard(assoc)
+            self._pending.pop(assoc, None)
+            self._established.discard(assoc)
             self._threads.discard(threading.current_thread())
 
     def stop(self, grace_s: float) -> int:
-        """Stop accepting, let associations finish for up to ``grace_s``, abort the rest; returns how many."""
+        """Stop accepting, close pending connections, let associations finish for up to ``grace_s``,
+        abort the rest; returns how many were aborted."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._listener.close()
+        with self._lock:
+            pending = list(self._pending)
+        for conn in pending:
+            conn.drop()
         deadline = time.monotonic() + grace_s
         while self.count() and time.monotonic() < deadline:
             time.sleep(0.05)
         with self._lock:
-            left, threads = list(self._active), list(self._threads)
+            left, threads = list(self._established), list(self._threads)
         for assoc in left:
             assoc.abort()
         for thread in threads:
