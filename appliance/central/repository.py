@@ -131,14 +131,14 @@ def _new_signer() -> CryptoSigner:
 
 
 class Repository:
-    """An initialised TUF repository in ``repo_dir`` whose private keys are in ``keys_dir``.
+    """An initialised TUF repository in ``repo_dir`` whose private keys are in ``keys_dir`` (None: read only).
 
     Raises :class:`RepositoryError` if ``repo_dir`` holds no repository (run :func:`init` first).
     """
 
-    def __init__(self, repo_dir: Path, keys_dir: Path):
+    def __init__(self, repo_dir: Path, keys_dir: Path | None = None):
         self.repo_dir = Path(repo_dir)
-        self.keys_dir = Path(keys_dir)
+        self._keys_dir = Path(keys_dir) if keys_dir is not None else None
         self.metadata_dir = self.repo_dir / layout.METADATA_PREFIX.rstrip("/")
         self.targets_dir = self.repo_dir / layout.TARGETS_PREFIX.rstrip("/")
         cfg = self.repo_dir / CONFIG_FILE
@@ -146,6 +146,13 @@ class Repository:
             raise RepositoryError(f"{self.repo_dir} is not a repository (no {CONFIG_FILE}); run `repo init` first")
         doc = json.loads(cfg.read_text())
         self.expiry = {r: dt.timedelta(seconds=float(doc["expiry_s"][r])) for r in ROLES}
+
+    @property
+    def keys_dir(self) -> Path:
+        """The private keys' folder; :class:`RepositoryError` if the repository was opened read-only."""
+        if self._keys_dir is None:
+            raise RepositoryError("this operation signs metadata: give the keys folder")
+        return self._keys_dir
 
     # -- reading ------------------------------------------------------------------------------------------
 
