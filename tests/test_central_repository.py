@@ -229,3 +229,26 @@ def test_expired_timestamp_refused_by_client_until_refreshed(tmp_path: Path, key
 def test_open_missing_repository_is_clear(tmp_path: Path) -> None:
     with pytest.raises(R.RepositoryError, match="is not a repository"):
         R.Repository(tmp_path / "nothing", tmp_path / "keys")
+
+
+def test_refresh_resigns_what_is_past_half_its_lifetime(tmp_path: Path, key) -> None:
+    h = make_repository(
+        tmp_path,
+        [make_bundle(tmp_path, key)],
+        trust=trust_for(key),
+        expiry={"snapshot": dt.timedelta(seconds=4), "targets": dt.timedelta(days=90)},
+    )
+    t0, s0, ts0 = (h.repo.targets().signed.version, h.repo.snapshot().signed.version, h.repo.timestamp().signed.version)
+    assert h.repo.refresh() == {"timestamp": ts0 + 1}  # all young: only the timestamp
+    half = h.repo.snapshot().signed.expires - dt.timedelta(seconds=2)
+    while dt.datetime.now(dt.timezone.utc) <= half:
+        time.sleep(0.2)
+    assert h.repo.refresh() == {"snapshot": s0 + 1, "timestamp": ts0 + 2}
+    assert h.repo.targets().signed.version == t0
+    up = client(tmp_path, h.repo_dir, h.root_path.read_bytes())
+    up.refresh()
+    assert up.get_targetinfo(layout.target_path("tiny", "1.0.0")) is not None
+    long = make_repository(tmp_path / "long", trust=trust_for(key))
+    v = long.repo.timestamp().signed.version
+    assert long.repo.refresh() == {"timestamp": v + 1}
+    assert long.repo.root_expires() > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=300)

@@ -305,6 +305,32 @@ class Repository:
         log.info("repository.timestamp_refreshed", version=ts.signed.version, expires=str(ts.signed.expires))
         return ts.signed.version
 
+    def refresh(self) -> dict[str, int]:
+        """Keep the online metadata alive: re-sign targets and/or snapshot once past half their lifetime,
+        and always the timestamp. Returns ``{role: new version}`` for what was re-signed.
+
+        Run from cron more often than the timestamp lifetime (e.g. every 6 h for 1 day). Root is not
+        touched (its keys are offline): :meth:`root_expires` says when it needs :meth:`rotate_key`.
+        """
+        root = self.root().signed
+        now = _utcnow()
+        targets, snap = self.targets(), self.snapshot()
+        done: dict[str, int] = {}
+        if targets.signed.expires - now < self.expiry[TARGETS] / 2:
+            self._bump(targets, TARGETS)
+            done[SNAPSHOT] = self._commit(root, targets=targets)
+            done[TARGETS] = targets.signed.version
+        elif snap.signed.expires - now < self.expiry[SNAPSHOT] / 2:
+            done[SNAPSHOT] = self._commit(root)
+        else:
+            self.refresh_timestamp()
+        done[TIMESTAMP] = self.timestamp().signed.version
+        return done
+
+    def root_expires(self) -> dt.datetime:
+        """When the newest root metadata expires (boxes refuse the repository after that)."""
+        return self.root().signed.expires
+
     def rotate_key(self, role: str, old_keyid: str | None = None) -> str:
         """Replace one key of ``role`` with a newly generated one; returns the new key id.
 

@@ -301,15 +301,26 @@ def repo_refresh(
     container: str = _CONTAINER,
     blob_ca: Path | None = _BLOB_CA,
 ) -> None:
-    """Re-sign timestamp.json with a fresh expiry (run from cron well inside the timestamp lifetime)."""
+    """Re-sign timestamp.json (and snapshot/targets past half their lifetime); run from cron, e.g. every 6 h."""
     from appliance.central.repository import RepositoryError
 
     r = _open(repo, keys)
     try:
-        version = r.refresh_timestamp()
+        versions = r.refresh()
     except RepositoryError as exc:
         raise _refused(exc) from exc
-    typer.echo(json.dumps({"timestamp_version": version, "expires": r.timestamp().signed.expires.isoformat()}))
+    root_expires = r.root_expires()
+    typer.echo(
+        json.dumps(
+            {
+                "resigned": versions,
+                "timestamp_expires": r.timestamp().signed.expires.isoformat(),
+                "root_expires": root_expires.isoformat(),
+            }
+        )
+    )
+    if root_expires - dt.datetime.now(dt.timezone.utc) < dt.timedelta(days=60):
+        typer.echo(f"warning: root metadata expires {root_expires:%Y-%m-%d}: rotate a root key before", err=True)
     _upload(r, blob, container, blob_ca)
 
 
