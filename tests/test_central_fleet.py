@@ -233,3 +233,45 @@ def test_rollout_bad_input_refused_and_twins_untouched(fleet, pki, tmp_path: Pat
     out = {x["device_id"]: x for x in map(json.loads, r.stdout.splitlines())}
     assert "404" in out["ghost"]["error"] and out["clinic-a"]["error"] is None
     assert desired_updates(hub, "clinic-a") == {"bundles": {"cxr": {"version": "1.0.0"}}}
+
+
+def test_direct_method_and_twin_replace_through_service_api(fleet, pki, monkeypatch) -> None:
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import CloudToDeviceMethod, Twin, TwinProperties
+
+    from appliance.central.hub_service import ConnectionString, HubService, HubServiceError
+
+    hub, keys = fleet
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki["ca"]))
+    registry = IoTHubRegistryManager.from_connection_string(hub.service_connection_string())
+    ours = HubService(ConnectionString.parse(hub.service_connection_string("service")), ca_file=str(pki["ca"]))
+    with device(hub, keys, pki, "clinic-a") as dev:
+        res = registry.invoke_device_method(
+            "clinic-a", CloudToDeviceMethod(method_name="echo", payload={"n": 1}, response_timeout_in_seconds=10)
+        )
+        assert (res.status, res.payload) == (200, {"echo": {"n": 1}})
+        assert dev.wait_for("method") == {"event": "method", "name": "echo", "payload": {"n": 1}}
+        assert ours.invoke_method("clinic-a", "echo", [1, 2], timeout_s=10) == {
+            "status": 200,
+            "payload": {"echo": [1, 2]},
+        }
+        # PUT replaces desired: the device is sent the patch from the old document to the new one
+        registry.update_twin("clinic-a", Twin(properties=TwinProperties(desired={"a": 1, "b": 2})), "*")
+        assert dev.wait_for("desired")["patch"] == {
+            "a": 1,
+            "b": 2,
+            "$version": hub.twin("clinic-a")["desired"]["$version"],
+        }
+        registry.replace_twin("clinic-a", Twin(tags={"clinic": "north"}, properties=TwinProperties(desired={"b": 3})))
+        got = dev.wait_for("desired")["patch"]
+        assert {k: v for k, v in got.items() if k != "$version"} == {"a": None, "b": 3}
+        assert hub.twin("clinic-a")["desired"] == {"b": 3, "$version": got["$version"]}
+    with pytest.raises(HubServiceError) as offline:
+        ours.invoke_method("clinic-b", "echo", None, timeout_s=5)
+    assert offline.value.status == 404 and "DeviceNotOnline" in str(offline.value)
+    with pytest.raises(HubServiceError) as too_big:
+        ours.update_twin("clinic-b", {"properties": {"desired": {"blob": "x" * 33 * 1024}}})
+    assert too_big.value.status == 400 and "over 32 KB" in str(too_big.value)
+    with pytest.raises(HubServiceError) as reported:
+        ours.update_twin("clinic-b", {"properties": {"reported": {"x": 1}}})
+    assert reported.value.status == 400 and "read-only" in str(reported.value)

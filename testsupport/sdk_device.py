@@ -11,7 +11,8 @@ event on stdout, and obeys JSON commands on stdin, one per line:
                                             reporting every bundle in it as {"state": "waiting_window", "version": v}
     {"cmd": "quit"}                      -> disconnect and exit 0
 
-Every desired-property patch received is printed as {"event": "desired", "patch": {...}}.
+Every desired-property patch received is printed as {"event": "desired", "patch": {...}}; every direct method
+as {"event": "method", "name": ..., "payload": ...}, answered with status 200 and {"echo": payload}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 import time
 
 import paho.mqtt.client as paho
-from azure.iot.device import IoTHubDeviceClient
+from azure.iot.device import IoTHubDeviceClient, MethodRequest, MethodResponse
 
 PORT = int(os.environ["FAKEHUB_PORT"])
 _connect = paho.Client.connect
@@ -71,7 +72,12 @@ def main() -> None:
             client.patch_twin_reported_properties({"model_updates": reported})
             say({"event": "reported", "patch": {"model_updates": reported}})
 
+    def on_method(request: MethodRequest) -> None:
+        say({"event": "method", "name": request.name, "payload": request.payload})
+        client.send_method_response(MethodResponse.create_from_method_request(request, 200, {"echo": request.payload}))
+
     client.on_twin_desired_properties_patch_received = on_patch
+    client.on_method_request_received = on_method
     client.connect()
     say({"event": "connected"})
     for line in sys.stdin:

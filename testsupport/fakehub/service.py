@@ -29,7 +29,15 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from testsupport.fakehub.hub import MAX_TWIN_DEPTH, MAX_TWIN_SECTION_BYTES, _bad_twin_keys, _depth, _merge, verify_sas
+from testsupport.fakehub.hub import (
+    MAX_TWIN_DEPTH,
+    MAX_TWIN_SECTION_BYTES,
+    _bad_twin_keys,
+    _depth,
+    _merge,
+    twin_section_size,
+    verify_sas,
+)
 
 if TYPE_CHECKING:
     from testsupport.fakehub.hub import Device, FakeHub
@@ -87,7 +95,7 @@ def _check_section(name: str, doc: dict[str, Any], limit: int) -> None:
         raise ApiError(400, 400004, f"{name}: invalid property names {bad}")
     if _depth(doc) > MAX_TWIN_DEPTH:
         raise ApiError(400, 400004, f"{name}: nesting deeper than {MAX_TWIN_DEPTH}")
-    if len(json.dumps(doc, separators=(",", ":")).encode()) > limit:
+    if twin_section_size(doc) > limit:
         raise ApiError(400, 400004, f"{name}: over {limit // 1024} KB")
 
 
@@ -106,7 +114,8 @@ def update_twin(hub: FakeHub, device_id: str, body: Any, if_match: str | None, *
         d = hub.devices.get(device_id)
         if d is None:
             raise ApiError(404, 404001, f"device {device_id!r} not found")
-        if if_match not in (None, "*") and if_match.strip('"') != d.etag:
+        wanted = None if if_match is None else if_match.strip().strip('"')
+        if wanted not in (None, "*") and wanted != d.etag:
             raise ApiError(412, 412002, f"etag {if_match} does not match the twin's {d.etag}")
         new_tags = {} if replace else copy.deepcopy(d.tags)
         new_desired = {} if replace else copy.deepcopy(d.desired)
