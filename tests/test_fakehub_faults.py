@@ -17,6 +17,7 @@ from tests.test_fakehub import Raw
 from testsupport.cloud import DEVICE, HUB
 from testsupport.common import wait_until
 from testsupport.fakehub import FakeHub
+from testsupport.sdk import sdk_provision
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +146,15 @@ def test_dps_accepts_token_without_skn_refuses_other_skn_and_throttles_with_retr
     r.c.publish("$dps/registrations/PUT/iotdps-register/?$rid=2", body, qos=1)
     wait_until(lambda: len(r.msgs) == 2, 10, "202")
     assert r.msgs[1][0].startswith("$dps/registrations/res/202/?$rid=2")
+
+
+def test_microsoft_provisioning_sdk_registers_through_a_throttled_dps(hub: FakeHub, pki) -> None:
+    """Microsoft's ProvisioningDeviceClient understands the fake DPS, including its 429 with retry-after."""
+    group_key = "Z3JvdXAta2V5LWZvci10ZXN0cy0zMi1ieXRlcy1sb25nISE="
+    hub.add_enrollment_group("clinics", group_key)
+    fault = hub.add_fault("$dps/registrations/PUT/*", "throttle", direction="from_device", retry_after_s=1)
+    reg = "clinic-0101"
+    got = sdk_provision(hub.port, pki["ca"], hub.id_scope, reg, sas.derive_device_key(group_key, reg))
+    assert got == {"status": "assigned", "assigned_hub": HUB, "device_id": reg}
+    assert len(fault.hits) == 1  # throttled once, then the SDK registered again by itself
+    assert reg in hub.devices

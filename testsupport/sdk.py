@@ -30,6 +30,30 @@ def sdk_python() -> str | None:
     return None
 
 
+def sdk_provision(port: int, ca: Path, id_scope: str, registration_id: str, key: str) -> dict[str, Any]:
+    """Register through the fake DPS with Microsoft's ``ProvisioningDeviceClient`` (symmetric key); returns
+    ``{"status", "assigned_hub", "device_id"}``. AssertionError with the SDK's output if it fails."""
+    py = sdk_python()
+    if py is None:
+        raise RuntimeError("azure-iot-device venv not found: set AZURE_IOT_DEVICE_PYTHON or run bootstrap.sh test")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "SDK_MODE": "provision",
+        "FAKEHUB_PORT": str(port),
+        "FAKEHUB_CA": str(ca),
+        "DPS_ID_SCOPE": id_scope,
+        "DPS_REGISTRATION_ID": registration_id,
+        "DPS_KEY": key,
+    }
+    p = subprocess.run(
+        [py, str(ROOT / "testsupport" / "sdk_device.py")], env=env, capture_output=True, text=True, timeout=180
+    )
+    lines = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    if p.returncode != 0 or not lines:
+        raise AssertionError(f"SDK provisioning failed ({p.returncode}): {p.stderr[-3000:]}")
+    return {k: v for k, v in lines[-1].items() if k != "event"}
+
+
 class SdkDevice:
     """One ``azure-iot-device`` client as a subprocess; a context manager (``quit`` and wait on exit).
 

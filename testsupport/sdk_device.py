@@ -11,6 +11,8 @@ event on stdout, and obeys JSON commands on stdin, one per line:
                                             reporting every bundle in it as {"state": "waiting_window", "version": v}
     {"cmd": "quit"}                      -> disconnect and exit 0
 
+With ``SDK_MODE=provision`` it registers through DPS instead (see :func:`provision`) and exits.
+
 Every desired-property patch received is printed as {"event": "desired", "patch": {...}}; every direct method
 as {"event": "method", "name": ..., "payload": ...}, answered with status 200 and {"echo": payload}.
 """
@@ -24,7 +26,7 @@ import threading
 import time
 
 import paho.mqtt.client as paho
-from azure.iot.device import IoTHubDeviceClient, MethodRequest, MethodResponse
+from azure.iot.device import IoTHubDeviceClient, MethodRequest, MethodResponse, ProvisioningDeviceClient
 
 PORT = int(os.environ["FAKEHUB_PORT"])
 _connect = paho.Client.connect
@@ -96,5 +98,32 @@ def main() -> None:
     say({"event": "bye"})
 
 
+def provision() -> None:
+    """``SDK_MODE=provision``: register ``DPS_REGISTRATION_ID`` with ``DPS_KEY`` in ``DPS_ID_SCOPE`` through DPS at
+    127.0.0.1 (the SDK's ProvisioningDeviceClient, its own retries) and print the registration result."""
+    with open(os.environ["FAKEHUB_CA"]) as fh:
+        ca = fh.read()
+    client = ProvisioningDeviceClient.create_from_symmetric_key(
+        "127.0.0.1",
+        os.environ["DPS_REGISTRATION_ID"],
+        os.environ["DPS_ID_SCOPE"],
+        os.environ["DPS_KEY"],
+        server_verification_cert=ca,
+    )
+    result = client.register()
+    state = result.registration_state
+    say(
+        {
+            "event": "registered",
+            "status": result.status,
+            "assigned_hub": state.assigned_hub,
+            "device_id": state.device_id,
+        }
+    )
+
+
 if __name__ == "__main__":
-    main()
+    if os.environ.get("SDK_MODE") == "provision":
+        provision()
+    else:
+        main()
