@@ -252,3 +252,32 @@ def test_refresh_resigns_what_is_past_half_its_lifetime(tmp_path: Path, key) -> 
     v = long.repo.timestamp().signed.version
     assert long.repo.refresh() == {"timestamp": v + 1}
     assert long.repo.root_expires() > dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=300)
+
+
+def test_threshold_two_for_root_and_targets(tmp_path: Path, key) -> None:
+    h = make_repository(tmp_path, trust=trust_for(key), threshold={"root": 2, "targets": 2})
+    first_root = h.root_path.read_bytes()
+    root_keys = h.repo.root().signed.roles["root"].keyids
+    assert len(root_keys) == 2  # keys default to the threshold
+    published = h.publish(make_bundle(tmp_path, key))
+    assert (
+        len(json.loads((h.metadata_dir / f"{published.targets_version}.targets.json").read_bytes())["signatures"]) == 2
+    )
+    lost = h.repo.root().signed.roles["targets"].keyids[0]
+    (h.keys_dir / "targets" / f"{lost}.pem").unlink()
+    with pytest.raises(R.RepositoryError, match=f"role targets needs 2 of its keys to sign; 1 found.*missing: {lost}"):
+        h.publish(make_bundle(tmp_path, key, version="2.0.0"))
+    # replace the lost targets key: root (2 of 2 present) signs the new root; targets re-signed by 2 keys
+    new = h.repo.rotate_key("targets", lost)
+    assert set(h.repo.root().signed.roles["targets"].keyids) == {
+        new,
+        *(k for k in json.loads(first_root)["signed"]["roles"]["targets"]["keyids"] if k != lost),
+    }
+    h.publish(make_bundle(tmp_path, key, version="2.0.0"))
+    # root with one of its two keys gone: no rotation at all
+    (h.keys_dir / "root" / f"{root_keys[1]}.pem").unlink()
+    with pytest.raises(R.RepositoryError, match="role root needs 2 of its keys to sign; 1 found"):
+        h.repo.rotate_key("root", root_keys[1])
+    up = client(tmp_path, h.repo_dir, first_root)
+    up.refresh()
+    assert up.get_targetinfo(layout.target_path("tiny", "2.0.0")) is not None
