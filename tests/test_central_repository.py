@@ -197,6 +197,15 @@ def test_rotate_with_missing_key_refused_and_nothing_written(tmp_path: Path, key
     assert sorted(p.name for p in h.keys_dir.rglob("*.pem")) == keys_before
     with pytest.raises(R.RepositoryError, match="not a key of targets"):
         h.repo.rotate_key("targets", "00" * 32)
+    # root present but the snapshot key (re-signed after a targets rotation) missing: refused before any write
+    os.rename(tmp_path / "offline.pem", h.keys_dir / "root" / f"{root_key}.pem")
+    snapshot_keys = {p.name for p in (h.keys_dir / "snapshot").glob("*.pem")}
+    for name in snapshot_keys:
+        (h.keys_dir / "snapshot" / name).unlink()
+    with pytest.raises(R.RepositoryError, match="role snapshot needs 1"):
+        h.repo.rotate_key("targets")
+    assert sorted(p.name for p in h.metadata_dir.iterdir()) == before
+    assert sorted(p.name for p in h.keys_dir.rglob("*.pem")) == [n for n in keys_before if n not in snapshot_keys]
 
 
 def test_publish_without_targets_key_refused_clearly(tmp_path: Path, key) -> None:

@@ -144,8 +144,11 @@ class Repository:
         cfg = self.repo_dir / CONFIG_FILE
         if not cfg.is_file() or not self.metadata_dir.is_dir():
             raise RepositoryError(f"{self.repo_dir} is not a repository (no {CONFIG_FILE}); run `repo init` first")
-        doc = json.loads(cfg.read_text())
-        self.expiry = {r: dt.timedelta(seconds=float(doc["expiry_s"][r])) for r in ROLES}
+        try:
+            doc = json.loads(cfg.read_text())
+            self.expiry = {r: dt.timedelta(seconds=float(doc["expiry_s"][r])) for r in ROLES}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RepositoryError(f"{cfg}: unreadable ({exc})") from exc
 
     @property
     def keys_dir(self) -> Path:
@@ -353,6 +356,9 @@ class Repository:
         if old_keyid not in current:
             raise RepositoryError(f"{old_keyid} is not a key of {role} (its keys: {', '.join(current)})")
         old_root_signers = _signers_for(self.keys_dir, old_root, ROOT)
+        # what is re-signed after the new root must be signable too, or boxes would get a root its metadata fails
+        for after in {TARGETS: (SNAPSHOT, TIMESTAMP), SNAPSHOT: (TIMESTAMP,)}.get(role, ()):
+            _signers_for(self.keys_dir, old_root, after)
         if role != ROOT:
             # the role re-signs with the new key; its other keys (if any) must be present too
             others = [k for k in current if k != old_keyid]
