@@ -7,7 +7,7 @@ import pytest
 
 from appliance.central.hub_service import ConnectionString
 from appliance.central.rollout import director_patch, status_rows
-from testsupport.fakehub.hub import twin_section_size
+from testsupport.fakehub.hub import _twin_size
 from testsupport.fakehub.service import ApiError, matches, parse_query
 
 pytestmark = pytest.mark.unit
@@ -128,7 +128,10 @@ def test_query_outside_the_subset_is_a_clear_400(query: str) -> None:
     assert exc.value.status == 400 and exc.value.message
 
 
-def test_twin_size_counts_compact_json_without_control_characters() -> None:
-    assert twin_section_size({"a": 1, "b": [1, 2]}) == len('{"a":1,"b":[1,2]}')
-    assert twin_section_size({"a": "x\ty\u0085"}) == len('{"a":"xy"}')
-    assert twin_section_size({"é": "ü"}) == len('{"é":"ü"}')  # characters, not UTF-8 bytes
+def test_twin_size_counted_as_the_device_twin_doc_says() -> None:
+    """Keys and string values by characters (control characters not counted), numbers 8, booleans 4, nested
+    objects the sum of their members, $-properties left out."""
+    assert _twin_size({"a": 1, "b": [1, 2]}) == 1 + 8 + 1 + 8 + 8
+    assert _twin_size({"a": "x\ty\u0085"}) == 1 + 2
+    assert _twin_size({"é": {"ü": True}}) == 1 + 1 + 4  # characters, not UTF-8 bytes
+    assert _twin_size({"$version": 7, "k": False}) == 1 + 4

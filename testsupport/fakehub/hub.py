@@ -128,6 +128,24 @@ def _depth(obj: Any) -> int:
     return 0
 
 
+def _twin_size(obj: Any) -> int:
+    """A twin section's size as IoT Hub documents it: keys' and string values' characters (Unicode control
+    characters not counted), numbers 8, booleans 4, objects the sum of their members; $-properties excluded."""
+
+    def chars(text: str) -> int:
+        return sum(1 for ch in text if not (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F))
+
+    if isinstance(obj, dict):
+        return sum(chars(k) + _twin_size(v) for k, v in obj.items() if not k.startswith("$"))
+    if isinstance(obj, list):
+        return sum(_twin_size(v) for v in obj)
+    if isinstance(obj, bool):
+        return 4
+    if isinstance(obj, (int, float)):
+        return 8
+    return chars(obj) if isinstance(obj, str) else 0
+
+
 def _bad_twin_keys(obj: Any) -> list[str]:
     bad = []
     if isinstance(obj, dict):
@@ -136,26 +154,6 @@ def _bad_twin_keys(obj: Any) -> list[str]:
                 bad.append(k)
             bad += _bad_twin_keys(v)
     return bad
-
-
-_CONTROL = {*range(0x00, 0x20), *range(0x7F, 0xA0)}  # Unicode C0 and C1
-
-
-def twin_section_size(doc: Any) -> int:
-    """The size of a twin section as IoT Hub counts it against its limits ("Device twins" doc: all
-    characters of the JSON, excluding Unicode control characters (C0, C1) and spaces outside string
-    constants), i.e. compact JSON of the document with control characters removed from names and strings."""
-
-    def strip(o: Any) -> Any:
-        if isinstance(o, str):
-            return "".join(ch for ch in o if ord(ch) not in _CONTROL)
-        if isinstance(o, dict):
-            return {strip(k): strip(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-
-    return len(json.dumps(strip(doc), separators=(",", ":"), ensure_ascii=False))
 
 
 def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -941,7 +939,7 @@ class FakeHub:
                 merged = copy.deepcopy(dev.reported)
                 _merge(merged, patch)
                 bad = _bad_twin_keys(patch)
-                too_big = twin_section_size(merged) > MAX_TWIN_SECTION_BYTES
+                too_big = _twin_size(merged) > MAX_TWIN_SECTION_BYTES
                 too_deep = _depth(merged) > MAX_TWIN_DEPTH
                 if bad or too_big or too_deep:
                     reason = f"bad keys {bad}" if bad else ("over 32 KB" if too_big else "deeper than 10")

@@ -35,7 +35,7 @@ from testsupport.fakehub.hub import (
     _bad_twin_keys,
     _depth,
     _merge,
-    twin_section_size,
+    _twin_size,
     verify_sas,
 )
 
@@ -95,7 +95,7 @@ def _check_section(name: str, doc: dict[str, Any], limit: int) -> None:
         raise ApiError(400, 400004, f"{name}: invalid property names {bad}")
     if _depth(doc) > MAX_TWIN_DEPTH:
         raise ApiError(400, 400004, f"{name}: nesting deeper than {MAX_TWIN_DEPTH}")
-    if twin_section_size(doc) > limit:
+    if _twin_size(doc) > limit:
         raise ApiError(400, 400004, f"{name}: over {limit // 1024} KB")
 
 
