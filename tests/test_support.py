@@ -121,6 +121,24 @@ def test_mosquitto_context_manager_listens_then_stops(tmp_path: Path, pki: dict[
     assert not port_open(broker.port)
 
 
+@pytest.mark.integration
+def test_azurite_reports_its_ephemeral_port_serves_https_then_stops(tmp_path: Path, pki: dict[str, Path]) -> None:
+    from azure.storage.blob import BlobServiceClient
+
+    from testsupport.azurite import Azurite, azurite_binary
+
+    assert azurite_binary() is not None, "azurite-blob missing: ./bootstrap.sh test installs it (npm)"
+    with Azurite(tmp_path / "az", cert=pki["server_crt"], key=pki["server_key"]) as az:
+        assert az.port > 0 and port_open(az.port)
+        assert az.blob_endpoint.startswith("https://127.0.0.1:")
+        svc = BlobServiceClient.from_connection_string(az.connection_string, connection_verify=str(pki["ca"]))
+        svc.create_container("box").upload_blob("x", b"hello")
+        assert svc.get_blob_client("box", "x").download_blob().readall() == b"hello"
+        proc = az.proc
+    assert proc is not None and proc.poll() is not None and az.proc is None
+    assert not port_open(az.port)
+
+
 def test_benchmarks_import_the_support_package_never_the_tests() -> None:
     """bench/ shares launchers with tests through testsupport/; an import of tests/ would make a benchmark
     depend on test modules (and their fixtures) again."""
