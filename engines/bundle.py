@@ -268,6 +268,8 @@ def _check_member(info: tarfile.TarInfo, bundle: str | None) -> None:
         raise BundleError("link_member", f"{info.name!r} is a link", bundle=bundle)
     if not info.isfile():
         raise BundleError("bad_member_type", f"{info.name!r} is not a regular file", bundle=bundle)
+    if info.issparse():  # a sparse member expands to its declared size from a few bytes: never legitimate here
+        raise BundleError("bad_member_type", f"{info.name!r} is a sparse file", bundle=bundle)
 
 
 def _read_small(tar: tarfile.TarFile, info: tarfile.TarInfo, cap: int, bundle: str | None) -> bytes:
@@ -455,11 +457,11 @@ def _read_head(tar: tarfile.TarFile, limits: Limits, bundle: str | None) -> tupl
         info = _next(tar, bundle)
         if info is None:
             break
-        _check_member(info, bundle)
         if info.name not in caps or info.name in head:
             if MANIFEST not in head:
                 raise BundleError("missing_file", "manifest.json must be the first member", bundle=bundle)
             raise BundleError("unsigned", "bundle is not signed (no signature after the manifest)", bundle=bundle)
+        _check_member(info, bundle)
         head[info.name] = _read_small(tar, info, caps[info.name], bundle)
     if MANIFEST not in head:
         raise BundleError("missing_file", "bundle has no manifest.json", bundle=bundle)
