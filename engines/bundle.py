@@ -338,7 +338,9 @@ def _authenticate(
     m = _parse_manifest(manifest_bytes, hint)
     bid = f"{m.bundle_id}@{m.version}"
     if m.expired():
-        raise BundleError("expired", f"the bundle expired at {m.expires}; the central team must re-issue it", bundle=bid)
+        raise BundleError(
+            "expired", f"the bundle expired at {m.expires}; the central team must re-issue it", bundle=bid
+        )
     if appliance_version and version_key(appliance_version) < version_key(m.min_appliance_version):
         raise BundleError(
             "appliance_too_old",
@@ -400,7 +402,9 @@ def _stream_members(
     """Stream every member after the manifest and signature to ``dest``, hashing against the manifest."""
     total = sum(m.file_sizes.values())
     if total > limits.max_total_bytes:
-        raise BundleError("oversized_bundle", f"manifest declares {total} bytes (limit {limits.max_total_bytes})", bundle=bundle)
+        raise BundleError(
+            "oversized_bundle", f"manifest declares {total} bytes (limit {limits.max_total_bytes})", bundle=bundle
+        )
     if len(m.files) + 2 > limits.max_members:
         raise BundleError("too_many_members", f"more than {limits.max_members} members", bundle=bundle)
     too_big = sorted(n for n, size in m.file_sizes.items() if size > limits.max_member_bytes)
@@ -590,7 +594,9 @@ def _extract_all(path: Path, dest: Path, limits: Limits, bundle: str | None = No
     type and size against ``limits``; return the names in order. The box never uses this."""
     names: list[str] = []
     total = 0
-    with _open_stream(Path(path), limits.max_total_bytes + limits.header_allowance_bytes * limits.max_members, bundle) as (
+    with _open_stream(
+        Path(path), limits.max_total_bytes + limits.header_allowance_bytes * limits.max_members, bundle
+    ) as (
         tar,
         _,
     ):

@@ -75,7 +75,9 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rt
 
     Fails outright (never passes by NaN comparisons) on non-finite or out-of-bounds tolerances
     (``0 <= atol <= MAX_GOLDEN_ATOL``, ``0 <= rtol <= MAX_GOLDEN_RTOL``) and on non-finite golden values."""
-    if not (math.isfinite(atol) and math.isfinite(rtol) and 0 <= atol <= MAX_GOLDEN_ATOL and 0 <= rtol <= MAX_GOLDEN_RTOL):
+    if not (
+        math.isfinite(atol) and math.isfinite(rtol) and 0 <= atol <= MAX_GOLDEN_ATOL and 0 <= rtol <= MAX_GOLDEN_RTOL
+    ):
         return _failed(name, atol, rtol, expected.size, expected.size, "tolerance not finite or above the maximum")
     if actual.shape != expected.shape:
         note = f"shape {actual.shape} != golden {expected.shape}"

@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from engines.errors import BundleError, TrustError
 
-
 KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
 

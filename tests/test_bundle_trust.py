@@ -226,7 +226,8 @@ def test_malformed_key_ids_are_refused(bad: str, key, tmp_path: Path) -> None:
 def test_config_normalises_key_ids(tmp_path: Path, key) -> None:
     cfg = tmp_path / "a.toml"
     kid = key_id(key)
-    cfg.write_text(f'[engines]\ntrusted_keys = {{ " {kid.upper()}" = "{public_key_b64(key)}" }}\nrevoked_keys = ["{kid.upper()} "]\n')
+    trusted = f'trusted_keys = {{ " {kid.upper()}" = "{public_key_b64(key)}" }}'
+    cfg.write_text(f'[engines]\n{trusted}\nrevoked_keys = ["{kid.upper()} "]\n')
     s = load_settings(cfg)
     assert list(s.engines.trusted_keys) == [kid] and s.engines.revoked_keys == [kid]
 
@@ -505,7 +506,13 @@ def test_in_bundle_external_data_installs_compiles_and_passes_golden(tmp_path: P
 
 @pytest.mark.parametrize(
     "location",
-    ["../../secrets/device_secret", "/etc/hostname", "assets/../../secrets/device_secret", "assets\\..\\x", "other.bin"],
+    [
+        "../../secrets/device_secret",
+        "/etc/hostname",
+        "assets/../../secrets/device_secret",
+        "assets\\..\\x",
+        "other.bin",
+    ],
 )
 def test_external_data_outside_the_bundle_is_refused(tmp_path: Path, key, location: str) -> None:
     """A rogue signer's model points its weights at the box's device secret: refused at build, and (built by

@@ -358,26 +358,24 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
 
 
 def _trust_problems(e: EnginesConfig) -> list[str]:
-    """Model-trust settings that let anyone with the public repository sign what the box runs."""
+    """Model-trust settings that let anyone with a copy of the public repository sign what the box runs."""
     from engines.errors import TrustError
+    from engines.keys import TrustStore
     from engines.reference import publicly_known_key_ids
 
     out: list[str] = []
-    known = publicly_known_key_ids()
     if e.trust_demo_key:
         out.append(
             "engines.trust_demo_key: the demo key's private half is public, anyone can sign models this box runs "
             "(set it false; only `appliance demo` and tests use it)"
         )
-    for kid in sorted(set(e.trusted_keys) & known):
+    for kid in sorted(set(e.trusted_keys) & publicly_known_key_ids()):
         out.append(f"engines.trusted_keys: {kid} is the demo key, whose private half is public (remove it)")
     if e.install_reference_bundles:
         out.append(
             "engines.install_reference_bundles: the reference bundles are demo models, NOT FOR CLINICAL USE "
             "(set it false)"
         )
-    from engines.keys import TrustStore
-
     try:
         TrustStore.from_config(e.trusted_keys, e.revoked_keys)
     except TrustError as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from appliance import __version__
@@ -22,14 +21,17 @@ from engines.bundle import read_manifest_unverified
 from engines.errors import EnginesError
 from engines.keys import TrustStore, normalise_key_id
 from engines.manifest import Manifest
-from engines.reference import DEMO_PUBLIC_KEY, REFERENCE_DIR, demo_key, publicly_known_key_ids
-from engines.reference import reference_bundles as reference_bundles
+from engines.reference import (  # noqa: F401 - DEMO_PUBLIC_KEY, REFERENCE_DIR, reference_bundles: re-exported
+    DEMO_PUBLIC_KEY,
+    REFERENCE_DIR,
+    demo_key,
+    publicly_known_key_ids,
+    reference_bundles,
+)
 from engines.registry import Registry
 from engines.runtime import CompileResult
 
 log = get_logger(__name__)
-
-__all__ = ["DEMO_PUBLIC_KEY", "REFERENCE_DIR", "demo_key", "reference_bundles", "trust_store"]
 
 
 def trust_store(settings: Settings) -> TrustStore:
