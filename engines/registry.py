@@ -29,7 +29,7 @@ from durable import replace_durably, write_atomic
 from engines.bundle import Limits, Verified, unpack_bundle, verify_dir
 from engines.errors import BundleError
 from engines.keys import TrustStore
-from engines.manifest import BUNDLE_ID, Manifest, version_key
+from engines.manifest import BUNDLE_ID, Manifest, parse_manifest_bytes, version_key
 
 _HISTORY_MAX = 50
 
@@ -138,7 +138,7 @@ class Registry:
 
     def manifest(self, bundle_id: str, version: str | None = None) -> Manifest:
         path = self.version_dir(bundle_id, version) / "manifest.json"
-        return Manifest.model_validate_json(path.read_bytes())
+        return parse_manifest_bytes(path.read_bytes())
 
     # -- changes -----------------------------------------------------------------------------------
     def install(

@@ -11,12 +11,12 @@ import pytest
 
 from appliance.app.methods import run_selftest_method
 from appliance.core.config import PacsDestination, Settings
-from testsupport.common import PYTHON, ROOT
 from appliance.models.active import engine_options, reference_bundles, trust_store
 from engines import bundle as B
 from engines import runtime
 from engines.keys import key_id, public_key_b64
 from testsupport.bundles import new_key
+from testsupport.common import PYTHON, ROOT
 from testsupport.daemon import daemon_env
 
 pytestmark = pytest.mark.integration
