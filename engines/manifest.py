@@ -49,13 +49,12 @@ class _Strict(BaseModel):
 
 
 def parse_utc(value: str) -> dt.datetime:
-    """An ISO 8601 UTC timestamp as the manifest writes it (``2026-01-31T12:00:00Z``) -> aware datetime.
-
-    Raises ValueError for anything else (no offset, another offset, not a date)."""
-    if not isinstance(value, str) or not value.endswith("Z"):
-        raise ValueError(f"not an ISO 8601 UTC time ending in 'Z': {value!r}")
+    """An ISO 8601 UTC timestamp (``2026-01-31T12:00:00Z``, or with ``+00:00``; fractions allowed) -> aware
+    datetime. Raises ValueError for anything else (no offset, another offset, not a date)."""
+    if not isinstance(value, str) or not value.endswith(("Z", "+00:00")):
+        raise ValueError(f"not an ISO 8601 UTC time (ending in 'Z' or '+00:00'): {value!r}")
     try:
-        parsed = dt.datetime.fromisoformat(value[:-1] + "+00:00")
+        parsed = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
     except ValueError as exc:
         raise ValueError(f"not an ISO 8601 UTC time: {value!r}") from exc
     return parsed.astimezone(dt.timezone.utc)
