@@ -243,10 +243,9 @@ def _open_stream(path: Path, budget: int, bundle: str | None) -> Iterator[tuple[
         bounded = _BoundedReader(inner, budget, bundle)
         try:
             tar = tarfile.open(fileobj=io.BufferedReader(bounded, 64 * 1024), mode="r|")  # noqa: SIM115
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            if isinstance(exc, BundleError):
-                raise
-            raise BundleError("not_a_bundle", f"{Path(path).name}: not a readable bundle archive ({exc})") from exc
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            name = Path(path).name
+            raise BundleError("not_a_bundle", f"{name}: not a readable bundle archive ({exc})", bundle=bundle) from exc
         with tar:
             yield tar, bounded
     finally:
@@ -367,7 +366,8 @@ def check_external_data(model_path: Path, manifest: Manifest, *, bundle: str | N
         raise BundleError("bad_model", f"{Path(model_path).name} is not an ONNX model: {exc}", bundle=bundle) from exc
     allowed = set(manifest.files) - {MANIFEST, SIGNATURE, "model.onnx", "golden.npz"}
     used: list[str] = []
-    for tensor in _get_all_tensors(model):
+    sparse = [t for sp in model.graph.sparse_initializer for t in (sp.values, sp.indices)]
+    for tensor in [*_get_all_tensors(model), *sparse]:  # onnx's own walk: initializers, attributes, subgraphs
         if not uses_external_data(tensor):
             continue
         locations = [e.value for e in tensor.external_data if e.key == "location"]
