@@ -25,13 +25,14 @@ class BundleError(EnginesError):
 
     Reasons: not_a_bundle, path_traversal, link_member, bad_member_type, duplicate_member, too_many_members,
     oversized_member, oversized_bundle, missing_file, unlisted_file, hash_mismatch, bad_manifest,
-    noncanonical_manifest, unsigned, bad_signature_file, bad_signature, unknown_key, revoked_key,
-    appliance_too_old, downgrade, version_conflict, not_installed, no_active_version.
+    noncanonical_manifest, unsigned, bad_signature_file, bad_signature, unknown_key, revoked_key, expired,
+    external_data, bad_model, appliance_too_old, downgrade, version_conflict, not_installed, no_active_version.
     """
 
 
 class TrustError(EnginesError):
-    """The trust configuration itself is wrong (e.g. a key id that does not match its key)."""
+    """The trust configuration itself is wrong (reasons: bad_key_id, duplicate_key_id, key_id_mismatch,
+    bad_public_key, bad_private_key)."""
 
 
 class EngineBuildError(EnginesError):

@@ -9,13 +9,14 @@ from the manifest per output and per precision ("fp32", "fp16").
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from engines.backends.base import Engine
-from engines.manifest import Manifest
+from engines.manifest import MAX_GOLDEN_ATOL, MAX_GOLDEN_RTOL, Manifest
 
 
 @dataclass
@@ -70,12 +71,21 @@ def _failed(name: str, atol: float, rtol: float, mismatched: int, total: int, no
 
 
 def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    """Polygraphy-style element-wise comparison (fail only where |diff| > atol AND |diff|/|exp| > rtol)."""
+    """Polygraphy-style element-wise comparison (fail only where |diff| > atol AND |diff|/|exp| > rtol).
+
+    Fails outright (never passes by NaN comparisons) on non-finite or out-of-bounds tolerances
+    (``0 <= atol <= MAX_GOLDEN_ATOL``, ``0 <= rtol <= MAX_GOLDEN_RTOL``) and on non-finite golden values."""
+    if not (
+        math.isfinite(atol) and math.isfinite(rtol) and 0 <= atol <= MAX_GOLDEN_ATOL and 0 <= rtol <= MAX_GOLDEN_RTOL
+    ):
+        return _failed(name, atol, rtol, expected.size, expected.size, "tolerance not finite or above the maximum")
     if actual.shape != expected.shape:
         note = f"shape {actual.shape} != golden {expected.shape}"
         return _failed(name, atol, rtol, expected.size, expected.size, note)
     a = actual.astype(np.float64)
     e = expected.astype(np.float64)
+    if not np.all(np.isfinite(e)):
+        return _failed(name, atol, rtol, int((~np.isfinite(e)).sum()), e.size, "non-finite golden values")
     if not np.all(np.isfinite(a)):
         return _failed(name, atol, rtol, int((~np.isfinite(a)).sum()), a.size, "non-finite values")
     diff = np.abs(a - e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,22 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from engines.errors import BundleError, TrustError
+
+KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def normalise_key_id(value: object, *, what: str = "key id") -> str:
+    """The canonical form of a key id: surrounding whitespace stripped, lower-case, exactly 16 hex digits.
+
+    Every key id the box compares (trusted keys, revoked keys, the id in a bundle's signature) goes through
+    this, so ``" ABCD... "`` and ``"abcd..."`` are the same key and a revocation cannot be side-stepped by case
+    or padding. Raises :class:`TrustError` ("bad_key_id") for anything else."""
+    if not isinstance(value, str):
+        raise TrustError("bad_key_id", f"{what} must be a string, got {type(value).__name__}")
+    kid = value.strip().lower()
+    if not KEY_ID.match(kid):
+        raise TrustError("bad_key_id", f"{what} {value!r} is not 16 hexadecimal digits")
+    return kid
 
 
 def raw_public(key: Ed25519PublicKey | Ed25519PrivateKey) -> bytes:
@@ -78,7 +95,7 @@ def read_public_key_file(path: Path) -> tuple[str, str]:
     parts = Path(path).read_text(encoding="ascii").split()
     b64 = parts[-1]
     kid = key_id(load_public_key_b64(b64))
-    if len(parts) == 2 and parts[0] != kid:
+    if len(parts) == 2 and normalise_key_id(parts[0]) != kid:
         raise TrustError("key_id_mismatch", f"{path}: key id {parts[0]} does not match its key ({kid})")
     return kid, b64
 
@@ -89,24 +106,45 @@ def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
 
 @dataclass
 class TrustStore:
-    """Trusted public keys by key id, plus revoked key ids (a revoked key is refused even if trusted)."""
+    """Trusted public keys by key id, plus revoked key ids (a revoked key is refused even if trusted).
+
+    Key ids are held in their canonical form (:func:`normalise_key_id`); build it with :meth:`from_config`."""
 
     keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
     revoked: set[str] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.keys = {normalise_key_id(k, what="trusted key id"): v for k, v in self.keys.items()}
+        self.revoked = {normalise_key_id(k, what="revoked key id") for k in self.revoked}
+        for kid, pub in self.keys.items():
+            if key_id(pub) != kid:
+                raise TrustError("key_id_mismatch", f"trusted key {kid!r} is really {key_id(pub)!r}")
+
     @classmethod
     def from_config(cls, trusted: Mapping[str, str], revoked: Iterable[str] = ()) -> TrustStore:
-        """Build from ``{key id: base64 public key}``; a key id that does not match its key is an error."""
+        """Build from ``{key id: base64 public key}`` and revoked key ids. Every id is normalised
+        (:func:`normalise_key_id`); a malformed id (``bad_key_id``), the same key twice under two spellings
+        (``duplicate_key_id``) or an id that does not match its key (``key_id_mismatch``) raises TrustError."""
         keys: dict[str, Ed25519PublicKey] = {}
-        for kid, b64 in trusted.items():
+        for raw_kid, b64 in trusted.items():
+            kid = normalise_key_id(raw_kid, what="trusted key id")
+            if kid in keys:
+                raise TrustError("duplicate_key_id", f"trusted key {kid} is listed twice")
             pub = load_public_key_b64(b64)
             if key_id(pub) != kid:
                 raise TrustError("key_id_mismatch", f"trusted key {kid!r} is really {key_id(pub)!r}")
             keys[kid] = pub
-        return cls(keys, set(revoked))
+        return cls(keys, {normalise_key_id(r, what="revoked key id") for r in revoked})
 
-    def verify(self, kid: str, signature: bytes, data: bytes, *, bundle: str | None = None) -> None:
-        """Raise :class:`BundleError` (revoked_key, unknown_key, bad_signature) unless the signature is good."""
+    def verify(self, kid: str, signature: bytes, data: bytes, *, bundle: str | None = None) -> str:
+        """Check ``signature`` over ``data`` by key ``kid`` (normalised first); returns the normalised id.
+
+        Raises :class:`BundleError`: bad_signature_file (malformed id), revoked_key, unknown_key, bad_signature.
+        Revocation is checked first, on the normalised id, so no spelling of a revoked id gets through."""
+        try:
+            kid = normalise_key_id(kid, what="signature key id")
+        except TrustError as exc:
+            raise BundleError("bad_signature_file", str(exc), bundle=bundle) from exc
         if kid in self.revoked:
             raise BundleError("revoked_key", f"signed with revoked key {kid}", bundle=bundle)
         pub = self.keys.get(kid)
@@ -116,3 +154,4 @@ class TrustStore:
             pub.verify(signature, data)
         except InvalidSignature as exc:
             raise BundleError("bad_signature", f"signature by {kid} does not verify", bundle=bundle) from exc
+        return kid

@@ -8,7 +8,9 @@ sha256, so one signature protects the whole bundle.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -23,12 +25,39 @@ from pydantic import (
 )
 
 MANIFEST_SCHEMA = 1
-SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?$")
+# SemVer 2.0.0 (https://semver.org, section 9): a pre-release is dot-separated identifiers, each numeric without
+# leading zeros or alphanumeric; build metadata is not accepted (it would not take part in precedence, section 10).
+_PRE_ID = r"(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)"
+SEMVER = re.compile(rf"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?$")
 BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Golden tolerances are bounded: an atol or rtol of, say, 1e9 would let ANY model pass the golden check (the check
+# is what ties the compiled engine to the signed reference outputs). 0.1 is twice the loosest tolerance the
+# reference bundles use (fp16: 5e-2); a model that needs more is not reproducing its reference outputs.
+MAX_GOLDEN_ATOL = 0.1
+MAX_GOLDEN_RTOL = 0.1
+# A bundle member can be no larger than this (ONNX's protobuf limit is 2 GiB; bigger weights go in external data).
+MAX_FILE_BYTES = 2 * 1024**3
+# How far into the future a manifest may expire (a signed bundle that never expires can be replayed for ever).
+MAX_VALIDITY_DAYS = 10 * 366
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: NaN, Infinity and -Infinity are refused in every float field (a NaN threshold never
+    # fires; a NaN tolerance makes every comparison false, so nothing can fail the golden check).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def parse_utc(value: str) -> dt.datetime:
+    """An ISO 8601 UTC timestamp (``2026-01-31T12:00:00Z``, or with ``+00:00``; fractions allowed) -> aware
+    datetime. Raises ValueError for anything else (no offset, another offset, not a date)."""
+    if not isinstance(value, str) or not value.endswith(("Z", "+00:00")):
+        raise ValueError(f"not an ISO 8601 UTC time (ending in 'Z' or '+00:00'): {value!r}")
+    try:
+        parsed = dt.datetime.fromisoformat(value[:-1] + "+00:00" if value.endswith("Z") else value)
+    except ValueError as exc:
+        raise ValueError(f"not an ISO 8601 UTC time: {value!r}") from exc
+    return parsed.astimezone(dt.timezone.utc)
 
 
 class CodeRef(_Strict):
@@ -145,8 +174,11 @@ class OutputSpec(_Strict):
 
 
 class Tolerance(_Strict):
-    atol: float = Field(ge=0)
-    rtol: float = Field(ge=0)
+    """Golden-check tolerances of one output at one precision: finite, 0 <= atol <= MAX_GOLDEN_ATOL and
+    0 <= rtol <= MAX_GOLDEN_RTOL (absolute in output units, relative as a fraction of the golden value)."""
+
+    atol: float = Field(ge=0, le=MAX_GOLDEN_ATOL)
+    rtol: float = Field(ge=0, le=MAX_GOLDEN_RTOL)
 
 
 class Manifest(_Strict):
@@ -163,7 +195,35 @@ class Manifest(_Strict):
     golden_tolerances: dict[str, dict[str, Tolerance]]
     min_appliance_version: str = "0.1.0"
     created: str  # ISO 8601 UTC
+    # ISO 8601 UTC: the box refuses the bundle after this time (install, verify and every load); signed, so a
+    # stale bundle cannot be replayed for ever. At most MAX_VALIDITY_DAYS after ``created``.
+    expires: str
     files: dict[str, str]  # relative path -> sha256 hex; must include model.onnx and golden.npz
+    # relative path -> exact size in bytes (same keys as ``files``): the box reads no more than this of each
+    # member while it streams and hashes it.
+    file_sizes: dict[str, int]
+
+    @field_validator("created", "expires")
+    @classmethod
+    def _utc(cls, v: str) -> str:
+        parse_utc(v)
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _digests(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(name for name, digest in v.items() if not SHA256_HEX.match(digest))
+        if bad:
+            raise ValueError(f"files: not a lower-case sha256 hex digest for {bad}")
+        return v
+
+    @field_validator("file_sizes")
+    @classmethod
+    def _sizes(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = sorted(name for name, size in v.items() if not 0 <= size <= MAX_FILE_BYTES)
+        if bad:
+            raise ValueError(f"file_sizes: out of range 0..{MAX_FILE_BYTES} for {bad}")
+        return v
 
     @field_validator("bundle_id")
     @classmethod
@@ -187,6 +247,13 @@ class Manifest(_Strict):
         for path in self.files:
             if path.startswith("/") or ".." in path.split("/") or path == "manifest.json":
                 raise ValueError(f"bad file path in manifest: {path!r}")
+        if set(self.file_sizes) != set(self.files):
+            raise ValueError("file_sizes must name exactly the files in files")
+        created, expires = parse_utc(self.created), parse_utc(self.expires)
+        if expires <= created:
+            raise ValueError("expires must be after created")
+        if expires - created > dt.timedelta(days=MAX_VALIDITY_DAYS):
+            raise ValueError(f"expires more than {MAX_VALIDITY_DAYS} days after created")
         names = {o.name for o in self.outputs}
         missing = names - set(self.golden_tolerances)
         if missing:
@@ -200,14 +267,62 @@ class Manifest(_Strict):
     def output(self, kind: str) -> OutputSpec | None:
         return next((o for o in self.outputs if o.kind == kind), None)
 
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        """True once ``now`` (default: the current UTC time) is at or past ``expires``."""
+        return (now or dt.datetime.now(dt.timezone.utc)) >= parse_utc(self.expires)
+
 
 def version_key(version: str) -> tuple:
-    """Sort key for semantic versions (a pre-release sorts before its release)."""
-    m = SEMVER.match(version)
+    """Sort key implementing SemVer 2.0.0 precedence (section 11): the ONE version comparison of the engines.
+
+    major, minor, patch compare numerically; a version with a pre-release sorts before the same version without
+    one (1.0.0-rc.1 < 1.0.0); pre-release identifiers compare left to right, numeric ones numerically
+    (rc.9 < rc.10), alphanumeric ones in ASCII order, a numeric identifier before an alphanumeric one, and a
+    shorter list before a longer one with the same start (1.0.0-alpha < 1.0.0-alpha.1). Raises ValueError for
+    a string that is not a semantic version."""
+    m = SEMVER.match(version) if isinstance(version, str) else None
     if not m:
         raise ValueError(f"not a semantic version: {version!r}")
     major, minor, patch, pre = m.groups()
-    return (int(major), int(minor), int(patch), 0 if pre else 1, pre or "")
+    if pre is None:
+        return (int(major), int(minor), int(patch), 1, ())
+    ids = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in pre.split("."))
+    return (int(major), int(minor), int(patch), 0, ids)
+
+
+def compare_versions(a: str, b: str) -> int:
+    """-1, 0 or 1 as ``a`` has lower, equal or higher SemVer 2.0.0 precedence than ``b`` (see version_key)."""
+    ka, kb = version_key(a), version_key(b)
+    return (ka > kb) - (ka < kb)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"non-finite number {name} is not allowed in a manifest")
+
+
+def loads_strict(raw: bytes | str) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity (Python's json accepts them by default;
+    RFC 8259 JSON has no such numbers) and floats that overflow to infinity (``1e999``). Raises ValueError."""
+    doc = json.loads(raw, parse_constant=_refuse_constant)
+    _check_finite(doc)
+    return doc
+
+
+def _check_finite(node: Any) -> None:
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ValueError("non-finite number is not allowed in a manifest")
+    if isinstance(node, dict):
+        for v in node.values():
+            _check_finite(v)
+    elif isinstance(node, list):
+        for v in node:
+            _check_finite(v)
+
+
+def parse_manifest_bytes(raw: bytes) -> Manifest:
+    """Parse and validate manifest bytes strictly (no NaN/Infinity). Raises ValueError or pydantic's
+    ValidationError (a ValueError) on anything not a valid manifest."""
+    return Manifest.model_validate(loads_strict(raw))
 
 
 def canonical_bytes(manifest: Manifest) -> bytes:

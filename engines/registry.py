@@ -29,7 +29,7 @@ from durable import replace_durably, write_atomic
 from engines.bundle import Limits, Verified, unpack_bundle, verify_dir
 from engines.errors import BundleError
 from engines.keys import TrustStore
-from engines.manifest import BUNDLE_ID, Manifest, version_key
+from engines.manifest import BUNDLE_ID, Manifest, parse_manifest_bytes, version_key
 
 _HISTORY_MAX = 50
 
@@ -58,7 +58,11 @@ class InstalledBundle:
 class Registry:
     """The bundles installed on this box. Thread/process safe for writers via an flock."""
 
-    def __init__(self, models_dir: Path, trust: TrustStore | None = None):
+    def __init__(self, models_dir: Path, trust: TrustStore):
+        """``trust`` is required: every install and re-verification checks signatures against it (there is no
+        unsigned mode). Raises TypeError for anything but a :class:`TrustStore`."""
+        if not isinstance(trust, TrustStore):
+            raise TypeError(f"trust must be a TrustStore, not {type(trust).__name__}: signatures are never skipped")
         self.models_dir = Path(models_dir)
         self.root = self.models_dir / "bundles"
         self.trust = trust
@@ -134,7 +138,7 @@ class Registry:
 
     def manifest(self, bundle_id: str, version: str | None = None) -> Manifest:
         path = self.version_dir(bundle_id, version) / "manifest.json"
-        return Manifest.model_validate_json(path.read_bytes())
+        return parse_manifest_bytes(path.read_bytes())
 
     # -- changes -----------------------------------------------------------------------------------
     def install(
@@ -145,9 +149,8 @@ class Registry:
         limits: Limits = Limits(),
         appliance_version: str | None = None,
     ) -> Verified:
-        """Verify and unpack a bundle file. Does not activate it. Refuses a downgrade unless ``force``."""
-        if self.trust is None:
-            raise BundleError("unknown_key", "no trust store: cannot install")
+        """Verify (in the safe order of :func:`engines.bundle.unpack_bundle`) and unpack a bundle file. Does not
+        activate it. Refuses a downgrade (SemVer 2.0.0 precedence) unless ``force``. Raises BundleError."""
         self.root.mkdir(parents=True, exist_ok=True)
         incoming = self.root / ".incoming"
         incoming.mkdir(exist_ok=True)

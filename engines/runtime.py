@@ -79,11 +79,12 @@ def compile_engine(
     options: EngineOptions = EngineOptions(),
     *,
     version: str | None = None,
-    trust: TrustStore | None = None,
+    trust: TrustStore,
     rebuild: bool = False,
     progress: Progress | None = None,
 ) -> CompileResult:
-    """Verify, compile-or-load from cache, golden-check. Raises EnginesError subclasses with a reason."""
+    """Verify, compile-or-load from cache, golden-check. ``trust`` is required (signatures are re-checked at every
+    load; there is no unsigned mode). Raises EnginesError subclasses with a reason."""
     models_dir = Path(models_dir)
     registry = Registry(models_dir, trust)
     vdir = registry.version_dir(bundle_id, version)
@@ -150,7 +151,7 @@ def load_engine(
     bundle_id: str,
     options: EngineOptions = EngineOptions(),
     *,
-    trust: TrustStore | None = None,
+    trust: TrustStore,
     version: str | None = None,
 ) -> Engine:
     """The active (or given) version of ``bundle_id`` as a ready, golden-checked :class:`Engine`."""

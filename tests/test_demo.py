@@ -23,6 +23,7 @@ def test_demo_shows_findings_and_result_files(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
     env = daemon_env()
     env.pop("APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES")  # the demo's own defaults must do it
+    env.pop("APPLIANCE_ENGINES__TRUST_DEMO_KEY")
     r = subprocess.run(
         [sys.executable, "-m", "appliance", "demo", "--home", str(home)],
         cwd=ROOT,
@@ -59,6 +60,7 @@ def test_demo_stopped_by_a_signal_stops_its_daemon(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
     env = daemon_env()
     env.pop("APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES")
+    env.pop("APPLIANCE_ENGINES__TRUST_DEMO_KEY")
     demo = subprocess.Popen(
         [sys.executable, "-m", "appliance", "demo", "--home", str(home)],
         cwd=ROOT,

@@ -104,10 +104,12 @@ def test_unloadable_onnx_names_the_bundle(setup, tmp_path) -> None:
         path, manifest_doc("broken", "1.0.0"), {"model.onnx": work / "model.onnx", "golden.npz": work / "golden.npz"}
     )
     B.sign_bundle(path, key)
-    with pytest.raises(EngineBuildError) as ei:
+    # verification parses the model (to check its external data references) before any backend sees it
+    with pytest.raises(BundleError) as ei:
         runtime.install_bundle(models, path, trust, ORT)
-    assert ei.value.reason == "model_load_failed"
-    assert "broken@1.0.0" in str(ei.value) and "ONNX Runtime cannot load" in str(ei.value)
+    assert ei.value.reason == "bad_model"
+    assert "broken@1.0.0" in str(ei.value) and "not an ONNX model" in str(ei.value)
+    assert Registry(models, trust).state("broken")["installed"] == {}
     assert Registry(models, trust).active_version("broken") is None
 
 

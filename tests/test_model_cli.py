@@ -100,7 +100,8 @@ def test_cli_build_sign_verify_install_activate_rollback(tmp_path: Path) -> None
 
 
 def test_reference_bundles_install_and_load(tmp_path: Path, monkeypatch) -> None:
-    """The shipped reference bundles verify with the demo key, pass their golden check on ORT and run."""
+    """The shipped reference bundles install only on an explicit opt-in (demo key AND install), then verify with
+    the demo key, pass their golden check on ORT and run."""
     for k in list(os.environ):
         if k.startswith("APPLIANCE_"):
             monkeypatch.delenv(k)
@@ -108,8 +109,12 @@ def test_reference_bundles_install_and_load(tmp_path: Path, monkeypatch) -> None
     from appliance.models.active import close_engines, ensure_reference_bundles, load_active_engines, reference_bundles
 
     assert {p.name.split("-")[0] for p in reference_bundles()} == {"cxr", "mmg"}
+    fresh = load_settings(None, {"state_dir": tmp_path / "fresh"})
+    assert not fresh.engines.trust_demo_key and not fresh.engines.install_reference_bundles
+    assert ensure_reference_bundles(fresh) == [] and load_active_engines(fresh) == {}  # a fresh box: no models
     settings = load_settings(None, {"state_dir": tmp_path})
     settings.engines.backend = "ort"
+    settings.engines.trust_demo_key = settings.engines.install_reference_bundles = True  # what `appliance demo` sets
     installed = ensure_reference_bundles(settings)
     assert sorted(installed) == ["cxr-phantom@1.0.1", "mmg-phantom@1.0.1"]
     assert ensure_reference_bundles(settings) == []  # only on first run
@@ -124,6 +129,6 @@ def test_reference_bundles_install_and_load(tmp_path: Path, monkeypatch) -> None
     close_engines(engines)
     # without the demo key the reference bundles are refused (nothing installed, not fatal)
     s2 = load_settings(None, {"state_dir": tmp_path / "other"})
-    s2.engines.trust_demo_key = False
+    s2.engines.install_reference_bundles = True
     assert ensure_reference_bundles(s2) == []
     assert load_active_engines(s2) == {}

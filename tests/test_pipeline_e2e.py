@@ -38,7 +38,7 @@ def install_tiny_bundle(home: Path, work: Path) -> tuple[str, str]:
     inputs = {"image": np.random.default_rng(0).random((2, 1, SIZE, SIZE), dtype=np.float32)}
     save_golden(work / "golden.npz", inputs, reference_outputs(model, inputs))
     doc = tiny_manifest().model_dump(mode="json")
-    for k in ("files", "created", "schema_version", "min_appliance_version"):
+    for k in ("files", "file_sizes", "created", "expires", "schema_version", "min_appliance_version"):
         doc.pop(k, None)
     path = work / "tiny.bundle"
     B.build_bundle(path, doc, {"model.onnx": model, "golden.npz": work / "golden.npz"})

@@ -33,12 +33,13 @@ from appliance.pipeline.router import route
 from appliance.pipeline.worker import PipelineWorker, load_instances
 from engines.reference.phantoms import chest_study, mammo_study
 from testsupport.dcmtk import storescu
+from testsupport.reference import trust_reference_bundles
 
 
 @pytest.fixture
 def box(home: Path):
     """Receiver (in-process, ephemeral port) + early preparer + the real reference bundles."""
-    settings = Settings(state_dir=home)
+    settings = trust_reference_bundles(Settings(state_dir=home))
     settings.engines.backend = "ort"
     settings.dicom.port = 0
     settings.dicom.min_free_bytes = 0
@@ -186,7 +187,7 @@ def _resave(src: Path, dst: Path) -> Path:
 
 @pytest.fixture
 def chest(tmp_path: Path, home: Path):
-    settings = Settings(state_dir=home)
+    settings = trust_reference_bundles(Settings(state_dir=home))
     settings.engines.backend = "ort"
     engines = ActiveEngines(settings, install_reference=True)
     manifest = next(m for m, _ in engines.active() if m.bundle_id == "cxr-phantom")

@@ -371,7 +371,13 @@ def test_case_offline_appliance_infer_finds_the_left_mass(tmp_path: Path) -> Non
     out = subprocess.run(
         [PYTHON, "-m", "appliance", "--home", str(tmp_path / "home"), "infer", str(case), "--json"],
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        env={
+            "PYTHONPATH": str(ROOT),
+            "PATH": "/usr/bin:/bin",
+            # the reference bundles, signed by the demo key: an explicit opt-in (both default to false)
+            "APPLIANCE_ENGINES__TRUST_DEMO_KEY": "true",
+            "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true",
+        },
         capture_output=True,
         text=True,
         timeout=300,

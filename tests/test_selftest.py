@@ -14,6 +14,11 @@ from appliance.core import audit
 from appliance.core.audit import AuditEvent
 from appliance.core.config import PacsDestination, Settings
 from appliance.core.store import Store
+from appliance.models.active import engine_options, reference_bundles, trust_store
+from engines import bundle as B
+from engines import runtime
+from engines.keys import key_id, public_key_b64
+from testsupport.bundles import new_key
 from testsupport.common import PYTHON, ROOT
 from testsupport.daemon import daemon_env
 
@@ -38,8 +43,27 @@ def _closed_port() -> int:
         return s.getsockname()[1]  # nothing listens once closed
 
 
-def test_selftest_passes_then_names_each_failure(home: Path) -> None:
-    rc, report = _selftest(home, {"APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"})
+def _clinic_key_env(home: Path) -> dict[str, str]:
+    """A box configured as in a clinic (the central team's key only, no demo key, no reference bundles) with
+    the reference models installed as if the central team had signed and sent them."""
+    key = new_key()
+    env = {
+        "APPLIANCE_ENGINES__TRUST_DEMO_KEY": "false",
+        "APPLIANCE_ENGINES__TRUSTED_KEYS": json.dumps({key_id(key): public_key_b64(key)}),
+    }
+    settings = Settings(state_dir=home)
+    settings.engines.backend = "ort"
+    settings.engines.trusted_keys = {key_id(key): public_key_b64(key)}
+    for ref in reference_bundles():
+        signed = home.parent / ref.name
+        B.sign_bundle(ref, key, signed)
+        runtime.install_bundle(settings.models_dir, signed, trust_store(settings), engine_options(settings))
+    return env
+
+
+def test_selftest_passes_then_names_each_failure(home: Path, clean_env) -> None:
+    clinic = _clinic_key_env(home)
+    rc, report = _selftest(home, clinic)
     assert rc == 0 and report["ok"], report
     by = {c["name"]: c for c in report["checks"]}
     assert {"config", "disk", "database", "active_bundles", "phantom_chain"} <= set(by)
@@ -47,6 +71,8 @@ def test_selftest_passes_then_names_each_failure(home: Path) -> None:
     assert "nodule located within" in by["phantom_chain"]["detail"]
 
     env = {
+        **clinic,
+        "APPLIANCE_ENGINES__TRUST_DEMO_KEY": "true",  # a demo setting on this box: a config problem
         "APPLIANCE_DICOM__MIN_FREE_BYTES": str(10**18),
         "APPLIANCE_PIPELINE__DESTINATIONS": json.dumps(
             [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": _closed_port()}]
@@ -58,6 +84,7 @@ def test_selftest_passes_then_names_each_failure(home: Path) -> None:
     assert not by["disk"]["ok"] and "floor" in by["disk"]["detail"]
     assert not by["pacs:pacs"]["ok"]
     assert by["phantom_chain"]["ok"]  # one failure does not hide the others' results
+    assert not by["config"]["ok"] and "engines.trust_demo_key" in by["config"]["detail"]
     rc, report = _selftest(home, env, "--no-pacs")
     assert not any(c["name"].startswith("pacs:") for c in report["checks"])
 

@@ -11,9 +11,12 @@ from onnx import TensorProto, helper
 
 from engines import bundle as B
 from engines.golden import reference_outputs, save_golden
-from engines.keys import TrustStore, generate_private_key, key_id, public_key_b64
+from engines.keys import TrustStore, generate_private_key, key_id, load_private_key, public_key_b64
 
 SIZE = 16
+ROOT = Path(__file__).resolve().parents[1]
+# The DEMO key's private half (public on purpose, never shipped): for tests that play the attacker who copied it.
+DEMO_PRIVATE_KEY = ROOT / "training" / "keys" / "DEMO-ONLY-NOT-FOR-PRODUCTION.ed25519.pem"
 
 
 def tiny_onnx(path: Path, gain: float = 1.0) -> Path:
@@ -102,3 +105,8 @@ def trust_for(*keys: Any, revoked: tuple = ()) -> TrustStore:
 def new_key() -> Any:
     """A fresh bundle-signing private key (Ed25519, as ``engines.keys`` makes them)."""
     return generate_private_key()
+
+
+def demo_private_key() -> Any:
+    """The DEMO key's private half (the one committed to the public repository)."""
+    return load_private_key(DEMO_PRIVATE_KEY)

@@ -32,7 +32,9 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """A clean environment (no APPLIANCE_* from the shell) with test defaults: ephemeral port, no disk
     floor, short quiet period, pipeline off (receive tests watch studies stay ``complete``; pipeline
     tests pass ``APPLIANCE_PIPELINE__ENABLED=true``), no reference bundles unless a test asks
-    (``APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES=true``); ``extra`` overrides them."""
+    (``APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES=true``), and the DEMO key trusted
+    (``APPLIANCE_ENGINES__TRUST_DEMO_KEY=true``: tests opt in to it explicitly here, the product default is
+    false); ``extra`` overrides them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["APPLIANCE_DICOM__PORT"] = "0"
@@ -40,6 +42,7 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["APPLIANCE_DICOM__QUIET_SECONDS"] = "0.5"
     env["APPLIANCE_PIPELINE__ENABLED"] = "false"
     env["APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES"] = "false"
+    env["APPLIANCE_ENGINES__TRUST_DEMO_KEY"] = "true"
     env.update(extra or {})
     return env
 

@@ -74,7 +74,9 @@ def tiny_manifest(
             "heatmap": {"fp32": {"atol": 1e-4, "rtol": 1e-3}},
         },
         created=dt.datetime.now(dt.timezone.utc).isoformat(),
+        expires=(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=365)).isoformat(),
         files={"model.onnx": "0" * 64, "golden.npz": "0" * 64},
+        file_sizes={"model.onnx": 0, "golden.npz": 0},
     )
 
 

@@ -21,9 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "cases"  # copies of ../shared/cases (the field cases; ruff-formatted)
 
 
+def trust_reference_bundles(settings: Settings) -> Settings:
+    """Opt ``settings`` in to the DEMO key and the shipped reference bundles (both off by default: a clinic box
+    never trusts a key whose private half is public). Tests and ``appliance demo`` only. Returns ``settings``."""
+    settings.engines.trust_demo_key = True
+    settings.engines.install_reference_bundles = True
+    return settings
+
+
 def reference_engines(home: Path) -> tuple[Settings, ActiveEngines]:
-    """Settings on ``home`` with the reference bundles installed and active (ONNX Runtime)."""
-    settings = Settings(state_dir=home)
+    """Settings on ``home`` with the reference bundles installed and active (ONNX Runtime; demo key trusted)."""
+    settings = trust_reference_bundles(Settings(state_dir=home))
     settings.engines.backend = "ort"
     engines = ActiveEngines(settings, install_reference=True)
     engines.active()

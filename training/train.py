@@ -6,6 +6,7 @@ minutes on 2 cores. Run from the repository root::
     python -m training.train            # train both, write bundles + docs/MODELS.md figures
     python -m training.train --eval-only  # re-measure the shipped bundles
     python -m training.train --recalibrate  # new operating points for the shipped models, re-sign
+    python -m training.train --reissue    # same bundles, new expiry (``expires``), re-signed; no torch
 
 NOT FOR CLINICAL USE: the models only ever saw synthetic phantoms.
 
@@ -35,7 +36,11 @@ from engines.reference import phantoms as P
 
 HERE = Path(__file__).resolve().parent.parent / "engines" / "reference"
 BUNDLES = HERE / "bundles"
-DEMO_KEY = HERE / "keys" / "DEMO-ONLY-NOT-FOR-PRODUCTION.ed25519.pem"
+# The DEMO key's private half: public, never shipped (the wheel carries only engines/reference/keys/*.pub).
+DEMO_KEY = Path(__file__).resolve().parent / "keys" / "DEMO-ONLY-NOT-FOR-PRODUCTION.ed25519.pem"
+# Reference bundles expire (manifest ``expires``) this many days after they are built or re-issued: the demo
+# needs a re-issue (``--reissue``) before then.
+VALID_DAYS = 3650
 SIZE = 256
 STRIDE = 4
 VERSION = "1.0.1"  # 1.0.1: calibrated per-label thresholds (1.0.0 had 0.5 for all)
@@ -289,7 +294,12 @@ def _write_bundle(kind: str, onnx_path: Path, golden: Path, out_dir: Path, key_p
     """Calibrate on the exported model, build the bundle, sign it with the demo key."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{kind}-phantom-{VERSION}.bundle"
-    B.build_bundle(out, manifest_for(kind, calibrate(kind, onnx_path)), {"model.onnx": onnx_path, "golden.npz": golden})
+    B.build_bundle(
+        out,
+        manifest_for(kind, calibrate(kind, onnx_path)),
+        {"model.onnx": onnx_path, "golden.npz": golden},
+        valid_days=VALID_DAYS,
+    )
     B.sign_bundle(out, load_private_key(key_path))
     return out
 
@@ -316,6 +326,26 @@ def recalibrate_bundle(kind: str, old: Path, out_dir: Path = BUNDLES, key_path: 
     if old.resolve() != out.resolve():
         old.unlink()
     return out
+
+
+def reissue_bundle(old: Path, key_path: Path = DEMO_KEY, valid_days: int = VALID_DAYS) -> Path:
+    """The same model, golden data and manifest (thresholds, tolerances, everything the pipeline reads) as
+    ``old``, with a new ``created``/``expires`` and the current manifest format (``file_sizes``), re-signed in
+    place. No torch needed: nothing is trained or recalibrated."""
+    import tarfile
+
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(old) as tar:
+        doc = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        names = sorted(doc["files"])
+        for name in names:
+            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(tmp) / name).write_bytes(tar.extractfile(name).read())  # type: ignore[union-attr]
+        for key in ("files", "file_sizes", "created", "expires"):
+            doc.pop(key, None)
+        out = Path(tmp) / "new.bundle"
+        B.build_bundle(out, doc, {name: Path(tmp) / name for name in names}, valid_days=valid_days)
+        B.sign_bundle(out, load_private_key(key_path), old)
+    return old
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--recalibrate", action="store_true", help="new thresholds for the shipped models, no training")
+    ap.add_argument(
+        "--reissue", action="store_true", help="re-sign the shipped bundles unchanged with a new expiry (no eval)"
+    )
     ap.add_argument("--only", choices=["cxr", "mmg"])
     ap.add_argument("--n-train", type=int, default=1200)
     ap.add_argument("--epochs", type=int, default=6)
@@ -396,6 +429,11 @@ def main(argv: list[str] | None = None) -> None:
     metrics = json.loads(args.metrics.read_text()) if args.metrics.exists() else {}
     for kind in [args.only] if args.only else ["cxr", "mmg"]:
         path = BUNDLES / f"{kind}-phantom-{VERSION}.bundle"
+        if args.reissue:
+            print(f"[{kind}] re-issued {reissue_bundle(path).name}")
+            if kind in metrics:
+                metrics[kind]["bundle_bytes"] = path.stat().st_size
+            continue
         if args.recalibrate:
             old = sorted(BUNDLES.glob(f"{kind}-phantom-*.bundle"))[-1]
             path = recalibrate_bundle(kind, old)

@@ -68,6 +68,9 @@ def _phantom_chain(settings: Settings) -> tuple[bool, str]:
         root = Path(tmp)
         sandbox = settings.model_copy(deep=True)
         sandbox.state_dir = root / "home"
+        # a throw-away home that holds nothing but the reference bundles: the demo key is trusted there only,
+        # and none of the box's own keys
+        sandbox.engines.trusted_keys = {}
         sandbox.engines.trust_demo_key = True
         sandbox.engines.install_reference_bundles = True
         chest = chest_study(root / "in", seed=11, nodules=1)

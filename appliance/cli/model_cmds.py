@@ -51,7 +51,12 @@ def build(
     golden_inputs: Path | None = typer.Option(
         None, "--golden-inputs", help="npz of inputs by name: golden outputs are computed with ONNX Runtime fp32"
     ),
-    asset: list[str] = typer.Option([], "--asset", help="extra file as NAME=PATH (NAME under assets/)"),
+    asset: list[str] = typer.Option(
+        [], "--asset", help="extra file as NAME=PATH (NAME under assets/), e.g. the model's external data"
+    ),
+    valid_days: int = typer.Option(
+        365, "--valid-days", min=1, max=3660, help="expires this many days after created (unless the manifest says)"
+    ),
     out: Path = typer.Option(..., "--out", "-o"),
 ) -> None:
     """Build an UNSIGNED bundle (sign it with ``appliance model sign``)."""
@@ -81,10 +86,10 @@ def build(
                 raise typer.Exit(2)
             files[f"assets/{name}"] = Path(path)
         try:
-            m = B.build_bundle(out, doc, files)
+            m = B.build_bundle(out, doc, files, valid_days=valid_days)
         except EnginesError as exc:
             raise _fail(exc) from exc
-    typer.echo(f"built {out} ({m.bundle_id}@{m.version}, unsigned)")
+    typer.echo(f"built {out} ({m.bundle_id}@{m.version}, unsigned, expires {m.expires})")
 
 
 @model_app.command("sign")
@@ -103,7 +108,8 @@ def sign_cmd(
 
 @model_app.command("verify")
 def verify(ctx: typer.Context, bundle: Path, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Check a bundle file against this box's trusted keys: signature, hashes, layout, appliance version."""
+    """Check a bundle file against this box's trusted keys: signed manifest first (signature, expiry), then each
+    file's size and hash as it streams, external data inside the bundle, appliance version."""
     from appliance.models.active import engine_options, trust_store
 
     settings = settings_from(ctx)
@@ -124,11 +130,12 @@ def verify(ctx: typer.Context, bundle: Path, as_json: bool = typer.Option(False,
                     "key_id": v.key_id,
                     "digest": v.digest,
                     "clinical_use": m.clinical_use,
+                    "expires": m.expires,
                 }
             )
         )
     else:
-        typer.echo(f"OK {m.bundle_id}@{m.version} signed by {v.key_id} - {m.title}")
+        typer.echo(f"OK {m.bundle_id}@{m.version} signed by {v.key_id}, expires {m.expires} - {m.title}")
 
 
 @model_app.command("install")

@@ -95,12 +95,46 @@ class EnginesConfig(Section):
     precision: Literal["auto", "fp32", "fp16"] = "auto"
     trt_workspace_mib: int = Field(default=1024, ge=64)
     trusted_keys: dict[str, str] = Field(
-        default_factory=dict, description="key id -> Ed25519 public key (base64); demo key added by default"
+        default_factory=dict, description="key id (16 hex digits) -> Ed25519 public key (base64): the central team's"
     )
-    trust_demo_key: bool = Field(default=True, description="trust the reference bundles' demo key")
+    trust_demo_key: bool = Field(
+        default=False,
+        description="DEMO AND TESTS ONLY: trust the reference bundles' demo key, whose private half is public",
+    )
     revoked_keys: list[str] = Field(default_factory=list, description="key ids refused even if trusted")
-    install_reference_bundles: bool = True
+    install_reference_bundles: bool = Field(
+        default=False,
+        description="DEMO ONLY: install the shipped reference bundles (NOT FOR CLINICAL USE; need trust_demo_key)",
+    )
     max_batch: int = Field(default=8, ge=1, le=256, description="largest batch an engine is built/sized for")
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _trusted_key_ids(cls, v: dict[str, str]) -> dict[str, str]:
+        from engines.errors import TrustError
+        from engines.keys import normalise_key_id
+
+        out: dict[str, str] = {}
+        for raw, b64 in v.items():
+            try:
+                kid = normalise_key_id(raw, what="trusted key id")
+            except TrustError as exc:
+                raise ValueError(str(exc)) from None
+            if kid in out:
+                raise ValueError(f"trusted key id {kid} is listed twice")
+            out[kid] = b64
+        return out
+
+    @field_validator("revoked_keys")
+    @classmethod
+    def _revoked_key_ids(cls, v: list[str]) -> list[str]:
+        from engines.errors import TrustError
+        from engines.keys import normalise_key_id
+
+        try:
+            return sorted({normalise_key_id(k, what="revoked key id") for k in v})
+        except TrustError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("backend")
     @classmethod
@@ -361,6 +395,32 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     return settings
 
 
+def _trust_problems(e: EnginesConfig) -> list[str]:
+    """Model-trust settings that let anyone with a copy of the public repository sign what the box runs."""
+    from engines.errors import TrustError
+    from engines.keys import TrustStore
+    from engines.reference import publicly_known_key_ids
+
+    out: list[str] = []
+    if e.trust_demo_key:
+        out.append(
+            "engines.trust_demo_key: the demo key's private half is public, anyone can sign models this box runs "
+            "(set it false; only `appliance demo` and tests use it)"
+        )
+    for kid in sorted(set(e.trusted_keys) & publicly_known_key_ids()):
+        out.append(f"engines.trusted_keys: {kid} is the demo key, whose private half is public (remove it)")
+    if e.install_reference_bundles:
+        out.append(
+            "engines.install_reference_bundles: the reference bundles are demo models, NOT FOR CLINICAL USE "
+            "(set it false)"
+        )
+    try:
+        TrustStore.from_config(e.trusted_keys, e.revoked_keys)
+    except TrustError as exc:
+        out.append(f"engines.trusted_keys: {exc}")
+    return out
+
+
 def check_problems(settings: Settings) -> list[str]:
     """Problems that are not type errors: things that would fail at run time."""
     problems: list[str] = []
@@ -375,6 +435,7 @@ def check_problems(settings: Settings) -> list[str]:
             problems.append("cloud.device_id: required when cloud.enabled")
         if not c.recipient_keys:
             problems.append("cloud.recipient_keys: required when cloud.enabled (results are encrypted)")
+    problems += _trust_problems(settings.engines)
     if settings.api.enabled:
         problems.append("api.enabled: this build has no local web API yet; nothing would listen (set it false)")
     names = [dst.name for dst in settings.pipeline.destinations]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from appliance import __version__
@@ -21,26 +19,36 @@ from engines import runtime
 from engines.backends.base import Engine
 from engines.bundle import read_manifest_unverified
 from engines.errors import EnginesError
-from engines.keys import TrustStore, read_public_key_file
+from engines.keys import TrustStore, normalise_key_id
 from engines.manifest import Manifest
+from engines.reference import (  # noqa: F401 - DEMO_PUBLIC_KEY, REFERENCE_DIR, reference_bundles: re-exported
+    DEMO_PUBLIC_KEY,
+    REFERENCE_DIR,
+    demo_key,
+    publicly_known_key_ids,
+    reference_bundles,
+)
 from engines.registry import Registry
 from engines.runtime import CompileResult
 
 log = get_logger(__name__)
 
-REFERENCE_DIR = Path(str(resources.files("engines.reference")))
-DEMO_PUBLIC_KEY = REFERENCE_DIR / "keys" / "DEMO-ONLY.pub"
-
-
-def demo_key() -> tuple[str, str]:
-    """(key id, base64 public key) of the DEMO key that signs the reference bundles."""
-    return read_public_key_file(DEMO_PUBLIC_KEY)
-
 
 def trust_store(settings: Settings) -> TrustStore:
-    """Trusted keys from config (+ the demo key when ``trust_demo_key``), minus revoked ones."""
+    """Trusted keys from config, minus revoked ones; key ids normalised (lower-case hex).
+
+    A key whose private half is public (the demo key) is trusted ONLY when ``engines.trust_demo_key`` is set
+    (``appliance demo``, tests): listed in ``trusted_keys`` without it, it is left out and logged as an error
+    (``appliance config check`` reports it too)."""
     e = settings.engines
-    keys = dict(e.trusted_keys)
+    public_private = publicly_known_key_ids()
+    keys: dict[str, str] = {}
+    for raw, b64 in e.trusted_keys.items():
+        kid = normalise_key_id(raw, what="engines.trusted_keys key id")
+        if kid in public_private and not e.trust_demo_key:
+            log.error("publicly known signing key not trusted", key_id=kid, setting="engines.trusted_keys")
+            continue
+        keys[kid] = b64
     if e.trust_demo_key:
         kid, b64 = demo_key()
         keys.setdefault(kid, b64)
@@ -63,12 +71,10 @@ def registry(settings: Settings) -> Registry:
     return Registry(settings.models_dir, trust_store(settings))
 
 
-def reference_bundles() -> list[Path]:
-    return sorted((REFERENCE_DIR / "bundles").glob("*.bundle"))
-
-
 def ensure_reference_bundles(settings: Settings) -> list[str]:
-    """Install + activate each shipped reference bundle whose id has never been installed here.
+    """Install + activate each shipped reference bundle whose id has never been installed here, only when the
+    operator opted in (``engines.install_reference_bundles``; they are signed by the DEMO key, so they install
+    only where ``engines.trust_demo_key`` is set too).
 
     A bundle id the box already knows (e.g. the central team sent a newer version) is left alone. A
     reference bundle that fails (e.g. its golden check on this hardware) is logged and skipped, not fatal.
@@ -83,7 +89,7 @@ def ensure_reference_bundles(settings: Settings) -> list[str]:
             m = read_manifest_unverified(path)
             if reg.state(m.bundle_id)["installed"]:
                 continue
-            runtime.install_bundle(settings.models_dir, path, reg.trust, engine_options(settings))  # type: ignore[arg-type]
+            runtime.install_bundle(settings.models_dir, path, reg.trust, engine_options(settings))
             done.append(f"{m.bundle_id}@{m.version}")
             log.info("reference bundle installed", bundle=m.bundle_id, version=m.version, clinical_use=False)
         except EnginesError as exc:
