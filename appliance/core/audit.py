@@ -35,25 +35,15 @@ import ipaddress
 import json
 import os
 import sqlite3
-import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from appliance.core.enums import StrEnum
 from appliance.core.logs import get_logger
 from appliance.core.store import Store
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    from enum import Enum
-
-    class StrEnum(str, Enum):
-        def __str__(self) -> str:
-            return str(self.value)
-
 
 log = get_logger(__name__)
 

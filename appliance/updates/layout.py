@@ -26,7 +26,7 @@ Director (Uptane's per-device director, carried by the device twin; see docs/UPD
 
 from __future__ import annotations
 
-from enum import StrEnum
+from appliance.core.enums import StrEnum
 
 METADATA_PREFIX = "metadata/"
 TARGETS_PREFIX = "targets/"
