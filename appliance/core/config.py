@@ -214,6 +214,18 @@ class CloudConfig(Section):
 class RetentionConfig(Section):
     days: float = Field(default=7.0, gt=0, description="purge instances/results this long after export")
     check_interval_s: float = Field(default=3600.0, gt=0, description="how often the purge pass runs")
+    stalled_days: float = Field(
+        default=7.0, gt=0, description="a study revision stuck in received/complete/inferring this long is ended failed"
+    )
+    undeliverable_days: float = Field(
+        default=14.0, gt=0, description="an export still pending this long after it was queued is given up"
+    )
+    export_alert_hours: float = Field(
+        default=24.0, gt=0, description="exports pending longer than this are reported (status, health)"
+    )
+    orphan_grace_s: float = Field(
+        default=86400.0, ge=60, description="files with no database row older than this are deleted (results, spool)"
+    )
 
 
 class ApiConfig(Section):
