@@ -177,7 +177,8 @@ class Spool:
 def remove_leftovers(root: Path, known: set[str], older_than: float) -> int:
     """Retention's pass over a running spool: delete every non-empty file no instance row refers to (``known``:
     paths relative to ``root``, read *before* this call) whose last change is before ``older_than`` (epoch
-    seconds), then empty day folders unchanged since then. Empty files are the reserve's and stay. Returns the files deleted."""
+    seconds), then empty day folders unchanged since then. Empty files are the reserve's and stay. Returns the
+    files deleted."""
     removed = 0
     if not root.is_dir():
         return 0

@@ -9,8 +9,9 @@ encrypted cloud result message (with ``cloud.enabled``); the worker then moves t
 within ``pipeline.max_attempts``): reprocessed with the same UIDs, so an SR already queued or sent is not
 queued again, and the result row, marked partial, still gets its cloud message. ``<study>`` is the Study Instance
 UID through :func:`appliance.core.safe_names.safe_name` (a hostile UID becomes a hash, never a path), and the
-paths recorded in ``results.dir`` and ``result_objects.path`` are relative to the state directory. An SC that cannot be built is
-left out and named in :attr:`Saved.problems` and the summary's ``object_errors``: the SR still goes out.
+paths recorded in ``results.dir`` and ``result_objects.path`` are relative to the state directory. An SC that
+cannot be built is left out and named in :attr:`Saved.problems` and the summary's ``object_errors``: the SR
+still goes out.
 
 This module is the one writer of ``results`` and ``result_objects`` (retention purges through
 :func:`purge_study_results`); export rows are queued through ``appliance.delivery.export.queue_object``.

@@ -179,7 +179,7 @@ def remove_orphans(settings: Settings, store: Store, at: float | None = None) ->
     result_files = 0
     root = settings.results_dir
     if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
             here = Path(dirpath)
             for name in filenames:
                 f = here / name
