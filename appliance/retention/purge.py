@@ -179,6 +179,9 @@ def remove_orphans(settings: Settings, store: Store, at: float | None = None) ->
     result_files = 0
     root = settings.results_dir
     if root.is_dir():
+        # folder ages before anything is deleted here (deleting a file touches its folder): a folder made
+        # within the grace may be one save_results is about to write into
+        ages = {Path(d): Path(d).stat().st_mtime for d, _, _ in os.walk(root)}
         for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
             here = Path(dirpath)
             for name in filenames:
@@ -190,10 +193,9 @@ def remove_orphans(settings: Settings, store: Store, at: float | None = None) ->
                     if f.is_symlink() or f.lstat().st_mtime < older_than:
                         f.unlink()
                         result_files += 1
-            if here != root:
+            if here != root and ages.get(here, older_than) < older_than:
                 with contextlib.suppress(OSError):
-                    if here.stat().st_mtime < older_than:
-                        here.rmdir()  # only when empty
+                    here.rmdir()  # only when empty
     spool_files = remove_leftovers(settings.spool_dir, known_spool, older_than)
     if result_files or spool_files:
         log.info("orphan files removed", result_files=result_files, spool_files=spool_files)
