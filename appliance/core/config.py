@@ -7,6 +7,8 @@ Each subsystem owns one section class below; nothing else reads configuration fi
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import os
 import sys
@@ -204,6 +206,10 @@ class CloudConfig(Section):
     recipient_keys: dict[str, str] = Field(
         default_factory=dict, description="key id -> X25519 public key (base64) of the central team"
     )
+    keyset_trusted_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="key id -> Ed25519 public key (base64) whose signature makes a twin recipient_keyset acceptable",
+    )
     deid_retain_patient_characteristics: bool = Field(
         default=False, description="PS3.15 option: keep sex and age in years (default: removed)"
     )
@@ -342,6 +348,14 @@ def check_problems(settings: Settings) -> list[str]:
     if d.allowlist_enabled and not d.allowed_callers:
         problems.append("dicom.allowed_callers: allowlist enabled but empty: every modality would be rejected")
     c = settings.cloud
+    for kid, pub in c.keyset_trusted_keys.items():
+        try:
+            raw = base64.b64decode(pub, validate=True)
+            ok = len(raw) == 32 and hashlib.sha256(raw).hexdigest()[:16] == kid
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"cloud.keyset_trusted_keys.{kid}: not the base64 Ed25519 public key with this key id")
     if c.enabled:
         if not c.hub_hostname:
             problems.append("cloud.hub_hostname: required when cloud.enabled")
