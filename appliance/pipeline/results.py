@@ -349,7 +349,7 @@ def save_results(
         message = publisher.build(summary, revision)
     except Exception as exc:
         message = None
-        log.error("cloud result message not built", study_uid=res.study_instance_uid, error=str(exc))
+        log.error("cloud result message not built", study_id=study_id, study_uid=res.study_instance_uid, error=str(exc))
     analysis.timings["results"] = time.perf_counter() - t0
     with store.transaction() as conn:
         if objects is not None:
@@ -362,6 +362,7 @@ def save_results(
     publisher.committed()
     log.info(
         "results stored",
+        study_id=study_id,
         study_uid=res.study_instance_uid,
         bundle=manifest.bundle_id,
         version=manifest.version,
