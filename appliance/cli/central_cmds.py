@@ -52,10 +52,16 @@ def _load_keys(key_files: list[Path]) -> dict[str, str]:
 @central_app.command("decrypt")
 def decrypt(
     key: list[Path] = typer.Option(..., "--key", help="<kid>.key file or a directory of them (repeatable)"),
-    infile: Path | None = typer.Argument(None, help="envelope file; '-' or none = stdin; JSON lines allowed"),
+    infile: Path | None = typer.Argument(None, help="events or envelopes, one per line; '-' or none = stdin"),
+    device: str | None = typer.Option(
+        None, "--device", help="for bare envelopes only: the sender identity the hub reported for them"
+    ),
 ) -> None:
-    """Decrypt message bodies (one envelope per line, or one file) to JSON: {"meta": ..., "payload": ...}."""
-    from appliance.cloud import crypto
+    """Read messages exported from the hub (one JSON event per line, with the hub's system properties) to JSON:
+    {"device", "meta", "payload"} for each one whose envelope names the device the hub authenticated
+    (iothub-connection-device-id). Every other line is reported on stderr with its reason and the rest are still
+    read; exit 1 if any line was refused."""
+    from appliance.central.received import Refused, open_message
 
     keys = _load_keys(key)
     if not keys:
@@ -66,16 +72,16 @@ def decrypt(
     failed = 0
     for n, line in enumerate(lines, 1):
         try:
-            meta, plain = crypto.decrypt(line, keys)
-        except crypto.DecryptError as exc:
-            typer.echo(f"envelope {n}: {exc}", err=True)
+            opened = open_message(line, keys, device)
+        except Refused as exc:
+            typer.echo(f"message {n} refused: {exc}", err=True)
             failed += 1
             continue
         try:
-            body = json.loads(plain)
+            body = json.loads(opened.plaintext)
         except ValueError:
-            body = plain.decode("utf-8", "replace")
-        typer.echo(json.dumps({"meta": meta, "payload": body}, sort_keys=True))
+            body = opened.plaintext.decode("utf-8", "replace")
+        typer.echo(json.dumps({"device": opened.device, "meta": opened.meta, "payload": body}, sort_keys=True))
     raise typer.Exit(1 if failed else 0)
 
 
