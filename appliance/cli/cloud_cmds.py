@@ -38,6 +38,7 @@ def status(ctx: typer.Context) -> None:
     """Outbox depth by kind, recent sends/evictions and the last desired-properties decision (JSON)."""
     settings = settings_from(ctx)
     from appliance.cloud import outbox
+    from appliance.cloud.client import credential_problems
     from appliance.core.store import Store
 
     store = Store(settings.db_path)
@@ -49,8 +50,11 @@ def status(ctx: typer.Context) -> None:
         "enabled": settings.cloud.enabled,
         "outbox": {"depth": count, "bytes": size, "by_kind": outbox.counts_by_kind(store.conn)},
         "twin": {r["key"]: json.loads(r["value"]) for r in rows},
+        "credential_problems": credential_problems(settings),
     }
     typer.echo(json.dumps(doc, indent=2))
+    for problem in doc["credential_problems"]:
+        typer.echo(f"problem: {problem}", err=True)
 
 
 @cloud_app.command("outbox")

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.cli import settings_from
+from appliance.cloud.client import credential_problems
 from appliance.core.config import Settings
 from appliance.delivery.export import undeliverable
 from appliance.lifecycle.studies import STUDY_STATES
@@ -78,6 +79,10 @@ def status_doc(settings: Settings) -> dict[str, Any]:
         "studies": counts,
         "instances": instances,
         "exports_undeliverable": alert,  # given up, or pending over retention.export_alert_hours
+        "cloud": {
+            "enabled": settings.cloud.enabled,
+            "problems": credential_problems(settings) if settings.cloud.enabled else [],
+        },
     }
 
 
@@ -100,6 +105,8 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         f"disk: {disk['free_bytes'] / 1e9:.1f} GB free of {disk['total_bytes'] / 1e9:.1f} GB"
         + (" [red](below dicom.min_free_bytes: new instances refused)[/red]" if low else "")
     )
+    for problem in doc["cloud"]["problems"]:
+        console.print(f"[red]cloud: {problem}[/red]", soft_wrap=True)
     alert = doc["exports_undeliverable"]
     if alert["count"]:
         console.print(
