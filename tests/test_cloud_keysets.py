@@ -191,3 +191,15 @@ def test_central_keyset_cli_signs_what_the_box_accepts(tmp_path: Path) -> None:
     r = cli("central", "keyset", "sign", "--key", str(tmp_path / "k" / "keyset-signing.pem"), "--version", "6",
             "--recipient", "x=bm90LWEta2V5")  # fmt: skip
     assert r.returncode == 2 and "X25519" in r.stderr
+
+
+@pytest.mark.unit
+def test_config_check_flags_a_trusted_keyset_key_under_the_wrong_id(signing) -> None:
+    from appliance.core.config import Settings, check_problems
+
+    _, trusted = signing
+    ((kid, pub),) = trusted.items()
+    assert not [p for p in check_problems(Settings(cloud={"keyset_trusted_keys": trusted})) if "keyset" in p]
+    wrong = Settings(cloud={"keyset_trusted_keys": {"0" * 16: pub, kid: "bm90LWEta2V5"}})
+    problems = [p for p in check_problems(wrong) if "keyset_trusted_keys" in p]
+    assert len(problems) == 2, problems
