@@ -212,3 +212,30 @@ def test_migration_makes_result_paths_relative_and_flags_those_outside(tmp_path:
     detail = store.query("SELECT detail FROM study_events WHERE study_id=1 AND to_state='purged'")[0]["detail"]
     assert "outside the state directory left" in detail
     assert store.query("SELECT COUNT(*) FROM result_objects WHERE path_outside=1")[0][0] == 1  # flagged row kept
+
+
+@pytest.mark.unit
+def test_offline_infer_writes_hostile_study_uids_inside_its_out_folder(tmp_path: Path) -> None:
+    from appliance.app.infer_offline import run_offline
+    from appliance.pipeline.worker import StaticBundles
+    from testsupport.pipeline import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
+
+    world = tmp_path / "w"
+    out = world / "a" / "out"
+    uids = ["../../X", f"{world}/abs", "1.2.\u00e9/.."]
+    for i, uid in enumerate(uids):
+        ds = make_dataset(synthetic_image(200, 200, (100, 100), radius=8))
+        ds.StudyInstanceUID = uid
+        save(ds, tmp_path / "in" / f"{i}.dcm")
+    report = run_offline(
+        Settings(state_dir=tmp_path / "home"),
+        [tmp_path / "in"],
+        out,
+        bundles=StaticBundles([(tiny_manifest(), TinyEngine())]),
+    )
+    written = [Path(o["path"]) for s in report["studies"] for r in s["results"] for o in r["objects"]]
+    assert len(written) == 2 * len(uids)
+    assert all(out in p.parents and p.parent.parent.name in {safe_name(u) for u in uids} for p in written)
+    assert sorted(p.relative_to(world) for p in world.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(world) for p in written
+    )
