@@ -3,6 +3,7 @@ and the real store; the export alert in ``appliance status``."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -156,3 +157,30 @@ def test_orphan_result_and_spool_files_are_removed_after_the_grace_only(home: Pa
     assert new_orphan.is_file()  # inside the grace: may be a result being recorded right now
     assert known_sr.is_file() and known_spool.is_file() and reserve.is_file()
     assert not spool_orphan.exists()
+
+
+def test_the_health_message_carries_the_undeliverable_export_alert(home: Path) -> None:
+    """What the composition root gives the cloud agent: its reported properties (sent in every health message)
+    carry the same alert as ``appliance status``."""
+    from appliance.app.compose import compose
+    from appliance.cloud import crypto, payload
+
+    _, pub = crypto.generate_keypair()
+    settings = Settings(
+        state_dir=home,
+        pipeline={"enabled": False},
+        cloud={"enabled": True, "device_id": "dev-1", "hub_hostname": "hub.example", "recipient_keys": {"c": pub}},
+    )
+    store, t0 = Store(settings.db_path), time.time()
+    sid, _ = _study(store, home, "1.7.1", INFERRED, t0 - 3 * DAY)
+    _result(store, home, sid, "1.7.1", t0 - 3 * DAY)
+    app = compose(settings, store)
+    try:
+        agent = next(s for s in app.services if s.name == "cloud")
+        _, body = payload.build_health_message({"reported": agent.reported()}, settings)  # type: ignore[attr-defined]
+        alert = json.loads(body)["reported"]["exports_undeliverable"]
+        assert alert["count"] == 1 and alert["oldest_age_s"] >= 3 * DAY - 60
+    finally:
+        for s in app.services:
+            if s.name == "pools":
+                s.stop()
