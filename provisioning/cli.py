@@ -20,6 +20,8 @@ from appliance.cloud.sas import derive_device_key
 from appliance.core.audit import FAILURE, AuditEvent
 from appliance.core.config import ConfigError, config_path_from_env, load_settings
 from durable import replace_durably, write_atomic
+from engines import keys
+from engines.errors import EnginesError
 from provisioning.dps import GLOBAL_ENDPOINT, DpsError
 from provisioning.dps import register as dps_register
 
@@ -67,6 +69,11 @@ def dps(
     port: int = typer.Option(8883),
     ca_file: Path | None = typer.Option(None, help="CA bundle (default: system store)"),
     timeout: float = typer.Option(120.0, help="give up after this many seconds"),
+    keyset_trusted_key: list[str] = typer.Option(
+        [],
+        "--keyset-trusted-key",
+        help="KEY_ID=BASE64: the central team's recipient key-set signing key (cloud.keyset_trusted_keys)",
+    ),
 ) -> None:
     """Register with DPS, then store the assigned hub and device id in the config and the key in secrets/."""
     config = Path(ctx.find_root().obj.config or config_path_from_env())
@@ -77,6 +84,16 @@ def dps(
     if sum(x is not None for x in (symmetric_key, group_key, cert)) != 1:
         typer.echo("give exactly one of --symmetric-key, --group-key, --cert (with --key)", err=True)
         raise typer.Exit(2)
+    trusted: dict[str, str] = {}
+    for kid, _, pub in (item.partition("=") for item in keyset_trusted_key):
+        try:
+            ok = keys.key_id(keys.load_public_key_b64(pub)) == kid.strip()
+        except EnginesError:
+            ok = False
+        if not ok:
+            typer.echo(f"--keyset-trusted-key {kid}=...: not the Ed25519 public key with this key id", err=True)
+            raise typer.Exit(2)
+        trusted[kid.strip()] = pub.strip()
     device_key = derive_device_key(group_key, registration_id) if group_key else symmetric_key
     try:
         a = dps_register(
@@ -102,6 +119,8 @@ def dps(
         typer.echo(f"DPS registration failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     cloud: dict[str, object] = {"enabled": True, "hub_hostname": a.hub, "device_id": a.device_id}
+    if trusted:
+        cloud["keyset_trusted_keys"] = {**settings.cloud.keyset_trusted_keys, **trusted}
     if device_key:
         _write_private(settings.secrets_dir / "device_key", device_key + "\n")
         cloud["auth"] = "sas"

@@ -90,14 +90,18 @@ def test_central_keygen_decrypt_and_cloud_cli(tmp_path: Path, home: Path) -> Non
         payload.build_result_message(sample_result(i), s, secret, recipient_keys=s.cloud.recipient_keys)[1]
         for i in range(3)
     ]
-    r = _cli("central", "decrypt", "--key", str(tmp_path / "keys"), home=home, input=b"\n".join(bodies))
+    unvouched = _cli("central", "decrypt", "--key", str(tmp_path / "keys"), home=home, input=b"\n".join(bodies))
+    assert unvouched.returncode == 1 and unvouched.stderr.decode().count("no_identity") == 3  # no hub identity
+    r = _cli(
+        "central", "decrypt", "--key", str(tmp_path / "keys"), "--device", "dev-9", home=home, input=b"\n".join(bodies)
+    )
     assert r.returncode == 0, r.stderr
     docs = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(docs) == 3 and docs[0]["meta"]["device"] == "dev-9" and docs[0]["payload"]["task"] == "mmg"
     for phi in PHI_STRINGS:
         assert phi not in r.stdout.decode()
     bad = _cli("central", "decrypt", "--key", str(tmp_path / "keys"), home=home, input=b"garbage")
-    assert bad.returncode == 1 and "not an envelope" in bad.stderr.decode()
+    assert bad.returncode == 1 and "malformed" in bad.stderr.decode()
     store = Store(s.db_path)
     with store.transaction() as c:
         outbox.enqueue(c, kind="health", message_id="h-1", body=b"{}")

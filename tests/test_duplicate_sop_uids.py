@@ -207,9 +207,9 @@ def test_three_series_sharing_a_sop_uid_are_each_analysed_with_their_own_objects
     expected = {uids.sc_instance_uid(study, s, SOP, "tiny-cxr", "1.0.0") for s in spots}
     assert {o["sop_instance_uid"] for o in scs} == expected
     for o in scs:  # each SC's source is its own image
-        sc = pydicom.dcmread(o["path"])
+        sc = pydicom.dcmread(home / o["path"])  # stored relative to the state directory
         assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == SOP
-    sr = pydicom.dcmread(next(o["path"] for o in objects if o["kind"] == "SR"))
+    sr = pydicom.dcmread(home / next(o["path"] for o in objects if o["kind"] == "SR"))
     (evidence,) = sr.CurrentRequestedProcedureEvidenceSequence
     listed = {(s.SeriesInstanceUID, r.ReferencedSOPInstanceUID) for s in evidence.ReferencedSeriesSequence
               for r in s.ReferencedSOPSequence}  # fmt: skip

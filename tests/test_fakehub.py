@@ -166,3 +166,17 @@ def test_dps_register_and_poll_then_connect_to_assigned_hub(hub: FakeHub, pki) -
         f"{hub.id_scope}/registrations/{reg}", group_key, int(time.time()) + 60, "registration"
     )
     assert Raw(hub.port, pki["ca"], reg, f"{hub.id_scope}/registrations/{reg}/api-version=2019-03-31", bad).rc == 5
+
+
+def test_the_hub_stamps_the_sender_identity_and_a_device_cannot_forge_it(hub: FakeHub, pki, device_key: str) -> None:
+    """``iothub-connection-device-id`` comes from the authenticated connection; a device that sends its own
+    ``iothub-*`` properties does not get them kept (Microsoft: system properties are set by the hub)."""
+    raw = _raw(hub, pki, device_key)
+    bag = "$.mid=m-1&type=result&iothub-connection-device-id=someone-else&IoTHub-Connection-Auth-Method=x"
+    raw.c.publish(f"devices/{DEVICE}/messages/events/{bag}", b'{"v":1}', qos=1).wait_for_publish(10)
+    (msg,) = wait_until(lambda: hub.messages(DEVICE), 10, "message")
+    assert msg.system["iothub-connection-device-id"] == DEVICE
+    assert json.loads(msg.system["iothub-connection-auth-method"])["type"] == "sas"
+    assert not any(k.lower().startswith("iothub-") for k in msg.props) and msg.props["$.mid"] == "m-1"
+    event = msg.event()
+    assert event["system_properties"]["iothub-connection-device-id"] == DEVICE and event["body"] == '{"v":1}'

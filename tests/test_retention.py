@@ -45,7 +45,7 @@ def test_settled_study_purged_after_retention_and_resend_is_stored_again(home: P
     store = Store(home / "state.db")
     sid = store.query("SELECT id FROM studies")[0]["id"]
     spooled = [home / "spool" / r["path"] for r in store.query("SELECT path FROM instances")]
-    result_dir = Path(store.query("SELECT dir FROM results")[0]["dir"])
+    result_dir = home / store.query("SELECT dir FROM results")[0]["dir"]  # relative to the state directory
     assert spooled and all(p.is_file() for p in spooled) and any(result_dir.iterdir())
     assert json.loads(store.query("SELECT summary FROM results")[0]["summary"])["patient"]  # PHI while kept
 

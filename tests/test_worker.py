@@ -92,7 +92,8 @@ def test_studies_processed_fifo_with_one_batch(env) -> None:
     assert summary["patient"]["PatientID"] == "P123" and summary["bundle_version"] == "1.0.0"
     kinds = [r["kind"] for r in store.query("SELECT kind FROM result_objects ORDER BY id")]
     assert kinds.count("SR") == 2 and kinds.count("SC") == 4
-    assert all(Path(r["path"]).exists() for r in store.query("SELECT path FROM result_objects"))
+    stored = [r["path"] for r in store.query("SELECT path FROM result_objects")]
+    assert all(not Path(p).is_absolute() and (settings.state_dir / p).exists() for p in stored)
 
 
 def test_no_matching_model_is_recorded_not_an_error(env) -> None:

@@ -33,7 +33,7 @@ from appliance.cloud.result_messages import CloudResultPublisher
 from appliance.core.audit_syslog import AuditForwarder
 from appliance.core.config import Settings
 from appliance.core.store import Store
-from appliance.delivery.export import Exporter
+from appliance.delivery.export import Exporter, undeliverable
 from appliance.ingest.assembler import StudyAssembler
 from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
@@ -150,11 +150,18 @@ def compose(settings: Settings, store: Store) -> Appliance:
 
     if cloud_publisher is not None:
         control = ControlMethods(settings, store, cloud_publisher)
+        alert_s = settings.retention.export_alert_hours * 3600
+
+        def reported() -> dict[str, Any]:
+            """The agent's reported properties (and health message): active bundles and the export alert."""
+            doc = engines.describe() if engines is not None else {}
+            return {**doc, "exports_undeliverable": undeliverable(store.conn, alert_s)}
+
         agent = CloudAgent(
             settings,
             store,
             method_hooks=control.handlers(),
-            reported_hook=engines.describe if engines is not None else None,
+            reported_hook=reported,
             overlay=overlay,
         )
         cloud_publisher.on_queued = agent.sender.notify_queued

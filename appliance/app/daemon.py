@@ -141,8 +141,12 @@ class Watchdog:
         self._problem = problem
 
 
+UMASK = 0o027  # files 0640 / folders 0750 at most: the service user and its group
+
+
 def run(settings: Settings) -> int:
     """Run in the foreground until SIGTERM/SIGINT; 0 on a clean stop, 1 if a service failed to start."""
+    os.umask(UMASK)  # whatever started us: nothing the daemon creates is world-readable (patient data, secrets)
     configure(settings.log.level, settings.log.format)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     try:

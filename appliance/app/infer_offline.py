@@ -28,6 +28,7 @@ from pydicom.errors import InvalidDicomError
 
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
+from appliance.core.safe_names import safe_name
 from appliance.models.active import ActiveEngines
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import Analysis, analyse_route
@@ -169,7 +170,7 @@ def _run_study(
         summary["timings_s"] = {k: round(v, 4) for k, v in a.timings.items()}
         if out is not None:
             objects, object_errors = build_objects_reporting(a, r.manifest, p.sc_max_size, pool)
-            target = out / study_uid / f"{r.manifest.bundle_id}-{r.manifest.version}"
+            target = out / safe_name(study_uid) / safe_name(f"{r.manifest.bundle_id}-{r.manifest.version}")
             summary["objects"] = [
                 {"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(path)}
                 for k, ds, path in write_objects(objects, target, pool)

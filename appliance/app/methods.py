@@ -38,23 +38,26 @@ class ControlMethods:
         """Method name -> handler, for ``CloudAgent(method_hooks=...)``."""
         return {"rollback_model": self.rollback_model, "resend": self.resend, "run_selftest": self.run_selftest}
 
-    def _study_rows(self, ref: str) -> list[Any]:
-        """Results of the study named by its real UID or by its cloud pseudonym (what the central team sees)."""
+    def _study_rows(self, pseudonym: str) -> list[Any]:
+        """Results of the study named by its cloud pseudonym (what the central team sees). A real Study
+        Instance UID matches nothing: answering for it would let a caller test which UIDs this box holds and
+        link each to its pseudonym (a membership oracle)."""
         secret = deid.load_or_create_device_secret(self._settings.secrets_dir)
         rows = self._store.query(
             "SELECT r.id, r.study_id, r.study_uid, r.summary, s.revision FROM results r"
             " JOIN studies s ON s.id=r.study_id"
         )
-        return [r for r in rows if ref in (r["study_uid"], deid.pseudonym_uid(secret, r["study_uid"]))]
+        return [r for r in rows if deid.pseudonym_uid(secret, r["study_uid"]) == pseudonym]
 
     def resend(self, request: Any) -> tuple[int, Any]:
-        """``resend``: ``{"study_uid": uid or pseudonym}`` -> PACS export and cloud result again."""
+        """``resend``: ``{"study_uid": cloud pseudonym}`` -> PACS export and cloud result again; a real Study UID
+        gets the same 404 as an unknown pseudonym."""
         ref = request.get("study_uid") if isinstance(request, dict) else None
         if not isinstance(ref, str) or not ref:
-            return 400, {"error": 'payload must be {"study_uid": "<study UID or its cloud pseudonym>"}'}
+            return 400, {"error": 'payload must be {"study_uid": "<the study\'s cloud pseudonym>"}'}
         rows = self._study_rows(ref)
         if not rows:
-            return 404, {"error": "no results for that study on this device"}
+            return 404, {"error": "no results for that pseudonym on this device"}
         messages = [self._publisher.build(json.loads(r["summary"]), r["revision"]) for r in rows]
         ts = now()
         with self._store.transaction() as conn:

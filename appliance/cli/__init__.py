@@ -17,6 +17,7 @@ import typer
 
 from appliance import __version__
 from appliance.core.config import ConfigError, Settings, load_settings
+from durable.ownership import hand_over
 
 app = typer.Typer(
     name="appliance",
@@ -65,6 +66,22 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
 ) -> None:
     ctx.obj = CliState(config, home)
+    ctx.call_on_close(lambda: _hand_over_state_dir(ctx.obj))
+
+
+def _hand_over_state_dir(state: CliState) -> None:
+    """After every command: files it created under the state directory as root go to the directory's owner, the
+    service user (``durable.ownership.hand_over``; docs/INSTALL.md)."""
+    settings = state._settings
+    if settings is None:  # the command never read the configuration: it wrote nothing there
+        return
+    try:
+        n = hand_over(settings.state_dir)
+    except OSError as exc:
+        typer.echo(f"warning: could not give new files in {settings.state_dir} to its owner: {exc}", err=True)
+        return
+    if n:
+        typer.echo(f"{n} new file(s) in {settings.state_dir} given to its owner (the service user)", err=True)
 
 
 def _register_all() -> None:

@@ -38,19 +38,24 @@ def status(ctx: typer.Context) -> None:
     """Outbox depth by kind, recent sends/evictions and the last desired-properties decision (JSON)."""
     settings = settings_from(ctx)
     from appliance.cloud import outbox
+    from appliance.cloud.client import credential_problems
     from appliance.core.store import Store
 
     store = Store(settings.db_path)
     count, size = outbox.depth(store.conn)
     rows = store.query("SELECT key, value FROM cloud_state WHERE key IN ('twin.desired_version','twin.desired_status')")
+    problems = credential_problems(settings)
     doc = {
         "device_id": settings.cloud.device_id,
         "hub": settings.cloud.hub_hostname,
         "enabled": settings.cloud.enabled,
         "outbox": {"depth": count, "bytes": size, "by_kind": outbox.counts_by_kind(store.conn)},
         "twin": {r["key"]: json.loads(r["value"]) for r in rows},
+        "credential_problems": problems,
     }
     typer.echo(json.dumps(doc, indent=2))
+    for problem in problems:
+        typer.echo(f"problem: {problem}", err=True)
 
 
 @cloud_app.command("outbox")

@@ -14,7 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from appliance.cli import settings_from
+from appliance.cloud.client import credential_problems
 from appliance.core.config import Settings
+from appliance.delivery.export import undeliverable
 from appliance.lifecycle.studies import STUDY_STATES
 
 
@@ -48,12 +50,14 @@ def status_doc(settings: Settings) -> dict[str, Any]:
     running = read_status(settings)
     counts = {s: 0 for s in STUDY_STATES}
     instances = 0
+    alert: dict[str, Any] = {"count": 0, "oldest_age_s": None}
     conn = _readonly_db(settings)
     if conn is not None:
         try:
             for r in conn.execute("SELECT state, COUNT(*) AS n FROM studies GROUP BY state"):
                 counts[r["state"]] = r["n"]
             instances = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+            alert = undeliverable(conn, settings.retention.export_alert_hours * 3600)
         except sqlite3.OperationalError:  # database exists but was never migrated
             pass
         finally:
@@ -74,6 +78,11 @@ def status_doc(settings: Settings) -> dict[str, Any]:
         "disk": {**_disk(settings.state_dir), "min_free_bytes": d.min_free_bytes},
         "studies": counts,
         "instances": instances,
+        "exports_undeliverable": alert,  # given up, or pending over retention.export_alert_hours
+        "cloud": {
+            "enabled": settings.cloud.enabled,
+            "problems": credential_problems(settings) if settings.cloud.enabled else [],
+        },
     }
 
 
@@ -96,6 +105,15 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
         f"disk: {disk['free_bytes'] / 1e9:.1f} GB free of {disk['total_bytes'] / 1e9:.1f} GB"
         + (" [red](below dicom.min_free_bytes: new instances refused)[/red]" if low else "")
     )
+    for problem in doc["cloud"]["problems"]:
+        console.print(f"[red]cloud: {problem}[/red]", soft_wrap=True)
+    alert = doc["exports_undeliverable"]
+    if alert["count"]:
+        console.print(
+            f"[red]{alert['count']} export(s) undeliverable[/red], oldest queued "
+            f"{alert['oldest_age_s'] / 3600:.1f} h ago (see `appliance studies`; given up after "
+            "retention.undeliverable_days)"
+        )
     table = Table("state", "studies", title=f"studies in {doc['state_dir']} ({doc['instances']} instances)")
     for state, n in doc["studies"].items():
         table.add_row(state, str(n))

@@ -281,7 +281,8 @@ class CloudAgent:
             "backend": self.settings.engines.backend,
             "gpu": None,
             "outbox": {"depth": count, "bytes": size},
-            "last_study_at": _iso(row[0]) if row and row[0] else None,
+            # to the hour only: health is plaintext, and a study's time to the second helps link it to a patient
+            "last_study_at": _iso(row[0] - row[0] % 3600) if row and row[0] else None,
             "disk": disk,
             "desired_status": self.twin.status or None,
             "last_c2d": self.last_c2d,

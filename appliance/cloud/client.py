@@ -10,9 +10,11 @@ reconnects at ``sas_renew_fraction`` of the token lifetime, after letting in-fli
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import random
 import ssl
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +28,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from appliance.cloud import sas
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
+from durable.ownership import service_owner
 
 log = get_logger(__name__)
+
+
+class CredentialError(OSError):
+    """The device's own credential files cannot be read (permissions, missing): no connection is attempted."""
 
 
 class ConnectionHandler(Protocol):
@@ -61,6 +68,54 @@ def subscriptions(device_id: str) -> list[tuple[str, int]]:
         ("$iothub/twin/PATCH/properties/desired/#", 0),
         ("$iothub/methods/POST/#", 0),
     ]
+
+
+def credential_files(settings: Settings) -> list[Path]:
+    """The files this box presents its identity with: the SAS device key, or the X.509 certificate and key."""
+    c, secrets = settings.cloud, settings.secrets_dir
+    if c.auth == "sas":
+        return [Path(c.device_key_file) if c.device_key_file else secrets / "device_key"]
+    return [
+        Path(c.cert_file) if c.cert_file else secrets / "device.crt",
+        Path(c.key_file) if c.key_file else secrets / "device.key",
+    ]
+
+
+def _readable_by(st: os.stat_result, uid: int, gid: int) -> bool:
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)
+
+
+def credential_problems(settings: Settings) -> list[str]:
+    """Why the box could not authenticate to the hub, one sentence per file (empty: the files are there and
+    readable). Checks that this process can read each credential file and, when it runs as root on a state
+    directory owned by the service user, that the service user can too (a root-owned 0600 key would make the
+    daemon retry for ever). Never raises for a file problem."""
+    problems = []
+    owner = service_owner(settings.state_dir)
+    for path in credential_files(settings):
+        try:
+            st = path.stat()
+            with open(path, "rb") as fh:
+                empty = not fh.read(1)
+        except FileNotFoundError:
+            problems.append(f"{path}: missing: provision this box (appliance provision dps) or set the file")
+            continue
+        except OSError as exc:
+            problems.append(f"{path}: cannot be read ({exc.strerror}): give it to the service user, mode 0600")
+            continue
+        mode = f"{stat.S_IMODE(st.st_mode):04o}"
+        if owner is not None and not _readable_by(st, *owner):
+            problems.append(
+                f"{path}: the service user (uid {owner[0]}) cannot read it (owner uid {st.st_uid}, mode {mode}): "
+                f"chown {owner[0]}:{owner[1]} {path}"
+            )
+        elif empty:
+            problems.append(f"{path}: empty")
+    return problems
 
 
 class HubClient:
@@ -119,6 +174,12 @@ class HubClient:
 
     # ---------------------------------------------------------------- connection
     def _tls(self) -> ssl.SSLContext:
+        try:
+            return self._tls_context()
+        except PermissionError as exc:
+            raise CredentialError(f"certificate or key {exc.filename} cannot be read: {exc.strerror}") from exc
+
+    def _tls_context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2  # what IoT Hub documents; 1.3 is not needed
@@ -143,7 +204,10 @@ class HubClient:
         client.tls_set_context(self._tls())
         renew_at = float("inf")
         if self.cfg.auth == "sas":
-            key = self.key_file.read_text(encoding="ascii").strip()
+            try:
+                key = self.key_file.read_text(encoding="ascii").strip()
+            except OSError as exc:
+                raise CredentialError(f"device key {self.key_file} cannot be read: {exc.strerror}") from exc
             token, expiry = sas.device_token(
                 self.cfg.hub_hostname, self.device_id, key, self.cfg.sas_ttl_s, self.time_fn()
             )
@@ -177,6 +241,13 @@ class HubClient:
                 client, renew_at = self._new_client()
                 self._refused, self._lost, self._sub_mid = None, False, None
                 client.connect(self.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            except CredentialError as exc:  # not a network problem: it stays until someone fixes the file
+                attempt += 1
+                delay = self._backoff(attempt)
+                self.last_error = f"cannot authenticate: {exc}"
+                log.error("IoT Hub not contacted: this box cannot read its identity", error=str(exc))
+                self._stop.wait(delay)
+                continue
             except (OSError, ssl.SSLError, ValueError) as exc:
                 attempt += 1
                 delay = self._backoff(attempt)

@@ -2,7 +2,8 @@
 
 The ``Settings`` object read from the config file is never mutated. What the central team may change at run
 time through the twin (``Desired`` in :mod:`appliance.cloud.twin`: health interval, result upload on/off, log
-level, outbox TTL, recipient keys) is applied here as an explicit overlay:
+level, outbox TTL, a signed recipient key set and the choice among its keys) is applied here as an explicit
+overlay:
 
 - **validated**: only a whole ``Desired`` document that passed validation is applied;
 - **versioned**: each applied overlay carries the twin's desired ``$version`` it came from (``TwinState``
@@ -10,6 +11,11 @@ level, outbox TTL, recipient keys) is applied here as an explicit overlay:
   when its version is lower, e.g. a device identity re-created in the hub);
 - **persisted**: the one copy lives in the ``settings_overlay`` table (this module is its only writer), so
   it survives restarts before the hub is reachable again;
+- **keys only from the central team**: a ``recipient_keyset`` is in force only once verified against
+  ``cloud.keyset_trusted_keys`` (:mod:`appliance.cloud.keysets`: signature, expiry, never older than the newest
+  accepted, remembered in ``settings_overlay.keyset_version``); ``recipient_key_ids`` may only pick among the
+  keys in force (the set's, else the config file's ``cloud.recipient_keys``). A set that expires while in force
+  gives way to the config file's keys;
 - **read through one locked accessor**: :meth:`CloudOverlay.current` returns an immutable
   :class:`EffectiveCloud` snapshot; readers on other threads (pipeline, sender, health) never see half an
   update.
@@ -22,9 +28,10 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
+from appliance.cloud import keysets
 from appliance.cloud.twin import Desired, validate
 from appliance.core.config import CloudConfig
 from appliance.core.logs import get_logger
@@ -38,7 +45,9 @@ class EffectiveCloud:
     """The cloud settings in force: config-file values with the applied overlay on top.
 
     ``version`` is the twin desired ``$version`` of the applied overlay (0: none applied, config only).
-    ``recipient_keys`` maps key id -> base64 X25519 public key (read-only mapping).
+    ``recipient_keys`` maps key id -> base64 X25519 public key (read-only mapping): the signed key set's (or the
+    config file's) keys, narrowed to ``recipient_key_ids`` when the twin chose. ``keyset_version`` is the signed
+    set in force (0: the config file's keys); ``keys_expire_at`` its expiry (epoch s; None for config keys).
     """
 
     version: int
@@ -47,22 +56,51 @@ class EffectiveCloud:
     log_level: str | None  # None: the config file's log.level stays
     outbox_ttl_days: int
     recipient_keys: Mapping[str, str]
+    keyset_version: int = 0
+    keys_expire_at: float | None = None
 
     @property
     def outbox_ttl_s(self) -> float:
         return self.outbox_ttl_days * 86400.0
 
 
-def _effective(base: CloudConfig, desired: Desired | None, version: int) -> EffectiveCloud:
+def _recipients(
+    base: CloudConfig, d: Desired, newest: tuple[int, str] | None
+) -> tuple[dict[str, str], keysets.KeySet | None]:
+    """(keys in force, the verified key set or None). Raises ``KeySetError`` for a set the box must refuse and
+    ``ValueError`` for a chosen key id that is not among the keys in force."""
+    keyset = None
+    available = dict(base.recipient_keys)
+    if d.recipient_keyset is not None:
+        keyset = keysets.verify(d.recipient_keyset, base.keyset_trusted_keys, newest=newest)
+        available = dict(keyset.keys)
+    if d.recipient_key_ids is not None:
+        unknown = sorted(set(d.recipient_key_ids) - set(available))
+        if unknown:
+            raise ValueError(f"recipient_key_ids {unknown} are not among the keys in force {sorted(available)}")
+        available = {kid: available[kid] for kid in d.recipient_key_ids}
+    return available, keyset
+
+
+def _effective(
+    base: CloudConfig, desired: Desired | None, version: int, newest: tuple[int, str] | None = None
+) -> EffectiveCloud:
     d = desired or Desired()
+    keys, keyset = _recipients(base, d, newest)
     return EffectiveCloud(
         version=version,
         health_interval_s=d.health_interval_s or base.health_interval_s,
         upload_results=base.upload_results if d.upload_results is None else d.upload_results,
         log_level=d.log_level,
         outbox_ttl_days=d.outbox_ttl_days or base.outbox_ttl_days,
-        recipient_keys=MappingProxyType(dict(d.recipient_keys or base.recipient_keys)),
+        recipient_keys=MappingProxyType(keys),
+        keyset_version=keyset.version if keyset is not None else 0,
+        keys_expire_at=float(keyset.expires_at) if keyset is not None else None,
     )
+
+
+def _without_keys(desired: Desired) -> Desired:
+    return desired.model_copy(update={"recipient_keyset": None, "recipient_key_ids": None})
 
 
 class CloudOverlay:
@@ -76,37 +114,77 @@ class CloudOverlay:
         self._base = base
         self._store = store
         self._lock = threading.Lock()
-        row = store.query("SELECT version, doc FROM settings_overlay WHERE id=1")
+        row = store.query("SELECT version, doc, keyset_version, keyset_content FROM settings_overlay WHERE id=1")
         desired, version = None, 0
+        self._newest: tuple[int, str] | None = None  # (version, content) of the newest key set ever accepted
         if row:
+            if row[0]["keyset_version"]:
+                self._newest = (int(row[0]["keyset_version"]), str(row[0]["keyset_content"]))
             try:
                 desired, version = validate(json.loads(row[0]["doc"])), int(row[0]["version"])
             except ValueError as exc:
                 log.warning("stored settings overlay ignored: no longer valid", reason=str(exc))
-        self._current = _effective(base, desired, version)
+        try:
+            self._current = _effective(base, desired, version, self._newest)
+        except ValueError as exc:  # e.g. the stored key set expired meanwhile: the config file's keys
+            log.warning("stored recipient key set no longer in force; config keys used", reason=str(exc))
+            self._current = _effective(base, _without_keys(desired or Desired()), version)
         self._apply_log_level(self._current)
 
     def current(self) -> EffectiveCloud:
-        """The settings in force now (an immutable snapshot)."""
+        """The settings in force now (an immutable snapshot). A signed key set past its expiry gives way to
+        the config file's ``cloud.recipient_keys`` here (logged once)."""
         with self._lock:
-            return self._current
+            cur = self._current
+            if cur.keys_expire_at is not None and time.time() >= cur.keys_expire_at:
+                log.warning("recipient key set expired; config keys used", keyset_version=cur.keyset_version)
+                cur = self._current = replace(
+                    cur,
+                    recipient_keys=MappingProxyType(dict(self._base.recipient_keys)),
+                    keyset_version=0,
+                    keys_expire_at=None,
+                )
+            return cur
 
     def apply(self, desired: Desired, version: int) -> EffectiveCloud:
-        """Make ``desired`` (validated; the twin's ``$version``) the overlay: persisted, then in force.
+        """Make ``desired`` (validated; the twin's ``$version``) the overlay: verified, persisted, then in force.
 
-        Raises ``sqlite3.Error`` when it cannot be persisted (then nothing changes)."""
+        Raises ``keysets.KeySetError`` for a recipient key set the box does not accept (not signed by a trusted
+        key, expired, older than the newest accepted), ``ValueError`` for ``recipient_key_ids`` naming a key not
+        in force, ``sqlite3.Error`` when it cannot be persisted; then nothing changes."""
         with self._lock:
+            effective = _effective(self._base, desired, version, self._newest)  # raises before anything is kept
+            newest = self._newest
+            if effective.keyset_version and desired.recipient_keyset is not None:
+                newest = (
+                    effective.keyset_version,
+                    keysets.canonical_content(keysets.parse(desired.recipient_keyset)[1]),
+                )
             doc = desired.model_dump(exclude_none=True)
             with self._store.transaction() as conn:
                 conn.execute(
-                    "INSERT INTO settings_overlay(id, version, doc, applied_at) VALUES (1,?,?,?) ON CONFLICT(id) "
-                    "DO UPDATE SET version=excluded.version, doc=excluded.doc, applied_at=excluded.applied_at",
-                    (version, json.dumps(doc, sort_keys=True), time.time()),
+                    "INSERT INTO settings_overlay(id, version, doc, applied_at, keyset_version, keyset_content)"
+                    " VALUES (1,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET version=excluded.version, doc=excluded.doc,"
+                    " applied_at=excluded.applied_at, keyset_version=excluded.keyset_version,"
+                    " keyset_content=excluded.keyset_content",
+                    (
+                        version,
+                        json.dumps(doc, sort_keys=True),
+                        time.time(),
+                        newest[0] if newest else 0,
+                        newest[1] if newest else None,
+                    ),
                 )
-            self._current = _effective(self._base, desired, version)
+            self._current, self._newest = effective, newest
             current = self._current
         self._apply_log_level(current)
-        log.info("settings overlay applied", version=version, keys=sorted(doc))
+        log.info(
+            "settings overlay applied",
+            version=version,
+            keys=sorted(doc),
+            keyset_version=current.keyset_version,
+            recipients=sorted(current.recipient_keys),
+        )
         return current
 
     @staticmethod

@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.cloud import crypto
+from appliance.cloud import keysets
 from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -35,20 +35,29 @@ class Desired(BaseModel):
     upload_results: bool | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     outbox_ttl_days: int | None = Field(default=None, ge=1, le=365)
-    recipient_keys: dict[str, str] | None = Field(default=None, description="key id -> X25519 public key b64")
+    recipient_keyset: dict[str, Any] | None = Field(
+        default=None, description="a key set signed by the central team (appliance.cloud.keysets)"
+    )
+    recipient_key_ids: list[str] | None = Field(
+        default=None, min_length=1, max_length=16, description="which keys of the set in force to encrypt to"
+    )
     model_update: dict[str, Any] | None = Field(default=None, description="handed to the model-update hook")
 
-    @field_validator("recipient_keys")
+    @model_validator(mode="before")
     @classmethod
-    def _keys(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+    def _no_raw_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "recipient_keys" in data:
+            raise ValueError(
+                "recipient_keys: refused: the twin cannot supply encryption keys; keys come only in a "
+                "recipient_keyset signed by the central team"
+            )
+        return data
+
+    @field_validator("recipient_keyset")
+    @classmethod
+    def _keyset(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
-            if not v:
-                raise ValueError("recipient_keys must not be empty: results would have no reader")
-            for kid, pub in v.items():
-                try:
-                    crypto.load_public_key(pub)
-                except Exception as exc:
-                    raise ValueError(f"recipient key {kid!r} is not a base64 X25519 public key ({exc})") from exc
+            keysets.parse(v)  # shape only: the signature is checked against the box's trusted keys on apply
         return v
 
 

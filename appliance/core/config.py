@@ -7,6 +7,8 @@ Each subsystem owns one section class below; nothing else reads configuration fi
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import ipaddress
 import os
 import sys
@@ -246,6 +248,10 @@ class CloudConfig(Section):
     recipient_keys: dict[str, str] = Field(
         default_factory=dict, description="key id -> X25519 public key (base64) of the central team"
     )
+    keyset_trusted_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="key id -> Ed25519 public key (base64) whose signature makes a twin recipient_keyset acceptable",
+    )
     deid_retain_patient_characteristics: bool = Field(
         default=False, description="PS3.15 option: keep sex and age in years (default: removed)"
     )
@@ -256,6 +262,18 @@ class CloudConfig(Section):
 class RetentionConfig(Section):
     days: float = Field(default=7.0, gt=0, description="purge instances/results this long after export")
     check_interval_s: float = Field(default=3600.0, gt=0, description="how often the purge pass runs")
+    stalled_days: float = Field(
+        default=7.0, gt=0, description="a study revision stuck in received/complete/inferring this long is ended failed"
+    )
+    undeliverable_days: float = Field(
+        default=14.0, gt=0, description="an export still pending this long after it was queued is given up"
+    )
+    export_alert_hours: float = Field(
+        default=24.0, gt=0, description="exports pending longer than this are reported (status, health)"
+    )
+    orphan_grace_s: float = Field(
+        default=86400.0, ge=60, description="files with no database row older than this are deleted (results, spool)"
+    )
 
 
 class ApiConfig(Section):
@@ -428,6 +446,14 @@ def check_problems(settings: Settings) -> list[str]:
     if d.allowlist_enabled and not d.allowed_callers:
         problems.append("dicom.allowed_callers: allowlist enabled but empty: every modality would be rejected")
     c = settings.cloud
+    for kid, pub in c.keyset_trusted_keys.items():
+        try:
+            raw = base64.b64decode(pub, validate=True)
+            ok = len(raw) == 32 and hashlib.sha256(raw).hexdigest()[:16] == kid
+        except ValueError:
+            ok = False
+        if not ok:
+            problems.append(f"cloud.keyset_trusted_keys.{kid}: not the base64 Ed25519 public key with this key id")
     if c.enabled:
         if not c.hub_hostname:
             problems.append("cloud.hub_hostname: required when cloud.enabled")

@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from appliance.core.logs import get_logger
+from appliance.core.safe_names import stored_relative
 
 log = get_logger(__name__)
 
@@ -54,6 +55,12 @@ class Store:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA secure_delete=ON")  # deleted rows (PHI) are overwritten, not left in free pages
+        # migrations make stored paths relative to the state directory (the database's folder)
+        root = self.path.parent
+        conn.create_function(
+            "state_relpath", 1, lambda v: None if v is None else stored_relative(root, str(v)), deterministic=True
+        )
         return conn
 
     @property

@@ -29,6 +29,7 @@ from appliance.core.audit import FAILURE, AuditEvent, record_event
 from appliance.core.background import BackgroundLoop
 from appliance.core.config import PacsDestination, Settings
 from appliance.core.logs import get_logger
+from appliance.core.safe_names import UnsafePath, resolve_under
 from appliance.core.store import Store, now
 from appliance.lifecycle import studies
 from appliance.lifecycle.studies import EXPORTED, INFERRED
@@ -190,6 +191,36 @@ def pending_count(conn: sqlite3.Connection, study_id: int) -> tuple[int, int]:
     return int(r["n"]), int(r["pending"])
 
 
+GAVE_UP = "gave_up"  # an export undeliverable past retention.undeliverable_days: never tried again
+
+
+def give_up_undeliverable(conn: sqlite3.Connection, created_before: float) -> list[int]:
+    """Retention, in the caller's transaction: every ``pending`` export queued before ``created_before``
+    (epoch seconds) is given up (state ``gave_up``, its last error kept, never sent again), so its study
+    settles and is purged instead of keeping the patient's files for ever. Returns the studies concerned."""
+    rows = conn.execute(
+        "SELECT DISTINCT study_id FROM exports WHERE state='pending' AND created_at < ?", (created_before,)
+    ).fetchall()
+    conn.execute(
+        "UPDATE exports SET state=?, last_error=COALESCE(last_error, 'never attempted') || ' (gave up)'"
+        " WHERE state='pending' AND created_at < ?",
+        (GAVE_UP, created_before),
+    )
+    return [int(r[0]) for r in rows]
+
+
+def undeliverable(conn: sqlite3.Connection, alert_after_s: float, at: float | None = None) -> dict[str, Any]:
+    """The alert for status and health: exports given up, or pending longer than ``alert_after_s`` seconds:
+    ``{"count": n, "oldest_age_s": seconds since the oldest was queued, or None}``."""
+    at = now() if at is None else at
+    r = conn.execute(
+        "SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM exports WHERE state=? OR (state='pending' AND"
+        " created_at < ?)",
+        (GAVE_UP, at - alert_after_s),
+    ).fetchone()
+    return {"count": int(r["n"]), "oldest_age_s": None if r["oldest"] is None else int(at - r["oldest"])}
+
+
 def forget_study(conn: sqlite3.Connection, study_id: int) -> int:
     """Delete the study's export rows (retention, before its result objects go); returns how many."""
     return conn.execute(
@@ -276,7 +307,13 @@ class Exporter:
             batch = self.settings.pipeline.export_batch
             for i in range(0, len(items), batch):
                 chunk = items[i : i + batch]
-                outcomes = send(self.settings, dest, [(r["id"], Path(r["path"])) for r in chunk])
+                sendable, refused = [], []
+                for r in chunk:  # stored relative to the state dir; anything leaving it is never read
+                    try:
+                        sendable.append((r["id"], resolve_under(self.settings.state_dir, r["path"])))
+                    except UnsafePath as exc:
+                        refused.append(Outcome(r["id"], False, f"refused: {exc}"))
+                outcomes = refused + (send(self.settings, dest, sendable) if sendable else [])
                 self._record(chunk, outcomes)
                 delivered += sum(o.ok for o in outcomes)
         return delivered

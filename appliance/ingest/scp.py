@@ -247,7 +247,12 @@ class StorageSCP:
                 instance_id=rec.instance_id,
             )
         if rec.new_revision and rec.new_revision > 1:
-            log.info("study re-opened by late instance", study_uid=header.study_uid, revision=rec.new_revision)
+            log.info(
+                "study re-opened by late instance",
+                study_id=rec.study_id,
+                study_uid=header.study_uid,
+                revision=rec.new_revision,
+            )
         log.debug("instance stored", sop_uid=header.sop_instance_uid, study_id=rec.study_id, bytes=size)
         if self.on_instance and not rec.duplicate:
             self._notify(StoredInstance(rec.study_id, self.spool.abspath(rel), sha256, header))

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from appliance.core.background import BackgroundLoop
 from appliance.core.logs import get_logger
+from appliance.core.safe_names import resolve_under
 from durable import fsync_dir
 
 log = get_logger(__name__)
@@ -78,7 +79,8 @@ class Spool:
         self.inline_creates = 0  # takes that found the reserve empty (diagnostics, tests)
 
     def abspath(self, rel: str) -> Path:
-        return self.root / rel
+        """The file of a stored (relative) spool path; raises ``UnsafePath`` for one leaving the spool."""
+        return resolve_under(self.root, rel)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -170,3 +172,29 @@ class Spool:
         if unused:
             log.debug("unused reserve files removed", count=unused)
         return removed
+
+
+def remove_leftovers(root: Path, known: set[str], older_than: float) -> int:
+    """Retention's pass over a running spool: delete every non-empty file no instance row refers to (``known``:
+    paths relative to ``root``, read *before* this call) whose last change is before ``older_than`` (epoch
+    seconds), then empty day folders unchanged since then. Empty files are the reserve's and stay. Returns the
+    files deleted."""
+    removed = 0
+    if not root.is_dir():
+        return 0
+    for directory in root.iterdir():
+        if not directory.is_dir() or directory.is_symlink():
+            continue
+        for entry in directory.iterdir():
+            rel = f"{directory.name}/{entry.name}"
+            if rel in known or entry.is_symlink() or not entry.is_file():
+                continue
+            st = entry.stat()
+            if st.st_size == 0 or st.st_mtime >= older_than:
+                continue
+            entry.unlink(missing_ok=True)
+            removed += 1
+        if directory.stat().st_mtime < older_than:  # never a day folder the reserve may be filling now
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only succeeds when empty
+    return removed

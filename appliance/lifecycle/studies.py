@@ -58,7 +58,7 @@ TRANSIENT_STATES = (COMPLETE, INFERRING, INFERRED)
 
 # from-state -> the states it may move to. Everything else raises IllegalTransition.
 TRANSITIONS: dict[str, frozenset[str]] = {
-    RECEIVED: frozenset({COMPLETE}),
+    RECEIVED: frozenset({COMPLETE, FAILED}),  # failed: stalled past retention.stalled_days (retention)
     COMPLETE: frozenset({INFERRING, FAILED, SUPERSEDED}),
     INFERRING: frozenset({INFERRED, NO_MODEL, NOT_PROCESSABLE, FAILED, COMPLETE}),
     INFERRED: frozenset({EXPORTED, PURGED}),

@@ -1,14 +1,17 @@
 """Build the result objects of one analysis and make them durable: files, rows, export queue, state.
 
-Files are written to ``<state>/results/<study uid>/<bundle>-<version>/`` (temp file, fsync, rename) before
+Files are written to ``<state>/results/<study>/<bundle>-<version>/`` (temp file, fsync, rename) before
 the transaction that records them and queues their export. The SR goes first, alone (it is what the PACS
 needs first, and what end-to-end latency is measured to): built, written and queued in its own transaction;
 the SCs are rendered once it is out (or after a bounded wait). The final transaction records the SCs and queues the
 encrypted cloud result message (with ``cloud.enabled``); the worker then moves the study to ``inferred``
 (``appliance.lifecycle.studies``). A crash before it leaves the study ``inferring`` (-> ``complete`` on restart,
 within ``pipeline.max_attempts``): reprocessed with the same UIDs, so an SR already queued or sent is not
-queued again, and the result row, marked partial, still gets its cloud message. An SC that cannot be built is
-left out and named in :attr:`Saved.problems` and the summary's ``object_errors``: the SR still goes out.
+queued again, and the result row, marked partial, still gets its cloud message. ``<study>`` is the Study Instance
+UID through :func:`appliance.core.safe_names.safe_name` (a hostile UID becomes a hash, never a path), and the
+paths recorded in ``results.dir`` and ``result_objects.path`` are relative to the state directory. An SC that
+cannot be built is left out and named in :attr:`Saved.problems` and the summary's ``object_errors``: the SR
+still goes out.
 
 This module is the one writer of ``results`` and ``result_objects`` (retention purges through
 :func:`purge_study_results`); export rows are queued through ``appliance.delivery.export.queue_object``.
@@ -31,6 +34,7 @@ from pydicom.dataset import Dataset
 from appliance.core.config import Settings
 from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
+from appliance.core.safe_names import relative_to, safe_name
 from appliance.core.store import Store, now
 from appliance.delivery.export import queue_object
 from appliance.pipeline import uids
@@ -170,7 +174,7 @@ def write_objects(
     """Write every object (on ``pool``, concurrently: each fsync waits on the disk, not on the others), then
     fsync the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [(kind, ds, out_dir / f"{kind.lower()}-{ds.SOPInstanceUID}.dcm") for kind, ds in objects]
+    written = [(kind, ds, out_dir / f"{kind.lower()}-{safe_name(str(ds.SOPInstanceUID))}.dcm") for kind, ds in objects]
     for f in [submit_or_run(pool, write_dataset, ds, path) for _, ds, path in written]:
         f.result()
     fsync_dir(out_dir)  # every rename above, with one directory fsync
@@ -178,7 +182,8 @@ def write_objects(
 
 
 def result_dir(settings: Settings, study_uid: str, manifest: Manifest) -> Path:
-    return settings.results_dir / study_uid / f"{manifest.bundle_id}-{manifest.version}"
+    """``<results_dir>/<safe study>/<safe bundle-version>``: every component through :func:`safe_name`."""
+    return settings.results_dir / safe_name(study_uid) / safe_name(f"{manifest.bundle_id}-{manifest.version}")
 
 
 PARTIAL = {"partial": True}  # summary of a result whose SR is queued but whose SCs are not yet
@@ -191,7 +196,9 @@ def _result_row(conn, study_id: int, manifest: Manifest):
     ).fetchone()
 
 
-def _upsert_result(conn, study_id: int, res, manifest: Manifest, summary: dict, timings: dict, out_dir: Path) -> int:
+def _upsert_result(
+    conn, settings: Settings, study_id: int, res, manifest: Manifest, summary: dict, timings: dict, out_dir: Path
+) -> int:
     conn.execute(
         "INSERT INTO results(study_id, study_uid, bundle_id, bundle_version, summary, study_score, dir, timings,"
         " created_at) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(study_id, bundle_id, bundle_version) DO UPDATE SET"
@@ -203,7 +210,7 @@ def _upsert_result(conn, study_id: int, res, manifest: Manifest, summary: dict, 
             manifest.version,
             json.dumps(summary),
             res.study_score,
-            str(out_dir),
+            relative_to(settings.state_dir, out_dir),
             json.dumps(timings),
             now(),
         ),
@@ -223,7 +230,7 @@ def _queue_objects(
         conn.execute(
             "INSERT OR IGNORE INTO result_objects(result_id, kind, sop_instance_uid, sop_class_uid, path)"
             " VALUES (?,?,?,?,?)",
-            (result_id, kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), str(path)),
+            (result_id, kind, str(ds.SOPInstanceUID), str(ds.SOPClassUID), relative_to(settings.state_dir, path)),
         )
         object_id = conn.execute(
             "SELECT id FROM result_objects WHERE result_id=? AND sop_instance_uid=?",
@@ -243,11 +250,12 @@ def queue_unqueued_objects(conn: sqlite3.Connection, settings: Settings, study_i
 
 def purge_study_results(conn: sqlite3.Connection, study_id: int) -> int:
     """Retention, in the caller's transaction (after the export rows went): delete the study's result
-    objects and drop the patient block from each result's findings (kept for statistics). Returns how many
-    result rows were stripped."""
+    objects and drop the patient block from each result's findings (kept for statistics). Objects flagged
+    ``path_outside`` (an absolute path outside the state directory, migration 0009) are kept, for the operator
+    to look at. Returns how many result rows were stripped."""
     rows = conn.execute("SELECT id, summary FROM results WHERE study_id=?", (study_id,)).fetchall()
     for r in rows:
-        conn.execute("DELETE FROM result_objects WHERE result_id=?", (r["id"],))
+        conn.execute("DELETE FROM result_objects WHERE result_id=? AND path_outside=0", (r["id"],))
         summary = json.loads(r["summary"] or "{}")
         summary.pop("patient", None)
         conn.execute("UPDATE results SET summary=? WHERE id=?", (json.dumps(summary), r["id"]))
@@ -315,7 +323,9 @@ def save_results(
             row = _result_row(conn, study_id, manifest)
             known = row is not None and not json.loads(row["summary"]).get("partial")
             result_id = (
-                row["id"] if row is not None else _upsert_result(conn, study_id, res, manifest, PARTIAL, {}, out_dir)
+                row["id"]
+                if row is not None
+                else _upsert_result(conn, settings, study_id, res, manifest, PARTIAL, {}, out_dir)
             )
             _queue_objects(conn, settings, study_id, result_id, first)
         analysis.timings["sr_queued"] = time.perf_counter() - t0
@@ -330,25 +340,29 @@ def save_results(
     summary = result_summary(analysis)
     if object_errors:
         summary["object_errors"] = object_errors
-    summary["objects"] = [{"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": str(p)} for k, ds, p in written]
+    summary["objects"] = [
+        {"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": relative_to(settings.state_dir, p)}
+        for k, ds, p in written
+    ]
     revision = store.query("SELECT revision FROM studies WHERE id=?", (study_id,))[0]["revision"]
     try:  # encrypt before the transaction; a cloud problem must not keep the findings from the PACS
         message = publisher.build(summary, revision)
     except Exception as exc:
         message = None
-        log.error("cloud result message not built", study_uid=res.study_instance_uid, error=str(exc))
+        log.error("cloud result message not built", study_id=study_id, study_uid=res.study_instance_uid, error=str(exc))
     analysis.timings["results"] = time.perf_counter() - t0
     with store.transaction() as conn:
         if objects is not None:
             row = _result_row(conn, study_id, manifest)
             known = row is not None and not json.loads(row["summary"]).get("partial")
-        result_id = _upsert_result(conn, study_id, res, manifest, summary, analysis.timings, out_dir)
+        result_id = _upsert_result(conn, settings, study_id, res, manifest, summary, analysis.timings, out_dir)
         _queue_objects(conn, settings, study_id, result_id, written)
         if not known:  # a re-run of the same revision was already queued (same message id) with its result
             publisher.enqueue(conn, message)
     publisher.committed()
     log.info(
         "results stored",
+        study_id=study_id,
         study_uid=res.study_instance_uid,
         bundle=manifest.bundle_id,
         version=manifest.version,

@@ -281,7 +281,7 @@ class PipelineWorker:
         if not images:
             detail = "; ".join(problems) or "no instances recorded for the study"
             self._set(study_id, NOT_PROCESSABLE, detail)
-            log.warning("study not processable", study_uid=study_uid, reason=detail)
+            log.warning("study not processable", study_id=study_id, study_uid=study_uid, reason=detail)
             return NOT_PROCESSABLE
         notes = uid_conflict_notes(study_id, images)
         active = self.bundles.active()
@@ -290,7 +290,7 @@ class PipelineWorker:
             detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
             detail += "".join(f"; {n}" for n in notes)
             self._set(study_id, NO_MODEL, detail)
-            log.info("no model for study", study_uid=study_uid, detail=detail)
+            log.info("no model for study", study_id=study_id, study_uid=study_uid, detail=detail)
             return NO_MODEL
         p = self.settings.pipeline
         loaded = time.perf_counter() - t0  # spool files read and routed
@@ -312,7 +312,7 @@ class PipelineWorker:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
                 reason = f"{name}: inference timed out after {p.inference_timeout_s:g} s"
                 self._set(study_id, FAILED, reason)
-                log.error("inference timed out", study_uid=study_uid, bundle=r.manifest.bundle_id)
+                log.error("inference timed out", study_id=study_id, study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
             except NotProcessable as exc:
                 reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
@@ -320,7 +320,7 @@ class PipelineWorker:
             except Exception as exc:
                 reason = f"{r.manifest.bundle_id} {r.manifest.version}: {type(exc).__name__}: {exc}"
                 self._set(study_id, FAILED, reason)
-                log.exception("inference failed", study_uid=study_uid, bundle=r.manifest.bundle_id)
+                log.exception("inference failed", study_id=study_id, study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
             analysis.timings["load"] = loaded
             analysis.timings["early_prepared"] = float(len(hits))  # images taken from the cache (a count)
@@ -348,7 +348,7 @@ class PipelineWorker:
             return FAILED
         if stored == 0:
             self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes))
-            log.warning("study not processable", study_uid=study_uid, reason="; ".join(reasons))
+            log.warning("study not processable", study_id=study_id, study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
         detail = f"{stored} bundle(s)" + "".join(
             f"; {what}: {'; '.join(items)}"

@@ -92,14 +92,34 @@ class Fault:
         return True
 
 
+SYSTEM_PREFIX = "iothub-"  # system properties: the hub stamps them; a device cannot set or forge one
+
+
 @dataclass
 class Telemetry:
+    """One device-to-cloud message as the hub keeps it: ``props`` are the device's application properties (and
+    the ``$.``-prefixed system properties it may set: message id, content type ...); ``system`` are the
+    properties the hub stamps from the connection (``iothub-connection-device-id``,
+    ``iothub-connection-auth-method``, ``iothub-enqueuedtime``), as Microsoft's "Create and read IoT Hub
+    messages" lists them."""
+
     device_id: str
     topic: str
     props: dict[str, str]
     body: bytes
     received_at: float
     connection: int
+    system: dict[str, str] = field(default_factory=dict)
+
+    def event(self) -> dict[str, Any]:
+        """The message as a reader of the hub's Event Hubs-compatible endpoint gets it (one JSON line of an
+        export): ``{"system_properties": {...}, "properties": {...}, "body": <text, or "body_b64">}``."""
+        doc: dict[str, Any] = {"system_properties": dict(self.system), "properties": dict(self.props)}
+        try:
+            doc["body"] = self.body.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["body_b64"] = base64.b64encode(self.body).decode("ascii")
+        return doc
 
 
 @dataclass
@@ -223,6 +243,7 @@ class _Conn:
         self.hub, self.reader, self.writer = hub, reader, writer
         self.number = next(self.ids)
         self.device_id: str | None = None
+        self.auth_method = "sas"  # or "x509Certificate", as iothub-connection-auth-method says
         self.kind = "hub"
         self.subs: dict[str, int] = {}
         self.pids = itertools.count(1)
@@ -683,6 +704,7 @@ class FakeHub:
                     f"no password and no client certificate for {dev_id!r} (CN={cert_cn!r})",
                 )
                 return False
+            c.auth_method = "x509Certificate"
         c.device_id = dev_id
         return True
 
@@ -874,7 +896,8 @@ class FakeHub:
             c.close(f"publish to undocumented or foreign topic {pub.topic!r}")
 
     async def _d2c(self, c: _Conn, pub: mqtt.Publish, bag: str) -> None:
-        props = parse_props(bag)
+        # a device cannot set system properties: any iothub-* it sends is not kept, the hub stamps its own
+        props = {k: v for k, v in parse_props(bag).items() if not k.lower().startswith(SYSTEM_PREFIX)}
         if pub.retain:
             props["mqtt-retain"] = "true"
         size = len(pub.payload) + sum(len(k) + len(v) for k, v in props.items())
@@ -891,18 +914,28 @@ class FakeHub:
             with self.lock:
                 del self.cut_after_d2c[c.device_id or ""]
                 if cut[1]:
-                    self.telemetry.append(
-                        Telemetry(c.device_id or "", pub.topic, props, pub.payload, time.time(), c.number)
-                    )
+                    self.telemetry.append(self._stamped(c, pub, props))
             c.close("cut mid-publish by test")
             c.writer.transport.abort()
             return
         with self.lock:
-            self.telemetry.append(Telemetry(c.device_id or "", pub.topic, props, pub.payload, time.time(), c.number))
+            self.telemetry.append(self._stamped(c, pub, props))
         if pub.qos == 1:
             if self.puback_delay_s:
                 await asyncio.sleep(self.puback_delay_s)
             c.send(mqtt.puback(pub.packet_id or 0))
+
+    @staticmethod
+    def _stamped(c: _Conn, pub: mqtt.Publish, props: dict[str, str]) -> Telemetry:
+        """The message with the system properties the hub derives from the authenticated connection."""
+        at = time.time()
+        system = {
+            "iothub-connection-device-id": c.device_id or "",
+            "iothub-connection-auth-method": json.dumps({"scope": "device", "type": c.auth_method, "issuer": "iothub"}),
+            "iothub-enqueuedtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at))
+            + f".{int(at * 1000) % 1000:03d}Z",
+        }
+        return Telemetry(c.device_id or "", pub.topic, props, pub.payload, at, c.number, system)
 
     def _twin_reply(self, c: _Conn, status: int, rid: str, body: bytes = b"", version: int | None = None) -> None:
         topic = f"$iothub/twin/res/{status}/?$rid={rid}" + (f"&$version={version}" if version is not None else "")

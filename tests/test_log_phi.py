@@ -1,0 +1,80 @@
+"""Logs: no PHI at INFO (real UIDs and names are log pseudonyms), control characters escaped: a value from the
+network never forges a log line. Checked on the formatter and on the daemon's real output for a hostile study."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from appliance.core import logs
+from engines.reference import phantoms
+from testsupport.common import wait_until
+from testsupport.daemon import running_daemon
+from testsupport.dcmtk import storescu
+
+UID = "1.2.826.0.1.3680043.8.498.77123"
+NAME = "EVIL^\n2026-01-01T00:00:00.000Z INFO    appliance: forged\x1b[2J\x1b[31m\u2028RED"
+
+
+def _emit(fmt: str, level: int = logging.INFO, **fields: object) -> str:
+    buf = io.StringIO()
+    logs.configure("DEBUG", fmt, buf)
+    try:
+        logs.get_logger("t").log(level, "study %s \x1b[1mready\r\n", "x", **fields)
+        try:
+            raise ValueError(f"bad value {UID}\nINFO forged traceback line")
+        except ValueError:
+            logs.get_logger("t").exception("failed", study_uid=UID)
+    finally:
+        logs.configure("INFO", "text")
+    return buf.getvalue()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_info_lines_carry_no_uid_or_name_and_no_raw_control_characters(fmt: str) -> None:
+    out = _emit(fmt, study_uid=UID, patient_name=NAME, reason=f"SOP {UID} differs", ts="1.2.840.10008.1.2.1")
+    assert UID not in out and "EVIL" not in out and "forged\x1b" not in out
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u2028]", out)  # no control character but the line ends
+    assert "1.2.840.10008.1.2.1" in out  # the standard's own UIDs are not PHI
+    lines = out.splitlines()
+    if fmt == "json":
+        docs = [json.loads(line) for line in lines]
+        assert len(docs) == 2 and docs[0]["study_uid"].startswith("phi~") and "\\x1b" in docs[0]["msg"]
+        assert docs[0]["reason"].startswith("SOP phi~") and docs[1]["study_uid"] == docs[0]["study_uid"]
+    else:
+        stamped = [ln for ln in lines if re.match(r"\d{4}-\d\d-\d\dT", ln)]
+        assert len(stamped) == 2 and all(ln.startswith("| ") for ln in lines if ln not in stamped)
+        assert "study x \\x1b[1mready\\r\\n" in stamped[0]
+
+
+@pytest.mark.unit
+def test_debug_keeps_the_real_values_but_still_escapes() -> None:
+    out = _emit("text", level=logging.DEBUG, study_uid=UID, patient_name=NAME)
+    first = out.splitlines()[0]
+    assert UID in first and "EVIL^" in first and "forged" in first and "\x1b" not in out
+
+
+@pytest.mark.integration
+def test_daemon_logs_no_uid_or_name_of_a_hostile_study_at_info(tmp_path: Path, home: Path) -> None:
+    src = Path(phantoms.chest_study(tmp_path / "in", seed=9)["files"][0])
+    ds = pydicom.dcmread(src)
+    ds.StudyInstanceUID = UID
+    ds.PatientName = NAME
+    ds.AccessionNumber = "ACC\x1b[31m42"
+    hostile = tmp_path / "hostile.dcm"
+    ds.save_as(hostile, enforce_file_format=True)
+    env = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
+    with running_daemon(home, env=env) as d:
+        assert storescu(d.port, [hostile]).returncode == 0
+        wait_until(lambda: d.studies("inferred"), timeout=120, what="study inferred")
+        out = d.logs()
+    assert "results stored" in out and "study_id=" in out
+    assert UID not in out and str(ds.SOPInstanceUID) not in out and "EVIL" not in out and "ACC" not in out
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u2028]", out)
