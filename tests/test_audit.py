@@ -360,10 +360,12 @@ from appliance.core.store import Store
 from appliance.core.audit import AuditEvent, record_event
 db, name, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 store = Store(Path(db))
+(go.parent / f"ready-{name}").touch()
 while not go.exists():
     time.sleep(0.01)
 for n in range(150):
     record_event(store, AuditEvent.STUDY_VIEWED, actor=name, subject=str(n), detail={"n": n})
+    time.sleep(0.005)  # yield: on a loaded machine one writer could otherwise finish before the other starts
 """
 
 
@@ -376,7 +378,8 @@ def test_concurrent_processes_keep_one_chain(tmp_path: Path) -> None:
     procs = [
         subprocess.Popen([PYTHON, "-c", _WRITER, str(db), name, str(go)], cwd=ROOT, env=env) for name in ("p1", "p2")
     ]
-    time.sleep(0.5)  # let both import and open the store (not an assertion: only makes the start simultaneous)
+    # both imported and holding the store before either writes (under load an import takes seconds)
+    wait_until(lambda: all((tmp_path / f"ready-{n}").exists() for n in ("p1", "p2")), 120, "both writers ready")
     go.touch()
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     s = Store(db)
@@ -541,7 +544,14 @@ def test_purge_pass_is_one_audit_entry_with_counts(home: Path) -> None:
     s = Store(home / "state.db")
     (entry,) = audit.query(s)
     assert (entry.event, entry.actor, entry.outcome, entry.subject) == ("purge", audit.cli_actor(), "success", None)
-    assert entry.detail == {"studies": 2, "failed": 0, "instance_files": 2, "result_files": 0, "retention_days": 7.0}
+    assert entry.detail == {
+        "studies": 2,
+        "failed": 0,
+        "instance_files": 2,
+        "result_files": 0,
+        "kept_outside": 0,
+        "retention_days": 7.0,
+    }
 
     # the daemon's pass (RetentionService) records as "system"
     _settled_study(s, home / "spool", "2.25.3", old)

@@ -210,10 +210,10 @@ def purge_due(settings: Settings, store: Store, at: float | None = None, *, acto
     end_stalled(settings, store, at)
     give_up_exports(settings, store, at)
     done: list[int] = []
-    failed, files = 0, {"instance_files": 0, "result_files": 0}
+    failed, files = 0, {"instance_files": 0, "result_files": 0, "kept_outside": 0}
     for study_id in due_studies(store, settings.retention.days, at):
         try:
-            files = {k: n + files[k] for k, n in purge_study(settings, store, study_id).items()}
+            files = {k: n + files.get(k, 0) for k, n in purge_study(settings, store, study_id).items()}
             done.append(study_id)
         except OSError as exc:
             failed += 1
