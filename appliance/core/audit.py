@@ -1,0 +1,424 @@
+"""The audit trail: an append-only, hash-chained log of who did what on the box, in the state store.
+
+This module is the ONE writer of the ``audit_log`` and ``audit_anchor`` tables (migration 0007). Callers
+record with :func:`record_event`; readers use :func:`query`; :func:`verify` checks the chain.
+
+Each entry holds ``seq`` (1, 2, 3, ...), ``time`` (UTC, ISO 8601 with microseconds, e.g.
+``2026-11-29T11:45:47.123456+00:00``), ``event`` (an :class:`AuditEvent` value), ``actor``, ``outcome``
+(``success`` | ``failure``), ``subject``, ``source_ip``, ``detail`` (canonical JSON: sorted keys, no
+whitespace, UTF-8), ``prev_hash`` (the previous entry's ``hash``; 64 zeros for the first) and ``hash``:
+SHA-256 (hex) of the UTF-8 bytes of the canonical row (:func:`canonical_row`) followed by ``prev_hash``.
+
+Integrity, and its limits (said plainly):
+
+- SQLite triggers refuse UPDATE and DELETE on ``audit_log`` (and DELETE, or a backwards move, of the
+  anchor), so no code path of the appliance, nor a careless ``sqlite3`` session, changes the trail.
+- Someone who drops the triggers and edits a row is caught by :func:`verify` (the row's hash no longer
+  matches); deleting a row leaves a gap in ``seq`` or, if the rest were renumbered, a broken chain.
+- Deleting the newest entries leaves a consistent chain; the anchor (``audit_anchor``: the last seq and
+  hash, written in the same transaction as each entry, outside any table the retention purge touches)
+  then names the truncated tail.
+- The chain is not signed and the anchor lives in the same database: an attacker with write access to
+  ``state.db`` who rewrites every later hash *and* the anchor, or replaces the whole file with an older
+  copy, is not detected here. Forwarding entries off the box as they happen (DICOM audit messages to
+  the hospital's audit repository) is what covers that.
+
+The trail holds no PHI (actors are user names or roles, subjects are pseudonyms, ids or bundle
+versions) and retention never purges it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import sqlite3
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+log = get_logger(__name__)
+
+GENESIS_HASH = "0" * 64
+"""``prev_hash`` of the first entry."""
+
+SUCCESS = "success"
+FAILURE = "failure"
+OUTCOMES = (SUCCESS, FAILURE)
+
+
+class AuditEvent(StrEnum):
+    """The event vocabulary (the string values are what the table stores)."""
+
+    LOGIN = "login"
+    LOGIN_FAILED = "login_failed"
+    LOGOUT = "logout"
+    LOCKOUT = "lockout"
+    STUDY_VIEWED = "study_viewed"
+    STUDY_RETRY = "study_retry"
+    STUDY_RESEND = "study_resend"
+    CONFIG_CHANGED = "config_changed"
+    USER_ADDED = "user_added"
+    USER_CHANGED = "user_changed"
+    MODEL_INSTALLED = "model_installed"
+    MODEL_ACTIVATED = "model_activated"
+    MODEL_ROLLED_BACK = "model_rolled_back"
+    MODEL_UPDATE = "model_update"
+    PROVISIONING = "provisioning"
+    EXPORT = "export"
+    PURGE = "purge"
+    SELFTEST = "selftest"
+    APPLIANCE_STARTED = "appliance_started"
+    APPLIANCE_STOPPED = "appliance_stopped"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One stored entry; ``detail`` is the decoded JSON object (``{}`` when none was given)."""
+
+    seq: int
+    time: str
+    event: str
+    actor: str
+    outcome: str
+    subject: str | None
+    source_ip: str | None
+    detail: dict[str, Any] = field(default_factory=dict)
+    prev_hash: str = GENESIS_HASH
+    hash: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every column."""
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "event": self.event,
+            "actor": self.actor,
+            "outcome": self.outcome,
+            "subject": self.subject,
+            "source_ip": self.source_ip,
+            "detail": self.detail,
+            "prev_hash": self.prev_hash,
+            "hash": self.hash,
+        }
+
+
+@dataclass(frozen=True)
+class AuditFault:
+    """One integrity fault found by :func:`verify`.
+
+    ``seq`` is the entry concerned (for a run of deleted entries, the first of them); ``kind`` is one of
+    ``edited`` (stored hash does not match the row), ``deleted`` (seq gap), ``broken_chain`` (``prev_hash``
+    is not the previous entry's hash: that entry was replaced, or entries were removed and renumbered),
+    ``truncated`` (entries after the last stored one are missing, per the anchor), ``anchor`` (anchor
+    missing or disagreeing with the last entry); ``message`` says it in words.
+    """
+
+    seq: int
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"seq {self.seq}: {self.kind}: {self.message}"
+
+
+class AuditError(ValueError):
+    """An entry that cannot be recorded (unknown event or outcome, empty actor, bad IP, non-JSON detail)."""
+
+
+def utc_timestamp(when: datetime | None = None) -> str:
+    """``when`` (default: now) as the trail's time format: UTC ISO 8601 with microseconds and ``+00:00``.
+
+    A naive ``datetime`` is taken as UTC.
+    """
+    when = when or datetime.now(timezone.utc)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def canonical_detail(detail: Mapping[str, Any] | None) -> str:
+    """``detail`` as canonical JSON text (sorted keys, no whitespace, non-ASCII kept).
+
+    Raises :class:`AuditError` if it is not a mapping of JSON values (str keys; str, int, float, bool,
+    None, lists and mappings of those; no NaN/Infinity).
+    """
+    if detail is None:
+        return "{}"
+    if not isinstance(detail, Mapping):
+        raise AuditError(f"detail must be a mapping, got {type(detail).__name__}")
+    try:
+        return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise AuditError(f"detail is not JSON-serialisable: {exc}") from exc
+
+
+def canonical_row(
+    seq: int,
+    time: str,
+    event: str,
+    actor: str,
+    outcome: str,
+    subject: str | None,
+    source_ip: str | None,
+    detail_json: str,
+) -> str:
+    """The canonical text of one row, the hashed content: a JSON object of the columns (``detail`` as
+    its stored canonical JSON *text*), sorted keys, no whitespace, non-ASCII kept."""
+    row = {
+        "seq": seq,
+        "time": time,
+        "event": event,
+        "actor": actor,
+        "outcome": outcome,
+        "subject": subject,
+        "source_ip": source_ip,
+        "detail": detail_json,
+    }
+    return json.dumps(row, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(canonical: str, prev_hash: str) -> str:
+    """SHA-256 (64 lowercase hex digits) of ``canonical`` + ``prev_hash``, UTF-8 encoded."""
+    return hashlib.sha256((canonical + prev_hash).encode("utf-8")).hexdigest()
+
+
+@contextmanager
+def _write_transaction(store: Store) -> Iterator[sqlite3.Connection]:
+    conn = store.conn
+    if conn.in_transaction:  # join the caller's transaction (Store.transaction is BEGIN IMMEDIATE)
+        yield conn
+        return
+    with store.transaction() as c:
+        yield c
+
+
+def record_event(
+    store: Store,
+    event: AuditEvent,
+    *,
+    actor: str,
+    outcome: str = SUCCESS,
+    subject: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+    source_ip: str | None = None,
+) -> int:
+    """Append one entry to the trail and return its sequence number (1-based).
+
+    ``actor``: a user name, ``"system"``, ``"cloud"`` (twin/direct method) or ``"cli:<os user>"``;
+    ``outcome``: ``"success"`` | ``"failure"``; ``subject``: e.g. a study's pseudonym/id, a bundle
+    ``id@version``, a user name; ``detail``: JSON values only, no PHI; ``source_ip``: IPv4/IPv6 text.
+
+    Reading the last hash and inserting happen in one ``BEGIN IMMEDIATE`` transaction, so concurrent
+    writers (threads or processes) serialise and the chain stays linear. Called inside an open
+    transaction of the same thread's connection, the entry joins it (and is rolled back with it).
+    The commit is fsynced before this returns (the store's ``synchronous=FULL``).
+
+    Raises :class:`AuditError` for an unknown event or outcome, an empty actor, a malformed
+    ``source_ip`` or a non-JSON ``detail``; :class:`sqlite3.Error` if the database cannot be written.
+    """
+    try:
+        event_value = AuditEvent(event).value
+    except ValueError as exc:
+        raise AuditError(f"unknown audit event {event!r}") from exc
+    if outcome not in OUTCOMES:
+        raise AuditError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+    if not isinstance(actor, str) or not actor.strip():
+        raise AuditError("actor must be a non-empty string")
+    if subject is not None and not isinstance(subject, str):
+        raise AuditError(f"subject must be a string or None, got {type(subject).__name__}")
+    if source_ip is not None:
+        try:
+            source_ip = str(ipaddress.ip_address(source_ip))
+        except ValueError as exc:
+            raise AuditError(f"source_ip is not an IP address: {source_ip!r}") from exc
+    detail_json = canonical_detail(detail)
+    with _write_transaction(store) as conn:
+        last = conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+        seq = 1 if last is None else int(last["seq"]) + 1
+        prev_hash = GENESIS_HASH if last is None else str(last["hash"])
+        time = utc_timestamp()
+        digest = entry_hash(
+            canonical_row(seq, time, event_value, actor, outcome, subject, source_ip, detail_json), prev_hash
+        )
+        conn.execute(
+            "INSERT INTO audit_log(seq, time, event, actor, outcome, subject, source_ip, detail, prev_hash, hash)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (seq, time, event_value, actor, outcome, subject, source_ip, detail_json, prev_hash, digest),
+        )
+        conn.execute(
+            "INSERT INTO audit_anchor(id, last_seq, last_hash) VALUES (1, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET last_seq = excluded.last_seq, last_hash = excluded.last_hash",
+            (seq, digest),
+        )
+    log.info("audit event recorded", seq=seq, event_type=event_value, actor=actor, outcome=outcome)
+    return seq
+
+
+def _entry(row: sqlite3.Row) -> AuditEntry:
+    try:
+        detail = json.loads(row["detail"])
+    except (TypeError, ValueError):
+        detail = {"_unreadable": str(row["detail"])}
+    return AuditEntry(
+        seq=int(row["seq"]),
+        time=str(row["time"]),
+        event=str(row["event"]),
+        actor=str(row["actor"]),
+        outcome=str(row["outcome"]),
+        subject=row["subject"],
+        source_ip=row["source_ip"],
+        detail=detail if isinstance(detail, dict) else {"_value": detail},
+        prev_hash=str(row["prev_hash"]),
+        hash=str(row["hash"]),
+    )
+
+
+def _time_bound(value: datetime | str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise AuditError(f"{name} is not an ISO 8601 date/time: {value!r}") from exc
+    return utc_timestamp(value)
+
+
+def query(
+    store: Store,
+    *,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    event: AuditEvent | str | None = None,
+    actor: str | None = None,
+    subject: str | None = None,
+    outcome: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    newest_first: bool = True,
+) -> list[AuditEntry]:
+    """Entries matching every given filter, newest first by default (``newest_first=False``: in order).
+
+    ``since`` (inclusive) and ``until`` (exclusive) are ``datetime`` (naive = UTC) or ISO 8601 text (a
+    date alone means its midnight UTC); ``event``, ``actor``, ``subject``, ``outcome`` match exactly;
+    ``limit`` (None = all) and ``offset`` page the result. Raises :class:`AuditError` for a malformed
+    time or a negative limit/offset.
+    """
+    clauses: list[str] = []
+    params: list[Any] = []
+    lo, hi = _time_bound(since, "since"), _time_bound(until, "until")
+    if lo is not None:
+        clauses.append("time >= ?")
+        params.append(lo)
+    if hi is not None:
+        clauses.append("time < ?")
+        params.append(hi)
+    for column, value in (("event", event), ("actor", actor), ("subject", subject), ("outcome", outcome)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(str(value))
+    if (limit is not None and limit < 0) or offset < 0:
+        raise AuditError("limit and offset must not be negative")
+    sql = "SELECT * FROM audit_log"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += " ORDER BY seq " + ("DESC" if newest_first else "ASC")
+    sql += " LIMIT ? OFFSET ?"
+    params += [-1 if limit is None else limit, offset]
+    return [_entry(r) for r in store.query(sql, tuple(params))]
+
+
+def count(store: Store) -> int:
+    """The number of entries in the trail."""
+    return int(store.query("SELECT COUNT(*) FROM audit_log")[0][0])
+
+
+def verify(store: Store) -> list[AuditFault]:
+    """Check the whole chain and the anchor; ``[]`` means intact. Reads one consistent snapshot.
+
+    Names each edited entry (hash mismatch), each run of deleted entries (seq gap), each break in the
+    chain (``prev_hash`` not the previous entry's hash), a truncated tail (the anchor's last seq is
+    beyond the last entry) and an anchor that is missing or disagrees with the last entry. See the
+    module docstring for what cannot be detected. Raises :class:`sqlite3.Error` if unreadable.
+    """
+    faults: list[AuditFault] = []
+    conn = store.conn
+    own = not conn.in_transaction
+    if own:
+        conn.execute("BEGIN")  # a read snapshot: entries and anchor seen at one instant
+    try:
+        expected_seq = 1
+        prev_hash = GENESIS_HASH
+        last_seq = 0
+        last_hash: str | None = None
+        for row in conn.execute("SELECT * FROM audit_log ORDER BY seq"):
+            seq = int(row["seq"])
+            gap = seq != expected_seq
+            if gap:
+                first, end = expected_seq, seq - 1
+                what = f"entry {first}" if first == end else f"entries {first}-{end}"
+                faults.append(AuditFault(first, "deleted", f"{what} missing (seq gap before {seq})"))
+            digest = entry_hash(
+                canonical_row(
+                    seq,
+                    row["time"],
+                    row["event"],
+                    row["actor"],
+                    row["outcome"],
+                    row["subject"],
+                    row["source_ip"],
+                    row["detail"],
+                ),
+                str(row["prev_hash"]),
+            )
+            if digest != row["hash"]:
+                faults.append(AuditFault(seq, "edited", "stored hash does not match the entry's content"))
+            elif not gap and row["prev_hash"] != prev_hash:
+                before = f"entry {seq - 1}" if seq > 1 else "the chain's start"
+                faults.append(
+                    AuditFault(
+                        seq,
+                        "broken_chain",
+                        f"prev_hash does not match {before}'s hash ({before} replaced, or entries removed)",
+                    )
+                )
+            prev_hash = str(row["hash"])
+            last_seq, last_hash = seq, str(row["hash"])
+            expected_seq = seq + 1
+        anchor = conn.execute("SELECT last_seq, last_hash FROM audit_anchor WHERE id = 1").fetchone()
+    finally:
+        if own:
+            conn.execute("COMMIT")
+    if anchor is None:
+        if last_seq:
+            faults.append(AuditFault(last_seq, "anchor", "anchor row missing although entries exist"))
+        return faults
+    a_seq, a_hash = int(anchor["last_seq"]), str(anchor["last_hash"])
+    if a_seq > last_seq:
+        first = last_seq + 1
+        what = f"entry {first}" if first == a_seq else f"entries {first}-{a_seq}"
+        faults.append(AuditFault(first, "truncated", f"{what} missing at the end (anchor records seq {a_seq})"))
+    elif a_seq < last_seq:
+        faults.append(
+            AuditFault(a_seq + 1, "anchor", f"entries after {a_seq} were not written through the audit trail")
+        )
+    elif a_hash != last_hash:
+        faults.append(AuditFault(last_seq, "anchor", "last entry's hash differs from the anchor (entry replaced)"))
+    return faults
