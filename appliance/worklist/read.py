@@ -160,7 +160,9 @@ def _summaries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[StudyS
         )
     }
     demo = {sid: r for sid in counts if (r := _last_instance(conn, sid)) is not None}
-    return [_summary(r, results.get(int(r["id"]), []), demo.get(int(r["id"])), counts.get(int(r["id"]), 0)) for r in rows]
+    return [
+        _summary(r, results.get(int(r["id"]), []), demo.get(int(r["id"])), counts.get(int(r["id"]), 0)) for r in rows
+    ]
 
 
 def _last_instance(conn: sqlite3.Connection, study_id: int) -> sqlite3.Row | None:
@@ -229,7 +231,9 @@ def _summary(row: sqlite3.Row, results: list[dict[str, Any]], inst: sqlite3.Row 
     )
 
 
-_STUDY_COLUMNS = "s.id, s.study_uid, s.revision, s.state, s.detail, s.modality, s.calling_ae, s.created_at, s.updated_at"
+_STUDY_COLUMNS = (
+    "s.id, s.study_uid, s.revision, s.state, s.detail, s.modality, s.calling_ae, s.created_at, s.updated_at"
+)
 
 
 def list_studies(
@@ -374,7 +378,8 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
     ).fetchall():
         key = (i["series_uid"], i["sop_instance_uid"])
         images.setdefault(
-            key, ImageRow(sop_instance_uid=key[1], series_uid=key[0], laterality=None, view=None, findings=[], objects=[])
+            key,
+            ImageRow(sop_instance_uid=key[1], series_uid=key[0], laterality=None, view=None, findings=[], objects=[]),
         )
     used: set[str] = set()
     for r, s in parsed:
@@ -382,7 +387,9 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
             key = (img.get("series_uid"), str(img.get("sop_instance_uid")))
             entry = images.setdefault(
                 key,
-                ImageRow(sop_instance_uid=key[1], series_uid=key[0], laterality=None, view=None, findings=[], objects=[]),
+                ImageRow(
+                    sop_instance_uid=key[1], series_uid=key[0], laterality=None, view=None, findings=[], objects=[]
+                ),
             )
             entry["laterality"] = entry["laterality"] or img.get("laterality")
             entry["view"] = entry["view"] or img.get("view")
@@ -407,7 +414,11 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
     pending = int(
         conn.execute("SELECT COUNT(*) FROM exports WHERE study_id=? AND state!='done'", (study_id,)).fetchone()[0]
     )
-    problems = [f"SC not built for image {e.get('image_sop_uid')}: {e.get('error')}" for _, s in parsed for e in s.get("object_errors") or []]
+    problems = [
+        f"SC not built for image {e.get('image_sop_uid')}: {e.get('error')}"
+        for _, s in parsed
+        for e in s.get("object_errors") or []
+    ]
     return StudyDetail(
         summary=summary,
         images=list(images.values()),
@@ -446,7 +457,9 @@ def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str,
         listing = ", ".join(f"{k} x{kinds.count(k)}" if kinds.count(k) > 1 else k for k in sorted(set(kinds)))
         out.append(
             TimelineEntry(
-                at=float(q["created_at"]), what="export queued", detail=f"{q['n']} object(s) ({listing}) for {q['destination']}"
+                at=float(q["created_at"]),
+                what="export queued",
+                detail=f"{q['n']} object(s) ({listing}) for {q['destination']}",
             )
         )
     for x in conn.execute(
@@ -455,7 +468,9 @@ def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str,
         (study_id,),
     ):
         if x["state"] == "done" and x["done_at"] is not None:
-            out.append(TimelineEntry(at=float(x["done_at"]), what="exported", detail=f"{x['kind']} to {x['destination']}"))
+            out.append(
+                TimelineEntry(at=float(x["done_at"]), what="exported", detail=f"{x['kind']} to {x['destination']}")
+            )
         elif x["attempts"]:
             out.append(
                 TimelineEntry(
@@ -465,10 +480,14 @@ def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str,
                     f" last error: {x['last_error']}",
                 )
             )
-    mids = [str((s.get("cloud") or {}).get("message_id")) for s in summaries if (s.get("cloud") or {}).get("message_id")]
+    mids = [
+        str((s.get("cloud") or {}).get("message_id")) for s in summaries if (s.get("cloud") or {}).get("message_id")
+    ]
     for mid in mids:
         for q in conn.execute("SELECT created_at, priority FROM outbox WHERE message_id=?", (mid,)):
-            out.append(TimelineEntry(at=float(q["created_at"]), what="cloud queued", detail=f"priority {q['priority']}"))
+            out.append(
+                TimelineEntry(at=float(q["created_at"]), what="cloud queued", detail=f"priority {q['priority']}")
+            )
         for g in conn.execute("SELECT created_at, outcome, at FROM outbox_log WHERE message_id=?", (mid,)):
             out.append(TimelineEntry(at=float(g["created_at"]), what="cloud queued", detail=None))
             what = {"sent": "cloud synced", "expired": "cloud message expired", "evicted": "cloud message evicted"}
