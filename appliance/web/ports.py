@@ -11,15 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def _no_cloud() -> dict[str, Any] | None:
+def no_cloud() -> dict[str, Any] | None:
+    """``cloud`` when cloud sync is off."""
     return None
 
 
-def _no_engines() -> dict[str, Any]:
+def no_engines() -> dict[str, Any]:
+    """``engines`` when the pipeline is off."""
     return {"bundles_active": [], "backend": "none"}
 
 
-def _no_models() -> list[dict[str, Any]]:
+def no_models() -> list[dict[str, Any]]:
+    """``models`` for a box with no model registry."""
     return []
 
 
@@ -44,8 +47,8 @@ class WebPorts:
     echo: Callable[[str], tuple[bool, str]]
     status_doc: Callable[[], dict[str, Any]]
     listener_up: Callable[[], bool]
-    engines: Callable[[], dict[str, Any]] = _no_engines
-    models: Callable[[], list[dict[str, Any]]] = _no_models
-    cloud: Callable[[], dict[str, Any] | None] = _no_cloud
+    engines: Callable[[], dict[str, Any]] = no_engines
+    models: Callable[[], list[dict[str, Any]]] = no_models
+    cloud: Callable[[], dict[str, Any] | None] = no_cloud
     log_hint: str = "stdout (journald: journalctl -u appliance)"
     pipeline_enabled: bool = True
