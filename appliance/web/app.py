@@ -31,7 +31,7 @@ from appliance.core.config import Settings
 from appliance.core.store import Store
 from appliance.web.metrics import ApplianceMetrics
 from appliance.web.ports import WebPorts
-from appliance.web.security import BodyLimit, FailureLimiter, LoginRequired, WebAuth, security_headers
+from appliance.web.security import FailureLimiter, LoginRequired, WebAuth, security_headers
 
 PACKAGE_DIR = Path(str(resources.files("appliance.web")))
 CONTENT_TYPE_METRICS = "text/plain; version=0.0.4; charset=utf-8"
@@ -83,6 +83,7 @@ def create_app(settings: Settings, store: Store, ports: WebPorts, metrics: Appli
         openapi_url="/api/v1/openapi.json",
         docs_url=None,  # Swagger UI would load its scripts from a CDN: the clinic may have no internet
         redoc_url=None,
+        max_body_size=settings.api.max_body_bytes,  # 413 beyond it, announced or streamed (Starlette's limiter)
     )
     templates = Jinja2Templates(directory=str(PACKAGE_DIR / "templates"))
     ctx = WebContext(settings, store, ports, metrics, templates)
@@ -96,8 +97,6 @@ def create_app(settings: Settings, store: Store, ports: WebPorts, metrics: Appli
         for name, value in security_headers():
             response.headers.setdefault(name, value)
         return response
-
-    app.add_middleware(BodyLimit, max_bytes=settings.api.max_body_bytes)
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, exc: LoginRequired) -> Response:

@@ -10,14 +10,14 @@
   login form, which has no session yet, uses a double-submit cookie (``__Host-login_csrf``).
 - **Throttling**: :class:`FailureLimiter` counts failed logins per source IP in a sliding window (429 beyond
   ``api.ip_max_failures`` per ``api.ip_window_s``); the per-user lockout is in the accounts module.
-- **Request size**: :class:`BodyLimit` (ASGI middleware) answers 413 with a message for a body larger than
-  ``api.max_body_bytes``, whether announced by Content-Length or streamed.
+- **Request size**: FastAPI's ``max_body_size`` (``api.max_body_bytes``) answers 413 for a larger body, whether
+  announced by Content-Length or streamed (see :func:`appliance.web.app.create_app`).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
+import ipaddress
 import threading
 import time
 from collections import deque
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.core.config import ApiConfig, Settings
 from appliance.core.store import Store
@@ -94,8 +93,13 @@ class WebAuth:
 
 
 def client_ip(request: Request) -> str | None:
-    """The peer's IP address (no proxy headers are trusted: the box serves the LAN directly)."""
-    return request.client.host if request.client else None
+    """The peer's IP address, or None when the peer is not an IP socket (no proxy headers are trusted: the box
+    serves the LAN directly)."""
+    host = request.client.host if request.client else None
+    try:
+        return str(ipaddress.ip_address(host)) if host else None
+    except ValueError:
+        return None
 
 
 def session_of(request: Request) -> Session | None:
@@ -150,70 +154,6 @@ def page_role(minimum: Role) -> Callable[[Request], Awaitable[Session]]:
         return session
 
     return dependency
-
-
-class BodyTooLarge(HTTPException):
-    """Raised inside :class:`BodyLimit`'s receive when a streamed body passes the limit (an HTTPException, so
-    FastAPI's body parsing passes it on as the 413 it is)."""
-
-    def __init__(self, max_bytes: int):
-        super().__init__(413, f"request body too large: the limit is {max_bytes} bytes")
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over ``max_bytes`` gets ``413`` and ``{"detail": message}``."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body too large: the limit is {self.max_bytes} bytes"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    announced = int(value)
-                except ValueError:
-                    announced = -1
-                if announced < 0 or announced > self.max_bytes:
-                    await self._reject(send)
-                    return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await self._reject(send)
 
 
 def security_headers() -> list[tuple[str, str]]:
