@@ -55,8 +55,10 @@ class Box:
             echo=self._echo,
             status_doc=lambda: {"dicom-scp": {"ae_title": "APPLIANCE", "host": "127.0.0.1", "port": 11112}},
             listener_up=lambda: True,
-            engines=lambda: {"bundles_active": [{"bundle_id": "tiny", "version": "1.0.0", "backend": "numpy",
-                                                 "precision": "fp32"}], "backend": "numpy"},
+            engines=lambda: {
+                "bundles_active": [{"bundle_id": "tiny", "version": "1.0.0", "backend": "numpy", "precision": "fp32"}],
+                "backend": "numpy",
+            },
         )
         self.app = create_app(self.settings, self.store, self.ports, self.metrics)
 
@@ -110,8 +112,14 @@ def file_instance(settings: Settings, store: Store, ds: Dataset) -> int:
     path.write_bytes(data)
     header = parse_header(data, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
     rec = record_instance(
-        store, header, rel_path=rel, size=len(data), sha256=str(ds.SOPInstanceUID),
-        transfer_syntax=str(ds.file_meta.TransferSyntaxUID), calling_ae="MODALITY", assoc_studies=set(),
+        store,
+        header,
+        rel_path=rel,
+        size=len(data),
+        sha256=str(ds.SOPInstanceUID),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        calling_ae="MODALITY",
+        assoc_studies=set(),
     )
     return rec.study_id
 
@@ -122,7 +130,9 @@ def analysed_study(box: Box) -> int:
     with box.store.transaction() as conn:
         studies.transition(conn, sid, RECEIVED, COMPLETE, "test: complete", completed=True)
     worker = PipelineWorker(
-        box.settings, box.store, StaticBundles([(tiny_manifest(), TinyEngine())]),
+        box.settings,
+        box.store,
+        StaticBundles([(tiny_manifest(), TinyEngine())]),
         on_analysed=box.metrics.observe_analysis,
     )
     assert worker.process(sid) == INFERRED
@@ -253,14 +263,18 @@ def test_a_viewer_sees_no_technician_buttons(box: Box) -> None:
 
 def test_malformed_json_is_422_with_a_message(box: Box) -> None:
     c = box.client()
-    r = c.post("/api/v1/session", content=b'{"username": "admin", "password": ', headers={"content-type": "application/json"})
+    r = c.post(
+        "/api/v1/session", content=b'{"username": "admin", "password": ', headers={"content-type": "application/json"}
+    )
     assert r.status_code == 422 and "invalid request" in r.json()["detail"] and "JSON" in r.json()["detail"]
     r = c.post("/api/v1/session", json={"username": "admin"})
     assert r.status_code == 422 and "password" in r.json()["detail"]
     r = c.post("/api/v1/session", json={"username": "admin", "password": PASSWORD, "role": "admin"})
     assert r.status_code == 422 and "role" in r.json()["detail"]  # unknown fields are refused
     c, csrf = box.api_login(Role.ADMIN)
-    r = c.post("/api/v1/users", json={"username": "x", "role": "root", "password": PASSWORD}, headers={CSRF_HEADER: csrf})
+    r = c.post(
+        "/api/v1/users", json={"username": "x", "role": "root", "password": PASSWORD}, headers={CSRF_HEADER: csrf}
+    )
     assert r.status_code == 422 and "role" in r.json()["detail"]
     assert accounts.get_user(box.store, "x") is None
 
@@ -376,7 +390,9 @@ def test_state_changing_forms_need_the_session_s_csrf_token(box: Box) -> None:
     for data in ({}, {"csrf_token": "wrong"}):
         assert c.post(f"/studies/{sid}/retry", data=data).status_code == 403
         assert c.post("/technician/echo", data={**data, "destination": "pacs"}).status_code == 403
-        assert c.post("/users", data={**data, "username": "eve", "role": "admin", "password": PASSWORD}).status_code == 403
+        assert (
+            c.post("/users", data={**data, "username": "eve", "role": "admin", "password": PASSWORD}).status_code == 403
+        )
         assert c.post("/logout", data=data).status_code == 403
     assert accounts.get_user(box.store, "eve") is None and box.calls == []
     r = c.post(f"/studies/{sid}/retry", data={"csrf_token": csrf})

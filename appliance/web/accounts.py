@@ -14,6 +14,7 @@ their password ends their sessions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
@@ -241,10 +242,8 @@ def authenticate(store: Store, cfg: ApiConfig, name: str, password: str) -> tupl
     (None when the name is unknown)."""
     rows = store.query("SELECT * FROM users WHERE name=?", (name,))
     if not rows or len(password) > MAX_PASSWORD_LENGTH:
-        try:
+        with contextlib.suppress(VerificationError, InvalidHashError):
             _hasher.verify(_DUMMY_HASH, password[:MAX_PASSWORD_LENGTH])
-        except (VerificationError, InvalidHashError):
-            pass
         return LoginOutcome.BAD_CREDENTIALS, _row_user(rows[0]) if rows else None
     row = rows[0]
     user = _row_user(row)
@@ -266,9 +265,7 @@ def authenticate(store: Store, cfg: ApiConfig, name: str, password: str) -> tupl
         return (LoginOutcome.LOCKED_NOW if locked else LoginOutcome.BAD_CREDENTIALS), user
     rehash = _hasher.check_needs_rehash(row["password_hash"])
     with store.transaction() as conn:
-        conn.execute(
-            "UPDATE users SET failed_attempts=0, locked_until=NULL, last_login_at=? WHERE id=?", (ts, user.id)
-        )
+        conn.execute("UPDATE users SET failed_attempts=0, locked_until=NULL, last_login_at=? WHERE id=?", (ts, user.id))
         if rehash:
             conn.execute("UPDATE users SET password_hash=? WHERE id=?", (_hasher.hash(password), user.id))
     return LoginOutcome.OK, user

@@ -146,7 +146,11 @@ def audit_trail(
 ) -> list[dict[str, Any]]:
     try:
         entries = audit.query(
-            _ctx(request).store, event=event or None, actor=actor or None, since=since or None, until=until or None,
+            _ctx(request).store,
+            event=event or None,
+            actor=actor or None,
+            since=since or None,
+            until=until or None,
             limit=limit,
         )
     except audit.AuditError as exc:
@@ -167,8 +171,12 @@ def add_user(body: NewUser, request: Request, session: Session = admin) -> dict[
     except AccountError as exc:
         raise HTTPException(409 if "exists" in str(exc) else 400, str(exc)) from None
     record_event(
-        ctx.store, AuditEvent.USER_ADDED, actor=session.user.name, subject=user.name,
-        detail={"role": user.role.value}, source_ip=client_ip(request),
+        ctx.store,
+        AuditEvent.USER_ADDED,
+        actor=session.user.name,
+        subject=user.name,
+        detail={"role": user.role.value},
+        source_ip=client_ip(request),
     )
     return user.as_dict()
 
@@ -192,4 +200,3 @@ def echo(body: EchoRequest, request: Request, session: Session = technician) -> 
 @router.post("/selftest", summary="Run the self-test (technician; takes tens of seconds)")
 def selftest(request: Request, session: Session = technician) -> dict[str, Any]:
     return service.selftest(_ctx(request), request, session)
-

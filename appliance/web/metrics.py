@@ -90,12 +90,18 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("appliance_outbox_bytes", "Bytes of cloud messages waiting", value=size)
         path = self.settings.state_dir if self.settings.state_dir.exists() else self.settings.state_dir.parent
         yield GaugeMetricFamily(
-            "appliance_disk_free_bytes", "Free bytes on the state directory's file system", value=shutil.disk_usage(path).free
+            "appliance_disk_free_bytes",
+            "Free bytes on the state directory's file system",
+            value=shutil.disk_usage(path).free,
         )
         cloud = self.cloud()
-        yield GaugeMetricFamily("appliance_cloud_enabled", "1 when cloud sync is configured", value=int(cloud is not None))
         yield GaugeMetricFamily(
-            "appliance_cloud_connected", "1 while connected to the IoT Hub", value=int(bool(cloud and cloud.get("connected")))
+            "appliance_cloud_enabled", "1 when cloud sync is configured", value=int(cloud is not None)
+        )
+        yield GaugeMetricFamily(
+            "appliance_cloud_connected",
+            "1 while connected to the IoT Hub",
+            value=int(bool(cloud and cloud.get("connected"))),
         )
         loaded = len(self.engines().get("bundles_active", []))
         yield GaugeMetricFamily("appliance_models_loaded", "Active bundles with a loaded engine", value=loaded)

@@ -111,7 +111,8 @@ async def login_submit(request: Request) -> Response:
     if not (isinstance(presented, str) and cookie and secrets.compare_digest(presented, cookie)):
         raise HTTPException(403, "missing or wrong CSRF token: reload the login page and try again")
     name, password = form.get("username"), form.get("password")
-    next_path = _safe_next(form.get("next") if isinstance(form.get("next"), str) else "/")  # type: ignore[arg-type]
+    raw_next = form.get("next")
+    next_path = _safe_next(raw_next if isinstance(raw_next, str) else "/")
     if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
         raise HTTPException(400, "user name and password are required")
     try:
@@ -120,12 +121,10 @@ async def login_submit(request: Request) -> Response:
         if exc.status_code not in (401, 429):
             raise
         fresh = secrets.token_urlsafe(24)
-        response = _render(
-            request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail)
-        )
-        response.status_code = exc.status_code
-        response.set_cookie(LOGIN_CSRF_COOKIE, fresh, **cookie_args(max_age=3600))
-        return response
+        page = _render(request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail))
+        page.status_code = exc.status_code
+        page.set_cookie(LOGIN_CSRF_COOKIE, fresh, **cookie_args(max_age=3600))
+        return page
     response = RedirectResponse(next_path, status_code=303)
     response.set_cookie(SESSION_COOKIE, token, **cookie_args())
     response.delete_cookie(LOGIN_CSRF_COOKIE, secure=True, httponly=True, samesite="strict")
@@ -172,12 +171,15 @@ def worklist(
     session: Session = viewer,
 ) -> Response:
     ctx = _ctx(request)
-    rows = service.worklist(
-        ctx, _day(since, "since"), _day(until, "until"), state, finding, urgent == "1", 500
-    )
+    rows = service.worklist(ctx, _day(since, "since"), _day(until, "until"), state, finding, urgent == "1", 500)
     rows.sort(key=lambda s: not s.urgent)  # urgent findings first, newest first within each group
-    filters = {"since": since or "", "until": until or "", "state": state or "", "finding": finding or "",
-               "urgent": urgent == "1"}
+    filters = {
+        "since": since or "",
+        "until": until or "",
+        "state": state or "",
+        "finding": finding or "",
+        "urgent": urgent == "1",
+    }
     return _render(request, "worklist.html", session, rows=rows, filters=filters)
 
 
@@ -311,13 +313,19 @@ def audit_page(
 ) -> Response:
     try:
         entries = audit.query(
-            _ctx(request).store, event=event or None, actor=actor or None, since=since or None, until=until or None,
+            _ctx(request).store,
+            event=event or None,
+            actor=actor or None,
+            since=since or None,
+            until=until or None,
             limit=500,
         )
     except audit.AuditError as exc:
         raise HTTPException(400, str(exc)) from None
     filters = {"event": event or "", "actor": actor or "", "since": since or "", "until": until or ""}
-    return _render(request, "audit.html", session, entries=entries, filters=filters, events=[e.value for e in AuditEvent])
+    return _render(
+        request, "audit.html", session, entries=entries, filters=filters, events=[e.value for e in AuditEvent]
+    )
 
 
 @router.get("/users")
@@ -338,8 +346,12 @@ async def users_add(request: Request, session: Session = admin) -> Response:
     except AccountError as exc:
         return _back("/users", f"Not added: {exc}")
     record_event(
-        ctx.store, AuditEvent.USER_ADDED, actor=session.user.name, subject=user.name,
-        detail={"role": user.role.value}, source_ip=client_ip(request),
+        ctx.store,
+        AuditEvent.USER_ADDED,
+        actor=session.user.name,
+        subject=user.name,
+        detail={"role": user.role.value},
+        source_ip=client_ip(request),
     )
     return _back("/users", f"User {user.name} added ({user.role.value}).")
 
@@ -353,4 +365,3 @@ def users_change(name: str, action: str, request: Request, session: Session = ad
     except AccountError as exc:
         return _back("/users", f"Not changed: {exc}")
     return _back("/users", f"User {name} {action}d.")
-

@@ -127,7 +127,9 @@ def api_role(minimum: Role) -> Callable[[Request], Session]:
         if session is None:
             raise HTTPException(401, "not logged in (or the session expired): POST /api/v1/session")
         if not session.user.role.at_least(minimum):
-            raise HTTPException(403, f"needs the {minimum.value} role; {session.user.name} is {session.user.role.value}")
+            raise HTTPException(
+                403, f"needs the {minimum.value} role; {session.user.name} is {session.user.role.value}"
+            )
         if request.method not in SAFE_METHODS and not csrf_ok(session, request.headers.get(CSRF_HEADER)):
             raise HTTPException(403, f"missing or wrong {CSRF_HEADER} header (the csrf_token given at login)")
         return session
@@ -159,7 +161,10 @@ def page_role(minimum: Role) -> Callable[[Request], Awaitable[Session]]:
 def security_headers() -> list[tuple[str, str]]:
     """Headers on every response: no framing, no sniffing, only our own scripts/styles/images."""
     return [
-        ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'"),
+        (
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+        ),
         ("X-Frame-Options", "DENY"),
         ("X-Content-Type-Options", "nosniff"),
         ("Referrer-Policy", "same-origin"),

@@ -44,8 +44,12 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
     key = ip or "unknown"
     if auth.limiter.blocked(key):
         record_event(
-            ctx.store, AuditEvent.LOGIN_FAILED, actor=name[:64] or "unknown", outcome=FAILURE,
-            detail={"reason": "rate_limited"}, source_ip=ip,
+            ctx.store,
+            AuditEvent.LOGIN_FAILED,
+            actor=name[:64] or "unknown",
+            outcome=FAILURE,
+            detail={"reason": "rate_limited"},
+            source_ip=ip,
         )
         raise HTTPException(429, "too many failed logins from this address: wait a few minutes")
     outcome, user = accounts.authenticate(ctx.store, ctx.settings.api, name, password)
@@ -56,7 +60,10 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
         record_event(ctx.store, AuditEvent.LOGIN_FAILED, actor=actor, outcome=FAILURE, detail=detail, source_ip=ip)
         if outcome is LoginOutcome.LOCKED_NOW and user is not None:
             record_event(
-                ctx.store, AuditEvent.LOCKOUT, actor="system", subject=user.name,
+                ctx.store,
+                AuditEvent.LOCKOUT,
+                actor="system",
+                subject=user.name,
                 detail={"attempts": ctx.settings.api.lockout_attempts, "locked_s": ctx.settings.api.lockout_s},
                 source_ip=ip,
             )
@@ -87,8 +94,13 @@ def worklist(
     """The worklist rows for these filters (400 for a filter the read model refuses)."""
     try:
         return list_studies(
-            ctx.store, since=since, until=until, state=state or None, finding=finding or None,
-            urgent_only=urgent, limit=limit,
+            ctx.store,
+            since=since,
+            until=until,
+            state=state or None,
+            finding=finding or None,
+            urgent_only=urgent,
+            limit=limit,
         )
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from None
@@ -117,7 +129,10 @@ def study(ctx: WebContext, request: Request, session: Session, ref: str) -> Stud
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from None
     record_event(
-        ctx.store, AuditEvent.STUDY_VIEWED, actor=session.user.name, subject=subject_of(detail.summary),
+        ctx.store,
+        AuditEvent.STUDY_VIEWED,
+        actor=session.user.name,
+        subject=subject_of(detail.summary),
         source_ip=client_ip(request),
     )
     return detail
@@ -156,8 +171,13 @@ def echo(ctx: WebContext, request: Request, session: Session, destination: str) 
         raise HTTPException(404, f"no PACS destination {destination!r}; configured: {', '.join(names) or 'none'}")
     ok, detail = ctx.ports.echo(destination)
     record_event(
-        ctx.store, AuditEvent.SELFTEST, actor=session.user.name, outcome=SUCCESS if ok else FAILURE,
-        subject=f"pacs:{destination}", detail={"check": "c-echo", "ok": ok}, source_ip=client_ip(request),
+        ctx.store,
+        AuditEvent.SELFTEST,
+        actor=session.user.name,
+        outcome=SUCCESS if ok else FAILURE,
+        subject=f"pacs:{destination}",
+        detail={"check": "c-echo", "ok": ok},
+        source_ip=client_ip(request),
     )
     return ok, detail
 
@@ -167,8 +187,12 @@ def selftest(ctx: WebContext, request: Request, session: Session) -> dict[str, A
     report = ctx.ports.selftest()
     failed = [c["name"] for c in report.get("checks", []) if not c.get("ok")]
     record_event(
-        ctx.store, AuditEvent.SELFTEST, actor=session.user.name, outcome=SUCCESS if report.get("ok") else FAILURE,
-        detail={"failed": failed}, source_ip=client_ip(request),
+        ctx.store,
+        AuditEvent.SELFTEST,
+        actor=session.user.name,
+        outcome=SUCCESS if report.get("ok") else FAILURE,
+        detail={"failed": failed},
+        source_ip=client_ip(request),
     )
     return report
 
@@ -198,7 +222,11 @@ def change_user(
     if not changes:
         raise AccountError("nothing to change: give role, disabled or password")
     record_event(
-        ctx.store, AuditEvent.USER_CHANGED, actor=session.user.name, subject=name, detail=changes,
+        ctx.store,
+        AuditEvent.USER_CHANGED,
+        actor=session.user.name,
+        subject=name,
+        detail=changes,
         source_ip=client_ip(request),
     )
     user = accounts.get_user(ctx.store, name)
@@ -253,5 +281,9 @@ def dashboard(ctx: WebContext) -> dict[str, Any]:
             "export_backlog": backlog,
             "outbox": outbox[0][0] if outbox else 0,
         },
-        "disk": {"free_bytes": usage.free, "total_bytes": usage.total, "floor_bytes": ctx.settings.dicom.min_free_bytes},
+        "disk": {
+            "free_bytes": usage.free,
+            "total_bytes": usage.total,
+            "floor_bytes": ctx.settings.dicom.min_free_bytes,
+        },
     }
