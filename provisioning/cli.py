@@ -15,7 +15,9 @@ import tomli_w
 import typer
 
 from appliance.cli import settings_from
+from appliance.cli.audit_cmds import record_cli
 from appliance.cloud.sas import derive_device_key
+from appliance.core.audit import FAILURE, AuditEvent
 from appliance.core.config import ConfigError, config_path_from_env, load_settings
 from durable import replace_durably, write_atomic
 from provisioning.dps import GLOBAL_ENDPOINT, DpsError
@@ -90,6 +92,13 @@ def dps(
             timeout_s=timeout,
         )
     except DpsError as exc:
+        record_cli(
+            settings,
+            AuditEvent.PROVISIONING,
+            registration_id,
+            outcome=FAILURE,
+            detail={"step": "dps", "error": str(exc)},
+        )
         typer.echo(f"DPS registration failed: {exc}", err=True)
         raise typer.Exit(1) from exc
     cloud: dict[str, object] = {"enabled": True, "hub_hostname": a.hub, "device_id": a.device_id}
@@ -104,8 +113,18 @@ def dps(
     try:
         _update_config(config, cloud)
     except (ConfigError, OSError) as exc:
+        record_cli(
+            settings,
+            AuditEvent.PROVISIONING,
+            a.device_id,
+            outcome=FAILURE,
+            detail={"step": "config", "error": str(exc)},
+        )
         typer.echo(f"assigned to {a.hub} as {a.device_id}, but the config could not be written: {exc}", err=True)
         raise typer.Exit(1) from exc
+    record_cli(
+        settings, AuditEvent.PROVISIONING, a.device_id, detail={"step": "dps", "hub": a.hub, "auth": cloud["auth"]}
+    )
     typer.echo(f"assigned to {a.hub} as {a.device_id} ({a.substatus}); config {config} updated")
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.cloud import crypto
+from appliance.core import audit
+from appliance.core.store import Store
 from engines.reference.phantoms import PatientInfo, chest_study
 from testsupport.cloud import DEVICE, cloud_env
 from testsupport.common import wait_until
@@ -114,3 +116,15 @@ def test_result_reaches_pacs_and_central_team_without_phi(
     for value in phi:
         assert value.encode() not in captured, value
         assert value not in plain.decode(), value
+
+    # the audit trail: the daemon's life, both PACS deliveries and the cloud's requests, chained, without PHI
+    store = Store(home / "state.db")
+    trail = [(e.event, e.actor, e.outcome) for e in audit.query(store, newest_first=False)]
+    assert trail[0] == ("appliance_started", "system", "success"), trail
+    assert trail[-1] == ("appliance_stopped", "system", "success"), trail
+    assert trail.count(("export", "system", "success")) == 2, trail  # first delivery, then the resend
+    assert ("model_rolled_back", "cloud", "failure") in trail and ("study_resend", "cloud", "success") in trail
+    assert audit.verify(store) == []
+    dump = json.dumps([e.as_dict() for e in audit.query(store)])
+    for value in phi:
+        assert value not in dump, value

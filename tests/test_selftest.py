@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 from appliance.app.methods import run_selftest_method
+from appliance.core import audit
+from appliance.core.audit import AuditEvent
 from appliance.core.config import PacsDestination, Settings
+from appliance.core.store import Store
 from testsupport.common import PYTHON, ROOT
 from testsupport.daemon import daemon_env
 
@@ -57,6 +60,14 @@ def test_selftest_passes_then_names_each_failure(home: Path) -> None:
     assert by["phantom_chain"]["ok"]  # one failure does not hide the others' results
     rc, report = _selftest(home, env, "--no-pacs")
     assert not any(c["name"].startswith("pacs:") for c in report["checks"])
+
+    # each run is in the audit trail, its failed checks named
+    trail = audit.query(Store(home / "state.db"), event=AuditEvent.SELFTEST, newest_first=False)
+    assert [(e.outcome, e.detail["failed"]) for e in trail] == [
+        ("success", []),
+        ("failure", ["disk", "pacs:pacs"]),
+        ("failure", ["disk"]),
+    ]
 
 
 def test_selftest_direct_method_payloads(home: Path, clean_env) -> None:

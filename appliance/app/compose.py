@@ -14,6 +14,7 @@ CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftes
 CloudAgent.overlay (CloudOverlay): the twin's runtime settings, read by the publisher and the sender
 PipelineWorker --on_analysed--> ApplianceMetrics.observe_analysis (inference latency histogram)
 WebService <--WebPorts-- self-test, C-ECHO, status doc, SCP listening, engines, installed models, cloud status
+AuditForwarder (with [audit] syslog_host): the audit trail -> the hospital's audit repository (syslog/TLS)
 ```
 
 Start order is the list order; the daemon stops them in reverse, so the DICOM listener stops accepting and
@@ -32,6 +33,7 @@ from appliance.app.selftest import run_selftest
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.result_messages import CloudResultPublisher
+from appliance.core.audit_syslog import AuditForwarder
 from appliance.core.config import Settings
 from appliance.core.store import Store
 from appliance.delivery.export import Exporter
@@ -102,6 +104,10 @@ def compose(settings: Settings, store: Store) -> Appliance:
     scp = StorageSCP(settings.dicom, store, spool, assembler)
     services: list[Service] = [pools, scp, assembler]
     app = Appliance(services, {scp.name: scp.status})
+    if settings.audit.syslog_host:  # the audit trail to the hospital's repository; stops after the listener
+        forwarder = AuditForwarder(settings, store)
+        services.insert(1, forwarder)
+        app.status[forwarder.name] = forwarder.status
 
     metrics = ApplianceMetrics()
     agent: CloudAgent | None = None

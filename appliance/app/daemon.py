@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from appliance import __version__
 from appliance.app.compose import Appliance, Service, compose
+from appliance.core.audit import FAILURE, SUCCESS, AuditEvent, record_event
 from appliance.core.config import Settings
 from appliance.core.logs import configure, get_logger
 from appliance.core.store import Store
@@ -111,6 +113,9 @@ def run(settings: Settings) -> int:
             service.start()
             started.append(service)
         _write_status(settings, app, time.time())
+        record_event(
+            store, AuditEvent.APPLIANCE_STARTED, actor="system", detail={"pid": os.getpid(), "version": __version__}
+        )
         log.info("appliance running", pid=os.getpid(), state_dir=str(settings.state_dir))
         while not stop.wait(0.5):
             pass
@@ -125,6 +130,9 @@ def run(settings: Settings) -> int:
                 log.exception("service failed to stop cleanly", service=service.name)
                 rc = rc or 1
         status_path(settings).unlink(missing_ok=True)
+        record_event(
+            store, AuditEvent.APPLIANCE_STOPPED, actor="system", outcome=FAILURE if rc else SUCCESS, detail={"rc": rc}
+        )
         store.close()
     log.info("appliance stopped", rc=rc)
     os.close(lock_fd)

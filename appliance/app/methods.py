@@ -15,6 +15,7 @@ from appliance.app.selftest import run_selftest
 from appliance.cloud import deid
 from appliance.cloud.methods import MethodHandler
 from appliance.cloud.result_messages import CloudResultPublisher
+from appliance.core.audit import FAILURE, SUCCESS, AuditEvent, record_event
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
 from appliance.core.store import Store, now
@@ -62,6 +63,13 @@ class ControlMethods:
                 exports += requeue_study(conn, study_id, ts)
             queued = sum(self._publisher.enqueue(conn, m) for m in messages)
         self._publisher.committed()
+        record_event(
+            self._store,
+            AuditEvent.STUDY_RESEND,
+            actor="cloud",
+            subject=",".join(str(i) for i in sorted({r["study_id"] for r in rows})),
+            detail={"exports_requeued": exports, "cloud_messages_queued": queued},
+        )
         log.info("resend requested", results=len(rows), exports=exports, cloud_messages=queued)
         return 200, {"results": len(rows), "exports_requeued": exports, "cloud_messages_queued": queued}
 
@@ -71,12 +79,33 @@ class ControlMethods:
         if not isinstance(bundle_id, str) or not bundle_id:
             return 400, {"error": 'payload must be {"bundle_id": "<bundle id>"}'}
         try:
-            return 200, models.rollback(self._settings, bundle_id)
+            done = models.rollback(self._settings, bundle_id)
         except EnginesError as exc:
+            record_event(
+                self._store,
+                AuditEvent.MODEL_ROLLED_BACK,
+                actor="cloud",
+                outcome=FAILURE,
+                subject=bundle_id,
+                detail={"reason": exc.reason},
+            )
             return (404 if exc.reason == "not_installed" else 409), {"error": str(exc), "reason": exc.reason}
+        record_event(
+            self._store,
+            AuditEvent.MODEL_ROLLED_BACK,
+            actor="cloud",
+            subject=f"{bundle_id}@{done['active_version']}",
+            detail={"from_version": done["from_version"]},
+        )
+        return 200, done
 
     def run_selftest(self, request: Any) -> tuple[int, Any]:
-        return run_selftest_method(self._settings, request)
+        status, report = run_selftest_method(self._settings, request)
+        if status == 200:
+            failed = [c["name"] for c in report["checks"] if not c["ok"]]
+            outcome = FAILURE if failed else SUCCESS
+            record_event(self._store, AuditEvent.SELFTEST, actor="cloud", outcome=outcome, detail={"failed": failed})
+        return status, report
 
 
 def run_selftest_method(settings: Settings, req: Any) -> tuple[int, dict[str, Any]]:

@@ -13,6 +13,8 @@ import numpy as np
 import typer
 
 from appliance.cli import settings_from
+from appliance.cli.audit_cmds import record_cli
+from appliance.core.audit import FAILURE, AuditEvent
 from engines import bundle as B
 from engines.errors import EnginesError
 from engines.keys import (
@@ -146,8 +148,10 @@ def install(
             settings.models_dir, bundle, trust_store(settings), engine_options(settings), activate=activate, force=force
         )
     except EnginesError as exc:
+        record_cli(settings, AuditEvent.MODEL_INSTALLED, bundle.name, outcome=FAILURE, detail={"reason": exc.reason})
         raise _fail(exc) from exc
     m = v.manifest
+    record_cli(settings, AuditEvent.MODEL_INSTALLED, f"{m.bundle_id}@{m.version}", detail={"activated": activate})
     typer.echo(f"installed {m.bundle_id}@{m.version}" + (" (active)" if activate else ""))
 
 
@@ -203,7 +207,15 @@ def activate_cmd(
         )
         res.engine.close()
     except EnginesError as exc:
+        record_cli(
+            settings,
+            AuditEvent.MODEL_ACTIVATED,
+            f"{bundle_id}@{version}",
+            outcome=FAILURE,
+            detail={"reason": exc.reason},
+        )
         raise _fail(exc) from exc
+    record_cli(settings, AuditEvent.MODEL_ACTIVATED, f"{bundle_id}@{version}", detail={"backend": res.backend})
     typer.echo(f"active {bundle_id}@{version} ({res.backend}/{res.precision})")
 
 
@@ -212,10 +224,13 @@ def rollback_cmd(ctx: typer.Context, bundle_id: str) -> None:
     """Switch a bundle back to its previous version."""
     from appliance.models.active import registry
 
+    settings = settings_from(ctx)
     try:
-        version = registry(settings_from(ctx)).rollback(bundle_id)
+        version = registry(settings).rollback(bundle_id)
     except EnginesError as exc:
+        record_cli(settings, AuditEvent.MODEL_ROLLED_BACK, bundle_id, outcome=FAILURE, detail={"reason": exc.reason})
         raise _fail(exc) from exc
+    record_cli(settings, AuditEvent.MODEL_ROLLED_BACK, f"{bundle_id}@{version}")
     typer.echo(f"active {bundle_id}@{version} (rolled back)")
 
 

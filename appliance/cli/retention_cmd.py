@@ -7,6 +7,7 @@ import json
 import typer
 
 from appliance.cli import settings_from
+from appliance.core.audit import cli_actor
 from appliance.core.store import Store
 from appliance.retention.purge import due_studies, purge_due
 
@@ -22,7 +23,7 @@ def purge(
         due = due_studies(store, settings.retention.days)
         typer.echo(json.dumps({"due": due, "retention_days": settings.retention.days}))
         return
-    done = purge_due(settings, store)
+    done = purge_due(settings, store, actor=cli_actor())
     typer.echo(json.dumps({"purged": done, "retention_days": settings.retention.days}))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import sys
 
 import typer
@@ -11,6 +13,8 @@ from rich.table import Table
 
 from appliance.app.selftest import run_selftest
 from appliance.cli import settings_from
+from appliance.cli.audit_cmds import record_cli
+from appliance.core.audit import FAILURE, SUCCESS, AuditEvent
 from appliance.core.logs import configure
 
 
@@ -23,6 +27,9 @@ def selftest(
     settings = settings_from(ctx)
     configure("WARNING", settings.log.format, sys.stderr)  # stdout carries the report
     report = run_selftest(settings, pacs=not no_pacs)
+    failed = [c["name"] for c in report["checks"] if not c["ok"]]
+    with contextlib.suppress(sqlite3.Error):  # a broken database is already in the report; it must still print
+        record_cli(settings, AuditEvent.SELFTEST, outcome=FAILURE if failed else SUCCESS, detail={"failed": failed})
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:

@@ -21,7 +21,7 @@ Integrity, and its limits (said plainly):
 - The chain is not signed and the anchor lives in the same database: an attacker with write access to
   ``state.db`` who rewrites every later hash *and* the anchor, or replaces the whole file with an older
   copy, is not detected here. Forwarding entries off the box as they happen (DICOM audit messages to
-  the hospital's audit repository) is what covers that.
+  the hospital's audit repository, :mod:`appliance.core.audit_syslog`) is what covers that.
 
 The trail holds no PHI (actors are user names or roles, subjects are pseudonyms, ids or bundle
 versions) and retention never purges it.
@@ -29,9 +29,11 @@ versions) and retention never purges it.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import ipaddress
 import json
+import os
 import sqlite3
 import sys
 from collections.abc import Iterator, Mapping
@@ -140,6 +142,14 @@ class AuditFault:
 
 class AuditError(ValueError):
     """An entry that cannot be recorded (unknown event or outcome, empty actor, bad IP, non-JSON detail)."""
+
+
+def cli_actor() -> str:
+    """The actor of a command-line action: ``cli:<os user>`` (``cli:uid<N>`` when the user has no name)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (a bare container)
+        return f"cli:uid{os.getuid()}"
 
 
 def utc_timestamp(when: datetime | None = None) -> str:
@@ -301,6 +311,31 @@ def _time_bound(value: datetime | str | None, name: str) -> str | None:
     return utc_timestamp(value)
 
 
+def _where(
+    since: datetime | str | None,
+    until: datetime | str | None,
+    filters: Mapping[str, str | None],
+    after_seq: int | None,
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    lo, hi = _time_bound(since, "since"), _time_bound(until, "until")
+    if lo is not None:
+        clauses.append("time >= ?")
+        params.append(lo)
+    if hi is not None:
+        clauses.append("time < ?")
+        params.append(hi)
+    if after_seq is not None:
+        clauses.append("seq > ?")
+        params.append(int(after_seq))
+    for column, value in filters.items():
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(str(value))
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
 def query(
     store: Store,
     *,
@@ -313,41 +348,38 @@ def query(
     limit: int | None = None,
     offset: int = 0,
     newest_first: bool = True,
+    after_seq: int | None = None,
 ) -> list[AuditEntry]:
     """Entries matching every given filter, newest first by default (``newest_first=False``: in order).
 
     ``since`` (inclusive) and ``until`` (exclusive) are ``datetime`` (naive = UTC) or ISO 8601 text (a
     date alone means its midnight UTC); ``event``, ``actor``, ``subject``, ``outcome`` match exactly;
-    ``limit`` (None = all) and ``offset`` page the result. Raises :class:`AuditError` for a malformed
-    time or a negative limit/offset.
+    ``limit`` (None = all) and ``offset`` page the result; ``after_seq`` keeps entries with a greater
+    seq (a reader's cursor). Raises :class:`AuditError` for a malformed time or a negative limit/offset.
     """
-    clauses: list[str] = []
-    params: list[Any] = []
-    lo, hi = _time_bound(since, "since"), _time_bound(until, "until")
-    if lo is not None:
-        clauses.append("time >= ?")
-        params.append(lo)
-    if hi is not None:
-        clauses.append("time < ?")
-        params.append(hi)
-    for column, value in (("event", event), ("actor", actor), ("subject", subject), ("outcome", outcome)):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(str(value))
     if (limit is not None and limit < 0) or offset < 0:
         raise AuditError("limit and offset must not be negative")
-    sql = "SELECT * FROM audit_log"
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
-    sql += " ORDER BY seq " + ("DESC" if newest_first else "ASC")
-    sql += " LIMIT ? OFFSET ?"
+    filters = {"event": event, "actor": actor, "subject": subject, "outcome": outcome}
+    where, params = _where(since, until, filters, after_seq)
+    sql = f"SELECT * FROM audit_log{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ? OFFSET ?"
     params += [-1 if limit is None else limit, offset]
     return [_entry(r) for r in store.query(sql, tuple(params))]
 
 
-def count(store: Store) -> int:
-    """The number of entries in the trail."""
-    return int(store.query("SELECT COUNT(*) FROM audit_log")[0][0])
+def count(
+    store: Store,
+    *,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    event: AuditEvent | str | None = None,
+    actor: str | None = None,
+    subject: str | None = None,
+    outcome: str | None = None,
+) -> int:
+    """How many entries match the filters (as in :func:`query`; none given: the whole trail)."""
+    filters = {"event": event, "actor": actor, "subject": subject, "outcome": outcome}
+    where, params = _where(since, until, filters, None)
+    return int(store.query(f"SELECT COUNT(*) FROM audit_log{where}", tuple(params))[0][0])
 
 
 def verify(store: Store) -> list[AuditFault]:

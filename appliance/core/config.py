@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 if sys.version_info >= (3, 11):
@@ -237,6 +237,35 @@ class ApiConfig(Section):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="a larger request body gets 413")
 
 
+class AuditConfig(Section):
+    """The audit trail (appliance/core/audit.py): kept for the box's life (no PHI), never purged by retention."""
+
+    source_id: str | None = Field(
+        default=None, min_length=1, description="AuditSourceID in DICOM audit messages; None = the host name"
+    )
+    enterprise_site_id: str | None = Field(
+        default=None, min_length=1, description="AuditEnterpriseSiteID in DICOM audit messages (e.g. the clinic)"
+    )
+    syslog_host: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the hospital's audit repository: entries forwarded as DICOM audit messages, syslog over TLS "
+        "(RFC 5425); None = not forwarded",
+    )
+    syslog_port: int = Field(default=6514, ge=1, le=65535)
+    ca_file: Path | None = Field(default=None, description="CA bundle for the repository's certificate; None = system")
+    cert_file: Path | None = Field(default=None, description="this box's client certificate (PEM), if required")
+    key_file: Path | None = Field(default=None, description="its private key (PEM); None = in cert_file")
+    forward_interval_s: float = Field(default=5.0, gt=0, description="how often new entries are forwarded")
+    timeout_s: float = Field(default=10.0, gt=0, description="connect/send timeout towards the repository")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> AuditConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not (the client certificate it belongs to)")
+        return self
+
+
 class LogConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -256,6 +285,7 @@ class Settings(BaseSettings):
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @classmethod

@@ -25,6 +25,7 @@ from typing import Any
 from pydicom import dcmread
 from pynetdicom import AE, VerificationPresentationContexts, evt
 
+from appliance.core.audit import FAILURE, AuditEvent, record_event
 from appliance.core.background import BackgroundLoop
 from appliance.core.config import PacsDestination, Settings
 from appliance.core.logs import get_logger
@@ -299,7 +300,7 @@ class Exporter:
                         (n, ts + backoff(n, p.retry_initial_s, p.retry_max_s), o.error, o.export_id),
                     )
             for study_id in {study_of[o.export_id] for o in outcomes}:
-                mark_if_exported(conn, study_id)
+                _audit_export(self.store, rows, outcomes, study_id, mark_if_exported(conn, study_id))
         for o in outcomes:
             if o.ok:
                 log.info("result exported", export_id=o.export_id, study_id=study_of[o.export_id])
@@ -310,3 +311,17 @@ class Exporter:
                     error=o.error,
                     attempts=attempts[o.export_id] + 1,
                 )
+
+
+def _audit_export(store: Store, rows: list, outcomes: list[Outcome], study_id: int, exported: bool) -> None:
+    """One audit entry per study export (in the caller's transaction; ``rows`` are one destination's):
+    ``success`` when the study has just become ``exported``, ``failure`` when objects of it failed their
+    first try (retries are not audited again)."""
+    dest = rows[0]["destination"]
+    first_try = {r["id"] for r in rows if r["study_id"] == study_id and not r["attempts"]}
+    failed = [o for o in outcomes if o.export_id in first_try and not o.ok]
+    if exported:
+        record_event(store, AuditEvent.EXPORT, actor="system", subject=str(study_id), detail={"destination": dest})
+    elif failed:
+        detail = {"destination": dest, "objects": len(failed), "error": failed[0].error}
+        record_event(store, AuditEvent.EXPORT, actor="system", outcome=FAILURE, subject=str(study_id), detail=detail)

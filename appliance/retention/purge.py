@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from appliance.core.audit import FAILURE, SUCCESS, AuditEvent, record_event
 from appliance.core.background import BackgroundLoop
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
@@ -89,15 +90,21 @@ def purge_study(settings: Settings, store: Store, study_id: int) -> dict[str, in
     return removed
 
 
-def purge_due(settings: Settings, store: Store, at: float | None = None) -> list[int]:
-    """Purge every study revision past retention; returns their ids."""
-    done = []
+def purge_due(settings: Settings, store: Store, at: float | None = None, *, actor: str = "system") -> list[int]:
+    """Purge every study revision past retention; returns their ids. A pass that purged or failed to
+    purge anything is one audit entry (by ``actor``) with the counts."""
+    done: list[int] = []
+    failed, files = 0, {"instance_files": 0, "result_files": 0}
     for study_id in due_studies(store, settings.retention.days, at):
         try:
-            purge_study(settings, store, study_id)
+            files = {k: n + files[k] for k, n in purge_study(settings, store, study_id).items()}
             done.append(study_id)
         except OSError as exc:
+            failed += 1
             log.error("purge failed; will retry", study_id=study_id, error=str(exc))
+    if done or failed:
+        detail = {"studies": len(done), "failed": failed, **files, "retention_days": settings.retention.days}
+        record_event(store, AuditEvent.PURGE, actor=actor, outcome=FAILURE if failed else SUCCESS, detail=detail)
     return done
 
 
