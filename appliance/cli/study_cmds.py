@@ -25,6 +25,7 @@ from appliance.cli import settings_from
 from appliance.core.config import Settings
 from appliance.core.store import Store
 from appliance.lifecycle.studies import STUDY_STATES
+from appliance.worklist.read import Finding
 
 SHORT_UID = 10  # characters of a Study Instance UID shown at 80 columns (its end: where UIDs differ)
 WIDE_AT = 140  # console width from which the detail column is shown without --wide
@@ -55,7 +56,7 @@ def _when(ts: float) -> str:
     return time.strftime("%H:%M" if time.strftime("%Y%m%d", t) == time.strftime("%Y%m%d") else "%m-%d %H:%M", t)
 
 
-def _findings(findings: list[dict[str, Any]]) -> Text:
+def _findings(findings: list[Finding]) -> Text:
     """Positive findings with their scores, urgent ones first and in red; "-" when none is positive."""
     shown = [f for f in findings if f["positive"]]
     if not shown:
@@ -65,7 +66,7 @@ def _findings(findings: list[dict[str, Any]]) -> Text:
         if i:
             out.append(", ")
         label = f"{f['label']} {f['score']:.2f}"
-        out.append(("URGENT " + label) if f["urgent"] else label, style="bold red" if f["urgent"] else None)
+        out.append(("URGENT " + label) if f["urgent"] else label, style="bold red" if f["urgent"] else "")
     return out
 
 
@@ -133,7 +134,7 @@ def studies(
     for r in rows:
         who = " ".join(x for x in (r.patient_id, r.patient_name) if x) or "-"  # the ID first: it survives a cut
         cells: list[Any] = [
-            Text(str(r.id), style="bold red" if r.urgent else None),
+            Text(str(r.id), style="bold red" if r.urgent else ""),
             _when(r.received_at),
             who,
             r.accession_number or "-",
