@@ -9,6 +9,7 @@ sha256, so one signature protects the whole bundle.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any, Literal
 
@@ -164,6 +165,25 @@ class Manifest(_Strict):
     min_appliance_version: str = "0.1.0"
     created: str  # ISO 8601 UTC
     files: dict[str, str]  # relative path -> sha256 hex; must include model.onnx and golden.npz
+    # Triage: label -> score at or above which a positive finding makes the study urgent (flagged in the worklist,
+    # the SC banner and the SR, and sent to the cloud first). Left out of the canonical bytes while empty, so
+    # manifests signed before it verify unchanged; a box older than it refuses a manifest that sets it.
+    urgent: dict[str, float] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not data.get("urgent"):
+            data.pop("urgent", None)
+        return data
+
+    @field_validator("urgent")
+    @classmethod
+    def _urgent_values(cls, v: dict[str, float]) -> dict[str, float]:
+        for label, threshold in v.items():
+            if not math.isfinite(threshold):
+                raise ValueError(f"urgent threshold of {label!r} must be a finite number")
+        return v
 
     @field_validator("bundle_id")
     @classmethod
@@ -187,6 +207,10 @@ class Manifest(_Strict):
         for path in self.files:
             if path.startswith("/") or ".." in path.split("/") or path == "manifest.json":
                 raise ValueError(f"bad file path in manifest: {path!r}")
+        scored = {label for o in self.outputs if o.kind == "scores" for label in o.labels}
+        unknown = sorted(set(self.urgent) - scored)
+        if unknown:
+            raise ValueError(f"urgent thresholds for labels no scores output has: {unknown}")
         names = {o.name for o in self.outputs}
         missing = names - set(self.golden_tolerances)
         if missing:

@@ -63,6 +63,17 @@ def subscriptions(device_id: str) -> list[tuple[str, int]]:
     ]
 
 
+def credential_files(settings: Settings) -> tuple[Path, Path, Path]:
+    """Where the device's IoT Hub credentials are read from: (SAS key (base64), X.509 certificate (PEM), X.509
+    private key (PEM)): the ``cloud.*_file`` settings, else ``secrets/device_key``, ``device.crt``, ``device.key``."""
+    c, secrets = settings.cloud, settings.secrets_dir
+    return (
+        Path(c.device_key_file) if c.device_key_file else secrets / "device_key",
+        Path(c.cert_file) if c.cert_file else secrets / "device.crt",
+        Path(c.key_file) if c.key_file else secrets / "device.key",
+    )
+
+
 class HubClient:
     """Keeps one authenticated MQTT connection to IoT Hub alive; see the module docstring."""
 
@@ -73,10 +84,7 @@ class HubClient:
         self.host = c.connect_host or c.hub_hostname
         self.handler = handler
         self.time_fn = time_fn
-        secrets = settings.secrets_dir
-        self.key_file = Path(c.device_key_file) if c.device_key_file else secrets / "device_key"
-        self.cert_file = Path(c.cert_file) if c.cert_file else secrets / "device.crt"
-        self.cert_key_file = Path(c.key_file) if c.key_file else secrets / "device.key"
+        self.key_file, self.cert_file, self.cert_key_file = credential_files(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._outq: queue.Queue[tuple[str, bytes, int]] = queue.Queue()
