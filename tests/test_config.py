@@ -61,11 +61,10 @@ def test_check_problems_semantic(clean_env, tmp_path: Path) -> None:
     assert not any(p.startswith("api.") for p in problems)
 
 
-def test_the_dashboard_without_a_user_or_with_half_a_certificate_is_a_problem(clean_env, tmp_path: Path) -> None:
+def test_the_dashboard_with_half_or_an_unreadable_certificate_is_a_problem(clean_env, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'state_dir = "{tmp_path}"\n[api]\nenabled = true\ntls_cert_file = "{tmp_path}/nope.pem"\n')
     problems = check_problems(load_settings(cfg))
-    assert any(p.startswith("api: no dashboard user yet") for p in problems), problems
     assert any(p.startswith("api.tls_cert_file, api.tls_key_file: set both") for p in problems), problems
     assert any(p.startswith("api.tls_cert_file:") and "not readable" in p for p in problems), problems
 
@@ -87,7 +86,7 @@ def test_cli_config_check(clean_env, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "APPLIANCE_API__ENABLED": "false"},
+        env={"PATH": "/usr/bin:/bin"},
     )
     assert ok.returncode == 0, ok.stderr
     assert '"state_dir"' in ok.stdout

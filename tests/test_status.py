@@ -102,6 +102,7 @@ def test_demo_key_trusted_by_flag_or_by_listing_it(settings: Settings) -> None:
 
 
 def test_api_enabled_without_an_enabled_user(settings: Settings) -> None:
+    settings.api.enabled = False
     assert readiness.api_without_users(settings, None) is None  # dashboard off
     settings.api.enabled = True
     assert readiness.api_without_users(settings, None) is not None  # no database yet
@@ -142,6 +143,7 @@ def test_status_reports_cloud_connection_backlog_outbox_and_problems(settings: S
     assert [(p["key"], p["blocking"]) for p in doc["problems"]] == [
         ("cloud.device_key_file", True),
         ("engines.trust_demo_key", False),
+        ("api.enabled", False),  # the dashboard is on by default and this box has no user
     ]
 
     _fake_running(settings, {"connected": False, "last_error": "connection refused", "connects": 0})

@@ -545,16 +545,3 @@ def test_metrics_count_studies_and_observe_inference_latency(box: Box) -> None:
     assert samples[("appliance_cloud_connected", ())] == 0
     assert samples[("appliance_models_loaded", ())] == 1
 
-
-def test_config_check_names_a_dashboard_nobody_can_log_into(home: Path, clean_env: None) -> None:
-    from appliance.core.config import check_problems
-
-    settings = Settings(state_dir=home)
-    store = Store(settings.db_path)
-    assert any(p.startswith("api: no dashboard user yet") for p in check_problems(settings))
-    accounts.add_user(store, "alice", Role.ADMIN, PASSWORD)
-    assert not any(p.startswith("api") for p in check_problems(settings))
-    accounts.set_disabled(store, "alice", True)
-    assert any(p.startswith("api: no dashboard user yet") for p in check_problems(settings))
-    settings.api.enabled = False
-    assert not any(p.startswith("api") for p in check_problems(settings))

@@ -368,22 +368,6 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     return settings
 
 
-def _has_web_users(settings: Settings) -> bool:
-    """True when state.db holds an enabled user (read-only; a missing database has none)."""
-    import sqlite3
-
-    if not settings.db_path.exists():
-        return False
-    try:
-        conn = sqlite3.connect(f"file:{settings.db_path}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute("SELECT 1 FROM users WHERE disabled = 0 LIMIT 1").fetchone() is not None
-        finally:
-            conn.close()
-    except sqlite3.Error:  # no users table yet (database not migrated to 0008)
-        return False
-
-
 def check_problems(settings: Settings) -> list[str]:
     """Problems that are not type errors: things that would fail at run time."""
     problems: list[str] = []
@@ -406,10 +390,6 @@ def check_problems(settings: Settings) -> list[str]:
             value = getattr(a, key)
             if value is not None and not os.access(value, os.R_OK):
                 problems.append(f"api.{key}: {value} is not readable")
-        if not _has_web_users(settings):
-            problems.append(
-                "api: no dashboard user yet; nobody can log in (make one: appliance user add NAME --role admin)"
-            )
     names = [dst.name for dst in settings.pipeline.destinations]
     if len(names) != len(set(names)):
         problems.append("pipeline.destinations: destination names must be unique")
