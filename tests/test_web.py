@@ -544,4 +544,3 @@ def test_metrics_count_studies_and_observe_inference_latency(box: Box) -> None:
     assert samples[("appliance_disk_free_bytes", ())] > 0
     assert samples[("appliance_cloud_connected", ())] == 0
     assert samples[("appliance_models_loaded", ())] == 1
-
