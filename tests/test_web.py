@@ -444,6 +444,20 @@ def test_an_expired_session_is_401_and_deleted(box: Box, column: str) -> None:
     assert c.get("/").status_code == 303  # a page sends the browser back to the login
 
 
+def test_sessions_abandoned_past_their_timeout_are_deleted_at_the_next_login(box: Box) -> None:
+    box.api_login(Role.VIEWER)
+    box.api_login(Role.ADMIN)
+    with box.store.transaction() as conn:
+        conn.execute(
+            "UPDATE sessions SET last_seen_at = last_seen_at - ?"
+            " WHERE user_id = (SELECT id FROM users WHERE name = 'viewer')",
+            (box.settings.api.session_ttl_s + 1,),
+        )
+    box.api_login(Role.TECHNICIAN)
+    names = box.store.query("SELECT u.name FROM sessions s JOIN users u ON u.id = s.user_id ORDER BY u.name")
+    assert [r["name"] for r in names] == ["admin", "technician"]
+
+
 def test_logout_ends_the_session_and_is_audited(box: Box) -> None:
     c, csrf = box.api_login(Role.VIEWER)
     assert c.delete("/api/v1/session", headers={CSRF_HEADER: csrf}).status_code == 204

@@ -69,6 +69,7 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
             )
             log.warning("user locked out", user=user.name)
         raise HTTPException(401, LOGIN_REFUSED)
+    accounts.purge_expired_sessions(ctx.store, ctx.settings.api)  # abandoned sessions do not pile up
     token, session = accounts.open_session(ctx.store, user, ip, replaces=request.cookies.get(SESSION_COOKIE))
     record_event(ctx.store, AuditEvent.LOGIN, actor=user.name, detail={"role": user.role.value}, source_ip=ip)
     return token, session
