@@ -142,6 +142,7 @@ def audit_trail(
     since: str | None = Query(None, max_length=40, description="ISO 8601 date or time (UTC)"),
     until: str | None = Query(None, max_length=40),
     limit: int = Query(200, ge=1, le=5000),
+    offset: int = Query(0, ge=0, description="entries to skip (paging, newest first)"),
     session: Session = technician,
 ) -> list[dict[str, Any]]:
     try:
@@ -152,6 +153,7 @@ def audit_trail(
             since=since or None,
             until=until or None,
             limit=limit,
+            offset=offset,
         )
     except audit.AuditError as exc:
         raise HTTPException(400, str(exc)) from None

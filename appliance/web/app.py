@@ -63,8 +63,8 @@ def readiness(ctx: WebContext) -> list[str]:
         except Exception as exc:
             reasons.append(f"models status unknown: {exc}")
     try:
-        with ctx.store.transaction() as conn:  # a write transaction proves the database takes writes
-            conn.execute("CREATE TEMP TABLE IF NOT EXISTS readyz_probe (x INTEGER)")
+        with ctx.store.transaction() as conn:  # BEGIN IMMEDIATE takes the write lock: the database takes writes
+            conn.execute("PRAGMA user_version")
         fd, name = tempfile.mkstemp(prefix=".readyz-", dir=ctx.settings.state_dir)
         os.close(fd)
         os.unlink(name)
