@@ -16,6 +16,7 @@ from urllib.parse import quote
 import pydicom.errors
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from appliance.core import audit
 from appliance.core.audit import AuditEvent, record_event
@@ -116,7 +117,8 @@ async def login_submit(request: Request) -> Response:
     if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
         raise HTTPException(400, "user name and password are required")
     try:
-        token, _session = service.login(_ctx(request), request, name, password)
+        # argon2 and the database off the event loop
+        token, _session = await run_in_threadpool(service.login, _ctx(request), request, name, password)
     except HTTPException as exc:
         if exc.status_code not in (401, 429):
             raise
@@ -277,7 +279,7 @@ async def echo(request: Request, session: Session = technician) -> Response:
     dest = form.get("destination")
     if not isinstance(dest, str) or not dest:
         raise HTTPException(400, "destination is required")
-    ok, detail = service.echo(_ctx(request), request, session, dest)
+    ok, detail = await run_in_threadpool(service.echo, _ctx(request), request, session, dest)  # up to seconds
     return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}")
 
 
@@ -342,7 +344,7 @@ async def users_add(request: Request, session: Session = admin) -> Response:
         return _back("/users", "User name, role and password are all required.")
     assert isinstance(name, str) and isinstance(role, str) and isinstance(password, str)
     try:
-        user = accounts.add_user(ctx.store, name, accounts.parse_role(role), password)
+        user = await run_in_threadpool(accounts.add_user, ctx.store, name, accounts.parse_role(role), password)
     except AccountError as exc:
         return _back("/users", f"Not added: {exc}")
     record_event(
