@@ -49,7 +49,6 @@ from appliance.pipeline.worker import PipelineWorker
 from appliance.retention.purge import RetentionService
 from appliance.web.metrics import ApplianceMetrics
 from appliance.web.ports import WebPorts, no_cloud, no_engines
-from appliance.web.server import WebService
 
 # Threads for image preparation (decoders and numpy release the GIL) and for result building (Pillow drawing,
 # numpy resampling and fsync do too): a 4-view mammogram's images and SCs overlap instead of queueing.
@@ -164,6 +163,9 @@ def compose(settings: Settings, store: Store) -> Appliance:
         app.status[agent.name] = agent.status
     services.append(RetentionService(settings, store))
     if settings.api.enabled:
+        # imported here: FastAPI and uvicorn take seconds to import on a loaded 2-core box, for nothing when off
+        from appliance.web.server import WebService
+
         web = WebService(settings, store, _web_ports(settings, app, scp, engines, agent), metrics)
         services.append(web)
         app.status[web.name] = web.status
