@@ -558,3 +558,37 @@ def test_metrics_count_studies_and_observe_inference_latency(box: Box) -> None:
     assert samples[("appliance_disk_free_bytes", ())] > 0
     assert samples[("appliance_cloud_connected", ())] == 0
     assert samples[("appliance_models_loaded", ())] == 1
+
+
+def test_admins_change_users_through_the_api_but_not_themselves(box: Box) -> None:
+    c, csrf = box.api_login(Role.ADMIN)
+    h = {CSRF_HEADER: csrf}
+    r = c.patch("/api/v1/users/viewer", json={"role": "technician"}, headers=h)
+    assert r.status_code == 200 and r.json()["role"] == "technician"
+    assert c.patch("/api/v1/users/admin", json={"disabled": True}, headers=h).status_code == 400
+    assert c.patch("/api/v1/users/admin", json={"role": "viewer"}, headers=h).status_code == 400
+    assert c.patch("/api/v1/users/ghost", json={"disabled": True}, headers=h).status_code == 404
+    assert c.patch("/api/v1/users/viewer", json={}, headers=h).status_code == 400
+    assert c.patch("/api/v1/users/viewer", json={"password": "short"}, headers=h).status_code == 422
+    r = c.post("/api/v1/users", json={"username": "viewer", "role": "viewer", "password": PASSWORD}, headers=h)
+    assert r.status_code == 409
+    assert [(e.subject, e.detail) for e in box.events("user_changed")] == [("viewer", {"role": "technician"})]
+
+
+def test_user_add_asks_for_the_password_twice(home: Path, clean_env: None) -> None:
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    runner = CliRunner()
+    args = ["--home", str(home), "user", "add", "alice", "--role", "admin"]
+    differ = runner.invoke(app, args, input=f"{PASSWORD}\nsomething else\n")
+    assert differ.exit_code == 1 and "differ" in differ.output
+    ok = runner.invoke(app, args, input=f"{PASSWORD}\n{PASSWORD}\n")
+    assert ok.exit_code == 0, ok.output
+    store = Store(home / "state.db")
+    user = accounts.get_user(store, "alice")
+    assert user is not None and user.role is Role.ADMIN
+    assert PASSWORD not in ok.output
+    outcome, _ = accounts.authenticate(store, Settings(state_dir=home).api, "alice", PASSWORD)
+    assert outcome is accounts.LoginOutcome.OK
