@@ -179,8 +179,11 @@ def test_retry_reopens_an_analysed_study_and_the_worker_analyses_it_again(env) -
     objects_before = store.query("SELECT sop_instance_uid FROM result_objects ORDER BY id")
     assert PipelineWorker(settings, store, StaticBundles([(tiny_manifest(), TinyEngine())])).process(sid) == INFERRED
     assert store.query("SELECT sop_instance_uid FROM result_objects ORDER BY id") == objects_before  # same UIDs
-    whats = [t["what"] for t in study_detail(store, sid).timeline]
+    timeline = study_detail(store, sid).timeline
+    whats = [t["what"] for t in timeline]
     assert whats.count("inferring") == 2 and whats.count("complete") == 2
+    (asked,) = [t for t in timeline if t["what"] == "retry requested"]
+    assert asked["detail"] == "by cli:tech" and whats.index("retry requested") < len(whats) - 1
 
 
 @pytest.mark.parametrize("state", [RECEIVED, COMPLETE])

@@ -17,6 +17,8 @@ Where the fields come from:
 - pseudonym: the keyed pseudonym of the Study Instance UID the cloud knows the study by
   (``summary["cloud"]["pseudonym"]``), only for studies whose result was queued for the cloud.
 - dates: ``since``/``until`` select by the day the box received the study (local time, inclusive).
+- timeline: ``study_events`` (every state change), ``exports`` (queued, exported, failing), the outbox and its
+  log (queued for the cloud, synced, expired), and the operator's retry/resend requests from the audit trail.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from datetime import time as dtime
 from pathlib import Path
 from typing import Any, TypedDict
 
+from appliance.core import audit
+from appliance.core.audit import AuditEvent
 from appliance.core.store import Store
 from appliance.lifecycle.studies import STUDY_STATES
 from appliance.pipeline import uids
@@ -297,7 +301,10 @@ def find_study(store: Store, ref: str) -> int:
     Study Instance UID or a suffix of one that only one study has (``...4.5678``; a leading "..." or "…" is
     ignored). A UID with several revisions gives its newest. Raises :class:`StudyNotFound` or
     :class:`AmbiguousStudy` (both ``LookupError``) with a message naming the reference."""
-    ref = ref.strip().lstrip(".").lstrip("…") if ref.strip().startswith(("...", "…")) else ref.strip()
+    ref = ref.strip()
+    for ellipsis in ("...", "…"):  # as `appliance studies` prints the end of a UID
+        if ref.startswith(ellipsis):
+            ref = ref[len(ellipsis) :]
     if not ref:
         raise StudyNotFound("empty study reference")
     conn = store.conn
@@ -434,13 +441,18 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
             }
             for r, s in parsed
         ],
-        timeline=_timeline(conn, study_id, [s for _, s in parsed]),
+        timeline=_timeline(store, study_id, [s for _, s in parsed]),
         export_pending=pending,
         problems=problems,
     )
 
 
-def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str, Any]]) -> list[TimelineEntry]:
+# operator actions on the study from the audit trail (viewing it is audited too, but is not something done *to* it)
+_AUDITED = {AuditEvent.STUDY_RETRY.value: "retry requested", AuditEvent.STUDY_RESEND.value: "resend requested"}
+
+
+def _timeline(store: Store, study_id: int, summaries: list[dict[str, Any]]) -> list[TimelineEntry]:
+    conn = store.conn
     out: list[TimelineEntry] = []
     for e in conn.execute(
         "SELECT from_state, to_state, at, detail FROM study_events WHERE study_id=? ORDER BY at, id", (study_id,)
@@ -480,6 +492,10 @@ def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str,
                     f" last error: {x['last_error']}",
                 )
             )
+    for entry in audit.query(store, subject=f"study:{study_id}", newest_first=False):
+        if entry.event in _AUDITED:
+            at = datetime.fromisoformat(entry.time).timestamp()
+            out.append(TimelineEntry(at=at, what=_AUDITED[entry.event], detail=f"by {entry.actor}"))
     mids = [
         str((s.get("cloud") or {}).get("message_id")) for s in summaries if (s.get("cloud") or {}).get("message_id")
     ]
