@@ -11,8 +11,9 @@ Where the fields come from:
   (``instances``, migration 0011, decoded at receive with the data set's Specific Character Set); for rows
   received before that migration, the ``patient`` block of a result summary. Retention deletes both, so a
   ``purged`` study shows none (its findings stay, without PHI).
-- findings: each result's summary (``StudyResult.summary()``), one entry per (bundle, label) with the highest
-  score over the study's images; ``urgent`` when a finding reached the bundle manifest's urgent threshold
+- findings: the newest result of each bundle (a retry with an updated bundle replaces the older version's
+  findings; ``study_detail`` lists every result), one entry per (bundle, label) with the highest score over
+  the study's images; ``urgent`` when a finding reached the bundle manifest's urgent threshold
   (``summary["urgent"]``, see ``docs/BUNDLES.md``).
 - pseudonym: the keyed pseudonym of the Study Instance UID the cloud knows the study by
   (``summary["cloud"]["pseudonym"]``), only for studies whose result was queued for the cloud.
@@ -100,7 +101,8 @@ class ResultObject(TypedDict):
 
 class ImageRow(TypedDict):
     """One received (or analysed) image: its UIDs, laterality/view as the pipeline read them, its findings
-    (``{bundle_id, label, score, threshold, positive}``) and the result objects made from it (its SCs)."""
+    (``{bundle_id, bundle_version, label, score, threshold, positive, urgent}``, every result of the study) and
+    the result objects made from it (its SCs)."""
 
     sop_instance_uid: str
     series_uid: str | None
@@ -149,14 +151,15 @@ def _summaries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[StudyS
     if not ids:
         return []
     marks = ",".join("?" * len(ids))
-    results: dict[int, list[dict[str, Any]]] = {}
+    latest: dict[int, dict[str, dict[str, Any]]] = {}  # study -> bundle id -> its newest result's summary
     for r in conn.execute(
-        f"SELECT study_id, summary FROM results WHERE study_id IN ({marks}) ORDER BY id", ids
+        f"SELECT study_id, bundle_id, summary FROM results WHERE study_id IN ({marks}) ORDER BY id", ids
     ).fetchall():
         try:
-            results.setdefault(int(r["study_id"]), []).append(json.loads(r["summary"] or "{}"))
+            latest.setdefault(int(r["study_id"]), {})[r["bundle_id"]] = json.loads(r["summary"] or "{}")
         except ValueError:
             continue
+    results = {sid: list(by_bundle.values()) for sid, by_bundle in latest.items()}
     counts = {
         int(r["study_id"]): int(r["n"])
         for r in conn.execute(
@@ -410,6 +413,7 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
                 images[key]["findings"].append(
                     {
                         "bundle_id": r["bundle_id"],
+                        "bundle_version": r["bundle_version"],
                         "label": f.get("label"),
                         "score": f.get("score"),
                         "threshold": f.get("threshold"),
