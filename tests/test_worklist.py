@@ -5,6 +5,7 @@ looked at, retried and resent."""
 from __future__ import annotations
 
 import io
+import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -229,3 +230,20 @@ def test_resend_refuses_without_destination_or_results(env) -> None:
     with pytest.raises(Refused, match="nothing to send"):
         resend_to_pacs(store, settings, sid, actor="cli:tech")
     assert audit.count(store) == 0
+
+
+def test_the_worklist_reads_through_a_read_only_store_that_writes_nothing(env) -> None:
+    settings, store = env
+    sid = analysed_study(settings, store, [chest()])
+    store.close()
+    before = settings.db_path.stat().st_mtime_ns
+    look = Store(settings.db_path, read_only=True)
+    assert [s.id for s in list_studies(look)] == [sid] and study_detail(look, sid).summary.id == sid
+    with pytest.raises(sqlite3.OperationalError, match="readonly"), look.transaction() as conn:
+        conn.execute("UPDATE studies SET state='failed'")
+    look.close()
+    assert settings.db_path.stat().st_mtime_ns == before
+    missing = settings.state_dir / "elsewhere" / "state.db"
+    with pytest.raises(sqlite3.OperationalError):
+        Store(missing, read_only=True).query("SELECT 1")
+    assert not missing.parent.exists()  # nothing created by a look
