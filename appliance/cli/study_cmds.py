@@ -78,8 +78,12 @@ def _parse_day(value: datetime | None) -> date | None:
 
 def studies(
     ctx: typer.Context,
-    since: datetime | None = typer.Option(None, "--since", formats=["%Y-%m-%d"], help="received on or after DATE"),
-    until: datetime | None = typer.Option(None, "--until", formats=["%Y-%m-%d"], help="received on or before DATE"),
+    since: datetime | None = typer.Option(
+        None, "--since", formats=["%Y-%m-%d"], metavar="YYYY-MM-DD", help="received on or after DATE"
+    ),
+    until: datetime | None = typer.Option(
+        None, "--until", formats=["%Y-%m-%d"], metavar="YYYY-MM-DD", help="received on or before DATE"
+    ),
     today: bool = typer.Option(False, "--today", help="received today"),
     state: str | None = typer.Option(None, "--state", help=f"one of: {', '.join(STUDY_STATES)}"),
     finding: str | None = typer.Option(None, "--finding", help="only studies with this positive finding (label)"),
