@@ -4,18 +4,28 @@ reference bundles, delivered to Orthanc; then ``appliance studies`` (80 columns,
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
 from appliance.lifecycle.studies import EXPORTED
+from appliance.pipeline.results_sc import URGENT_YELLOW
+from appliance.pipeline.results_sr import PRIORITY, URGENT
+from engines import bundle as B
+from engines.golden import reference_outputs, save_golden
+from engines.keys import TrustStore, generate_private_key, key_id, public_key_b64
 from engines.reference.phantoms import PatientInfo, chest_study
+from engines.runtime import install_bundle
 from testsupport.common import wait_until
 from testsupport.daemon import appliance_cli, reference_pipeline_to_pacs, running_daemon
 from testsupport.dcmtk import storescu
 from testsupport.orthanc import AET, Orthanc
+from testsupport.pipeline import SIZE, make_dataset, save, synthetic_image, tiny_manifest, tiny_model_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +148,56 @@ def test_worklist_show_retry_resend_and_status_against_a_running_appliance(
         plain = _cli(d, "status")
         assert "exports to PACS: none pending" in plain.stdout and "PROBLEMS" in plain.stdout
         assert "cloud: off" in plain.stdout
+
+
+def test_an_urgent_study_end_to_end_banner_and_sr_flag_in_the_pacs(
+    home: Path, tmp_path: Path, orthanc: Orthanc
+) -> None:
+    """A signed bundle whose manifest marks its label urgent, installed like any bundle: the phantom study is
+    listed by ``appliance studies --urgent``, and what the PACS receives carries the flag (SC banner, SR code)."""
+    work = tmp_path / "bundle"
+    work.mkdir()
+    model = work / "model.onnx"
+    model.write_bytes(tiny_model_bytes())
+    inputs = {"image": np.random.default_rng(0).random((2, 1, SIZE, SIZE), dtype=np.float32)}
+    save_golden(work / "golden.npz", inputs, reference_outputs(model, inputs))
+    doc = tiny_manifest().model_dump(mode="json")
+    for k in ("files", "created", "schema_version", "min_appliance_version"):
+        doc.pop(k, None)
+    doc["urgent"] = {"nodule": 0.3}
+    path = work / "tiny-urgent.bundle"
+    B.build_bundle(path, doc, {"model.onnx": model, "golden.npz": work / "golden.npz"})
+    key = generate_private_key()
+    B.sign_bundle(path, key)
+    kid, pub = key_id(key), public_key_b64(key)
+    install_bundle(home / "models", path, TrustStore.from_config({kid: pub}))
+    cfg = (
+        f'[engines]\ntrusted_keys = {{ "{kid}" = "{pub}" }}\n'
+        "[pipeline]\nenabled = true\npoll_s = 0.2\nretry_initial_s = 0.5\n"
+        f'[[pipeline.destinations]]\nname = "pacs"\nae_title = "{AET}"\nhost = "127.0.0.1"\n'
+        f"port = {orthanc.dicom_port}\n"
+    )
+    ds = make_dataset(synthetic_image(600, 500, (200, 300), radius=20))
+    with running_daemon(home, config_toml=cfg, env={"APPLIANCE_PIPELINE__ENABLED": "true"}) as d:
+        assert storescu(d.port, [save(ds, tmp_path / "in" / "a.dcm")]).returncode == 0
+        (row,) = wait_until(lambda: d.studies(EXPORTED), timeout=120, what="exported")
+        (listed,) = json.loads(_cli(d, "studies", "--urgent", "--json").stdout)
+        assert listed["id"] == row["id"] and listed["urgent"] and listed["findings"][0]["urgent"]
+        assert "URGENT nodule" in _cli(d, "studies").stdout
+    tags = {t["Modality"]: t for t in orthanc.instances_of_study(ds.StudyInstanceUID)}
+    sc = pydicom.dcmread(io.BytesIO(orthanc.instance_file(tags["OT"]["_id"])))
+    assert tuple(sc.pixel_array[1, 1]) == URGENT_YELLOW
+    sr = pydicom.dcmread(io.BytesIO(orthanc.instance_file(tags["SR"]["_id"])))
+    flags: list[tuple[str, str]] = []
+
+    def walk(items) -> None:
+        for item in items:
+            if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == PRIORITY.value:
+                flags.append(
+                    (item.ConceptCodeSequence[0].CodingSchemeDesignator, item.ConceptCodeSequence[0].CodeValue)
+                )
+            if "ContentSequence" in item:
+                walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)
+    assert flags == [("SCT", URGENT.value)] * 2  # the finding's group and the study group

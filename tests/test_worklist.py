@@ -5,6 +5,7 @@ looked at, retried and resent."""
 from __future__ import annotations
 
 import io
+import sqlite3
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -179,8 +180,11 @@ def test_retry_reopens_an_analysed_study_and_the_worker_analyses_it_again(env) -
     objects_before = store.query("SELECT sop_instance_uid FROM result_objects ORDER BY id")
     assert PipelineWorker(settings, store, StaticBundles([(tiny_manifest(), TinyEngine())])).process(sid) == INFERRED
     assert store.query("SELECT sop_instance_uid FROM result_objects ORDER BY id") == objects_before  # same UIDs
-    whats = [t["what"] for t in study_detail(store, sid).timeline]
+    timeline = study_detail(store, sid).timeline
+    whats = [t["what"] for t in timeline]
     assert whats.count("inferring") == 2 and whats.count("complete") == 2
+    (asked,) = [t for t in timeline if t["what"] == "retry requested"]
+    assert asked["detail"] == "by cli:tech" and whats.index("retry requested") < len(whats) - 1
 
 
 @pytest.mark.parametrize("state", [RECEIVED, COMPLETE])
@@ -226,3 +230,20 @@ def test_resend_refuses_without_destination_or_results(env) -> None:
     with pytest.raises(Refused, match="nothing to send"):
         resend_to_pacs(store, settings, sid, actor="cli:tech")
     assert audit.count(store) == 0
+
+
+def test_the_worklist_reads_through_a_read_only_store_that_writes_nothing(env) -> None:
+    settings, store = env
+    sid = analysed_study(settings, store, [chest()])
+    store.close()
+    before = settings.db_path.stat().st_mtime_ns
+    look = Store(settings.db_path, read_only=True)
+    assert [s.id for s in list_studies(look)] == [sid] and study_detail(look, sid).summary.id == sid
+    with pytest.raises(sqlite3.OperationalError, match="readonly"), look.transaction() as conn:
+        conn.execute("UPDATE studies SET state='failed'")
+    look.close()
+    assert settings.db_path.stat().st_mtime_ns == before
+    missing = settings.state_dir / "elsewhere" / "state.db"
+    with pytest.raises(sqlite3.OperationalError):
+        Store(missing, read_only=True).query("SELECT 1")
+    assert not missing.parent.exists()  # nothing created by a look

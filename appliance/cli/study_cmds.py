@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import sqlite3
 import time
 from datetime import date, datetime
 from typing import Any
@@ -39,11 +40,12 @@ def actor() -> str:
         return f"cli:uid{os.getuid()}"
 
 
-def open_store(settings: Settings) -> Store | None:
-    """The state store, or None when this box has none yet (nothing received; never created by a look)."""
+def open_store(settings: Settings, *, read_only: bool = False) -> Store | None:
+    """The state store, or None when this box has none yet (nothing received; never created by a look).
+    ``read_only``: for commands that only look (nothing created, migrated or written)."""
     if not settings.db_path.exists():
         return None
-    return Store(settings.db_path)
+    return Store(settings.db_path, read_only=read_only)
 
 
 def short_uid(uid: str) -> str:
@@ -76,8 +78,12 @@ def _parse_day(value: datetime | None) -> date | None:
 
 def studies(
     ctx: typer.Context,
-    since: datetime | None = typer.Option(None, "--since", formats=["%Y-%m-%d"], help="received on or after DATE"),
-    until: datetime | None = typer.Option(None, "--until", formats=["%Y-%m-%d"], help="received on or before DATE"),
+    since: datetime | None = typer.Option(
+        None, "--since", formats=["%Y-%m-%d"], metavar="YYYY-MM-DD", help="received on or after DATE"
+    ),
+    until: datetime | None = typer.Option(
+        None, "--until", formats=["%Y-%m-%d"], metavar="YYYY-MM-DD", help="received on or before DATE"
+    ),
     today: bool = typer.Option(False, "--today", help="received today"),
     state: str | None = typer.Option(None, "--state", help=f"one of: {', '.join(STUDY_STATES)}"),
     finding: str | None = typer.Option(None, "--finding", help="only studies with this positive finding (label)"),
@@ -94,7 +100,7 @@ def studies(
         typer.echo("--today cannot be combined with --since/--until", err=True)
         raise typer.Exit(2)
     first, last = (date.today(), date.today()) if today else (_parse_day(since), _parse_day(until))
-    store = open_store(settings)
+    store = open_store(settings, read_only=True)
     try:
         rows = (
             list_studies(store, since=first, until=last, state=state, finding=finding, urgent_only=urgent, limit=limit)
@@ -104,6 +110,9 @@ def studies(
     except ValueError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
+    except sqlite3.OperationalError as exc:  # a database older than this software, not migrated yet
+        typer.echo(f"cannot read {settings.db_path}: {exc} (start the appliance once to migrate it)", err=True)
+        raise typer.Exit(1) from exc
     finally:
         if store is not None:
             store.close()

@@ -11,12 +11,15 @@ Where the fields come from:
   (``instances``, migration 0011, decoded at receive with the data set's Specific Character Set); for rows
   received before that migration, the ``patient`` block of a result summary. Retention deletes both, so a
   ``purged`` study shows none (its findings stay, without PHI).
-- findings: each result's summary (``StudyResult.summary()``), one entry per (bundle, label) with the highest
-  score over the study's images; ``urgent`` when a finding reached the bundle manifest's urgent threshold
+- findings: the newest result of each bundle (a retry with an updated bundle replaces the older version's
+  findings; ``study_detail`` lists every result), one entry per (bundle, label) with the highest score over
+  the study's images; ``urgent`` when a finding reached the bundle manifest's urgent threshold
   (``summary["urgent"]``, see ``docs/BUNDLES.md``).
 - pseudonym: the keyed pseudonym of the Study Instance UID the cloud knows the study by
   (``summary["cloud"]["pseudonym"]``), only for studies whose result was queued for the cloud.
 - dates: ``since``/``until`` select by the day the box received the study (local time, inclusive).
+- timeline: ``study_events`` (every state change), ``exports`` (queued, exported, failing), the outbox and its
+  log (queued for the cloud, synced, expired), and the operator's retry/resend requests from the audit trail.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from datetime import time as dtime
 from pathlib import Path
 from typing import Any, TypedDict
 
+from appliance.core import audit
+from appliance.core.audit import AuditEvent
 from appliance.core.store import Store
 from appliance.lifecycle.studies import STUDY_STATES
 from appliance.pipeline import uids
@@ -96,7 +101,8 @@ class ResultObject(TypedDict):
 
 class ImageRow(TypedDict):
     """One received (or analysed) image: its UIDs, laterality/view as the pipeline read them, its findings
-    (``{bundle_id, label, score, threshold, positive}``) and the result objects made from it (its SCs)."""
+    (``{bundle_id, bundle_version, label, score, threshold, positive, urgent}``, every result of the study) and
+    the result objects made from it (its SCs)."""
 
     sop_instance_uid: str
     series_uid: str | None
@@ -145,14 +151,15 @@ def _summaries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[StudyS
     if not ids:
         return []
     marks = ",".join("?" * len(ids))
-    results: dict[int, list[dict[str, Any]]] = {}
+    latest: dict[int, dict[str, dict[str, Any]]] = {}  # study -> bundle id -> its newest result's summary
     for r in conn.execute(
-        f"SELECT study_id, summary FROM results WHERE study_id IN ({marks}) ORDER BY id", ids
+        f"SELECT study_id, bundle_id, summary FROM results WHERE study_id IN ({marks}) ORDER BY id", ids
     ).fetchall():
         try:
-            results.setdefault(int(r["study_id"]), []).append(json.loads(r["summary"] or "{}"))
+            latest.setdefault(int(r["study_id"]), {})[r["bundle_id"]] = json.loads(r["summary"] or "{}")
         except ValueError:
             continue
+    results = {sid: list(by_bundle.values()) for sid, by_bundle in latest.items()}
     counts = {
         int(r["study_id"]): int(r["n"])
         for r in conn.execute(
@@ -297,7 +304,10 @@ def find_study(store: Store, ref: str) -> int:
     Study Instance UID or a suffix of one that only one study has (``...4.5678``; a leading "..." or "…" is
     ignored). A UID with several revisions gives its newest. Raises :class:`StudyNotFound` or
     :class:`AmbiguousStudy` (both ``LookupError``) with a message naming the reference."""
-    ref = ref.strip().lstrip(".").lstrip("…") if ref.strip().startswith(("...", "…")) else ref.strip()
+    ref = ref.strip()
+    for ellipsis in ("...", "…"):  # as `appliance studies` prints the end of a UID
+        if ref.startswith(ellipsis):
+            ref = ref[len(ellipsis) :]
     if not ref:
         raise StudyNotFound("empty study reference")
     conn = store.conn
@@ -403,6 +413,7 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
                 images[key]["findings"].append(
                     {
                         "bundle_id": r["bundle_id"],
+                        "bundle_version": r["bundle_version"],
                         "label": f.get("label"),
                         "score": f.get("score"),
                         "threshold": f.get("threshold"),
@@ -434,13 +445,18 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
             }
             for r, s in parsed
         ],
-        timeline=_timeline(conn, study_id, [s for _, s in parsed]),
+        timeline=_timeline(store, study_id, [s for _, s in parsed]),
         export_pending=pending,
         problems=problems,
     )
 
 
-def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str, Any]]) -> list[TimelineEntry]:
+# operator actions on the study from the audit trail (viewing it is audited too, but is not something done *to* it)
+_AUDITED = {AuditEvent.STUDY_RETRY.value: "retry requested", AuditEvent.STUDY_RESEND.value: "resend requested"}
+
+
+def _timeline(store: Store, study_id: int, summaries: list[dict[str, Any]]) -> list[TimelineEntry]:
+    conn = store.conn
     out: list[TimelineEntry] = []
     for e in conn.execute(
         "SELECT from_state, to_state, at, detail FROM study_events WHERE study_id=? ORDER BY at, id", (study_id,)
@@ -480,6 +496,10 @@ def _timeline(conn: sqlite3.Connection, study_id: int, summaries: list[dict[str,
                     f" last error: {x['last_error']}",
                 )
             )
+    for entry in audit.query(store, subject=f"study:{study_id}", newest_first=False):
+        if entry.event in _AUDITED:
+            at = datetime.fromisoformat(entry.time).timestamp()
+            out.append(TimelineEntry(at=at, what=_AUDITED[entry.event], detail=f"by {entry.actor}"))
     mids = [
         str((s.get("cloud") or {}).get("message_id")) for s in summaries if (s.get("cloud") or {}).get("message_id")
     ]
