@@ -22,10 +22,45 @@ apt_install() {
   fi
 }
 
+step() { printf '== %s\n' "$*" >&2; }
+
+# pip without its warnings (running as root, a newer pip) and with one short line per package it fetches
+# (overwritten in place on a terminal) instead of a silent minute; everything pip said goes to
+# $VENV/pip-install.log, whose end is shown if it fails.
+pip_install() {
+  local log="$VENV/pip-install.log"
+  if ! PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_PROGRESS_BAR=off \
+      "$VENV/bin/pip" install "$@" 2>&1 | tee "$log" | awk -v tty="$([ -t 2 ] && echo 1)" '
+        /^Collecting / { n++; line = sprintf("   %3d  %s", n, $2)
+                         if (tty) printf "\r%-72s", line > "/dev/stderr"; else print line > "/dev/stderr"
+                         fflush("/dev/stderr") }
+        /^Successfully installed/ { if (tty) printf "\r%-72s\r", "" > "/dev/stderr"
+                                    printf "   installed %d package(s)\n", NF - 2 > "/dev/stderr" }'; then
+    echo "pip install $* failed; its last lines (all of them in $log):" >&2
+    tail -n 30 "$log" >&2
+    return 1
+  fi
+}
+
 setup() {
-  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e ".[dev]"
+  if [ -x "$VENV/bin/python" ]; then
+    step "[1/3] Python environment: $VENV (exists)"
+  else
+    step "[1/3] creating the Python environment $VENV ($("$PY" --version 2>&1))"
+    "$PY" -m venv "$VENV"
+  fi
+  # reinstalled only when pyproject.toml (the dependencies) changed since the last successful install
+  local stamp
+  stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ -f "$stamp" ]; then
+    step "[2/3] dependencies up to date"
+    return
+  fi
+  step "[2/3] installing the appliance and its dependencies into $VENV (first time: a few minutes)"
+  pip_install --upgrade pip
+  pip_install -e ".[dev]"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
 }
 
 # Test-only tools outside the main venv, each skipped when already there:
@@ -47,6 +82,8 @@ case "${1:-}" in
   run)
     setup
     shift
+    step "[3/3] starting the demo: the appliance with the reference models, phantom studies sent over DICOM"
+    step "      the command is $(cd "$VENV" && pwd)/bin/appliance (not on PATH: type that full path, or first: source $VENV/bin/activate)"
     exec "$VENV/bin/appliance" demo "$@"
     ;;
   test)

@@ -225,6 +225,26 @@ class Manifest(_Strict):
             raise ValueError(f"file_sizes: out of range 0..{MAX_FILE_BYTES} for {bad}")
         return v
 
+    # Triage: label -> score at or above which a positive finding makes the study urgent (flagged in the worklist,
+    # the SC banner and the SR, and sent to the cloud first). Left out of the canonical bytes while empty, so
+    # manifests signed before it verify unchanged; a box older than it refuses a manifest that sets it.
+    urgent: dict[str, float] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not data.get("urgent"):
+            data.pop("urgent", None)
+        return data
+
+    @field_validator("urgent")
+    @classmethod
+    def _urgent_values(cls, v: dict[str, float]) -> dict[str, float]:
+        for label, threshold in v.items():
+            if not math.isfinite(threshold):
+                raise ValueError(f"urgent threshold of {label!r} must be a finite number")
+        return v
+
     @field_validator("bundle_id")
     @classmethod
     def _bundle_id(cls, v: str) -> str:
@@ -254,6 +274,10 @@ class Manifest(_Strict):
             raise ValueError("expires must be after created")
         if expires - created > dt.timedelta(days=MAX_VALIDITY_DAYS):
             raise ValueError(f"expires more than {MAX_VALIDITY_DAYS} days after created")
+        scored = {label for o in self.outputs if o.kind == "scores" for label in o.labels}
+        unknown = sorted(set(self.urgent) - scored)
+        if unknown:
+            raise ValueError(f"urgent thresholds for labels no scores output has: {unknown}")
         names = {o.name for o in self.outputs}
         missing = names - set(self.golden_tolerances)
         if missing:

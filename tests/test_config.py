@@ -61,11 +61,12 @@ def test_check_problems_semantic(clean_env, tmp_path: Path) -> None:
     assert not any(p.startswith("api.") for p in problems)
 
 
-def test_a_configured_feature_that_is_not_built_is_a_problem(clean_env, tmp_path: Path) -> None:
+def test_the_dashboard_with_half_or_an_unreadable_certificate_is_a_problem(clean_env, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'state_dir = "{tmp_path}"\n[api]\nenabled = true\n')
+    cfg.write_text(f'state_dir = "{tmp_path}"\n[api]\nenabled = true\ntls_cert_file = "{tmp_path}/nope.pem"\n')
     problems = check_problems(load_settings(cfg))
-    assert [p for p in problems if p.startswith("api.enabled")], problems
+    assert any(p.startswith("api.tls_cert_file, api.tls_key_file: set both") for p in problems), problems
+    assert any(p.startswith("api.tls_cert_file:") and "not readable" in p for p in problems), problems
 
 
 @pytest.mark.integration

@@ -44,6 +44,18 @@ def test_demo_shows_findings_and_result_files(tmp_path: Path) -> None:
     assert pydicom.dcmread(paths[0]).Modality == "SR"
     # not --keep: the daemon is gone
     assert not (home / "run" / "status.json").exists()
+    # the hints name a command that works as printed (a full path when the venv's bin is not on PATH)
+    hints = {rest: cmd for cmd, rest in re.findall(rf"^  (\S+) --home {re.escape(str(home))} (.+)$", out, flags=re.M)}
+    assert {"studies", "study show 1", "status"} <= set(hints), out
+    shown = subprocess.run(
+        [hints["studies"], "--home", str(home), "studies", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert len(json.loads(shown.stdout)) == 3
 
 
 def _alive(pid: int) -> bool:

@@ -214,7 +214,7 @@ def test_multi_series_study_completes_once_and_late_instance_reopens(home: Path,
         assert len(d.query("SELECT * FROM instances WHERE study_id=?", (rev2[0]["id"],))) == 1
         assert d.studies("complete")[0]["id"] == done[0]["id"]  # revision 1 untouched
         listing = json.loads(d.cli("studies", "--json").stdout)
-        assert [(s["revision"], s["state"], s["instances"]) for s in listing] == [
+        assert [(s["revision"], s["state"], s["images"]) for s in listing] == [
             (2, "complete", 1),
             (1, "complete", 7),
         ]

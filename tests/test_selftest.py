@@ -21,6 +21,7 @@ from engines.keys import key_id, public_key_b64
 from testsupport.bundles import new_key
 from testsupport.common import PYTHON, ROOT
 from testsupport.daemon import daemon_env
+from testsupport.orthanc import AET, Orthanc
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +62,16 @@ def _clinic_key_env(home: Path) -> dict[str, str]:
     return env
 
 
-def test_selftest_passes_then_names_each_failure(home: Path, clean_env) -> None:
+def test_selftest_passes_then_names_each_failure(home: Path, clean_env, orthanc: Orthanc) -> None:
     clinic = _clinic_key_env(home)
-    rc, report = _selftest(home, clinic)
+    pacs = [{"name": "pacs", "ae_title": AET, "host": "127.0.0.1", "port": orthanc.dicom_port}]
+    rc, report = _selftest(home, {**clinic, "APPLIANCE_PIPELINE__DESTINATIONS": json.dumps(pacs)})
     assert rc == 0 and report["ok"], report
     by = {c["name"]: c for c in report["checks"]}
-    assert {"config", "disk", "database", "active_bundles", "phantom_chain"} <= set(by)
+    assert {"config", "pacs_destination", "cloud_credentials", "disk", "database", "active_bundles"} <= set(by)
+    assert {"phantom_chain", "pacs:pacs"} <= set(by)
+    assert f"pacs ({AET}@127.0.0.1:{orthanc.dicom_port})" in by["pacs_destination"]["detail"]
+    assert by["cloud_credentials"]["detail"] == "cloud sync off"
     assert "cxr-phantom" in by["active_bundles"]["detail"] and "mmg-phantom" in by["active_bundles"]["detail"]
     assert "nodule located within" in by["phantom_chain"]["detail"]
 
@@ -106,3 +111,32 @@ def test_selftest_direct_method_payloads(home: Path, clean_env) -> None:
     assert run_selftest_method(settings, [1, 2])[0] == 400
     status, report = run_selftest_method(settings, {"pacs": False})
     assert status == 200 and not any(c["name"].startswith("pacs:") for c in report["checks"])
+
+
+def test_selftest_fails_naming_the_step_on_a_box_that_cannot_do_its_job(home: Path) -> None:
+    """No PACS destination (results would stay on the box) and cloud sync on without a device key (it could
+    never connect): each fails its own step, by name, and the whole self-test fails."""
+    env = {
+        "APPLIANCE_CLOUD__ENABLED": "true",
+        "APPLIANCE_CLOUD__HUB_HOSTNAME": "hub.example.net",
+        "APPLIANCE_CLOUD__DEVICE_ID": "box-1",
+        "APPLIANCE_CLOUD__RECIPIENT_KEYS": json.dumps({"central-1": "A" * 43 + "="}),
+    }
+    rc, report = _selftest(home, env, "--no-pacs")
+    by = {c["name"]: c for c in report["checks"]}
+    assert rc == 1 and not report["ok"]
+    assert not by["pacs_destination"]["ok"] and "no PACS destination configured" in by["pacs_destination"]["detail"]
+    assert not by["cloud_credentials"]["ok"]
+    assert f"{home / 'secrets' / 'device_key'} is missing" in by["cloud_credentials"]["detail"]
+    assert by["database"]["ok"] and by["disk"]["ok"]  # the rest still ran and passed
+    failed = [c["name"] for c in report["checks"] if not c["ok"]]
+    assert "pacs_destination" in failed and "cloud_credentials" in failed
+    plain = subprocess.run(
+        [PYTHON, "-m", "appliance", "--home", str(home), "selftest", "--no-pacs"],
+        cwd=ROOT,
+        env=daemon_env({**env, "COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert plain.returncode == 1 and "FAILED: pacs_destination, cloud_credentials" in plain.stdout, plain.stdout

@@ -34,7 +34,8 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     tests pass ``APPLIANCE_PIPELINE__ENABLED=true``), no reference bundles unless a test asks
     (``APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES=true``), and the DEMO key trusted
     (``APPLIANCE_ENGINES__TRUST_DEMO_KEY=true``: tests opt in to it explicitly here, the product default is
-    false); ``extra`` overrides them."""
+    false), web dashboard off (on by default in the product;
+    web tests pass ``APPLIANCE_API__ENABLED=true``) and on an ephemeral port when on; ``extra`` overrides them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLIANCE_")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["APPLIANCE_DICOM__PORT"] = "0"
@@ -43,6 +44,8 @@ def daemon_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["APPLIANCE_PIPELINE__ENABLED"] = "false"
     env["APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES"] = "false"
     env["APPLIANCE_ENGINES__TRUST_DEMO_KEY"] = "true"
+    env["APPLIANCE_API__ENABLED"] = "false"
+    env["APPLIANCE_API__PORT"] = "0"
     env.update(extra or {})
     return env
 
@@ -66,6 +69,12 @@ class Daemon:
     def port(self) -> int:
         """The DICOM port the kernel picked (from status.json)."""
         return int(self.status_doc["services"]["dicom-scp"]["port"])
+
+    @property
+    def web_url(self) -> str:
+        """The dashboard's base URL, ``https://127.0.0.1:PORT`` (from status.json; the web service must be on)."""
+        web = self.status_doc["services"]["web"]
+        return f"https://{web['host']}:{web['port']}"
 
     @property
     def ae_title(self) -> str:

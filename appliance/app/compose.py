@@ -12,6 +12,8 @@ PipelineWorker --ResultPublisher--> CloudResultPublisher --notify_queued--> Outb
 ActiveEngines --BundleSource--> PipelineWorker, EarlyPreparer;  --on_change--> CloudAgent.report_changed
 CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftest)
 CloudAgent.overlay (CloudOverlay): the twin's runtime settings, read by the publisher and the sender
+PipelineWorker --on_analysed--> ApplianceMetrics.observe_analysis (inference latency histogram)
+WebService <--WebPorts-- self-test, C-ECHO, status doc, SCP listening, engines, installed models, cloud status
 AuditForwarder (with [audit] syslog_host): the audit trail -> the hospital's audit repository (syslog/TLS)
 ```
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from appliance.app.methods import ControlMethods
+from appliance.app.selftest import run_selftest
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.result_messages import CloudResultPublisher
@@ -34,14 +37,18 @@ from appliance.core.audit_syslog import AuditForwarder
 from appliance.core.config import Settings
 from appliance.core.store import Store
 from appliance.delivery.export import Exporter, undeliverable
+from appliance.delivery.export import echo as export_echo
 from appliance.ingest.assembler import StudyAssembler
 from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
+from appliance.models import active as models
 from appliance.models.active import ActiveEngines
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.results import NoPublisher, ResultPublisher
 from appliance.pipeline.worker import PipelineWorker
 from appliance.retention.purge import RetentionService
+from appliance.web.metrics import ApplianceMetrics
+from appliance.web.ports import WebPorts, no_cloud, no_engines
 
 # Threads for image preparation (decoders and numpy release the GIL) and for result building (Pillow drawing,
 # numpy resampling and fsync do too): a 4-view mammogram's images and SCs overlap instead of queueing.
@@ -111,6 +118,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
         services.insert(1, forwarder)
         app.status[forwarder.name] = forwarder.status
 
+    metrics = ApplianceMetrics()
     agent: CloudAgent | None = None
     publisher: ResultPublisher = NoPublisher()
     cloud_publisher: CloudResultPublisher | None = None
@@ -144,6 +152,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
             publisher=publisher,
             prepare_pool=pools.prepare,
             results_pool=pools.results,
+            on_analysed=metrics.observe_analysis,
         )
         assembler.on_complete.append(lambda _study_id: worker.wake())
         services += [exporter, *early, worker]
@@ -170,4 +179,48 @@ def compose(settings: Settings, store: Store) -> Appliance:
         services.append(agent)
         app.status[agent.name] = agent.status
     services.append(RetentionService(settings, store))
+    if settings.api.enabled:
+        # imported here: FastAPI and uvicorn take seconds to import on a loaded 2-core box, for nothing when off
+        from appliance.web.server import WebService
+
+        web = WebService(settings, store, _web_ports(settings, app, scp, engines, agent), metrics)
+        services.append(web)
+        app.status[web.name] = web.status
     return app
+
+
+def _web_ports(
+    settings: Settings, app: Appliance, scp: StorageSCP, engines: ActiveEngines | None, agent: CloudAgent | None
+) -> WebPorts:
+    """What the dashboard may call on the running daemon (see appliance/web/ports.py)."""
+
+    def echo_destination(name: str) -> tuple[bool, str]:
+        dest = next((d for d in settings.pipeline.destinations if d.name == name), None)
+        if dest is None:
+            raise KeyError(name)
+        return export_echo(settings, dest)
+
+    def installed_models() -> list[dict[str, Any]]:
+        reg = models.registry(settings)
+        return [
+            {
+                "bundle_id": b.bundle_id,
+                "version": b.version,
+                "state": "active" if b.active else ("previous" if b.previous else "installed"),
+                "installed_at": b.installed_at,
+                "key_id": b.key_id,
+                "failure": b.failure,
+            }
+            for b in reg.list()
+        ]
+
+    return WebPorts(
+        selftest=lambda: run_selftest(settings),
+        echo=echo_destination,
+        status_doc=app.status_doc,
+        listener_up=lambda: scp.listening,
+        engines=engines.describe if engines is not None else no_engines,
+        models=installed_models,
+        cloud=agent.status if agent is not None else no_cloud,
+        pipeline_enabled=settings.pipeline.enabled,
+    )

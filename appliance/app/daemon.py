@@ -1,8 +1,9 @@
 """The daemon: runs what :func:`appliance.app.compose.compose` made until SIGTERM/SIGINT.
 
 Services start in the composed order and stop in reverse, so the DICOM SCP stops accepting and drains its
-associations before anything it feeds goes away. While running, ``<state_dir>/run/status.json`` says the pid, the start
-time and each service's status (e.g. the SCP's actual listening address), for ``appliance status``.
+associations before anything it feeds goes away. While running, ``<state_dir>/run/status.json`` says the pid, the
+start time, when it was last refreshed (every few seconds) and each service's status (e.g. the SCP's actual
+listening address, the cloud connection), for ``appliance status``.
 One daemon per state directory: ``<state_dir>/run/appliance.lock`` (flock) is held for the process's
 life, and a second ``appliance run`` on the same directory exits 1 before touching anything.
 
@@ -83,8 +84,11 @@ def read_status(settings: Settings) -> dict[str, Any] | None:
     return doc
 
 
+STATUS_REFRESH_S = 5.0  # status.json is rewritten this often while running (cloud connection, queues move)
+
+
 def _write_status(settings: Settings, app: Appliance, started_at: float) -> None:
-    doc = {"pid": os.getpid(), "started_at": started_at, "services": app.status_doc()}
+    doc = {"pid": os.getpid(), "started_at": started_at, "updated_at": time.time(), "services": app.status_doc()}
     path = status_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -176,7 +180,8 @@ def run(settings: Settings) -> int:
         for service in app.services:
             service.start()
             started.append(service)
-        _write_status(settings, app, time.time())
+        started_at = time.time()
+        _write_status(settings, app, started_at)  # first: start_daemon and `appliance status` wait for it
         record_event(
             store, AuditEvent.APPLIANCE_STARTED, actor="system", detail={"pid": os.getpid(), "version": __version__}
         )
@@ -185,11 +190,18 @@ def run(settings: Settings) -> int:
         interval = watchdog_interval()
         watchdog = Watchdog(notifier, interval, app.health_problem) if interval else None
         tick = min(0.5, interval) if interval else 0.5
+        refreshed = time.monotonic()
         while True:
             if watchdog is not None:
                 watchdog.tick()
             if stop.wait(tick):
                 break
+            if time.monotonic() - refreshed >= STATUS_REFRESH_S:
+                refreshed = time.monotonic()
+                try:
+                    _write_status(settings, app, started_at)
+                except Exception:  # a status file that cannot be written must not stop the appliance
+                    log.exception("status.json not refreshed")
     except Exception as exc:
         log.exception("service failed to start", error=str(exc))
         rc = 1

@@ -29,6 +29,7 @@ DAEMON_ENV = {
     "APPLIANCE_DICOM__BIND": "127.0.0.1",
     "APPLIANCE_DICOM__PORT": "0",  # the kernel picks a free port; status.json says which
     "APPLIANCE_DICOM__QUIET_SECONDS": "0.5",
+    "APPLIANCE_API__PORT": "0",  # the dashboard (on by default) on a free port too; status.json says which
     "APPLIANCE_DICOM__MIN_FREE_BYTES": str(100 * 1024**2),
     "APPLIANCE_PIPELINE__ENABLED": "true",
     "APPLIANCE_PIPELINE__POLL_S": "0.2",

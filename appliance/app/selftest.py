@@ -1,6 +1,7 @@
 """The technician's self-test: is this box able to do its job right now?
 
-Checks, each with a clear pass/fail and detail: the configuration, free disk, the state database, every
+Checks, each with a clear pass/fail and detail: the configuration, a PACS destination to deliver to, the cloud
+device credentials when cloud sync is on (``appliance.app.readiness``), free disk, the state database, every
 active bundle's golden check on this hardware, the whole analysis chain on phantoms of known truth (the
 shipped reference bundles, loaded in a throw-away sandbox so they are never activated and whatever keys
 the box trusts do not matter), and a C-ECHO to each PACS destination. Used by ``appliance selftest``
@@ -17,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from appliance.app import readiness
 from appliance.core.config import Settings, check_problems
 from appliance.core.logs import get_logger
 from appliance.core.store import Store
@@ -30,6 +32,22 @@ LOCATION_TOLERANCE = 0.02  # of the image size, as the pipeline's acceptance
 def _config(settings: Settings) -> tuple[bool, str]:
     problems = check_problems(settings)
     return not problems, "; ".join(problems) or "no problems"
+
+
+def _destination(settings: Settings) -> tuple[bool, str]:
+    problem = readiness.no_destination(settings)
+    if problem is not None:
+        return False, str(problem)
+    return True, ", ".join(f"{d.name} ({d.ae_title}@{d.host}:{d.port})" for d in settings.pipeline.destinations)
+
+
+def _cloud_credentials(settings: Settings) -> tuple[bool, str]:
+    if not settings.cloud.enabled:
+        return True, "cloud sync off"
+    problem = readiness.device_credentials(settings)
+    if problem is not None:
+        return False, str(problem)
+    return True, f"{settings.cloud.auth} credentials readable for device {settings.cloud.device_id!r}"
 
 
 def _disk(settings: Settings) -> tuple[bool, str]:
@@ -115,6 +133,8 @@ def run_selftest(settings: Settings, *, pacs: bool = True) -> dict[str, Any]:
     """Every check, never raising: a check that crashes is a failed check with the error as its detail."""
     checks: list[tuple[str, Callable[[], tuple[bool, str]]]] = [
         ("config", lambda: _config(settings)),
+        ("pacs_destination", lambda: _destination(settings)),
+        ("cloud_credentials", lambda: _cloud_credentials(settings)),
         ("disk", lambda: _disk(settings)),
         ("database", lambda: _database(settings)),
         ("active_bundles", lambda: _active_bundles(settings)),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import shutil
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -50,6 +52,19 @@ def settings_from(ctx: typer.Context) -> Settings:
         for p in exc.problems:
             typer.echo(f"config error: {p}", err=True)
         raise typer.Exit(2) from exc
+
+
+def command() -> str:
+    """How to run ``appliance`` from the user's shell, for hints printed to people: ``appliance`` when that name
+    on PATH is this installation's, else the full path of this installation's script (``.../.venv/bin/appliance``
+    after ``./bootstrap.sh run``: a virtual environment's bin is not on PATH), else ``<python> -m appliance``."""
+    script = Path(sys.executable).parent / "appliance"
+    found = shutil.which("appliance")
+    if found and script.is_file() and Path(found).resolve() == script.resolve():
+        return "appliance"
+    if script.is_file():
+        return str(script.absolute())
+    return f"{sys.executable} -m appliance"
 
 
 def _version(value: bool) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import typer
 
 from appliance.app.daemon import read_status
-from appliance.cli import settings_from
+from appliance.cli import command, settings_from
 
 
 def _findings_table(summary: dict[str, Any]) -> Any:
@@ -118,7 +118,10 @@ def demo_cmd(
     if signalled:
         raise typer.Exit(128 + signalled[0])
     console.print(f"\ndone in {time.monotonic() - t0:.1f} s. Logs: {home / 'demo-daemon.log'}")
-    console.print(f"Try: appliance --home {home} infer {home / 'demo-input'}   |   appliance --home {home} status")
+    cmd = f"{command()} --home {home}"
+    console.print("Try:", highlight=False)
+    for hint in ("studies", "study show 1", "status", f"infer {home / 'demo-input'}"):
+        typer.echo(f"  {cmd} {hint}")
     raise typer.Exit(rc)
 
 

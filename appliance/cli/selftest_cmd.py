@@ -23,7 +23,8 @@ def selftest(
     as_json: bool = typer.Option(False, "--json"),
     no_pacs: bool = typer.Option(False, "--no-pacs", help="skip the C-ECHO to each PACS destination"),
 ) -> None:
-    """Check config, disk, database, active models (golden check) and the chain on phantoms; exit 1 on failure."""
+    """Check config, a PACS destination, cloud credentials (when cloud sync is on), disk, database, active models
+    (golden check), the chain on phantoms and a C-ECHO to each PACS; exit 1 naming each failed step."""
     settings = settings_from(ctx)
     configure("WARNING", settings.log.format, sys.stderr)  # stdout carries the report
     report = run_selftest(settings, pacs=not no_pacs)
@@ -38,7 +39,11 @@ def selftest(
             table.add_column(col)
         for c in report["checks"]:
             table.add_row(c["name"], "ok" if c["ok"] else "[red]FAIL[/red]", c["detail"], f"{c['seconds']:.1f}")
-        Console().print(table)
+        console = Console(highlight=False)
+        console.print(table)
+        failed = [c["name"] for c in report["checks"] if not c["ok"]]
+        if failed:
+            console.print(f"[red]FAILED: {', '.join(failed)}[/red]")
     raise typer.Exit(0 if report["ok"] else 1)
 
 

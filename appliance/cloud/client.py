@@ -70,15 +70,21 @@ def subscriptions(device_id: str) -> list[tuple[str, int]]:
     ]
 
 
-def credential_files(settings: Settings) -> list[Path]:
-    """The files this box presents its identity with: the SAS device key, or the X.509 certificate and key."""
+def credential_files(settings: Settings) -> tuple[Path, Path, Path]:
+    """Where the device's IoT Hub credentials are read from: (SAS key (base64), X.509 certificate (PEM), X.509
+    private key (PEM)): the ``cloud.*_file`` settings, else ``secrets/device_key``, ``device.crt``, ``device.key``."""
     c, secrets = settings.cloud, settings.secrets_dir
-    if c.auth == "sas":
-        return [Path(c.device_key_file) if c.device_key_file else secrets / "device_key"]
-    return [
+    return (
+        Path(c.device_key_file) if c.device_key_file else secrets / "device_key",
         Path(c.cert_file) if c.cert_file else secrets / "device.crt",
         Path(c.key_file) if c.key_file else secrets / "device.key",
-    ]
+    )
+
+
+def presented_credentials(settings: Settings) -> list[Path]:
+    """The credential files this box presents with its ``cloud.auth``: the SAS key, or the certificate and key."""
+    key, cert, cert_key = credential_files(settings)
+    return [key] if settings.cloud.auth == "sas" else [cert, cert_key]
 
 
 def _readable_by(st: os.stat_result, uid: int, gid: int) -> bool:
@@ -96,7 +102,7 @@ def credential_problems(settings: Settings) -> list[str]:
     daemon retry for ever). Never raises for a file problem."""
     problems = []
     owner = service_owner(settings.state_dir)
-    for path in credential_files(settings):
+    for path in presented_credentials(settings):
         try:
             st = path.stat()
             with open(path, "rb") as fh:
@@ -128,10 +134,7 @@ class HubClient:
         self.host = c.connect_host or c.hub_hostname
         self.handler = handler
         self.time_fn = time_fn
-        secrets = settings.secrets_dir
-        self.key_file = Path(c.device_key_file) if c.device_key_file else secrets / "device_key"
-        self.cert_file = Path(c.cert_file) if c.cert_file else secrets / "device.crt"
-        self.cert_key_file = Path(c.key_file) if c.key_file else secrets / "device.key"
+        self.key_file, self.cert_file, self.cert_key_file = credential_files(settings)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._outq: queue.Queue[tuple[str, bytes, int]] = queue.Queue()

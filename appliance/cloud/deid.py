@@ -167,6 +167,9 @@ def deidentify_result(
     }
     if "revision" in result:  # a later revision of a study (late images) supersedes the earlier result
         out["revision"] = _int(result.get("revision"))
+    urgent = result.get("urgent")
+    if isinstance(urgent, list) and urgent:  # triage: the labels at or above their urgent threshold
+        out["urgent"] = [_str(label, _LABEL, "urgent") for label in urgent[:MAX_FINDINGS]]
     pb = result.get("per_breast")
     if isinstance(pb, dict):
         out["per_breast"] = {side: _num(pb.get(side)) for side in ("L", "R")}

@@ -22,6 +22,7 @@ log = get_logger(__name__)
 Kind = Literal["result", "health", "audit"]
 KINDS: tuple[str, ...] = ("result", "health", "audit")
 PRIORITY: dict[str, int] = {"result": 100, "audit": 50, "health": 10}
+URGENT_RESULT_PRIORITY = 200  # a result with an urgent finding (triage) goes before every other message
 EVICTION_ORDER: tuple[str, ...] = ("health", "audit", "result")  # first evicted first
 DEFAULT_TTL_S = 60 * 86400.0
 MAX_MESSAGE_BYTES = 256 * 1024

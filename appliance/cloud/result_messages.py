@@ -5,7 +5,9 @@ and encrypts it with the recipient keys in force (the settings overlay), outside
 (crypto must not hold the write lock); :meth:`~CloudResultPublisher.enqueue` then queues it in the caller's
 transaction, the one that records the result, and :meth:`~CloudResultPublisher.committed` wakes the sender.
 The message id is stable (keyed HMAC of study UID + revision + bundle id/version + task), so a re-run of the
-same study revision never makes a new cloud message.
+same study revision never makes a new cloud message. A result with an urgent finding (``summary["urgent"]``, the
+manifest's triage thresholds) is queued at :data:`~appliance.cloud.outbox.URGENT_RESULT_PRIORITY`, ahead of every
+other message; the others at the ordinary result priority.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def cloud_result(summary: dict[str, Any], revision: int) -> dict[str, Any]:
         "task": summary["task"],
         "study_score": summary.get("study_score"),
         "per_breast": summary.get("per_breast"),
+        "urgent": list(summary.get("urgent") or []),
         "findings": [
             {
                 "label": f["label"],
@@ -56,10 +59,14 @@ def cloud_result(summary: dict[str, Any], revision: int) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class CloudMessage:
-    """One encrypted result message, ready to queue: its stable id and its envelope bytes."""
+    """One encrypted result message, ready to queue: its stable id, its envelope bytes, whether the result is
+    urgent (sent first), and the pseudonym the cloud knows the study by (``deid.pseudonym_uid`` of its Study
+    Instance UID; the worklist shows it so people can talk with the central team about a study without PHI)."""
 
     message_id: str
     body: bytes
+    urgent: bool = False
+    pseudonym: str | None = None
 
 
 class CloudResultPublisher:
@@ -80,7 +87,12 @@ class CloudResultPublisher:
         mid, body = payload.build_result_message(
             cloud_result(summary, revision), self._settings, secret, recipient_keys=keys
         )
-        return CloudMessage(mid, body)
+        return CloudMessage(
+            mid,
+            body,
+            urgent=bool(summary.get("urgent")),
+            pseudonym=deid.pseudonym_uid(secret, str(summary["study_uid"])),
+        )
 
     def enqueue(self, conn: sqlite3.Connection, message: CloudMessage | None) -> bool:
         """Queue the message in the caller's transaction; False if there is none or its id is already queued."""
@@ -91,6 +103,7 @@ class CloudResultPublisher:
             kind="result",
             message_id=message.message_id,
             body=message.body,
+            priority=outbox.URGENT_RESULT_PRIORITY if message.urgent else None,
             ttl_s=self._overlay.current().outbox_ttl_s,
             max_bytes=self._settings.cloud.outbox_max_bytes,
         )

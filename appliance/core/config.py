@@ -277,9 +277,24 @@ class RetentionConfig(Section):
 
 
 class ApiConfig(Section):
-    enabled: bool = False
-    bind: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    """The local web dashboard and JSON API (HTTPS), served inside the daemon (see docs/ARCHITECTURE.md)."""
+
+    enabled: bool = Field(default=True, description="the clinic's dashboard; off = nothing listens")
+    bind: str = Field(default="127.0.0.1", description="0.0.0.0 in a clinic so browsers on the LAN can reach it")
+    port: int = Field(default=8443, ge=0, le=65535, description="0 = the kernel picks one (tests)")
+    tls_cert_file: str | None = Field(
+        default=None, description="PEM certificate (chain); None = self-signed, made at first start in secrets/web/"
+    )
+    tls_key_file: str | None = Field(default=None, description="PEM private key of tls_cert_file")
+    session_ttl_s: float = Field(default=1800.0, ge=30, description="a session unused this long ends (idle)")
+    session_max_s: float = Field(default=12 * 3600.0, ge=60, description="a session ends this long after login")
+    lockout_attempts: int = Field(default=5, ge=1, le=100, description="failed logins in a row that lock a user")
+    lockout_s: float = Field(default=900.0, ge=1, description="how long a locked user stays locked")
+    ip_max_failures: int = Field(
+        default=30, ge=1, description="failed logins per source IP per ip_window_s before it gets 429"
+    )
+    ip_window_s: float = Field(default=300.0, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="a larger request body gets 413")
 
 
 class AuditConfig(Section):
@@ -462,8 +477,14 @@ def check_problems(settings: Settings) -> list[str]:
         if not c.recipient_keys:
             problems.append("cloud.recipient_keys: required when cloud.enabled (results are encrypted)")
     problems += _trust_problems(settings.engines)
-    if settings.api.enabled:
-        problems.append("api.enabled: this build has no local web API yet; nothing would listen (set it false)")
+    a = settings.api
+    if a.enabled:
+        if (a.tls_cert_file is None) != (a.tls_key_file is None):
+            problems.append("api.tls_cert_file, api.tls_key_file: set both or neither (neither = self-signed)")
+        for key in ("tls_cert_file", "tls_key_file"):
+            value = getattr(a, key)
+            if value is not None and not os.access(value, os.R_OK):
+                problems.append(f"api.{key}: {value} is not readable")
     names = [dst.name for dst in settings.pipeline.destinations]
     if len(names) != len(set(names)):
         problems.append("pipeline.destinations: destination names must be unique")

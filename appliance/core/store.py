@@ -42,13 +42,27 @@ def now() -> float:
 class Store:
     """Thread-safe access to ``state.db``: one connection per thread, short transactions."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, read_only: bool = False):
+        """Open (creating and migrating) ``state.db`` at ``path``. ``read_only=True`` opens an existing
+        database as it is, without creating, migrating or writing anything (SQLite ``mode=ro``; a look-only
+        command run as another user must not leave files it owns beside the daemon's database); every
+        write then raises ``sqlite3.OperationalError``."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._local = threading.local()
+        if read_only:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.migrate()
 
     def _connect(self) -> sqlite3.Connection:
+        if self.read_only:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            return conn
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pydicom import dcmread
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -63,6 +64,11 @@ class InstanceHeader:
     sop_class_uid: str
     modality: str | None
     flags: tuple[str, ...] = field(default=())
+    # what the worklist shows (PS3.3 C.7.1.1 / C.7.2.1), decoded; None when absent or empty
+    patient_name: str | None = None  # PN, components separated by "^" as in the data set
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = None  # DA as received (YYYYMMDD), not validated
 
 
 # The identifying attributes, read from the raw element bytes: UI and CS values use the default
@@ -70,6 +76,43 @@ class InstanceHeader:
 # was most of the header's cost on the receive path).
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS, MODALITY = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016, 0x00080060
 _CONFORMANT_UID = re.compile(r"[0-9.]{1,64}")
+# Patient and study attributes for people (worklist): text in the data set's Specific Character Set
+CHARSET, PATIENT_NAME, PATIENT_ID, ACCESSION, STUDY_DATE = 0x00080005, 0x00100010, 0x00100020, 0x00080050, 0x00080020
+_PN_DELIMITERS = {0x5E, 0x3D}  # "^" and "=" (PS3.5 6.2.1: component and component-group delimiters)
+_TEXT_DELIMITERS = {0x5C}  # "\\" (value multiplicity)
+DEMOGRAPHIC_MAX = 200  # characters kept of each
+
+
+def _decoded(ds: Dataset, tag: int, encodings: list[str], delimiters: set[int]) -> str | None:
+    """A top-level PN/LO/SH/DA value decoded with the data set's character sets (PS3.5 6.1); None when absent
+    or empty. Never raises: bytes pydicom cannot decode fall back to latin-1 (byte for byte)."""
+    elem = ds.get_item(tag, keep_deferred=True)
+    value = None if elem is None else elem.value
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                text = decode_bytes(raw, encodings, delimiters)
+        except Exception:  # a malformed escape sequence or an unknown term: keep the bytes readable
+            text = raw.decode("latin-1")
+    elif isinstance(value, str):
+        text = value
+    else:
+        return None
+    text = text.strip().strip("\x00").strip()
+    return text[:DEMOGRAPHIC_MAX] or None
+
+
+def _encodings(ds: Dataset) -> list[str]:
+    """Python codecs for the data set's Specific Character Set (0008,0005); the default repertoire without one."""
+    terms = _text(ds, CHARSET)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_encodings([t.strip() for t in terms.split("\\")] if terms else None)
+    except Exception:  # an unknown term: pydicom's default (ISO-IR 6), decoded leniently above
+        return convert_encodings(None)
 
 
 def _text(ds: Dataset, tag: int) -> str | None:
@@ -321,6 +364,7 @@ def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Instanc
     for name, uid in (("study", study_uid), ("series", series_uid), ("sop", sop_uid)):
         if uid and not _CONFORMANT_UID.fullmatch(uid):
             flags.append(f"nonconformant_{name}_uid")
+    encodings = _encodings(ds)
     return InstanceHeader(
         study_uid=study_uid,
         series_uid=series_uid,
@@ -328,4 +372,8 @@ def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Instanc
         sop_class_uid=sop_class_uid.strip(),
         modality=_text(ds, MODALITY),
         flags=tuple(flags),
+        patient_name=_decoded(ds, PATIENT_NAME, encodings, _PN_DELIMITERS),
+        patient_id=_decoded(ds, PATIENT_ID, encodings, _TEXT_DELIMITERS),
+        accession_number=_decoded(ds, ACCESSION, encodings, _TEXT_DELIMITERS),
+        study_date=_text(ds, STUDY_DATE),
     )

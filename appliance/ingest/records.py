@@ -68,6 +68,9 @@ def record_instance(
 ) -> Recorded:
     """File one spool file under its study revision; idempotent on (SOP UID, sha256).
 
+    The row keeps what people need to recognise the study (patient name and ID, accession number, study
+    date: ``InstanceHeader``; migration 0011); retention deletes them with the row.
+
     The same SOP Instance UID with other bytes is kept as a new row flagged ``sop_uid_reused``: in the
     same series it is a correction that replaces the earlier copy for analysis; in another series of the
     study (flag ``sop_uid_in_other_series``) it is a second image and both are analysed
@@ -116,7 +119,8 @@ def record_instance(
             flags.append("sop_uid_in_other_series")
         cur = conn.execute(
             "INSERT INTO instances(study_id, study_uid, series_uid, sop_instance_uid, sop_class_uid, transfer_syntax,"
-            " modality, path, size, sha256, calling_ae, flags, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " modality, path, size, sha256, calling_ae, flags, received_at, patient_name, patient_id, accession_number,"
+            " study_date) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 study_id,
                 header.study_uid,
@@ -131,6 +135,10 @@ def record_instance(
                 calling_ae,
                 ",".join(flags) or None,
                 ts,
+                header.patient_name,
+                header.patient_id,
+                header.accession_number,
+                header.study_date,
             ),
         )
         instance_id = int(cur.lastrowid or 0)  # always set after an INSERT

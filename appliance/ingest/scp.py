@@ -178,6 +178,11 @@ class StorageSCP:
     def address(self) -> tuple[str, int]:
         return self._server.address if self._server is not None else (self.cfg.bind, self.cfg.port)
 
+    @property
+    def listening(self) -> bool:
+        """True between a successful ``start`` and ``stop``: associations are being accepted."""
+        return self._server is not None
+
     def active_associations(self) -> int:
         return self._server.count() if self._server is not None else 0
 

@@ -13,6 +13,8 @@ study: the loser gets :class:`LostRace`, an illegal move :class:`IllegalTransiti
                    |            +-> no_model | not_processable | failed -> purged
                    +-> failed (attempts used up) | superseded -> purged
 
+    inferred | exported | no_model | not_processable | failed -> complete   (an operator's retry: reopen)
+
 ``studies.attempts`` counts how often the worker began inferring a revision (:func:`begin_inference`);
 once it reaches ``pipeline.max_attempts`` an interrupted or crashing study is ended ``failed`` with the
 reason (:func:`retry_or_fail`) instead of being retried for ever.
@@ -61,11 +63,11 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     RECEIVED: frozenset({COMPLETE, FAILED}),  # failed: stalled past retention.stalled_days (retention)
     COMPLETE: frozenset({INFERRING, FAILED, SUPERSEDED}),
     INFERRING: frozenset({INFERRED, NO_MODEL, NOT_PROCESSABLE, FAILED, COMPLETE}),
-    INFERRED: frozenset({EXPORTED, PURGED}),
-    EXPORTED: frozenset({INFERRED, PURGED}),
-    NO_MODEL: frozenset({PURGED}),
-    NOT_PROCESSABLE: frozenset({PURGED}),
-    FAILED: frozenset({PURGED}),
+    INFERRED: frozenset({EXPORTED, PURGED, COMPLETE}),
+    EXPORTED: frozenset({INFERRED, PURGED, COMPLETE}),
+    NO_MODEL: frozenset({PURGED, COMPLETE}),
+    NOT_PROCESSABLE: frozenset({PURGED, COMPLETE}),
+    FAILED: frozenset({PURGED, COMPLETE}),
     SUPERSEDED: frozenset({PURGED}),
     PURGED: frozenset(),
 }
@@ -187,6 +189,26 @@ def retry_or_fail(conn: sqlite3.Connection, study_id: int, reason: str, max_atte
         return FAILED
     transition(conn, study_id, INFERRING, COMPLETE, f"{reason}; retrying (attempt {st.attempts} of {max_attempts})")
     return COMPLETE
+
+
+# States an operator may send back to analysis (:func:`reopen`): analysed or ended, files still there.
+REOPENABLE_STATES = (INFERRED, EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED)
+
+
+def reopen(conn: sqlite3.Connection, study_id: int, why: str) -> Study:
+    """An operator's retry: move a revision in one of :data:`REOPENABLE_STATES` back to ``complete`` with its
+    attempts reset to 0, so the worker analyses it again (it polls for ``complete`` studies). The same inputs
+    and bundle versions give the same result UIDs, so nothing is duplicated in the PACS; export rows already
+    acknowledged stay acknowledged. Returns the study as it was before. Raises :class:`LostRace` when there is
+    no such study, :class:`IllegalTransition` from any other state (nothing written then)."""
+    st = get(conn, study_id)
+    if st is None:
+        raise LostRace(study_id, "?", COMPLETE, None)
+    if st.state not in REOPENABLE_STATES:
+        raise IllegalTransition(study_id, st.state, COMPLETE, "only an analysed or ended study can be re-analysed")
+    transition(conn, study_id, st.state, COMPLETE, why)
+    conn.execute("UPDATE studies SET attempts=0 WHERE id=?", (study_id,))
+    return st
 
 
 # -- ingest bookkeeping -----------------------------------------------------------------------------------------

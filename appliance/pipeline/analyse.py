@@ -102,7 +102,9 @@ def analyse(
     images: list[ImageResult] = []
     for i, (ds, prep) in enumerate(usable):
         heat = merged[heat_spec.name][i] if heat_spec is not None and heat_spec.name in merged else None
-        findings, maps = image_findings(merged[score_spec.name][i], score_spec, heat, heat_spec, prep.transform)
+        findings, maps = image_findings(
+            merged[score_spec.name][i], score_spec, heat, heat_spec, prep.transform, manifest.urgent
+        )
         images.append(
             ImageResult(
                 sop_instance_uid=str(ds.SOPInstanceUID),

@@ -8,6 +8,7 @@ SCOORD (column + 0.5, row + 0.5), where (0, 0) is the top-left corner of the top
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +36,16 @@ class Location:
 
 @dataclass
 class Finding:
+    """One label's result on one image. ``urgent``: positive and at or above the bundle's urgent threshold for
+    the label (``Manifest.urgent``; ``urgent_threshold`` None when the label has none)."""
+
     label: str
     score: float
     threshold: float
     positive: bool
     location: Location | None = None
+    urgent: bool = False
+    urgent_threshold: float | None = None
 
 
 @dataclass
@@ -69,6 +75,11 @@ class StudyResult:
     study_score: float
     patient: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def urgent_labels(self) -> list[str]:
+        """The labels with an urgent finding on any image (sorted): non-empty = the study is urgent."""
+        return sorted({f.label for img in self.images for f in img.findings if f.urgent})
+
     def summary(self) -> dict[str, Any]:
         """The findings JSON stored with the study (and, de-identified elsewhere, sent to the central team)."""
         return {
@@ -91,6 +102,8 @@ class StudyResult:
                     "score": round(f.score, 6),
                     "threshold": f.threshold,
                     "positive": f.positive,
+                    "urgent": f.urgent,
+                    "urgent_threshold": f.urgent_threshold,
                     "location": None
                     if f.location is None
                     else {
@@ -102,6 +115,7 @@ class StudyResult:
                 for img in self.images
                 for f in img.findings
             ],
+            "urgent": self.urgent_labels,
             "images": [
                 {
                     "sop_instance_uid": img.sop_instance_uid,
@@ -205,8 +219,11 @@ def image_findings(
     heatmaps: np.ndarray | None,
     heatmap_spec: OutputSpec | None,
     tf: Transform,
+    urgent: Mapping[str, float] | None = None,
 ) -> tuple[list[Finding], dict[str, np.ndarray]]:
-    """Findings for one image: scores (L,) raw outputs, heatmaps (L', h, w) raw outputs."""
+    """Findings for one image: scores (L,) raw outputs, heatmaps (L', h, w) raw outputs; ``urgent`` the
+    manifest's urgent thresholds (label -> score): a positive finding at or above its label's is urgent."""
+    urgent = urgent or {}
     probs = activate(scores, score_spec.activation)
     maps: dict[str, np.ndarray] = {}
     if heatmaps is not None and heatmap_spec is not None:
@@ -219,7 +236,18 @@ def image_findings(
         score = float(probs[i])
         positive = score >= thr
         loc = locate(maps[label], tf, stride) if positive and label in maps else None
-        findings.append(Finding(label=label, score=score, threshold=thr, positive=positive, location=loc))
+        flag = urgent.get(label)
+        findings.append(
+            Finding(
+                label=label,
+                score=score,
+                threshold=thr,
+                positive=positive,
+                location=loc,
+                urgent=positive and flag is not None and score >= flag,
+                urgent_threshold=flag,
+            )
+        )
     return findings, maps
 
 

@@ -48,10 +48,14 @@ log = get_logger(__name__)
 
 
 class QueuedMessage(Protocol):
-    """A message built for the cloud (opaque to the pipeline)."""
+    """A message built for the cloud (opaque to the pipeline but for its id and the study's pseudonym there,
+    both recorded in the result summary's ``cloud`` block for the worklist)."""
 
     @property
     def message_id(self) -> str: ...
+
+    @property
+    def pseudonym(self) -> str | None: ...
 
 
 class ResultPublisher(Protocol):
@@ -350,6 +354,8 @@ def save_results(
     except Exception as exc:
         message = None
         log.error("cloud result message not built", study_id=study_id, study_uid=res.study_instance_uid, error=str(exc))
+    if message is not None:  # where the worklist finds the study in the outbox, and the name the cloud knows
+        summary["cloud"] = {"message_id": message.message_id, "pseudonym": message.pseudonym}
     analysis.timings["results"] = time.perf_counter() - t0
     with store.transaction() as conn:
         if objects is not None:

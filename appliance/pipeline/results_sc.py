@@ -3,7 +3,9 @@
 Many viewers show neither SR nor GSPS, but every viewer shows an image. The SC is uncompressed RGB
 (Explicit VR Little Endian) in a new series of the same study, resampled to square physical pixels and at
 most ``max_size`` pixels on its long side (it is a display aid; the SR carries full-resolution
-coordinates). Bundles that are not for clinical use get a red "NOT FOR CLINICAL USE" banner.
+coordinates). Bundles that are not for clinical use get a red "NOT FOR CLINICAL USE" banner; a study with an
+urgent finding (the manifest's ``urgent`` thresholds) gets "URGENT: <label>, ..." in black on yellow across the
+top of every one of its SCs (whichever image the radiographer opens first), above any other text.
 
 What it says, on opaque black boxes (white text, 21:1 contrast: legible on any tissue), at a size that
 scales with the image (the long side / 42 pixels): each positive finding's marker labelled "nodule 0.82",
@@ -46,6 +48,7 @@ OVERLAY_ALPHA = 0.5
 MIN_FONT_PX, MAX_FONT_PX = 10, 48  # text height: the long side / 42, within these
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 BANNER_RED = (200, 0, 0)
+URGENT_YELLOW = (255, 215, 0)  # black on it: 14.6:1 (WCAG 2 contrast)
 MARKER = (255, 255, 0)
 
 
@@ -131,7 +134,14 @@ def summary_line(img: ImageResult, result: StudyResult) -> str:
     CLINICAL USE"): every finding of this image with its score, positives first, the clinical-use notice last."""
     parts = [f"{f.label} {f.score:.2f}{' (positive)' if f.positive else ''}" for f in _ordered(img)]
     text = "AI: " + ("; ".join(parts) if parts else "no findings")
+    if result.urgent_labels:
+        text = f"{urgent_banner(result)}; {text}"
     return f"{text}; {BANNER}" if not result.clinical_use else text
+
+
+def urgent_banner(result: StudyResult) -> str:
+    """ "URGENT: effusion" (every urgent label of the study, comma-separated); empty when none is urgent."""
+    return f"URGENT: {', '.join(result.urgent_labels)}" if result.urgent_labels else ""
 
 
 @dataclass(frozen=True)
@@ -220,7 +230,8 @@ def layout(
     """Where each text goes on an SC of ``shape`` (rows, cols); ``gray`` (the image, 0..1) picks the darker
     top corner for the caption block, so it covers air rather than tissue.
 
-    Boxes: the red NOT FOR CLINICAL USE banner (top, full width) for non-clinical bundles; the caption block
+    Boxes: the yellow URGENT banner (top, full width) when the study has an urgent finding; the red NOT FOR
+    CLINICAL USE banner (below it, full width) for non-clinical bundles; the caption block
     (laterality + view, bundle, breast score) in a top corner; one label per marker ("nodule 0.82") beside
     its contour, inside the image and clear of the other boxes; the summary line (bottom, full width; smaller
     type, then wrapped at "; ", when it does not fit). Text is white on black (21:1, WCAG 2 contrast) or
@@ -233,10 +244,18 @@ def layout(
     pad = max(2, fpx // 5)
     boxes: list[TextBox] = []
     top = 0
+    urgent = urgent_banner(result)
+    if urgent:
+        upx = int(fpx * 1.25)
+        while upx > MIN_FONT_PX and _font(upx).getlength(urgent) + 2 * pad > w:
+            upx -= 1
+        bh = int(upx * 1.6)
+        boxes.append(TextBox("banner", (urgent,), (0, 0, w, bh), BLACK, URGENT_YELLOW, upx))
+        top = bh
     if not result.clinical_use:
         bh = int(fpx * 1.6)
-        boxes.append(TextBox("banner", (BANNER,), (0, 0, w, bh), WHITE, BANNER_RED, fpx))
-        top = bh
+        boxes.append(TextBox("banner", (BANNER,), (0, top, w, top + bh), WHITE, BANNER_RED, fpx))
+        top += bh
 
     # summary: one line at the bottom; smaller type down to MIN_FONT_PX, then wrapped
     text = summary_line(img, result)

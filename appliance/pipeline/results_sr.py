@@ -6,7 +6,9 @@ Content, built with highdicom's typed templates:
 - per image and label: a TID 1501 group with the label's score (and whether it passed its threshold);
 - per positive finding with a heatmap: a TID 1410 group whose region is the peak as SCOORD POINT and one
   whose region is the iso-line contour as closed SCOORD POLYLINE, both on the source image;
-- per study: the study-level abnormality score and, for mammography, the per-breast scores.
+- per study: the study-level abnormality score and, for mammography, the per-breast scores;
+- triage: "Priority = Urgent" (SCT 260870009 = SCT 103391001) on each urgent finding's group and the study group
+  of an urgent study (see :data:`PRIORITY`).
 - procedure reported: the study's own (its procedure codes, else its description, else modality + body
   part; :func:`procedure_reported`), never a fixed title.
 SCOORD convention: (column, row) with (0, 0) the top-left corner of the top-left pixel, so a pixel index
@@ -47,6 +49,12 @@ BREAST_SCORE = {
     "R": CodedConcept("breast-score-R", SCHEME, "AI right breast score"),
 }
 ABOVE_THRESHOLD = CodedConcept("above-threshold", SCHEME, "Score at or above operating point")
+# Triage flag (a qualitative evaluation, TID 1501/1410 row "Qualitative Evaluation"): concept name SNOMED CT
+# 260870009 "Priority" (attribute), value 103391001 "Urgent" (qualifier value; in DICOM CID 3414). Present on the
+# group of each finding at or above its bundle's urgent threshold and on the study group of an urgent study;
+# absent otherwise (no finding is reported "routine" by a model that has no urgent threshold for it).
+PRIORITY = CodedConcept("260870009", "SCT", "Priority")
+URGENT = CodedConcept("103391001", "SCT", "Urgent")
 YES, NO = codes.SCT.Yes, codes.SCT.No
 GENERIC_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
 
@@ -142,7 +150,10 @@ def _image_groups(img: ImageResult, src: Dataset, result: StudyResult, algo: hd.
                 finding_type=finding_code(f.label),
                 algorithm_id=algo,
                 measurements=[hd.sr.Measurement(name=SCORE, value=round(f.score, 6), unit=codes.UCUM.NoUnits)],
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(ABOVE_THRESHOLD, YES if f.positive else NO)],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(ABOVE_THRESHOLD, YES if f.positive else NO),
+                    *([hd.sr.QualitativeEvaluation(PRIORITY, URGENT)] if f.urgent else []),
+                ],
                 source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src)],
             )
         )
@@ -203,6 +214,7 @@ def build_report(result: StudyResult, sources: list[Dataset], title: str) -> hd.
             ),
             algorithm_id=algo,
             measurements=study_measurements,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(PRIORITY, URGENT)] if result.urgent_labels else None,
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
         )
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -54,6 +54,13 @@ class BundleSource(Protocol):
     def active(self) -> Sequence[tuple[Manifest, InferenceEngine]]: ...
 
     def close(self) -> None: ...
+
+
+class AnalysisObserver(Protocol):
+    """Told, after each bundle analysed a study, its timings in seconds (``preprocess``, ``inference``,
+    ``postprocess``, ``load``; see ``analyse.Analysis.timings``): the daemon's metrics histogram. Must be quick."""
+
+    def __call__(self, bundle_id: str, version: str, timings: Mapping[str, float]) -> None: ...
 
 
 class StaticBundles:
@@ -131,12 +138,14 @@ class PipelineWorker:
         publisher: ResultPublisher | None = None,
         prepare_pool: Executor | None = None,
         results_pool: Executor | None = None,
+        on_analysed: AnalysisObserver | None = None,
     ):
         """``on_results``: results queued for export (the exporter's ``wake``); ``on_sr_queued``: one study's SR
         queued, its SCs not yet built (the exporter's ``send_now``); ``prepared``: images prepared while they
         arrived; ``publisher``: where results go besides the PACS (the cloud outbox); ``prepare_pool`` and
         ``results_pool``: the composition root's pools for image preparation and result building (None: on the
-        worker's thread). The worker owns only its inference thread."""
+        worker's thread); ``on_analysed``: told each bundle's timings on each study (the daemon's metrics). The
+        worker owns only its inference thread."""
         self.settings = settings
         self.store = store
         self.bundles = bundles
@@ -146,6 +155,7 @@ class PipelineWorker:
         self.publisher = publisher
         self.prepare_pool = prepare_pool
         self.results_pool = results_pool
+        self.on_analysed = on_analysed
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -323,6 +333,11 @@ class PipelineWorker:
                 log.exception("inference failed", study_id=study_id, study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
             analysis.timings["load"] = loaded
+            if self.on_analysed is not None:
+                try:
+                    self.on_analysed(r.manifest.bundle_id, r.manifest.version, analysis.timings)
+                except Exception:  # an observer never fails a study
+                    log.exception("analysis observer failed", bundle=r.manifest.bundle_id)
             analysis.timings["early_prepared"] = float(len(hits))  # images taken from the cache (a count)
             try:
                 saved = save_results(

@@ -1,0 +1,369 @@
+"""The server-rendered pages (Jinja2 templates in ``templates/``, CSS in ``static/``; nothing from the internet).
+
+Every page needs a live session (otherwise a redirect to ``/login``); technician pages and buttons need the
+technician role, the users page the admin role. Every form that changes something posts the session's CSRF token.
+After an action the page redirects back (POST/redirect/GET) with a short message in the query string.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import date, datetime
+from typing import Any
+from urllib.parse import quote
+
+import pydicom.errors
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from appliance.core import audit
+from appliance.core.audit import AuditEvent, record_event
+from appliance.web import accounts, service
+from appliance.web.accounts import AccountError, Role, Session
+from appliance.web.app import WebContext
+from appliance.web.overlay import UnsafePath, resolve_under, sc_to_png
+from appliance.web.security import (
+    CSRF_FIELD,
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    client_ip,
+    cookie_args,
+    page_role,
+    session_of,
+)
+
+router = APIRouter(include_in_schema=False)
+
+viewer = Depends(page_role(Role.VIEWER))
+technician = Depends(page_role(Role.TECHNICIAN))
+admin = Depends(page_role(Role.ADMIN))
+
+SECRET_KEYS = ("key", "secret", "password", "token")
+
+
+def _ctx(request: Request) -> WebContext:
+    return request.app.state.web  # type: ignore[no-any-return]
+
+
+def _render(request: Request, template: str, session: Session | None, **values: Any) -> HTMLResponse:
+    ctx = _ctx(request)
+    base = {
+        "user": session.user if session else None,
+        "is_technician": bool(session and session.user.role.at_least(Role.TECHNICIAN)),
+        "is_admin": bool(session and session.user.role.at_least(Role.ADMIN)),
+        "csrf_token": session.csrf_token if session else "",
+        "message": request.query_params.get("msg", "")[:300],
+        "fmt_time": _fmt_time,
+        "fmt_bytes": _fmt_bytes,
+        "title": template.removesuffix(".html"),
+        "device": ctx.settings.dicom.ae_title,
+    }
+    return ctx.templates.TemplateResponse(request, template, {**base, **values})
+
+
+def _fmt_time(ts: float | str | None) -> str:
+    if ts is None or ts == "":
+        return ""
+    if isinstance(ts, str):
+        return ts.replace("T", " ")[:19]
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _fmt_bytes(n: int | float | None) -> str:
+    if n is None:
+        return ""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _back(path: str, message: str) -> RedirectResponse:
+    return RedirectResponse(f"{path}?msg={quote(message)}", status_code=303)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a local path: ``//host`` or ``https://...`` would be an open redirect."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+# -- login ----------------------------------------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/") -> Response:
+    if session_of(request) is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    token = secrets.token_urlsafe(24)
+    response = _render(request, "login.html", None, login_csrf=token, next=_safe_next(next), error="")
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, **cookie_args(max_age=3600))
+    return response
+
+
+@router.post("/login")
+async def login_submit(request: Request) -> Response:
+    form = await request.form()
+    presented, cookie = form.get(CSRF_FIELD), request.cookies.get(LOGIN_CSRF_COOKIE)
+    if not (isinstance(presented, str) and cookie and secrets.compare_digest(presented, cookie)):
+        raise HTTPException(403, "missing or wrong CSRF token: reload the login page and try again")
+    name, password = form.get("username"), form.get("password")
+    raw_next = form.get("next")
+    next_path = _safe_next(raw_next if isinstance(raw_next, str) else "/")
+    if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
+        raise HTTPException(400, "user name and password are required")
+    try:
+        # argon2 and the database off the event loop
+        token, _session = await run_in_threadpool(service.login, _ctx(request), request, name, password)
+    except HTTPException as exc:
+        if exc.status_code not in (401, 429):
+            raise
+        fresh = secrets.token_urlsafe(24)
+        page = _render(request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail))
+        page.status_code = exc.status_code
+        page.set_cookie(LOGIN_CSRF_COOKIE, fresh, **cookie_args(max_age=3600))
+        return page
+    response = RedirectResponse(next_path, status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, **cookie_args())
+    response.delete_cookie(LOGIN_CSRF_COOKIE, secure=True, httponly=True, samesite="strict")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, session: Session = viewer) -> Response:
+    service.logout(_ctx(request), request, session)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, secure=True, httponly=True, samesite="strict")
+    return response
+
+
+# -- dashboard, worklist, study --------------------------------------------------------------------------------------
+
+
+@router.get("/")
+def dashboard(request: Request, session: Session = viewer) -> Response:
+    ctx = _ctx(request)
+    status = service.dashboard(ctx)
+    urgent = service.worklist(ctx, None, None, None, None, True, 20)
+    recent = service.worklist(ctx, None, None, None, None, False, 15)
+    return _render(request, "dashboard.html", session, status=status, urgent=urgent, recent=recent)
+
+
+def _day(value: str | None, name: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise HTTPException(400, f"{name}: not a date (YYYY-MM-DD): {value[:40]!r}") from None
+
+
+@router.get("/worklist")
+def worklist(
+    request: Request,
+    since: str | None = None,
+    until: str | None = None,
+    state: str | None = None,
+    finding: str | None = None,
+    urgent: str | None = None,
+    session: Session = viewer,
+) -> Response:
+    ctx = _ctx(request)
+    rows = service.worklist(ctx, _day(since, "since"), _day(until, "until"), state, finding, urgent == "1", 500)
+    rows.sort(key=lambda s: not s.urgent)  # urgent findings first, newest first within each group
+    filters = {
+        "since": since or "",
+        "until": until or "",
+        "state": state or "",
+        "finding": finding or "",
+        "urgent": urgent == "1",
+    }
+    return _render(request, "worklist.html", session, rows=rows, filters=filters)
+
+
+@router.get("/studies/{study_id}")
+def study_page(study_id: int, request: Request, session: Session = viewer) -> Response:
+    detail = service.study(_ctx(request), request, session, str(study_id))
+    return _render(request, "study.html", session, d=detail, s=detail.summary)
+
+
+@router.get("/studies/{study_id}/overlays/{sop_uid}.png")
+def overlay_png(study_id: int, sop_uid: str, request: Request, session: Session = viewer) -> Response:
+    """The SC result object ``sop_uid`` of this study as PNG; only files the read model lists, under the state dir."""
+    ctx = _ctx(request)
+    detail = service.study_detail_quiet(ctx, study_id)
+    objects = [o for img in detail.images for o in img["objects"]] + list(detail.study_objects)
+    match = [o for o in objects if o["sop_instance_uid"] == sop_uid and o["kind"] == "SC"]
+    if not match:
+        raise HTTPException(404, "no overlay image with that UID in this study")
+    try:
+        path = resolve_under(ctx.settings.state_dir, match[0]["path"])
+        png = sc_to_png(path)
+    except UnsafePath:
+        raise HTTPException(404, "no overlay image with that UID in this study") from None
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
+        raise HTTPException(410, f"overlay file unavailable (purged or unreadable): {type(exc).__name__}") from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+
+
+@router.post("/studies/{study_id}/retry")
+def retry(study_id: int, request: Request, session: Session = technician) -> Response:
+    try:
+        state = service.retry(_ctx(request), session, str(study_id))
+    except HTTPException as exc:
+        if exc.status_code != 409:
+            raise
+        return _back(f"/studies/{study_id}", f"Retry refused: {exc.detail}")
+    return _back(f"/studies/{study_id}", f"Analysis requested again (state: {state}).")
+
+
+@router.post("/studies/{study_id}/resend")
+def resend(study_id: int, request: Request, session: Session = technician) -> Response:
+    try:
+        queued = service.resend(_ctx(request), session, str(study_id))
+    except HTTPException as exc:
+        if exc.status_code != 409:
+            raise
+        return _back(f"/studies/{study_id}", f"Resend refused: {exc.detail}")
+    return _back(f"/studies/{study_id}", f"{queued} result object(s) queued for the PACS again.")
+
+
+# -- technician -----------------------------------------------------------------------------------------------------
+
+
+def redacted_config(ctx: WebContext) -> str:
+    """The effective configuration as JSON with every secret-looking value replaced by ``"<redacted>"``."""
+
+    def scrub(value: Any, key: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: scrub(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [scrub(v, key) for v in value]
+        lowered = key.lower()
+        if value not in (None, "", {}) and any(s in lowered for s in SECRET_KEYS) and not lowered.endswith("_file"):
+            return "<redacted>"
+        return value
+
+    doc = scrub(ctx.settings.model_dump(mode="json"))
+    for section in ("engines", "cloud"):  # public keys are not secret, but key material is shown by id only
+        for k in ("trusted_keys", "recipient_keys"):
+            if isinstance(doc.get(section, {}).get(k), dict):
+                doc[section][k] = {kid: "<public key>" for kid in doc[section][k]}
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
+@router.get("/technician")
+def technician_page(request: Request, session: Session = technician) -> Response:
+    ctx = _ctx(request)
+    return _render(
+        request,
+        "technician.html",
+        session,
+        config=redacted_config(ctx),
+        destinations=ctx.settings.pipeline.destinations,
+        models=ctx.ports.models(),
+        loaded=ctx.ports.engines(),
+        log_hint=ctx.ports.log_hint,
+        echo_result=None,
+        selftest=None,
+    )
+
+
+@router.post("/technician/echo")
+async def echo(request: Request, session: Session = technician) -> Response:
+    form = await request.form()
+    dest = form.get("destination")
+    if not isinstance(dest, str) or not dest:
+        raise HTTPException(400, "destination is required")
+    ok, detail = await run_in_threadpool(service.echo, _ctx(request), request, session, dest)  # up to seconds
+    return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}")
+
+
+@router.post("/technician/selftest")
+def run_selftest(request: Request, session: Session = technician) -> Response:
+    ctx = _ctx(request)
+    report = service.selftest(ctx, request, session)
+    return _render(
+        request,
+        "technician.html",
+        session,
+        config=redacted_config(ctx),
+        destinations=ctx.settings.pipeline.destinations,
+        models=ctx.ports.models(),
+        loaded=ctx.ports.engines(),
+        log_hint=ctx.ports.log_hint,
+        echo_result=None,
+        selftest=report,
+    )
+
+
+# -- audit and users ------------------------------------------------------------------------------------------------
+
+
+@router.get("/audit")
+def audit_page(
+    request: Request,
+    event: str | None = None,
+    actor: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    session: Session = technician,
+) -> Response:
+    try:
+        entries = audit.query(
+            _ctx(request).store,
+            event=event or None,
+            actor=actor or None,
+            since=since or None,
+            until=until or None,
+            limit=500,
+        )
+    except audit.AuditError as exc:
+        raise HTTPException(400, str(exc)) from None
+    filters = {"event": event or "", "actor": actor or "", "since": since or "", "until": until or ""}
+    return _render(
+        request, "audit.html", session, entries=entries, filters=filters, events=[e.value for e in AuditEvent]
+    )
+
+
+@router.get("/users")
+def users_page(request: Request, session: Session = admin) -> Response:
+    return _render(request, "users.html", session, users=accounts.list_users(_ctx(request).store), roles=list(Role))
+
+
+@router.post("/users")
+async def users_add(request: Request, session: Session = admin) -> Response:
+    ctx = _ctx(request)
+    form = await request.form()
+    name, role, password = (form.get(k) for k in ("username", "role", "password"))
+    if not all(isinstance(v, str) and v for v in (name, role, password)):
+        return _back("/users", "User name, role and password are all required.")
+    assert isinstance(name, str) and isinstance(role, str) and isinstance(password, str)
+    try:
+        user = await run_in_threadpool(accounts.add_user, ctx.store, name, accounts.parse_role(role), password)
+    except AccountError as exc:
+        return _back("/users", f"Not added: {exc}")
+    record_event(
+        ctx.store,
+        AuditEvent.USER_ADDED,
+        actor=session.user.name,
+        subject=user.name,
+        detail={"role": user.role.value},
+        source_ip=client_ip(request),
+    )
+    return _back("/users", f"User {user.name} added ({user.role.value}).")
+
+
+@router.post("/users/{name}/{action}")
+def users_change(name: str, action: str, request: Request, session: Session = admin) -> Response:
+    if action not in ("disable", "enable"):
+        raise HTTPException(404, "unknown action")
+    try:
+        service.change_user(_ctx(request), request, session, name, None, action == "disable", None)
+    except AccountError as exc:
+        return _back("/users", f"Not changed: {exc}")
+    return _back("/users", f"User {name} {action}d.")

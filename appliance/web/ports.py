@@ -1,0 +1,54 @@
+"""What the web layer needs of the rest of the daemon that only the composition root can give it.
+
+``appliance/app/compose.py`` fills :class:`WebPorts` with callables over the running services (the web never
+imports ``appliance.app``); tests fill it with their own. Each callable is cheap unless its doc says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+def no_cloud() -> dict[str, Any] | None:
+    """``cloud`` when cloud sync is off."""
+    return None
+
+
+def no_engines() -> dict[str, Any]:
+    """``engines`` when the pipeline is off."""
+    return {"bundles_active": [], "backend": "none"}
+
+
+def no_models() -> list[dict[str, Any]]:
+    """``models`` for a box with no model registry."""
+    return []
+
+
+@dataclass
+class WebPorts:
+    """The daemon as the dashboard sees it.
+
+    - ``selftest()``: run the technician's self-test (slow: tens of seconds); the report
+      ``{"ok": bool, "at": iso, "checks": [{"name", "ok", "detail", "seconds"}]}``.
+    - ``echo(destination_name)``: C-ECHO that PACS destination with the exporter's settings; ``(ok, detail)``.
+      Raises KeyError for an unknown destination name.
+    - ``status_doc()``: each service's status, as in ``run/status.json`` (``{service name: {...}}``).
+    - ``listener_up()``: True while the DICOM SCP accepts associations.
+    - ``engines()``: the loaded bundles, ``{"bundles_active": [{"bundle_id", "version", "backend",
+      "precision"}], "backend": str}``.
+    - ``models()``: every installed bundle version with its state (active, previous, failure), newest last.
+    - ``cloud()``: the cloud agent's status (``connected``, ``outbox``, ...) or None when cloud sync is off.
+    - ``log_hint``: where the daemon's log lines go (shown on the technician page when no log file is kept).
+    """
+
+    selftest: Callable[[], dict[str, Any]]
+    echo: Callable[[str], tuple[bool, str]]
+    status_doc: Callable[[], dict[str, Any]]
+    listener_up: Callable[[], bool]
+    engines: Callable[[], dict[str, Any]] = no_engines
+    models: Callable[[], list[dict[str, Any]]] = no_models
+    cloud: Callable[[], dict[str, Any] | None] = no_cloud
+    log_hint: str = "stdout (journald: journalctl -u appliance)"
+    pipeline_enabled: bool = True

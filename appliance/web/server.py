@@ -1,0 +1,142 @@
+"""The web server as a daemon service: uvicorn serving :func:`appliance.web.app.create_app` over HTTPS.
+
+``start`` binds the socket itself (so a port in use fails the daemon's start with the reason, and port 0
+gives the kernel's choice, published by ``status``), makes or loads the TLS certificate, and returns once
+uvicorn is serving on its own thread (uvicorn leaves signal handling to the daemon's main thread). ``stop``
+asks uvicorn to finish open requests and waits for the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from appliance.core.config import Settings
+from appliance.core.logs import get_logger
+from appliance.core.store import Store
+from appliance.web import accounts
+from appliance.web.app import create_app
+from appliance.web.metrics import ApplianceMetrics
+from appliance.web.ports import WebPorts
+from appliance.web.tls import certificate_files, fingerprint
+
+log = get_logger(__name__)
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class _Server(uvicorn.Server):
+    def install_signal_handlers(self) -> None:  # the daemon's main thread owns SIGTERM/SIGINT (older uvicorn)
+        return None
+
+
+class WebService:
+    """The dashboard/API service (``name``, ``start()``, ``stop()``, ``status()``)."""
+
+    name = "web"
+
+    def __init__(self, settings: Settings, store: Store, ports: WebPorts, metrics: ApplianceMetrics):
+        self.settings = settings
+        self.store = store
+        self.ports = ports
+        self.metrics = metrics
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] = (settings.api.bind, settings.api.port)
+        self._fingerprint = ""
+        self._self_signed = False
+
+    def start(self) -> None:
+        """Bind, load or make the certificate, serve; raises OSError (address in use, unreadable certificate)
+        or RuntimeError (uvicorn did not come up within ``START_TIMEOUT_S``)."""
+        api = self.settings.api
+        cert, key, self._self_signed = certificate_files(self.settings)
+        self._fingerprint = fingerprint(cert.read_bytes())
+        family = socket.AF_INET6 if ":" in api.bind else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((api.bind, api.port))
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        self._address = sock.getsockname()[:2]
+        app = create_app(self.settings, self.store, self.ports, self.metrics)
+        config = uvicorn.Config(
+            app,
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+            log_config=None,  # the daemon's logging configuration applies
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_keep_alive=5,
+            limit_concurrency=64,
+            lifespan="off",
+        )
+        server = _Server(config)
+        self._server = server
+
+        def serve() -> None:
+            try:
+                asyncio.run(server.serve(sockets=[sock]))
+            except Exception:
+                log.exception("web server stopped with an error")
+            finally:
+                sock.close()
+
+        self._thread = threading.Thread(target=serve, name="web", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"web server did not start on {api.bind}:{api.port}")
+            time.sleep(0.02)
+        users = accounts.has_users(self.store)
+        log.info(
+            "web dashboard serving",
+            url=self.url,
+            certificate_sha256=self._fingerprint,
+            self_signed=self._self_signed,
+        )
+        if not users:
+            log.warning("no dashboard user yet: make one with `appliance user add NAME --role admin`")
+
+    @property
+    def url(self) -> str:
+        host, port = self._address
+        shown = "localhost" if host in ("127.0.0.1", "::1") else host
+        return f"https://{'[' + shown + ']' if ':' in shown else shown}:{port}/"
+
+    def status(self) -> dict[str, Any]:
+        """Where the dashboard listens (the real port when configured 0) and the certificate's fingerprint."""
+        host, port = self._address
+        return {
+            "host": host,
+            "port": port,
+            "url": self.url,
+            "certificate_sha256": self._fingerprint,
+            "self_signed": self._self_signed,
+        }
+
+    def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is not None:
+            server.should_exit = True
+        if thread is not None:
+            thread.join(timeout=STOP_TIMEOUT_S)
+            if thread.is_alive():
+                if server is not None:
+                    server.force_exit = True
+                thread.join(timeout=STOP_TIMEOUT_S)
+        self._server = None
+        self._thread = None
+        log.info("web dashboard stopped")
