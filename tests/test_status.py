@@ -90,6 +90,8 @@ def test_x509_certificate_and_key_must_be_pem(settings: Settings) -> None:
 
 
 def test_demo_key_trusted_by_flag_or_by_listing_it(settings: Settings) -> None:
+    assert readiness.demo_key_trusted(settings) is None  # the product default trusts no public key
+    settings.engines.trust_demo_key = True
     p = readiness.demo_key_trusted(settings)
     assert p is not None and not p.blocking and p.key == "engines.trust_demo_key"
     settings.engines.trust_demo_key = False
@@ -142,7 +144,6 @@ def test_status_reports_cloud_connection_backlog_outbox_and_problems(settings: S
     assert doc["exports"]["last_error"] == "association rejected" and doc["outbox"]["depth"] == 0
     assert [(p["key"], p["blocking"]) for p in doc["problems"]] == [
         ("cloud.device_key_file", True),
-        ("engines.trust_demo_key", False),
         ("api.enabled", False),  # the dashboard is on by default and this box has no user
     ]
 

@@ -135,7 +135,7 @@ def test_a_finding_at_the_urgent_threshold_flags_summary_worklist_sc_and_sr(env)
     assert study_detail(store, sid).results[0]["urgent"] == ["nodule"]
 
     objects = store.query("SELECT kind, path FROM result_objects ORDER BY id")
-    sr = dcmread(next(o["path"] for o in objects if o["kind"] == "SR"))
+    sr = dcmread(settings.state_dir / next(o["path"] for o in objects if o["kind"] == "SR"))  # stored relative
     evaluations = [
         (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodeValue)
         for group in sr.ContentSequence
@@ -148,7 +148,7 @@ def test_a_finding_at_the_urgent_threshold_flags_summary_worklist_sc_and_sr(env)
     urgent_flags = [e for e in evaluations if e == (PRIORITY.value, URGENT.value)]
     assert len(urgent_flags) == 2  # the urgent finding's group and the study group
     for sc_path in (o["path"] for o in objects if o["kind"] == "SC"):
-        pixels = dcmread(sc_path).pixel_array
+        pixels = dcmread(settings.state_dir / sc_path).pixel_array
         assert tuple(pixels[1, 1]) == URGENT_YELLOW  # the banner across the top of every SC of the study
 
 
@@ -210,7 +210,7 @@ def test_urgent_results_leave_the_outbox_first(env) -> None:
 def test_urgent_sr_and_sc_pass_dciodvfy(env) -> None:
     settings, store = env
     analyse_with(settings, store, urgent_manifest())
-    paths = [r["path"] for r in store.query("SELECT path FROM result_objects")]
+    paths = [str(settings.state_dir / r["path"]) for r in store.query("SELECT path FROM result_objects")]
     assert len(paths) == 3
     for path in paths:
         out = subprocess.run(["dciodvfy", path], capture_output=True, text=True, timeout=60)

@@ -63,10 +63,6 @@ def device_credentials(settings: Settings) -> Problem | None:
     c = settings.cloud
     if not c.enabled:
         return None
-    unusable = credential_problems(settings)  # missing, unreadable, or unreadable by the service user
-    if unusable:
-        key = "cloud.device_key_file" if c.auth == "sas" else "cloud.cert_file"
-        return Problem(key, f"cloud enabled but the device cannot authenticate: {unusable[0]}", blocking=True)
     key_file, cert_file, cert_key_file = credential_files(settings)
     if c.auth == "sas":
         data = _readable(key_file)
@@ -77,13 +73,18 @@ def device_credentials(settings: Settings) -> Problem | None:
                 raise ValueError("empty")
         except (binascii.Error, ValueError):
             return Problem("cloud.device_key_file", f"{key_file} is not a base64 SAS key", blocking=True)
-        return None
-    for name, path in (("cloud.cert_file", cert_file), ("cloud.key_file", cert_key_file)):
-        data = _readable(path)
-        if isinstance(data, str):
-            return Problem(name, f"cloud enabled (X.509) but {data}", blocking=True)
-        if b"-----BEGIN" not in data:
-            return Problem(name, f"{path} is not PEM", blocking=True)
+    else:
+        for name, path in (("cloud.cert_file", cert_file), ("cloud.key_file", cert_key_file)):
+            data = _readable(path)
+            if isinstance(data, str):
+                return Problem(name, f"cloud enabled (X.509) but {data}", blocking=True)
+            if b"-----BEGIN" not in data:
+                return Problem(name, f"{path} is not PEM", blocking=True)
+    # readable here (perhaps only because this runs as root): can the service user read them too?
+    unusable = credential_problems(settings)
+    if unusable:
+        key = "cloud.device_key_file" if c.auth == "sas" else "cloud.cert_file"
+        return Problem(key, f"cloud enabled but the daemon cannot authenticate: {unusable[0]}", blocking=True)
     return None
 
 
