@@ -210,6 +210,11 @@ class CloudAgent:
             self._twin_get()
         elif topic == "$tick":
             pass
+        elif topic == "$reported":
+            if self.client.ready and self._pending_get is None:
+                self.client.submit(f"$iothub/twin/PATCH/properties/reported/?$rid={self._next_rid()}", data, qos=0)
+            else:
+                self._reported_dirty.set()
         elif topic.startswith("$iothub/twin/res/"):
             self._on_twin_response(topic, data)
         elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
@@ -296,6 +301,12 @@ class CloudAgent:
     def report_changed(self) -> None:
         """Something in the reported properties changed (e.g. a model loaded): send them at the next chance."""
         self._reported_dirty.set()
+
+    def report_patch(self, patch: dict[str, Any]) -> None:
+        """Send ``patch`` as its own reported-properties PATCH, in order with the others (a state machine's every
+        step reaches the hub, not only the last one); while disconnected the full report at reconnect carries
+        the latest values instead. Thread-safe."""
+        self._inbox.put(("$reported", json.dumps(patch).encode()))
 
     def _send_reported(self) -> None:
         body = json.dumps(self.reported()).encode()

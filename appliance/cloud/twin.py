@@ -36,7 +36,9 @@ class Desired(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = None
     outbox_ttl_days: int | None = Field(default=None, ge=1, le=365)
     recipient_keys: dict[str, str] | None = Field(default=None, description="key id -> X25519 public key b64")
-    model_update: dict[str, Any] | None = Field(default=None, description="handed to the model-update hook")
+    # the director of model updates (appliance.updates.layout.DESIRED_KEY); validated by the update agent
+    # (the desired hook), whose ValueError rejects the whole document like any other invalid property
+    model_updates: dict[str, Any] | None = Field(default=None, description="the update agent's director document")
 
     @field_validator("recipient_keys")
     @classmethod
