@@ -52,6 +52,7 @@ class Device:
     desired_version: int = 1
     reported: dict[str, Any] = field(default_factory=dict)
     reported_version: int = 1
+    reported_patches: list[dict[str, Any]] = field(default_factory=list)  # every accepted patch, in order
     c2d_queue: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -333,6 +334,12 @@ class FakeHub:
                     "reported": {**d.reported, "$version": d.reported_version},
                 }
             )
+
+    def reported_patches(self, device_id: str) -> list[dict[str, Any]]:
+        """Every reported-properties patch the hub accepted from ``device_id``, oldest first (a test's view of
+        the order a device reported a state machine in)."""
+        with self.lock:
+            return copy.deepcopy(self.devices[device_id].reported_patches)
 
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         """Service-side desired-property update; delivered as a patch only if the device is connected now."""
@@ -759,6 +766,7 @@ class FakeHub:
                     self._twin_reply(c, 400, rid, json.dumps({"message": reason}).encode())
                     return
                 dev.reported = merged
+                dev.reported_patches.append(copy.deepcopy(patch))
                 dev.reported_version += 1
                 version = dev.reported_version
             self._twin_reply(c, 204, rid, b"", version)
