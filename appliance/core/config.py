@@ -209,6 +209,9 @@ class CloudConfig(Section):
     )
     outbox_ttl_days: int = Field(default=60, ge=1)
     outbox_max_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+    twin_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="a twin GET or reported PATCH unanswered this long is sent again"
+    )
 
 
 class UpdatesConfig(Section):
