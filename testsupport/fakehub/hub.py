@@ -92,6 +92,24 @@ def _depth(obj: Any) -> int:
     return 0
 
 
+def _twin_size(obj: Any) -> int:
+    """A twin section's size as IoT Hub documents it: keys' and string values' characters (Unicode control
+    characters not counted), numbers 8, booleans 4, objects the sum of their members; $-properties excluded."""
+
+    def chars(text: str) -> int:
+        return sum(1 for ch in text if not (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F))
+
+    if isinstance(obj, dict):
+        return sum(chars(k) + _twin_size(v) for k, v in obj.items() if not k.startswith("$"))
+    if isinstance(obj, list):
+        return sum(_twin_size(v) for v in obj)
+    if isinstance(obj, bool):
+        return 4
+    if isinstance(obj, (int, float)):
+        return 8
+    return chars(obj) if isinstance(obj, str) else 0
+
+
 def _bad_twin_keys(obj: Any) -> list[str]:
     bad = []
     if isinstance(obj, dict):
@@ -204,6 +222,9 @@ class FakeHub:
         self.twin_status_queue: dict[str, list[int]] = {}
         self.cut_after_d2c: dict[str, tuple[int, bool]] = {}  # device -> (n, capture the last one)
         self.puback_delay_s = 0.0
+        self.twin_drops: dict[str, dict[str, int]] = {}  # device -> {"GET"|"PATCH": responses still to swallow}
+        self.dps_throttle = 0  # DPS requests still to answer 429 (throttled) with dps_retry_after_s
+        self.dps_outcomes: dict[str, tuple[str, int, str]] = {}  # registration id -> (status, errorCode, message)
         self._conns: dict[str, _Conn] = {}
         self._all_conns: set[_Conn] = set()
         self._method_waiters: dict[str, asyncio.Future] = {}
@@ -341,15 +362,32 @@ class FakeHub:
         with self.lock:
             return copy.deepcopy(self.devices[device_id].reported_patches)
 
-    def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
-        """Service-side desired-property update; delivered as a patch only if the device is connected now."""
+    def drop_twin_responses(self, device_id: str, kind: str, n: int = 1) -> None:
+        """Fault injection: the hub acts on the next ``n`` twin requests of ``kind`` ("GET" or "PATCH", the
+        reported-properties update) but their responses are lost on the way to the device."""
+        with self.lock:
+            self.twin_drops.setdefault(device_id, {}).setdefault(kind, 0)
+            self.twin_drops[device_id][kind] += n
+
+    def _drop_twin_response(self, device_id: str, kind: str) -> bool:
+        with self.lock:
+            left = self.twin_drops.get(device_id, {}).get(kind, 0)
+            if left > 0:
+                self.twin_drops[device_id][kind] = left - 1
+                self._event(device_id, "twin_response_dropped", kind)
+                return True
+            return False
+
+    def update_desired(self, device_id: str, patch: dict[str, Any], deliver: bool = True) -> int:
+        """Service-side desired-property update; delivered as a patch only if the device is connected now
+        (``deliver=False``: the notification is lost on the way, as a dropped message would be)."""
         with self.lock:
             d = self.devices[device_id]
             _merge(d.desired, patch)
             d.desired_version += 1
             version = d.desired_version
         body = json.dumps({**patch, "$version": version}).encode()
-        if self._loop is not None:
+        if self._loop is not None and deliver:
             self._call(lambda: self._push_desired(device_id, body, version))
         return version
 
@@ -746,7 +784,8 @@ class FakeHub:
             return
         dev = self.devices[c.device_id or ""]
         if path == "$iothub/twin/GET":
-            self._twin_reply(c, 200, rid, json.dumps(self.twin(dev.device_id)).encode())
+            if not self._drop_twin_response(dev.device_id, "GET"):
+                self._twin_reply(c, 200, rid, json.dumps(self.twin(dev.device_id)).encode())
         elif path == "$iothub/twin/PATCH/properties/reported":
             try:
                 patch = json.loads(pub.payload)
@@ -759,7 +798,7 @@ class FakeHub:
                 merged = copy.deepcopy(dev.reported)
                 _merge(merged, patch)
                 bad = _bad_twin_keys(patch)
-                too_big = len(json.dumps(merged).encode()) > MAX_TWIN_SECTION_BYTES
+                too_big = _twin_size(merged) > MAX_TWIN_SECTION_BYTES
                 too_deep = _depth(merged) > MAX_TWIN_DEPTH
                 if bad or too_big or too_deep:
                     reason = f"bad keys {bad}" if bad else ("over 32 KB" if too_big else "deeper than 10")
@@ -769,7 +808,8 @@ class FakeHub:
                 dev.reported_patches.append(copy.deepcopy(patch))
                 dev.reported_version += 1
                 version = dev.reported_version
-            self._twin_reply(c, 204, rid, b"", version)
+            if not self._drop_twin_response(dev.device_id, "PATCH"):
+                self._twin_reply(c, 204, rid, b"", version)
         else:
             c.close(f"unknown twin operation {pub.topic!r}")
 
@@ -795,7 +835,15 @@ class FakeHub:
         reply = lambda status, body, extra="": c.send(  # noqa: E731
             mqtt.publish(f"$dps/registrations/res/{status}/?$rid={rid}{extra}", json.dumps(body).encode())
         )
-        if path == "$dps/registrations/PUT/iotdps-register":
+        if self.dps_throttle > 0 and path.startswith("$dps/registrations/"):
+            self.dps_throttle -= 1
+            self._event(c.device_id, "dps_throttled", path)
+            reply(
+                429,
+                {"errorCode": 429001, "message": "Operations are being throttled for this tenant."},
+                f"&retry-after={self.dps_retry_after_s}",
+            )
+        elif path == "$dps/registrations/PUT/iotdps-register":
             try:
                 req = json.loads(pub.payload)
                 assert req["registrationId"] == c.device_id
@@ -821,6 +869,23 @@ class FakeHub:
                     202,
                     {"operationId": qp["operationId"], "status": "assigning"},
                     f"&retry-after={self.dps_retry_after_s}",
+                )
+                return
+            outcome = self.dps_outcomes.get(op["reg"])
+            if outcome is not None:  # the enrollment is disabled, or allocation failed: DPS says so with 200
+                status, code, message = outcome
+                reply(
+                    200,
+                    {
+                        "operationId": qp["operationId"],
+                        "status": status,
+                        "registrationState": {
+                            "registrationId": op["reg"],
+                            "status": status,
+                            "errorCode": code,
+                            "errorMessage": message,
+                        },
+                    },
                 )
                 return
             key = op["key"]
