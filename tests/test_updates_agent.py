@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,15 @@ class _Desired:
         self.model_updates = doc
 
 
-@pytest.fixture
-def box(tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path]) -> Iterator[Box]:
+@contextmanager
+def make_box(
+    tmp_path: Path,
+    keys: dict[str, Any],
+    bundles: dict[str, Path],
+    tls: tuple[Path, Path] | None = None,
+    ca_file: Path | None = None,
+) -> Iterator[Box]:
+    """A box running tiny 1.0.0 with a started update agent, and its repository (HTTPS when ``tls``)."""
     repo = TufRepo(tmp_path / "repo")
     good = keys["good"]
     settings = Settings(
@@ -125,6 +133,7 @@ def box(tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path]) -> Itera
         updates={
             "enabled": True,
             "root_file": str(repo.root_file),
+            "ca_file": str(ca_file) if ca_file else None,
             "compile_headroom_bytes": 0,
             "poll_s": 0.2,
             "retry_s": 0.5,
@@ -134,7 +143,7 @@ def box(tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path]) -> Itera
     )
     reg = registry(settings)
     runtime.install_bundle(settings.models_dir, bundles["1.0.0"], reg.trust, runtime.EngineOptions(backend="ort"))
-    with RepoServer(repo.dir) as server:
+    with RepoServer(repo.dir, tls=tls) as server:
         settings.updates.repository_url = server.url
         store = Store(settings.db_path)
         reports: list[dict[str, Any]] = []
@@ -145,6 +154,12 @@ def box(tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path]) -> Itera
         finally:
             agent.stop()
             store.close()
+
+
+@pytest.fixture
+def box(tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path]) -> Iterator[Box]:
+    with make_box(tmp_path, keys, bundles) as b:
+        yield b
 
 
 def _assert_kept(box: Box, doc: dict[str, Any], reason: str) -> None:
@@ -292,6 +307,46 @@ def test_metadata_signed_by_an_unknown_key_is_refused(box: Box, bundles: dict[st
     box.repo.publish(bundles["1.1.0"], "tiny", "1.1.0", targets_signer=CryptoSigner.generate_ed25519())
     box.desire("1.1.0")
     _assert_kept(box, box.wait_end("1.1.0"), "metadata_signature")
+
+
+def test_root_rotation_is_followed_and_a_retired_key_refused(box: Box, bundles: dict[str, Path]) -> None:
+    box.repo.publish(bundles["1.1.0"], "tiny", "1.1.0")
+    box.desire("1.1.0", health_studies=0)
+    assert box.wait_end("1.1.0")["state"] == "active"
+    retired = box.repo.rotate_key("targets")  # root v2 names a new targets key, the box walks 1 -> 2
+    box.repo.publish(bundles["1.2.0"], "tiny", "1.2.0", targets_signer=retired)  # signed with the retired key
+    box.desire("1.2.0", health_studies=0)
+    doc = box.wait_end("1.2.0")
+    assert doc["state"] == "failed" and "metadata_signature" in doc["reason"], doc
+    assert box.active() == "1.1.0"
+    assert (box.settings.state_dir / "updates" / "metadata" / "root_history" / "2.root.json").exists()
+    box.repo.commit()  # the genuine targets key signs again
+    box.desire("1.1.0", health_studies=0)  # (a new target is needed to try again: the director moves)
+    box.desire("1.2.0", health_studies=0)
+    assert box.wait_end("1.2.0")["state"] == "active" and box.active() == "1.2.0"
+
+
+def test_repository_over_https_with_the_test_ca(
+    tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path], pki: dict[str, Path]
+) -> None:
+    with make_box(tmp_path, keys, bundles, tls=(pki["server_crt"], pki["server_key"]), ca_file=pki["ca"]) as b:
+        assert b.server.url.startswith("https://")
+        b.repo.publish(bundles["1.1.0"], "tiny", "1.1.0")
+        b.desire("1.1.0", health_studies=0)
+        assert b.wait_end("1.1.0")["state"] == "active"
+
+
+def test_repository_with_an_untrusted_certificate_is_not_used(
+    tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path], pki: dict[str, Path]
+) -> None:
+    with make_box(tmp_path, keys, bundles, tls=(pki["server_crt"], pki["server_key"])) as b:  # system CAs only
+        b.repo.publish(bundles["1.1.0"], "tiny", "1.1.0")
+        b.desire("1.1.0", health_studies=0)
+        doc = wait_until(
+            lambda: (d := b.last()) and "CERTIFICATE_VERIFY_FAILED" in (d["reason"] or "") and d, timeout=20, what="why"
+        )
+        assert doc["state"] == "downloading" and doc["bytes"] == 0  # it waits and retries; never goes on
+        assert b.server.target_requests() == [] and b.active() == "1.0.0"
 
 
 @pytest.mark.parametrize(("bundle", "reason"), [("unknown_key", "unknown_key"), ("revoked_key", "revoked_key")])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +85,23 @@ class TufRepo:
         self.timestamp.sign(self.signers["timestamp"])
         self.timestamp.to_file(str(self.meta_dir / "timestamp.json"))
 
+    def rotate_key(self, role: str) -> CryptoSigner:
+        """Replace ``role``'s key with a new one in a new root version (signed by the old and the new root
+        key when ``role`` is root, as TUF requires); returns the retired signer, which the box must now refuse."""
+        old = self.signers[role]
+        new = CryptoSigner.generate_ed25519()
+        root = self.root.signed
+        root.revoke_key(old.public_key.keyid, role)
+        root.add_key(new.public_key, role)
+        root.version += 1
+        self.signers[role] = new
+        self.root.signatures.clear()
+        self.root.sign(new if role == "root" else self.signers["root"], append=True)
+        if role == "root":
+            self.root.sign(old, append=True)
+        self.root.to_file(str(self.meta_dir / f"{root.version}.root.json"))
+        return old
+
     def publish(self, bundle: Path, bundle_id: str, version: str, *, commit: bool = True, **kw: Any) -> Path:
         """Add ``bundle`` as target ``layout.target_path(bundle_id, version)``; returns the served file."""
         path = layout.target_path(bundle_id, version)
@@ -116,7 +134,7 @@ class RepoServer:
     root: Path
     faults: dict[str, Fault] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
-    delay_s: float = 0.0
+    tls: tuple[Path, Path] | None = None  # (certificate, key): serve HTTPS
 
     def __post_init__(self) -> None:
         server = self
@@ -177,12 +195,17 @@ class RepoServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        if self.tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(self.tls[0]), str(self.tls[1]))
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="repo-server", daemon=True)
 
     @property
     def url(self) -> str:
         """Base URL of the repository (``<url>/metadata/``, ``<url>/targets/``)."""
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def __enter__(self) -> RepoServer:
         self.thread.start()

@@ -302,9 +302,13 @@ class UpdateAgent:
         return info, url
 
     def _later(self, row: UpdateRow, why: str) -> None:
+        """Try ``row`` again after ``updates.retry_s``; while fetching, the reason is reported (state unchanged)."""
         delay = self.settings.updates.retry_s
         self._retry_at[row.bundle_id] = time.monotonic() + delay
-        log.warning("model update waits for the repository", bundle=row.bundle_id, retry_in_s=delay, reason=why)
+        log.warning("model update waits", bundle=row.bundle_id, state=str(row.state), retry_in_s=delay, reason=why)
+        reason = f"waiting to retry: {why}"[:1000]
+        if row.state in (S.DOWNLOADING, S.VERIFYING) and row.reason != reason:
+            self._send(self.rows.move(row, row.state, reason=reason))
 
     def _download(self, row: UpdateRow) -> UpdateRow:
         info, url = self._target(row)

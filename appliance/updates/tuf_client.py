@@ -45,6 +45,13 @@ def _refusal(exc: exceptions.RepositoryError) -> RepositoryRefused:
     return RepositoryRefused("metadata_invalid", f"TUF metadata refused: {type(exc).__name__}: {exc}")
 
 
+def _cause(exc: BaseException) -> str:
+    """The innermost cause of a download error (e.g. the TLS verification failure), for the reported reason."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
 class TufClient:
     """One repository (``updates.repository_url``) trusted from one root; ``refresh()`` before each update."""
 
@@ -82,7 +89,7 @@ class TufClient:
         except exceptions.RepositoryError as exc:
             raise _refusal(exc) from exc
         except exceptions.DownloadError as exc:
-            raise RepositoryUnreachable(f"TUF metadata could not be fetched: {exc}") from exc
+            raise RepositoryUnreachable(f"TUF metadata could not be fetched: {exc} ({_cause(exc)})") from exc
         return updater
 
     def targetinfo(self, updater: Updater, bundle_id: str, version: str) -> TargetFile | None:
@@ -92,7 +99,7 @@ class TufClient:
         except exceptions.RepositoryError as exc:
             raise _refusal(exc) from exc
         except exceptions.DownloadError as exc:
-            raise RepositoryUnreachable(f"TUF targets metadata could not be fetched: {exc}") from exc
+            raise RepositoryUnreachable(f"TUF targets metadata could not be fetched: {exc} ({_cause(exc)})") from exc
 
     def target_url(self, info: TargetFile) -> str:
         """Where a consistent-snapshot target lives: ``targets/<dir>/<sha256>.<name>`` (as ngclient builds it)."""
