@@ -14,6 +14,7 @@ apt_install() {
   command -v mosquitto >/dev/null || missing+=(mosquitto)
   command -v openssl >/dev/null || missing+=(openssl)
   command -v dciodvfy >/dev/null || missing+=(dicom3tools)   # DICOM validator for what the box writes (tests)
+  command -v npm >/dev/null || missing+=(npm)                 # Azurite, the Blob Storage emulator (tests)
   if ((${#missing[@]})); then
     local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q
@@ -27,6 +28,21 @@ setup() {
   "$VENV/bin/pip" install -q -e ".[dev]"
 }
 
+# Test-only tools outside the main venv, each skipped when already there:
+# - Azurite (Blob Storage emulator), pinned in package.json, into ./node_modules (testsupport/azurite.py finds it);
+# - Microsoft's device SDK azure-iot-device, which needs paho-mqtt<2, in its own venv .venv-sdk
+#   (testsupport/sdk.py finds it) as a second device client against the fake hub.
+SDK_VENV=${SDK_VENV:-.venv-sdk}
+test_tools() {
+  if [ ! -x node_modules/.bin/azurite-blob ]; then
+    npm install --no-audit --no-fund --no-package-lock --loglevel=error
+  fi
+  if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c "import azure.iot.device" 2>/dev/null; then
+    "$PY" -m venv "$SDK_VENV"
+    "$SDK_VENV/bin/pip" install -q "azure-iot-device==2.14.0" "paho-mqtt==1.6.1"
+  fi
+}
+
 case "${1:-}" in
   run)
     setup
@@ -36,6 +52,7 @@ case "${1:-}" in
   test)
     apt_install
     setup
+    test_tools
     shift
     echo "== lint (ruff), layer contracts (import-linter), types (mypy)" >&2
     "$VENV/bin/ruff" check .

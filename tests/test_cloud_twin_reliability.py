@@ -40,12 +40,12 @@ def make_agent(home: Path, hub: FakeHub, pki: Any, device_key: str, central_keys
 @pytest.mark.integration
 def test_twin_get_whose_response_is_lost_is_asked_again(make_agent, hub: FakeHub) -> None:
     v = hub.update_desired(DEVICE, {"health_interval_s": 77})
-    hub.drop_twin_responses(DEVICE, "GET", 2)
+    lost = hub.add_fault("$iothub/twin/res/200/*", "drop", count=2, device_id=DEVICE)  # two GET answers lost
     agent = make_agent()
     agent.start()
     wait_until(lambda: agent.twin.version == v, timeout=30, what="twin applied after two lost GET responses")
     assert agent.health_interval_s == 77
-    assert len(hub.events_for(DEVICE, "twin_response_dropped")) == 2
+    assert len(lost.hits) == 2
 
 
 @pytest.mark.integration
@@ -54,12 +54,13 @@ def test_reported_patch_whose_response_is_lost_is_sent_again(make_agent, hub: Fa
     agent.start()
     wait_until(lambda: hub.twin(DEVICE)["reported"].get("software_version"), timeout=20, what="first report")
     before = len(hub.reported_patches(DEVICE))
-    hub.drop_twin_responses(DEVICE, "PATCH", 1)
+    lost = hub.add_fault("$iothub/twin/res/204/*", "drop", count=1, device_id=DEVICE)
     agent.report_patch({"probe": 1})
     # the answer never comes: after twin_timeout_s the whole reported document goes again (and is answered)
     wait_until(lambda: len(hub.reported_patches(DEVICE)) >= before + 2, timeout=20, what="reported re-sent")
     assert hub.reported_patches(DEVICE)[before] == {"probe": 1}
     assert "software_version" in hub.reported_patches(DEVICE)[before + 1]
+    assert len(lost.hits) == 1
 
 
 @pytest.mark.integration
@@ -67,11 +68,13 @@ def test_lost_desired_patch_is_noticed_by_the_version_gap(make_agent, hub: FakeH
     agent = make_agent()
     agent.start()
     wait_until(lambda: agent.client.ready and agent.twin.version == 1, timeout=20, what="ready")
-    hub.update_desired(DEVICE, {"health_interval_s": 55}, deliver=False)  # this notification is lost
+    lost = hub.add_fault("$iothub/twin/PATCH/properties/desired/*", "drop", count=1, device_id=DEVICE)
+    hub.update_desired(DEVICE, {"health_interval_s": 55})  # this notification is lost
     v = hub.update_desired(DEVICE, {"upload_results": False})  # the next one skips a $version
     wait_until(lambda: agent.twin.version == v, timeout=20, what="caught up")
     assert agent.health_interval_s == 55  # the lost patch's value came with the full GET
     assert agent.overlay.current().upload_results is False
+    assert len(lost.hits) == 1
 
 
 @pytest.mark.integration
@@ -138,7 +141,7 @@ def _enroll(hub: FakeHub, reg: str) -> str:
 @pytest.mark.integration
 def test_dps_throttled_429_is_retried_after_retry_after(hub: FakeHub, pki: Any) -> None:
     key = _enroll(hub, "box-429")
-    hub.dps_throttle = 2
+    throttle = hub.add_fault("$dps/registrations/*", "throttle", direction="from_device", count=2)
     a = register(
         id_scope=hub.id_scope,
         registration_id="box-429",
@@ -149,7 +152,7 @@ def test_dps_throttled_429_is_retried_after_retry_after(hub: FakeHub, pki: Any) 
         timeout_s=30,
     )
     assert a.status == "assigned" and a.device_id == "box-429"
-    assert len(hub.events_for("box-429", "dps_throttled")) == 2
+    assert len(throttle.hits) == 2
 
 
 @pytest.mark.integration

@@ -9,7 +9,7 @@ in one Azure Blob Storage container (or a local folder with the same layout)::
     metadata/1.root.json, metadata/2.root.json, ...   every root version (the box walks the chain)
     metadata/timestamp.json                           unversioned, as TUF requires
     metadata/<N>.snapshot.json, metadata/<N>.targets.json   consistent snapshots
-    targets/<sha256>.<bundle_id>/<bundle_id>-<version>.bundle   consistent-snapshot target files
+    targets/<bundle_id>/<sha256>.<bundle_id>-<version>.bundle   consistent-snapshot target files (TUF 5.7.3)
 
 Director (Uptane's per-device director, carried by the device twin; see docs/UPDATES.md)::
 

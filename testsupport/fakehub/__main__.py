@@ -41,6 +41,7 @@ def main() -> None:
         hub.add_enrollment_group("default", args.group_key)
     port = hub.start()
     print(f"fake IoT Hub {args.hostname} listening on 127.0.0.1:{port} (Ctrl-C to stop)", flush=True)
+    print(f"service API (HTTPS): IOTHUB_CONNECTION_STRING='{hub.service_connection_string()}'", flush=True)
     seen = 0
     try:
         while True:

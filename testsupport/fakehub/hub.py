@@ -8,8 +8,10 @@ X.509 client certificate whose CN is the device id. Topics are scoped to the con
 undocumented topics, QoS 2 publishes and over-size messages close the connection, as the hub does.
 
 Tests act as the service through the thread-safe methods of :class:`FakeHub` (set desired properties,
-invoke methods, send C2D, read telemetry, inject 429s and disconnects). The server runs its own asyncio
-loop in a background thread.
+invoke methods, send C2D, read telemetry, inject 429s and disconnects), or through the service REST API
+(twin read/update, query, direct methods; :mod:`testsupport.fakehub.service`) that ``appliance central`` and
+Microsoft's ``azure-iot-hub`` SDK call. :meth:`FakeHub.add_fault` drops, delays or throttles chosen MQTT
+messages (by topic pattern and count). The server runs its own asyncio loop in a background thread.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import asyncio
 import base64
 import contextlib
 import copy
+import fnmatch
 import hashlib
 import hmac
 import itertools
 import json
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -54,6 +58,39 @@ class Device:
     reported_version: int = 1
     reported_patches: list[dict[str, Any]] = field(default_factory=list)  # every accepted patch, in order
     c2d_queue: list[dict[str, Any]] = field(default_factory=list)
+    tags: dict[str, Any] = field(default_factory=dict)
+    twin_version: int = 1  # every change of tags, desired or reported; the service etag is derived from it
+    desired_updated: float = field(default_factory=time.time)
+    reported_updated: float = field(default_factory=time.time)
+
+    @property
+    def etag(self) -> str:
+        """The twin's etag as the service shows it (base64 of a 64-bit counter, e.g. ``AAAAAAAAAAE=``)."""
+        return base64.b64encode(struct.pack(">Q", self.twin_version)).decode()
+
+
+@dataclass
+class Fault:
+    """A fault the hub applies to chosen MQTT PUBLISH packets (see :meth:`FakeHub.add_fault`)."""
+
+    topic: (
+        str  # fnmatch pattern on the full topic, e.g. "$iothub/twin/res/*" or "$iothub/twin/PATCH/properties/desired/*"
+    )
+    direction: str  # "to_device" (hub -> device) or "from_device" (device -> hub)
+    action: str  # "drop" | "delay" | "throttle"
+    count: int | None = 1  # how many matching messages it applies to; None = all
+    delay_s: float = 0.0
+    device_id: str | None = None
+    retry_after_s: int = 1  # throttle: DPS answers 429 with this retry-after
+    hits: list[str] = field(default_factory=list)  # topics it was applied to
+
+    def take(self, device_id: str | None, topic: str, direction: str) -> bool:
+        if direction != self.direction or (self.device_id is not None and device_id != self.device_id):
+            return False
+        if (self.count is not None and len(self.hits) >= self.count) or not fnmatch.fnmatchcase(topic, self.topic):
+            return False
+        self.hits.append(topic)
+        return True
 
 
 @dataclass
@@ -131,9 +168,22 @@ def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
 
 
 def verify_sas(
-    token: str, expected_resource: str, key_b64: str, now: float, policy: str | None = None
+    token: str,
+    expected_resource: str | tuple[str, ...],
+    key_b64: str,
+    now: float,
+    policy: str | None = None,
+    *,
+    policy_optional: bool = False,
 ) -> tuple[bool, str, int]:
-    """(ok, reason, expiry) for a ``SharedAccessSignature`` per Microsoft's "Control access with SAS" doc."""
+    """(ok, reason, expiry) for a ``SharedAccessSignature`` per Microsoft's "Control access with SAS" doc.
+
+    ``expected_resource``: the ``sr`` the token must name (one of several when a tuple). ``policy``: the
+    ``skn`` it must carry; with ``policy_optional`` a token without ``skn`` is accepted too (DPS does: the
+    ``skn=registration`` field is optional, Azure SDK for C ``az_iot_provisioning_client_sas_get_password``
+    takes an empty key name), but a different ``skn`` is still refused.
+    """
+    resources = (expected_resource,) if isinstance(expected_resource, str) else expected_resource
     prefix = "SharedAccessSignature "
     if not token.startswith(prefix):
         return False, "password is not a SharedAccessSignature", 0
@@ -146,9 +196,13 @@ def verify_sas(
     for required in ("sr", "sig", "se"):
         if required not in fields:
             return False, f"SAS token lacks {required}", 0
-    if unquote(fields["sr"]).lower() != expected_resource.lower():
-        return False, f"SAS resource {unquote(fields['sr'])!r} is not {expected_resource!r}", 0
-    if policy is not None and unquote(fields.get("skn", "")) != policy:
+    if unquote(fields["sr"]).lower() not in {r.lower() for r in resources}:
+        return False, f"SAS resource {unquote(fields['sr'])!r} is not {resources[0]!r}", 0
+    if (
+        policy is not None
+        and not (policy_optional and "skn" not in fields)
+        and unquote(fields.get("skn", "")) != policy
+    ):
         return False, f"SAS policy must be {policy!r}", 0
     try:
         expiry = int(fields["se"])
@@ -222,9 +276,15 @@ class FakeHub:
         self.twin_status_queue: dict[str, list[int]] = {}
         self.cut_after_d2c: dict[str, tuple[int, bool]] = {}  # device -> (n, capture the last one)
         self.puback_delay_s = 0.0
-        self.twin_drops: dict[str, dict[str, int]] = {}  # device -> {"GET"|"PATCH": responses still to swallow}
-        self.dps_throttle = 0  # DPS requests still to answer 429 (throttled) with dps_retry_after_s
         self.dps_outcomes: dict[str, tuple[str, int, str]] = {}  # registration id -> (status, errorCode, message)
+        self.faults: list[Fault] = []
+        # service API (HTTPS, testsupport.fakehub.service): shared access policies name -> base64 key
+        self.service_policies: dict[str, str] = {
+            "iothubowner": base64.b64encode(hashlib.sha256(uuid.uuid4().bytes).digest()).decode(),
+            "service": base64.b64encode(hashlib.sha256(uuid.uuid4().bytes).digest()).decode(),
+        }
+        self.service_port = 0
+        self._service: Any = None
         self._conns: dict[str, _Conn] = {}
         self._all_conns: set[_Conn] = set()
         self._method_waiters: dict[str, asyncio.Future] = {}
@@ -276,6 +336,11 @@ class FakeHub:
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("fake hub did not start")
+        if self.certfile and self._service is None:
+            from testsupport.fakehub.service import ServiceApi
+
+            self._service = ServiceApi(self, self.service_port)
+            self.service_port = self._service.start()
         return self.port
 
     def stop(self) -> None:
@@ -292,6 +357,9 @@ class FakeHub:
                 c.writer.transport.abort()
             await self._server.wait_closed()
 
+        if self._service is not None:
+            self._service.stop()
+            self._service = None
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         assert self._thread is not None
@@ -346,6 +414,70 @@ class FakeHub:
         with self.lock:
             return [e for e in self.events if e.device_id == device_id and (what is None or e.what == what)]
 
+    def service_connection_string(self, policy: str = "iothubowner") -> str:
+        """``HostName=127.0.0.1:<service port>;SharedAccessKeyName=..;SharedAccessKey=..`` for the service API.
+
+        The host is where this hub listens (the real one is ``<hub>.azure-devices.net``); service SAS tokens
+        may name either as their resource (``sr``).
+        """
+        key = self.service_policies[policy]
+        return f"HostName=127.0.0.1:{self.service_port};SharedAccessKeyName={policy};SharedAccessKey={key}"
+
+    def set_tags(self, device_id: str, tags: dict[str, Any]) -> None:
+        """Service side: merge ``tags`` into the device twin's tags (null deletes)."""
+        with self.lock:
+            d = self.devices[device_id]
+            _merge(d.tags, tags)
+            d.twin_version += 1
+
+    def add_fault(
+        self,
+        topic: str,
+        action: str,
+        *,
+        direction: str = "to_device",
+        count: int | None = 1,
+        delay_s: float = 0.0,
+        device_id: str | None = None,
+        retry_after_s: int = 1,
+    ) -> Fault:
+        """Drop, delay or throttle the next ``count`` MQTT PUBLISHes whose topic matches ``topic`` (fnmatch).
+
+        ``direction`` "to_device": what the hub sends (a desired patch, a twin response, a method request, C2D);
+        "from_device": what a device publishes (the hub never sees a dropped one: no PUBACK, no effect).
+        ``action`` "drop" loses the message; "delay" handles it ``delay_s`` later; "throttle" (from_device
+        requests only: ``$iothub/twin/...`` and ``$dps/...``) answers 429 as the throttled service does, DPS
+        with ``retry-after``. Returns the :class:`Fault`; its ``hits`` lists the topics it applied to.
+        Raises ValueError for a combination the hub cannot apply.
+        """
+        if direction not in ("to_device", "from_device") or action not in ("drop", "delay", "throttle"):
+            raise ValueError(f"unknown fault {direction}/{action}")
+        if action == "throttle" and direction != "from_device":
+            raise ValueError("throttle applies to device requests (direction='from_device')")
+        if action == "delay" and delay_s <= 0:
+            raise ValueError("delay needs delay_s > 0")
+        f = Fault(topic, direction, action, count, delay_s, device_id, retry_after_s)
+        with self.lock:
+            self.faults.append(f)
+        return f
+
+    def _fault(self, device_id: str | None, topic: str, direction: str) -> Fault | None:
+        with self.lock:
+            for f in self.faults:
+                if f.take(device_id, topic, direction):
+                    self._event(device_id, f"fault-{f.action}", topic)
+                    return f
+        return None
+
+    def _publish_to(self, c: _Conn, topic: str, body: bytes, qos: int = 0, pid: int | None = None) -> None:
+        """Send a PUBLISH to a device, through the faults configured for ``to_device``."""
+        data = mqtt.publish(topic, body, qos=qos, pid=pid)
+        f = self._fault(c.device_id, topic, "to_device")
+        if f is None:
+            c.send(data)
+        elif f.action == "delay":
+            asyncio.get_running_loop().call_later(f.delay_s, c.send, data)
+
     def twin(self, device_id: str) -> dict[str, Any]:
         with self.lock:
             d = self.devices[device_id]
@@ -362,32 +494,17 @@ class FakeHub:
         with self.lock:
             return copy.deepcopy(self.devices[device_id].reported_patches)
 
-    def drop_twin_responses(self, device_id: str, kind: str, n: int = 1) -> None:
-        """Fault injection: the hub acts on the next ``n`` twin requests of ``kind`` ("GET" or "PATCH", the
-        reported-properties update) but their responses are lost on the way to the device."""
-        with self.lock:
-            self.twin_drops.setdefault(device_id, {}).setdefault(kind, 0)
-            self.twin_drops[device_id][kind] += n
-
-    def _drop_twin_response(self, device_id: str, kind: str) -> bool:
-        with self.lock:
-            left = self.twin_drops.get(device_id, {}).get(kind, 0)
-            if left > 0:
-                self.twin_drops[device_id][kind] = left - 1
-                self._event(device_id, "twin_response_dropped", kind)
-                return True
-            return False
-
-    def update_desired(self, device_id: str, patch: dict[str, Any], deliver: bool = True) -> int:
-        """Service-side desired-property update; delivered as a patch only if the device is connected now
-        (``deliver=False``: the notification is lost on the way, as a dropped message would be)."""
+    def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        """Service-side desired-property update; delivered as a patch only if the device is connected now."""
         with self.lock:
             d = self.devices[device_id]
             _merge(d.desired, patch)
             d.desired_version += 1
+            d.twin_version += 1
+            d.desired_updated = time.time()
             version = d.desired_version
         body = json.dumps({**patch, "$version": version}).encode()
-        if self._loop is not None and deliver:
+        if self._loop is not None:
             self._call(lambda: self._push_desired(device_id, body, version))
         return version
 
@@ -406,7 +523,7 @@ class FakeHub:
     def _push_desired(self, device_id: str, body: bytes, version: int) -> None:
         c = self._conns.get(device_id)
         if c and not c.closed and self._subscribed(c, "$iothub/twin/PATCH/properties/desired/"):
-            c.send(mqtt.publish(f"$iothub/twin/PATCH/properties/desired/?$version={version}", body))
+            self._publish_to(c, f"$iothub/twin/PATCH/properties/desired/?$version={version}", body)
 
     def invoke_method(
         self, device_id: str, name: str, payload: Any = None, timeout: float = 30.0, raw: bytes | None = None
@@ -425,7 +542,7 @@ class FakeHub:
             rid = format(next(self._rids), "x")
             fut = asyncio.get_running_loop().create_future()
             self._method_waiters[rid] = fut
-            c.send(mqtt.publish(f"$iothub/methods/POST/{name}/?$rid={rid}", body))
+            self._publish_to(c, f"$iothub/methods/POST/{name}/?$rid={rid}", body)
             try:
                 status, resp = await asyncio.wait_for(fut, timeout)
             except asyncio.TimeoutError:
@@ -595,7 +712,12 @@ class FakeHub:
                 )
             for key in keys:
                 ok, reason, _ = verify_sas(
-                    cn.password, f"{self.id_scope}/registrations/{reg_id}", key, self.now(), "registration"
+                    cn.password,
+                    f"{self.id_scope}/registrations/{reg_id}",
+                    key,
+                    self.now(),
+                    "registration",
+                    policy_optional=True,
                 )
                 if ok:
                     c.device_id = reg_id
@@ -688,12 +810,40 @@ class FakeHub:
             if pub.qos == 2:
                 c.close("QoS 2 is not supported by IoT Hub")
                 return
-            if c.kind == "dps":
-                await self._dps_publish(c, pub)
-            else:
-                await self._hub_publish(c, pub)
+            fault = self._fault(c.device_id, pub.topic, "from_device")
+            if fault is not None:
+                if fault.action == "delay":
+                    asyncio.get_running_loop().call_later(
+                        fault.delay_s, lambda: asyncio.ensure_future(self._handle_publish(c, pub))
+                    )
+                elif fault.action == "throttle":
+                    self._throttle(c, pub, fault)
+                return  # dropped: as if lost on the way (no PUBACK, no effect)
+            await self._handle_publish(c, pub)
         else:
             c.close(f"unsupported packet type {p.type}")
+
+    def _throttle(self, c: _Conn, pub: mqtt.Publish, fault: Fault) -> None:
+        """Answer a device request with 429, as the throttled hub (ThrottlingException 429001) or DPS does."""
+        path, _, q = pub.topic.partition("/?")
+        rid = parse_props(q).get("$rid", "")
+        body = json.dumps({"errorCode": 429001, "message": "throttled (injected)"}).encode()
+        if pub.qos == 1:
+            c.send(mqtt.puback(pub.packet_id or 0))
+        if pub.topic.startswith("$dps/"):
+            self._publish_to(c, f"$dps/registrations/res/429/?$rid={rid}&retry-after={fault.retry_after_s}", body)
+        elif pub.topic.startswith("$iothub/twin/"):
+            self._twin_reply(c, 429, rid, body)
+        else:
+            c.close(f"throttle fault on a topic without a response: {pub.topic!r}")
+
+    async def _handle_publish(self, c: _Conn, pub: mqtt.Publish) -> None:
+        if c.closed:
+            return
+        if c.kind == "dps":
+            await self._dps_publish(c, pub)
+        else:
+            await self._hub_publish(c, pub)
 
     def _allowed_filter(self, c: _Conn, topic: str) -> bool:
         if c.kind == "dps":
@@ -764,7 +914,7 @@ class FakeHub:
 
     def _twin_reply(self, c: _Conn, status: int, rid: str, body: bytes = b"", version: int | None = None) -> None:
         topic = f"$iothub/twin/res/{status}/?$rid={rid}" + (f"&$version={version}" if version is not None else "")
-        c.send(mqtt.publish(topic, body))
+        self._publish_to(c, topic, body)
 
     def _twin(self, c: _Conn, pub: mqtt.Publish) -> None:
         path, _, q = pub.topic.partition("/?")
@@ -784,8 +934,7 @@ class FakeHub:
             return
         dev = self.devices[c.device_id or ""]
         if path == "$iothub/twin/GET":
-            if not self._drop_twin_response(dev.device_id, "GET"):
-                self._twin_reply(c, 200, rid, json.dumps(self.twin(dev.device_id)).encode())
+            self._twin_reply(c, 200, rid, json.dumps(self.twin(dev.device_id)).encode())
         elif path == "$iothub/twin/PATCH/properties/reported":
             try:
                 patch = json.loads(pub.payload)
@@ -807,9 +956,10 @@ class FakeHub:
                 dev.reported = merged
                 dev.reported_patches.append(copy.deepcopy(patch))
                 dev.reported_version += 1
+                dev.twin_version += 1
+                dev.reported_updated = time.time()
                 version = dev.reported_version
-            if not self._drop_twin_response(dev.device_id, "PATCH"):
-                self._twin_reply(c, 204, rid, b"", version)
+            self._twin_reply(c, 204, rid, b"", version)
         else:
             c.close(f"unknown twin operation {pub.topic!r}")
 
@@ -823,7 +973,7 @@ class FakeHub:
             pid = c.next_pid()
             c.c2d_inflight[pid] = msg
             bag = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in msg["props"].items())
-            c.send(mqtt.publish(f"devices/{device_id}/messages/devicebound/{bag}", msg["body"], qos=1, pid=pid))
+            self._publish_to(c, f"devices/{device_id}/messages/devicebound/{bag}", msg["body"], qos=1, pid=pid)
 
     def _requeue_c2d(self, c: _Conn) -> None:
         c.c2d_inflight.clear()  # unacknowledged C2D stays in the device queue for the next connection
@@ -832,18 +982,10 @@ class FakeHub:
         path, _, q = pub.topic.partition("/?")
         qp = parse_props(q)
         rid = qp.get("$rid", "")
-        reply = lambda status, body, extra="": c.send(  # noqa: E731
-            mqtt.publish(f"$dps/registrations/res/{status}/?$rid={rid}{extra}", json.dumps(body).encode())
+        reply = lambda status, body, extra="": self._publish_to(  # noqa: E731
+            c, f"$dps/registrations/res/{status}/?$rid={rid}{extra}", json.dumps(body).encode()
         )
-        if self.dps_throttle > 0 and path.startswith("$dps/registrations/"):
-            self.dps_throttle -= 1
-            self._event(c.device_id, "dps_throttled", path)
-            reply(
-                429,
-                {"errorCode": 429001, "message": "Operations are being throttled for this tenant."},
-                f"&retry-after={self.dps_retry_after_s}",
-            )
-        elif path == "$dps/registrations/PUT/iotdps-register":
+        if path == "$dps/registrations/PUT/iotdps-register":
             try:
                 req = json.loads(pub.payload)
                 assert req["registrationId"] == c.device_id

@@ -1,0 +1,168 @@
+"""Staged rollouts through the twin (Uptane's director role) and the fleet's update status from reported properties.
+
+A rollout writes ``desired.model_updates`` (:mod:`appliance.updates.layout`) on each chosen device: the
+version a bundle id should run and, when given, the policy (maintenance window, health gate). It is a twin
+PATCH with ``If-Match`` on the etag just read, retried on 412, so a concurrent writer is never overwritten
+blindly; other bundles' entries are kept (a PATCH merges). Each box then reconciles by itself and reports
+``reported.model_updates`` per bundle, which :func:`fleet_status` reads back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.central.hub_service import EtagMismatch, HubService, HubServiceError
+from appliance.core.logs import get_logger
+from appliance.updates import layout
+from engines.manifest import BUNDLE_ID, SEMVER
+
+log = get_logger(__name__)
+WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+ETAG_RETRIES = 5
+
+
+def director_patch(
+    bundle_id: str,
+    version: str,
+    *,
+    window: str | None = None,
+    any_time: bool = False,
+    health_studies: int | None = None,
+    health_deadline_s: float | None = None,
+) -> dict[str, Any]:
+    """The twin patch ``{"properties": {"desired": {"model_updates": ...}}}`` for one bundle version.
+
+    ``window`` "HH:MM-HH:MM" (box local time, may wrap midnight); ``any_time`` clears a window set before;
+    policy fields left None are not changed. Raises ValueError naming the bad value (the box applies the
+    same rules and would reject the whole document).
+    """
+    problems = []
+    if not BUNDLE_ID.match(bundle_id):
+        problems.append(f"bundle id {bundle_id!r} is not a valid bundle id")
+    if not SEMVER.match(version):
+        problems.append(f"version {version!r} is not a semantic version")
+    if window is not None and not WINDOW.match(window):
+        problems.append(f"window {window!r} is not HH:MM-HH:MM")
+    if window is not None and any_time:
+        problems.append("a window and any-time are exclusive")
+    if health_studies is not None and not 0 <= health_studies <= 1000:
+        problems.append("health studies must be 0..1000")
+    if health_deadline_s is not None and not 0 < health_deadline_s <= 30 * 86400:
+        problems.append("health deadline must be over 0 s and at most 30 days")
+    if problems:
+        raise ValueError("; ".join(problems))
+    policy: dict[str, Any] = {}
+    if window is not None or any_time:
+        policy["window"] = window  # null deletes the property: any time
+    if health_studies is not None:
+        policy["health_studies"] = health_studies
+    if health_deadline_s is not None:
+        policy["health_deadline_s"] = health_deadline_s
+    doc: dict[str, Any] = {"bundles": {bundle_id: {"version": version}}}
+    if policy:
+        doc["policy"] = policy
+    return {"properties": {"desired": {layout.DESIRED_KEY: doc}}}
+
+
+def select_devices(service: HubService, device_ids: Iterable[str] = (), query: str | None = None) -> list[str]:
+    """The device ids named plus those a twin ``query`` selects (``SELECT * FROM devices WHERE ...``), in order,
+    each once."""
+    out = list(dict.fromkeys(device_ids))
+    if query:
+        for twin in service.query(query):
+            if twin["deviceId"] not in out:
+                out.append(twin["deviceId"])
+    return out
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    """What one device's twin update did: the new desired ``$version``, or the error."""
+
+    device_id: str
+    desired_version: int | None
+    error: str | None = None
+
+
+def rollout(service: HubService, device_ids: Iterable[str], patch: dict[str, Any]) -> list[RolloutResult]:
+    """Apply ``patch`` to each device's twin (read, PATCH with If-Match, retry on 412). One device's failure
+    (unknown device, unreachable hub) is recorded in its result and the others still proceed."""
+    return [_rollout_one(service, dev, patch) for dev in device_ids]
+
+
+def _rollout_one(service: HubService, dev: str, patch: dict[str, Any]) -> RolloutResult:
+    for _ in range(ETAG_RETRIES):
+        try:
+            etag = service.get_twin(dev)["etag"]
+            twin = service.update_twin(dev, patch, etag)
+        except EtagMismatch:
+            continue  # someone else changed the twin in between: read it again
+        except HubServiceError as exc:
+            return RolloutResult(dev, None, str(exc))
+        version = int(twin["properties"]["desired"]["$version"])
+        log.info("central.rollout", device_id=dev, desired_version=version)
+        return RolloutResult(dev, version)
+    return RolloutResult(dev, None, f"the twin changed {ETAG_RETRIES} times while being updated")
+
+
+@dataclass(frozen=True)
+class StatusRow:
+    """One device's state for one bundle, from its twin."""
+
+    device_id: str
+    connection: str  # Connected | Disconnected
+    bundle_id: str | None
+    desired: str | None  # the version the director asks for
+    state: str | None  # layout.UpdateState value, None if the box has reported nothing for this bundle
+    version: str | None
+    active_version: str | None
+    bytes: int | None
+    total: int | None
+    reason: str | None
+    since: str | None
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def status_rows(twin: dict[str, Any]) -> list[StatusRow]:
+    """Rows for every bundle a twin's desired or reported ``model_updates`` names (one empty row if none)."""
+    props = twin.get("properties") or {}
+    desired = ((props.get("desired") or {}).get(layout.DESIRED_KEY) or {}).get("bundles") or {}
+    reported = (props.get("reported") or {}).get(layout.REPORTED_KEY) or {}
+    ids = sorted({*desired, *(k for k in reported if not k.startswith("$"))})
+    dev, conn = twin["deviceId"], str(twin.get("connectionState") or "")
+    if not ids:
+        return [StatusRow(dev, conn, None, None, None, None, None, None, None, None, None)]
+    rows = []
+    for bid in ids:
+        r = _obj(reported.get(bid))
+        want = _obj(desired.get(bid))
+        rows.append(
+            StatusRow(
+                dev,
+                conn,
+                bid,
+                want.get("version"),
+                r.get("state"),
+                r.get("version"),
+                r.get("active_version"),
+                r.get("bytes"),
+                r.get("total"),
+                r.get("reason"),
+                r.get("since"),
+            )
+        )
+    return rows
+
+
+def fleet_status(service: HubService, query: str = "SELECT * FROM devices") -> list[StatusRow]:
+    """:func:`status_rows` of every device the query selects (default: all), ordered by device id."""
+    rows: list[StatusRow] = []
+    for twin in service.query(query):
+        rows += status_rows(twin)
+    return sorted(rows, key=lambda r: (r.device_id, r.bundle_id or ""))

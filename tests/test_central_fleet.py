@@ -1,0 +1,235 @@
+"""Rollouts and fleet status through the fake hub's service API, with Microsoft's SDKs as peers.
+
+Devices are ``azure-iot-device`` clients (Microsoft's device SDK, in its own venv) connected over MQTT/TLS;
+the service side is ``appliance central rollout|status`` (subprocesses) and Microsoft's ``azure-iot-hub``
+service SDK, both over HTTPS to the same fake hub.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from appliance.updates import layout
+from testsupport.bundles import make_bundle, new_key, trust_for
+from testsupport.cloud import HUB
+from testsupport.common import PYTHON, ROOT, wait_until
+from testsupport.daemon import daemon_env
+from testsupport.fakehub import FakeHub
+from testsupport.sdk import SdkDevice, sdk_python
+from testsupport.tufrepo import make_repository
+
+pytestmark = pytest.mark.integration
+DEVICES = ("clinic-a", "clinic-b", "clinic-c")
+
+
+@pytest.fixture
+def fleet(pki: dict[str, Path]) -> Iterator[tuple[FakeHub, dict[str, str]]]:
+    """A fake hub with three SAS devices tagged clinic=north, south, south."""
+    hub = FakeHub(HUB, str(pki["server_crt"]), str(pki["server_key"]), str(pki["ca"]))
+    keys = {d: base64.b64encode(os.urandom(32)).decode() for d in DEVICES}
+    for d, clinic in zip(DEVICES, ("north", "south", "south"), strict=True):
+        hub.add_device(d, key=keys[d])
+        hub.set_tags(d, {"clinic": clinic})
+    with hub:
+        yield hub, keys
+
+
+def central(hub: FakeHub, pki: dict[str, Path], *args: str, conn: str | None = None) -> subprocess.CompletedProcess:
+    """``appliance central ARGS`` against ``hub``'s service API (connection string and CA from the environment)."""
+    env = daemon_env(
+        {
+            "IOTHUB_CONNECTION_STRING": conn or hub.service_connection_string(),
+            "APPLIANCE_CENTRAL_CA_FILE": str(pki["ca"]),
+            "COLUMNS": "200",
+        }
+    )
+    return subprocess.run(
+        [PYTHON, "-m", "appliance", "central", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def device(hub: FakeHub, keys: dict[str, str], pki: dict[str, Path], dev: str) -> SdkDevice:
+    if sdk_python() is None:
+        pytest.fail("azure-iot-device venv missing: run ./bootstrap.sh test (it makes .venv-sdk)")
+    d = SdkDevice(f"HostName={HUB};DeviceId={dev};SharedAccessKey={keys[dev]}", hub.port, pki["ca"])
+    d.wait_for("connected")
+    return d
+
+
+def desired_updates(hub: FakeHub, dev: str) -> dict:
+    return hub.twin(dev)["desired"].get(layout.DESIRED_KEY, {})
+
+
+def test_service_sdk_sets_desired_device_sdk_receives_and_reports(fleet, pki, monkeypatch) -> None:
+    """Microsoft's two SDKs, one on each side of the fake hub: twin update with etag, patch delivered, report read."""
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import Twin, TwinProperties
+    from msrest.exceptions import HttpOperationError
+
+    hub, keys = fleet
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki["ca"]))
+    registry = IoTHubRegistryManager.from_connection_string(hub.service_connection_string("service"))
+    with device(hub, keys, pki, "clinic-a") as dev:
+        twin = registry.get_twin("clinic-a")
+        assert twin.tags == {"clinic": "north"}
+        want = {layout.DESIRED_KEY: {"bundles": {"cxr": {"version": "1.1.0"}}, "policy": {"health_studies": 2}}}
+        updated = registry.update_twin("clinic-a", Twin(properties=TwinProperties(desired=want)), twin.etag)
+        assert updated.properties.desired["$version"] == twin.properties.desired["$version"] + 1
+        got = dev.wait_for("desired")["patch"]
+        assert got[layout.DESIRED_KEY] == want[layout.DESIRED_KEY]
+        assert got["$version"] == updated.properties.desired["$version"]
+        # a stale etag is refused (412) and changes nothing
+        with pytest.raises(HttpOperationError, match="Precondition Failed"):
+            registry.update_twin("clinic-a", Twin(tags={"clinic": "east"}), twin.etag)
+        assert registry.get_twin("clinic-a").tags == {"clinic": "north"}
+        report = {layout.REPORTED_KEY: {"cxr": {"state": "downloading", "version": "1.1.0", "bytes": 10}}}
+        dev.send(cmd="report", patch=report)
+        dev.wait_for("reported")
+        reported = registry.get_twin("clinic-a").properties.reported
+        assert reported[layout.REPORTED_KEY] == report[layout.REPORTED_KEY]
+        dev.send(cmd="get_twin")
+        seen = dev.wait_for("twin")["twin"]
+        assert seen["desired"][layout.DESIRED_KEY] == want[layout.DESIRED_KEY]
+
+
+def test_cli_rollout_to_two_devices_then_status_from_reported(fleet, pki) -> None:
+    hub, keys = fleet
+    with device(hub, keys, pki, "clinic-a") as a, device(hub, keys, pki, "clinic-b") as b:
+        for d in (a, b):
+            d.send(cmd="echo_updates")
+            d.wait_for("echoing")
+        before = {d: hub.twin(d)["desired"]["$version"] for d in DEVICES}
+        r = central(
+            hub,
+            pki,
+            "rollout",
+            "--bundle",
+            "cxr",
+            "--version",
+            "1.1.0",
+            "--device",
+            "clinic-a",
+            "--device",
+            "clinic-b",
+            "--window",
+            "22:00-05:00",
+            "--health-studies",
+            "3",
+            "--health-deadline-s",
+            "7200",
+        )
+        assert r.returncode == 0, r.stderr
+        lines = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [(x["device_id"], x["error"]) for x in lines] == [("clinic-a", None), ("clinic-b", None)]
+        expected = {
+            "bundles": {"cxr": {"version": "1.1.0"}},
+            "policy": {"window": "22:00-05:00", "health_studies": 3, "health_deadline_s": 7200.0},
+        }
+        for d, dev in (("clinic-a", a), ("clinic-b", b)):
+            assert desired_updates(hub, d) == expected
+            assert hub.twin(d)["desired"]["$version"] == before[d] + 1
+            assert dev.wait_for("desired")["patch"][layout.DESIRED_KEY] == expected
+            dev.wait_for("reported")
+        assert hub.twin("clinic-c")["desired"]["$version"] == before["clinic-c"]  # not chosen: untouched
+        wait_until(lambda: all(layout.REPORTED_KEY in hub.twin(d)["reported"] for d in ("clinic-a", "clinic-b")), 30)
+        st = central(hub, pki, "status", "--json")
+        assert st.returncode == 0, st.stderr
+        rows = {(x["device_id"], x["bundle_id"]): x for x in map(json.loads, st.stdout.splitlines())}
+        assert set(rows) == {("clinic-a", "cxr"), ("clinic-b", "cxr"), ("clinic-c", None)}
+        for d in ("clinic-a", "clinic-b"):
+            row = rows[(d, "cxr")]
+            assert (row["connection"], row["desired"], row["state"], row["version"]) == (
+                "Connected",
+                "1.1.0",
+                "waiting_window",
+                "1.1.0",
+            )
+        assert rows[("clinic-c", None)]["state"] is None and rows[("clinic-c", None)]["connection"] == "Disconnected"
+        table = central(hub, pki, "status")
+        assert table.returncode == 0, table.stderr
+        body = [ln for ln in table.stdout.splitlines() if "clinic-" in ln]
+        assert len(body) == 3
+        assert all("waiting_window" in ln and "1.1.0" in ln for ln in body if "clinic-c" not in ln)
+
+
+def test_rollout_by_tag_query_selects_only_tagged_devices(fleet, pki, monkeypatch) -> None:
+    hub, _ = fleet
+    r = central(
+        hub, pki, "rollout", "--bundle", "mammo", "--version", "2.0.0", "--query",
+        "SELECT * FROM devices WHERE tags.clinic = 'south'",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(json.loads(x)["device_id"] for x in r.stdout.splitlines()) == ["clinic-b", "clinic-c"]
+    assert desired_updates(hub, "clinic-a") == {}
+    for d in ("clinic-b", "clinic-c"):
+        assert desired_updates(hub, d) == {"bundles": {"mammo": {"version": "2.0.0"}}}
+    # a second bundle merges in, the first stays (a twin PATCH merges)
+    r = central(hub, pki, "rollout", "--bundle", "cxr", "--version", "1.0.0", "--device", "clinic-b", "--any-time")
+    assert r.returncode == 0, r.stderr
+    assert desired_updates(hub, "clinic-b")["bundles"] == {
+        "mammo": {"version": "2.0.0"},
+        "cxr": {"version": "1.0.0"},
+    }
+    # the same query through Microsoft's service SDK selects the same devices (the fake hub's query is honest)
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import QuerySpecification
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki["ca"]))
+    registry = IoTHubRegistryManager.from_connection_string(hub.service_connection_string())
+    res = registry.query_iot_hub(
+        QuerySpecification(
+            query="SELECT * FROM devices WHERE properties.desired.model_updates.bundles.mammo.version = '2.0.0'"
+        )
+    )
+    assert sorted(t.device_id for t in res.items) == ["clinic-b", "clinic-c"]
+    page = registry.query_iot_hub(QuerySpecification(query="SELECT * FROM devices"), None, 2)
+    assert [t.device_id for t in page.items] == ["clinic-a", "clinic-b"] and page.continuation_token
+    rest = registry.query_iot_hub(QuerySpecification(query="SELECT * FROM devices"), page.continuation_token, 2)
+    assert [t.device_id for t in rest.items] == ["clinic-c"]
+
+
+def test_rollout_bad_input_refused_and_twins_untouched(fleet, pki, tmp_path: Path) -> None:
+    hub, keys = fleet
+    versions = {d: hub.twin(d)["desired"]["$version"] for d in DEVICES}
+    bad = [
+        (["--bundle", "cxr", "--version", "1.x", "--device", "clinic-a"], 2, "not a semantic version"),
+        (["--bundle", "../etc", "--version", "1.0.0", "--device", "clinic-a"], 2, "not a valid bundle id"),
+        (["--bundle", "cxr", "--version", "1.0.0", "--device", "clinic-a", "--window", "25:00-01:00"], 2, "window"),
+        (["--bundle", "cxr", "--version", "1.0.0"], 2, "--device or select them with --query"),
+        (["--bundle", "cxr", "--version", "1.0.0", "--query", "SELECT deviceId FROM devices"], 1, "SELECT *"),
+    ]
+    for args, rc, msg in bad:
+        r = central(hub, pki, "rollout", *args)
+        assert r.returncode == rc and msg in r.stderr, (args, r.returncode, r.stderr)
+    # a version the repository never published (the director must not name what does not exist)
+    key = new_key()
+    h = make_repository(tmp_path, [make_bundle(tmp_path, key, bundle_id="cxr", version="1.0.0")], trust=trust_for(key))
+    r = central(
+        hub, pki, "rollout", "--bundle", "cxr", "--version", "9.9.9", "--device", "clinic-a", "--repo", str(h.repo_dir)
+    )
+    assert r.returncode == 1 and "cxr 9.9.9 is not published" in r.stderr
+    # the wrong key, a device connection string, an unknown device
+    wrong = (
+        f"HostName=127.0.0.1:{hub.service_port};SharedAccessKeyName=iothubowner;"
+        f"SharedAccessKey={base64.b64encode(b'x' * 32).decode()}"
+    )
+    r = central(hub, pki, "rollout", "--bundle", "cxr", "--version", "1.0.0", "--device", "clinic-a", conn=wrong)
+    assert r.returncode == 1 and "401" in r.stdout + r.stderr
+    devcs = f"HostName={HUB};DeviceId=clinic-a;SharedAccessKey={keys['clinic-a']}"
+    r = central(hub, pki, "status", conn=devcs)
+    assert r.returncode == 2 and "lacks SharedAccessKeyName" in r.stderr
+    assert all(hub.twin(d)["desired"]["$version"] == versions[d] for d in DEVICES)
+    r = central(
+        hub, pki, "rollout", "--bundle", "cxr", "--version", "1.0.0", "--device", "ghost", "--device", "clinic-a"
+    )
+    assert r.returncode == 1
+    out = {x["device_id"]: x for x in map(json.loads, r.stdout.splitlines())}
+    assert "404" in out["ghost"]["error"] and out["clinic-a"]["error"] is None
+    assert desired_updates(hub, "clinic-a") == {"bundles": {"cxr": {"version": "1.0.0"}}}
