@@ -365,10 +365,40 @@ def test_downgrade_below_the_highest_ever_installed_is_refused(box: Box, bundles
     _assert_kept(box, box.wait_end("0.9.0"), "downgrade")
 
 
-def test_bundle_for_another_task_is_refused(box: Box, bundles: dict[str, Path]) -> None:
+def test_bundle_for_another_task_is_refused_before_downloading(box: Box, bundles: dict[str, Path]) -> None:
     box.repo.publish(bundles["other_task"], "tiny", "1.4.0")
     box.desire("1.4.0")
     _assert_kept(box, box.wait_end("1.4.0"), "wrong_task")
+    assert box.server.target_requests() == []  # the signed custom.task said so
+
+
+def test_bundle_for_another_task_is_refused_by_its_manifest_too(box: Box, bundles: dict[str, Path]) -> None:
+    box.repo.publish(bundles["other_task"], "tiny", "1.4.0", commit=False)
+    del box.repo.targets.signed.targets["tiny/tiny-1.4.0.bundle"].unrecognized_fields["custom"]["task"]
+    box.repo.commit()  # a repository whose metadata does not say the task: the manifest still does
+    box.desire("1.4.0")
+    _assert_kept(box, box.wait_end("1.4.0"), "wrong_task")
+    assert len(box.server.target_requests()) == 1
+
+
+def test_target_whose_manifest_is_not_the_signed_one_is_refused(box: Box, bundles: dict[str, Path]) -> None:
+    box.repo.publish(bundles["1.1.0"], "tiny", "1.1.0", commit=False)
+    box.repo.targets.signed.targets["tiny/tiny-1.1.0.bundle"].unrecognized_fields["custom"]["manifest_sha256"] = (
+        "0" * 64
+    )
+    box.repo.commit()
+    box.desire("1.1.0")
+    _assert_kept(box, box.wait_end("1.1.0"), "manifest_mismatch")
+
+
+def test_director_back_to_the_running_version_halts_the_update(box: Box, bundles: dict[str, Path]) -> None:
+    box.repo.publish(bundles["1.1.0"], "tiny", "1.1.0")
+    box.desire("1.1.0", window="00:00-00:01" if dt.datetime.now().hour else "12:00-12:01")  # held back
+    wait_until(lambda: box.states() == ["waiting_window"], timeout=10, what="waiting")
+    box.desire("1.0.0")  # halt: the version it runs
+    doc = box.wait_end("1.0.0")
+    assert doc["state"] == "active" and box.active() == "1.0.0"
+    assert box.server.target_requests() == []
 
 
 def test_full_disk_is_refused_before_downloading(box: Box, bundles: dict[str, Path]) -> None:

@@ -23,6 +23,8 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 
 from appliance.updates import layout
+from engines.bundle import manifest_digest, read_manifest_unverified
+from engines.manifest import canonical_bytes
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 
@@ -106,6 +108,13 @@ class TufRepo:
         """Add ``bundle`` as target ``layout.target_path(bundle_id, version)``; returns the served file."""
         path = layout.target_path(bundle_id, version)
         info = TargetFile.from_file(path, str(bundle), ["sha256"])
+        m = read_manifest_unverified(bundle)
+        info.unrecognized_fields["custom"] = {  # as appliance.central.repository publishes it
+            "bundle_id": m.bundle_id,
+            "version": m.version,
+            "task": m.task,
+            "manifest_sha256": manifest_digest(canonical_bytes(m)),
+        }
         self.targets.signed.targets[path] = info
         dirname, _, name = path.rpartition("/")
         served = self.targets_dir / dirname / f"{info.hashes['sha256']}.{name}"

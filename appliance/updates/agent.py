@@ -110,7 +110,8 @@ class UpdateAgent:
         self._thread: threading.Thread | None = None
         self._retry_at: dict[str, float] = {}
         self._last_report: dict[str, float] = {}
-        self._lock = threading.Lock()  # on_desired vs. the worker's reads of the target
+        # a state change and its report happen together: the twin sees the states in the order they were stored
+        self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- Service
     def start(self) -> None:
@@ -156,7 +157,7 @@ class UpdateAgent:
                         self.rows.set_policy(bundle_id, policy)
                     continue
                 active = self._registry().active_version(bundle_id)
-                if row is None and active == target.version:
+                if active == target.version:  # already running it (or halting a rollout): nothing to fetch
                     row = self.rows.target(bundle_id, target.version, policy, S.ACTIVE)
                 else:
                     row = self.rows.target(bundle_id, target.version, policy, S.WAITING_WINDOW)
@@ -216,7 +217,9 @@ class UpdateAgent:
                 log.exception("update state could not be reported", bundle=row.bundle_id)
 
     def _move(self, row: UpdateRow, state: UpdateState, reason: str | None = None, **fields: Any) -> UpdateRow:
-        new = self.rows.move(row, state, reason=reason, **fields)
+        with self._lock:
+            new = self.rows.move(row, state, reason=reason, **fields)
+            self._send(new)
         log.info(
             "model update step",
             bundle=row.bundle_id,
@@ -224,7 +227,6 @@ class UpdateAgent:
             state=str(state),
             reason=reason,
         )
-        self._send(new)
         return new
 
     # ---------------------------------------------------------------- the worker
@@ -308,10 +310,27 @@ class UpdateAgent:
         log.warning("model update waits", bundle=row.bundle_id, state=str(row.state), retry_in_s=delay, reason=why)
         reason = f"waiting to retry: {why}"[:1000]
         if row.state in (S.DOWNLOADING, S.VERIFYING) and row.reason != reason:
-            self._send(self.rows.move(row, row.state, reason=reason))
+            self._move(row, row.state, reason=reason)
+
+    def _check_custom(self, row: UpdateRow, info: Any) -> None:
+        """The target's signed ``custom`` fields (bundle id, version, task; written by ``appliance central repo
+        publish``) must name this update and the task this bundle id runs here: refused before any byte."""
+        custom = info.unrecognized_fields.get("custom")
+        if not isinstance(custom, dict):
+            return
+        named = (custom.get("bundle_id", row.bundle_id), custom.get("version", row.target))
+        if named != (row.bundle_id, row.target):
+            raise _Failed(f"the repository signs this target as {named[0]} {named[1]} [wrong_bundle]")
+        reg = self._registry()
+        active = reg.active_version(row.bundle_id)
+        if active is not None and "task" in custom:
+            task = reg.manifest(row.bundle_id, active).task
+            if custom["task"] != task:
+                raise _Failed(f"bundle is for task {custom['task']!r}; {row.bundle_id} runs {task!r} here [wrong_task]")
 
     def _download(self, row: UpdateRow) -> UpdateRow:
         info, url = self._target(row)
+        self._check_custom(row, info)
         part = self._part(row, info.hashes["sha256"])
         have = part.stat().st_size if part.exists() else 0
         free = shutil.disk_usage(self.settings.state_dir).free
@@ -320,17 +339,17 @@ class UpdateAgent:
             raise _Failed(
                 f"disk budget: the update needs {need} bytes ({info.length} bundle + headroom), {free} free [disk_full]"
             )
-        row = self.rows.move(row, S.DOWNLOADING, bytes=have, total=info.length)
-        self._send(row)
+        row = self._move(row, S.DOWNLOADING, bytes=have, total=info.length)
 
         def progress(done: int) -> None:
             if self._stop.is_set():
                 raise _Wait()
-            self.rows.progress(row, done, info.length)
-            cur = self.rows.get(row.bundle_id)
-            if cur is None or cur.target != row.target:
-                raise Superseded(row.bundle_id, row.target)
-            self._send(cur, force=done >= info.length)
+            with self._lock:
+                self.rows.progress(row, done, info.length)
+                cur = self.rows.get(row.bundle_id)
+                if cur is None or cur.target != row.target:
+                    raise Superseded(row.bundle_id, row.target)
+                self._send(cur, force=done >= info.length)
 
         u = self.settings.updates
         try:
@@ -372,9 +391,13 @@ class UpdateAgent:
             if version_key(row.target) < version_key(v):
                 raise _Failed(f"{row.target} is below {v}, the highest version ever installed here [downgrade]")
         try:
-            reg.install(part, appliance_version=runtime_options(self.settings).appliance_version)
+            verified = reg.install(part, appliance_version=runtime_options(self.settings).appliance_version)
         except EnginesError as exc:
             raise _Failed(f"bundle refused: {exc}") from exc
+        signed = (info.unrecognized_fields.get("custom") or {}).get("manifest_sha256")
+        if signed is not None and signed != verified.digest:  # TUF and the bundle signature name other content
+            reg.record_failure(row.bundle_id, row.target, "manifest_mismatch", "TUF custom.manifest_sha256 differs")
+            raise _Failed("the bundle's manifest is not the one the repository signed [manifest_mismatch]")
         self.rows.record_installed(row.bundle_id, row.target)
         part.unlink(missing_ok=True)
         return self._move(row, S.COMPILING, bytes=info.length, total=info.length)
