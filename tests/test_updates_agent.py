@@ -227,8 +227,13 @@ def test_two_quick_desired_patches_the_last_wins(box: Box, bundles: dict[str, Pa
 
 def test_health_gate_without_enough_studies_rolls_back_by_itself(box: Box, bundles: dict[str, Path]) -> None:
     box.repo.publish(bundles["1.1.0"], "tiny", "1.1.0")
-    box.desire("1.1.0", health_studies=2, health_deadline_s=1.5)
-    wait_until(lambda: box.active() == "1.1.0", timeout=60, what="1.1.0 activated")
+    box.desire("1.1.0", health_studies=2, health_deadline_s=5)
+    wait_until(
+        lambda: (r := box.agent.rows.get("tiny")) is not None and r.state == UpdateState.HEALTH_GATE,
+        timeout=60,
+        what="1.1.0 on probation",
+    )
+    assert box.active() == "1.1.0"
     box.agent.on_outcome("tiny", "1.1.0", None)  # one good study of two
     doc = box.wait_end("1.1.0")
     assert doc["state"] == "rolled_back" and "1 of 2 studies" in doc["reason"]
