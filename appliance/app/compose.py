@@ -93,6 +93,12 @@ class Appliance:
         return {s.name: self.status[s.name]() if s.name in self.status else {} for s in self.services}
 
 
+def _no_update_agent(desired: Any) -> None:
+    """The desired hook without an update agent: a director document is refused, not silently ignored."""
+    if getattr(desired, "model_updates", None) is not None:
+        raise ValueError("model_updates: this box runs no update agent (updates.enabled and pipeline.enabled)")
+
+
 def compose(settings: Settings, store: Store) -> Appliance:
     """Make and connect every service of the appliance for ``settings`` on ``store``; nothing is started."""
     pools = Pools()
@@ -166,7 +172,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
             reported_hook=(lambda: {k: v for hook in reported_hooks for k, v in hook().items()})
             if reported_hooks
             else None,
-            desired_hook=updates.on_desired if updates is not None else None,
+            desired_hook=updates.on_desired if updates is not None else _no_update_agent,
             overlay=overlay,
         )
         if updates is not None:

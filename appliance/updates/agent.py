@@ -117,7 +117,12 @@ class UpdateAgent:
     def start(self) -> None:
         """Resume every unfinished update (in its persisted step) on the agent's thread."""
         self._stop.clear()
-        for row in self.rows.all():
+        rows = self.rows.all()
+        keep = {f"{r.bundle_id}-{r.target}." for r in rows if r.state in (S.DOWNLOADING, S.VERIFYING)}
+        for part in self.partial_dir.glob("*.part"):  # of an update superseded or ended while we were down
+            if not any(part.name.startswith(k) for k in keep):
+                part.unlink(missing_ok=True)
+        for row in rows:
             if not row.terminal:
                 log.info("update resumed after restart", bundle=row.bundle_id, version=row.target, state=str(row.state))
             self._send(row)
@@ -242,6 +247,8 @@ class UpdateAgent:
                     self._advance(row)
                 except Superseded as exc:
                     log.info("model update superseded", bundle=exc.bundle_id, version=exc.target)
+                    for part in self.partial_dir.glob(f"{exc.bundle_id}-{exc.target}.*"):
+                        part.unlink(missing_ok=True)
                     self._wake.set()
                 except Exception as exc:  # a bug must not kill the agent; the update ends failed, visibly
                     log.exception("model update crashed", bundle=row.bundle_id, version=row.target)
