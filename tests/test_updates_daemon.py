@@ -23,7 +23,7 @@ from testsupport.daemon import Daemon, running_daemon, start_daemon
 from testsupport.dcmtk import storescu
 from testsupport.fakehub import FakeHub
 from testsupport.pipeline import make_dataset, save, synthetic_image
-from testsupport.updaterepo import RepoServer, TufRepo
+from testsupport.updaterepo import Fault, RepoServer, TufRepo
 
 pytestmark = pytest.mark.integration
 
@@ -181,14 +181,17 @@ def test_health_gate_failure_rolls_back_on_the_daemon(
         assert d.query("SELECT bundle_version FROM results")[0]["bundle_version"] == "1.0.0"
 
 
-def _reached(d: Daemon, stage: str) -> Any:
-    """A poll for the persisted update row once it is at ``stage`` or beyond (the row, else None)."""
+def _reached(d: Daemon, stage: str, partial: bool = False) -> Any:
+    """A poll for the persisted update row once it is at ``stage`` or beyond (with ``partial``: downloading
+    with some bytes on disk, not all). Returns the row, else None."""
 
     def poll() -> dict[str, Any] | None:
         r = _row(d)
-        if r is not None and r["target"] == "1.1.0" and ORDER.index(r["state"]) >= ORDER.index(stage):
-            return r
-        return None
+        if r is None or r["target"] != "1.1.0":
+            return None
+        if partial:
+            return r if r["state"] == "downloading" and 0 < r["bytes"] < (r["total"] or 0) else None
+        return r if ORDER.index(r["state"]) >= ORDER.index(stage) else None
 
     return poll
 
@@ -205,16 +208,21 @@ def test_sigkill_at_every_stage_leaves_one_version_and_the_update_ends(
         DEVICE,
         {"model_updates": {"bundles": {"tiny": {"version": "1.1.0"}}, "policy": {"health_studies": 0}}},
     )
+    served = next(tuf.targets_dir.rglob("*.tiny-1.1.0.bundle"))
     for stage in STAGES:
         home = _home(tmp_path / stage, template)
         env = _env(home, hub, pki, device_key, central_keys, key, server.url, tuf.root_file)
+        if stage == "downloading":  # a slow link: the kill lands with part of the file on disk
+            server.faults[served.name] = Fault(trickle_s=0.05, times=1)
+        before = len(server.target_requests())
         d = start_daemon(home, env=env)
         try:
-            reached = wait_until(_reached(d, stage), timeout=120, what=f"stage {stage}", interval=0.002)
+            reached = wait_until(_reached(d, stage, partial=stage == "downloading"), timeout=120, what=stage)
             d.kill()
             landed[stage] = reached["state"]
         finally:
             d.kill()
+            server.faults.pop(served.name, None)
         with running_daemon(home, env=env) as d2:
             end = wait_until(
                 lambda: (r := _row(d2)) is not None and r["state"] in ("active", "failed") and r,
@@ -226,5 +234,8 @@ def test_sigkill_at_every_stage_leaves_one_version_and_the_update_ends(
             assert state["active"] in ("1.0.0", "1.1.0")  # exactly one version active
             assert end["state"] == "active" and state["active"] == "1.1.0", (stage, end)
             assert not any((home / "updates" / "partial").glob("*.part"))
+        if stage == "downloading":  # the restarted box continued the file where the killed one stopped
+            ranges = [rng for _, rng in server.target_requests()[before:]]
+            assert ranges[0] is None and ranges[-1] == f"bytes={reached['bytes']}-", ranges
     assert set(landed) == set(STAGES)
     print("kill landed in:", landed)

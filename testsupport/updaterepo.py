@@ -14,6 +14,7 @@ import datetime as dt
 import shutil
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -128,12 +129,13 @@ class TufRepo:
 @dataclass
 class Fault:
     """What the server does for one file: ``drop_after`` bytes then close (``times`` requests), ``endless``
-    data, or ``body`` instead of the file."""
+    data, ``body`` instead of the file, or the file trickled out slowly (``trickle_s``)."""
 
     drop_after: int | None = None
     times: int = 1
     endless: bool = False
     body: bytes | None = None
+    trickle_s: float = 0.0  # pause after every 256 bytes (``times`` requests): a slow link
 
 
 @dataclass
@@ -200,6 +202,16 @@ class RepoServer:
                     self.close_connection = True
                     return
                 self.end_headers()
+                if fault is not None and fault.trickle_s > 0 and fault.times > 0:
+                    fault.times -= 1
+                    try:
+                        for i in range(0, len(body), 256):
+                            self.wfile.write(body[i : i + 256])
+                            self.wfile.flush()
+                            time.sleep(fault.trickle_s)
+                    except OSError:  # the client went away (killed)
+                        self.close_connection = True
+                    return
                 self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -138,6 +138,7 @@ class HttpFetcher(FetcherInterface):
                                 "too_long", f"the server sent more than the {length} bytes TUF signed for this target"
                             )
                         fh.write(chunk)
+                        fh.flush()  # in the OS before it is reported: a killed process keeps what it reported
                         if progress is not None:
                             progress(done)
                 finally:
