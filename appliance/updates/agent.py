@@ -49,6 +49,7 @@ from engines import runtime
 from engines.bundle import read_manifest_unverified
 from engines.errors import EnginesError
 from engines.manifest import version_key
+from engines.registry import Registry
 
 log = get_logger(__name__)
 
@@ -167,6 +168,7 @@ class UpdateAgent:
                 else:
                     row = self.rows.target(bundle_id, target.version, policy, S.WAITING_WINDOW)
                     log.info("model update requested", bundle=bundle_id, version=target.version, active=active)
+                self._retry_at.pop(bundle_id, None)  # a new target does not wait out the old one's backoff
                 self._send(row, force=True)
                 changed = True
         if changed:
@@ -192,7 +194,7 @@ class UpdateAgent:
         return {REPORTED_KEY: {r.bundle_id: self._doc(r) for r in self.rows.all()}}
 
     # ---------------------------------------------------------------- reporting
-    def _registry(self) -> Any:
+    def _registry(self) -> Registry:
         return models.registry(self.settings)
 
     def _doc(self, row: UpdateRow) -> dict[str, Any]:
