@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,20 @@ def test_twin_get_whose_response_is_lost_is_asked_again(make_agent, hub: FakeHub
     wait_until(lambda: agent.twin.version == v, timeout=30, what="twin applied after two lost GET responses")
     assert agent.health_interval_s == 77
     assert len(lost.hits) == 2
+
+
+@pytest.mark.integration
+def test_twin_get_answered_late_is_asked_again_and_the_late_answer_ignored(make_agent, hub: FakeHub) -> None:
+    v = hub.update_desired(DEVICE, {"health_interval_s": 66})
+    late = hub.add_fault("$iothub/twin/res/200/*", "delay", delay_s=4, count=1, device_id=DEVICE)
+    agent = make_agent()
+    agent.start()
+    wait_until(lambda: agent.twin.version == v, timeout=30, what="twin applied from the second GET")
+    assert len(late.hits) == 1 and agent.health_interval_s == 66
+    v2 = hub.update_desired(DEVICE, {"health_interval_s": 67})
+    wait_until(lambda: agent.twin.version == v2, timeout=20, what="next patch")
+    time.sleep(4)  # the delayed answer (the old document) arrives now: it must not undo the newer patch
+    assert agent.twin.version == v2 and agent.health_interval_s == 67
 
 
 @pytest.mark.integration
