@@ -189,6 +189,8 @@ def test_desired_version_goes_through_every_state_to_active(box: Box, bundles: d
         r["model_updates"]["tiny"] for r in box.reports if r["model_updates"]["tiny"]["state"] == "downloading"
     ]
     assert downloading[-1]["bytes"] == size and downloading[-1]["total"] == size
+    compiling = [r["model_updates"]["tiny"] for r in box.reports if r["model_updates"]["tiny"]["state"] == "compiling"]
+    assert {"phase": "optimise", "done": 1, "total": 1} in [c.get("progress") for c in compiling]  # ORT's build
     assert box.active() == "1.1.0"
     assert box.agent.rows.highest("tiny") == "1.1.0"
     assert list((box.settings.state_dir / "updates" / "partial").iterdir()) == []  # nothing left behind

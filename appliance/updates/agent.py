@@ -111,6 +111,7 @@ class UpdateAgent:
         self._thread: threading.Thread | None = None
         self._retry_at: dict[str, float] = {}
         self._last_report: dict[str, float] = {}
+        self._compile_progress: dict[str, dict[str, Any]] = {}  # bundle id -> {"phase", "done", "total"}
         # a state change and its report happen together: the twin sees the states in the order they were stored
         self._lock = threading.RLock()
 
@@ -202,7 +203,7 @@ class UpdateAgent:
             active = self._registry().active_version(row.bundle_id)
         except EnginesError:
             active = None
-        return {
+        doc: dict[str, Any] = {
             "state": str(row.state),
             "version": row.target,
             "active_version": active,
@@ -211,6 +212,10 @@ class UpdateAgent:
             "reason": row.reason,
             "since": _iso(row.since),
         }
+        progress = self._compile_progress.get(row.bundle_id)
+        if progress is not None and row.state == S.COMPILING:
+            doc["progress"] = progress  # the backend's build phase (e.g. TensorRT's layers), while compiling
+        return doc
 
     def _send(self, row: UpdateRow, force: bool = True) -> None:
         now = time.monotonic()
@@ -414,6 +419,10 @@ class UpdateAgent:
     def _compile_once(self, row: UpdateRow) -> Any:
         def progress(phase: str, done: int, total: int) -> None:
             log.info("compiling", bundle=row.bundle_id, version=row.target, phase=phase, done=done, total=total)
+            self._compile_progress[row.bundle_id] = {"phase": phase, "done": done, "total": total}
+            if row.state == S.COMPILING:
+                with self._lock:
+                    self._send(row, force=done >= total)
 
         reg = self._registry()
         try:
@@ -431,7 +440,10 @@ class UpdateAgent:
     def _compile(self, row: UpdateRow) -> UpdateRow:
         """Build (or take from the engine cache) the engine for this hardware; compile_engine golden-checks it
         as it builds, and a mismatch fails here already (recorded in the registry: never activated)."""
-        self._compile_once(row).engine.close()
+        try:
+            self._compile_once(row).engine.close()
+        finally:
+            self._compile_progress.pop(row.bundle_id, None)
         return self._move(row, S.VALIDATING)
 
     def _validate(self, row: UpdateRow) -> UpdateRow:
