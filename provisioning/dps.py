@@ -5,7 +5,9 @@ username ``{id_scope}/registrations/{registration_id}/api-version=2019-03-31`` a
 (resource ``{id_scope}/registrations/{registration_id}``, key name ``registration``) or an X.509 client
 certificate; subscribe ``$dps/registrations/res/#``; publish ``iotdps-register``; while the answer is
 202 "assigning", wait ``retry-after`` seconds and poll ``iotdps-get-operationstatus``; 200 "assigned"
-names the hub and device id. A group enrollment's key is derived per device before signing.
+names the hub and device id; "failed" or "disabled" end it with the service's error message. A 429 (throttled)
+or 5xx answer repeats the same request after its ``retry-after``. A group enrollment's key is derived per
+device before signing.
 """
 
 from __future__ import annotations
@@ -98,32 +100,52 @@ def register(
         client.subscribe("$dps/registrations/res/#", qos=1)
         rid = 1
         body = json.dumps({"registrationId": registration_id, "payload": payload}).encode()
-        client.publish(f"$dps/registrations/PUT/iotdps-register/?$rid={rid}", body, qos=1)
+        # (topic before $rid, topic after it, payload) of the request the next retry repeats
+        request = ("$dps/registrations/PUT/iotdps-register/", "", body)
+        client.publish(f"{request[0]}?$rid={rid}{request[1]}", body, qos=1)
+        throttled = 0
         while True:
             status, props, doc = _answer(inbox, rid, deadline)
+            state = doc.get("registrationState") or {}
             if status == 200 and doc.get("status") == "assigned":
-                state = doc.get("registrationState") or {}
                 a = Assignment(state["assignedHub"], state["deviceId"], "assigned", state.get("substatus"))
                 log.info("DPS assigned", registration_id=registration_id, hub=a.hub, device_id=a.device_id)
                 return a
-            if status in (200, 202) and doc.get("status") in ("assigning", "unassigned", None):
+            if status == 429 or status >= 500:  # throttled or busy: the same request again after retry-after
+                throttled += 1
+                wait = _retry_after(props, default=min(60.0, 2.0**throttled))
+                log.warning("DPS throttled the registration; retrying", status=status, retry_after_s=wait)
+            elif status in (200, 202) and doc.get("status") in ("assigning", "unassigned", None):
                 op = doc.get("operationId")
                 if not op:
                     raise DpsError(f"DPS answered {status} without an operationId")
-                wait = float(props.get("retry-after", ["2"])[0])
-                if time.monotonic() + wait > deadline:
-                    raise DpsError("DPS registration timed out while assigning")
-                time.sleep(min(max(wait, 0.5), 60.0))
-                rid += 1
-                client.publish(
-                    f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={op}", b"", qos=1
-                )
-                continue
-            reason = doc.get("message") or doc.get("errorMessage") or doc.get("status") or "no reason given"
-            raise DpsError(f"DPS registration failed ({status}): {reason}")
+                wait = _retry_after(props, default=2.0)
+                request = ("$dps/registrations/GET/iotdps-get-operationstatus/", f"&operationId={op}", b"")
+            elif doc.get("status") in ("failed", "disabled") or state.get("status") in ("failed", "disabled"):
+                outcome = doc.get("status") if doc.get("status") in ("failed", "disabled") else state.get("status")
+                message = state.get("errorMessage") or doc.get("message") or "no message given"
+                code = state.get("errorCode") or doc.get("errorCode")
+                raise DpsError(f"DPS registration {outcome}: {message}" + (f" (error code {code})" if code else ""))
+            else:
+                reason = doc.get("message") or doc.get("errorMessage") or doc.get("status") or "no reason given"
+                raise DpsError(f"DPS registration failed ({status}): {reason}")
+            if time.monotonic() + wait > deadline:
+                raise DpsError(f"DPS registration timed out (last answer {status}, retry-after {wait:g} s)")
+            time.sleep(wait)
+            rid += 1
+            client.publish(f"{request[0]}?$rid={rid}{request[1]}", request[2], qos=1)
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def _retry_after(props: dict[str, list[str]], default: float) -> float:
+    """The answer's ``retry-after`` (seconds, as DPS sends it in the topic), bounded to 0.5..60 s."""
+    try:
+        value = float(props.get("retry-after", [str(default)])[0])
+    except ValueError:
+        value = default
+    return min(max(value, 0.5), 60.0)
 
 
 def _answer(inbox: queue.Queue[tuple[str, bytes]], rid: int, deadline: float) -> tuple[int, dict, dict]:

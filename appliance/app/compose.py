@@ -11,6 +11,10 @@ PipelineWorker --on_sr_queued / on_results--> Exporter.send_now / Exporter.wake 
 PipelineWorker --ResultPublisher--> CloudResultPublisher --notify_queued--> OutboxSender   (IoT Hub)
 ActiveEngines --BundleSource--> PipelineWorker, EarlyPreparer;  --on_change--> CloudAgent.report_changed
 CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftest)
+CloudAgent --desired_hook--> UpdateAgent.on_desired;  UpdateAgent --ReportedSink--> CloudAgent.report_patch
+PipelineWorker --StudyGate (held per study)--> UpdateAgent (switches between studies)
+PipelineWorker --on_outcome--> UpdateAgent.on_outcome (health gate);  UpdateAgent --Reload--> ActiveEngines
+UpdateAgent --SelfCheck--> app.selftest.engine_selftest
 CloudAgent.overlay (CloudOverlay): the twin's runtime settings, read by the publisher and the sender
 PipelineWorker --on_analysed--> ApplianceMetrics.observe_analysis (inference latency histogram)
 WebService <--WebPorts-- self-test, C-ECHO, status doc, SCP listening, engines, installed models, cloud status
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from appliance.app.methods import ControlMethods
-from appliance.app.selftest import run_selftest
+from appliance.app.selftest import engine_selftest, run_selftest
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.result_messages import CloudResultPublisher
@@ -47,6 +51,8 @@ from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.results import NoPublisher, ResultPublisher
 from appliance.pipeline.worker import PipelineWorker
 from appliance.retention.purge import RetentionService
+from appliance.updates.agent import UpdateAgent
+from appliance.updates.gate import StudyGate
 from appliance.web.metrics import ApplianceMetrics
 from appliance.web.ports import WebPorts, no_cloud, no_engines
 
@@ -105,6 +111,12 @@ class Appliance:
         return None
 
 
+def _no_update_agent(desired: Any) -> None:
+    """The desired hook without an update agent: a director document is refused, not silently ignored."""
+    if getattr(desired, "model_updates", None) is not None:
+        raise ValueError("model_updates: this box runs no update agent (updates.enabled and pipeline.enabled)")
+
+
 def compose(settings: Settings, store: Store) -> Appliance:
     """Make and connect every service of the appliance for ``settings`` on ``store``; nothing is started."""
     pools = Pools()
@@ -128,11 +140,22 @@ def compose(settings: Settings, store: Store) -> Appliance:
         publisher = cloud_publisher
 
     engines: ActiveEngines | None = None
+    updates: UpdateAgent | None = None
+    gate = StudyGate()
     p = settings.pipeline
     if p.enabled:
         # One engine per active bundle, shared by the worker, early preparation and the cloud agent's reports;
         # the shipped reference bundles are installed on first run (engines.install_reference_bundles).
         engines = ActiveEngines(settings, install_reference=True)
+        if settings.updates.enabled:
+            active_engines = engines
+            updates = UpdateAgent(
+                settings,
+                store,
+                gate,
+                reload=lambda: {m.bundle_id: m.version for m, _ in active_engines.active()},
+                selfcheck=lambda: engine_selftest(settings),
+            )
         exporter = Exporter(settings, store)
         cache: PreparedCache | None = None
         early: list[Service] = []
@@ -153,6 +176,8 @@ def compose(settings: Settings, store: Store) -> Appliance:
             prepare_pool=pools.prepare,
             results_pool=pools.results,
             on_analysed=metrics.observe_analysis,
+            gate=gate,
+            on_outcome=updates.on_outcome if updates is not None else None,
         )
         assembler.on_complete.append(lambda _study_id: worker.wake())
         services += [exporter, *early, worker]
@@ -160,24 +185,31 @@ def compose(settings: Settings, store: Store) -> Appliance:
     if cloud_publisher is not None:
         control = ControlMethods(settings, store, cloud_publisher)
         alert_s = settings.retention.export_alert_hours * 3600
-
-        def reported() -> dict[str, Any]:
-            """The agent's reported properties (and health message): active bundles and the export alert."""
-            doc = engines.describe() if engines is not None else {}
-            return {**doc, "exports_undeliverable": undeliverable(store.conn, alert_s)}
-
+        reported_hooks: list[Callable[[], dict[str, Any]]] = [
+            lambda: {"exports_undeliverable": undeliverable(store.conn, alert_s)}  # the export alert
+        ]
+        if engines is not None:
+            reported_hooks.append(engines.describe)
+        if updates is not None:
+            reported_hooks.append(updates.reported)
         agent = CloudAgent(
             settings,
             store,
             method_hooks=control.handlers(),
-            reported_hook=reported,
+            reported_hook=lambda: {k: v for hook in reported_hooks for k, v in hook().items()},
+            desired_hook=updates.on_desired if updates is not None else _no_update_agent,
             overlay=overlay,
         )
+        if updates is not None:
+            updates.report = agent.report_patch
         cloud_publisher.on_queued = agent.sender.notify_queued
         if engines is not None:
             engines.on_change.append(agent.report_changed)
         services.append(agent)
         app.status[agent.name] = agent.status
+    if updates is not None:
+        services.append(updates)  # after the worker and the cloud agent: its first reports reach the twin
+        app.status[updates.name] = updates.status
     services.append(RetentionService(settings, store))
     if settings.api.enabled:
         # imported here: FastAPI and uvicorn take seconds to import on a loaded 2-core box, for nothing when off

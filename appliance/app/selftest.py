@@ -120,6 +120,21 @@ def _phantom_chain(settings: Settings) -> tuple[bool, str]:
         return True, f"chest nodule located within {err:.2%}; mammogram R {breasts['R']:.2f} > L {breasts['L']:.2f}"
 
 
+def engine_selftest(settings: Settings) -> tuple[bool, str]:
+    """The engine part of the self-test (every active bundle's golden check on this hardware, then the
+    phantom chain), as the update agent's health gate runs it: (passed, detail). Never raises."""
+    details = []
+    for name, fn in (("active_bundles", _active_bundles), ("phantom_chain", _phantom_chain)):
+        try:
+            ok, detail = fn(settings)
+        except Exception as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        details.append(f"{name}: {detail}")
+        if not ok:
+            return False, "; ".join(details)
+    return True, "; ".join(details)
+
+
 def _pacs(settings: Settings, dest: Any) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
         from appliance.delivery.export import echo

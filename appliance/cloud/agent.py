@@ -26,7 +26,7 @@ from appliance.cloud import outbox, payload
 from appliance.cloud.client import HubClient
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.sender import OutboxSender
-from appliance.cloud.twin import Desired, TwinState
+from appliance.cloud.twin import MAX_TWIN_BYTES, Desired, TwinState, twin_size
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
 from appliance.core.store import Store
@@ -34,7 +34,10 @@ from appliance.core.store import Store
 log = get_logger(__name__)
 
 MAX_C2D_BYTES = 64 * 1024
-C2DHook = Callable[[dict[str, str], Any], None]  # (properties, parsed JSON body); raise ValueError to reject
+C2DHook = Callable[[dict[str, str], Any], None]
+"""(properties, parsed JSON body). Return only once what it keeps is durable: the message is acknowledged to the
+hub after it returns. ValueError rejects the message (acknowledged, reported in ``last_c2d``); any other
+exception leaves it unacknowledged, so the hub delivers it again after the next reconnect."""
 
 
 def _iso(ts: float | None) -> str | None:
@@ -82,12 +85,14 @@ class CloudAgent:
         self.client = HubClient(settings, self, time_fn=time_fn)
         self.twin = TwinState(lambda: self.store.conn, self._apply_desired)
         self.last_c2d: dict[str, Any] | None = None
-        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes] | tuple[str, bytes, Callable[[], None]] | None] = queue.Queue()
         self._pool: ThreadPoolExecutor | None = None
         self._worker: threading.Thread | None = None
         self._stop = threading.Event()
         self._rid = 0
         self._pending_get: str | None = None
+        self._pending_get_at = 0.0
+        self._pending_reported: dict[str, float] = {}  # rid -> monotonic time sent (PATCH awaiting its answer)
         self._buffered_patches: list[tuple[bytes, int | None]] = []
         self._reported_dirty = threading.Event()
         self._next_health = 0.0
@@ -164,13 +169,13 @@ class CloudAgent:
     def in_flight(self) -> int:
         return len(self.sender.inflight)
 
-    def on_message(self, topic: str, data: bytes) -> None:
+    def on_message(self, topic: str, data: bytes, ack: Callable[[], None] | None = None) -> None:
         if topic.startswith("$iothub/methods/POST/"):
             req = methods_mod.parse_request(topic)
             if req is not None and self._pool is not None:
                 self._pool.submit(self._run_method, req[0], req[1], data)
             return
-        self._inbox.put((topic, data))
+        self._inbox.put((topic, data) if ack is None else (topic, data, ack))
 
     def pump(self, client: HubClient, publish: bool = True) -> bool:
         return self.sender.pump(client, publish)
@@ -188,11 +193,14 @@ class CloudAgent:
                 item = ("$tick", b"")
             if item is None:
                 break
-            topic, data = item
+            topic, data = item[0], item[1]
             try:
                 self._handle(topic, data)
             except Exception:
-                log.exception("cloud message handling failed; continuing", topic=topic)
+                log.exception("cloud message handling failed; not acknowledged, continuing", topic=topic)
+                continue
+            if len(item) == 3:
+                item[2]()  # handled (and whatever the hook keeps, kept): now the hub may forget it
 
     def _next_rid(self) -> str:
         self._rid += 1
@@ -201,15 +209,27 @@ class CloudAgent:
     def _twin_get(self) -> None:
         rid = self._next_rid()
         self._pending_get = rid
+        self._pending_get_at = time.monotonic()
         self.client.submit(f"$iothub/twin/GET/?$rid={rid}", b"", qos=0)
+
+    def _patch_reported(self, body: bytes) -> None:
+        rid = self._next_rid()
+        self._pending_reported[rid] = time.monotonic()
+        self.client.submit(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", body, qos=0)
 
     def _handle(self, topic: str, data: bytes) -> None:
         if topic == "$ready":
             self._buffered_patches.clear()
+            self._pending_reported.clear()  # answers of the old connection never come; ready resends everything
             self._get_attempts = 0
             self._twin_get()
         elif topic == "$tick":
             pass
+        elif topic == "$reported":
+            if self.client.ready and self._pending_get is None:
+                self._patch_reported(data)
+            else:
+                self._reported_dirty.set()
         elif topic.startswith("$iothub/twin/res/"):
             self._on_twin_response(topic, data)
         elif topic.startswith("$iothub/twin/PATCH/properties/desired/"):
@@ -217,6 +237,11 @@ class CloudAgent:
             v = int(version) if version and version.isdigit() else None
             if self._pending_get is not None:
                 self._buffered_patches.append((data, v))  # applied after the full GET, if newer
+            elif v is not None and self.twin.version and v > self.twin.version + 1:
+                # the hub numbers desired versions one by one: a gap means a patch never arrived
+                log.warning("desired patch skipped a version; reading the whole twin", have=self.twin.version, got=v)
+                self._buffered_patches.append((data, v))
+                self._twin_get()
             elif self.twin.on_patch(data, v):
                 self._reported_dirty.set()
         elif topic.startswith(f"devices/{self.settings.cloud.device_id}/messages/devicebound/"):
@@ -227,6 +252,18 @@ class CloudAgent:
 
     def _periodic(self) -> None:
         now = time.monotonic()
+        timeout = self.settings.cloud.twin_timeout_s
+        if self._pending_get is not None and now - self._pending_get_at > timeout and self.client.ready:
+            log.warning(
+                "twin GET unanswered; asking again", rid=self._pending_get, waited_s=round(now - self._pending_get_at)
+            )
+            self._twin_get()
+        late = [rid for rid, at in self._pending_reported.items() if now - at > timeout]
+        if late:
+            log.warning("reported properties unanswered; sending them again", rids=late)
+            for rid in late:
+                del self._pending_reported[rid]
+            self._reported_dirty.set()  # the whole reported document carries every value again
         if self._retry_get_at is not None and now >= self._retry_get_at and self.client.ready:
             self._retry_get_at = None
             self._twin_get()
@@ -256,7 +293,7 @@ class CloudAgent:
                 log.warning("twin GET failed; retrying", status=status, retry_in_s=delay)
                 self._pending_get = None
                 self._retry_get_at = time.monotonic() + delay
-        elif status == 204:
+        elif (rid is not None and self._pending_reported.pop(rid, None) is not None and status == 204) or status == 204:
             log.debug("reported properties accepted", version=q.get("$version"))
         elif status in (429, 500, 503):
             log.warning("reported properties throttled; will resend", status=status)
@@ -298,9 +335,19 @@ class CloudAgent:
         """Something in the reported properties changed (e.g. a model loaded): send them at the next chance."""
         self._reported_dirty.set()
 
+    def report_patch(self, patch: dict[str, Any]) -> None:
+        """Send ``patch`` as its own reported-properties PATCH, in order with the others (a state machine's every
+        step reaches the hub, not only the last one); while disconnected the full report at reconnect carries
+        the latest values instead. Thread-safe."""
+        self._inbox.put(("$reported", json.dumps(patch).encode()))
+
     def _send_reported(self) -> None:
-        body = json.dumps(self.reported()).encode()
-        self.client.submit(f"$iothub/twin/PATCH/properties/reported/?$rid={self._next_rid()}", body, qos=0)
+        doc = self.reported()
+        size = twin_size(doc)
+        if size > MAX_TWIN_BYTES:  # the hub would refuse it (400) again and again: say so once, locally
+            log.error("reported properties over the 32 KB twin limit; not sent", size=size, keys=sorted(doc))
+            return
+        self._patch_reported(json.dumps(doc).encode())
 
     def _enqueue_health(self) -> None:
         try:
@@ -328,6 +375,8 @@ class CloudAgent:
                 raise ValueError(f"C2D message of {len(data)} bytes is over the 64 KB limit")
             try:
                 body = json.loads(data) if data.strip() else None
+            except RecursionError as exc:
+                raise ValueError("C2D body is nested too deep") from exc
             except (ValueError, UnicodeDecodeError) as exc:
                 raise ValueError(f"C2D body is not JSON: {exc}") from exc
             if self.c2d_hook is not None:

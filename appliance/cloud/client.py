@@ -39,7 +39,9 @@ class CredentialError(OSError):
 
 class ConnectionHandler(Protocol):
     def on_ready(self) -> None: ...  # connected and subscribed
-    def on_message(self, topic: str, payload: bytes) -> None: ...
+    def on_message(self, topic: str, payload: bytes, ack: Callable[[], None] | None = None) -> None: ...
+    # ``ack``: for a QoS 1 message (C2D), acknowledges it to the hub; call it once the message is durably
+    # handled. Never called = never acknowledged: the hub delivers it again after the next reconnect.
     def on_ack(self, mid: int) -> None: ...
     def on_disconnected(self) -> None: ...
     def pump(self, client: HubClient, publish: bool = True) -> bool: ...  # True if it did something
@@ -138,6 +140,7 @@ class HubClient:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._outq: queue.Queue[tuple[str, bytes, int]] = queue.Queue()
+        self._acks: queue.Queue[tuple[int, int]] = queue.Queue()  # (connection number, message id) to PUBACK
         self._client: mqtt.Client | None = None
         self.connected = False
         self.ready = False
@@ -201,6 +204,7 @@ class HubClient:
             clean_session=False,  # keeps queued C2D messages across reconnects
             protocol=mqtt.MQTTv311,
         )
+        client.manual_ack_set(True)  # C2D is acknowledged once handled (ack callback), not on arrival
         client.max_inflight_messages_set(self.cfg.max_inflight)
         # Our outbox never hands paho more than max_inflight; the queue must exceed that largest burst.
         client.max_queued_messages_set(self.cfg.max_inflight * 4 + 64)
@@ -313,6 +317,14 @@ class HubClient:
 
     def _drain_submissions(self, client: mqtt.Client) -> bool:
         did = False
+        while True:
+            try:
+                conn_no, mid = self._acks.get_nowait()
+            except queue.Empty:
+                break
+            if conn_no == self.connects and self.connected:  # a message of an older connection is redelivered
+                client.ack(mid, 1)
+                did = True
         while self.connected:
             try:
                 topic, payload, qos = self._outq.get_nowait()
@@ -364,7 +376,11 @@ class HubClient:
         self.handler.on_ready()
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self.handler.on_message(msg.topic, bytes(msg.payload))
+        if msg.qos == 0:
+            self.handler.on_message(msg.topic, bytes(msg.payload))
+            return
+        conn_no, mid = self.connects, msg.mid
+        self.handler.on_message(msg.topic, bytes(msg.payload), lambda: self._acks.put((conn_no, mid)))
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: mqtt.ReasonCode, props: object) -> None:
         self.handler.on_ack(mid)

@@ -68,6 +68,9 @@ class MethodDispatcher:
             return 413, {"error": f"payload of {len(raw)} bytes is over the 128 KB limit"}
         try:
             payload = json.loads(raw) if raw.strip() else None
+        except RecursionError:  # nested so deep the parser runs out of stack: an answer, not a lost exception
+            log.warning("direct method payload rejected", method=name, reason="nested too deep")
+            return 400, {"error": "payload is nested too deep"}
         except (ValueError, UnicodeDecodeError) as exc:
             log.warning("direct method payload rejected", method=name, reason=str(exc))
             return 400, {"error": f"payload is not JSON: {exc}"}

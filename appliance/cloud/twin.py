@@ -22,7 +22,8 @@ from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 
-MAX_TWIN_BYTES = 32 * 1024
+MAX_TWIN_BYTES = 32 * 1024  # per section (desired, reported), counted as the hub counts it: twin_size
+MAX_MESSAGE_BYTES = 4 * MAX_TWIN_BYTES  # a twin message larger than this cannot hold a 32 KB section: not parsed
 MAX_DEPTH = 10
 
 
@@ -41,7 +42,9 @@ class Desired(BaseModel):
     recipient_key_ids: list[str] | None = Field(
         default=None, min_length=1, max_length=16, description="which keys of the set in force to encrypt to"
     )
-    model_update: dict[str, Any] | None = Field(default=None, description="handed to the model-update hook")
+    # the director of model updates (appliance.updates.layout.DESIRED_KEY); validated by the update agent
+    # (the desired hook), whose ValueError rejects the whole document like any other invalid property
+    model_updates: dict[str, Any] | None = Field(default=None, description="the update agent's director document")
 
     @model_validator(mode="before")
     @classmethod
@@ -78,11 +81,38 @@ def _depth(obj: Any) -> int:
     return 1 + max((_depth(v) for v in obj.values()), default=0) if isinstance(obj, dict) else 0
 
 
+def _chars(text: str) -> int:
+    """Characters of a UTF-8 string as the hub counts them: all but Unicode control characters (C0 and C1)."""
+    return sum(1 for ch in text if not (ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F))
+
+
+def twin_size(doc: Any) -> int:
+    """The size IoT Hub charges a twin section against its 32 KB limit ("Understand and use device twins in IoT
+    Hub", twin size): per property, its key's characters plus its value's size; a string counts its characters
+    (Unicode control characters excluded), a number 8, a boolean 4, null 0, an object or array the sum of what
+    it holds. Read-only ``$`` properties ($version, $metadata, ...) are not counted."""
+    if isinstance(doc, dict):
+        return sum(_chars(k) + twin_size(v) for k, v in doc.items() if not k.startswith("$"))
+    if isinstance(doc, list):
+        return sum(twin_size(v) for v in doc)
+    if isinstance(doc, bool):
+        return 4
+    if isinstance(doc, (int, float)):
+        return 8
+    if isinstance(doc, str):
+        return _chars(doc)
+    return 0
+
+
 def parse_json_object(raw: bytes, what: str) -> dict[str, Any]:
-    if len(raw) > MAX_TWIN_BYTES:
+    """One twin message body as a JSON object; ValueError (never RecursionError) for anything the twin does
+    not allow: over the size limit, not JSON, not an object, nested deeper than the hub allows."""
+    if len(raw) > MAX_MESSAGE_BYTES:
         raise ValueError(f"{what} of {len(raw)} bytes is over the 32 KB twin limit")
     try:
         doc = json.loads(raw)
+    except RecursionError as exc:  # a few thousand brackets exhaust the parser's stack
+        raise ValueError(f"{what} is nested deeper than {MAX_DEPTH} (too deep to parse)") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -174,6 +204,8 @@ class TwinState:
             version = _version(desired.get("$version")) if isinstance(desired, dict) else None
             if not isinstance(desired, dict) or version is None:
                 raise ValueError("twin document has no desired section with a 64-bit integer $version")
+            if twin_size(desired) > MAX_TWIN_BYTES:
+                raise ValueError(f"desired section of size {twin_size(desired)} is over the 32 KB twin limit")
         except ValueError as exc:
             log.error("twin GET response rejected", reason=str(exc))
             return
@@ -199,7 +231,12 @@ class TwinState:
         if version <= self.version:
             log.info("desired patch ignored: not newer", version=version, have=self.version)
             return False
-        self._consider(merge_patch(self.doc, strip_meta(patch)), version, full=False)
+        merged = merge_patch(self.doc, strip_meta(patch))
+        size = twin_size(merged)
+        if size > MAX_TWIN_BYTES:
+            self._reject(version, f"desired section of size {size} is over the 32 KB twin limit", doc=None)
+            return True
+        self._consider(merged, version, full=False)
         return True
 
     def _consider(self, doc: dict[str, Any], version: int, full: bool) -> None:

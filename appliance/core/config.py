@@ -257,6 +257,33 @@ class CloudConfig(Section):
     )
     outbox_ttl_days: int = Field(default=60, ge=1)
     outbox_max_bytes: int = Field(default=512 * 1024**2, ge=1024**2)
+    twin_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="a twin GET or reported PATCH unanswered this long is sent again"
+    )
+
+
+class UpdatesConfig(Section):
+    """Over-the-air model updates (appliance/updates): the TUF repository the box trusts and fetches from.
+
+    The director (which version to run) is the twin's desired ``model_updates``; this section only says
+    where the repository is and how much the box may spend on an update. See docs/UPDATES.md."""
+
+    enabled: bool = Field(default=False, description="run the update agent (needs repository_url and a root)")
+    repository_url: str = Field(
+        default="", description="base URL of the TUF repository: <url>/metadata/ and <url>/targets/"
+    )
+    root_file: str | None = Field(
+        default=None, description="trusted TUF root.json shipped/provisioned; None = <state_dir>/updates/root.json"
+    )
+    ca_file: str | None = Field(default=None, description="CA bundle for the repository's TLS; None = system")
+    timeout_s: float = Field(default=30.0, gt=0, description="connect and between-bytes timeout per request")
+    download_attempts: int = Field(default=5, ge=1, le=100, description="tries per download, each resuming")
+    compile_headroom_bytes: int = Field(
+        default=512 * 1024**2, ge=0, description="free space needed beyond the bundle (unpack + engine build)"
+    )
+    retry_s: float = Field(default=300.0, gt=0, description="wait before retrying a repository that was down")
+    health_selftest: bool = Field(default=True, description="run the engine self-test in the health gate")
+    poll_s: float = Field(default=5.0, gt=0, description="how often waiting updates (window, health gate) look again")
 
 
 class RetentionConfig(Section):
@@ -344,6 +371,7 @@ class Settings(BaseSettings):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -61,6 +62,16 @@ class AnalysisObserver(Protocol):
     ``postprocess``, ``load``; see ``analyse.Analysis.timings``): the daemon's metrics histogram. Must be quick."""
 
     def __call__(self, bundle_id: str, version: str, timings: Mapping[str, float]) -> None: ...
+
+
+class StudyGuard(Protocol):
+    """Held around each study (the update agent's gate): a model switch waits for the study to finish."""
+
+    def study(self) -> AbstractContextManager[None]: ...
+
+
+EngineOutcome = Callable[[str, str, str | None], None]
+"""(bundle id, version, engine error or None): one bundle analysed one real study (the health gate counts them)."""
 
 
 class StaticBundles:
@@ -139,13 +150,16 @@ class PipelineWorker:
         prepare_pool: Executor | None = None,
         results_pool: Executor | None = None,
         on_analysed: AnalysisObserver | None = None,
+        gate: StudyGuard | None = None,
+        on_outcome: EngineOutcome | None = None,
     ):
         """``on_results``: results queued for export (the exporter's ``wake``); ``on_sr_queued``: one study's SR
         queued, its SCs not yet built (the exporter's ``send_now``); ``prepared``: images prepared while they
         arrived; ``publisher``: where results go besides the PACS (the cloud outbox); ``prepare_pool`` and
         ``results_pool``: the composition root's pools for image preparation and result building (None: on the
-        worker's thread); ``on_analysed``: told each bundle's timings on each study (the daemon's metrics). The
-        worker owns only its inference thread."""
+        worker's thread); ``on_analysed``: told each bundle's timings on each study (the daemon's metrics);
+        ``gate``: held for each whole study so a model switch happens between studies; ``on_outcome``: told each
+        bundle's engine outcome per study. The worker owns only its inference thread."""
         self.settings = settings
         self.store = store
         self.bundles = bundles
@@ -156,6 +170,8 @@ class PipelineWorker:
         self.prepare_pool = prepare_pool
         self.results_pool = results_pool
         self.on_analysed = on_analysed
+        self.gate = gate
+        self.on_outcome = on_outcome
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -226,7 +242,11 @@ class PipelineWorker:
             except queue.Empty:
                 continue
             try:
-                self.process(study_id)
+                if self.gate is not None:
+                    with self.gate.study():
+                        self.process(study_id)
+                else:
+                    self.process(study_id)
             except Exception as exc:
                 log.exception("pipeline crashed on study", study_id=study_id)
                 self._after_crash(study_id, f"{type(exc).__name__}: {exc}")
@@ -253,6 +273,15 @@ class PipelineWorker:
             return hit
 
         return lookup
+
+    def _outcome(self, manifest: Manifest, error: str | None) -> None:
+        """Tell ``on_outcome`` how this bundle's engine did on the study (never fails the study)."""
+        if self.on_outcome is None:
+            return
+        try:
+            self.on_outcome(manifest.bundle_id, manifest.version, error)
+        except Exception:
+            log.exception("engine outcome hook failed", bundle=manifest.bundle_id)
 
     def _set(self, study_id: int, state: str, detail: str | None) -> None:
         """``inferring`` -> ``state`` (compare-and-set, with its event)."""
@@ -321,6 +350,7 @@ class PipelineWorker:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
                 reason = f"{name}: inference timed out after {p.inference_timeout_s:g} s"
+                self._outcome(r.manifest, reason)
                 self._set(study_id, FAILED, reason)
                 log.error("inference timed out", study_id=study_id, study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
@@ -329,6 +359,7 @@ class PipelineWorker:
                 continue
             except Exception as exc:
                 reason = f"{r.manifest.bundle_id} {r.manifest.version}: {type(exc).__name__}: {exc}"
+                self._outcome(r.manifest, reason)
                 self._set(study_id, FAILED, reason)
                 log.exception("inference failed", study_id=study_id, study_uid=study_uid, bundle=r.manifest.bundle_id)
                 return FAILED
@@ -354,6 +385,7 @@ class PipelineWorker:
                 failures.append(f"{name}: results not built: {type(exc).__name__}: {exc}")
                 log.exception("results not built", study_id=study_id, bundle=r.manifest.bundle_id)
                 continue
+            self._outcome(r.manifest, None)
             left_out += [f"{name}: {what}" for what in saved.problems]
             self.last_timings = {**analysis.timings, "total": time.perf_counter() - t0}
             stored += 1

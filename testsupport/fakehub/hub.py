@@ -56,6 +56,7 @@ class Device:
     desired_version: int = 1
     reported: dict[str, Any] = field(default_factory=dict)
     reported_version: int = 1
+    reported_patches: list[dict[str, Any]] = field(default_factory=list)  # every accepted patch, in order
     c2d_queue: list[dict[str, Any]] = field(default_factory=list)
     tags: dict[str, Any] = field(default_factory=dict)
     twin_version: int = 1  # every change of tags, desired or reported; the service etag is derived from it
@@ -296,6 +297,7 @@ class FakeHub:
         self.twin_status_queue: dict[str, list[int]] = {}
         self.cut_after_d2c: dict[str, tuple[int, bool]] = {}  # device -> (n, capture the last one)
         self.puback_delay_s = 0.0
+        self.dps_outcomes: dict[str, tuple[str, int, str]] = {}  # registration id -> (status, errorCode, message)
         self.faults: list[Fault] = []
         # service API (HTTPS, testsupport.fakehub.service): shared access policies name -> base64 key
         self.service_policies: dict[str, str] = {
@@ -506,6 +508,12 @@ class FakeHub:
                     "reported": {**d.reported, "$version": d.reported_version},
                 }
             )
+
+    def reported_patches(self, device_id: str) -> list[dict[str, Any]]:
+        """Every reported-properties patch the hub accepted from ``device_id``, oldest first (a test's view of
+        the order a device reported a state machine in)."""
+        with self.lock:
+            return copy.deepcopy(self.devices[device_id].reported_patches)
 
     def update_desired(self, device_id: str, patch: dict[str, Any]) -> int:
         """Service-side desired-property update; delivered as a patch only if the device is connected now."""
@@ -979,6 +987,7 @@ class FakeHub:
                     self._twin_reply(c, 400, rid, json.dumps({"message": reason}).encode())
                     return
                 dev.reported = merged
+                dev.reported_patches.append(copy.deepcopy(patch))
                 dev.reported_version += 1
                 dev.twin_version += 1
                 dev.reported_updated = time.time()
@@ -1035,6 +1044,23 @@ class FakeHub:
                     202,
                     {"operationId": qp["operationId"], "status": "assigning"},
                     f"&retry-after={self.dps_retry_after_s}",
+                )
+                return
+            outcome = self.dps_outcomes.get(op["reg"])
+            if outcome is not None:  # the enrollment is disabled, or allocation failed: DPS says so with 200
+                status, code, message = outcome
+                reply(
+                    200,
+                    {
+                        "operationId": qp["operationId"],
+                        "status": status,
+                        "registrationState": {
+                            "registrationId": op["reg"],
+                            "status": status,
+                            "errorCode": code,
+                            "errorMessage": message,
+                        },
+                    },
                 )
                 return
             key = op["key"]
