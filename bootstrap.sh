@@ -49,16 +49,16 @@ setup() {
     step "[1/3] creating the Python environment $VENV ($("$PY" --version 2>&1))"
     "$PY" -m venv "$VENV"
   fi
-  # reinstalled only when pyproject.toml (the dependencies) changed since the last successful install
+  # reinstalled only when pyproject.toml or constraints.txt (the dependencies) changed since the last install
   local stamp
-  stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  stamp="$VENV/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
   if [ -f "$stamp" ]; then
     step "[2/3] dependencies up to date"
     return
   fi
   step "[2/3] installing the appliance and its dependencies into $VENV (first time: a few minutes)"
   pip_install --upgrade pip
-  pip_install -e ".[dev]"
+  pip_install -c constraints.txt -e ".[dev]"   # the exact versions tested (constraints.txt)
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 }
