@@ -53,7 +53,7 @@ def checkout(tmp_path: Path) -> Path:
     """A copy of what ``bootstrap.sh`` needs (itself and pyproject.toml) with a stub python3 beside it."""
     root = tmp_path / "repo"
     root.mkdir()
-    for name in ("bootstrap.sh", "pyproject.toml"):
+    for name in ("bootstrap.sh", "pyproject.toml", "constraints.txt"):
         shutil.copy2(ROOT / name, root / name)
     stub = tmp_path / "python3"
     stub.write_text(STUB_PYTHON)
@@ -88,7 +88,7 @@ def test_run_shows_steps_and_packages_then_the_full_command_and_starts_the_demo(
     assert f"the command is {venv}/bin/appliance" in r.stderr  # a full path: .venv/bin is not on PATH
     assert r.stdout.strip() == "appliance called with: demo --keep"
     calls = (venv / "pip-calls").read_text().splitlines()
-    assert calls == ["pip install --upgrade pip", "pip install -e .[dev]"]
+    assert calls == ["pip install --upgrade pip", "pip install -c constraints.txt -e .[dev]"]
 
     again = _run(checkout)
     assert again.returncode == 0, again.stderr
