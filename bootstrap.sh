@@ -15,6 +15,9 @@ apt_install() {
   command -v openssl >/dev/null || missing+=(openssl)
   command -v dciodvfy >/dev/null || missing+=(dicom3tools)   # DICOM validator for what the box writes (tests)
   command -v npm >/dev/null || missing+=(npm)                 # Azurite, the Blob Storage emulator (tests)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)  # scores the service unit's sandbox (tests)
+  command -v chromium >/dev/null || missing+=(chromium)       # the dashboard's browser test (headless)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   if ((${#missing[@]})); then
     local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q
