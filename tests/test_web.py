@@ -592,3 +592,26 @@ def test_user_add_asks_for_the_password_twice(home: Path, clean_env: None) -> No
     assert PASSWORD not in ok.output
     outcome, _ = accounts.authenticate(store, Settings(state_dir=home).api, "alice", PASSWORD)
     assert outcome is accounts.LoginOutcome.OK
+
+
+@pytest.mark.unit
+def test_model_rows_carry_each_bundles_over_the_air_update() -> None:
+    from appliance.web.ports import with_update_states
+
+    rows = [
+        {"bundle_id": "cxr", "version": "1.0.0", "state": "active"},
+        {"bundle_id": "cxr", "version": "1.1.0", "state": "installed"},
+        {"bundle_id": "mmg", "version": "2.0.0", "state": "active"},
+    ]
+    updates = {
+        "cxr": {"state": "health_gate", "version": "1.1.0", "reason": None},
+        "mmg": {"state": "downloading", "version": "2.1.0", "reason": None},  # target not installed yet
+        "ct": {"state": "failed", "version": "0.9.0", "reason": "golden mismatch"},  # never installed
+    }
+    out = {(r["bundle_id"], r["version"]): r["update"] for r in with_update_states(rows, updates)}
+    assert out == {
+        ("cxr", "1.0.0"): None,
+        ("cxr", "1.1.0"): "health_gate 1.1.0",
+        ("mmg", "2.0.0"): "downloading 2.1.0",
+        ("ct", "0.9.0"): "failed 0.9.0: golden mismatch",
+    }

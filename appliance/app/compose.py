@@ -53,8 +53,9 @@ from appliance.pipeline.worker import PipelineWorker
 from appliance.retention.purge import RetentionService
 from appliance.updates.agent import UpdateAgent
 from appliance.updates.gate import StudyGate
+from appliance.updates.layout import REPORTED_KEY
 from appliance.web.metrics import ApplianceMetrics
-from appliance.web.ports import WebPorts, no_cloud, no_engines
+from appliance.web.ports import WebPorts, no_cloud, no_engines, with_update_states
 
 # Threads for image preparation (decoders and numpy release the GIL) and for result building (Pillow drawing,
 # numpy resampling and fsync do too): a 4-view mammogram's images and SCs overlap instead of queueing.
@@ -215,14 +216,19 @@ def compose(settings: Settings, store: Store) -> Appliance:
         # imported here: FastAPI and uvicorn take seconds to import on a loaded 2-core box, for nothing when off
         from appliance.web.server import WebService
 
-        web = WebService(settings, store, _web_ports(settings, app, scp, engines, agent), metrics)
+        web = WebService(settings, store, _web_ports(settings, app, scp, engines, agent, updates), metrics)
         services.append(web)
         app.status[web.name] = web.status
     return app
 
 
 def _web_ports(
-    settings: Settings, app: Appliance, scp: StorageSCP, engines: ActiveEngines | None, agent: CloudAgent | None
+    settings: Settings,
+    app: Appliance,
+    scp: StorageSCP,
+    engines: ActiveEngines | None,
+    agent: CloudAgent | None,
+    updates: UpdateAgent | None,
 ) -> WebPorts:
     """What the dashboard may call on the running daemon (see appliance/web/ports.py)."""
 
@@ -233,8 +239,10 @@ def _web_ports(
         return export_echo(settings, dest)
 
     def installed_models() -> list[dict[str, Any]]:
+        """Installed versions; the over-the-air update of a bundle (state, target, reason) on the row of its
+        target version, or of its active version while the target is not installed yet."""
         reg = models.registry(settings)
-        return [
+        rows = [
             {
                 "bundle_id": b.bundle_id,
                 "version": b.version,
@@ -242,9 +250,11 @@ def _web_ports(
                 "installed_at": b.installed_at,
                 "key_id": b.key_id,
                 "failure": b.failure,
+                "update": None,
             }
             for b in reg.list()
         ]
+        return with_update_states(rows, updates.reported()[REPORTED_KEY] if updates is not None else {})
 
     return WebPorts(
         selftest=lambda: run_selftest(settings),

@@ -6,7 +6,7 @@ imports ``appliance.app``); tests fill it with their own. Each callable is cheap
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,3 +52,35 @@ class WebPorts:
     cloud: Callable[[], dict[str, Any] | None] = no_cloud
     log_hint: str = "stdout (journald: journalctl -u appliance)"
     pipeline_enabled: bool = True
+
+
+def with_update_states(rows: list[dict[str, Any]], updates: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Installed-version rows (``bundle_id``, ``version``, ``state``, ...) with each bundle's over-the-air update
+    (``updates``: bundle id -> the reported document, ``appliance.updates.layout``) as an ``update`` text, e.g.
+    ``"downloading 1.1.0"`` or ``"rolled_back 1.1.0: <reason>"``: on the row of the update's target version, else
+    on the active row; a bundle with an update and no installed version gets a row of its own. Returns ``rows``
+    (changed in place) plus those rows."""
+    for row in rows:
+        row.setdefault("update", None)
+    for bundle_id, doc in updates.items():
+        text = f"{doc.get('state')} {doc.get('version') or ''}".strip()
+        if doc.get("reason"):
+            text += f": {doc['reason']}"
+        mine = [r for r in rows if r["bundle_id"] == bundle_id]
+        targets = [r for r in mine if r["version"] == doc.get("version")] or [r for r in mine if r["state"] == "active"]
+        row: dict[str, Any] | None = targets[0] if targets else None
+        if row is not None:
+            row["update"] = text
+        else:
+            rows.append(
+                {
+                    "bundle_id": bundle_id,
+                    "version": doc.get("version"),
+                    "state": "not installed",
+                    "installed_at": None,
+                    "key_id": None,
+                    "failure": None,
+                    "update": text,
+                }
+            )
+    return rows
