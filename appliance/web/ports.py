@@ -60,17 +60,16 @@ def with_update_states(rows: list[dict[str, Any]], updates: Mapping[str, Mapping
     ``"downloading 1.1.0"`` or ``"rolled_back 1.1.0: <reason>"``: on the row of the update's target version, else
     on the active row; a bundle with an update and no installed version gets a row of its own. Returns ``rows``
     (changed in place) plus those rows."""
-    for row in rows:
-        row.setdefault("update", None)
+    for r in rows:
+        r.setdefault("update", None)
     for bundle_id, doc in updates.items():
         text = f"{doc.get('state')} {doc.get('version') or ''}".strip()
         if doc.get("reason"):
             text += f": {doc['reason']}"
         mine = [r for r in rows if r["bundle_id"] == bundle_id]
         targets = [r for r in mine if r["version"] == doc.get("version")] or [r for r in mine if r["state"] == "active"]
-        row: dict[str, Any] | None = targets[0] if targets else None
-        if row is not None:
-            row["update"] = text
+        if targets:
+            targets[0]["update"] = text
         else:
             rows.append(
                 {
