@@ -127,6 +127,65 @@ def test_verify_catches_rehashed_edit_and_renumbering(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_verify_and_readers_survive_hostile_column_values(tmp_path: Path) -> None:
+    """Someone with write access to state.db stores values no appliance code writes: bytes that are not
+    UTF-8, BLOBs, numbers, a row copied under a second seq, and (with the triggers still in place) a text
+    anchor, which SQLite orders after every integer so the forward-only trigger lets it through. Verify must
+    name each such entry and keep checking the rest; the readers must still list the trail."""
+    s = _store(tmp_path)
+    _fill(s, 8)
+    s.close()
+    db = tmp_path / "state.db"
+    # the anchor is changed first, with every trigger still in place
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE audit_anchor SET last_seq = 'x'")
+    conn.close()
+    _tamper(
+        db,
+        "UPDATE audit_log SET actor = CAST(X'6D616CC3' AS TEXT) WHERE seq = 2",  # ends in half a UTF-8 character
+        "UPDATE audit_log SET time = CAST(time AS BLOB) WHERE seq = 3",
+        "UPDATE audit_log SET subject = 42 WHERE seq = 4",  # TEXT affinity: stored as the text '42'
+        "UPDATE audit_log SET prev_hash = CAST(prev_hash AS BLOB) WHERE seq = 6",
+    )
+    faults = audit.verify(Store(db))
+    assert [(f.seq, f.kind) for f in faults] == [
+        (2, "edited"),
+        (3, "edited"),
+        (4, "edited"),
+        (6, "edited"),
+        (8, "anchor"),
+    ]
+    assert "actor" in faults[0].message and "UTF-8" in faults[0].message
+    assert "time" in faults[1].message and "blob" in faults[1].message
+    assert "prev_hash" in faults[3].message
+    assert "last_seq" in faults[4].message
+
+    rows = audit.query(Store(db), newest_first=False)
+    assert [e.seq for e in rows] == list(range(1, 9))
+    assert rows[1].actor == "mal\ufffd"
+    assert rows[0].actor == "user0" and rows[4].subject == "s4"
+
+
+@pytest.mark.unit
+def test_verify_names_a_row_copied_under_an_old_seq(tmp_path: Path) -> None:
+    """A table rebuilt without its primary key can hold an entry twice: the copy is named, not taken for a
+    deletion with a backwards range."""
+    s = _store(tmp_path)
+    _fill(s, 4)
+    s.close()
+    db = tmp_path / "state.db"
+    _tamper(
+        db,
+        "CREATE TABLE copy AS SELECT * FROM audit_log",
+        "INSERT INTO copy SELECT * FROM audit_log WHERE seq = 2",
+        "DROP TABLE audit_log",
+        "ALTER TABLE copy RENAME TO audit_log",
+    )
+    faults = audit.verify(Store(db))
+    assert [(f.seq, f.kind) for f in faults] == [(2, "duplicate")]
+
+
+@pytest.mark.unit
 def test_record_event_rejects_bad_input_and_stores_nothing(tmp_path: Path) -> None:
     s = _store(tmp_path)
     bad: list[dict[str, Any]] = [
