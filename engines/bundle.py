@@ -51,7 +51,8 @@ from engines.manifest import (
 MANIFEST = "manifest.json"
 SIGNATURE = "signature"
 SIG_ALG = "Ed25519"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+# \Z, not $: "$" also matches before a final newline, so "model.onnx\n" would pass
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
 _CHUNK = 1 << 20
 
 

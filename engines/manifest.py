@@ -27,10 +27,12 @@ from pydantic import (
 MANIFEST_SCHEMA = 1
 # SemVer 2.0.0 (https://semver.org, section 9): a pre-release is dot-separated identifiers, each numeric without
 # leading zeros or alphanumeric; build metadata is not accepted (it would not take part in precedence, section 10).
-_PRE_ID = r"(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)"
-SEMVER = re.compile(rf"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?$")
-BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Every identifier pattern here is ASCII ([0-9], never \d, which matches any Unicode digit: "1\u0663" is int 13) and
+# ends in \Z, never $ (which also matches before a final newline): ``.match`` then means the whole string.
+_PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+SEMVER = re.compile(rf"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?\Z")
+BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 # Golden tolerances are bounded: an atol or rtol of, say, 1e9 would let ANY model pass the golden check (the check
 # is what ties the compiled engine to the signed reference outputs). 0.1 is twice the loosest tolerance the
 # reference bundles use (fp16: 5e-2); a model that needs more is not reproducing its reference outputs.
@@ -286,7 +288,7 @@ def version_key(version: str) -> tuple:
     major, minor, patch, pre = m.groups()
     if pre is None:
         return (int(major), int(minor), int(patch), 1, ())
-    ids = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in pre.split("."))
+    ids = tuple((0, int(i), "") if i.isascii() and i.isdigit() else (1, 0, i) for i in pre.split("."))
     return (int(major), int(minor), int(patch), 0, ids)
 
 

@@ -274,6 +274,63 @@ def test_rc9_after_rc10_is_a_downgrade(tmp_path: Path, key) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Identifiers: ``$`` in a Python pattern also matches before a final newline, and ``\d`` matches every
+# Unicode decimal digit ("1\u0663" is int 13): neither may pass a validator of names, versions or digests.
+
+_NL_OR_DIGITS = ["1.0.0\n", "1\u0663.0.0", "1.0.0-rc.1\u0663", "\uff11.0.0"]
+
+
+@pytest.mark.parametrize("version", _NL_OR_DIGITS)
+def test_version_with_a_newline_or_non_ascii_digits_is_not_semver(version: str) -> None:
+    with pytest.raises(ValueError):
+        version_key(version)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.__setitem__("version", "1.0.0\n"),
+        lambda d: d.__setitem__("version", "1\u0663.0.0"),
+        lambda d: d.__setitem__("bundle_id", "tiny\n"),
+        lambda d: d.__setitem__("min_appliance_version", "0.1.0\n"),
+    ],
+    ids=["version-newline", "version-arabic-digit", "bundle-id-newline", "min-version-newline"],
+)
+def test_signed_manifest_with_a_newline_or_non_ascii_digits_in_an_identifier_is_refused(
+    tmp_path: Path, key, edit
+) -> None:
+    good = make_bundle(tmp_path, key)
+    evil = _resigned(good, tmp_path / "evil.bundle", key, edit)
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == "bad_manifest"
+    installed = tmp_path / "m" / "bundles"
+    assert not installed.exists() or [p.name for p in installed.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("name", ["model.onnx\n", "assets/w\n", "assets/\u0663"])
+def test_member_names_with_a_newline_are_unsafe(name: str) -> None:
+    with pytest.raises(BundleError) as ei:
+        B._check_name(name, None)
+    assert ei.value.reason == "path_traversal"
+
+
+def test_digest_and_key_id_patterns_refuse_a_trailing_newline(tmp_path: Path, key) -> None:
+    good = make_bundle(tmp_path, key)
+
+    def newline_digest(d: dict) -> None:
+        d["files"]["golden.npz"] += "\n"
+
+    evil = _resigned(good, tmp_path / "evil.bundle", key, newline_digest)
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == "bad_manifest" and "sha256" in str(ei.value)
+    from engines.keys import KEY_ID
+
+    assert KEY_ID.match(key_id(key)) and not KEY_ID.match(key_id(key) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
 # Non-finite numbers and unbounded tolerances in signed manifests
 
 

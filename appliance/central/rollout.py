@@ -20,7 +20,8 @@ from appliance.updates import layout
 from engines.manifest import BUNDLE_ID, SEMVER
 
 log = get_logger(__name__)
-WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+# ASCII digits only ([0-9]: \d matches any Unicode digit) and \Z ("$" also matches before a final newline)
+WINDOW = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])\Z")
 ETAG_RETRIES = 5
 
 

@@ -46,7 +46,7 @@ _CONTAINER = typer.Option(layout.DEFAULT_CONTAINER, "--container", envvar="APPLI
 _BLOB_CA = typer.Option(
     None, "--blob-ca-file", envvar="APPLIANCE_CENTRAL_BLOB_CA_FILE", help="CA bundle for the storage endpoint (tests)"
 )
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])\Z")  # ASCII digits; \Z: no final newline
 
 
 def _duration(text: str) -> dt.timedelta:

@@ -106,7 +106,7 @@ EVENT_MAPPING: dict[AuditEvent, EventMapping] = {
 }
 
 # A DICOM UID: dot-separated numbers, no leading zeros, at most 64 characters (PS3.5 9.1).
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+\Z")
 SYSTEM_ACTORS = frozenset({"system"})
 
 
