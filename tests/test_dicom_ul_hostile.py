@@ -212,6 +212,67 @@ def test_artim_is_one_deadline_from_connect_not_restarted_by_each_byte(tmp_path:
         s.stop()
 
 
+def _associated_from(port: int, source: str, items: list[bytes]) -> socket.socket:
+    """A raw association from ``source`` (another loopback address: another host to the listener)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(raw_rq(items))
+    kind, body = read_pdu(sock)
+    assert kind == pdu.ASSOCIATE_AC, (kind, body)
+    return sock
+
+
+def test_idle_associations_from_one_address_never_lock_out_a_modality(tmp_path: Path) -> None:
+    """One host takes every association (max_associations=2) and sits idle in it (or keeps it alive with a
+    C-ECHO now and then): a modality from another address still gets in, because an idle association of the
+    address holding the most is aborted to make room. One in the middle of a data set is never taken: its
+    instance completes and is stored. The hogging address gains nothing by asking again."""
+    s = _scp(tmp_path / "box", max_associations=2)
+    assert s._server is not None
+    port = s.address[1]
+    items = [
+        APP,
+        context(1, Verification, [ImplicitVRLittleEndian]),
+        context(3, CTImageStorage, [ExplicitVRLittleEndian]),
+        USER,
+    ]
+    busy = _associated_from(port, "127.0.0.2", items)  # the oldest: it would be taken first if it were idle
+    idle = _associated_from(port, "127.0.0.2", items)
+    try:
+        wait_until(lambda: s.active_associations() == 2, 30, "two associations from 127.0.0.2")
+        sop, body = instance_body(tmp_path)
+        half = len(body) // 2
+        busy.sendall(p_data(pdv(3, store_rq(CTImageStorage, sop), True)))
+        busy.sendall(p_data(pdv(3, body[:half], False, last=False)))
+        wait_until(lambda: any(a._received > half for a in s._server._established), 30, "half the data set received")
+
+        # the hogging address asking again is refused: it already holds the most
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) as third:
+            third.sendall(raw_rq(items))
+            kind, rj = read_pdu(third)
+            assert kind == pdu.ASSOCIATE_RJ and rj[1:4] == bytes([0x02, 0x03, 0x02]), (kind, rj)
+
+        echo = echoscu(port)  # a modality on 127.0.0.1
+        assert echo.returncode == 0, echo.stdout
+        kind, abort = read_pdu(idle)
+        assert kind == pdu.ABORT and pdu.parse_abort(abort) == (pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+
+        busy.sendall(p_data(pdv(3, body[half:], False, last=True)))
+        kind, rsp = read_pdu(busy)
+        assert kind == pdu.P_DATA_TF, (kind, rsp)
+        assert int(read_dataset(io.BytesIO(rsp[6:]), True, True).Status) == 0x0000
+        assert _rows(s) == 1
+
+        f = tmp_path / "ct.dcm"
+        _saved(make_instance(generate_uid(), generate_uid(), 1), f)
+        out = storescu(port, [f])
+        assert out.returncode == 0 and storescu_results(out.stdout) == {str(f): "Success"}, out.stdout
+        assert _rows(s) == 2
+    finally:
+        idle.close()
+        busy.close()
+        s.stop()
+
+
 # --- PS3.8 association negotiation, raw bytes, with dcmtk as the reference --------------------------------
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator:

@@ -14,6 +14,11 @@ not yet completed its A-ASSOCIATE-RQ is *pending*. Pending connections have a bu
 against ``max_associations``, which only established associations use. The ARTIM timer (PS3.8
 9.1.5, state Sta2) runs once, from TCP accept to the last byte of the A-ASSOCIATE-RQ
 (``acse_timeout``): it does not restart on each byte, and on expiry the connection is closed.
+Established associations are shared fairly between addresses: when all ``max_associations`` are in use,
+a request from an address holding none (or at least two fewer than another address) takes the place of
+the busiest address's oldest *idle* association (between messages: nothing in flight, nothing
+acknowledged is lost), which is aborted (``preemption_victim``). So one host holding every association
+open (idle, or kept alive with a C-ECHO now and then) cannot keep a modality at another address out.
 """
 
 from __future__ import annotations
@@ -157,6 +162,19 @@ class Association:
         # the current data set is drained and then refused with this (status, comment): too large, or
         # a SOP class other than its presentation context's
         self._refusal: tuple[int, str] | None = None
+        self._preempted = False  # aborted to make room for an association from another address
+
+    def idle(self) -> bool:
+        """True between DIMSE messages: no command or data set is being received, so aborting the
+        association loses nothing that was (or is about to be) acknowledged."""
+        return (
+            not self._stopping
+            and self._command_ctx is None
+            and self._command is None
+            and self._sink is None
+            and self._refusal is None
+            and not self._command_buf
+        )
 
     # --- I/O ---------------------------------------------------------------------------------
     def _set_timeout(self, seconds: float) -> None:
@@ -200,6 +218,11 @@ class Association:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
+    def preempt(self) -> None:
+        """Abort this idle association (A-ABORT, service-provider) to make room for another address's."""
+        self._preempted = True
+        self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+
     def abort(self, source: int = pdu.SOURCE_USER, reason: int = pdu.REASON_NOT_SPECIFIED) -> None:
         """Send A-ABORT and cut the connection (safe from any thread; the association's thread exits)."""
         self._stopping = True
@@ -235,6 +258,8 @@ class Association:
         except (ConnectionClosed, ConnectionError):
             if not established:
                 log.debug("connection closed before an association was established", peer=self.peer_host)
+            elif self._preempted:
+                log.warning("idle association aborted to make room for another address", **self._who())
             elif self._stopping:
                 log.warning("association aborted at shutdown", **self._who())
             else:
@@ -481,6 +506,35 @@ def eviction_victim(pending: list[P]) -> P:
     return next(c for c in pending if counts[c.peer_host] == busiest)
 
 
+class _Established(Protocol):
+    peer_host: str
+
+    def idle(self) -> bool: ...
+
+
+E = TypeVar("E", bound=_Established)
+
+
+def preemption_victim(established: list[E], host: str) -> E | None:
+    """Which established association (oldest first in ``established``) to abort for a new request from
+    ``host`` when every association is in use; None rejects the request.
+
+    The victim is the oldest *idle* association (``idle()``: between messages) of another address, the one
+    holding the most associations among those with an idle one, provided ``host`` holds none yet, or that
+    address holds at least two more than ``host`` does (so two addresses that both hold some never take
+    slots back and forth, and an address asking again never displaces its own). An association receiving
+    a message is never chosen."""
+    counts = Counter(a.peer_host for a in established)
+    mine = counts.get(host, 0)
+    idle = [a for a in established if a.peer_host != host and a.idle()]
+    if not idle:
+        return None
+    busiest = max(counts[a.peer_host] for a in idle)
+    if mine and busiest < mine + 2:
+        return None
+    return next(a for a in idle if counts[a.peer_host] == busiest)
+
+
 class AssociationServer:
     """Accepts connections on ``(bind, port)`` and runs each in its own thread.
 
@@ -488,7 +542,8 @@ class AssociationServer:
     At most ``cfg.max_pending`` are pending: a new connection beyond that closes the oldest pending
     one of the busiest peer address (``eviction_victim``; a modality completes its request in
     milliseconds, an idle probe or a flood is what goes). At
-    most ``cfg.max_associations`` are established; pending ones never count against that limit.
+    most ``cfg.max_associations`` are established; pending ones never count against that limit. When
+    they are all in use, a request may take an idle one's place (``preemption_victim``).
     """
 
     def __init__(
@@ -505,7 +560,7 @@ class AssociationServer:
         self._listener = socket.create_server(address, family=family, backlog=64)
         self._listener.settimeout(0.2)  # accept() polls the stop flag this often
         self._pending: dict[Association, None] = {}  # insertion-ordered: the oldest first
-        self._established: set[Association] = set()
+        self._established: dict[Association, None] = {}  # insertion-ordered: the oldest first
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -573,18 +628,32 @@ class AssociationServer:
             thread.start()
 
     def _establish(self, assoc: Association) -> bool:
-        """Move a pending connection to the established ones; False when ``max_associations`` are in use."""
+        """Move a pending connection to the established ones; False when ``max_associations`` are in use
+        and none may be taken over (``preemption_victim``). A victim is aborted (A-ABORT)."""
+        victim: Association | None = None
         with self._lock:
             if len(self._established) >= self.cfg.max_associations:
-                return False
+                victim = preemption_victim(list(self._established), assoc.peer_host)
+                if victim is None:
+                    return False
+                del self._established[victim]
             self._pending.pop(assoc, None)
-            self._established.add(assoc)
-            return True
+            self._established[assoc] = None
+        if victim is not None:
+            log.warning(
+                "association limit reached: an idle association of the busiest address makes room",
+                peer=victim.peer_host,
+                calling_ae=victim.calling_ae,
+                for_peer=assoc.peer_host,
+                limit=self.cfg.max_associations,
+            )
+            victim.preempt()
+        return True
 
     def _forget(self, assoc: Association) -> None:
         with self._lock:
             self._pending.pop(assoc, None)
-            self._established.discard(assoc)
+            self._established.pop(assoc, None)
             self._threads.discard(threading.current_thread())
 
     def stop(self, grace_s: float) -> int:
