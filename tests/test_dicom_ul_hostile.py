@@ -273,6 +273,80 @@ def test_idle_associations_from_one_address_never_lock_out_a_modality(tmp_path: 
         s.stop()
 
 
+class Trickle:
+    """An association that sends ``payload`` one byte every ``every`` seconds, in its own thread."""
+
+    def __init__(self, sock: socket.socket, payload: bytes, every: float = 0.4):
+        self.sock, self.payload, self.every = sock, payload, every
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for byte in self.payload:
+            if self._stop.wait(self.every):
+                return
+            try:
+                self.sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            self.sent += 1
+
+    def aborted(self) -> bool:
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            kind, body = read_pdu(self.sock)
+        except OSError:
+            return True
+        return kind in (pdu.ABORT, 0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("where", ["data set", "command", "between messages"])
+def test_a_message_trickled_byte_by_byte_does_not_hold_an_association(tmp_path: Path, where: str) -> None:
+    """dimse_timeout and network_timeout are per read: a peer sending one byte every 0.4 s never lets them
+    expire and so holds its association (and, in the middle of a message, one that is never idle) for ever.
+    A message must arrive at a minimum rate once dimse_timeout has passed since its first byte: the trickle
+    is aborted while still sending, its partial instance leaves nothing, and the listener serves on."""
+    s = _scp(tmp_path / "box", dimse_timeout=2.0, network_timeout=2.0)
+    items = [
+        APP,
+        context(1, Verification, [ImplicitVRLittleEndian]),
+        context(3, CTImageStorage, [ExplicitVRLittleEndian]),
+        USER,
+    ]
+    sock = _associated_from(s.address[1], "127.0.0.1", items)
+    sop, body = instance_body(tmp_path)
+    command = p_data(pdv(3, store_rq(CTImageStorage, sop), True))
+    if where == "data set":
+        sock.sendall(command)
+        payload = p_data(pdv(3, body, False))
+    elif where == "command":
+        payload = command
+    else:
+        payload = p_data(pdv(1, b"\0" * 200, True))  # a PDU header and a command, one byte at a time
+    trickle = Trickle(sock, payload)
+    try:
+        wait_until(trickle.aborted, 60, "the trickling association aborted")
+        assert 0 < trickle.sent < len(payload), (trickle.sent, len(payload))
+        wait_until(lambda: s.active_associations() == 0, 30, "its slot free")
+        assert _rows(s) == 0 and spool_data_files(s.spool.root) == []
+        f = tmp_path / "ct.dcm"
+        _saved(make_instance(generate_uid(), generate_uid(), 1), f)
+        out = storescu(s.address[1], [f])
+        assert out.returncode == 0 and storescu_results(out.stdout) == {str(f): "Success"}, out.stdout
+    finally:
+        trickle.close()
+        s.stop()
+
+
 # --- PS3.8 association negotiation, raw bytes, with dcmtk as the reference --------------------------------
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator:

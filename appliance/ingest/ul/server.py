@@ -19,11 +19,15 @@ a request from an address holding none (or at least two fewer than another addre
 the busiest address's oldest *idle* association (between messages: nothing in flight, nothing
 acknowledged is lost), which is aborted (``preemption_victim``). So one host holding every association
 open (idle, or kept alive with a C-ECHO now and then) cannot keep a modality at another address out.
+Socket timeouts are per read, so a peer sending a byte now and then would never let them expire: every
+message (from its first byte, PDU header included, to its last) must also keep up a minimum average rate
+(``min_message_rate``) once ``dimse_timeout`` has passed, or the association is aborted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -54,6 +58,9 @@ class ServerConfig:
     network_timeout: float
     max_instance_bytes: int = 1 << 30  # a larger data set is read and discarded, then refused
     max_pending: int = 16  # connections not yet associated; the oldest is closed when a new one needs room
+    # bytes per second a message must average once dimse_timeout has passed since its first byte: a peer
+    # trickling a byte now and then (which no per-read timeout catches) is aborted
+    min_message_rate: float = 1024.0
 
 
 class Services(Protocol):
@@ -99,6 +106,10 @@ class ConnectionClosed(Exception):
 
 class _Rejected(Exception):
     pass
+
+
+class TooSlow(Exception):
+    """A message arrived slower than ``min_message_rate`` once ``dimse_timeout`` had passed."""
 
 
 class ArtimExpired(Exception):
@@ -149,7 +160,9 @@ class Association:
         self.peer_max_pdu = 0
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self.abstract_syntaxes: dict[int, str] = {}  # accepted context id -> its abstract syntax (SOP class)
-        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        rfile = sock.makefile("rb", buffering=1 << 16)
+        assert isinstance(rfile, io.BufferedReader)  # buffered, so read1 returns what one recv got
+        self._rfile = rfile
         self._send_lock = threading.Lock()
         self._timeout: float | None = None
         self._stopping = False
@@ -163,6 +176,9 @@ class Association:
         # a SOP class other than its presentation context's
         self._refusal: tuple[int, str] | None = None
         self._preempted = False  # aborted to make room for an association from another address
+        # the message being received: monotonic time of its first byte (None between messages) and its bytes
+        self._message_start: float | None = None
+        self._message_bytes = 0
 
     def idle(self) -> bool:
         """True between DIMSE messages: no command or data set is being received, so aborting the
@@ -183,10 +199,33 @@ class Association:
             self._timeout = seconds
 
     def _read(self, n: int) -> bytes:
-        data = self._rfile.read(n)
-        if len(data) != n:
-            raise ConnectionClosed()
-        return data
+        """Exactly ``n`` bytes (ConnectionClosed if the peer closes first). Each piece that arrives counts
+        towards the current message's rate (``_progress``)."""
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = self._rfile.read1(n - got)
+            if not chunk:
+                raise ConnectionClosed()
+            parts.append(chunk)
+            got += len(chunk)
+            self._progress(len(chunk))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _progress(self, n: int) -> None:
+        """``n`` more bytes of the current message arrived (the first byte starts it); raises TooSlow once
+        more than ``dimse_timeout`` has passed since its start and it averages below ``min_message_rate``."""
+        now = time.monotonic()
+        if self._message_start is None:
+            self._message_start, self._message_bytes = now, 0
+        self._message_bytes += n
+        cfg = self.server.cfg
+        late = now - self._message_start - cfg.dimse_timeout
+        if late > 0 and self._message_bytes < cfg.min_message_rate * late:
+            raise TooSlow(
+                f"{self._message_bytes} bytes in {now - self._message_start:.1f} s"
+                f" (at least {cfg.min_message_rate:.0f} B/s after the first {cfg.dimse_timeout:g} s)"
+            )
 
     def _read_by(self, deadline: float, n: int) -> bytes:
         """``n`` bytes read before ``deadline`` (monotonic), however slowly they trickle in; raises
@@ -270,6 +309,9 @@ class Association:
                 )
         except TimeoutError:
             log.warning("association timed out; aborted", **self._who(), timeout_s=self._timeout)
+            self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+        except TooSlow as exc:
+            log.warning("message arriving too slowly; association aborted", **self._who(), rate=str(exc))
             self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
         except (pdu.PDUError, dimse.CommandError) as exc:
             reason = getattr(exc, "reason", pdu.REASON_INVALID_PARAMETER)
@@ -355,6 +397,8 @@ class Association:
         cfg = self.server.cfg
         while True:
             in_message = self._command_ctx is not None or self._command is not None
+            if not in_message:
+                self._message_start = None  # the next message's clock starts with its first byte
             self._set_timeout(cfg.dimse_timeout if in_message else cfg.network_timeout)
             kind, length = pdu.HEADER.unpack(self._read(pdu.HEADER.size))
             if kind == pdu.P_DATA_TF:
