@@ -159,6 +159,44 @@ def test_cli_rollout_to_two_devices_then_status_from_reported(fleet, pki) -> Non
         assert all("waiting_window" in ln and "1.1.0" in ln for ln in body if "clinic-c" not in ln)
 
 
+def test_status_survives_hostile_reported_properties(fleet, pki) -> None:
+    """Reported properties are written by the devices: one compromised box reports console markup, terminal
+    escape sequences (clear screen, set the window title, move up and erase a line: hiding another device's
+    row) and values of the wrong JSON type. ``central status`` still lists every device, shows the text
+    literally with control characters escaped, and ``--json`` gives the odd values as JSON text."""
+    hub, keys = fleet
+    evil = "[/bold][link=http://e/]x[/link]\x1b[2J\x1b]0;t\x07"
+    with device(hub, keys, pki, "clinic-a") as a, device(hub, keys, pki, "clinic-b") as b:
+        a.send(
+            cmd="report",
+            patch={layout.REPORTED_KEY: {"cxr": {"state": "failed", "reason": evil, "since": "\x1b[1A\x1b[2K"}}},
+        )
+        a.wait_for("reported")
+        b.send(
+            cmd="report",
+            patch={
+                layout.REPORTED_KEY: {
+                    "cxr": {"state": ["x"], "bytes": "lots", "total": {"n": 1}, "reason": 7},
+                    "mmg": "?",
+                }
+            },
+        )
+        b.wait_for("reported")
+        table = central(hub, pki, "status")
+        assert table.returncode == 0, table.stderr
+        out = table.stdout
+        assert "\x1b" not in out and "\x07" not in out
+        assert "[/bold][link=http://e/]x[/link]" in out and "\\x1b[2J" in out and "\\x07" in out
+        assert sum(f"clinic-{c}" in out for c in "abc") == 3
+        st = central(hub, pki, "status", "--json")
+        assert st.returncode == 0, st.stderr
+        rows = {(x["device_id"], x["bundle_id"]): x for x in map(json.loads, st.stdout.splitlines())}
+        assert rows[("clinic-a", "cxr")]["reason"] == evil
+        odd = rows[("clinic-b", "cxr")]
+        assert (odd["state"], odd["bytes"], odd["total"], odd["reason"]) == ('["x"]', None, None, "7")
+        assert rows[("clinic-b", "mmg")]["state"] is None
+
+
 def test_rollout_by_tag_query_selects_only_tagged_devices(fleet, pki, monkeypatch) -> None:
     hub, _ = fleet
     r = central(

@@ -362,20 +362,24 @@ def status_cmd(
         for row in rows:
             typer.echo(json.dumps(asdict(row)))
         return
+    from appliance.cli.terminal import cell
+
+    # every value comes from a device twin (reported: written by the device itself): shown literally, never
+    # as console markup, with control characters escaped (cell)
     table = Table("device", "conn", "bundle", "desired", "state", "version", "active", "progress", "reason", "since")
     for row in rows:
         progress = "" if row.bytes is None else f"{row.bytes}/{row.total if row.total is not None else '?'}"
         table.add_row(
-            row.device_id,
-            row.connection,
-            row.bundle_id or "-",
-            row.desired or "-",
-            row.state or "-",
-            row.version or "-",
-            row.active_version or "-",
-            progress,
-            row.reason or "",
-            row.since or "",
+            cell(row.device_id),
+            cell(row.connection),
+            cell(row.bundle_id, "-"),
+            cell(row.desired, "-"),
+            cell(row.state, "-"),
+            cell(row.version, "-"),
+            cell(row.active_version, "-"),
+            cell(progress),
+            cell(row.reason),
+            cell(row.since),
         )
     Console().print(table)
 
