@@ -205,6 +205,17 @@ def test_record_event_rejects_bad_input_and_stores_nothing(tmp_path: Path) -> No
 
 
 @pytest.mark.unit
+def test_lone_surrogates_are_recorded_escaped_not_lost(tmp_path: Path) -> None:
+    """JSON from the cloud may carry "\\ud800" (json.loads gives a lone surrogate); UTF-8 cannot hold it, and
+    SQLite's binding raised UnicodeEncodeError, so the entry was lost and the caller crashed."""
+    s = _store(tmp_path)
+    seq = record_event(s, AuditEvent.MODEL_ROLLED_BACK, actor="cloud\udfff", subject="\ud800x", detail={"r": "\udc80"})
+    e = audit.query(s)[0]
+    assert (e.seq, e.actor, e.subject, e.detail) == (seq, "cloud\\udfff", "\\ud800x", {"r": "\\udc80"})
+    assert audit.verify(s) == []
+
+
+@pytest.mark.unit
 def test_record_inside_a_transaction_joins_it(tmp_path: Path) -> None:
     s = _store(tmp_path)
     with pytest.raises(RuntimeError), s.transaction():
@@ -386,6 +397,26 @@ def test_markup_in_values_is_escaped() -> None:
 
 
 @pytest.mark.unit
+def test_control_characters_in_values_still_give_well_formed_xml() -> None:
+    """A cloud direct method's bundle id is recorded as the subject as sent (``rollback_model`` refused):
+    ESC, NUL, BEL or U+FFFE there are not XML 1.0 characters, and a message holding them is not
+    well-formed, so the hospital's audit repository drops it. They are written escaped instead."""
+    subject = "cxr\x1b[2J\x00\ufffe"
+    entry = _entry(
+        AuditEvent.MODEL_ROLLED_BACK,
+        actor="cloud\x07",
+        subject=subject,
+        outcome="failure",
+        detail={"reason": "not_installed\x0b"},
+    )
+    root = _check_message(to_dicom_audit_message(entry, audit_source_id="box\x01"))
+    assert root.findall("ParticipantObjectIdentification")[0].attrib["ParticipantObjectID"] == "cxr\\x1b[2J\\x00\\ufffe"
+    assert root.findall("ActiveParticipant")[0].attrib["UserID"] == "cloud\\x07"
+    assert root.find("EventIdentification/EventOutcomeDescription").text == "not_installed\\x0b"  # type: ignore[union-attr]
+    assert root.find("AuditSourceIdentification").attrib["AuditSourceID"] == "box\\x01"  # type: ignore[union-attr]
+
+
+@pytest.mark.unit
 def test_unknown_event_is_refused_by_the_renderer() -> None:
     with pytest.raises(ValueError, match="unknown event"):
         to_dicom_audit_message(replace(_entry(AuditEvent.LOGIN), event="format_disk"))
@@ -512,6 +543,28 @@ def test_cli_list_and_export(home: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["audit-00000003.xml"]
     _check_message((out / "audit-00000003.xml").read_text(encoding="utf-8").strip())
     assert _cli(home, "audit", "export", "--format", "pdf").returncode == 2
+
+
+@pytest.mark.integration
+def test_cli_list_prints_hostile_values_inert(home: Path) -> None:
+    """Values recorded from outside (a direct method's bundle id, a reason) can hold terminal escapes: ESC [1A
+    ESC [2K erases the line above (hiding the entry before it from whoever reads ``audit list``), a C1 CSI or a
+    bidi override reorders what is read. ``audit list`` prints them escaped; ``--json`` is ASCII-only JSON."""
+    s = Store(home / "state.db")
+    record_event(s, AuditEvent.LOGIN_FAILED, actor="mallory", outcome="failure")
+    hostile = "\x1b[1A\x1b[2Kcxr\u202e\x9b2J\nforged line"
+    record_event(
+        s, AuditEvent.MODEL_ROLLED_BACK, actor="cloud", outcome="failure", subject=hostile, detail={"r": hostile}
+    )
+    s.close()
+    r = _cli(home, "audit", "list")
+    assert r.returncode == 0, r.stderr
+    assert not any(c in r.stdout for c in ("\x1b", "\x9b", "\u202e")), repr(r.stdout)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and "mallory" in lines[0] and "\\x1b[1A\\x1b[2Kcxr\\u202e\\x9b2J\\x0aforged line" in lines[1]
+    r = _cli(home, "audit", "list", "--json")
+    assert r.returncode == 0 and r.stdout.isascii(), repr(r.stdout)
+    assert json.loads(r.stdout)[1]["subject"] == hostile
 
 
 # -- events recorded by the real actions ----------------------------------------------------------------------

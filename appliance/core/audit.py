@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -155,6 +156,15 @@ def utc_timestamp(when: datetime | None = None) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate (``json.loads`` makes one from ``"\\ud800"`` in a
+    cloud payload) is written as its ``\\udXXX`` escape instead of failing the whole entry."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def canonical_detail(detail: Mapping[str, Any] | None) -> str:
     """``detail`` as canonical JSON text (sorted keys, no whitespace, non-ASCII kept).
 
@@ -166,9 +176,12 @@ def canonical_detail(detail: Mapping[str, Any] | None) -> str:
     if not isinstance(detail, Mapping):
         raise AuditError(f"detail must be a mapping, got {type(detail).__name__}")
     try:
-        return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(dict(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise AuditError(f"detail is not JSON-serialisable: {exc}") from exc
+    # a lone surrogate can only sit inside a JSON string: written as an escaped backslash and "udXXX", it reads
+    # back as that text (not as "\\udXXX", a JSON escape that would make the surrogate again)
+    return _SURROGATE.sub(lambda m: f"\\\\u{ord(m.group()):04x}", text)
 
 
 def canonical_row(
@@ -226,6 +239,8 @@ def record_event(
     ``actor``: a user name, ``"system"``, ``"cloud"`` (twin/direct method) or ``"cli:<os user>"``;
     ``outcome``: ``"success"`` | ``"failure"``; ``subject``: e.g. a study's pseudonym/id, a bundle
     ``id@version``, a user name; ``detail``: JSON values only, no PHI; ``source_ip``: IPv4/IPv6 text.
+    Text UTF-8 cannot hold (lone surrogates) is stored as its ``\\udXXX`` escape, never refused: a value
+    from outside must not cost its entry.
 
     Reading the last hash and inserting happen in one ``BEGIN IMMEDIATE`` transaction, so concurrent
     writers (threads or processes) serialise and the chain stays linear. Called inside an open
@@ -251,6 +266,8 @@ def record_event(
         except ValueError as exc:
             raise AuditError(f"source_ip is not an IP address: {source_ip!r}") from exc
     detail_json = canonical_detail(detail)
+    actor = _storable(actor)
+    subject = None if subject is None else _storable(subject)
     with _write_transaction(store) as conn:
         last = conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
         seq = 1 if last is None else int(last["seq"]) + 1
