@@ -427,6 +427,41 @@ def test_sop_class_rejected_then_sent_over_another_context_is_refused(box, tmp_p
     assert mr_sop not in {r["sop_instance_uid"] for r in rows} and len(spool_data_files(box.spool.root)) == 2
 
 
+def test_duplicate_presentation_context_id_cannot_smuggle_a_rejected_sop_class(box, tmp_path: Path) -> None:
+    """Context ID 1 proposed twice, first as CT (accepted), then as MR (not taken here): the acceptor answered
+    both (two results for one ID in the A-ASSOCIATE-AC) and kept CT's transfer syntax but MR's abstract
+    syntax, so an MR instance sent over context 1 passed the SOP-class check and was stored. Now the first
+    proposal of an ID is the one negotiated, a repeat is left out of the answer, and MR over 1 is refused."""
+    items = [
+        APP,
+        context(1, CTImageStorage, [ExplicitVRLittleEndian]),
+        context(1, MR_IMAGE_STORAGE, [ExplicitVRLittleEndian]),
+        USER,
+    ]
+    with socket.create_connection(("127.0.0.1", box.address[1]), timeout=10) as sock:
+        sock.sendall(raw_rq(items))
+        kind, body = read_pdu(sock)
+        assert kind == pdu.ASSOCIATE_AC
+        answers = [body[pos + 4 : pos + 7] for pos, k in _ac_items(body) if k == 0x21]
+        assert answers == [bytes([1, 0, 0])], answers  # one answer for ID 1: accepted (CT)
+        mr_sop, mr = instance_body(tmp_path, MR_IMAGE_STORAGE)
+        assert send_store(sock, 1, MR_IMAGE_STORAGE, mr_sop, mr, 1) == STATUS_SOP_CLASS_NOT_SUPPORTED
+        ct_sop, ct = instance_body(tmp_path)
+        assert send_store(sock, 1, CTImageStorage, ct_sop, ct, 2) == 0x0000
+    rows = box.store.query("SELECT sop_instance_uid FROM instances ORDER BY id")
+    assert [r["sop_instance_uid"] for r in rows] == [ct_sop]
+
+
+def _ac_items(ac_body: bytes) -> list[tuple[int, int]]:
+    """(offset, item type) of each item of an A-ASSOCIATE-AC body."""
+    out, pos = [], 68
+    while pos < len(ac_body):
+        kind, length = struct.unpack_from(">BxH", ac_body, pos)
+        out.append((pos, kind))
+        pos += 4 + length
+    return out
+
+
 @pytest.mark.parametrize(
     ("negotiated", "encoded"),
     [

@@ -360,6 +360,12 @@ class Association:
             self._reject(0x01, 0x02, 0x02)  # permanent, service-provider (ACSE), protocol-version not supported
         if rq.ignored_items:
             log.debug("unknown A-ASSOCIATE-RQ items ignored", **self._who(), items=sorted(set(rq.ignored_items)))
+        if rq.duplicate_context_ids:
+            log.warning(
+                "presentation context IDs proposed twice: only the first proposal negotiated",
+                **self._who(),
+                context_ids=sorted(set(rq.duplicate_context_ids)),
+            )
         if not self.server.services.admit(rq.calling_ae, self.peer_host):
             self._reject(0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
         if rq.application_context != pdu.APPLICATION_CONTEXT:
