@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -313,3 +314,63 @@ def test_direct_method_and_twin_replace_through_service_api(fleet, pki, monkeypa
     with pytest.raises(HubServiceError) as reported:
         ours.update_twin("clinic-b", {"properties": {"reported": {"x": 1}}})
     assert reported.value.status == 400 and "read-only" in str(reported.value)
+
+
+def _raw_service(
+    hub: FakeHub, pki: dict[str, Path], method: str, path: str, body: bytes, **headers: str
+) -> tuple[int, Any]:
+    """One raw HTTPS request to the fake hub's service API, signed as the service: (status, JSON body or None).
+    A status of 0 means the connection closed without an answer."""
+    import http.client
+    import ssl
+    import time
+
+    from appliance.cloud.sas import API_VERSION, generate_sas_token
+
+    host = f"127.0.0.1:{hub.service_port}"
+    key = hub.service_policies["iothubowner"]
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", hub.service_port, timeout=30, context=ssl.create_default_context(cafile=str(pki["ca"]))
+    )
+    try:
+        conn.putrequest(method, f"{path}?api-version={API_VERSION}", skip_accept_encoding=True)
+        conn.putheader("Authorization", generate_sas_token(host, key, int(time.time()) + 600, "iothubowner"))
+        conn.putheader("Host", host)
+        headers.setdefault("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            conn.putheader(k.replace("_", "-"), v)
+        conn.endheaders(body)
+        try:
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionError):
+            return 0, None
+        raw = resp.read()
+        return resp.status, (json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
+def test_fake_hub_service_answers_hostile_requests_with_an_error(fleet, pki) -> None:
+    """Bad input to the service API gets an HTTP error with a JSON reason, as from the real service, never a
+    dropped connection: JSON nested 100 000 deep (json raised RecursionError), a query of 5 000 NOTs, a
+    Content-Length that is not a number, is negative or announces 64 MiB, a method timeout that is not a number,
+    infinite or outside the documented 5..300 s. The hub serves on."""
+    hub, _ = fleet
+    deep = b"[" * 100_000 + b"]" * 100_000
+    not_query = json.dumps({"query": "SELECT * FROM devices WHERE " + "NOT " * 5000 + "deviceId = 'x'"}).encode()
+    cases = [
+        ("PATCH", "/twins/clinic-a", deep, {}),
+        ("POST", "/devices/query", not_query, {}),
+        ("POST", "/devices/query", b'{"query": "SELECT * FROM devices"}', {"Content_Length": "ten"}),
+        ("POST", "/devices/query", b'{"query": "SELECT * FROM devices"}', {"Content_Length": "-1"}),
+    ]
+    for timeout in ('"soon"', "1e999", "0", "301", "[]"):
+        body = f'{{"methodName": "m", "responseTimeoutInSeconds": {timeout}}}'.encode()
+        cases.append(("POST", "/twins/clinic-a/methods", body, {}))
+    for method, path, body, headers in cases:
+        status, doc = _raw_service(hub, pki, method, path, body, **headers)
+        assert status == 400 and isinstance(doc, dict) and doc.get("message"), (path, body[:60], headers, status, doc)
+    status, doc = _raw_service(hub, pki, "POST", "/devices/query", b"{}", Content_Length=str(64 << 20))
+    assert status == 413 and "over" in doc["message"], (status, doc)
+    status, doc = _raw_service(hub, pki, "GET", "/twins/clinic-a", b"")
+    assert status == 200 and doc["deviceId"] == "clinic-a"
