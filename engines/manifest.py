@@ -33,6 +33,9 @@ _PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 SEMVER = re.compile(rf"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?\Z")
 BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+# A file of a bundle: relative, "/"-separated parts of letters, digits, "_", "." and "-", none starting with "."
+# or "-" (so no "..", no hidden files, no option-like names); the tar member name and the path in ``files``.
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
 # Golden tolerances are bounded: an atol or rtol of, say, 1e9 would let ANY model pass the golden check (the check
 # is what ties the compiled engine to the signed reference outputs). 0.1 is twice the loosest tolerance the
 # reference bundles use (fp16: 5e-2); a model that needs more is not reproducing its reference outputs.
@@ -247,8 +250,13 @@ class Manifest(_Strict):
             if required not in self.files:
                 raise ValueError(f"files must include {required}")
         for path in self.files:
-            if path.startswith("/") or ".." in path.split("/") or path == "manifest.json":
+            if not MEMBER_NAME.match(path) or path in ("manifest.json", "signature"):
                 raise ValueError(f"bad file path in manifest: {path!r}")
+        # a name that is also a directory of another ("assets" and "assets/x") cannot be unpacked
+        dirs = {"/".join(parts[:i]) for parts in (p.split("/") for p in self.files) for i in range(1, len(parts))}
+        clash = sorted(dirs & set(self.files))
+        if clash:
+            raise ValueError(f"files {clash} are also directories of other files")
         if set(self.file_sizes) != set(self.files):
             raise ValueError("file_sizes must name exactly the files in files")
         created, expires = parse_utc(self.created), parse_utc(self.expires)

@@ -330,6 +330,52 @@ def test_digest_and_key_id_patterns_refuse_a_trailing_newline(tmp_path: Path, ke
     assert KEY_ID.match(key_id(key)) and not KEY_ID.match(key_id(key) + "\n")
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{"assets": b"a", "assets/x": b"b"}, {"model.onnx/x": b"b"}, {"assets/w\n": b"c"}, {"assets//w": b"d"}],
+    ids=["file-and-directory", "model-as-directory", "newline", "empty-part"],
+)
+def test_signed_file_list_that_cannot_be_a_tree_is_a_bad_manifest(tmp_path: Path, key, extra: dict) -> None:
+    """A signed manifest listing "assets" and "assets/x" (or "model.onnx/x") names a file that must also be a
+    directory: unpacking raised FileExistsError, not BundleError, past every caller that handles bundle
+    errors. Member names in the manifest now follow the same rules as tar members, and no name is a
+    directory of another: refused as bad_manifest before anything is written; the builder refuses it too."""
+    import hashlib
+
+    good = make_bundle(tmp_path, key)
+
+    def add(d: dict) -> None:
+        for name, data in extra.items():
+            d["files"][name] = hashlib.sha256(data).hexdigest()
+            d["file_sizes"][name] = len(data)
+
+    members = _members(good)
+    doc = json.loads(members.pop("manifest.json"))
+    members.pop("signature")
+    add(doc)
+    evil = _signed_raw(tmp_path / "evil.bundle", key, doc, {**members, **extra})
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == "bad_manifest", ei.value
+    with pytest.raises(BundleError) as ei:
+        B.verify_bundle(evil, trust_for(key))
+    assert ei.value.reason == "bad_manifest"
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"model.onnx": tmp_path / "m.onnx", "golden.npz": tmp_path / "g.npz"}
+    files["model.onnx"].write_bytes(members["model.onnx"])
+    files["golden.npz"].write_bytes(members["golden.npz"])
+    for i, (name, data) in enumerate(extra.items()):
+        (src / str(i)).write_bytes(data)
+        files[name] = src / str(i)
+    manifest = {
+        k: v for k, v in json.loads(_members(good)["manifest.json"]).items() if k not in ("files", "file_sizes")
+    }
+    with pytest.raises(BundleError) as ei:
+        B.build_bundle(tmp_path / "built.bundle", manifest, files)
+    assert ei.value.reason in ("bad_manifest", "path_traversal")
+
+
 # --------------------------------------------------------------------------------------------------
 # Non-finite numbers and unbounded tolerances in signed manifests
 
