@@ -50,10 +50,15 @@ _DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])\Z")  # ASCII digits; \Z:
 
 
 def _duration(text: str) -> dt.timedelta:
+    from appliance.central.repository import MAX_EXPIRY
+
     m = _DURATION.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h or 7d")
-    return dt.timedelta(seconds=float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]])
+    seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    if not seconds <= MAX_EXPIRY.total_seconds():  # also inf, from a number too long for a float
+        raise ValueError(f"{text!r}: at most {MAX_EXPIRY.days}d")
+    return dt.timedelta(seconds=seconds)
 
 
 def _role_map(items: list[str], what: str, parse: Callable[[str], T]) -> dict[str, T]:
