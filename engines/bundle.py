@@ -300,7 +300,7 @@ def _bundle_hint(raw: bytes) -> str | None:
     try:
         doc = json.loads(raw)
         return f"{doc['bundle_id']}@{doc['version']}"[:80]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

@@ -312,9 +312,14 @@ def _refuse_constant(name: str) -> Any:
 
 def loads_strict(raw: bytes | str) -> Any:
     """``json.loads`` that refuses NaN, Infinity and -Infinity (Python's json accepts them by default;
-    RFC 8259 JSON has no such numbers) and floats that overflow to infinity (``1e999``). Raises ValueError."""
-    doc = json.loads(raw, parse_constant=_refuse_constant)
-    _check_finite(doc)
+    RFC 8259 JSON has no such numbers) and floats that overflow to infinity (``1e999``). Raises ValueError,
+    also for nesting deeper than Python's parser follows (``json`` itself raises RecursionError: these bytes
+    are read before anything authenticated them)."""
+    try:
+        doc = json.loads(raw, parse_constant=_refuse_constant)
+        _check_finite(doc)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deep") from exc
     return doc
 
 

@@ -162,6 +162,9 @@ def test_verify_and_readers_survive_hostile_column_values(tmp_path: Path) -> Non
 
     rows = audit.query(Store(db), newest_first=False)
     assert [e.seq for e in rows] == list(range(1, 9))
+    _tamper(db, "UPDATE audit_log SET detail = '" + "[" * 100_000 + "' WHERE seq = 7")  # json: RecursionError
+    assert audit.query(Store(db), newest_first=False)[6].detail == {"_unreadable": "[" * 100_000}
+    assert (7, "edited") in [(f.seq, f.kind) for f in audit.verify(Store(db))]
     assert rows[1].actor == "mal\ufffd"
     assert rows[0].actor == "user0" and rows[4].subject == "s4"
 

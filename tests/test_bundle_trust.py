@@ -376,6 +376,30 @@ def test_signed_file_list_that_cannot_be_a_tree_is_a_bad_manifest(tmp_path: Path
     assert ei.value.reason in ("bad_manifest", "path_traversal")
 
 
+@pytest.mark.parametrize("which", ["manifest.json", "signature"])
+def test_deeply_nested_json_before_authentication_is_a_bundle_error(tmp_path: Path, key, which: str) -> None:
+    """A manifest of 200 000 "[" (within its 1 MiB bound) or a signature file of 16 000 "[" (within 16 KiB) is
+    parsed before anything is authenticated: json raised RecursionError, which escaped every caller that
+    handles BundleError (``model verify``, install, the update agent). Now a clear BundleError."""
+    members = _members(make_bundle(tmp_path, key))
+    members[which] = b"[" * (200_000 if which == "manifest.json" else 16_000)
+    evil = _tar(tmp_path / "deep.bundle", [(n, members[n]) for n in ("manifest.json", "signature", "model.onnx")])
+    # the signature is checked over the manifest bytes before they are parsed: that one fails first
+    want = {"manifest.json": "bad_signature", "signature": "bad_signature_file"}[which]
+    with pytest.raises(BundleError) as ei:
+        B.verify_bundle(evil, trust_for(key))
+    assert ei.value.reason == want
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == want
+    if which == "manifest.json":
+        with pytest.raises(BundleError) as ei:
+            B.read_manifest_unverified(evil)
+        assert ei.value.reason == "bad_manifest" and "nested" in str(ei.value)
+    else:
+        assert "nested" in str(ei.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # Non-finite numbers and unbounded tolerances in signed manifests
 

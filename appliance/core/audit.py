@@ -345,7 +345,7 @@ def _entry(row: sqlite3.Row) -> AuditEntry:
     v = raw.values
     try:
         detail = json.loads(v["detail"] or "")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json follows (a tampered row)
         detail = {"_unreadable": v["detail"]}
     return AuditEntry(
         seq=raw.seq,
