@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -40,6 +39,7 @@ from engines.errors import BundleError
 from engines.keys import TrustStore, key_id, sign
 from engines.manifest import (
     MAX_FILE_BYTES,
+    MEMBER_NAME,
     Manifest,
     canonical_bytes,
     loads_strict,
@@ -51,7 +51,7 @@ from engines.manifest import (
 MANIFEST = "manifest.json"
 SIGNATURE = "signature"
 SIG_ALG = "Ed25519"
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+_NAME = MEMBER_NAME  # one rule for tar members and manifest paths (\Z: "$" would also match before a final newline)
 _CHUNK = 1 << 20
 
 
@@ -300,7 +300,7 @@ def _bundle_hint(raw: bytes) -> str | None:
     try:
         doc = json.loads(raw)
         return f"{doc['bundle_id']}@{doc['version']}"[:80]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from engines.errors import BundleError, TrustError
 
-KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+KEY_ID = re.compile(r"^[0-9a-f]{16}\Z")  # \Z: "$" would also match before a final newline
 
 
 def normalise_key_id(value: object, *, what: str = "key id") -> str:

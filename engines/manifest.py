@@ -27,10 +27,15 @@ from pydantic import (
 MANIFEST_SCHEMA = 1
 # SemVer 2.0.0 (https://semver.org, section 9): a pre-release is dot-separated identifiers, each numeric without
 # leading zeros or alphanumeric; build metadata is not accepted (it would not take part in precedence, section 10).
-_PRE_ID = r"(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)"
-SEMVER = re.compile(rf"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?$")
-BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Every identifier pattern here is ASCII ([0-9], never \d, which matches any Unicode digit: "1\u0663" is int 13) and
+# ends in \Z, never $ (which also matches before a final newline): ``.match`` then means the whole string.
+_PRE_ID = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
+SEMVER = re.compile(rf"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?\Z")
+BUNDLE_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+# A file of a bundle: relative, "/"-separated parts of letters, digits, "_", "." and "-", none starting with "."
+# or "-" (so no "..", no hidden files, no option-like names); the tar member name and the path in ``files``.
+MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
 # Golden tolerances are bounded: an atol or rtol of, say, 1e9 would let ANY model pass the golden check (the check
 # is what ties the compiled engine to the signed reference outputs). 0.1 is twice the loosest tolerance the
 # reference bundles use (fp16: 5e-2); a model that needs more is not reproducing its reference outputs.
@@ -265,8 +270,13 @@ class Manifest(_Strict):
             if required not in self.files:
                 raise ValueError(f"files must include {required}")
         for path in self.files:
-            if path.startswith("/") or ".." in path.split("/") or path == "manifest.json":
+            if not MEMBER_NAME.match(path) or path in ("manifest.json", "signature"):
                 raise ValueError(f"bad file path in manifest: {path!r}")
+        # a name that is also a directory of another ("assets" and "assets/x") cannot be unpacked
+        dirs = {"/".join(parts[:i]) for parts in (p.split("/") for p in self.files) for i in range(1, len(parts))}
+        clash = sorted(dirs & set(self.files))
+        if clash:
+            raise ValueError(f"files {clash} are also directories of other files")
         if set(self.file_sizes) != set(self.files):
             raise ValueError("file_sizes must name exactly the files in files")
         created, expires = parse_utc(self.created), parse_utc(self.expires)
@@ -310,7 +320,7 @@ def version_key(version: str) -> tuple:
     major, minor, patch, pre = m.groups()
     if pre is None:
         return (int(major), int(minor), int(patch), 1, ())
-    ids = tuple((0, int(i), "") if i.isdigit() else (1, 0, i) for i in pre.split("."))
+    ids = tuple((0, int(i), "") if i.isascii() and i.isdigit() else (1, 0, i) for i in pre.split("."))
     return (int(major), int(minor), int(patch), 0, ids)
 
 
@@ -326,9 +336,14 @@ def _refuse_constant(name: str) -> Any:
 
 def loads_strict(raw: bytes | str) -> Any:
     """``json.loads`` that refuses NaN, Infinity and -Infinity (Python's json accepts them by default;
-    RFC 8259 JSON has no such numbers) and floats that overflow to infinity (``1e999``). Raises ValueError."""
-    doc = json.loads(raw, parse_constant=_refuse_constant)
-    _check_finite(doc)
+    RFC 8259 JSON has no such numbers) and floats that overflow to infinity (``1e999``). Raises ValueError,
+    also for nesting deeper than Python's parser follows (``json`` itself raises RecursionError: these bytes
+    are read before anything authenticated them)."""
+    try:
+        doc = json.loads(raw, parse_constant=_refuse_constant)
+        _check_finite(doc)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deep") from exc
     return doc
 
 

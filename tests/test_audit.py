@@ -127,6 +127,68 @@ def test_verify_catches_rehashed_edit_and_renumbering(tmp_path: Path) -> None:
 
 
 @pytest.mark.unit
+def test_verify_and_readers_survive_hostile_column_values(tmp_path: Path) -> None:
+    """Someone with write access to state.db stores values no appliance code writes: bytes that are not
+    UTF-8, BLOBs, numbers, a row copied under a second seq, and (with the triggers still in place) a text
+    anchor, which SQLite orders after every integer so the forward-only trigger lets it through. Verify must
+    name each such entry and keep checking the rest; the readers must still list the trail."""
+    s = _store(tmp_path)
+    _fill(s, 8)
+    s.close()
+    db = tmp_path / "state.db"
+    # the anchor is changed first, with every trigger still in place
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE audit_anchor SET last_seq = 'x'")
+    conn.close()
+    _tamper(
+        db,
+        "UPDATE audit_log SET actor = CAST(X'6D616CC3' AS TEXT) WHERE seq = 2",  # ends in half a UTF-8 character
+        "UPDATE audit_log SET time = CAST(time AS BLOB) WHERE seq = 3",
+        "UPDATE audit_log SET subject = 42 WHERE seq = 4",  # TEXT affinity: stored as the text '42'
+        "UPDATE audit_log SET prev_hash = CAST(prev_hash AS BLOB) WHERE seq = 6",
+    )
+    faults = audit.verify(Store(db))
+    assert [(f.seq, f.kind) for f in faults] == [
+        (2, "edited"),
+        (3, "edited"),
+        (4, "edited"),
+        (6, "edited"),
+        (8, "anchor"),
+    ]
+    assert "actor" in faults[0].message and "UTF-8" in faults[0].message
+    assert "time" in faults[1].message and "blob" in faults[1].message
+    assert "prev_hash" in faults[3].message
+    assert "last_seq" in faults[4].message
+
+    rows = audit.query(Store(db), newest_first=False)
+    assert [e.seq for e in rows] == list(range(1, 9))
+    _tamper(db, "UPDATE audit_log SET detail = '" + "[" * 100_000 + "' WHERE seq = 7")  # json: RecursionError
+    assert audit.query(Store(db), newest_first=False)[6].detail == {"_unreadable": "[" * 100_000}
+    assert (7, "edited") in [(f.seq, f.kind) for f in audit.verify(Store(db))]
+    assert rows[1].actor == "mal\ufffd"
+    assert rows[0].actor == "user0" and rows[4].subject == "s4"
+
+
+@pytest.mark.unit
+def test_verify_names_a_row_copied_under_an_old_seq(tmp_path: Path) -> None:
+    """A table rebuilt without its primary key can hold an entry twice: the copy is named, not taken for a
+    deletion with a backwards range."""
+    s = _store(tmp_path)
+    _fill(s, 4)
+    s.close()
+    db = tmp_path / "state.db"
+    _tamper(
+        db,
+        "CREATE TABLE copy AS SELECT * FROM audit_log",
+        "INSERT INTO copy SELECT * FROM audit_log WHERE seq = 2",
+        "DROP TABLE audit_log",
+        "ALTER TABLE copy RENAME TO audit_log",
+    )
+    faults = audit.verify(Store(db))
+    assert [(f.seq, f.kind) for f in faults] == [(2, "duplicate")]
+
+
+@pytest.mark.unit
 def test_record_event_rejects_bad_input_and_stores_nothing(tmp_path: Path) -> None:
     s = _store(tmp_path)
     bad: list[dict[str, Any]] = [
@@ -143,6 +205,17 @@ def test_record_event_rejects_bad_input_and_stores_nothing(tmp_path: Path) -> No
         with pytest.raises(AuditError):
             record_event(s, event, **kwargs)
     assert audit.count(s) == 0
+
+
+@pytest.mark.unit
+def test_lone_surrogates_are_recorded_escaped_not_lost(tmp_path: Path) -> None:
+    """JSON from the cloud may carry "\\ud800" (json.loads gives a lone surrogate); UTF-8 cannot hold it, and
+    SQLite's binding raised UnicodeEncodeError, so the entry was lost and the caller crashed."""
+    s = _store(tmp_path)
+    seq = record_event(s, AuditEvent.MODEL_ROLLED_BACK, actor="cloud\udfff", subject="\ud800x", detail={"r": "\udc80"})
+    e = audit.query(s)[0]
+    assert (e.seq, e.actor, e.subject, e.detail) == (seq, "cloud\\udfff", "\\ud800x", {"r": "\\udc80"})
+    assert audit.verify(s) == []
 
 
 @pytest.mark.unit
@@ -327,6 +400,26 @@ def test_markup_in_values_is_escaped() -> None:
 
 
 @pytest.mark.unit
+def test_control_characters_in_values_still_give_well_formed_xml() -> None:
+    """A cloud direct method's bundle id is recorded as the subject as sent (``rollback_model`` refused):
+    ESC, NUL, BEL or U+FFFE there are not XML 1.0 characters, and a message holding them is not
+    well-formed, so the hospital's audit repository drops it. They are written escaped instead."""
+    subject = "cxr\x1b[2J\x00\ufffe"
+    entry = _entry(
+        AuditEvent.MODEL_ROLLED_BACK,
+        actor="cloud\x07",
+        subject=subject,
+        outcome="failure",
+        detail={"reason": "not_installed\x0b"},
+    )
+    root = _check_message(to_dicom_audit_message(entry, audit_source_id="box\x01"))
+    assert root.findall("ParticipantObjectIdentification")[0].attrib["ParticipantObjectID"] == "cxr\\x1b[2J\\x00\\ufffe"
+    assert root.findall("ActiveParticipant")[0].attrib["UserID"] == "cloud\\x07"
+    assert root.find("EventIdentification/EventOutcomeDescription").text == "not_installed\\x0b"  # type: ignore[union-attr]
+    assert root.find("AuditSourceIdentification").attrib["AuditSourceID"] == "box\\x01"  # type: ignore[union-attr]
+
+
+@pytest.mark.unit
 def test_unknown_event_is_refused_by_the_renderer() -> None:
     with pytest.raises(ValueError, match="unknown event"):
         to_dicom_audit_message(replace(_entry(AuditEvent.LOGIN), event="format_disk"))
@@ -456,6 +549,28 @@ def test_cli_list_and_export(home: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["audit-00000003.xml"]
     _check_message((out / "audit-00000003.xml").read_text(encoding="utf-8").strip())
     assert _cli(home, "audit", "export", "--format", "pdf").returncode == 2
+
+
+@pytest.mark.integration
+def test_cli_list_prints_hostile_values_inert(home: Path) -> None:
+    """Values recorded from outside (a direct method's bundle id, a reason) can hold terminal escapes: ESC [1A
+    ESC [2K erases the line above (hiding the entry before it from whoever reads ``audit list``), a C1 CSI or a
+    bidi override reorders what is read. ``audit list`` prints them escaped; ``--json`` is ASCII-only JSON."""
+    s = Store(home / "state.db")
+    record_event(s, AuditEvent.LOGIN_FAILED, actor="mallory", outcome="failure")
+    hostile = "\x1b[1A\x1b[2Kcxr\u202e\x9b2J\nforged line"
+    record_event(
+        s, AuditEvent.MODEL_ROLLED_BACK, actor="cloud", outcome="failure", subject=hostile, detail={"r": hostile}
+    )
+    s.close()
+    r = _cli(home, "audit", "list")
+    assert r.returncode == 0, r.stderr
+    assert not any(c in r.stdout for c in ("\x1b", "\x9b", "\u202e")), repr(r.stdout)
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and "mallory" in lines[0] and "\\x1b[1A\\x1b[2Kcxr\\u202e\\x9b2J\\x0aforged line" in lines[1]
+    r = _cli(home, "audit", "list", "--json")
+    assert r.returncode == 0 and r.stdout.isascii(), repr(r.stdout)
+    assert json.loads(r.stdout)[1]["subject"] == hostile
 
 
 # -- events recorded by the real actions ----------------------------------------------------------------------

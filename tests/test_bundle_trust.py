@@ -274,6 +274,133 @@ def test_rc9_after_rc10_is_a_downgrade(tmp_path: Path, key) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Identifiers: ``$`` in a Python pattern also matches before a final newline, and ``\d`` matches every
+# Unicode decimal digit ("1\u0663" is int 13): neither may pass a validator of names, versions or digests.
+
+_NL_OR_DIGITS = ["1.0.0\n", "1\u0663.0.0", "1.0.0-rc.1\u0663", "\uff11.0.0"]
+
+
+@pytest.mark.parametrize("version", _NL_OR_DIGITS)
+def test_version_with_a_newline_or_non_ascii_digits_is_not_semver(version: str) -> None:
+    with pytest.raises(ValueError):
+        version_key(version)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.__setitem__("version", "1.0.0\n"),
+        lambda d: d.__setitem__("version", "1\u0663.0.0"),
+        lambda d: d.__setitem__("bundle_id", "tiny\n"),
+        lambda d: d.__setitem__("min_appliance_version", "0.1.0\n"),
+    ],
+    ids=["version-newline", "version-arabic-digit", "bundle-id-newline", "min-version-newline"],
+)
+def test_signed_manifest_with_a_newline_or_non_ascii_digits_in_an_identifier_is_refused(
+    tmp_path: Path, key, edit
+) -> None:
+    good = make_bundle(tmp_path, key)
+    evil = _resigned(good, tmp_path / "evil.bundle", key, edit)
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == "bad_manifest"
+    installed = tmp_path / "m" / "bundles"
+    assert not installed.exists() or [p.name for p in installed.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("name", ["model.onnx\n", "assets/w\n", "assets/\u0663"])
+def test_member_names_with_a_newline_are_unsafe(name: str) -> None:
+    with pytest.raises(BundleError) as ei:
+        B._check_name(name, None)
+    assert ei.value.reason == "path_traversal"
+
+
+def test_digest_and_key_id_patterns_refuse_a_trailing_newline(tmp_path: Path, key) -> None:
+    good = make_bundle(tmp_path, key)
+
+    def newline_digest(d: dict) -> None:
+        d["files"]["golden.npz"] += "\n"
+
+    evil = _resigned(good, tmp_path / "evil.bundle", key, newline_digest)
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == "bad_manifest" and "sha256" in str(ei.value)
+    from engines.keys import KEY_ID
+
+    assert KEY_ID.match(key_id(key)) and not KEY_ID.match(key_id(key) + "\n")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"assets": b"a", "assets/x": b"b"}, {"model.onnx/x": b"b"}, {"assets/w\n": b"c"}, {"assets//w": b"d"}],
+    ids=["file-and-directory", "model-as-directory", "newline", "empty-part"],
+)
+def test_signed_file_list_that_cannot_be_a_tree_is_a_bad_manifest(tmp_path: Path, key, extra: dict) -> None:
+    """A signed manifest listing "assets" and "assets/x" (or "model.onnx/x") names a file that must also be a
+    directory: unpacking raised FileExistsError, not BundleError, past every caller that handles bundle
+    errors. Member names in the manifest now follow the same rules as tar members, and no name is a
+    directory of another: refused as bad_manifest before anything is written; the builder refuses it too."""
+    import hashlib
+
+    good = make_bundle(tmp_path, key)
+
+    def add(d: dict) -> None:
+        for name, data in extra.items():
+            d["files"][name] = hashlib.sha256(data).hexdigest()
+            d["file_sizes"][name] = len(data)
+
+    members = _members(good)
+    doc = json.loads(members.pop("manifest.json"))
+    members.pop("signature")
+    add(doc)
+    evil = _signed_raw(tmp_path / "evil.bundle", key, doc, {**members, **extra})
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == "bad_manifest", ei.value
+    with pytest.raises(BundleError) as ei:
+        B.verify_bundle(evil, trust_for(key))
+    assert ei.value.reason == "bad_manifest"
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {"model.onnx": tmp_path / "m.onnx", "golden.npz": tmp_path / "g.npz"}
+    files["model.onnx"].write_bytes(members["model.onnx"])
+    files["golden.npz"].write_bytes(members["golden.npz"])
+    for i, (name, data) in enumerate(extra.items()):
+        (src / str(i)).write_bytes(data)
+        files[name] = src / str(i)
+    manifest = {
+        k: v for k, v in json.loads(_members(good)["manifest.json"]).items() if k not in ("files", "file_sizes")
+    }
+    with pytest.raises(BundleError) as ei:
+        B.build_bundle(tmp_path / "built.bundle", manifest, files)
+    assert ei.value.reason in ("bad_manifest", "path_traversal")
+
+
+@pytest.mark.parametrize("which", ["manifest.json", "signature"])
+def test_deeply_nested_json_before_authentication_is_a_bundle_error(tmp_path: Path, key, which: str) -> None:
+    """A manifest of 200 000 "[" (within its 1 MiB bound) or a signature file of 16 000 "[" (within 16 KiB) is
+    parsed before anything is authenticated: json raised RecursionError, which escaped every caller that
+    handles BundleError (``model verify``, install, the update agent). Now a clear BundleError."""
+    members = _members(make_bundle(tmp_path, key))
+    members[which] = b"[" * (200_000 if which == "manifest.json" else 16_000)
+    evil = _tar(tmp_path / "deep.bundle", [(n, members[n]) for n in ("manifest.json", "signature", "model.onnx")])
+    # the signature is checked over the manifest bytes before they are parsed: that one fails first
+    want = {"manifest.json": "bad_signature", "signature": "bad_signature_file"}[which]
+    with pytest.raises(BundleError) as ei:
+        B.verify_bundle(evil, trust_for(key))
+    assert ei.value.reason == want
+    with pytest.raises(BundleError) as ei:
+        Registry(tmp_path / "m", trust_for(key)).install(evil)
+    assert ei.value.reason == want
+    if which == "manifest.json":
+        with pytest.raises(BundleError) as ei:
+            B.read_manifest_unverified(evil)
+        assert ei.value.reason == "bad_manifest" and "nested" in str(ei.value)
+    else:
+        assert "nested" in str(ei.value)
+
+
+# --------------------------------------------------------------------------------------------------
 # Non-finite numbers and unbounded tolerances in signed manifests
 
 

@@ -13,6 +13,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,6 +160,44 @@ def test_cli_rollout_to_two_devices_then_status_from_reported(fleet, pki) -> Non
         assert all("waiting_window" in ln and "1.1.0" in ln for ln in body if "clinic-c" not in ln)
 
 
+def test_status_survives_hostile_reported_properties(fleet, pki) -> None:
+    """Reported properties are written by the devices: one compromised box reports console markup, terminal
+    escape sequences (clear screen, set the window title, move up and erase a line: hiding another device's
+    row) and values of the wrong JSON type. ``central status`` still lists every device, shows the text
+    literally with control characters escaped, and ``--json`` gives the odd values as JSON text."""
+    hub, keys = fleet
+    evil = "[/bold][link=http://e/]x[/link]\x1b[2J\x1b]0;t\x07"
+    with device(hub, keys, pki, "clinic-a") as a, device(hub, keys, pki, "clinic-b") as b:
+        a.send(
+            cmd="report",
+            patch={layout.REPORTED_KEY: {"cxr": {"state": "failed", "reason": evil, "since": "\x1b[1A\x1b[2K"}}},
+        )
+        a.wait_for("reported")
+        b.send(
+            cmd="report",
+            patch={
+                layout.REPORTED_KEY: {
+                    "cxr": {"state": ["x"], "bytes": "lots", "total": {"n": 1}, "reason": 7},
+                    "mmg": "?",
+                }
+            },
+        )
+        b.wait_for("reported")
+        table = central(hub, pki, "status")
+        assert table.returncode == 0, table.stderr
+        out = table.stdout
+        assert "\x1b" not in out and "\x07" not in out
+        assert "[/bold][link=http://e/]x[/link]" in out and "\\x1b[2J" in out and "\\x07" in out
+        assert sum(f"clinic-{c}" in out for c in "abc") == 3
+        st = central(hub, pki, "status", "--json")
+        assert st.returncode == 0, st.stderr
+        rows = {(x["device_id"], x["bundle_id"]): x for x in map(json.loads, st.stdout.splitlines())}
+        assert rows[("clinic-a", "cxr")]["reason"] == evil
+        odd = rows[("clinic-b", "cxr")]
+        assert (odd["state"], odd["bytes"], odd["total"], odd["reason"]) == ('["x"]', None, None, "7")
+        assert rows[("clinic-b", "mmg")]["state"] is None
+
+
 def test_rollout_by_tag_query_selects_only_tagged_devices(fleet, pki, monkeypatch) -> None:
     hub, _ = fleet
     r = central(
@@ -275,3 +314,63 @@ def test_direct_method_and_twin_replace_through_service_api(fleet, pki, monkeypa
     with pytest.raises(HubServiceError) as reported:
         ours.update_twin("clinic-b", {"properties": {"reported": {"x": 1}}})
     assert reported.value.status == 400 and "read-only" in str(reported.value)
+
+
+def _raw_service(
+    hub: FakeHub, pki: dict[str, Path], method: str, path: str, body: bytes, **headers: str
+) -> tuple[int, Any]:
+    """One raw HTTPS request to the fake hub's service API, signed as the service: (status, JSON body or None).
+    A status of 0 means the connection closed without an answer."""
+    import http.client
+    import ssl
+    import time
+
+    from appliance.cloud.sas import API_VERSION, generate_sas_token
+
+    host = f"127.0.0.1:{hub.service_port}"
+    key = hub.service_policies["iothubowner"]
+    conn = http.client.HTTPSConnection(
+        "127.0.0.1", hub.service_port, timeout=30, context=ssl.create_default_context(cafile=str(pki["ca"]))
+    )
+    try:
+        conn.putrequest(method, f"{path}?api-version={API_VERSION}", skip_accept_encoding=True)
+        conn.putheader("Authorization", generate_sas_token(host, key, int(time.time()) + 600, "iothubowner"))
+        conn.putheader("Host", host)
+        headers.setdefault("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            conn.putheader(k.replace("_", "-"), v)
+        conn.endheaders(body)
+        try:
+            resp = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionError):
+            return 0, None
+        raw = resp.read()
+        return resp.status, (json.loads(raw) if raw else None)
+    finally:
+        conn.close()
+
+
+def test_fake_hub_service_answers_hostile_requests_with_an_error(fleet, pki) -> None:
+    """Bad input to the service API gets an HTTP error with a JSON reason, as from the real service, never a
+    dropped connection: JSON nested 100 000 deep (json raised RecursionError), a query of 5 000 NOTs, a
+    Content-Length that is not a number, is negative or announces 64 MiB, a method timeout that is not a number,
+    infinite or outside the documented 5..300 s. The hub serves on."""
+    hub, _ = fleet
+    deep = b"[" * 100_000 + b"]" * 100_000
+    not_query = json.dumps({"query": "SELECT * FROM devices WHERE " + "NOT " * 5000 + "deviceId = 'x'"}).encode()
+    cases = [
+        ("PATCH", "/twins/clinic-a", deep, {}),
+        ("POST", "/devices/query", not_query, {}),
+        ("POST", "/devices/query", b'{"query": "SELECT * FROM devices"}', {"Content_Length": "ten"}),
+        ("POST", "/devices/query", b'{"query": "SELECT * FROM devices"}', {"Content_Length": "-1"}),
+    ]
+    for timeout in ('"soon"', "1e999", "0", "301", "[]"):
+        body = f'{{"methodName": "m", "responseTimeoutInSeconds": {timeout}}}'.encode()
+        cases.append(("POST", "/twins/clinic-a/methods", body, {}))
+    for method, path, body, headers in cases:
+        status, doc = _raw_service(hub, pki, method, path, body, **headers)
+        assert status == 400 and isinstance(doc, dict) and doc.get("message"), (path, body[:60], headers, status, doc)
+    status, doc = _raw_service(hub, pki, "POST", "/devices/query", b"{}", Content_Length=str(64 << 20))
+    assert status == 413 and "over" in doc["message"], (status, doc)
+    status, doc = _raw_service(hub, pki, "GET", "/twins/clinic-a", b"")
+    assert status == 200 and doc["deviceId"] == "clinic-a"

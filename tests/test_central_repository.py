@@ -81,6 +81,30 @@ def test_impossible_threshold_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "repo").exists()
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"expiry": {"timestamp": dt.timedelta(days=3_000_000)}},  # past year 9999: OverflowError while signing
+        {"expiry": {"root": dt.timedelta(days=100 * 365)}},  # a root that outlives every key rotation plan
+        {"threshold": {"root": 10**9}},  # would generate a billion keys
+        {"keys": {"snapshot": 10**6}},
+    ],
+    ids=["expiry-past-9999", "expiry-100-years", "threshold-1e9", "keys-1e6"],
+)
+def test_absurd_init_arguments_refused_before_anything_is_written(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(R.RepositoryError, match="at most"):
+        R.init(tmp_path / "repo", tmp_path / "keys", **kwargs)
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "keys").exists()
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1" + "0" * 400 + "s", "3700d"])
+def test_cli_duration_refuses_what_no_metadata_should_live(text: str) -> None:
+    from appliance.cli.central_updates_cmds import _duration
+
+    with pytest.raises(ValueError, match="at most"):
+        _duration(text)
+
+
 def test_published_versions_download_through_tuf_client(tmp_path: Path, key) -> None:
     b1 = make_bundle(tmp_path, key, version="1.0.0")
     b2 = make_bundle(tmp_path, key, version="1.1.0")

@@ -32,6 +32,11 @@ def test_director_patch_sets_only_what_is_given() -> None:
     [
         ({"bundle_id": "cxr/..", "version": "1.0.0"}, "not a valid bundle id"),
         ({"bundle_id": "cxr", "version": "1.0"}, "not a semantic version"),
+        ({"bundle_id": "cxr\n", "version": "1.0.0"}, "not a valid bundle id"),
+        ({"bundle_id": "cxr", "version": "1.0.0\n"}, "not a semantic version"),
+        ({"bundle_id": "cxr", "version": "1\u0663.0.0"}, "not a semantic version"),
+        ({"bundle_id": "cxr", "version": "1.0.0", "window": "22:00-05:00\n"}, "HH:MM-HH:MM"),
+        ({"bundle_id": "cxr", "version": "1.0.0", "window": "0\u0662:00-05:00"}, "HH:MM-HH:MM"),
         ({"bundle_id": "cxr", "version": "1.0.0", "window": "22:00-24:00"}, "HH:MM-HH:MM"),
         ({"bundle_id": "cxr", "version": "1.0.0", "window": "22:00-05:00", "any_time": True}, "exclusive"),
         ({"bundle_id": "cxr", "version": "1.0.0", "health_studies": -1}, "0..1000"),

@@ -212,6 +212,141 @@ def test_artim_is_one_deadline_from_connect_not_restarted_by_each_byte(tmp_path:
         s.stop()
 
 
+def _associated_from(port: int, source: str, items: list[bytes]) -> socket.socket:
+    """A raw association from ``source`` (another loopback address: another host to the listener)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    sock.sendall(raw_rq(items))
+    kind, body = read_pdu(sock)
+    assert kind == pdu.ASSOCIATE_AC, (kind, body)
+    return sock
+
+
+def test_idle_associations_from_one_address_never_lock_out_a_modality(tmp_path: Path) -> None:
+    """One host takes every association (max_associations=2) and sits idle in it (or keeps it alive with a
+    C-ECHO now and then): a modality from another address still gets in, because an idle association of the
+    address holding the most is aborted to make room. One in the middle of a data set is never taken: its
+    instance completes and is stored. The hogging address gains nothing by asking again."""
+    s = _scp(tmp_path / "box", max_associations=2)
+    assert s._server is not None
+    port = s.address[1]
+    items = [
+        APP,
+        context(1, Verification, [ImplicitVRLittleEndian]),
+        context(3, CTImageStorage, [ExplicitVRLittleEndian]),
+        USER,
+    ]
+    busy = _associated_from(port, "127.0.0.2", items)  # the oldest: it would be taken first if it were idle
+    idle = _associated_from(port, "127.0.0.2", items)
+    try:
+        wait_until(lambda: s.active_associations() == 2, 30, "two associations from 127.0.0.2")
+        sop, body = instance_body(tmp_path)
+        half = len(body) // 2
+        busy.sendall(p_data(pdv(3, store_rq(CTImageStorage, sop), True)))
+        busy.sendall(p_data(pdv(3, body[:half], False, last=False)))
+        wait_until(lambda: any(a._received > half for a in s._server._established), 30, "half the data set received")
+
+        # the hogging address asking again is refused: it already holds the most
+        with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=("127.0.0.2", 0)) as third:
+            third.sendall(raw_rq(items))
+            kind, rj = read_pdu(third)
+            assert kind == pdu.ASSOCIATE_RJ and rj[1:4] == bytes([0x02, 0x03, 0x02]), (kind, rj)
+
+        echo = echoscu(port)  # a modality on 127.0.0.1
+        assert echo.returncode == 0, echo.stdout
+        kind, abort = read_pdu(idle)
+        assert kind == pdu.ABORT and pdu.parse_abort(abort) == (pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+
+        busy.sendall(p_data(pdv(3, body[half:], False, last=True)))
+        kind, rsp = read_pdu(busy)
+        assert kind == pdu.P_DATA_TF, (kind, rsp)
+        assert int(read_dataset(io.BytesIO(rsp[6:]), True, True).Status) == 0x0000
+        assert _rows(s) == 1
+
+        f = tmp_path / "ct.dcm"
+        _saved(make_instance(generate_uid(), generate_uid(), 1), f)
+        out = storescu(port, [f])
+        assert out.returncode == 0 and storescu_results(out.stdout) == {str(f): "Success"}, out.stdout
+        assert _rows(s) == 2
+    finally:
+        idle.close()
+        busy.close()
+        s.stop()
+
+
+class Trickle:
+    """An association that sends ``payload`` one byte every ``every`` seconds, in its own thread."""
+
+    def __init__(self, sock: socket.socket, payload: bytes, every: float = 0.4):
+        self.sock, self.payload, self.every = sock, payload, every
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for byte in self.payload:
+            if self._stop.wait(self.every):
+                return
+            try:
+                self.sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            self.sent += 1
+
+    def aborted(self) -> bool:
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        if not readable:
+            return False
+        try:
+            kind, body = read_pdu(self.sock)
+        except OSError:
+            return True
+        return kind in (pdu.ABORT, 0)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("where", ["data set", "command", "between messages"])
+def test_a_message_trickled_byte_by_byte_does_not_hold_an_association(tmp_path: Path, where: str) -> None:
+    """dimse_timeout and network_timeout are per read: a peer sending one byte every 0.4 s never lets them
+    expire and so holds its association (and, in the middle of a message, one that is never idle) for ever.
+    A message must arrive at a minimum rate once dimse_timeout has passed since its first byte: the trickle
+    is aborted while still sending, its partial instance leaves nothing, and the listener serves on."""
+    s = _scp(tmp_path / "box", dimse_timeout=2.0, network_timeout=2.0)
+    items = [
+        APP,
+        context(1, Verification, [ImplicitVRLittleEndian]),
+        context(3, CTImageStorage, [ExplicitVRLittleEndian]),
+        USER,
+    ]
+    sock = _associated_from(s.address[1], "127.0.0.1", items)
+    sop, body = instance_body(tmp_path)
+    command = p_data(pdv(3, store_rq(CTImageStorage, sop), True))
+    if where == "data set":
+        sock.sendall(command)
+        payload = p_data(pdv(3, body, False))
+    elif where == "command":
+        payload = command
+    else:
+        payload = p_data(pdv(1, b"\0" * 200, True))  # a PDU header and a command, one byte at a time
+    trickle = Trickle(sock, payload)
+    try:
+        wait_until(trickle.aborted, 60, "the trickling association aborted")
+        assert 0 < trickle.sent < len(payload), (trickle.sent, len(payload))
+        wait_until(lambda: s.active_associations() == 0, 30, "its slot free")
+        assert _rows(s) == 0 and spool_data_files(s.spool.root) == []
+        f = tmp_path / "ct.dcm"
+        _saved(make_instance(generate_uid(), generate_uid(), 1), f)
+        out = storescu(s.address[1], [f])
+        assert out.returncode == 0 and storescu_results(out.stdout) == {str(f): "Success"}, out.stdout
+    finally:
+        trickle.close()
+        s.stop()
+
+
 # --- PS3.8 association negotiation, raw bytes, with dcmtk as the reference --------------------------------
 @pytest.fixture
 def box(tmp_path: Path) -> Iterator:
@@ -290,6 +425,41 @@ def test_sop_class_rejected_then_sent_over_another_context_is_refused(box, tmp_p
     rows = box.store.query("SELECT sop_instance_uid FROM instances ORDER BY id")
     assert [r["sop_instance_uid"] for r in rows] == [ct_sop, sc_sop]
     assert mr_sop not in {r["sop_instance_uid"] for r in rows} and len(spool_data_files(box.spool.root)) == 2
+
+
+def test_duplicate_presentation_context_id_cannot_smuggle_a_rejected_sop_class(box, tmp_path: Path) -> None:
+    """Context ID 1 proposed twice, first as CT (accepted), then as MR (not taken here): the acceptor answered
+    both (two results for one ID in the A-ASSOCIATE-AC) and kept CT's transfer syntax but MR's abstract
+    syntax, so an MR instance sent over context 1 passed the SOP-class check and was stored. Now the first
+    proposal of an ID is the one negotiated, a repeat is left out of the answer, and MR over 1 is refused."""
+    items = [
+        APP,
+        context(1, CTImageStorage, [ExplicitVRLittleEndian]),
+        context(1, MR_IMAGE_STORAGE, [ExplicitVRLittleEndian]),
+        USER,
+    ]
+    with socket.create_connection(("127.0.0.1", box.address[1]), timeout=10) as sock:
+        sock.sendall(raw_rq(items))
+        kind, body = read_pdu(sock)
+        assert kind == pdu.ASSOCIATE_AC
+        answers = [body[pos + 4 : pos + 7] for pos, k in _ac_items(body) if k == 0x21]
+        assert answers == [bytes([1, 0, 0])], answers  # one answer for ID 1: accepted (CT)
+        mr_sop, mr = instance_body(tmp_path, MR_IMAGE_STORAGE)
+        assert send_store(sock, 1, MR_IMAGE_STORAGE, mr_sop, mr, 1) == STATUS_SOP_CLASS_NOT_SUPPORTED
+        ct_sop, ct = instance_body(tmp_path)
+        assert send_store(sock, 1, CTImageStorage, ct_sop, ct, 2) == 0x0000
+    rows = box.store.query("SELECT sop_instance_uid FROM instances ORDER BY id")
+    assert [r["sop_instance_uid"] for r in rows] == [ct_sop]
+
+
+def _ac_items(ac_body: bytes) -> list[tuple[int, int]]:
+    """(offset, item type) of each item of an A-ASSOCIATE-AC body."""
+    out, pos = [], 68
+    while pos < len(ac_body):
+        kind, length = struct.unpack_from(">BxH", ac_body, pos)
+        out.append((pos, kind))
+        pos += 4 + length
+    return out
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from appliance.app.daemon import watchdog_interval
 from appliance.core.config import AllowedCaller, DicomConfig
 from appliance.ingest.header import STATUS_ENCODING_MISMATCH, MalformedInstance, check_encoding
 from appliance.ingest.scp import address_allowed
-from appliance.ingest.ul.server import eviction_victim
+from appliance.ingest.ul.server import eviction_victim, preemption_victim
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,29 @@ def test_eviction_takes_the_oldest_of_the_busiest_address() -> None:
     assert eviction_victim([modality, *flood, other]) == flood[0]  # the modality's older connection stays
     assert eviction_victim([modality, other]) == modality  # a tie: the oldest overall
     assert eviction_victim([Conn("h", 0)]) == Conn("h", 0)
+
+
+@dataclass(frozen=True)
+class Assoc:
+    peer_host: str
+    n: int
+    between_messages: bool = True
+
+    def idle(self) -> bool:
+        return self.between_messages
+
+
+def test_preemption_takes_the_oldest_idle_of_the_busiest_address_only_from_another() -> None:
+    hog = [Assoc("10.6.6.6", 0, between_messages=False), Assoc("10.6.6.6", 1), Assoc("10.6.6.6", 2)]
+    pacs = Assoc("192.168.10.5", 3)
+    assert preemption_victim([*hog, pacs], "192.168.10.21") == hog[1]  # receiving a message: never taken
+    assert preemption_victim([*hog, pacs], "10.6.6.6") is None  # an address never displaces its own
+    assert preemption_victim([*hog, pacs], "192.168.10.5") == hog[1]  # 3 >= 1 + 2
+    two = [Assoc("a", 0), Assoc("a", 1), Assoc("b", 2)]
+    assert preemption_victim(two, "b") is None  # 2 < 1 + 2: no taking slots back and forth
+    assert preemption_victim([Assoc("a", 0, False), Assoc("a", 1, False)], "b") is None  # nothing idle
+    assert preemption_victim([Assoc("a", 0)], "b") == Assoc("a", 0)  # an address holding none gets the idle one
+    assert preemption_victim([Assoc("a", 0), Assoc("b", 1)], "c") == Assoc("a", 0)  # a tie: the oldest
 
 
 def test_address_allowed_only_where_some_entry_could_admit() -> None:

@@ -67,6 +67,10 @@ DEFAULT_EXPIRY: Mapping[str, dt.timedelta] = {
     TIMESTAMP: dt.timedelta(days=1),
 }
 _SERIALIZER = JSONSerializer(compact=False)
+#: Bounds on :func:`init`'s arguments: a lifetime longer than this outlives any key rotation plan (and past
+#: year 9999 cannot even be signed); more keys per role than this is a typo (each is generated and stored).
+MAX_EXPIRY = dt.timedelta(days=10 * 366)
+MAX_KEYS_PER_ROLE = 32
 
 
 class RepositoryError(Exception):
@@ -457,8 +461,12 @@ def init(
     for r in ROLES:
         if thr[r] < 1 or counts[r] < thr[r]:
             raise RepositoryError(f"{r}: threshold {thr[r]} with {counts[r]} keys is impossible")
+        if counts[r] > MAX_KEYS_PER_ROLE:
+            raise RepositoryError(f"{r}: {counts[r]} keys; at most {MAX_KEYS_PER_ROLE} per role")
         if exp[r] <= dt.timedelta(0):
             raise RepositoryError(f"{r}: expiry must be positive")
+        if exp[r] > MAX_EXPIRY:
+            raise RepositoryError(f"{r}: expiry {exp[r].days} days; at most {MAX_EXPIRY.days}")
     keys_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(keys_dir, 0o700)
     (repo_dir / layout.METADATA_PREFIX).mkdir(parents=True)

@@ -9,6 +9,7 @@ blindly; other bundles' entries are kept (a PATCH merges). Each box then reconci
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from appliance.updates import layout
 from engines.manifest import BUNDLE_ID, SEMVER
 
 log = get_logger(__name__)
-WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
+# ASCII digits only ([0-9]: \d matches any Unicode digit) and \Z ("$" also matches before a final newline)
+WINDOW = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])\Z")
 ETAG_RETRIES = 5
 
 
@@ -129,13 +131,26 @@ def _obj(v: Any) -> dict[str, Any]:
     return v if isinstance(v, dict) else {}
 
 
+def _text(v: Any) -> str | None:
+    """A twin value shown as text: a string as is, None as None, anything else (a device reporting the wrong
+    JSON type) as its JSON text, so it is visible and never breaks a reader."""
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v, sort_keys=True)
+
+
+def _count(v: Any) -> int | None:
+    """A twin value that must be a whole number (bytes): None for anything else (booleans included)."""
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 def status_rows(twin: dict[str, Any]) -> list[StatusRow]:
     """Rows for every bundle a twin's desired or reported ``model_updates`` names (one empty row if none)."""
-    props = twin.get("properties") or {}
-    desired = ((props.get("desired") or {}).get(layout.DESIRED_KEY) or {}).get("bundles") or {}
-    reported = (props.get("reported") or {}).get(layout.REPORTED_KEY) or {}
+    props = _obj(twin.get("properties"))
+    desired = _obj(_obj(_obj(props.get("desired")).get(layout.DESIRED_KEY)).get("bundles"))
+    reported = _obj(_obj(props.get("reported")).get(layout.REPORTED_KEY))  # written by the device: any JSON
     ids = sorted({*desired, *(k for k in reported if not k.startswith("$"))})
-    dev, conn = twin["deviceId"], str(twin.get("connectionState") or "")
+    dev, conn = str(twin["deviceId"]), str(twin.get("connectionState") or "")
     if not ids:
         return [StatusRow(dev, conn, None, None, None, None, None, None, None, None, None)]
     rows = []
@@ -147,14 +162,14 @@ def status_rows(twin: dict[str, Any]) -> list[StatusRow]:
                 dev,
                 conn,
                 bid,
-                want.get("version"),
-                r.get("state"),
-                r.get("version"),
-                r.get("active_version"),
-                r.get("bytes"),
-                r.get("total"),
-                r.get("reason"),
-                r.get("since"),
+                _text(want.get("version")),
+                _text(r.get("state")),
+                _text(r.get("version")),
+                _text(r.get("active_version")),
+                _count(r.get("bytes")),
+                _count(r.get("total")),
+                _text(r.get("reason")),
+                _text(r.get("since")),
             )
         )
     return rows

@@ -16,6 +16,7 @@ from typing import Any
 import typer
 
 from appliance.cli import settings_from
+from appliance.cli.terminal import printable
 from appliance.core import audit
 from appliance.core.audit import AuditError, AuditEvent, cli_actor
 from appliance.core.audit_dicom import to_dicom_audit_message
@@ -113,15 +114,19 @@ def list_cmd(
 ) -> None:
     """Entries matching the filters, oldest first."""
     _, rows = _select(ctx, since, until, event, actor, subject, limit)
+    # Values can come from outside (a direct method's bundle id, a reason): JSON output is ASCII-only, and each
+    # text line has its control characters and bidi overrides escaped (printable), so nothing in an entry can
+    # move the cursor, erase the line above or fake another entry on the reader's terminal.
     if as_json:
-        typer.echo(json.dumps([e.as_dict() for e in rows], indent=2, ensure_ascii=False))
+        typer.echo(json.dumps([e.as_dict() for e in rows], indent=2, ensure_ascii=True))
         return
     if not rows:
         typer.echo("no audit entries")
     for e in rows:
         detail = json.dumps(e.detail, sort_keys=True, ensure_ascii=False) if e.detail else ""
         ip = f" from {e.source_ip}" if e.source_ip else ""
-        typer.echo(f"{e.seq:>6} {e.time} {e.event:<18} {e.outcome:<7} {e.actor}{ip} {e.subject or '-'} {detail}")
+        line = f"{e.seq:>6} {e.time} {e.event:<18} {e.outcome:<7} {e.actor}{ip} {e.subject or '-'} {detail}"
+        typer.echo(printable(line))
 
 
 @audit_app.command("export")

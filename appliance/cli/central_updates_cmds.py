@@ -46,14 +46,19 @@ _CONTAINER = typer.Option(layout.DEFAULT_CONTAINER, "--container", envvar="APPLI
 _BLOB_CA = typer.Option(
     None, "--blob-ca-file", envvar="APPLIANCE_CENTRAL_BLOB_CA_FILE", help="CA bundle for the storage endpoint (tests)"
 )
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([smhd])\Z")  # ASCII digits; \Z: no final newline
 
 
 def _duration(text: str) -> dt.timedelta:
+    from appliance.central.repository import MAX_EXPIRY
+
     m = _DURATION.match(text.strip())
     if not m:
         raise ValueError(f"{text!r} is not a duration like 90s, 30m, 12h or 7d")
-    return dt.timedelta(seconds=float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]])
+    seconds = float(m[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m[2]]
+    if not seconds <= MAX_EXPIRY.total_seconds():  # also inf, from a number too long for a float
+        raise ValueError(f"{text!r}: at most {MAX_EXPIRY.days}d")
+    return dt.timedelta(seconds=seconds)
 
 
 def _role_map(items: list[str], what: str, parse: Callable[[str], T]) -> dict[str, T]:
@@ -362,20 +367,24 @@ def status_cmd(
         for row in rows:
             typer.echo(json.dumps(asdict(row)))
         return
+    from appliance.cli.terminal import cell
+
+    # every value comes from a device twin (reported: written by the device itself): shown literally, never
+    # as console markup, with control characters escaped (cell)
     table = Table("device", "conn", "bundle", "desired", "state", "version", "active", "progress", "reason", "since")
     for row in rows:
         progress = "" if row.bytes is None else f"{row.bytes}/{row.total if row.total is not None else '?'}"
         table.add_row(
-            row.device_id,
-            row.connection,
-            row.bundle_id or "-",
-            row.desired or "-",
-            row.state or "-",
-            row.version or "-",
-            row.active_version or "-",
-            progress,
-            row.reason or "",
-            row.since or "",
+            cell(row.device_id),
+            cell(row.connection),
+            cell(row.bundle_id, "-"),
+            cell(row.desired, "-"),
+            cell(row.state, "-"),
+            cell(row.version, "-"),
+            cell(row.active_version, "-"),
+            cell(progress),
+            cell(row.reason),
+            cell(row.since),
         )
     Console().print(table)
 

@@ -34,6 +34,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -116,7 +117,9 @@ class AuditFault:
     """One integrity fault found by :func:`verify`.
 
     ``seq`` is the entry concerned (for a run of deleted entries, the first of them); ``kind`` is one of
-    ``edited`` (stored hash does not match the row), ``deleted`` (seq gap), ``broken_chain`` (``prev_hash``
+    ``edited`` (stored hash does not match the row, or a column holds what no appliance code writes: NULL,
+    a BLOB or number, bytes that are not UTF-8), ``deleted`` (seq gap), ``duplicate`` (a seq seen before:
+    a copied or out-of-order entry), ``broken_chain`` (``prev_hash``
     is not the previous entry's hash: that entry was replaced, or entries were removed and renumbered),
     ``truncated`` (entries after the last stored one are missing, per the anchor), ``anchor`` (anchor
     missing or disagreeing with the last entry); ``message`` says it in words.
@@ -153,6 +156,15 @@ def utc_timestamp(when: datetime | None = None) -> str:
     return when.astimezone(timezone.utc).isoformat(timespec="microseconds")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate (``json.loads`` makes one from ``"\\ud800"`` in a
+    cloud payload) is written as its ``\\udXXX`` escape instead of failing the whole entry."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def canonical_detail(detail: Mapping[str, Any] | None) -> str:
     """``detail`` as canonical JSON text (sorted keys, no whitespace, non-ASCII kept).
 
@@ -164,9 +176,12 @@ def canonical_detail(detail: Mapping[str, Any] | None) -> str:
     if not isinstance(detail, Mapping):
         raise AuditError(f"detail must be a mapping, got {type(detail).__name__}")
     try:
-        return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = json.dumps(dict(detail), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise AuditError(f"detail is not JSON-serialisable: {exc}") from exc
+    # a lone surrogate can only sit inside a JSON string: written as an escaped backslash and "udXXX", it reads
+    # back as that text (not as "\\udXXX", a JSON escape that would make the surrogate again)
+    return _SURROGATE.sub(lambda m: f"\\\\u{ord(m.group()):04x}", text)
 
 
 def canonical_row(
@@ -224,6 +239,8 @@ def record_event(
     ``actor``: a user name, ``"system"``, ``"cloud"`` (twin/direct method) or ``"cli:<os user>"``;
     ``outcome``: ``"success"`` | ``"failure"``; ``subject``: e.g. a study's pseudonym/id, a bundle
     ``id@version``, a user name; ``detail``: JSON values only, no PHI; ``source_ip``: IPv4/IPv6 text.
+    Text UTF-8 cannot hold (lone surrogates) is stored as its ``\\udXXX`` escape, never refused: a value
+    from outside must not cost its entry.
 
     Reading the last hash and inserting happen in one ``BEGIN IMMEDIATE`` transaction, so concurrent
     writers (threads or processes) serialise and the chain stays linear. Called inside an open
@@ -249,6 +266,8 @@ def record_event(
         except ValueError as exc:
             raise AuditError(f"source_ip is not an IP address: {source_ip!r}") from exc
     detail_json = canonical_detail(detail)
+    actor = _storable(actor)
+    subject = None if subject is None else _storable(subject)
     with _write_transaction(store) as conn:
         last = conn.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
         seq = 1 if last is None else int(last["seq"]) + 1
@@ -271,22 +290,74 @@ def record_event(
     return seq
 
 
+# Every text column, read as (SQLite type, raw bytes) so that a value no appliance code writes (a BLOB, a number,
+# bytes that are not UTF-8, which sqlite3 cannot even fetch as ``str``) is reported, never a crash of the reader.
+_TEXT_COLUMNS = ("time", "event", "actor", "outcome", "subject", "source_ip", "detail", "prev_hash", "hash")
+_NULLABLE = frozenset({"subject", "source_ip"})
+_ROW_SELECT = "SELECT seq, typeof(seq) AS t_seq, " + ", ".join(
+    f"typeof({c}) AS t_{c}, CAST({c} AS BLOB) AS {c}" for c in _TEXT_COLUMNS
+)
+
+
+@dataclass(frozen=True)
+class _RawRow:
+    """One ``audit_log`` row as stored: ``values`` decoded for reading (bad UTF-8 replaced by U+FFFD, other
+    types as their text), ``problems`` naming each column that does not hold what :func:`record_event` writes."""
+
+    seq: int
+    values: dict[str, str | None]
+    problems: tuple[str, ...]
+
+
+def _raw_row(row: sqlite3.Row) -> _RawRow:
+    problems: list[str] = []
+    values: dict[str, str | None] = {}
+    seq_value = row["seq"]
+    if row["t_seq"] != "integer":
+        problems.append(f"seq holds a {row['t_seq']} ({seq_value!r}), not an integer")
+        try:
+            seq = int(seq_value)
+        except (TypeError, ValueError, OverflowError):
+            seq = 0
+    else:
+        seq = int(seq_value)
+    for column in _TEXT_COLUMNS:
+        kind, raw = row[f"t_{column}"], row[column]
+        if kind == "null":
+            values[column] = None
+            if column not in _NULLABLE:
+                problems.append(f"{column} is NULL")
+            continue
+        data = bytes(raw)
+        try:
+            values[column] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            values[column] = data.decode("utf-8", "replace")
+            problems.append(f"{column} is not valid UTF-8 text")
+            continue
+        if kind != "text":
+            problems.append(f"{column} holds a {kind}, not text")
+    return _RawRow(seq, values, tuple(problems))
+
+
 def _entry(row: sqlite3.Row) -> AuditEntry:
+    raw = _raw_row(row)
+    v = raw.values
     try:
-        detail = json.loads(row["detail"])
-    except (TypeError, ValueError):
-        detail = {"_unreadable": str(row["detail"])}
+        detail = json.loads(v["detail"] or "")
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json follows (a tampered row)
+        detail = {"_unreadable": v["detail"]}
     return AuditEntry(
-        seq=int(row["seq"]),
-        time=str(row["time"]),
-        event=str(row["event"]),
-        actor=str(row["actor"]),
-        outcome=str(row["outcome"]),
-        subject=row["subject"],
-        source_ip=row["source_ip"],
+        seq=raw.seq,
+        time=v["time"] or "",
+        event=v["event"] or "",
+        actor=v["actor"] or "",
+        outcome=v["outcome"] or "",
+        subject=v["subject"],
+        source_ip=v["source_ip"],
         detail=detail if isinstance(detail, dict) else {"_value": detail},
-        prev_hash=str(row["prev_hash"]),
-        hash=str(row["hash"]),
+        prev_hash=v["prev_hash"] or "",
+        hash=v["hash"] or "",
     )
 
 
@@ -351,7 +422,7 @@ def query(
         raise AuditError("limit and offset must not be negative")
     filters = {"event": event, "actor": actor, "subject": subject, "outcome": outcome}
     where, params = _where(since, until, filters, after_seq)
-    sql = f"SELECT * FROM audit_log{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ? OFFSET ?"
+    sql = f"{_ROW_SELECT} FROM audit_log{where} ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ? OFFSET ?"
     params += [-1 if limit is None else limit, offset]
     return [_entry(r) for r in store.query(sql, tuple(params))]
 
@@ -377,8 +448,10 @@ def verify(store: Store) -> list[AuditFault]:
 
     Names each edited entry (hash mismatch), each run of deleted entries (seq gap), each break in the
     chain (``prev_hash`` not the previous entry's hash), a truncated tail (the anchor's last seq is
-    beyond the last entry) and an anchor that is missing or disagrees with the last entry. See the
-    module docstring for what cannot be detected. Raises :class:`sqlite3.Error` if unreadable.
+    beyond the last entry) and an anchor that is missing, disagrees with the last entry or holds values of
+    the wrong type. Hostile values in any column are faults of their entry, never an exception, and the
+    rest of the chain is still checked. See the module docstring for what cannot be detected. Raises
+    :class:`sqlite3.Error` only if the database itself cannot be read.
     """
     faults: list[AuditFault] = []
     conn = store.conn
@@ -387,32 +460,39 @@ def verify(store: Store) -> list[AuditFault]:
         conn.execute("BEGIN")  # a read snapshot: entries and anchor seen at one instant
     try:
         expected_seq = 1
-        prev_hash = GENESIS_HASH
+        prev_hash: str | None = GENESIS_HASH  # None: the previous entry's hash is unreadable, no link to check
         last_seq = 0
         last_hash: str | None = None
-        for row in conn.execute("SELECT * FROM audit_log ORDER BY seq"):
-            seq = int(row["seq"])
+        for row in conn.execute(f"{_ROW_SELECT} FROM audit_log ORDER BY seq"):
+            raw = _raw_row(row)
+            seq, v = raw.seq, raw.values
+            if raw.problems:
+                faults.append(AuditFault(seq, "edited", "; ".join(raw.problems)))
+                prev_hash = v["hash"] if not any(p.startswith("hash ") for p in raw.problems) else None
+                last_seq, last_hash = max(last_seq, seq), prev_hash
+                expected_seq = max(expected_seq, seq + 1)
+                continue
+            if seq < expected_seq:
+                faults.append(AuditFault(seq, "duplicate", f"a second entry {seq} (copied or inserted out of order)"))
+                continue
             gap = seq != expected_seq
             if gap:
                 first, end = expected_seq, seq - 1
                 what = f"entry {first}" if first == end else f"entries {first}-{end}"
                 faults.append(AuditFault(first, "deleted", f"{what} missing (seq gap before {seq})"))
-            digest = entry_hash(
-                canonical_row(
-                    seq,
-                    row["time"],
-                    row["event"],
-                    row["actor"],
-                    row["outcome"],
-                    row["subject"],
-                    row["source_ip"],
-                    row["detail"],
-                ),
-                str(row["prev_hash"]),
+            canonical = canonical_row(
+                seq,
+                str(v["time"]),
+                str(v["event"]),
+                str(v["actor"]),
+                str(v["outcome"]),
+                v["subject"],
+                v["source_ip"],
+                str(v["detail"]),
             )
-            if digest != row["hash"]:
+            if entry_hash(canonical, str(v["prev_hash"])) != v["hash"]:
                 faults.append(AuditFault(seq, "edited", "stored hash does not match the entry's content"))
-            elif not gap and row["prev_hash"] != prev_hash:
+            elif not gap and prev_hash is not None and v["prev_hash"] != prev_hash:
                 before = f"entry {seq - 1}" if seq > 1 else "the chain's start"
                 faults.append(
                     AuditFault(
@@ -421,16 +501,29 @@ def verify(store: Store) -> list[AuditFault]:
                         f"prev_hash does not match {before}'s hash ({before} replaced, or entries removed)",
                     )
                 )
-            prev_hash = str(row["hash"])
-            last_seq, last_hash = seq, str(row["hash"])
+            prev_hash = v["hash"]
+            last_seq, last_hash = seq, v["hash"]
             expected_seq = seq + 1
-        anchor = conn.execute("SELECT last_seq, last_hash FROM audit_anchor WHERE id = 1").fetchone()
+        anchor = conn.execute(
+            "SELECT typeof(last_seq) AS t_seq, last_seq, typeof(last_hash) AS t_hash, last_hash"
+            " FROM audit_anchor WHERE id = 1"
+        ).fetchone()
     finally:
         if own:
             conn.execute("COMMIT")
     if anchor is None:
         if last_seq:
             faults.append(AuditFault(last_seq, "anchor", "anchor row missing although entries exist"))
+        return faults
+    if anchor["t_seq"] != "integer" or anchor["t_hash"] != "text":
+        faults.append(
+            AuditFault(
+                last_seq,
+                "anchor",
+                f"anchor holds last_seq as {anchor['t_seq']} and last_hash as {anchor['t_hash']}"
+                " (integer and text expected): it was written outside the audit trail",
+            )
+        )
         return faults
     a_seq, a_hash = int(anchor["last_seq"]), str(anchor["last_hash"])
     if a_seq > last_seq:

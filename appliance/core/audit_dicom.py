@@ -106,7 +106,7 @@ EVENT_MAPPING: dict[AuditEvent, EventMapping] = {
 }
 
 # A DICOM UID: dot-separated numbers, no leading zeros, at most 64 characters (PS3.5 9.1).
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+\Z")
 SYSTEM_ACTORS = frozenset({"system"})
 
 
@@ -117,7 +117,7 @@ def _coded(parent: ET.Element, tag: str, code: Code) -> ET.Element:
 
 
 def _b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return base64.b64encode(text.encode("utf-8", "backslashreplace")).decode("ascii")
 
 
 def _subject_object(kind: str, subject: str) -> tuple[dict[str, str], Code]:
@@ -210,7 +210,28 @@ def to_dicom_audit_element(
     detail_json = json.dumps(entry.detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     for key, value in (("seq", str(entry.seq)), ("hash", entry.hash), ("detail", detail_json)):
         ET.SubElement(rec, "ParticipantObjectDetail", {"type": key, "value": _b64(value)})
-    return msg
+    return _xml_safe(msg)
+
+
+# Characters XML 1.0 does not allow (section 2.2, production [2] Char): C0 controls other than tab, LF and CR,
+# surrogates, U+FFFE and U+FFFF. A message holding one is not well-formed, and an audit repository drops it.
+_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_char_escape(m: re.Match[str]) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _xml_safe(elem: ET.Element) -> ET.Element:
+    """Every attribute value and text under ``elem`` with the characters XML 1.0 forbids written as ``\\xNN``
+    / ``\\uNNNN`` (values recorded from outside, e.g. a direct method's bundle id, can hold any)."""
+    for node in elem.iter():
+        for key, value in node.attrib.items():
+            node.attrib[key] = _NOT_XML_CHAR.sub(_xml_char_escape, value)
+        if node.text:
+            node.text = _NOT_XML_CHAR.sub(_xml_char_escape, node.text)
+    return elem
 
 
 def to_dicom_audit_message(
@@ -225,8 +246,9 @@ def to_dicom_audit_message(
 
     ``audit_source_id``: AuditSourceID and the application participant's UserID (default: the host
     name); ``enterprise_site_id``: AuditEnterpriseSiteID (omitted if None); ``ae_title``: the appliance's
-    AE title, given as ``AlternativeUserID="AETITLE=..."``. Raises :class:`ValueError` for an entry whose
-    event is not in :class:`~appliance.core.audit.AuditEvent`.
+    AE title, given as ``AlternativeUserID="AETITLE=..."``. Characters XML 1.0 forbids (C0 controls but
+    tab/LF/CR, U+FFFE, U+FFFF) are written as ``\\xNN``/``\\uNNNN``, so the document is always well-formed.
+    Raises :class:`ValueError` for an entry whose event is not in :class:`~appliance.core.audit.AuditEvent`.
     """
     elem = to_dicom_audit_element(
         entry, audit_source_id=audit_source_id, enterprise_site_id=enterprise_site_id, ae_title=ae_title

@@ -44,6 +44,11 @@ if TYPE_CHECKING:
 
 MAX_TAGS_BYTES = 8 * 1024  # "IoT Hub enforces an 8 KB size limit on the value of tags"
 MAX_QUERY_PAGE = 100
+MAX_BODY_BYTES = 1024 * 1024  # the fake's own bound on a request body (twins are 32 KB, method payloads 128 KB)
+MAX_QUERY_NESTING = 50  # NOT / parentheses / AND / OR levels the fake's query parser follows
+# Invoke Device Method, responseTimeoutInSeconds: "Minimum: 5 seconds, maximum: 300 seconds" (Microsoft's
+# direct methods doc); absent, 30.
+METHOD_TIMEOUT_RANGE_S = (5.0, 300.0)
 
 
 class ApiError(Exception):
@@ -169,6 +174,12 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 class _Parser:
     def __init__(self, toks: list[tuple[str, str]]):
         self.toks, self.i = toks, 0
+        self.depth = 0
+
+    def _deeper(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_QUERY_NESTING:
+            raise ApiError(400, 400004, f"query nested deeper than {MAX_QUERY_NESTING} levels")
 
     def peek(self) -> tuple[str, str] | None:
         return self.toks[self.i] if self.i < len(self.toks) else None
@@ -185,9 +196,11 @@ class _Parser:
         return t is not None and t[0] == "word" and t[1].upper() == word
 
     def expr(self) -> Any:
+        self._deeper()
         node = self.conj()
         while self.is_word("OR"):
             self.take()
+            self._deeper()
             node = ("or", node, self.conj())
         return node
 
@@ -195,12 +208,14 @@ class _Parser:
         node = self.neg()
         while self.is_word("AND"):
             self.take()
+            self._deeper()
             node = ("and", node, self.neg())
         return node
 
     def neg(self) -> Any:
         if self.is_word("NOT"):
             self.take()
+            self._deeper()
             return ("not", self.neg())
         return self.atom()
 
@@ -315,12 +330,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _body(self) -> Any:
-        n = int(self.headers.get("Content-Length") or 0)
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not length.isascii() or not length.isdigit():
+            self.close_connection = True  # the body's end is unknown: nothing more can be read on this connection
+            raise ApiError(400, 400004, f"Content-Length {length!r} is not a number of bytes")
+        n = int(length)
+        if n > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(413, 413002, f"request body of {n} bytes is over {MAX_BODY_BYTES}")
         raw = self.rfile.read(n) if n else b""
         if not raw:
             return None
         try:
             return json.loads(raw)
+        except RecursionError as exc:
+            raise ApiError(400, 400004, "body is JSON nested too deep") from exc
         except ValueError as exc:
             raise ApiError(400, 400004, f"body is not JSON: {exc}") from exc
 
@@ -364,6 +388,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 raise ApiError(404, 404000, f"{method} {url.path} is not part of the fake hub's service API")
         except ApiError as exc:
             self._send(exc.status, {"errorCode": exc.code, "message": exc.message, "Message": exc.message})
+        except Exception as exc:  # a bug of the fake: answered as the real service would, 500, never a dropped socket
+            self.server.hub._event(None, "service-api-error", repr(exc))
+            self._send(
+                500, {"errorCode": 500001, "message": f"ServerError: {exc!r}", "Message": f"ServerError: {exc!r}"}
+            )
 
     def _method(self, device_id: str, body: Any) -> None:
         if not isinstance(body, dict) or not isinstance(body.get("methodName"), str):
@@ -371,7 +400,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with self.server.hub.lock:
             if device_id not in self.server.hub.devices:
                 raise ApiError(404, 404001, f"device {device_id!r} not found")
-        timeout = float(body.get("responseTimeoutInSeconds") or 30)
+        timeout = body.get("responseTimeoutInSeconds", 30)
+        lo, hi = METHOD_TIMEOUT_RANGE_S
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not lo <= timeout <= hi:
+            raise ApiError(400, 400004, f"responseTimeoutInSeconds must be a number of seconds from {lo:g} to {hi:g}")
         try:
             status, payload = self.server.hub.invoke_method(
                 device_id, body["methodName"], body.get("payload"), timeout=timeout

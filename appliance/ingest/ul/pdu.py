@@ -96,6 +96,8 @@ class AssociateRequest:
     async_ops: tuple[int, int] | None = None
     roles: dict[str, tuple[int, int]] = field(default_factory=dict)  # SOP class -> (SCU role, SCP role)
     ignored_items: list[int] = field(default_factory=list)  # item types skipped as unknown
+    # presentation context IDs proposed again after their first proposal: left out (not negotiated, not answered)
+    duplicate_context_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,9 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
 
     Returns the request; the protocol version is returned as sent (the acceptor rejects one without
     bit 0). Items of an unknown type are skipped, as dcmtk does; a presentation context item whose
-    sub-items do not decode becomes a proposal with a ``defect`` (only that context is refused).
+    sub-items do not decode becomes a proposal with a ``defect`` (only that context is refused); a
+    presentation context ID proposed a second time is left out (``duplicate_context_ids``): the first
+    proposal of an ID is the one negotiated and answered.
     Raises PDUError when the PDU itself does not decode (fixed fields short, item lengths that do
     not tile the PDU) or has no application context.
     """
@@ -149,8 +153,14 @@ def parse_associate_rq(body: bytes) -> AssociateRequest:
             rq.application_context = _uid(value)
         elif kind == 0x20:
             proposed = _parse_proposed_context(value)
-            if proposed is not None:
-                rq.contexts.append(proposed)
+            if proposed is None:
+                continue
+            if any(cx.context_id == proposed.context_id for cx in rq.contexts):
+                # PS3.8 9.3.2.2: an ID names one proposal. Answering both (and mixing one's transfer syntax
+                # with the other's abstract syntax) let a refused SOP class through: the first one stands.
+                rq.duplicate_context_ids.append(proposed.context_id)
+                continue
+            rq.contexts.append(proposed)
         elif kind == 0x50:
             _parse_user_information(value, rq)
         else:

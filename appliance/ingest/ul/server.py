@@ -14,11 +14,20 @@ not yet completed its A-ASSOCIATE-RQ is *pending*. Pending connections have a bu
 against ``max_associations``, which only established associations use. The ARTIM timer (PS3.8
 9.1.5, state Sta2) runs once, from TCP accept to the last byte of the A-ASSOCIATE-RQ
 (``acse_timeout``): it does not restart on each byte, and on expiry the connection is closed.
+Established associations are shared fairly between addresses: when all ``max_associations`` are in use,
+a request from an address holding none (or at least two fewer than another address) takes the place of
+the busiest address's oldest *idle* association (between messages: nothing in flight, nothing
+acknowledged is lost), which is aborted (``preemption_victim``). So one host holding every association
+open (idle, or kept alive with a C-ECHO now and then) cannot keep a modality at another address out.
+Socket timeouts are per read, so a peer sending a byte now and then would never let them expire: every
+message (from its first byte, PDU header included, to its last) must also keep up a minimum average rate
+(``min_message_rate``) once ``dimse_timeout`` has passed, or the association is aborted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import socket
 import threading
 import time
@@ -49,6 +58,9 @@ class ServerConfig:
     network_timeout: float
     max_instance_bytes: int = 1 << 30  # a larger data set is read and discarded, then refused
     max_pending: int = 16  # connections not yet associated; the oldest is closed when a new one needs room
+    # bytes per second a message must average once dimse_timeout has passed since its first byte: a peer
+    # trickling a byte now and then (which no per-read timeout catches) is aborted
+    min_message_rate: float = 1024.0
 
 
 class Services(Protocol):
@@ -94,6 +106,10 @@ class ConnectionClosed(Exception):
 
 class _Rejected(Exception):
     pass
+
+
+class TooSlow(Exception):
+    """A message arrived slower than ``min_message_rate`` once ``dimse_timeout`` had passed."""
 
 
 class ArtimExpired(Exception):
@@ -144,7 +160,9 @@ class Association:
         self.peer_max_pdu = 0
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self.abstract_syntaxes: dict[int, str] = {}  # accepted context id -> its abstract syntax (SOP class)
-        self._rfile = sock.makefile("rb", buffering=1 << 16)
+        rfile = sock.makefile("rb", buffering=1 << 16)
+        assert isinstance(rfile, io.BufferedReader)  # buffered, so read1 returns what one recv got
+        self._rfile = rfile
         self._send_lock = threading.Lock()
         self._timeout: float | None = None
         self._stopping = False
@@ -157,6 +175,22 @@ class Association:
         # the current data set is drained and then refused with this (status, comment): too large, or
         # a SOP class other than its presentation context's
         self._refusal: tuple[int, str] | None = None
+        self._preempted = False  # aborted to make room for an association from another address
+        # the message being received: monotonic time of its first byte (None between messages) and its bytes
+        self._message_start: float | None = None
+        self._message_bytes = 0
+
+    def idle(self) -> bool:
+        """True between DIMSE messages: no command or data set is being received, so aborting the
+        association loses nothing that was (or is about to be) acknowledged."""
+        return (
+            not self._stopping
+            and self._command_ctx is None
+            and self._command is None
+            and self._sink is None
+            and self._refusal is None
+            and not self._command_buf
+        )
 
     # --- I/O ---------------------------------------------------------------------------------
     def _set_timeout(self, seconds: float) -> None:
@@ -165,10 +199,33 @@ class Association:
             self._timeout = seconds
 
     def _read(self, n: int) -> bytes:
-        data = self._rfile.read(n)
-        if len(data) != n:
-            raise ConnectionClosed()
-        return data
+        """Exactly ``n`` bytes (ConnectionClosed if the peer closes first). Each piece that arrives counts
+        towards the current message's rate (``_progress``)."""
+        parts: list[bytes] = []
+        got = 0
+        while got < n:
+            chunk = self._rfile.read1(n - got)
+            if not chunk:
+                raise ConnectionClosed()
+            parts.append(chunk)
+            got += len(chunk)
+            self._progress(len(chunk))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _progress(self, n: int) -> None:
+        """``n`` more bytes of the current message arrived (the first byte starts it); raises TooSlow once
+        more than ``dimse_timeout`` has passed since its start and it averages below ``min_message_rate``."""
+        now = time.monotonic()
+        if self._message_start is None:
+            self._message_start, self._message_bytes = now, 0
+        self._message_bytes += n
+        cfg = self.server.cfg
+        late = now - self._message_start - cfg.dimse_timeout
+        if late > 0 and self._message_bytes < cfg.min_message_rate * late:
+            raise TooSlow(
+                f"{self._message_bytes} bytes in {now - self._message_start:.1f} s"
+                f" (at least {cfg.min_message_rate:.0f} B/s after the first {cfg.dimse_timeout:g} s)"
+            )
 
     def _read_by(self, deadline: float, n: int) -> bytes:
         """``n`` bytes read before ``deadline`` (monotonic), however slowly they trickle in; raises
@@ -199,6 +256,11 @@ class Association:
         self._stopping = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
+
+    def preempt(self) -> None:
+        """Abort this idle association (A-ABORT, service-provider) to make room for another address's."""
+        self._preempted = True
+        self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
 
     def abort(self, source: int = pdu.SOURCE_USER, reason: int = pdu.REASON_NOT_SPECIFIED) -> None:
         """Send A-ABORT and cut the connection (safe from any thread; the association's thread exits)."""
@@ -235,6 +297,8 @@ class Association:
         except (ConnectionClosed, ConnectionError):
             if not established:
                 log.debug("connection closed before an association was established", peer=self.peer_host)
+            elif self._preempted:
+                log.warning("idle association aborted to make room for another address", **self._who())
             elif self._stopping:
                 log.warning("association aborted at shutdown", **self._who())
             else:
@@ -245,6 +309,9 @@ class Association:
                 )
         except TimeoutError:
             log.warning("association timed out; aborted", **self._who(), timeout_s=self._timeout)
+            self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
+        except TooSlow as exc:
+            log.warning("message arriving too slowly; association aborted", **self._who(), rate=str(exc))
             self.abort(pdu.SOURCE_PROVIDER, pdu.REASON_NOT_SPECIFIED)
         except (pdu.PDUError, dimse.CommandError) as exc:
             reason = getattr(exc, "reason", pdu.REASON_INVALID_PARAMETER)
@@ -293,6 +360,12 @@ class Association:
             self._reject(0x01, 0x02, 0x02)  # permanent, service-provider (ACSE), protocol-version not supported
         if rq.ignored_items:
             log.debug("unknown A-ASSOCIATE-RQ items ignored", **self._who(), items=sorted(set(rq.ignored_items)))
+        if rq.duplicate_context_ids:
+            log.warning(
+                "presentation context IDs proposed twice: only the first proposal negotiated",
+                **self._who(),
+                context_ids=sorted(set(rq.duplicate_context_ids)),
+            )
         if not self.server.services.admit(rq.calling_ae, self.peer_host):
             self._reject(0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
         if rq.application_context != pdu.APPLICATION_CONTEXT:
@@ -330,6 +403,8 @@ class Association:
         cfg = self.server.cfg
         while True:
             in_message = self._command_ctx is not None or self._command is not None
+            if not in_message:
+                self._message_start = None  # the next message's clock starts with its first byte
             self._set_timeout(cfg.dimse_timeout if in_message else cfg.network_timeout)
             kind, length = pdu.HEADER.unpack(self._read(pdu.HEADER.size))
             if kind == pdu.P_DATA_TF:
@@ -481,6 +556,35 @@ def eviction_victim(pending: list[P]) -> P:
     return next(c for c in pending if counts[c.peer_host] == busiest)
 
 
+class _Established(Protocol):
+    peer_host: str
+
+    def idle(self) -> bool: ...
+
+
+E = TypeVar("E", bound=_Established)
+
+
+def preemption_victim(established: list[E], host: str) -> E | None:
+    """Which established association (oldest first in ``established``) to abort for a new request from
+    ``host`` when every association is in use; None rejects the request.
+
+    The victim is the oldest *idle* association (``idle()``: between messages) of another address, the one
+    holding the most associations among those with an idle one, provided ``host`` holds none yet, or that
+    address holds at least two more than ``host`` does (so two addresses that both hold some never take
+    slots back and forth, and an address asking again never displaces its own). An association receiving
+    a message is never chosen."""
+    counts = Counter(a.peer_host for a in established)
+    mine = counts.get(host, 0)
+    idle = [a for a in established if a.peer_host != host and a.idle()]
+    if not idle:
+        return None
+    busiest = max(counts[a.peer_host] for a in idle)
+    if mine and busiest < mine + 2:
+        return None
+    return next(a for a in idle if counts[a.peer_host] == busiest)
+
+
 class AssociationServer:
     """Accepts connections on ``(bind, port)`` and runs each in its own thread.
 
@@ -488,7 +592,8 @@ class AssociationServer:
     At most ``cfg.max_pending`` are pending: a new connection beyond that closes the oldest pending
     one of the busiest peer address (``eviction_victim``; a modality completes its request in
     milliseconds, an idle probe or a flood is what goes). At
-    most ``cfg.max_associations`` are established; pending ones never count against that limit.
+    most ``cfg.max_associations`` are established; pending ones never count against that limit. When
+    they are all in use, a request may take an idle one's place (``preemption_victim``).
     """
 
     def __init__(
@@ -505,7 +610,7 @@ class AssociationServer:
         self._listener = socket.create_server(address, family=family, backlog=64)
         self._listener.settimeout(0.2)  # accept() polls the stop flag this often
         self._pending: dict[Association, None] = {}  # insertion-ordered: the oldest first
-        self._established: set[Association] = set()
+        self._established: dict[Association, None] = {}  # insertion-ordered: the oldest first
         self._threads: set[threading.Thread] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -573,18 +678,32 @@ class AssociationServer:
             thread.start()
 
     def _establish(self, assoc: Association) -> bool:
-        """Move a pending connection to the established ones; False when ``max_associations`` are in use."""
+        """Move a pending connection to the established ones; False when ``max_associations`` are in use
+        and none may be taken over (``preemption_victim``). A victim is aborted (A-ABORT)."""
+        victim: Association | None = None
         with self._lock:
             if len(self._established) >= self.cfg.max_associations:
-                return False
+                victim = preemption_victim(list(self._established), assoc.peer_host)
+                if victim is None:
+                    return False
+                del self._established[victim]
             self._pending.pop(assoc, None)
-            self._established.add(assoc)
-            return True
+            self._established[assoc] = None
+        if victim is not None:
+            log.warning(
+                "association limit reached: an idle association of the busiest address makes room",
+                peer=victim.peer_host,
+                calling_ae=victim.calling_ae,
+                for_peer=assoc.peer_host,
+                limit=self.cfg.max_associations,
+            )
+            victim.preempt()
+        return True
 
     def _forget(self, assoc: Association) -> None:
         with self._lock:
             self._pending.pop(assoc, None)
-            self._established.discard(assoc)
+            self._established.pop(assoc, None)
             self._threads.discard(threading.current_thread())
 
     def stop(self, grace_s: float) -> int:
