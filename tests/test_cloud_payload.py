@@ -200,3 +200,13 @@ def test_device_secret_created_once_0600(tmp_path: Path) -> None:
     assert a == b and len(a) == 32
     assert (tmp_path / "secrets" / "device_secret").stat().st_mode & 0o777 == 0o600
     assert base64.b64encode(a)  # bytes, not text
+
+
+def test_identifiers_with_a_trailing_newline_are_dropped() -> None:
+    """``$`` matches before a final newline: a bundle id or label ending in one (which could carry a second line
+    into a log or a report) must not pass the identifier patterns."""
+    r = sample_result()
+    r["bundle_id"] = "cxr\n"
+    r["findings"][0]["label"] = "nodule\n"
+    doc = deid.deidentify_result(r, SECRET)
+    assert doc["bundle_id"] is None and doc["findings"][0]["label"] is None

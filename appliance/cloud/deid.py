@@ -60,8 +60,8 @@ VIEWS = {
     "MAG",
 }
 LATERALITIES = {"L", "R", "B", "U"}
-_ID = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
-_LABEL = re.compile(r"^[A-Za-z0-9 _.,()/+-]{1,64}$")
+_ID = re.compile(r"^[A-Za-z0-9._+-]{1,64}\Z")
+_LABEL = re.compile(r"^[A-Za-z0-9 _.,()/+-]{1,64}\Z")
 
 SECRET_FILE = "device_secret"
 
