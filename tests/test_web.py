@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -592,3 +593,47 @@ def test_user_add_asks_for_the_password_twice(home: Path, clean_env: None) -> No
     assert PASSWORD not in ok.output
     outcome, _ = accounts.authenticate(store, Settings(state_dir=home).api, "alice", PASSWORD)
     assert outcome is accounts.LoginOutcome.OK
+
+
+def _at_once(n: int, attempt: Any) -> list[Any]:
+    """``attempt()`` from ``n`` threads released together (a brute force that does not wait for answers)."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = attempt()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+def test_concurrent_wrong_passwords_get_no_more_guesses_than_the_lockout_allows(home: Path) -> None:
+    box = Box(home, lockout_attempts=3, ip_max_failures=1000)
+    outcomes = _at_once(
+        12, lambda: accounts.authenticate(box.store, box.settings.api, "technician", "wrong password!")[0]
+    )
+    checked = [o for o in outcomes if o in (accounts.LoginOutcome.BAD_CREDENTIALS, accounts.LoginOutcome.LOCKED_NOW)]
+    assert len(checked) == 3, outcomes  # only lockout_attempts passwords were ever checked
+    assert outcomes.count(accounts.LoginOutcome.LOCKED_NOW) == 1
+    assert outcomes.count(accounts.LoginOutcome.LOCKED) == 9
+    user = accounts.get_user(box.store, "technician")
+    assert user is not None and user.locked_until is not None
+    outcome, _ = accounts.authenticate(box.store, box.settings.api, "technician", PASSWORD)
+    assert outcome is accounts.LoginOutcome.LOCKED
+
+
+def test_concurrent_failed_logins_from_one_address_get_no_more_tries_than_the_limit(home: Path) -> None:
+    box = Box(home, ip_max_failures=3, lockout_attempts=100)
+
+    def attempt() -> int:
+        with box.client() as c:
+            return c.post("/api/v1/session", json={"username": "viewer", "password": "wrong password!"}).status_code
+
+    codes = _at_once(10, attempt)
+    assert sorted(codes) == [401] * 3 + [429] * 7, codes
+    assert len([e for e in box.events("login_failed") if e.detail == {"reason": "bad_credentials"}]) == 3
