@@ -8,9 +8,10 @@ The formatters are the one place that keeps two promises for every record, whoev
   (:data:`PHI_FIELDS`, and any field ending in ``_uid``, ``_uids`` or ``_name``) are replaced by a *log pseudonym*
   (``phi~`` + 10 hex of HMAC-SHA256 under a key drawn per process at :func:`configure`, so lines of one run
   can be correlated and nothing links them to the real value afterwards); UID-shaped text (five or more dotted
-  numeric components) in the message, any other field or a traceback is pseudonymised the same way, except the
-  DICOM standard's own UIDs (``1.2.840.10008.*``: SOP classes, transfer syntaxes). DEBUG records keep the real
-  values: a technician turns DEBUG on deliberately.
+  numeric components, or a UUID-derived ``2.25.<integer>``; also inside a file name such as ``sc-<uid>.dcm``) in
+  the message, any other field or a traceback is pseudonymised the same way, except the DICOM standard's own
+  UIDs (``1.2.840.10008.*``: SOP classes, transfer syntaxes). DEBUG records keep the real values: a technician
+  turns DEBUG on deliberately.
 - **No forged lines**: control characters (C0, DEL, C1, and the Unicode line and paragraph separators) in the
   message and in every field are escaped (a newline is written as backslash-n, ESC as backslash-x1b), so a value
   from the network (an AE title, a patient name, an error text) can never start a new line or drive a terminal;
@@ -34,7 +35,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 PHI_FIELDS = frozenset(
     {"patient_name", "patient_id", "patient", "accession", "accession_number", "birth_date", "name", "uid"}
 )
-_UID_TEXT = re.compile(r"(?<![\w.])(?!1\.2\.840\.10008\.)[0-9]+(?:\.[0-9]+){4,}(?![\w.])")
+# A UID inside any text: five or more dotted numbers, or a UUID-derived UID (``2.25.<integer>``, PS3.5 B.2: only
+# three components); not part of a longer number (a digit or a digit-dot before it, a digit or dot-digit after),
+# but it may touch letters and punctuation (``sc-<uid>.dcm``, ``series_<uid>``). The standard's own UIDs stay.
+_UID_TEXT = re.compile(r"(?<!\d)(?<!\d\.)(?!1\.2\.840\.10008\.)(?:2\.25\.[0-9]{6,}|[0-9]+(?:\.[0-9]+){4,})(?!\.?\d)")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _KEY = os.urandom(32)  # replaced at configure(); the log pseudonyms of one process
 
