@@ -116,3 +116,23 @@ def test_every_uid_shape_is_pseudonymised_at_info(text: str, uid: str) -> None:
 )
 def test_versions_addresses_and_standard_uids_are_not_pseudonymised(text: str) -> None:
     assert logs.clean_text(text, True) == text
+
+
+@pytest.mark.unit
+def test_debug_turned_on_through_the_twin_still_pseudonymises() -> None:
+    """Whoever writes the device twin may raise the log level (``desired.log_level``), but only the technician's
+    own configuration (``log.level = DEBUG``) writes real identifiers: the twin must not put PHI in journald."""
+    from types import SimpleNamespace
+
+    from appliance.cloud.overlay import CloudOverlay
+
+    buf = io.StringIO()
+    logs.configure("INFO", "text", buf)
+    try:
+        CloudOverlay._apply_log_level(SimpleNamespace(log_level="DEBUG"))  # type: ignore[arg-type]
+        logs.get_logger("t").debug(f"parsed {UID}", study_uid=UID, patient_name="DOE^JANE")
+    finally:
+        logs.configure("INFO", "text")
+    out = buf.getvalue()
+    assert "parsed phi~" in out  # the DEBUG line is written (the twin's level is in force) ...
+    assert UID not in out and "DOE" not in out  # ... without the real values

@@ -10,8 +10,9 @@ The formatters are the one place that keeps two promises for every record, whoev
   can be correlated and nothing links them to the real value afterwards); UID-shaped text (five or more dotted
   numeric components, or a UUID-derived ``2.25.<integer>``; also inside a file name such as ``sc-<uid>.dcm``) in
   the message, any other field or a traceback is pseudonymised the same way, except the DICOM standard's own
-  UIDs (``1.2.840.10008.*``: SOP classes, transfer syntaxes). DEBUG records keep the real values: a technician
-  turns DEBUG on deliberately.
+  UIDs (``1.2.840.10008.*``: SOP classes, transfer syntaxes). DEBUG records keep the real values only when
+  the box's own configuration asks for DEBUG (:func:`configure`): a technician turns it on deliberately; DEBUG
+  raised remotely through the twin's ``log_level`` is pseudonymised like INFO.
 - **No forged lines**: control characters (C0, DEL, C1, and the Unicode line and paragraph separators) in the
   message and in every field are escaped (a newline is written as backslash-n, ESC as backslash-x1b), so a value
   from the network (an AE title, a patient name, an error text) can never start a new line or drive a terminal;
@@ -41,6 +42,7 @@ PHI_FIELDS = frozenset(
 _UID_TEXT = re.compile(r"(?<!\d)(?<!\d\.)(?!1\.2\.840\.10008\.)(?:2\.25\.[0-9]{6,}|[0-9]+(?:\.[0-9]+){4,})(?!\.?\d)")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _KEY = os.urandom(32)  # replaced at configure(); the log pseudonyms of one process
+_DEBUG_REVEALS = False  # set by configure("DEBUG") only: the local configuration's deliberate choice
 
 
 def _pseudonym(value: str) -> str:
@@ -120,7 +122,7 @@ def _fmt_value(v: Any) -> str:
 
 def _parts(formatter: logging.Formatter, record: logging.LogRecord) -> tuple[str, dict[str, Any], str | None]:
     """(message, fields, traceback) of a record, cleaned for its level (PHI redacted at INFO and above)."""
-    redact = record.levelno >= logging.INFO
+    redact = record.levelno >= logging.INFO or not _DEBUG_REVEALS
     msg = clean_text(record.getMessage(), redact)
     fields = clean_fields(getattr(record, "fields", {}) or {}, redact)
     exc = None
@@ -154,9 +156,11 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send logs to stdout (journald picks them up under systemd), or ``stream`` (CLI output on stdout). Draws
-    the key of this process's log pseudonyms."""
-    global _KEY
+    the key of this process's log pseudonyms. Only ``level="DEBUG"`` here (the box's own configuration) lets
+    DEBUG lines keep real values; a level raised later on the root logger (the twin's ``log_level``) does not."""
+    global _KEY, _DEBUG_REVEALS
     _KEY = os.urandom(32)
+    _DEBUG_REVEALS = str(level).upper() == "DEBUG"
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
