@@ -637,3 +637,24 @@ def test_concurrent_failed_logins_from_one_address_get_no_more_tries_than_the_li
     codes = _at_once(10, attempt)
     assert sorted(codes) == [401] * 3 + [429] * 7, codes
     assert len([e for e in box.events("login_failed") if e.detail == {"reason": "bad_credentials"}]) == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/studies/99999999999999999999999"),  # beyond SQLite's 64-bit integers
+        ("POST", "/api/v1/studies/99999999999999999999999/retry"),
+        ("POST", "/api/v1/studies/99999999999999999999999/resend"),
+        ("GET", "/api/v1/studies/%C2%B2"),  # "²": str.isdigit() says yes, int() says no
+        ("GET", "/api/v1/studies/%D9%A3"),  # an Arabic-Indic digit three
+        ("GET", "/api/v1/audit?offset=99999999999999999999"),
+        ("GET", "/studies/99999999999999999999"),
+        ("GET", "/studies/99999999999999999999/overlays/1.2.3.png"),
+        ("POST", "/studies/99999999999999999999/retry"),
+    ],
+)
+def test_numbers_out_of_range_are_a_client_error_not_a_crash(box: Box, method: str, path: str) -> None:
+    c, csrf = box.api_login(Role.ADMIN, TestClient(box.app, base_url=BASE, raise_server_exceptions=False))
+    form = {"csrf_token": csrf} if not path.startswith("/api/") and method == "POST" else None
+    r = c.request(method, path, headers={CSRF_HEADER: csrf}, data=form, follow_redirects=False)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
