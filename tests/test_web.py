@@ -658,3 +658,24 @@ def test_numbers_out_of_range_are_a_client_error_not_a_crash(box: Box, method: s
     form = {"csrf_token": csrf} if not path.startswith("/api/") and method == "POST" else None
     r = c.request(method, path, headers={CSRF_HEADER: csrf}, data=form, follow_redirects=False)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+
+
+def test_the_address_limit_counts_an_ipv6_client_by_its_64_prefix(home: Path) -> None:
+    """An IPv6 host picks any address in its /64 itself (SLAAC, privacy addresses): counted per address it
+    would get a fresh budget for each; counted per /64 it gets one. An IPv4-mapped address is its IPv4."""
+    box = Box(home, ip_max_failures=3, lockout_attempts=50)
+
+    def attempt(address: str) -> int:
+        c = TestClient(box.app, base_url=BASE, client=(address, 50000))
+        return c.post("/api/v1/session", json={"username": "viewer", "password": "wrong password!"}).status_code
+
+    codes = [attempt(f"2001:db8:1:2::{i:x}") for i in range(1, 5)]
+    assert codes == [401, 401, 401, 429]
+    assert attempt("2001:db8:1:3::1") == 401  # another /64: another host
+    assert [attempt("192.0.2.7"), attempt("::ffff:192.0.2.7"), attempt("192.0.2.7"), attempt("::ffff:192.0.2.7")] == [
+        401,
+        401,
+        401,
+        429,
+    ]
+    assert attempt("192.0.2.8") == 401

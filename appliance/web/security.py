@@ -8,9 +8,9 @@
 - **CSRF** (OWASP synchronizer token pattern): every state-changing request carries the session's CSRF token,
   in the ``X-CSRF-Token`` header (API) or the ``csrf_token`` form field (pages); missing or wrong -> 403. The
   login form, which has no session yet, uses a double-submit cookie (``__Host-login_csrf``).
-- **Throttling**: :class:`FailureLimiter` counts failed logins per source IP in a sliding window (429 beyond
-  ``api.ip_max_failures`` per ``api.ip_window_s``); a try is counted when it starts and uncounted if it logs in,
-  so concurrent tries get no more than the limit. The per-user lockout is in the accounts module.
+- **Throttling**: :class:`FailureLimiter` counts failed logins per source address (an IPv6 one by its /64:
+  :func:`throttle_key`) in a sliding window (429 beyond ``api.ip_max_failures`` per ``api.ip_window_s``); a
+  try is counted when it starts and uncounted if it logs in, so concurrent tries get no more than the limit. The per-user lockout is in the accounts module.
 - **Request size**: FastAPI's ``max_body_size`` (``api.max_body_bytes``) answers 413 for a larger body, whether
   announced by Content-Length or streamed (see :func:`appliance.web.app.create_app`).
 """
@@ -110,6 +110,20 @@ def client_ip(request: Request) -> str | None:
         return str(ipaddress.ip_address(host)) if host else None
     except ValueError:
         return None
+
+
+def throttle_key(ip: str | None) -> str:
+    """What the login limiter counts failures by: an IPv4 address (an IPv4-mapped IPv6 address as its IPv4),
+    the /64 network of an IPv6 address (a host chooses its own interface identifier within its /64, RFC 4862
+    and RFC 8981, so one host has as many addresses as it likes there), or ``"unknown"`` without an address."""
+    if ip is None:
+        return "unknown"
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def session_of(request: Request) -> Session | None:

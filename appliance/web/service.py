@@ -18,7 +18,7 @@ from appliance.core.logs import get_logger
 from appliance.web import accounts
 from appliance.web.accounts import AccountError, LoginOutcome, Role, Session
 from appliance.web.app import WebContext, readiness
-from appliance.web.security import SESSION_COOKIE, WebAuth, client_ip
+from appliance.web.security import SESSION_COOKIE, WebAuth, client_ip, throttle_key
 from appliance.worklist import actions
 from appliance.worklist.read import (
     AmbiguousStudy,
@@ -41,7 +41,7 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
     disabled: the audit trail tells them apart)."""
     auth: WebAuth = request.app.state.auth
     ip = client_ip(request)
-    key = ip or "unknown"
+    key = throttle_key(ip)
     ticket = auth.limiter.begin(key)  # counted as a failure until it succeeds
     if ticket is None:
         record_event(
