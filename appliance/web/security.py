@@ -10,7 +10,8 @@
   login form, which has no session yet, uses a double-submit cookie (``__Host-login_csrf``).
 - **Throttling**: :class:`FailureLimiter` counts failed logins per source address (an IPv6 one by its /64:
   :func:`throttle_key`) in a sliding window (429 beyond ``api.ip_max_failures`` per ``api.ip_window_s``); a
-  try is counted when it starts and uncounted if it logs in, so concurrent tries get no more than the limit. The per-user lockout is in the accounts module.
+  try is counted when it starts and uncounted if it logs in, so concurrent tries get no more than the limit.
+  The per-user lockout is in the accounts module.
 - **Request size**: FastAPI's ``max_body_size`` (``api.max_body_bytes``) answers 413 for a larger body, whether
   announced by Content-Length or streamed (see :func:`appliance.web.app.create_app`).
 """
