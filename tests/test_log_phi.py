@@ -78,3 +78,61 @@ def test_daemon_logs_no_uid_or_name_of_a_hostile_study_at_info(tmp_path: Path, h
     assert "results stored" in out and "study_id=" in out
     assert UID not in out and str(ds.SOPInstanceUID) not in out and "EVIL" not in out and "ACC" not in out
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u2028]", out)
+
+
+UUID_UID = "2.25.329800735698586629295641978511506172918"  # a UUID-derived UID (PS3.5 B.2, ITU-T X.667): 3 parts
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("text", "uid"),
+    [
+        (f"stored {UUID_UID}", UUID_UID),  # UUID-derived UIDs have only three components
+        (f"[Errno 2] No such file: '/var/lib/a/results/x/sc-{UID}.dcm'", UID),  # a file named after a UID
+        (f"[Errno 2] No such file: '/var/lib/a/results/x/sc-{UUID_UID}.dcm'", UUID_UID),
+        (f"series_{UID} failed", UID),  # joined to a word
+        (f"object sr.{UID}", UID),  # after a dot that is not part of a number
+    ],
+)
+def test_every_uid_shape_is_pseudonymised_at_info(text: str, uid: str) -> None:
+    buf = io.StringIO()
+    logs.configure("INFO", "text", buf)
+    try:
+        logs.get_logger("t").warning(text, path=text)
+        try:
+            raise FileNotFoundError(text)
+        except FileNotFoundError:
+            logs.get_logger("t").exception("failed")
+    finally:
+        logs.configure("INFO", "text")
+    out = buf.getvalue()
+    assert uid not in out and out.count("phi~") >= 3, out
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "text",
+    ["version 1.10.0", "requests 2.25.1", "peer 192.168.100.200:104", "1.2.840.10008.5.1.4.1.1.7", "took 3.25 s"],
+)
+def test_versions_addresses_and_standard_uids_are_not_pseudonymised(text: str) -> None:
+    assert logs.clean_text(text, True) == text
+
+
+@pytest.mark.unit
+def test_debug_turned_on_through_the_twin_still_pseudonymises() -> None:
+    """Whoever writes the device twin may raise the log level (``desired.log_level``), but only the technician's
+    own configuration (``log.level = DEBUG``) writes real identifiers: the twin must not put PHI in journald."""
+    from types import SimpleNamespace
+
+    from appliance.cloud.overlay import CloudOverlay
+
+    buf = io.StringIO()
+    logs.configure("INFO", "text", buf)
+    try:
+        CloudOverlay._apply_log_level(SimpleNamespace(log_level="DEBUG"))  # type: ignore[arg-type]
+        logs.get_logger("t").debug(f"parsed {UID}", study_uid=UID, patient_name="DOE^JANE")
+    finally:
+        logs.configure("INFO", "text")
+    out = buf.getvalue()
+    assert "parsed phi~" in out  # the DEBUG line is written (the twin's level is in force) ...
+    assert UID not in out and "DOE" not in out  # ... without the real values

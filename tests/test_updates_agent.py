@@ -459,3 +459,36 @@ def test_outside_the_window_the_update_waits(box: Box, bundles: dict[str, Path])
     assert box.server.target_requests() == [] and box.active() == "1.0.0"
     box.desire("1.1.0", health_studies=0)  # the director opens the window (policy only)
     assert box.wait_end("1.1.0")["state"] == "active"
+
+
+def test_a_slow_download_of_one_bundle_does_not_hold_back_another_s_rollback(
+    tmp_path: Path, keys: dict[str, Any], bundles: dict[str, Path]
+) -> None:
+    """A repository that trickles a target (a bad link, or a hostile server staying under the read timeout) must
+    not keep a failing model serving: the rollback of a bundle on probation interrupts another's download."""
+    other = {v: make_bundle(tmp_path / "b", keys["good"], bundle_id="tiny2", version=v) for v in ("1.0.0", "1.1.0")}
+    with make_box(tmp_path, keys, bundles) as box:
+        reg = registry(box.settings)
+        runtime.install_bundle(box.settings.models_dir, other["1.0.0"], reg.trust, runtime.EngineOptions("ort"))
+        box.repo.publish(bundles["1.1.0"], "tiny", "1.1.0", commit=False)
+        slow = box.repo.publish(other["1.1.0"], "tiny2", "1.1.0")
+        box.desire("1.1.0", health_studies=3, health_deadline_s=600)
+        wait_until(lambda: box.agent.rows.get("tiny").state == UpdateState.HEALTH_GATE, timeout=60, what="probation")  # type: ignore[union-attr]
+        box.server.faults[slow.name] = Fault(trickle_s=4.0, times=1)  # 256 bytes per 4 s (under the read timeout)
+        box.desire("1.1.0", bundle_id="tiny2", health_studies=0)
+        wait_until(lambda: (r := box.agent.rows.get("tiny2")) is not None and r.bytes > 0, timeout=60, what="trickle")
+        box.agent.on_outcome("tiny", "1.1.0", "RuntimeError: CUDA error")
+        doc = box.wait_end("1.1.0", timeout=30)  # the trickle alone lasts about a minute
+        assert doc["state"] == "rolled_back" and box.active() == "1.0.0"
+        row2 = box.agent.rows.get("tiny2")
+        assert row2 is not None and row2.bytes < slow.stat().st_size  # the slow download had not finished
+
+        def tiny2_ended() -> Any:
+            r = box.agent.rows.get("tiny2")
+            return r if r is not None and str(r.state) in TERMINAL else None
+
+        end = wait_until(tiny2_ended, timeout=120, what="tiny2 update ends")
+        assert str(end.state) == "active"  # resumed after the rollback and finished
+        assert reg.active_version("tiny2") == "1.1.0"
+        assert [rng for p, rng in box.server.target_requests() if "tiny2" in p][0] is None
+        assert any(rng for p, rng in box.server.target_requests() if "tiny2" in p)  # resumed with Range

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -615,3 +616,89 @@ def test_model_rows_carry_each_bundles_over_the_air_update() -> None:
         ("mmg", "2.0.0"): "downloading 2.1.0",
         ("ct", "0.9.0"): "failed 0.9.0: golden mismatch",
     }
+
+
+def _at_once(n: int, attempt: Any) -> list[Any]:
+    """``attempt()`` from ``n`` threads released together (a brute force that does not wait for answers)."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = [None] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        results[i] = attempt()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+def test_concurrent_wrong_passwords_get_no_more_guesses_than_the_lockout_allows(home: Path) -> None:
+    box = Box(home, lockout_attempts=3, ip_max_failures=1000)
+    outcomes = _at_once(
+        12, lambda: accounts.authenticate(box.store, box.settings.api, "technician", "wrong password!")[0]
+    )
+    checked = [o for o in outcomes if o in (accounts.LoginOutcome.BAD_CREDENTIALS, accounts.LoginOutcome.LOCKED_NOW)]
+    assert len(checked) == 3, outcomes  # only lockout_attempts passwords were ever checked
+    assert outcomes.count(accounts.LoginOutcome.LOCKED_NOW) == 1
+    assert outcomes.count(accounts.LoginOutcome.LOCKED) == 9
+    user = accounts.get_user(box.store, "technician")
+    assert user is not None and user.locked_until is not None
+    outcome, _ = accounts.authenticate(box.store, box.settings.api, "technician", PASSWORD)
+    assert outcome is accounts.LoginOutcome.LOCKED
+
+
+def test_concurrent_failed_logins_from_one_address_get_no_more_tries_than_the_limit(home: Path) -> None:
+    box = Box(home, ip_max_failures=3, lockout_attempts=100)
+
+    def attempt() -> int:
+        with box.client() as c:
+            return c.post("/api/v1/session", json={"username": "viewer", "password": "wrong password!"}).status_code
+
+    codes = _at_once(10, attempt)
+    assert sorted(codes) == [401] * 3 + [429] * 7, codes
+    assert len([e for e in box.events("login_failed") if e.detail == {"reason": "bad_credentials"}]) == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/api/v1/studies/99999999999999999999999"),  # beyond SQLite's 64-bit integers
+        ("POST", "/api/v1/studies/99999999999999999999999/retry"),
+        ("POST", "/api/v1/studies/99999999999999999999999/resend"),
+        ("GET", "/api/v1/studies/%C2%B2"),  # "²": str.isdigit() says yes, int() says no
+        ("GET", "/api/v1/studies/%D9%A3"),  # an Arabic-Indic digit three
+        ("GET", "/api/v1/audit?offset=99999999999999999999"),
+        ("GET", "/studies/99999999999999999999"),
+        ("GET", "/studies/99999999999999999999/overlays/1.2.3.png"),
+        ("POST", "/studies/99999999999999999999/retry"),
+    ],
+)
+def test_numbers_out_of_range_are_a_client_error_not_a_crash(box: Box, method: str, path: str) -> None:
+    c, csrf = box.api_login(Role.ADMIN, TestClient(box.app, base_url=BASE, raise_server_exceptions=False))
+    form = {"csrf_token": csrf} if not path.startswith("/api/") and method == "POST" else None
+    r = c.request(method, path, headers={CSRF_HEADER: csrf}, data=form, follow_redirects=False)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+
+
+def test_the_address_limit_counts_an_ipv6_client_by_its_64_prefix(home: Path) -> None:
+    """An IPv6 host picks any address in its /64 itself (SLAAC, privacy addresses): counted per address it
+    would get a fresh budget for each; counted per /64 it gets one. An IPv4-mapped address is its IPv4."""
+    box = Box(home, ip_max_failures=3, lockout_attempts=50)
+
+    def attempt(address: str) -> int:
+        c = TestClient(box.app, base_url=BASE, client=(address, 50000))
+        return c.post("/api/v1/session", json={"username": "viewer", "password": "wrong password!"}).status_code
+
+    codes = [attempt(f"2001:db8:1:2::{i:x}") for i in range(1, 5)]
+    assert codes == [401, 401, 401, 429]
+    assert attempt("2001:db8:1:3::1") == 401  # another /64: another host
+    assert [attempt("192.0.2.7"), attempt("::ffff:192.0.2.7"), attempt("192.0.2.7"), attempt("::ffff:192.0.2.7")] == [
+        401,
+        401,
+        401,
+        429,
+    ]
+    assert attempt("192.0.2.8") == 401

@@ -19,6 +19,8 @@ from pathlib import Path
 from appliance.core.logs import get_logger
 from appliance.core.safe_names import stored_relative
 
+MAX_INTEGER = 2**63 - 1  # SQLite's largest INTEGER: a larger Python int as a parameter raises OverflowError
+
 log = get_logger(__name__)
 
 

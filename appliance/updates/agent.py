@@ -22,7 +22,8 @@ Per bundle id the director names (``desired.model_updates``), one update walks t
 Each step is persisted before it runs; at start every unfinished update resumes at its step (a download at the
 bytes already on disk; an activation whose registry swap already happened goes on to the health gate), so after
 a SIGKILL exactly one version is active (the registry's atomic state file) and the update finishes or fails.
-A newer desired version supersedes a running update at its next step or chunk: the last patch wins.
+A newer desired version supersedes a running update at its next step or chunk: the last patch wins. A download
+pauses at its next chunk (resuming later with Range) when another bundle on probation has to be rolled back.
 """
 
 from __future__ import annotations
@@ -317,6 +318,21 @@ class UpdateAgent:
             raise _Failed(str(exc)) from exc
         return info, url
 
+    def _rollback_due(self, downloading: str) -> bool:
+        """True when a bundle other than ``downloading`` is on probation and has to be rolled back now (an
+        engine error, a failed self-test, or its deadline passed): a download, however slow its link, pauses
+        for it (one worker thread runs every update, so a trickling repository must not keep a failing model
+        serving)."""
+        t = time.time()
+        mono = time.monotonic()
+        return any(
+            r.state == S.HEALTH_GATE
+            and r.bundle_id != downloading
+            and mono >= self._retry_at.get(r.bundle_id, 0.0)
+            and (r.reason is not None or (r.health_deadline is not None and t >= r.health_deadline))
+            for r in self.rows.all()
+        )
+
     def _later(self, row: UpdateRow, why: str) -> None:
         """Try ``row`` again after ``updates.retry_s``; while fetching, the reason is reported (state unchanged)."""
         delay = self.settings.updates.retry_s
@@ -356,8 +372,8 @@ class UpdateAgent:
         row = self._move(row, S.DOWNLOADING, bytes=have, total=info.length)
 
         def progress(done: int) -> None:
-            if self._stop.is_set():
-                raise _Wait()
+            if self._stop.is_set() or self._rollback_due(row.bundle_id):
+                raise _Wait()  # the partial file stays: the next pass resumes it with Range
             with self._lock:
                 self.rows.progress(row, done, info.length)
                 cur = self.rows.get(row.bundle_id)

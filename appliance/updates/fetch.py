@@ -10,6 +10,7 @@ endless-data attack) is cut off at ``length + 1`` bytes and the partial file is 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -80,7 +81,9 @@ class HttpFetcher(FetcherInterface):
         progress: Progress | None = None,
     ) -> Path:
         """Download ``url`` into ``part`` until it holds exactly ``length`` bytes, resuming what is already
-        there with ``Range: bytes=<have>-`` (a server that ignores Range and answers 200 restarts the file).
+        there with ``Range: bytes=<have>-`` (a server that ignores Range and answers 200 restarts the file; a 206 is
+        used only for the bytes its ``Content-Range`` says it holds: an earlier start is skipped up to ``have``, a
+        later start, a missing range or a range of an object of another length is a failed attempt).
 
         Each connection that breaks, times out or ends early costs one of ``attempts`` (backoff doubling from
         ``backoff_s``); ``progress(bytes_on_disk)`` is called as data arrives. Raises :class:`DownloadFailed`
@@ -124,12 +127,29 @@ class HttpFetcher(FetcherInterface):
                 raise urllib3.exceptions.HTTPError("range not satisfiable; starting over")
             if resp.status >= 400:
                 raise DownloadFailed(f"http_{resp.status}", f"HTTP {resp.status} for {url}")
-            mode = "ab" if (resp.status == 206 and have) else "wb"
-            done = have if mode == "ab" else 0
+            if resp.status not in (200, 206):  # e.g. a redirect (not followed) or 204: no bytes of the target
+                raise urllib3.exceptions.HTTPError(f"HTTP {resp.status} is not the target's content")
+            skip = 0
+            if resp.status == 206:
+                start = _range_start(resp.headers.get("Content-Range"), length, part)
+                if start > have:
+                    raise urllib3.exceptions.HTTPError(
+                        f"206 Content-Range starts at byte {start}, after the {have} bytes on disk"
+                    )
+                skip = have - start  # RFC 9110 lets a server send more than asked: drop what is already here
+            else:
+                have = 0  # a 200 is the whole file: start it again
+            mode = "ab" if have else "wb"
+            done = have
             with open(part, mode) as fh:
                 try:
                     # read1: whatever arrived (one socket read), so the bytes before a broken connection are kept
                     while chunk := resp.read1(_CHUNK):
+                        if skip:
+                            dropped = min(skip, len(chunk))
+                            chunk, skip = chunk[dropped:], skip - dropped
+                            if not chunk:
+                                continue
                         done += len(chunk)
                         if done > length:
                             fh.close()
@@ -147,3 +167,25 @@ class HttpFetcher(FetcherInterface):
                         os.fsync(fh.fileno())
         finally:
             resp.release_conn()
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)\Z")
+
+
+def _range_start(header: str | None, length: int, part: Path) -> int:
+    """The first byte a 206 answer holds, from its ``Content-Range`` (RFC 9110 section 14.4). A 206 without a
+    single byte range (missing, malformed, multipart) is not used (urllib3 HTTPError: one failed attempt); one
+    for a representation of another length is another object than the signed target: the partial file is
+    dropped too (starting over)."""
+    m = _CONTENT_RANGE.match((header or "").strip())
+    if m is None:
+        raise urllib3.exceptions.HTTPError(f"206 without a usable Content-Range ({(header or '')[:80]!r})")
+    first, last, total = int(m[1]), int(m[2]), m[3]
+    if total != "*" and int(total) != length:
+        part.unlink(missing_ok=True)
+        raise urllib3.exceptions.HTTPError(
+            f"206 Content-Range is of a {total}-byte object, not the {length} bytes signed; starting over"
+        )
+    if last < first:
+        raise urllib3.exceptions.HTTPError(f"206 with an empty Content-Range ({header!r})")
+    return first

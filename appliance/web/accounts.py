@@ -239,29 +239,41 @@ def remove_user(store: Store, name: str) -> None:
 def authenticate(store: Store, cfg: ApiConfig, name: str, password: str) -> tuple[LoginOutcome, User | None]:
     """Check a password, counting failures: ``api.lockout_attempts`` failures in a row lock the user for
     ``api.lockout_s`` (while locked, even the right password is refused). Returns the outcome and the user
-    (None when the name is unknown)."""
-    rows = store.query("SELECT * FROM users WHERE name=?", (name,))
-    if not rows or len(password) > MAX_PASSWORD_LENGTH:
+    (None when the name is unknown).
+
+    Each try is counted (in one transaction with the lockout check) *before* the password is checked, so
+    concurrent tries cannot all read the same count: however many arrive at once, at most
+    ``api.lockout_attempts`` passwords are checked before the lock; the others are answered ``LOCKED``
+    unchecked. A correct password sets the count back to zero.
+    """
+    known = get_user(store, name)
+    if known is None or len(password) > MAX_PASSWORD_LENGTH:
         with contextlib.suppress(VerificationError, InvalidHashError):
             _hasher.verify(_DUMMY_HASH, password[:MAX_PASSWORD_LENGTH])
-        return LoginOutcome.BAD_CREDENTIALS, _row_user(rows[0]) if rows else None
-    row = rows[0]
-    user = _row_user(row)
+        return LoginOutcome.BAD_CREDENTIALS, known
     ts = now()
-    if user.disabled:
-        return LoginOutcome.DISABLED, user
-    if user.locked_until is not None and user.locked_until > ts:
-        return LoginOutcome.LOCKED, user
+    with store.transaction() as conn:  # BEGIN IMMEDIATE: check and count as one step
+        row = conn.execute("SELECT * FROM users WHERE name=?", (name,)).fetchone()
+        if row is None:
+            return LoginOutcome.BAD_CREDENTIALS, None
+        user = _row_user(row)
+        if user.disabled:
+            return LoginOutcome.DISABLED, user
+        if user.locked_until is not None and user.locked_until > ts:
+            return LoginOutcome.LOCKED, user
+        tries = (0 if user.locked_until is not None else user.failed_attempts) + 1  # a past lock starts afresh
+        if tries > cfg.lockout_attempts:  # the tries that will lock the user are still being checked
+            return LoginOutcome.LOCKED, user
+        conn.execute("UPDATE users SET failed_attempts=?, locked_until=NULL WHERE id=?", (tries, user.id))
     try:
         _hasher.verify(row["password_hash"], password)
     except (VerificationError, InvalidHashError):
-        failures = (0 if user.locked_until is not None else user.failed_attempts) + 1
-        locked = failures >= cfg.lockout_attempts
-        with store.transaction() as conn:
-            conn.execute(
-                "UPDATE users SET failed_attempts=?, locked_until=? WHERE id=?",
-                (0 if locked else failures, ts + cfg.lockout_s if locked else None, user.id),
-            )
+        locked = tries >= cfg.lockout_attempts
+        if locked:
+            with store.transaction() as conn:
+                conn.execute(
+                    "UPDATE users SET failed_attempts=0, locked_until=? WHERE id=?", (ts + cfg.lockout_s, user.id)
+                )
         return (LoginOutcome.LOCKED_NOW if locked else LoginOutcome.BAD_CREDENTIALS), user
     rehash = _hasher.check_needs_rehash(row["password_hash"])
     with store.transaction() as conn:

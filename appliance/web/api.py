@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from appliance.core import audit
 from appliance.core.audit import AuditEvent, record_event
+from appliance.core.store import MAX_INTEGER
 from appliance.web import accounts, service
 from appliance.web.accounts import AccountError, Role, Session
 from appliance.web.app import WebContext
@@ -142,7 +143,7 @@ def audit_trail(
     since: str | None = Query(None, max_length=40, description="ISO 8601 date or time (UTC)"),
     until: str | None = Query(None, max_length=40),
     limit: int = Query(200, ge=1, le=5000),
-    offset: int = Query(0, ge=0, description="entries to skip (paging, newest first)"),
+    offset: int = Query(0, ge=0, le=MAX_INTEGER, description="entries to skip (paging, newest first)"),
     session: Session = technician,
 ) -> list[dict[str, Any]]:
     try:

@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import date, datetime
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import pydicom.errors
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from appliance.core import audit
 from appliance.core.audit import AuditEvent, record_event
+from appliance.core.store import MAX_INTEGER
 from appliance.web import accounts, service
 from appliance.web.accounts import AccountError, Role, Session
 from appliance.web.app import WebContext
@@ -36,6 +37,7 @@ from appliance.web.security import (
 
 router = APIRouter(include_in_schema=False)
 
+StudyId = Annotated[int, Path(ge=0, le=MAX_INTEGER, description="a study's row id")]  # 422 beyond, not a crash
 viewer = Depends(page_role(Role.VIEWER))
 technician = Depends(page_role(Role.TECHNICIAN))
 admin = Depends(page_role(Role.ADMIN))
@@ -186,13 +188,13 @@ def worklist(
 
 
 @router.get("/studies/{study_id}")
-def study_page(study_id: int, request: Request, session: Session = viewer) -> Response:
+def study_page(study_id: StudyId, request: Request, session: Session = viewer) -> Response:
     detail = service.study(_ctx(request), request, session, str(study_id))
     return _render(request, "study.html", session, d=detail, s=detail.summary)
 
 
 @router.get("/studies/{study_id}/overlays/{sop_uid}.png")
-def overlay_png(study_id: int, sop_uid: str, request: Request, session: Session = viewer) -> Response:
+def overlay_png(study_id: StudyId, sop_uid: str, request: Request, session: Session = viewer) -> Response:
     """The SC result object ``sop_uid`` of this study as PNG; only files the read model lists, under the state dir."""
     ctx = _ctx(request)
     detail = service.study_detail_quiet(ctx, study_id)
@@ -211,7 +213,7 @@ def overlay_png(study_id: int, sop_uid: str, request: Request, session: Session 
 
 
 @router.post("/studies/{study_id}/retry")
-def retry(study_id: int, request: Request, session: Session = technician) -> Response:
+def retry(study_id: StudyId, request: Request, session: Session = technician) -> Response:
     try:
         state = service.retry(_ctx(request), session, str(study_id))
     except HTTPException as exc:
@@ -222,7 +224,7 @@ def retry(study_id: int, request: Request, session: Session = technician) -> Res
 
 
 @router.post("/studies/{study_id}/resend")
-def resend(study_id: int, request: Request, session: Session = technician) -> Response:
+def resend(study_id: StudyId, request: Request, session: Session = technician) -> Response:
     try:
         queued = service.resend(_ctx(request), session, str(study_id))
     except HTTPException as exc:

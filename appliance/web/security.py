@@ -8,14 +8,17 @@
 - **CSRF** (OWASP synchronizer token pattern): every state-changing request carries the session's CSRF token,
   in the ``X-CSRF-Token`` header (API) or the ``csrf_token`` form field (pages); missing or wrong -> 403. The
   login form, which has no session yet, uses a double-submit cookie (``__Host-login_csrf``).
-- **Throttling**: :class:`FailureLimiter` counts failed logins per source IP in a sliding window (429 beyond
-  ``api.ip_max_failures`` per ``api.ip_window_s``); the per-user lockout is in the accounts module.
+- **Throttling**: :class:`FailureLimiter` counts failed logins per source address (an IPv6 one by its /64:
+  :func:`throttle_key`) in a sliding window (429 beyond ``api.ip_max_failures`` per ``api.ip_window_s``); a
+  try is counted when it starts and uncounted if it logs in, so concurrent tries get no more than the limit.
+  The per-user lockout is in the accounts module.
 - **Request size**: FastAPI's ``max_body_size`` (``api.max_body_bytes``) answers 413 for a larger body, whether
   announced by Content-Length or streamed (see :func:`appliance.web.app.create_app`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import threading
@@ -61,22 +64,30 @@ class FailureLimiter:
             q.popleft()
         return q
 
-    def blocked(self, ip: str) -> bool:
-        """True when ``ip`` has used up its failures in the current window."""
-        with self._lock:
-            q = self._trim(ip, time.monotonic())
-            if not q:
-                self._seen.pop(ip, None)
-            return len(q) >= self.max_failures
-
-    def failed(self, ip: str) -> None:
-        """Count one failed login from ``ip``."""
+    def begin(self, ip: str) -> float | None:
+        """Reserve one try for ``ip``: None when it has used up its failures in the current window, else a
+        ticket for :meth:`succeeded`. The try counts as a failure from now on, so concurrent tries from one
+        address cannot all pass the check before any of them is counted."""
         with self._lock:
             now = time.monotonic()
-            self._trim(ip, now).append(now)
+            q = self._trim(ip, now)
+            if len(q) >= self.max_failures:
+                return None
+            q.append(now)
             if len(self._seen) > 10_000:  # an address sweep must not grow memory without bound
-                for key in [k for k, q in self._seen.items() if not q or q[-1] <= now - self.window_s]:
+                for key in [k for k, v in self._seen.items() if not v or v[-1] <= now - self.window_s]:
                     del self._seen[key]
+            return now
+
+    def succeeded(self, ip: str, ticket: float) -> None:
+        """The try of ``ticket`` (from :meth:`begin`) logged in: it no longer counts as a failure."""
+        with self._lock:
+            q = self._seen.get(ip)
+            if q is not None:
+                with contextlib.suppress(ValueError):
+                    q.remove(ticket)
+                if not q:
+                    del self._seen[ip]
 
 
 @dataclass
@@ -100,6 +111,20 @@ def client_ip(request: Request) -> str | None:
         return str(ipaddress.ip_address(host)) if host else None
     except ValueError:
         return None
+
+
+def throttle_key(ip: str | None) -> str:
+    """What the login limiter counts failures by: an IPv4 address (an IPv4-mapped IPv6 address as its IPv4),
+    the /64 network of an IPv6 address (a host chooses its own interface identifier within its /64, RFC 4862
+    and RFC 8981, so one host has as many addresses as it likes there), or ``"unknown"`` without an address."""
+    if ip is None:
+        return "unknown"
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def session_of(request: Request) -> Session | None:

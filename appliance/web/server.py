@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
@@ -29,6 +30,41 @@ log = get_logger(__name__)
 
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+IDLE_CLOSE_S = 10.0  # a connection with no request in progress this long is closed (slow or absent headers)
+_IDLE_CHECK_S = 1.0
+
+
+class _IdleClosingHTTP(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP/1.1 protocol (httptools, else h11) that closes a connection which has had no request in
+    progress for ``IDLE_CLOSE_S`` seconds: since it was opened or its last response ended, including while a
+    request header trickles in (slowloris). uvicorn itself has no request-header timeout, and its keep-alive
+    timer stops at the first byte of a next request, so connections that never complete a header would fill
+    ``limit_concurrency`` and every other client would get 503. A request being handled is never cut."""
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._idle_since = self.loop.time()
+        self._idle_timer = self.loop.call_later(_IDLE_CHECK_S, self._idle_check)
+
+    def _idle_check(self) -> None:
+        now = self.loop.time()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # a request is being handled
+            self._idle_since = now
+        elif now - self._idle_since >= IDLE_CLOSE_S:
+            self.transport.close()
+            return
+        self._idle_timer = self.loop.call_later(_IDLE_CHECK_S, self._idle_check)
+
+    def on_response_complete(self) -> None:
+        self._idle_since = self.loop.time()
+        super().on_response_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        timer = getattr(self, "_idle_timer", None)
+        if timer is not None:
+            timer.cancel()
+        super().connection_lost(exc)
 
 
 class _Server(uvicorn.Server):
@@ -78,6 +114,7 @@ class WebService:
             server_header=False,
             proxy_headers=False,
             timeout_keep_alive=5,
+            http=_IdleClosingHTTP,  # closes connections that send no complete request (slowloris)
             limit_concurrency=64,
             lifespan="off",
         )

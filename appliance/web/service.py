@@ -18,7 +18,7 @@ from appliance.core.logs import get_logger
 from appliance.web import accounts
 from appliance.web.accounts import AccountError, LoginOutcome, Role, Session
 from appliance.web.app import WebContext, readiness
-from appliance.web.security import SESSION_COOKIE, WebAuth, client_ip
+from appliance.web.security import SESSION_COOKIE, WebAuth, client_ip, throttle_key
 from appliance.worklist import actions
 from appliance.worklist.read import (
     AmbiguousStudy,
@@ -41,8 +41,9 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
     disabled: the audit trail tells them apart)."""
     auth: WebAuth = request.app.state.auth
     ip = client_ip(request)
-    key = ip or "unknown"
-    if auth.limiter.blocked(key):
+    key = throttle_key(ip)
+    ticket = auth.limiter.begin(key)  # counted as a failure until it succeeds
+    if ticket is None:
         record_event(
             ctx.store,
             AuditEvent.LOGIN_FAILED,
@@ -54,7 +55,6 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
         raise HTTPException(429, "too many failed logins from this address: wait a few minutes")
     outcome, user = accounts.authenticate(ctx.store, ctx.settings.api, name, password)
     if outcome is not LoginOutcome.OK or user is None:
-        auth.limiter.failed(key)
         actor = user.name if user is not None else "unknown"
         detail = {"reason": outcome.value} if user is not None else {"reason": "unknown_user"}
         record_event(ctx.store, AuditEvent.LOGIN_FAILED, actor=actor, outcome=FAILURE, detail=detail, source_ip=ip)
@@ -69,6 +69,7 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
             )
             log.warning("user locked out", user=user.name)
         raise HTTPException(401, LOGIN_REFUSED)
+    auth.limiter.succeeded(key, ticket)
     accounts.purge_expired_sessions(ctx.store, ctx.settings.api)  # abandoned sessions do not pile up
     token, session = accounts.open_session(ctx.store, user, ip, replaces=request.cookies.get(SESSION_COOKIE))
     record_event(ctx.store, AuditEvent.LOGIN, actor=user.name, detail={"role": user.role.value}, source_ip=ip)

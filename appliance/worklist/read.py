@@ -34,7 +34,7 @@ from typing import Any, TypedDict
 
 from appliance.core import audit
 from appliance.core.audit import AuditEvent
-from appliance.core.store import Store
+from appliance.core.store import MAX_INTEGER, Store
 from appliance.lifecycle.studies import STUDY_STATES
 from appliance.pipeline import uids
 
@@ -300,7 +300,7 @@ def list_studies(
 
 
 def find_study(store: Store, ref: str) -> int:
-    """The id of the study revision ``ref`` names: a numeric id (digits only, when such a row exists), a full
+    """The id of the study revision ``ref`` names: a numeric id (ASCII digits only, when such a row exists), a full
     Study Instance UID or a suffix of one that only one study has (``...4.5678``; a leading "..." or "…" is
     ignored). A UID with several revisions gives its newest. Raises :class:`StudyNotFound` or
     :class:`AmbiguousStudy` (both ``LookupError``) with a message naming the reference."""
@@ -311,7 +311,7 @@ def find_study(store: Store, ref: str) -> int:
     if not ref:
         raise StudyNotFound("empty study reference")
     conn = store.conn
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit() and int(ref) <= MAX_INTEGER:  # not "²" (isdigit, not int) nor 2**64
         row = conn.execute("SELECT id FROM studies WHERE id=?", (int(ref),)).fetchone()
         if row is not None:
             return int(row["id"])
