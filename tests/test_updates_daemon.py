@@ -229,7 +229,7 @@ def test_sigkill_at_every_stage_leaves_one_version_and_the_update_ends(
                 timeout=180,
                 what=f"update ends after a kill at {stage}",
             )
-            reg = Registry(home / "models")
+            reg = Registry(home / "models", TrustStore.from_config({key_id(key): public_key_b64(key)}))
             state = reg.state("tiny")
             assert state["active"] in ("1.0.0", "1.1.0")  # exactly one version active
             assert end["state"] == "active" and state["active"] == "1.1.0", (stage, end)
