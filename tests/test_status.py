@@ -192,9 +192,9 @@ def test_status_names_the_dashboard_url_and_certificate(settings: Settings) -> N
     assert "dashboard: not serving" in out.output  # running, dashboard on, but the daemon reports no web service
     doc = json.loads((settings.state_dir / "run" / "status.json").read_text())
     web = {"host": "127.0.0.1", "port": 45123, "url": "https://localhost:45123/", "self_signed": True}
-    doc["services"]["web"] = {**web, "certificate_sha256": "AB:CD"}
+    doc["services"]["web"] = {**web, "certificate_sha256": "87:CD:83"}
     (settings.state_dir / "run" / "status.json").write_text(json.dumps(doc))
     out = runner.invoke(app, [*home, "status"], env={"COLUMNS": "200"})
-    assert "dashboard: https://localhost:45123/ (self-signed certificate, SHA-256 AB:CD)" in out.output
+    assert "dashboard: https://localhost:45123/ (self-signed certificate, SHA-256 87:CD:83)" in out.output
     out = runner.invoke(app, [*home, "status", "--json"], env={"COLUMNS": "200"})
     assert json.loads(out.output)["web"]["url"] == "https://localhost:45123/"

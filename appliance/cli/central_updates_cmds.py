@@ -377,7 +377,7 @@ def status_cmd(
             row.reason or "",
             row.since or "",
         )
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 def register(app: typer.Typer) -> None:

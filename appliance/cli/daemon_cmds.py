@@ -163,7 +163,7 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     dicom = doc["dicom"]
     where = f"{dicom['ae_title']}@{dicom['host']}:{dicom['port']}"
     if doc["running"]:

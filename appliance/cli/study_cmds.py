@@ -119,7 +119,7 @@ def studies(
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False))
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     if not rows:
         console.print("no studies")
         return
@@ -206,7 +206,7 @@ def show(
         typer.echo(json.dumps(d.to_dict(), indent=2, ensure_ascii=False))
         return
     s = d.summary
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     head = Text(f"study {s.id}", style="bold")
     if s.urgent:
         head.append("  URGENT", style="bold red")
