@@ -258,6 +258,20 @@ def test_a_viewer_sees_no_technician_buttons(box: Box) -> None:
     assert 'id="retry"' in page and 'id="resend"' in page
 
 
+def test_study_pages_show_names_and_dates_as_people_read_them_and_positives_stand_out(box: Box) -> None:
+    """The DICOM values (PN ``Test^Patient``, DA ``20240101``) are shown as a radiographer reads them; the
+    JSON API keeps them as DICOM has them."""
+    sid = analysed_study(box)
+    c, _ = box.page_login(Role.VIEWER)
+    page = c.get(f"/studies/{sid}").text
+    assert "<h1>Test, Patient</h1>" in page and "Test^Patient" not in page
+    assert "<th>Study date</th><td>2024-01-01</td>" in page
+    assert re.search(r'<strong class="result positive">positive</strong>', page)
+    assert ">Test, Patient</a>" in c.get("/worklist").text
+    api, _ = box.api_login(Role.VIEWER)
+    assert api.get(f"/api/v1/studies/{sid}").json()["summary"]["patient_name"] == "Test^Patient"
+
+
 # -- bad input: malformed and oversized bodies ----------------------------------------------------------------------
 
 

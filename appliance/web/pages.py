@@ -33,6 +33,7 @@ from appliance.web.security import (
     page_role,
     session_of,
 )
+from appliance.worklist.display import dicom_date, person_name
 
 router = APIRouter(include_in_schema=False)
 
@@ -57,6 +58,8 @@ def _render(request: Request, template: str, session: Session | None, **values: 
         "message": request.query_params.get("msg", "")[:300],
         "fmt_time": _fmt_time,
         "fmt_bytes": _fmt_bytes,
+        "fmt_name": person_name,
+        "fmt_date": dicom_date,
         "title": template.removesuffix(".html"),
         "device": ctx.settings.dicom.ae_title,
     }
