@@ -141,7 +141,7 @@ def test_worklist_show_retry_resend_and_status_against_a_running_appliance(
         # status: listener, cloud off, nothing pending, the demo key named as a problem, a destination present
         status = json.loads(_cli(d, "status", "--json").stdout)
         assert status["running"] and status["dicom"]["listening"] and status["dicom"]["port"] == d.port
-        assert status["cloud"] == {"enabled": False, "hub": None, "device_id": None}
+        assert status["cloud"] == {"enabled": False, "hub": None, "device_id": None, "problems": []}
         assert status["exports"]["pending"] == 0 and status["outbox"]["depth"] == 0
         keys = [p["key"] for p in status["problems"]]
         assert "engines.trust_demo_key" in keys and "pipeline.destinations" not in keys

@@ -114,7 +114,10 @@ def demo_cmd(
             web = status["services"].get("web")
             if web:
                 typer.echo(f"dashboard: {web['url']} (self-signed certificate, SHA-256 {web['certificate_sha256']})")
-                typer.echo(f"  log in there after making a user: {command()} --home {home} user add NAME --role admin")
+                typer.echo(
+                    f"  log in there after making a user: {command()} --home {home} --config {root.config} "
+                    "user add NAME --role admin"
+                )
         else:
             demo.stop_daemon(proc)
     # from here on a signal ends the process the default way (never an exit status of 0 after a signal, even
