@@ -39,6 +39,12 @@ def test_names_dates_and_bracketed_values_are_shown_as_people_read_them(home: Pa
     assert "P1 DOE, JOHN" in listed.output and "P2 ROE [/], ANN" in listed.output
     assert "A[red]9" in listed.output
 
+    # --wide: every column whole at any terminal width (long lines, never a column dropped or a UID cut)
+    wide = runner.invoke(app, ["--home", str(home), "studies", "--wide"], env=env)
+    uid = odd.StudyInstanceUID
+    (line,) = [x for x in wide.output.splitlines() if uid in x]
+    assert line.split()[0] == "2" and "P2 ROE [/], ANN" in line and "A[red]9" in line and "nodule" in line
+
     shown = runner.invoke(app, ["--home", str(home), "study", "show", "2"], env=env)
     assert shown.exit_code == 0, shown.output
     assert "ROE [/], ANN / P2" in shown.output and "A[red]9" in shown.output

@@ -120,7 +120,8 @@ def studies(
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False))
         return
-    console = Console(highlight=False, emoji=False)
+    # --wide promises every column whole (the UID, the pseudonym): lines longer than the terminal, never cut
+    console = Console(highlight=False, emoji=False, width=4000 if wide else None)
     if not rows:
         console.print("no studies")
         return
