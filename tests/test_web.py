@@ -416,6 +416,15 @@ def test_state_changing_forms_need_the_session_s_csrf_token(box: Box) -> None:
     assert box.store.query("SELECT state FROM studies WHERE id=?", (sid,))[0][0] == COMPLETE
 
 
+def test_a_refused_action_reads_as_a_refusal_not_as_a_confirmation(box: Box) -> None:
+    sid = analysed_study(box)
+    c, csrf = box.page_login(Role.TECHNICIAN)
+    done = c.post(f"/studies/{sid}/retry", data={"csrf_token": csrf}, follow_redirects=True).text
+    assert '<p class="message" id="message" role="status">Analysis requested again' in done
+    refused = c.post(f"/studies/{sid}/retry", data={"csrf_token": csrf}, follow_redirects=True).text  # not analysed
+    assert '<p class="message error" id="message" role="alert">Retry refused: ' in refused
+
+
 def test_the_login_form_needs_its_csrf_cookie_and_field(box: Box) -> None:
     c = box.client()
     r = c.post("/login", data={"username": "admin", "password": PASSWORD})

@@ -113,7 +113,8 @@ def demo_cmd(
             console.print(f"\nstill running (pid {proc.pid}); stop it with: kill {proc.pid}")
             web = status["services"].get("web")
             if web:
-                typer.echo(f"dashboard: {web['url']} (self-signed certificate, SHA-256 {web['certificate_sha256']})")
+                cert = "self-signed certificate" if web.get("self_signed") else "certificate"
+                typer.echo(f"dashboard: {web['url']} ({cert}, SHA-256 {web['certificate_sha256']})")
                 typer.echo(
                     f"  log in there after making a user: {command()} --home {home} --config {root.config} "
                     "user add NAME --role admin"

@@ -56,6 +56,7 @@ def _render(request: Request, template: str, session: Session | None, **values: 
         "is_admin": bool(session and session.user.role.at_least(Role.ADMIN)),
         "csrf_token": session.csrf_token if session else "",
         "message": request.query_params.get("msg", "")[:300],
+        "message_is_error": request.query_params.get("err") == "1",
         "fmt_time": _fmt_time,
         "fmt_bytes": _fmt_bytes,
         "fmt_name": person_name,
@@ -84,8 +85,9 @@ def _fmt_bytes(n: int | float | None) -> str:
     return str(n)
 
 
-def _back(path: str, message: str) -> RedirectResponse:
-    return RedirectResponse(f"{path}?msg={quote(message)}", status_code=303)
+def _back(path: str, message: str, error: bool = False) -> RedirectResponse:
+    """303 to ``path`` showing ``message`` once; ``error`` shows it as a refusal (red), not a confirmation."""
+    return RedirectResponse(f"{path}?msg={quote(message)}" + ("&err=1" if error else ""), status_code=303)
 
 
 def _safe_next(target: str | None) -> str:
@@ -220,7 +222,7 @@ def retry(study_id: int, request: Request, session: Session = technician) -> Res
     except HTTPException as exc:
         if exc.status_code != 409:
             raise
-        return _back(f"/studies/{study_id}", f"Retry refused: {exc.detail}")
+        return _back(f"/studies/{study_id}", f"Retry refused: {exc.detail}", error=True)
     return _back(f"/studies/{study_id}", f"Analysis requested again (state: {state}).")
 
 
@@ -231,7 +233,7 @@ def resend(study_id: int, request: Request, session: Session = technician) -> Re
     except HTTPException as exc:
         if exc.status_code != 409:
             raise
-        return _back(f"/studies/{study_id}", f"Resend refused: {exc.detail}")
+        return _back(f"/studies/{study_id}", f"Resend refused: {exc.detail}", error=True)
     return _back(f"/studies/{study_id}", f"{queued} result object(s) queued for the PACS again.")
 
 
@@ -283,7 +285,7 @@ async def echo(request: Request, session: Session = technician) -> Response:
     if not isinstance(dest, str) or not dest:
         raise HTTPException(400, "destination is required")
     ok, detail = await run_in_threadpool(service.echo, _ctx(request), request, session, dest)  # up to seconds
-    return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}")
+    return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}", error=not ok)
 
 
 @router.post("/technician/selftest")
@@ -344,12 +346,12 @@ async def users_add(request: Request, session: Session = admin) -> Response:
     form = await request.form()
     name, role, password = (form.get(k) for k in ("username", "role", "password"))
     if not all(isinstance(v, str) and v for v in (name, role, password)):
-        return _back("/users", "User name, role and password are all required.")
+        return _back("/users", "User name, role and password are all required.", error=True)
     assert isinstance(name, str) and isinstance(role, str) and isinstance(password, str)
     try:
         user = await run_in_threadpool(accounts.add_user, ctx.store, name, accounts.parse_role(role), password)
     except AccountError as exc:
-        return _back("/users", f"Not added: {exc}")
+        return _back("/users", f"Not added: {exc}", error=True)
     record_event(
         ctx.store,
         AuditEvent.USER_ADDED,
@@ -368,5 +370,5 @@ def users_change(name: str, action: str, request: Request, session: Session = ad
     try:
         service.change_user(_ctx(request), request, session, name, None, action == "disable", None)
     except AccountError as exc:
-        return _back("/users", f"Not changed: {exc}")
+        return _back("/users", f"Not changed: {exc}", error=True)
     return _back("/users", f"User {name} {action}d.")
