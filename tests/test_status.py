@@ -161,7 +161,8 @@ def test_status_reports_cloud_connection_backlog_outbox_and_problems(settings: S
         "exports to PACS: 2 pending, oldest" in out.output
         and "1 failing (last error: association rejected)" in out.output
     )
-    assert "PROBLEMS" in out.output and " ! cloud.device_key_file: cloud enabled but no device key" in out.output
+    assert "PROBLEMS (! the box cannot do its job; - fix soon)" in out.output
+    assert " ! cloud.device_key_file: cloud enabled but no device key" in out.output
 
     _fake_running(settings, {"connected": True, "last_error": None, "connects": 1})
     out = runner.invoke(app, ["--home", str(settings.state_dir), "status"], env=env)

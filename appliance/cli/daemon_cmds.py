@@ -211,12 +211,14 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             f"{alert['oldest_age_s'] / 3600:.1f} h ago (see `appliance studies`; given up after "
             "retention.undeliverable_days)"
         )
-    table = Table("state", "studies", title=f"studies in {doc['state_dir']} ({doc['instances']} instances)")
+    console.print(f"studies in {doc['state_dir']} ({doc['instances']} instances):")  # a title would wrap
+    table = Table("state", "studies")
     for state, n in doc["studies"].items():
         table.add_row(state, str(n))
     console.print(table)
     if doc["problems"]:
-        console.print("[bold red]PROBLEMS[/bold red]")
+        legend = "([red]![/red] the box cannot do its job; [yellow]-[/yellow] fix soon)"
+        console.print(f"[bold red]PROBLEMS[/bold red] {legend}")
         for p in doc["problems"]:
             mark = "[red]![/red]" if p["blocking"] else "[yellow]-[/yellow]"
             console.print(f" {mark} {p['key']}: {p['message']}")
