@@ -435,6 +435,19 @@ def test_the_login_form_needs_its_csrf_cookie_and_field(box: Box) -> None:
     assert c.cookies.get(LOGIN_CSRF_COOKIE)
 
 
+def test_a_failed_login_keeps_the_name_typed_escaped_never_the_password(box: Box) -> None:
+    c = box.client()
+    page = c.get("/login").text
+    assert 'value=""' in page and "autofocus" in page.split('id="password"')[0]  # the name field first
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    for typed, shown in (("technician", 'value="technician"'), ('"><b>x', 'value="&#34;&gt;&lt;b&gt;x"')):
+        r = c.post("/login", data={"csrf_token": token, "username": typed, "password": "wrong password!"})
+        assert r.status_code == 401 and "invalid user name or password" in r.text
+        assert shown in r.text and "wrong password!" not in r.text
+        assert "autofocus" in r.text.split('id="password"')[1].split(">")[0]  # the cursor waits in the password
+        token = re.search(r'name="csrf_token" value="([^"]+)"', r.text).group(1)  # type: ignore[union-attr]
+
+
 def test_a_session_id_the_browser_brought_is_never_adopted(box: Box) -> None:
     c = box.client()
     planted = "attacker-chosen-session-id"

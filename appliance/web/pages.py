@@ -105,7 +105,7 @@ def login_page(request: Request, next: str = "/") -> Response:
     if session_of(request) is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
     token = secrets.token_urlsafe(24)
-    response = _render(request, "login.html", None, login_csrf=token, next=_safe_next(next), error="")
+    response = _render(request, "login.html", None, login_csrf=token, next=_safe_next(next), error="", username="")
     response.set_cookie(LOGIN_CSRF_COOKIE, token, **cookie_args(max_age=3600))
     return response
 
@@ -128,7 +128,10 @@ async def login_submit(request: Request) -> Response:
         if exc.status_code not in (401, 429):
             raise
         fresh = secrets.token_urlsafe(24)
-        page = _render(request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail))
+        # the name typed stays (autoescaped), the password is typed again
+        page = _render(
+            request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail), username=name[:64]
+        )
         page.status_code = exc.status_code
         page.set_cookie(LOGIN_CSRF_COOKIE, fresh, **cookie_args(max_age=3600))
         return page
