@@ -552,6 +552,8 @@ def test_pages_render_the_dashboard_worklist_study_technician_audit_and_users(bo
     assert [e.subject for e in box.events("user_added")] == ["clinic"]
     r = c.post("/users/clinic/disable", data={"csrf_token": csrf})
     assert r.status_code == 303 and accounts.get_user(box.store, "clinic").disabled  # type: ignore[union-attr]
+    users = c.get("/users").text  # a button for each other user; none that would only be refused for oneself
+    assert 'action="/users/clinic/enable"' in users and 'action="/users/admin/' not in users
 
 
 def test_the_technician_page_redacts_secrets(home: Path) -> None:
