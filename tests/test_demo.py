@@ -45,8 +45,21 @@ def test_demo_shows_findings_and_result_files(tmp_path: Path) -> None:
     # not --keep: the daemon is gone
     assert not (home / "run" / "status.json").exists()
     # the hints name a command that works as printed (a full path when the venv's bin is not on PATH)
-    hints = {rest: cmd for cmd, rest in re.findall(rf"^  (\S+) --home {re.escape(str(home))} (.+)$", out, flags=re.M)}
-    assert {"studies", "study show 1", "status"} <= set(hints), out
+    # ... with the demo's settings file, so that they see the box as the demo ran it (trusting the demo key)
+    config = home / "demo.toml"
+    prefix = rf"^  (\S+) --home {re.escape(str(home))} --config {re.escape(str(config))} (.+)$"
+    hints = {rest: cmd for cmd, rest in re.findall(prefix, out, flags=re.M)}
+    assert {"studies", "study show 1", "status", "selftest --no-pacs"} <= set(hints), out
+    checked = subprocess.run(
+        [hints["status"], "--home", str(home), "--config", str(config), "selftest", "--no-pacs", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    steps = {c["name"]: c["ok"] for c in json.loads(checked.stdout)["checks"]}
+    assert steps["active_bundles"] and steps["phantom_chain"], checked.stdout  # the reference bundles load
+    assert not steps["pacs_destination"]  # the demo has no PACS: named, not hidden
     shown = subprocess.run(
         [hints["studies"], "--home", str(home), "studies", "--json"],
         env=env,

@@ -23,6 +23,7 @@ from appliance.cloud.client import credential_problems
 from appliance.core.config import load_settings
 from appliance.core.logs import configure
 from appliance.core.store import Store
+from appliance.models.active import trust_store
 from engines.keys import key_id, public_key_b64
 from engines.registry import Registry
 from testsupport.bundles import make_bundle, new_key
@@ -127,7 +128,7 @@ def test_root_commands_leave_every_file_to_the_service_user(
         return {
             "problems": credential_problems(settings),
             "studies": store.state_counts(),
-            "active": Registry(settings.models_dir).active_version("tiny"),
+            "active": Registry(settings.models_dir, trust_store(settings)).active_version("tiny"),
         }
 
     seen = _as_service(service_view)

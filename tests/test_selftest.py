@@ -74,6 +74,7 @@ def test_selftest_passes_then_names_each_failure(home: Path, clean_env, orthanc:
     assert by["cloud_credentials"]["detail"] == "cloud sync off"
     assert "cxr-phantom" in by["active_bundles"]["detail"] and "mmg-phantom" in by["active_bundles"]["detail"]
     assert "nodule located within" in by["phantom_chain"]["detail"]
+    assert "mammogram with a mass in R: R " in by["phantom_chain"]["detail"]  # the phantom's side, not the demo's
 
     env = {
         **clinic,
@@ -97,8 +98,8 @@ def test_selftest_passes_then_names_each_failure(home: Path, clean_env, orthanc:
     trail = audit.query(Store(home / "state.db"), event=AuditEvent.SELFTEST, newest_first=False)
     assert [(e.outcome, e.detail["failed"]) for e in trail] == [
         ("success", []),
-        ("failure", ["disk", "pacs:pacs"]),
-        ("failure", ["disk"]),
+        ("failure", ["config", "disk", "pacs:pacs"]),  # the demo key trusted is a config failure, named too
+        ("failure", ["config", "disk"]),
     ]
 
 

@@ -161,7 +161,8 @@ def test_status_reports_cloud_connection_backlog_outbox_and_problems(settings: S
         "exports to PACS: 2 pending, oldest" in out.output
         and "1 failing (last error: association rejected)" in out.output
     )
-    assert "PROBLEMS" in out.output and " ! cloud.device_key_file: cloud enabled but no device key" in out.output
+    assert "PROBLEMS (! the box cannot do its job; - fix soon)" in out.output
+    assert " ! cloud.device_key_file: cloud enabled but no device key" in out.output
 
     _fake_running(settings, {"connected": True, "last_error": None, "connects": 1})
     out = runner.invoke(app, ["--home", str(settings.state_dir), "status"], env=env)
@@ -176,3 +177,25 @@ def test_status_of_a_box_that_never_ran(settings: Settings) -> None:
     assert "not running" in out.output and "cloud: off" in out.output and "exports to PACS: none pending" in out.output
     assert " ! pipeline.destinations: no PACS destination configured" in out.output
     assert not settings.db_path.exists()  # looking never creates the database
+
+
+def test_status_names_the_dashboard_url_and_certificate(settings: Settings) -> None:
+    """A newcomer (the demo picks a free port) finds the dashboard from ``appliance status``, not only the log."""
+    runner = CliRunner()
+    home = ["--home", str(settings.state_dir)]
+    out = runner.invoke(app, [*home, "status"], env={"COLUMNS": "200"})
+    assert "dashboard: not running; would serve HTTPS on 127.0.0.1:8443" in out.output
+    out = runner.invoke(app, [*home, "status"], env={"COLUMNS": "200", "APPLIANCE_API__ENABLED": "false"})
+    assert "dashboard: off (api.enabled = false)" in out.output
+
+    _fake_running(settings, {})
+    out = runner.invoke(app, [*home, "status"], env={"COLUMNS": "200"})
+    assert "dashboard: not serving" in out.output  # running, dashboard on, but the daemon reports no web service
+    doc = json.loads((settings.state_dir / "run" / "status.json").read_text())
+    web = {"host": "127.0.0.1", "port": 45123, "url": "https://localhost:45123/", "self_signed": True}
+    doc["services"]["web"] = {**web, "certificate_sha256": "87:CD:83"}
+    (settings.state_dir / "run" / "status.json").write_text(json.dumps(doc))
+    out = runner.invoke(app, [*home, "status"], env={"COLUMNS": "200"})
+    assert "dashboard: https://localhost:45123/ (self-signed certificate, SHA-256 87:CD:83)" in out.output
+    out = runner.invoke(app, [*home, "status", "--json"], env={"COLUMNS": "200"})
+    assert json.loads(out.output)["web"]["url"] == "https://localhost:45123/"

@@ -63,7 +63,7 @@ def test_worklist_show_retry_resend_and_status_against_a_running_appliance(
         assert "PH-424242" in line and "ACC777001" in line and EXPORTED in line and "nodule" in line
         assert uid[-9:] in line and uid not in line  # the end of the UID, not all of it
         wide = _cli(d, "studies", "--wide", columns=250)
-        assert uid in wide.stdout and "PHANTOM^JANE^Q" in wide.stdout
+        assert uid in wide.stdout and "PH-424242 PHANTOM, JANE Q" in wide.stdout  # the name as people read it
 
         listed = json.loads(_cli(d, "studies", "--json").stdout)
         (s,) = listed
@@ -101,7 +101,7 @@ def test_worklist_show_retry_resend_and_status_against_a_running_appliance(
         whats = [t["what"] for t in detail["timeline"]]
         assert whats[:3] == ["received", "complete", "inferring"] and whats[-1] == EXPORTED and "exported" in whats
         text = _cli(d, "study", "show", str(sid), columns=120)
-        assert "PHANTOM^JANE^Q" in text.stdout and "timeline" in text.stdout
+        assert "PHANTOM, JANE Q / PH-424242" in text.stdout and "timeline" in text.stdout
         missing = _cli(d, "study", "show", "9.9.9.9")
         assert missing.returncode == 1 and "no study matches" in missing.stderr
 
@@ -141,7 +141,7 @@ def test_worklist_show_retry_resend_and_status_against_a_running_appliance(
         # status: listener, cloud off, nothing pending, the demo key named as a problem, a destination present
         status = json.loads(_cli(d, "status", "--json").stdout)
         assert status["running"] and status["dicom"]["listening"] and status["dicom"]["port"] == d.port
-        assert status["cloud"] == {"enabled": False, "hub": None, "device_id": None}
+        assert status["cloud"] == {"enabled": False, "hub": None, "device_id": None, "problems": []}
         assert status["exports"]["pending"] == 0 and status["outbox"]["depth"] == 0
         keys = [p["key"] for p in status["problems"]]
         assert "engines.trust_demo_key" in keys and "pipeline.destinations" not in keys

@@ -259,6 +259,22 @@ def test_a_viewer_sees_no_technician_buttons(box: Box) -> None:
     assert 'id="retry"' in page and 'id="resend"' in page
 
 
+def test_study_pages_show_names_and_dates_as_people_read_them_and_positives_stand_out(box: Box) -> None:
+    """The DICOM values (PN ``Test^Patient``, DA ``20240101``) are shown as a radiographer reads them; the
+    JSON API keeps them as DICOM has them."""
+    sid = analysed_study(box)
+    c, _ = box.page_login(Role.VIEWER)
+    page = c.get(f"/studies/{sid}").text
+    assert "<h1>Test, Patient</h1>" in page and "Test^Patient" not in page
+    assert "<th>Study date</th><td>2024-01-01</td>" in page
+    assert re.search(r'<strong class="result positive">positive</strong>', page)
+    worklist = c.get("/worklist").text
+    assert ">Test, Patient</a>" in worklist
+    assert '<td class="nowrap">P123</td>' in worklist  # an ID never breaks at its hyphen on a laptop screen
+    api, _ = box.api_login(Role.VIEWER)
+    assert api.get(f"/api/v1/studies/{sid}").json()["summary"]["patient_name"] == "Test^Patient"
+
+
 # -- bad input: malformed and oversized bodies ----------------------------------------------------------------------
 
 
@@ -401,6 +417,15 @@ def test_state_changing_forms_need_the_session_s_csrf_token(box: Box) -> None:
     assert box.store.query("SELECT state FROM studies WHERE id=?", (sid,))[0][0] == COMPLETE
 
 
+def test_a_refused_action_reads_as_a_refusal_not_as_a_confirmation(box: Box) -> None:
+    sid = analysed_study(box)
+    c, csrf = box.page_login(Role.TECHNICIAN)
+    done = c.post(f"/studies/{sid}/retry", data={"csrf_token": csrf}, follow_redirects=True).text
+    assert '<p class="message" id="message" role="status">Analysis requested again' in done
+    refused = c.post(f"/studies/{sid}/retry", data={"csrf_token": csrf}, follow_redirects=True).text  # not analysed
+    assert '<p class="message error" id="message" role="alert">Retry refused: ' in refused
+
+
 def test_the_login_form_needs_its_csrf_cookie_and_field(box: Box) -> None:
     c = box.client()
     r = c.post("/login", data={"username": "admin", "password": PASSWORD})
@@ -409,6 +434,19 @@ def test_the_login_form_needs_its_csrf_cookie_and_field(box: Box) -> None:
     r = c.post("/login", data={"csrf_token": "forged", "username": "admin", "password": PASSWORD})
     assert r.status_code == 403 and SESSION_COOKIE not in r.headers.get("set-cookie", "")
     assert c.cookies.get(LOGIN_CSRF_COOKIE)
+
+
+def test_a_failed_login_keeps_the_name_typed_escaped_never_the_password(box: Box) -> None:
+    c = box.client()
+    page = c.get("/login").text
+    assert 'value=""' in page and "autofocus" in page.split('id="password"')[0]  # the name field first
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    for typed, shown in (("technician", 'value="technician"'), ('"><b>x', 'value="&#34;&gt;&lt;b&gt;x"')):
+        r = c.post("/login", data={"csrf_token": token, "username": typed, "password": "wrong password!"})
+        assert r.status_code == 401 and "invalid user name or password" in r.text
+        assert shown in r.text and "wrong password!" not in r.text
+        assert "autofocus" in r.text.split('id="password"')[1].split(">")[0]  # the cursor waits in the password
+        token = re.search(r'name="csrf_token" value="([^"]+)"', r.text).group(1)  # type: ignore[union-attr]
 
 
 def test_a_session_id_the_browser_brought_is_never_adopted(box: Box) -> None:
@@ -515,6 +553,8 @@ def test_pages_render_the_dashboard_worklist_study_technician_audit_and_users(bo
     assert [e.subject for e in box.events("user_added")] == ["clinic"]
     r = c.post("/users/clinic/disable", data={"csrf_token": csrf})
     assert r.status_code == 303 and accounts.get_user(box.store, "clinic").disabled  # type: ignore[union-attr]
+    users = c.get("/users").text  # a button for each other user; none that would only be refused for oneself
+    assert 'action="/users/clinic/enable"' in users and 'action="/users/admin/' not in users
 
 
 def test_the_technician_page_redacts_secrets(home: Path) -> None:

@@ -161,6 +161,13 @@ def test_find_study_by_id_uid_and_unique_suffix(env) -> None:
         find_study(store, ".5555")
     with pytest.raises(StudyNotFound, match="9.9.9"):
         find_study(store, "9.9.9")
+    # a number that is no id is not taken for the end of a UID (id 7 would have picked "...300.7777")
+    assert c < 7
+    with pytest.raises(StudyNotFound, match="no study with id 7 "):
+        find_study(store, "7")
+    assert find_study(store, "…7") == c and find_study(store, "...7777") == c  # marked as a UID end: found
+    d = file_instance(settings, store, chest("1.2.3.4.400.123456789"))
+    assert find_study(store, "123456789") == d  # the 9 digits `appliance studies` shows, without the "…"
     with pytest.raises(StudyNotFound):
         find_study(store, "  ")
     with pytest.raises(StudyNotFound):

@@ -38,6 +38,28 @@ DAEMON_ENV = {
 }
 
 
+# The same settings as a configuration file in the demo's home (``demo.toml``), so that the commands the demo
+# suggests afterwards (``selftest``, ``model list``, ``status``) see the box as the demo ran it: trusting the
+# demo key, with the reference bundles. The ports stay in the environment: 0 means "any free one" only once.
+DEMO_CONFIG: dict[str, dict[str, object]] = {
+    "dicom": {"bind": "127.0.0.1", "quiet_seconds": 0.5, "min_free_bytes": 100 * 1024**2},
+    "pipeline": {"enabled": True, "poll_s": 0.2},
+    "engines": {"install_reference_bundles": True, "trust_demo_key": True},
+}
+
+
+def write_demo_config(home: Path) -> Path:
+    """Write ``DEMO_CONFIG`` as TOML to ``<home>/demo.toml`` (replacing it); returns its path."""
+    lines = ["# written by `appliance demo`: the demo's settings (NOT FOR CLINICAL USE: trusts the public demo key)"]
+    for section, values in DEMO_CONFIG.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]  # JSON scalars are TOML scalars
+    path = home / "demo.toml"
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 @dataclass
 class DemoStudy:
     name: str

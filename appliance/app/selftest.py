@@ -117,7 +117,8 @@ def _phantom_chain(settings: Settings) -> tuple[bool, str]:
             problems.append(f"mammogram phantom: mass in R, per-breast scores {breasts}")
         if problems or not breasts:
             return False, "; ".join(problems)
-        return True, f"chest nodule located within {err:.2%}; mammogram R {breasts['R']:.2f} > L {breasts['L']:.2f}"
+        mammo = f"mammogram with a mass in R: R {breasts['R']:.2f} > L {breasts['L']:.2f}"
+        return True, f"chest nodule located within {err:.2%}; {mammo}"
 
 
 def engine_selftest(settings: Settings) -> tuple[bool, str]:

@@ -386,7 +386,7 @@ def status_cmd(
             cell(row.reason),
             cell(row.since),
         )
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -104,6 +104,7 @@ def status_doc(settings: Settings) -> dict[str, Any]:
             conn.close()
     services = (running or {}).get("services", {})
     scp = services.get("dicom-scp") or {}
+    web_doc = services.get("web") or {}
     cloud_doc = services.get("cloud") or {}
     d, c = settings.dicom, settings.cloud
     cloud: dict[str, Any] = {
@@ -128,6 +129,14 @@ def status_doc(settings: Settings) -> dict[str, Any]:
             "host": scp.get("host", d.bind),
             "port": scp.get("port", d.port),
             "listening": bool(scp),
+        },
+        "web": {
+            "enabled": settings.api.enabled,
+            "bind": settings.api.bind,
+            "port": settings.api.port,
+            "url": web_doc.get("url"),  # None while the daemon is not running (or the dashboard is off)
+            "certificate_sha256": web_doc.get("certificate_sha256"),
+            "self_signed": web_doc.get("self_signed"),
         },
         "cloud": cloud,
         **queues,
@@ -154,13 +163,23 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     dicom = doc["dicom"]
     where = f"{dicom['ae_title']}@{dicom['host']}:{dicom['port']}"
     if doc["running"]:
         console.print(f"[green]running[/green] (pid {doc['pid']}), DICOM listening on {where}")
     else:
         console.print(f"[yellow]not running[/yellow]; DICOM would listen on {where}")
+    web = doc["web"]
+    if not web["enabled"]:
+        console.print("dashboard: off (api.enabled = false)")
+    elif web["url"]:
+        cert = " (self-signed certificate, SHA-256 " if web["self_signed"] else " (certificate SHA-256 "
+        console.print(f"dashboard: {web['url']}{cert}{web['certificate_sha256']})")
+    elif doc["running"]:
+        console.print("[red]dashboard: not serving[/red] (api.enabled = true; see the daemon's log)")
+    else:
+        console.print(f"dashboard: not running; would serve HTTPS on {web['bind']}:{web['port']}")
     cloud = doc["cloud"]
     if not cloud["enabled"]:
         console.print("cloud: off (cloud.enabled = false)")
@@ -192,12 +211,14 @@ def status(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", hel
             f"{alert['oldest_age_s'] / 3600:.1f} h ago (see `appliance studies`; given up after "
             "retention.undeliverable_days)"
         )
-    table = Table("state", "studies", title=f"studies in {doc['state_dir']} ({doc['instances']} instances)")
+    console.print(f"studies in {doc['state_dir']} ({doc['instances']} instances):")  # a title would wrap
+    table = Table("state", "studies")
     for state, n in doc["studies"].items():
         table.add_row(state, str(n))
     console.print(table)
     if doc["problems"]:
-        console.print("[bold red]PROBLEMS[/bold red]")
+        legend = "([red]![/red] the box cannot do its job; [yellow]-[/yellow] fix soon)"
+        console.print(f"[bold red]PROBLEMS[/bold red] {legend}")
         for p in doc["problems"]:
             mark = "[red]![/red]" if p["blocking"] else "[yellow]-[/yellow]"
             console.print(f" {mark} {p['key']}: {p['message']}")

@@ -19,7 +19,7 @@ def _findings_table(summary: dict[str, Any]) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{summary['bundle_id']} {summary['bundle_version']}", title_justify="left")
-    for col in ("image", "side/view", "finding", "score", "threshold", "", "row, col"):
+    for col in ("image", "side/view", "finding", "score", "threshold", "result", "row, col"):
         table.add_column(col, justify="right" if col in ("score", "threshold") else "left")
     for f in summary["findings"]:
         loc = f["location"]
@@ -29,7 +29,7 @@ def _findings_table(summary: dict[str, Any]) -> Any:
             f["label"],
             f"{f['score']:.3f}",
             f"{f['threshold']:.3f}",
-            "[bold red]POSITIVE[/]" if f["positive"] else "",
+            "[bold red]POSITIVE[/]" if f["positive"] else "negative",
             f"{loc['row']:.0f}, {loc['col']:.0f}" if loc else "",
         )
     return table
@@ -46,10 +46,12 @@ def demo_cmd(
 
     from appliance.app import demo
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     root = ctx.find_root().obj
     home = (home or root.home or Path(tempfile.mkdtemp(prefix="appliance-demo-"))).resolve()
     root.home = home
+    if root.config is None:  # the later commands it suggests read the demo's settings from this file
+        root.config = demo.write_demo_config(home)
     settings = settings_from(ctx)
     t0 = time.monotonic()
     console.print(f"[bold]appliance demo[/] home: {home}")
@@ -100,7 +102,7 @@ def demo_cmd(
                     extra += "".join(f"   {k} breast {v:.3f}" for k, v in sorted(summary["per_breast"].items()))
                 console.print("  " + extra)
                 for obj in summary.get("objects", []):
-                    typer.echo(f"  {obj['kind']}: {obj['path']}")
+                    typer.echo(f"  {obj['kind']}: {home / obj['path']}")  # relative to the home: print it whole
 
         missing = demo.wait_for_results(home, studies, show, timeout)
         if missing:
@@ -109,6 +111,14 @@ def demo_cmd(
     finally:
         if keep:
             console.print(f"\nstill running (pid {proc.pid}); stop it with: kill {proc.pid}")
+            web = status["services"].get("web")
+            if web:
+                cert = "self-signed certificate" if web.get("self_signed") else "certificate"
+                typer.echo(f"dashboard: {web['url']} ({cert}, SHA-256 {web['certificate_sha256']})")
+                typer.echo(
+                    f"  log in there after making a user: {command()} --home {home} --config {root.config} "
+                    "user add NAME --role admin"
+                )
         else:
             demo.stop_daemon(proc)
     # from here on a signal ends the process the default way (never an exit status of 0 after a signal, even
@@ -118,10 +128,12 @@ def demo_cmd(
     if signalled:
         raise typer.Exit(128 + signalled[0])
     console.print(f"\ndone in {time.monotonic() - t0:.1f} s. Logs: {home / 'demo-daemon.log'}")
-    cmd = f"{command()} --home {home}"
+    cmd = f"{command()} --home {home} --config {root.config}"
     console.print("Try:", highlight=False)
-    for hint in ("studies", "study show 1", "status", f"infer {home / 'demo-input'}"):
+    for hint in ("studies", "study show 1", "status", "selftest --no-pacs", f"infer {home / 'demo-input'}"):
         typer.echo(f"  {cmd} {hint}")
+    if not keep:
+        typer.echo("  (with --keep the appliance stays running, with its web dashboard: `status` shows its URL)")
     raise typer.Exit(rc)
 
 

@@ -39,7 +39,7 @@ def selftest(
             table.add_column(col)
         for c in report["checks"]:
             table.add_row(c["name"], "ok" if c["ok"] else "[red]FAIL[/red]", c["detail"], f"{c['seconds']:.1f}")
-        console = Console(highlight=False)
+        console = Console(highlight=False, emoji=False)
         console.print(table)
         failed = [c["name"] for c in report["checks"] if not c["ok"]]
         if failed:

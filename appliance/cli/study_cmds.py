@@ -26,6 +26,7 @@ from appliance.cli import settings_from
 from appliance.core.config import Settings
 from appliance.core.store import Store
 from appliance.lifecycle.studies import STUDY_STATES
+from appliance.worklist.display import dicom_date, person_name
 from appliance.worklist.read import Finding
 
 SHORT_UID = 10  # characters of a Study Instance UID shown at 80 columns (its end: where UIDs differ)
@@ -119,7 +120,8 @@ def studies(
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in rows], indent=2, ensure_ascii=False))
         return
-    console = Console(highlight=False)
+    # --wide promises every column whole (the UID, the pseudonym): lines longer than the terminal, never cut
+    console = Console(highlight=False, emoji=False, width=4000 if wide else None)
     if not rows:
         console.print("no studies")
         return
@@ -141,13 +143,15 @@ def studies(
     if detail:
         table.add_column("detail", overflow="fold")
     for r in rows:
-        who = " ".join(x for x in (r.patient_id, r.patient_name) if x) or "-"  # the ID first: it survives a cut
+        # the ID first: it survives a cut. Values from DICOM are Text, never rich markup: a "[/]" in a name
+        # would stop the listing, a "[x]" would vanish
+        who = " ".join(x for x in (r.patient_id, person_name(r.patient_name)) if x) or "-"
         cells: list[Any] = [
             Text(str(r.id), style="bold red" if r.urgent else ""),
             _when(r.received_at),
-            who,
-            r.accession_number or "-",
-            *([] if narrow else [r.modality or ""]),
+            Text(who),
+            Text(r.accession_number or "-"),
+            *([] if narrow else [Text(r.modality or "")]),
             r.state + (f" r{r.revision}" if r.revision > 1 else ""),
             _findings(r.findings),
             r.study_uid if wide else short_uid(r.study_uid),
@@ -155,7 +159,7 @@ def studies(
         if wide:
             cells += [r.pseudonym or "-", str(r.images)]
         if detail:
-            cells.append(r.detail or "")
+            cells.append(Text(r.detail or ""))
         table.add_row(*cells)
     console.print(table)
 
@@ -206,16 +210,16 @@ def show(
         typer.echo(json.dumps(d.to_dict(), indent=2, ensure_ascii=False))
         return
     s = d.summary
-    console = Console(highlight=False)
+    console = Console(highlight=False, emoji=False)
     head = Text(f"study {s.id}", style="bold")
     if s.urgent:
         head.append("  URGENT", style="bold red")
     console.print(head)
     lines = [
         ("Study Instance UID", f"{s.study_uid} (revision {s.revision})"),
-        ("patient", " / ".join(x for x in (s.patient_name, s.patient_id) if x) or "-"),
+        ("patient", " / ".join(x for x in (person_name(s.patient_name), s.patient_id) if x) or "-"),
         ("accession", s.accession_number or "-"),
-        ("study date", s.study_date or "-"),
+        ("study date", dicom_date(s.study_date) or "-"),
         ("modality", f"{s.modality or '-'} from {s.calling_ae or '-'}, {s.images} image(s)"),
         ("received", _iso(s.received_at)),
         ("state", s.state + (f": {s.detail}" if s.detail else "")),
@@ -223,13 +227,13 @@ def show(
         ("exports pending", str(d.export_pending)),
     ]
     for k, v in lines:
-        console.print(f"  {k:<19} {v}")
+        console.print(f"  {k:<19} {v}", markup=False)
     if s.findings:
         t = Table("bundle", "finding", "score", "threshold", "positive", "urgent", title="findings (study)")
         for f in s.findings:
             t.add_row(
-                f["bundle_id"],
-                f["label"],
+                Text(f["bundle_id"]),
+                Text(f["label"]),
                 f"{f['score']:.3f}",
                 "" if f["threshold"] is None else f"{f['threshold']:.3f}",
                 "yes" if f["positive"] else "no",
@@ -242,15 +246,16 @@ def show(
             found = ", ".join(f"{x['label']} {x['score']:.2f}{' +' if x['positive'] else ''}" for x in img["findings"])
             objs = ", ".join(f"{o['kind']} {'sent' if o['exported'] else 'not sent'}" for o in img["objects"])
             side = " ".join(x for x in (img["laterality"], img["view"]) if x)
-            t.add_row(img["sop_instance_uid"], side, found, objs)
+            t.add_row(img["sop_instance_uid"], Text(side), Text(found), objs)
         console.print(t)
     for o in d.study_objects:
-        console.print(f"  {o['kind']} {o['sop_instance_uid']} ({'sent' if o['exported'] else 'not sent'}): {o['path']}")
+        sent = "sent" if o["exported"] else "not sent"
+        console.print(f"  {o['kind']} {o['sop_instance_uid']} ({sent}): {o['path']}", markup=False)
     for p in d.problems:
-        console.print(f"  [yellow]problem:[/yellow] {p}")
+        console.print(Text("  ").append("problem:", style="yellow").append(f" {p}"))
     t = Table("at", "what", "detail", title="timeline")
     for e in d.timeline:
-        t.add_row(_iso(e["at"]), e["what"], e["detail"] or "")
+        t.add_row(_iso(e["at"]), e["what"], Text(e["detail"] or ""))
     console.print(t)
 
 

@@ -87,7 +87,7 @@ def list_(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> 
         state = "disabled" if u.disabled else ("locked" if d["locked"] else "active")
         last = "" if u.last_login_at is None else _iso(u.last_login_at)
         table.add_row(u.name, u.role.value, state, last)
-    Console().print(table)
+    Console(emoji=False).print(table)
 
 
 def _iso(ts: float) -> str:

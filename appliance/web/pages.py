@@ -34,6 +34,7 @@ from appliance.web.security import (
     page_role,
     session_of,
 )
+from appliance.worklist.display import dicom_date, person_name
 
 router = APIRouter(include_in_schema=False)
 
@@ -57,8 +58,11 @@ def _render(request: Request, template: str, session: Session | None, **values: 
         "is_admin": bool(session and session.user.role.at_least(Role.ADMIN)),
         "csrf_token": session.csrf_token if session else "",
         "message": request.query_params.get("msg", "")[:300],
+        "message_is_error": request.query_params.get("err") == "1",
         "fmt_time": _fmt_time,
         "fmt_bytes": _fmt_bytes,
+        "fmt_name": person_name,
+        "fmt_date": dicom_date,
         "title": template.removesuffix(".html"),
         "device": ctx.settings.dicom.ae_title,
     }
@@ -83,8 +87,9 @@ def _fmt_bytes(n: int | float | None) -> str:
     return str(n)
 
 
-def _back(path: str, message: str) -> RedirectResponse:
-    return RedirectResponse(f"{path}?msg={quote(message)}", status_code=303)
+def _back(path: str, message: str, error: bool = False) -> RedirectResponse:
+    """303 to ``path`` showing ``message`` once; ``error`` shows it as a refusal (red), not a confirmation."""
+    return RedirectResponse(f"{path}?msg={quote(message)}" + ("&err=1" if error else ""), status_code=303)
 
 
 def _safe_next(target: str | None) -> str:
@@ -102,7 +107,7 @@ def login_page(request: Request, next: str = "/") -> Response:
     if session_of(request) is not None:
         return RedirectResponse(_safe_next(next), status_code=303)
     token = secrets.token_urlsafe(24)
-    response = _render(request, "login.html", None, login_csrf=token, next=_safe_next(next), error="")
+    response = _render(request, "login.html", None, login_csrf=token, next=_safe_next(next), error="", username="")
     response.set_cookie(LOGIN_CSRF_COOKIE, token, **cookie_args(max_age=3600))
     return response
 
@@ -125,7 +130,10 @@ async def login_submit(request: Request) -> Response:
         if exc.status_code not in (401, 429):
             raise
         fresh = secrets.token_urlsafe(24)
-        page = _render(request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail))
+        # the name typed stays (autoescaped), the password is typed again
+        page = _render(
+            request, "login.html", None, login_csrf=fresh, next=next_path, error=str(exc.detail), username=name[:64]
+        )
         page.status_code = exc.status_code
         page.set_cookie(LOGIN_CSRF_COOKIE, fresh, **cookie_args(max_age=3600))
         return page
@@ -219,7 +227,7 @@ def retry(study_id: StudyId, request: Request, session: Session = technician) ->
     except HTTPException as exc:
         if exc.status_code != 409:
             raise
-        return _back(f"/studies/{study_id}", f"Retry refused: {exc.detail}")
+        return _back(f"/studies/{study_id}", f"Retry refused: {exc.detail}", error=True)
     return _back(f"/studies/{study_id}", f"Analysis requested again (state: {state}).")
 
 
@@ -230,7 +238,7 @@ def resend(study_id: StudyId, request: Request, session: Session = technician) -
     except HTTPException as exc:
         if exc.status_code != 409:
             raise
-        return _back(f"/studies/{study_id}", f"Resend refused: {exc.detail}")
+        return _back(f"/studies/{study_id}", f"Resend refused: {exc.detail}", error=True)
     return _back(f"/studies/{study_id}", f"{queued} result object(s) queued for the PACS again.")
 
 
@@ -282,7 +290,7 @@ async def echo(request: Request, session: Session = technician) -> Response:
     if not isinstance(dest, str) or not dest:
         raise HTTPException(400, "destination is required")
     ok, detail = await run_in_threadpool(service.echo, _ctx(request), request, session, dest)  # up to seconds
-    return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}")
+    return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}", error=not ok)
 
 
 @router.post("/technician/selftest")
@@ -343,12 +351,12 @@ async def users_add(request: Request, session: Session = admin) -> Response:
     form = await request.form()
     name, role, password = (form.get(k) for k in ("username", "role", "password"))
     if not all(isinstance(v, str) and v for v in (name, role, password)):
-        return _back("/users", "User name, role and password are all required.")
+        return _back("/users", "User name, role and password are all required.", error=True)
     assert isinstance(name, str) and isinstance(role, str) and isinstance(password, str)
     try:
         user = await run_in_threadpool(accounts.add_user, ctx.store, name, accounts.parse_role(role), password)
     except AccountError as exc:
-        return _back("/users", f"Not added: {exc}")
+        return _back("/users", f"Not added: {exc}", error=True)
     record_event(
         ctx.store,
         AuditEvent.USER_ADDED,
@@ -367,5 +375,5 @@ def users_change(name: str, action: str, request: Request, session: Session = ad
     try:
         service.change_user(_ctx(request), request, session, name, None, action == "disable", None)
     except AccountError as exc:
-        return _back("/users", f"Not changed: {exc}")
+        return _back("/users", f"Not changed: {exc}", error=True)
     return _back("/users", f"User {name} {action}d.")

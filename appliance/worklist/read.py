@@ -299,22 +299,35 @@ def list_studies(
 # -- one study ----------------------------------------------------------------------------------------------------
 
 
+MIN_BARE_UID_END = 8  # digits only and shorter than this: an id, never the end of a UID (`appliance studies` shows 9)
+
+
 def find_study(store: Store, ref: str) -> int:
     """The id of the study revision ``ref`` names: a numeric id (ASCII digits only, when such a row exists), a full
-    Study Instance UID or a suffix of one that only one study has (``...4.5678``; a leading "..." or "…" is
-    ignored). A UID with several revisions gives its newest. Raises :class:`StudyNotFound` or
+    Study Instance UID or a suffix of one that only one study has (``...4.5678``; a leading "..." or "…" marks
+    it as a suffix). Digits alone, shorter than ``MIN_BARE_UID_END`` and not an existing id, are refused: a
+    mistyped id never names another study whose UID happens to end in those digits. A UID with several revisions
+    gives its newest. Raises :class:`StudyNotFound` or
     :class:`AmbiguousStudy` (both ``LookupError``) with a message naming the reference."""
     ref = ref.strip()
+    uid_end = False
     for ellipsis in ("...", "…"):  # as `appliance studies` prints the end of a UID
         if ref.startswith(ellipsis):
-            ref = ref[len(ellipsis) :]
+            ref, uid_end = ref[len(ellipsis) :], True
     if not ref:
         raise StudyNotFound("empty study reference")
     conn = store.conn
-    if ref.isascii() and ref.isdigit() and int(ref) <= MAX_INTEGER:  # not "²" (isdigit, not int) nor 2**64
+    if (
+        ref.isascii() and ref.isdigit() and not uid_end and int(ref) <= MAX_INTEGER
+    ):  # not "²" (isdigit, not int) nor 2**64
         row = conn.execute("SELECT id FROM studies WHERE id=?", (int(ref),)).fetchone()
         if row is not None:
             return int(row["id"])
+        if len(ref) < MIN_BARE_UID_END:  # a mistyped id must not pick whichever study's UID ends in it
+            raise StudyNotFound(
+                f"no study with id {ref} (the end of a Study Instance UID: at least {MIN_BARE_UID_END} characters,"
+                f" or start it with …)"
+            )
     row = conn.execute("SELECT id FROM studies WHERE study_uid=? ORDER BY revision DESC LIMIT 1", (ref,)).fetchone()
     if row is not None:
         return int(row["id"])
