@@ -123,12 +123,14 @@ def test_root_commands_leave_every_file_to_the_service_user(
     # the service user reads everything it needs: its identity, the database, the installed model
     settings = load_settings(cfg, {"state_dir": home})
 
+    trust = trust_store(settings)  # read here: the forked child cannot import codecs from under /root
+
     def service_view() -> dict:
         store = Store(settings.db_path)  # opens (and would migrate) the database root created
         return {
             "problems": credential_problems(settings),
             "studies": store.state_counts(),
-            "active": Registry(settings.models_dir, trust_store(settings)).active_version("tiny"),
+            "active": Registry(settings.models_dir, trust).active_version("tiny"),
         }
 
     seen = _as_service(service_view)
