@@ -1,6 +1,7 @@
 """The study page's overlay images: a result SC (DICOM Secondary Capture) served as PNG, from the state dir only.
 
-The read model gives each result object's path relative to the state directory. :func:`resolve_under` refuses
+The read model gives each result object's path relative to the state directory.
+:func:`appliance.core.safe_names.resolve_under` (the one check every reader of stored paths uses) refuses
 any path that leaves that directory (``..``, an absolute path, a symlink pointing out) before a file is opened,
 so the route that serves overlays cannot be turned into a file reader.
 """
@@ -14,19 +15,6 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.pixels import apply_voi_lut, convert_color_space
-
-
-class UnsafePath(ValueError):
-    """A file path that is not inside the directory it must be in."""
-
-
-def resolve_under(root: Path, relative: str) -> Path:
-    """``root / relative`` with every symlink resolved, if it stays inside ``root``; UnsafePath otherwise."""
-    base = root.resolve()
-    candidate = (base / relative).resolve()
-    if not candidate.is_relative_to(base) or candidate == base:
-        raise UnsafePath(f"{relative!r} is outside {base}")
-    return candidate
 
 
 def sc_to_png(path: Path, max_side: int = 2048) -> bytes:

@@ -20,11 +20,12 @@ from starlette.concurrency import run_in_threadpool
 
 from appliance.core import audit
 from appliance.core.audit import AuditEvent, record_event
+from appliance.core.safe_names import UnsafePath, resolve_under
 from appliance.core.store import MAX_INTEGER
 from appliance.web import accounts, service
 from appliance.web.accounts import AccountError, Role, Session
 from appliance.web.app import WebContext
-from appliance.web.overlay import UnsafePath, resolve_under, sc_to_png
+from appliance.web.overlay import sc_to_png
 from appliance.web.security import (
     CSRF_FIELD,
     LOGIN_CSRF_COOKIE,
