@@ -39,8 +39,8 @@ def test_director_patch_sets_only_what_is_given() -> None:
         ({"bundle_id": "cxr", "version": "1.0.0", "window": "0\u0662:00-05:00"}, "HH:MM-HH:MM"),
         ({"bundle_id": "cxr", "version": "1.0.0", "window": "22:00-24:00"}, "HH:MM-HH:MM"),
         ({"bundle_id": "cxr", "version": "1.0.0", "window": "22:00-05:00", "any_time": True}, "exclusive"),
-        ({"bundle_id": "cxr", "version": "1.0.0", "health_studies": -1}, "0..1000"),
-        ({"bundle_id": "cxr", "version": "1.0.0", "health_deadline_s": 0}, "over 0 s"),
+        ({"bundle_id": "cxr", "version": "1.0.0", "health_studies": -1}, "greater than or equal to 0"),
+        ({"bundle_id": "cxr", "version": "1.0.0", "health_deadline_s": 0}, "greater than 0"),
     ],
 )
 def test_director_patch_refuses_bad_values(kwargs: dict, message: str) -> None:

@@ -10,7 +10,6 @@ blindly; other bundles' entries are kept (a PATCH merges). Each box then reconci
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +17,10 @@ from typing import Any
 from appliance.central.hub_service import EtagMismatch, HubService, HubServiceError
 from appliance.core.logs import get_logger
 from appliance.updates import layout
-from engines.manifest import BUNDLE_ID, SEMVER
+from appliance.updates.director import parse_director
 
 log = get_logger(__name__)
 # ASCII digits only ([0-9]: \d matches any Unicode digit) and \Z ("$" also matches before a final newline)
-WINDOW = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])-([01][0-9]|2[0-3]):([0-5][0-9])\Z")
 ETAG_RETRIES = 5
 
 
@@ -41,21 +39,8 @@ def director_patch(
     policy fields left None are not changed. Raises ValueError naming the bad value (the box applies the
     same rules and would reject the whole document).
     """
-    problems = []
-    if not BUNDLE_ID.match(bundle_id):
-        problems.append(f"bundle id {bundle_id!r} is not a valid bundle id")
-    if not SEMVER.match(version):
-        problems.append(f"version {version!r} is not a semantic version")
-    if window is not None and not WINDOW.match(window):
-        problems.append(f"window {window!r} is not HH:MM-HH:MM")
     if window is not None and any_time:
-        problems.append("a window and any-time are exclusive")
-    if health_studies is not None and not 0 <= health_studies <= 1000:
-        problems.append("health studies must be 0..1000")
-    if health_deadline_s is not None and not 0 < health_deadline_s <= 30 * 86400:
-        problems.append("health deadline must be over 0 s and at most 30 days")
-    if problems:
-        raise ValueError("; ".join(problems))
+        raise ValueError("a window and any-time are exclusive")
     policy: dict[str, Any] = {}
     if window is not None or any_time:
         policy["window"] = window  # null deletes the property: any time
@@ -66,6 +51,7 @@ def director_patch(
     doc: dict[str, Any] = {"bundles": {bundle_id: {"version": version}}}
     if policy:
         doc["policy"] = policy
+    parse_director(doc)  # the box's own rules (ValueError naming each problem): it would reject the document
     return {"properties": {"desired": {layout.DESIRED_KEY: doc}}}
 
 
