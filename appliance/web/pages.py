@@ -267,8 +267,8 @@ def redacted_config(ctx: WebContext) -> str:
     return json.dumps(doc, indent=2, sort_keys=True)
 
 
-@router.get("/technician")
-def technician_page(request: Request, session: Session = technician) -> Response:
+def _technician(request: Request, session: Session, selftest: Any = None) -> Response:
+    """The technician page, with a self-test report when one was just run."""
     ctx = _ctx(request)
     return _render(
         request,
@@ -280,8 +280,13 @@ def technician_page(request: Request, session: Session = technician) -> Response
         loaded=ctx.ports.engines(),
         log_hint=ctx.ports.log_hint,
         echo_result=None,
-        selftest=None,
+        selftest=selftest,
     )
+
+
+@router.get("/technician")
+def technician_page(request: Request, session: Session = technician) -> Response:
+    return _technician(request, session)
 
 
 @router.post("/technician/echo")
@@ -296,20 +301,7 @@ async def echo(request: Request, session: Session = technician) -> Response:
 
 @router.post("/technician/selftest")
 def run_selftest(request: Request, session: Session = technician) -> Response:
-    ctx = _ctx(request)
-    report = service.selftest(ctx, request, session)
-    return _render(
-        request,
-        "technician.html",
-        session,
-        config=redacted_config(ctx),
-        destinations=ctx.settings.pipeline.destinations,
-        models=ctx.ports.models(),
-        loaded=ctx.ports.engines(),
-        log_hint=ctx.ports.log_hint,
-        echo_result=None,
-        selftest=report,
-    )
+    return _technician(request, session, service.selftest(_ctx(request), request, session))
 
 
 # -- audit and users ------------------------------------------------------------------------------------------------
