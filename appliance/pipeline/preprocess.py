@@ -521,8 +521,8 @@ def pixel_aspect(ds: Dataset) -> tuple[float, float] | None:
     spacing = pixel_spacing(ds)
     if spacing is not None:
         return spacing
-    value = ds.get("PixelAspectRatio")
     try:
+        value = ds.get("PixelAspectRatio")  # an IS that is not an integer raises when read from a file
         vertical, horizontal = float(int(value[0])), float(int(value[1]))
     except (TypeError, ValueError, IndexError):
         return None
