@@ -126,6 +126,46 @@ class AppliesTo(_Strict):
         return data
 
 
+# Patient Orientation (0020,0020) direction letters (PS3.3 C.7.6.1.1.1, biped): Left, Right, Anterior, Posterior,
+# Head, Foot; each letter's opposite.
+OPPOSITE_DIRECTION = {"L": "R", "R": "L", "A": "P", "P": "A", "H": "F", "F": "H"}
+Direction = Literal["L", "R", "A", "P", "H", "F"]
+
+
+class Orientation(_Strict):
+    """The orientation the model was trained on, in Patient Orientation (0020,0020) terms (PS3.3 C.7.6.1.1.1).
+
+    ``rows``: the directions the rows may run toward (increasing column index: Patient Orientation's FIRST
+    value); ``columns``: toward which the columns run (increasing row index: its SECOND value). Each is a list of
+    alternatives ("any of"), so one entry can cover several views: the mammography model takes a left breast
+    with rows toward Anterior and columns toward Feet (MLO) or toward patient Right (CC). No list may hold a
+    direction and its opposite, and no direction of ``rows`` may lie on the axis of one of ``columns``: then one
+    rotation/flip at most brings an image there. ``oblique``: whether an image whose Patient Orientation values
+    carry refinement letters (a principal letter then one or two more, e.g. an MLO's ``A\\FR``) is taken, by its
+    principal letters; False refuses such an image (its content is rotated off the pixel axes).
+    """
+
+    rows: list[Direction] = Field(min_length=1, max_length=2)
+    columns: list[Direction] = Field(min_length=1, max_length=2)
+    oblique: bool = False
+
+    @model_validator(mode="after")
+    def _unambiguous(self) -> Orientation:
+        for name, letters in (("rows", self.rows), ("columns", self.columns)):
+            if len(set(letters)) != len(letters) or any(OPPOSITE_DIRECTION[d] in letters for d in letters):
+                raise ValueError(f"orientation {name} {letters} repeats a direction or holds one and its opposite")
+        row_axes = {frozenset((d, OPPOSITE_DIRECTION[d])) for d in self.rows}
+        col_axes = {frozenset((d, OPPOSITE_DIRECTION[d])) for d in self.columns}
+        if row_axes & col_axes:
+            raise ValueError(f"orientation rows {self.rows} and columns {self.columns} share an axis")
+        return self
+
+
+# Fields added to Preprocessing after reference bundles were signed: left out of the canonical form while at their
+# default (same rule as _APPLIES_TO_EXTENSIONS).
+_PREPROCESSING_EXTENSIONS: dict[str, Any] = {"orientation": None}
+
+
 class Preprocessing(_Strict):
     """How a DICOM image becomes the input tensor. The pipeline implements exactly this."""
 
@@ -139,6 +179,18 @@ class Preprocessing(_Strict):
     invert_monochrome1: bool = True  # MONOCHROME1 is inverted so that bright = dense always
     mean: float = 0.0  # after windowing to [0, 1]: x = (x - mean) / std
     std: float = 1.0
+    # The orientation the model was trained on, per Image Laterality (0020,0062) ("L", "R"; "*" = any image, and
+    # every image whose laterality has no entry of its own). None = images are given to the model as stored
+    # (bundles signed before this field). See ``appliance.pipeline.preprocess.orientation_matrix``.
+    orientation: dict[Literal["*", "L", "R"], Orientation] | None = Field(default=None, min_length=1)
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key, default in _PREPROCESSING_EXTENSIONS.items():
+            if key in data and data[key] == default:
+                del data[key]
+        return data
 
 
 class InputSpec(_Strict):

@@ -2,10 +2,12 @@
 
 Order (the grayscale pipeline of PS3.3 C.11 / PS3.4 N.2 / PS3.14): decode (full resolution, any transfer
 syntax: the same stored values for every lossless encoding) -> modality LUT (Modality LUT Sequence or rescale)
--> VOI (VOI LUT Sequence, window with its VOI LUT Function, per the manifest's window policy) -> presentation
-(Presentation LUT Shape, else MONOCHROME1) -> resample to square physical pixels and fit into the target size
-(area averaging, vectorised) -> centred pad -> (x - mean) / std. The SC overlay's display image is the same
-view reduced to ``DISPLAY_LONG_SIDE``.
+-> VOI (VOI LUT Sequence, window with its VOI LUT Function, per the manifest's window policy; Pixel Padding
+Value / Range Limit pixels left out of every statistic) -> presentation (Presentation LUT Shape, else
+MONOCHROME1) -> padding set to the manifest's ``pad_value`` -> reorientation to the manifest's orientation
+(Patient Orientation; rotations by 90 degrees and flips) -> resample to square pixels (Pixel Spacing, else Pixel
+Aspect Ratio) and fit into the target size (area averaging, vectorised) -> centred pad -> (x - mean) / std. The
+SC overlay's display image is the same view, as stored (not reoriented), reduced to ``DISPLAY_LONG_SIDE``.
 
 Every refusal (decompression bomb, colour image, 1x1, missing pixel data, undecodable) raises
 :class:`NotProcessable` with a reason a person can act on; the geometry is recorded in a :class:`Transform`
@@ -23,8 +25,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian
 
-from appliance.pipeline.anatomy import defined_term
-from engines.manifest import Preprocessing
+from appliance.pipeline.anatomy import defined_term, laterality_of
+from engines.manifest import OPPOSITE_DIRECTION, Orientation, Preprocessing
 
 MONO = ("MONOCHROME1", "MONOCHROME2")
 MAX_DIM = 65535  # Rows/Columns are US: anything larger is a corrupt header
@@ -42,31 +44,73 @@ class NotProcessable(Exception):
         super().__init__(reason)
 
 
+IDENTITY = (1, 0, 0, 1)
+
+
 @dataclass(frozen=True)
 class Transform:
-    """Geometry from original pixels to tensor pixels: ``t = o * scale + offset`` per axis.
+    """Geometry from original (STORED) pixels to tensor pixels: reorientation, then ``t = o * scale + offset``.
 
     Coordinates are continuous with pixel *centres* at integer index + 0.5; the index-space helpers below
-    convert, so ``to_original(*to_tensor(r, c)) == (r, c)``.
+    convert, so ``to_original(*to_tensor(r, c)) == (r, c)``. ``orientation`` is the 2x2 integer matrix
+    ``(a, b, c, d)`` (row-major; a signed permutation: a rotation by a multiple of 90 degrees and/or a flip)
+    taking a stored (row, col) position, relative to the stored image's centre, to the reoriented image's
+    (row, col) relative to its centre: ``o - centre_o = M (s - centre_s)``. ``scale`` and ``offset`` apply to
+    the reoriented image, whose shape is ``original_shape`` with the axes swapped when ``M`` swaps them.
+    Original indices are always those of the stored pixel grid (what the SR's SCOORDs and the SC use).
     """
 
-    original_shape: tuple[int, int]  # (rows, columns) of the source image
+    original_shape: tuple[int, int]  # (rows, columns) of the source image as stored
     target_shape: tuple[int, int]  # (height, width) of the tensor
-    scale: tuple[float, float]  # tensor pixels per original pixel, (row, col)
+    scale: tuple[float, float]  # tensor pixels per reoriented pixel, (row, col)
     offset: tuple[float, float]  # tensor pixels of padding before the content, (row, col)
     content_shape: tuple[int, int]  # (height, width) of the image content inside the tensor
+    orientation: tuple[int, int, int, int] = IDENTITY  # stored -> reoriented, see the class docstring
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the reorientation swaps rows and columns (a 90 or 270 degree rotation, a transpose)."""
+        return self.orientation[0] == 0
+
+    @property
+    def oriented_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the reoriented image (what ``scale`` and ``content_shape`` refer to)."""
+        r, c = self.original_shape
+        return (c, r) if self.transposed else (r, c)
+
+    def _to_oriented(self, row: Any, col: Any) -> tuple[np.ndarray, np.ndarray]:
+        a, b, c, d = self.orientation
+        (sr, sc), (orr, occ) = self.original_shape, self.oriented_shape
+        r = np.asarray(row, dtype=np.float64) + 0.5 - sr / 2.0
+        k = np.asarray(col, dtype=np.float64) + 0.5 - sc / 2.0
+        return a * r + b * k + orr / 2.0, c * r + d * k + occ / 2.0
+
+    def _from_oriented(self, row: Any, col: Any) -> tuple[np.ndarray, np.ndarray]:
+        a, b, c, d = self.orientation  # M is orthogonal: its inverse is its transpose
+        (sr, sc), (orr, occ) = self.original_shape, self.oriented_shape
+        r = np.asarray(row, dtype=np.float64) - orr / 2.0
+        k = np.asarray(col, dtype=np.float64) - occ / 2.0
+        return a * r + c * k + sr / 2.0 - 0.5, b * r + d * k + sc / 2.0 - 0.5
 
     def to_original(self, row: Any, col: Any) -> tuple[Any, Any]:
-        """Tensor pixel index (float ok) -> original pixel index (row, col)."""
-        r = (np.asarray(row, dtype=np.float64) + 0.5 - self.offset[0]) / self.scale[0] - 0.5
-        c = (np.asarray(col, dtype=np.float64) + 0.5 - self.offset[1]) / self.scale[1] - 0.5
-        return r, c
+        """Tensor pixel index (float ok, arrays broadcast) -> stored pixel index (row, col)."""
+        r = (np.asarray(row, dtype=np.float64) + 0.5 - self.offset[0]) / self.scale[0]
+        c = (np.asarray(col, dtype=np.float64) + 0.5 - self.offset[1]) / self.scale[1]
+        return self._from_oriented(r, c)
 
     def to_tensor(self, row: Any, col: Any) -> tuple[Any, Any]:
-        """Original pixel index -> tensor pixel index."""
-        r = (np.asarray(row, dtype=np.float64) + 0.5) * self.scale[0] + self.offset[0] - 0.5
-        c = (np.asarray(col, dtype=np.float64) + 0.5) * self.scale[1] + self.offset[1] - 0.5
-        return r, c
+        """Stored pixel index (float ok, arrays broadcast) -> tensor pixel index (row, col)."""
+        r, c = self._to_oriented(row, col)
+        return r * self.scale[0] + self.offset[0] - 0.5, c * self.scale[1] + self.offset[1] - 0.5
+
+    def stored_lines_to_tensor(self, rows: Any, cols: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The transform is axis-aligned: a stored row index alone decides one tensor coordinate, a stored
+        column index the other. -> (tensor coordinate of each of ``rows``, of each of ``cols``): tensor ROW
+        coordinates for ``rows`` and COLUMN coordinates for ``cols``, or the other way round when
+        :attr:`transposed`. 1-D arrays in, 1-D arrays out (what a separable resampling of a heatmap needs)."""
+        by_rows = self.to_tensor(np.asarray(rows, dtype=np.float64), 0.0)[1 if self.transposed else 0]
+        by_cols = self.to_tensor(0.0, np.asarray(cols, dtype=np.float64))[0 if self.transposed else 1]
+        return np.asarray(by_rows, dtype=np.float64), np.asarray(by_cols, dtype=np.float64)
 
     def heatmap_to_original(self, row: Any, col: Any, stride: int) -> tuple[Any, Any]:
         """Heatmap cell index (cell i covers tensor pixels [i*stride, (i+1)*stride)) -> original index."""
@@ -81,6 +125,7 @@ class Transform:
             "scale": list(self.scale),
             "offset": list(self.offset),
             "content_shape": list(self.content_shape),
+            "orientation": list(self.orientation),
         }
 
 
@@ -252,8 +297,14 @@ def window(values: np.ndarray, center: float, width: float, function: str) -> np
     return np.clip((values - np.float32(lo)) * np.float32(1.0 / span), 0.0, 1.0, dtype=np.float32)
 
 
-def _minmax(x: np.ndarray) -> np.ndarray:
-    lo, hi = float(x.min()), float(x.max())
+def _range(x: np.ndarray, keep: np.ndarray | None) -> tuple[float, float]:
+    """(min, max) of ``x`` over the pixels ``keep`` marks (all when None; ``keep`` has at least one True)."""
+    if keep is None:
+        return float(x.min()), float(x.max())
+    return float(np.min(x, where=keep, initial=np.inf)), float(np.max(x, where=keep, initial=-np.inf))
+
+
+def _stretch(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip((x - np.float32(lo)) * np.float32(1.0 / max(hi - lo, 1e-6)), 0.0, 1.0, dtype=np.float32)
 
 
@@ -273,33 +324,39 @@ def _header_window(ds: Dataset, values: np.ndarray) -> np.ndarray | None:
         return None
 
 
-def voi(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> np.ndarray:
+def voi(ds: Dataset, stored: np.ndarray, spec: Preprocessing, padding: np.ndarray | None = None) -> np.ndarray:
     """Modality LUT + VOI per the manifest's window policy -> float32 in [0, 1], before the presentation LUT.
 
     ``dicom``: the first VOI LUT Sequence item if present (PS3.3 C.11.2: a LUT is preferred over a window
     when both are given, as pydicom does), else the first Window Center/Width with its VOI LUT Function,
-    else min-max; ``minmax``: the image's range; ``percentile``: the manifest's percentiles. Raises
+    else min-max; ``minmax``: the image's range; ``percentile``: the manifest's percentiles. ``padding``
+    (bool, the image's shape; :func:`padding_mask`) marks pixels left out of every statistic (the min-max
+    range, the percentiles); their output values are meaningless (the caller replaces them). Raises
     :class:`NotProcessable` when the modality LUT gives non-finite values (NaN or infinite Rescale
     Slope/Intercept, float32 overflow).
     """
     values = modality_lut(ds, stored)
-    lo, hi = float(values.min()), float(values.max())
+    keep = None if padding is None else ~padding
+    lo, hi = _range(values, keep)
     if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN/inf Rescale Slope or Intercept, overflow to inf
         raise NotProcessable(
             "modality LUT gives non-finite values (Rescale Slope "
             f"{ds.get('RescaleSlope', 1)}, Intercept {ds.get('RescaleIntercept', 0)})"
         )
     if spec.window == "percentile":
-        sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
-        lo, hi = np.percentile(sample, spec.percentiles)
-        return np.clip((values - np.float32(lo)) / np.float32(max(hi - lo, 1e-6)), 0.0, 1.0, dtype=np.float32)
+        step = (slice(None, None, max(1, values.shape[0] // 512)), slice(None, None, max(1, values.shape[1] // 512)))
+        sample = values[step] if keep is None else values[step][keep[step]]
+        if sample.size == 0:  # every sampled pixel is padding (but not every pixel)
+            sample = values[keep]
+        plo, phi = np.percentile(sample, spec.percentiles)
+        return _stretch(values, float(plo), float(phi))
     if spec.window == "dicom":
         if ds.get("VOILUTSequence"):
             return voi_lut(ds.VOILUTSequence[0], ds, values)
         windowed = _header_window(ds, values)
         if windowed is not None:
             return windowed
-    return _minmax(values)
+    return _stretch(values, lo, hi)
 
 
 def presentation_inverts(ds: Dataset) -> bool:
@@ -317,22 +374,88 @@ def presentation_inverts(ds: Dataset) -> bool:
     return str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
 
 
-def grayscale(ds: Dataset, stored: np.ndarray, spec: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+def grayscale(
+    ds: Dataset, stored: np.ndarray, spec: Preprocessing, padding: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The whole grayscale chain on stored values -> (model image, view), both float32 in [0, 1].
 
     ``view`` is what a conformant viewer shows (bright = displayed bright): modality LUT -> VOI ->
     presentation. The model image is the view, or the VOI output before the presentation inversion when the
-    manifest sets ``invert_monochrome1 = false``. Raises :class:`NotProcessable` for malformed LUTs/windows
-    and non-finite values (a NaN or infinite Rescale Slope/Intercept, float32 overflow).
+    manifest sets ``invert_monochrome1 = false``. Padding pixels (``padding``, :func:`padding_mask`) are left
+    out of the VOI's statistics and set, after the presentation step, to the manifest's ``pad_value`` in the
+    model image (the value of the letterbox around the image: what the model saw as "no body here, air" in
+    training) and to 0 (black, as air is shown) in the view. Raises :class:`NotProcessable` for malformed
+    LUTs/windows and non-finite values (a NaN or infinite Rescale Slope/Intercept, float32 overflow).
     """
     try:
-        img = voi(ds, stored, spec)
+        img = voi(ds, stored, spec, padding)
     except NotProcessable:
         raise
     except Exception as exc:  # malformed LUTs / windows
         raise NotProcessable(f"grayscale transform failed: {exc}") from exc
     view = np.subtract(np.float32(1.0), img, dtype=np.float32) if presentation_inverts(ds) else img
-    return (view if spec.invert_monochrome1 else img), view
+    model = view if spec.invert_monochrome1 else img
+    if padding is not None:
+        model = np.where(padding, np.float32(spec.pad_value), model).astype(np.float32, copy=False)
+        view = np.where(padding, np.float32(0.0), view).astype(np.float32, copy=False)
+    return model, view
+
+
+# ---- Pixel Padding Value / Pixel Padding Range Limit (PS3.3 C.7.5.1.1.2) ---------------------------------
+
+
+def _stored_int(value: Any, signed: bool) -> int:
+    """A US or SS value (or its two raw bytes, little endian, where pydicom left an ambiguous VR unresolved) read
+    as Pixel Representation says: a signed image's value written as US is taken back as two's complement, an
+    unsigned image's value written as SS as the same 16 bits unsigned. Raises ValueError / TypeError."""
+    if isinstance(value, (MultiValue, list, tuple)):
+        value = value[0]
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) != 2:
+            raise ValueError(f"{len(value)} bytes, 2 expected")
+        value = int.from_bytes(value, "little", signed=signed)
+    v = int(value)
+    if signed and v >= 2**15:
+        v -= 2**16
+    elif not signed and v < 0:
+        v += 2**16
+    return v
+
+
+def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    """Pixels that are padding, not image (PS3.3 C.7.5.1.1.2) -> bool array of ``stored``'s shape, or None.
+
+    Pixel Padding Value (0028,0120) alone marks that one stored value; with Pixel Padding Range Limit
+    (0028,0121), every stored value between the two, inclusive, whichever is larger. Both are in stored-pixel
+    units (before the Modality LUT) and their VR (US or SS) is that of Pixel Representation (0028,0103):
+    compared with the decoded stored values (signed ones sign-extended from Bits Stored). None when the image
+    declares no padding or has none. Raises :class:`NotProcessable` for a value that is not an integer, and when
+    every pixel is padding (there is no image).
+    """
+    value = ds.get("PixelPaddingValue")
+    if value is None or value == "" or (isinstance(value, (MultiValue, list)) and not value):
+        return None
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    limit = ds.get("PixelPaddingRangeLimit")
+    try:
+        lo = hi = _stored_int(value, signed)
+        if limit is not None and limit != "" and not (isinstance(limit, (MultiValue, list)) and not limit):
+            other = _stored_int(limit, signed)
+            lo, hi = min(lo, other), max(lo, other)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise NotProcessable(f"Pixel Padding Value / Range Limit not a stored pixel value: {exc}") from exc
+    if stored.dtype.kind in "iu":  # compare within the stored dtype's range (a value beyond it matches nothing)
+        info = np.iinfo(stored.dtype)
+        if hi < info.min or lo > info.max:
+            return None
+        lo, hi = max(lo, int(info.min)), min(hi, int(info.max))
+    mask = stored == lo if lo == hi else (stored >= lo) & (stored <= hi)
+    if not mask.any():
+        return None
+    if mask.all():
+        span = f"{lo}" if lo == hi else f"{lo}..{hi}"
+        raise NotProcessable(f"every pixel is padding (Pixel Padding Value {span}): no image to analyse")
+    return mask
 
 
 # ---- the display image the SC overlay is drawn on ---------------------------------------------------------
@@ -390,19 +513,159 @@ def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
-def plan_transform(shape: tuple[int, int], spacing: tuple[float, float] | None, spec: Preprocessing) -> Transform:
-    """Scale per axis so output pixels are physically square and the image fits; centre the content."""
-    rows, cols = shape
+def pixel_aspect(ds: Dataset) -> tuple[float, float] | None:
+    """(row, column) size of a pixel, relative (what resampling to square pixels needs): Pixel Spacing /
+    Imager Pixel Spacing (mm, :func:`pixel_spacing`) when present, else Pixel Aspect Ratio (0028,0034)
+    (PS3.3 C.7.6.3.1.7: two integers, the vertical size then the horizontal size of a pixel: ``5\\4`` is a pixel
+    5 units tall and 4 wide). None (square pixels assumed) when neither is present and sane."""
+    spacing = pixel_spacing(ds)
+    if spacing is not None:
+        return spacing
+    try:
+        value = ds.get("PixelAspectRatio")  # an IS that is not an integer raises when read from a file
+        vertical, horizontal = float(int(value[0])), float(int(value[1]))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if vertical > 0 and horizontal > 0 and 0.01 < vertical / horizontal < 100:
+        return vertical, horizontal
+    return None
+
+
+def plan_transform(
+    shape: tuple[int, int],
+    spacing: tuple[float, float] | None,
+    spec: Preprocessing,
+    orientation: tuple[int, int, int, int] = IDENTITY,
+) -> Transform:
+    """Scale per axis so output pixels are physically square and the image fits; centre the content.
+
+    ``shape`` (rows, columns) and ``spacing`` (row, column pixel size, any unit: mm or :func:`pixel_aspect`'s
+    ratio; None = square) are the STORED image's; ``orientation`` (:func:`orientation_matrix`) reorients it
+    first, so the scale and content refer to the reoriented image (rows and columns swapped when transposed).
+    """
+    tf = Transform(shape, spec.target_size, (1.0, 1.0), (0.0, 0.0), spec.target_size, orientation)
+    rows, cols = tf.oriented_shape
+    if spacing is not None and tf.transposed:
+        spacing = (spacing[1], spacing[0])
     th, tw = spec.target_size
     if not spec.keep_aspect:
-        return Transform(shape, (th, tw), (th / rows, tw / cols), (0.0, 0.0), (th, tw))
+        return Transform(shape, (th, tw), (th / rows, tw / cols), (0.0, 0.0), (th, tw), orientation)
     sr, sc = spacing if spacing else (1.0, 1.0)
-    k = min(th / (rows * sr), tw / (cols * sc))  # tensor pixels per mm
+    k = min(th / (rows * sr), tw / (cols * sc))  # tensor pixels per unit of length
     ch = min(th, max(1, round(rows * sr * k)))
     cw = min(tw, max(1, round(cols * sc * k)))
     off_r, off_c = (th - ch) // 2, (tw - cw) // 2
     # Exact per-axis scale of the rounded content: the content covers the whole original image.
-    return Transform(shape, (th, tw), (ch / rows, cw / cols), (float(off_r), float(off_c)), (ch, cw))
+    return Transform(shape, (th, tw), (ch / rows, cw / cols), (float(off_r), float(off_c)), (ch, cw), orientation)
+
+
+# ---- Patient Orientation (PS3.3 C.7.6.1.1.1) ----------------------------------------------------------------
+
+# Every signed 2x2 permutation matrix (row-major): the 4 rotations by 90 degrees and the 4 flips / transposes.
+# The identity first: an image already in the model's orientation is never touched.
+SIGNED_PERMUTATIONS: tuple[tuple[int, int, int, int], ...] = (
+    IDENTITY,
+    (-1, 0, 0, 1),
+    (1, 0, 0, -1),
+    (-1, 0, 0, -1),
+    (0, 1, 1, 0),
+    (0, -1, 1, 0),
+    (0, 1, -1, 0),
+    (0, -1, -1, 0),
+)
+
+
+def patient_orientation(ds: Dataset) -> list[str] | None:
+    """Patient Orientation (0020,0020) values, upper case and trimmed; None when absent or zero length."""
+    raw = ds.get("PatientOrientation")
+    if raw is None:
+        return None
+    values = [str(v) for v in raw] if isinstance(raw, (MultiValue, list, tuple)) else str(raw).split("\\")
+    values = [v.strip().upper() for v in values]
+    return values if any(values) else None
+
+
+def _target(ds: Dataset, spec: Preprocessing) -> Orientation:
+    declared = spec.orientation or {}
+    side = laterality_of(ds)
+    target = declared.get(side) if side in ("L", "R") else None  # type: ignore[call-overload]
+    target = target or declared.get("*")
+    if target is None:
+        raise NotProcessable(
+            f"Patient Orientation: the model's orientation is declared for laterality {', '.join(sorted(declared))}"
+            f" only; this image's laterality is {side or 'unknown'}"
+        )
+    return target
+
+
+def orientation_matrix(ds: Dataset, spec: Preprocessing) -> tuple[int, int, int, int]:
+    """The reorientation (:class:`Transform`'s ``orientation``) that brings the stored image to the orientation
+    the model was trained on (the manifest's ``orientation``, for the image's laterality), from Patient
+    Orientation (0020,0020) (PS3.3 C.7.6.1.1.1: the first value is the direction of the rows, i.e. of increasing
+    column index, the second that of the columns, increasing row index; letters A/P, R/L, H/F, the principal one
+    first, then up to two refinements for an oblique direction).
+
+    Policy: no ``orientation`` in the manifest -> the identity (images as stored, as before the field). Patient
+    Orientation absent or zero length (Type 2 in CR and DX, often left empty by CR plates) -> the identity: the
+    image is taken as stored, as a viewer shows it (the box cannot know better). Anything else must resolve
+    exactly, or the image is refused: :class:`NotProcessable` with a reason starting "Patient Orientation" for a
+    count of values other than 2, an unknown letter or a quadruped Anatomical Orientation Type, a contradictory
+    value (a letter repeated or with its opposite: ``AP``; both values on one axis: ``L\\R``), refinement letters
+    (oblique) where the manifest does not allow them, no laterality entry in the manifest, or no rotation/flip
+    reaching the model's orientation (e.g. a lateral view's ``A\\F`` for a model trained on ``L\\F``).
+    """
+    if spec.orientation is None:
+        return IDENTITY
+    values = patient_orientation(ds)
+    if values is None:
+        return IDENTITY
+    shown = "\\".join(values)
+    if defined_term(ds.get("AnatomicalOrientationType", "")) == "QUADRUPED":
+        raise NotProcessable(f"Patient Orientation {shown} is in quadruped terms; the model takes biped images")
+    if len(values) != 2:
+        raise NotProcessable(f"Patient Orientation {shown} has {len(values)} values, 2 expected (PS3.3 C.7.6.1.1.1)")
+    for v in values:
+        if not v or len(v) > 3 or any(ch not in OPPOSITE_DIRECTION for ch in v):
+            raise NotProcessable(f"Patient Orientation {shown}: {v!r} is not 1 to 3 of the letters A P R L H F")
+        if len(set(v)) != len(v) or any(OPPOSITE_DIRECTION[ch] in v for ch in v):
+            raise NotProcessable(f"Patient Orientation {shown} is contradictory ({v!r})")
+    across, down = values[0][0], values[1][0]  # principal directions: increasing column index, increasing row
+    if down in (across, OPPOSITE_DIRECTION[across]):
+        raise NotProcessable(f"Patient Orientation {shown} is contradictory (both values on one axis)")
+    target = _target(ds, spec)
+    if not target.oblique and any(len(v) > 1 for v in values):
+        raise NotProcessable(
+            f"Patient Orientation {shown} is oblique; the model takes images whose rows and columns run along"
+            " the patient's axes"
+        )
+
+    def toward(stored_axis: int, sign: int) -> str:
+        letter = (down, across)[stored_axis]
+        return letter if sign > 0 else OPPOSITE_DIRECTION[letter]
+
+    for m in SIGNED_PERMUTATIONS:
+        a, b, c, d = m  # reoriented axis 0 is stored axis 0 (a) or 1 (b), signed; axis 1 likewise (c, d)
+        new_down = toward(0, a) if a else toward(1, b)
+        new_across = toward(0, c) if c else toward(1, d)
+        if new_down in target.columns and new_across in target.rows:
+            return m
+    raise NotProcessable(
+        f"Patient Orientation {shown} cannot be brought by a rotation or flip to the model's orientation (rows toward"
+        f" {'/'.join(target.rows)}, columns toward {'/'.join(target.columns)})"
+    )
+
+
+def reorient(img: np.ndarray, orientation: tuple[int, int, int, int]) -> np.ndarray:
+    """The stored image (2-D, any dtype) reoriented by the signed permutation ``orientation`` (see
+    :class:`Transform`): a transpose and/or flips, as a contiguous copy (the array itself for the identity)."""
+    if orientation == IDENTITY:
+        return img
+    a, b, c, d = orientation
+    if a == 0:  # transposed: reoriented row r is stored column r (b = -1: counted from the far side)
+        img, flip_rows, flip_cols = img.T, b < 0, c < 0
+    else:
+        flip_rows, flip_cols = a < 0, d < 0
+    return np.ascontiguousarray(img[:: -1 if flip_rows else 1, :: -1 if flip_cols else 1])
 
 
 def _area_resample_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
@@ -455,15 +718,18 @@ def fit(img: np.ndarray, tf: Transform, pad_value: float) -> np.ndarray:
 def prepare(ds: Dataset, spec: Preprocessing, max_pixels: int, min_size: int = 16) -> Prepared:
     """The whole chain for one dataset -> :class:`Prepared` (tensor (1, H, W) float32, transform, display).
 
+    The tensor is in the model's orientation (:func:`orientation_matrix`); the transform maps it back to the
+    stored pixel grid; the display stays as stored (the SC shows the image as the PACS viewer does).
     Deterministic in the decoded stored values: any lossless encoding of the same pixels gives the same bytes.
     Raises :class:`NotProcessable` with the reason.
     """
     check_header(ds, max_pixels, min_size)
     spacing = pixel_spacing(ds)
+    orientation = orientation_matrix(ds, spec)  # refused here, before decoding, when it cannot be resolved
     stored = decode(ds)
-    img, view = grayscale(ds, stored, spec)
-    tf = plan_transform(img.shape, spacing, spec)
-    tensor = fit(img, tf, spec.pad_value)
+    img, view = grayscale(ds, stored, spec, padding_mask(ds, stored))
+    tf = plan_transform(img.shape, pixel_aspect(ds), spec, orientation)
+    tensor = fit(reorient(img, orientation), tf, spec.pad_value)
     if spec.mean != 0.0 or spec.std != 1.0:
         tensor = (tensor - np.float32(spec.mean)) * np.float32(1.0 / spec.std)
     display, factor = display_image(view)

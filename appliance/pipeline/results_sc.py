@@ -30,7 +30,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from appliance.pipeline import uids
 from appliance.pipeline.postprocess import Finding, ImageResult, StudyResult
-from appliance.pipeline.preprocess import Transform, pixel_spacing, plan_transform, resample
+from appliance.pipeline.preprocess import Transform, pixel_aspect, pixel_spacing, plan_transform, resample
 from appliance.pipeline.results_source import (
     copy_source_attributes,
     highdicom_header,
@@ -392,10 +392,14 @@ def render_overlay(
         # SC pixel index -> original pixel index -> tensor index -> heatmap cell (axis-aligned, separable)
         rows_o = ((np.arange(h) + 0.5) / view_tf.scale[0] - 0.5) * factor
         cols_o = ((np.arange(w) + 0.5) / view_tf.scale[1] - 0.5) * factor
-        tr, tc = img.transform.to_tensor(rows_o, cols_o)
+        # (a reoriented model input swaps the roles: stored rows then decide tensor columns)
+        by_rows, by_cols = img.transform.stored_lines_to_tensor(rows_o, cols_o)
         s = img.heatmap_stride
-        cr, cc = (tr + 0.5) / s - 0.5, (tc + 0.5) / s - 0.5
-        vals = _interp_matrix(cr, hm.shape[0]) @ hm @ _interp_matrix(cc, hm.shape[1]).T
+        cr, cc = (by_rows + 0.5) / s - 0.5, (by_cols + 0.5) / s - 0.5
+        if img.transform.transposed:
+            vals = _interp_matrix(cr, hm.shape[1]) @ hm.T @ _interp_matrix(cc, hm.shape[0]).T
+        else:
+            vals = _interp_matrix(cr, hm.shape[0]) @ hm @ _interp_matrix(cc, hm.shape[1]).T
         lo, hi = float(hm.min()), float(hm.max())
         norm = np.clip((vals - lo) / max(hi - lo, 1e-6), 0, 1)
         alpha = OVERLAY_ALPHA * np.clip((norm - OVERLAY_FLOOR) / (1 - OVERLAY_FLOOR), 0, 1)[..., None]
@@ -432,7 +436,8 @@ def build_sc(
     is not known.
     """
     spacing = pixel_spacing(src)
-    pixels, _ = render_overlay(img, display, spacing, result, max_size, factor, image_caption(img, src))
+    aspect = pixel_aspect(src)  # the spacing, else Pixel Aspect Ratio: square pixels on the SC either way
+    pixels, _ = render_overlay(img, display, aspect, result, max_size, factor, image_caption(img, src))
     sc_spacing = None
     if spacing is not None:
         # square output pixels covering the same physical extent as the source image (a margin added to a
