@@ -42,6 +42,7 @@ from engines.manifest import (
     MEMBER_NAME,
     Manifest,
     canonical_bytes,
+    check_json_values,
     loads_strict,
     parse_manifest_bytes,
     parse_utc,
@@ -296,10 +297,13 @@ def _check_name(name: str, bundle: str | None) -> None:
 
 
 def _bundle_hint(raw: bytes) -> str | None:
-    """Best-effort 'id@version' for error messages, from not-yet-trusted bytes."""
+    """Best-effort 'id@version' for error messages, from not-yet-trusted bytes; None when there is none, or
+    when it could not be printed (text that does not encode as UTF-8)."""
     try:
         doc = json.loads(raw)
-        return f"{doc['bundle_id']}@{doc['version']}"[:80]
+        hint = f"{doc['bundle_id']}@{doc['version']}"[:80]
+        check_json_values(hint)
+        return hint
     except (ValueError, KeyError, TypeError, RecursionError):
         return None
 

@@ -260,6 +260,14 @@ class Manifest(_Strict):
     # member while it streams and hashes it.
     file_sizes: dict[str, int]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        """Every text of the manifest, keys and nested fields included, encodes as UTF-8 (its canonical bytes
+        are UTF-8): also for a manifest built from Python objects rather than parsed (:func:`check_json_values`)."""
+        check_json_values(data)
+        return data
+
     @field_validator("created", "expires")
     @classmethod
     def _utc(cls, v: str) -> str:
@@ -388,26 +396,55 @@ def _refuse_constant(name: str) -> Any:
 
 def loads_strict(raw: bytes | str) -> Any:
     """``json.loads`` that refuses NaN, Infinity and -Infinity (Python's json accepts them by default;
-    RFC 8259 JSON has no such numbers) and floats that overflow to infinity (``1e999``). Raises ValueError,
-    also for nesting deeper than Python's parser follows (``json`` itself raises RecursionError: these bytes
-    are read before anything authenticated them)."""
+    RFC 8259 JSON has no such numbers), floats that overflow to infinity (``1e999``) and text that cannot be
+    encoded as UTF-8 (:func:`check_json_values`). Raises ValueError, also for nesting deeper than Python's
+    parser follows (``json`` itself raises RecursionError: these bytes are read before anything authenticated
+    them)."""
     try:
         doc = json.loads(raw, parse_constant=_refuse_constant)
-        _check_finite(doc)
     except RecursionError as exc:
         raise ValueError("JSON nested too deep") from exc
+    check_json_values(doc)
     return doc
 
 
-def _check_finite(node: Any) -> None:
-    if isinstance(node, float) and not math.isfinite(node):
-        raise ValueError("non-finite number is not allowed in a manifest")
-    if isinstance(node, dict):
-        for v in node.values():
-            _check_finite(v)
-    elif isinstance(node, list):
-        for v in node:
-            _check_finite(v)
+def _shown(key: str) -> str:
+    """A JSON key as it may be printed: a lone surrogate is written as its escape (``\\ud800``)."""
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_json_values(doc: Any) -> None:
+    """Refuse what parsed JSON may hold but a manifest (or signature file) must not: a non-finite number, and
+    text that cannot be encoded as UTF-8, i.e. a lone surrogate code point (U+D800..U+DFFF) in any string
+    value or key at any depth. JSON can carry one as an escape (``"\\ud800"``; RFC 8259 section 8.2 leaves
+    its handling unpredictable) and Python's json decodes UTF-8 bytes with ``surrogatepass``, so such text
+    would otherwise fail later, where it is encoded (canonical bytes, a log line, the terminal). Walks
+    iteratively (no recursion limit). Raises ValueError naming where, never quoting the text."""
+    stack: list[tuple[Any, str]] = [(doc, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise ValueError("non-finite number is not allowed in a manifest")
+        if isinstance(node, str):
+            _check_encodable(node, where)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                path = f"{where}.{_shown(key)}" if where else _shown(key)
+                if isinstance(key, str):
+                    _check_encodable(key, f"key {path}")
+                stack.append((value, path))
+        elif isinstance(node, list):
+            stack.extend((value, f"{where}[{i}]") for i, value in enumerate(node))
+
+
+def _check_encodable(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        place = where or "the top level"
+        raise ValueError(f"text at {place} cannot be encoded as UTF-8 (unpaired surrogate)") from None
 
 
 def parse_manifest_bytes(raw: bytes) -> Manifest:

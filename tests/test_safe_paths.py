@@ -24,7 +24,7 @@ from engines.manifest import Manifest
 from engines.reference import phantoms
 from testsupport.common import wait_until
 from testsupport.daemon import running_daemon
-from testsupport.dcmtk import storescu
+from testsupport.dcmtk import storescu, storescu_results
 
 HOSTILE = [
     "../../X",
@@ -109,23 +109,31 @@ def test_hostile_study_uids_over_storescu_stay_in_the_state_dir_and_retention_st
     tmp_path: Path,
 ) -> None:
     """A DICOM sender chooses the Study Instance UID: a relative escape, an absolute path into a folder beside the
-    state directory, an over-long value and unicode. Everything received and every result lands inside the state
-    directory; the stored result paths are relative; retention purges them and touches nothing outside."""
+    state directory, an over-long value and unicode. None is a valid UID (PS3.5 9.1), so each is refused at receive
+    (0xC214, issue 16) and nothing of it is written anywhere; a valid one sent with them is stored and analysed.
+    Everything received and every result lands inside the state directory; the stored result paths are relative;
+    retention purges them and touches nothing outside. (``safe_name`` still maps any UID to a safe path component:
+    the unit tests above.)"""
     world = tmp_path / "world"  # everything the test can see: the state dir and its neighbours
     home = world / "deep" / "er" / "home"
     home.mkdir(parents=True)
     target = world / "target"  # where an absolute UID would have aimed
     uids = ["../../../X", f"{target}/abs", "1." + "7" * 120, "1.2.3.\u00e9/../.."]
+    good_uid = "1.2.826.0.1.3680043.10.1138.5.1"
     src = Path(phantoms.chest_study(tmp_path / "in", seed=5)["files"][0])
     files = [_hostile_copy(src, tmp_path / f"h{i}.dcm", uid) for i, uid in enumerate(uids)]
+    good = _hostile_copy(src, tmp_path / "good.dcm", good_uid)
     before = _all_files(world)
     env = {"APPLIANCE_PIPELINE__ENABLED": "true", "APPLIANCE_ENGINES__INSTALL_REFERENCE_BUNDLES": "true"}
     with running_daemon(home, env=env) as d:
-        out = storescu(d.port, files)
-        assert out.returncode == 0, out.stdout
+        out = storescu(d.port, [*files, good])
+        answers = storescu_results(out.stdout)
+        assert answers[str(good)] == "Success", out.stdout
+        assert all(answers[str(f)] not in ("", "Success") for f in files), answers
+        assert {r["study_uid"] for r in d.instances()} == {good_uid}
         settled = ("inferred", "no_model", "not_processable", "failed")
         try:
-            wait_until(lambda: sum(len(d.studies(s)) for s in settled) == len(uids), timeout=180, what="settled")
+            wait_until(lambda: sum(len(d.studies(s)) for s in settled) == 1, timeout=180, what="settled")
         except AssertionError:
             raise AssertionError([dict(r) for r in d.studies()], d.logs()[-4000:]) from None
     outside_new = {  # the launcher's own log file sits beside the home
@@ -138,7 +146,7 @@ def test_hostile_study_uids_over_storescu_stay_in_the_state_dir_and_retention_st
 
     store = Store(home / "state.db")
     rows = store.query("SELECT study_uid, dir, dir_outside FROM results")
-    assert {r["study_uid"] for r in rows} == set(uids)  # each analysed, its real UID kept in the database
+    assert {r["study_uid"] for r in rows} == {good_uid}  # analysed, its real UID kept in the database
     for r in rows:
         assert not Path(r["dir"]).is_absolute() and r["dir_outside"] == 0
         assert r["dir"].split("/")[:2] == ["results", safe_name(r["study_uid"])]
@@ -151,7 +159,7 @@ def test_hostile_study_uids_over_storescu_stay_in_the_state_dir_and_retention_st
     settings = Settings(state_dir=home, retention={"days": 0.00001, "orphan_grace_s": 60})
     time.sleep(1.0)
     purged = purge_due(settings, store, at=time.time() + 3600)
-    assert len(purged) == len(uids)
+    assert len(purged) == 1
     assert {r["state"] for r in store.query("SELECT state FROM studies")} == {PURGED}
     assert not any((home / "results").rglob("*.dcm"))
     assert sentinel.read_text() == "keep" and src.is_file() and all(f.is_file() for f in files)
@@ -216,6 +224,8 @@ def test_migration_makes_result_paths_relative_and_flags_those_outside(tmp_path:
 
 @pytest.mark.unit
 def test_offline_infer_writes_hostile_study_uids_inside_its_out_folder(tmp_path: Path) -> None:
+    """None of the hostile values is a valid UID (PS3.5 9.1): each file is reported as an error and nothing is
+    written for it (issue 16); the valid study beside them is written inside the out folder, named by safe_name."""
     from appliance.app.infer_offline import run_offline
     from appliance.pipeline.worker import StaticBundles
     from testsupport.pipeline import TinyEngine, make_dataset, save, synthetic_image, tiny_manifest
@@ -223,7 +233,8 @@ def test_offline_infer_writes_hostile_study_uids_inside_its_out_folder(tmp_path:
     world = tmp_path / "w"
     out = world / "a" / "out"
     uids = ["../../X", f"{world}/abs", "1.2.\u00e9/.."]
-    for i, uid in enumerate(uids):
+    good_uid = "1.2.826.0.1.3680043.10.1138.6.1"
+    for i, uid in enumerate([*uids, good_uid]):
         ds = make_dataset(synthetic_image(200, 200, (100, 100), radius=8))
         ds.StudyInstanceUID = uid
         save(ds, tmp_path / "in" / f"{i}.dcm")
@@ -233,9 +244,12 @@ def test_offline_infer_writes_hostile_study_uids_inside_its_out_folder(tmp_path:
         out,
         bundles=StaticBundles([(tiny_manifest(), TinyEngine())]),
     )
+    errors = {Path(e["path"]).name: e["error"] for e in report["errors"]}
+    assert set(errors) == {f"{i}.dcm" for i in range(len(uids))}
+    assert all("StudyInstanceUID is not a valid UID" in e for e in errors.values())
     written = [Path(o["path"]) for s in report["studies"] for r in s["results"] for o in r["objects"]]
-    assert len(written) == 2 * len(uids)
-    assert all(out in p.parents and p.parent.parent.name in {safe_name(u) for u in uids} for p in written)
+    assert len(written) == 2
+    assert all(out in p.parents and p.parent.parent.name == safe_name(good_uid) for p in written)
     assert sorted(p.relative_to(world) for p in world.rglob("*") if p.is_file()) == sorted(
         p.relative_to(world) for p in written
     )

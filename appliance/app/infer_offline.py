@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 
 from appliance.core.config import Settings
 from appliance.core.logs import get_logger
-from appliance.core.safe_names import safe_name
+from appliance.core.safe_names import safe_name, uid_fault
 from appliance.models.active import ActiveEngines
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import Analysis, analyse_route
@@ -83,6 +83,10 @@ def run_offline(
         if "StudyInstanceUID" not in ds or "SOPInstanceUID" not in ds:
             errors.append({"path": str(f), "error": "no StudyInstanceUID/SOPInstanceUID"})
             continue
+        fault = _uid_fault(ds)
+        if fault is not None:  # the receiver refuses such an instance (0xC214); no result may carry it
+            errors.append({"path": str(f), "error": fault})
+            continue
         read.setdefault(str(ds.StudyInstanceUID), []).append((f, ds))
     studies = {study_uid: one_copy_per_image(copies) for study_uid, copies in read.items()}
     source = bundles or default_bundles(settings)
@@ -93,6 +97,18 @@ def run_offline(
     finally:
         if bundles is None:
             source.close()
+
+
+def _uid_fault(ds: Dataset) -> str | None:
+    """Why the file's Study, Series or SOP Instance UID is not a valid UID (PS3.5 9.1), or None: the rule of
+    ``appliance.ingest.header`` (pydicom has already removed the UI padding). The message never holds the UID."""
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if keyword == "SeriesInstanceUID" and not ds.get(keyword):
+            continue  # absent series: stored and analysed as one series, as at receive
+        fault = uid_fault(str(ds.get(keyword) or ""))
+        if fault is not None:
+            return f"{keyword} is not a valid UID (PS3.5 9.1): {fault}"
+    return None
 
 
 @dataclass

@@ -2,17 +2,18 @@
 
 Malformed-input policy (one rule, applied to every C-STORE): an instance is *refused* with a DIMSE
 failure status only when the box cannot file it correctly — its data set does not parse, an element
-is truncated, the Study or SOP Instance UID is missing, or the data set contradicts the C-STORE
-command (SOP class / instance UID). Everything else is stored byte-for-byte and recorded, with any
-oddity noted in ``instances.flags`` (e.g. ``no_series_uid``); whether the models can use it is the
-pipeline's decision, not the receiver's. Nothing is ever acknowledged and then dropped.
+is truncated, the Study or SOP Instance UID is missing, a Study, Series or SOP Instance UID is not a
+valid UID (PS3.5 9.1, with the UI padding of PS3.5 6.2: these values become identifiers, keys and
+references in the results), or the data set contradicts the C-STORE command (SOP class / instance
+UID). Everything else is stored byte-for-byte and recorded, with any oddity noted in
+``instances.flags`` (e.g. ``no_series_uid``); whether the models can use it is the pipeline's
+decision, not the receiver's. Nothing is ever acknowledged and then dropped.
 """
 
 from __future__ import annotations
 
 import functools
 import io
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,12 +27,19 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from pydicom.uid import UID
 
+from appliance.core.safe_names import unpadded_uid
+
 # Failure statuses (PS3.4 C-STORE): 0xC000-0xCFFF "cannot understand", 0xA900 "does not match SOP class".
 STATUS_UNREADABLE = 0xC210
 STATUS_MISSING_UID = 0xC211
 STATUS_UID_MISMATCH = 0xC212
 STATUS_CLASS_MISMATCH = 0xA900
 STATUS_ENCODING_MISMATCH = 0xC213  # "cannot understand": not encoded in the negotiated transfer syntax
+# A Study/Series/SOP Instance UID that is not a valid UID: "cannot understand" (PS3.4 Table B.2-1, Cxxx), the
+# family of 0xC211 (UID missing): the box cannot use the value as the identifier it must be. Not 0xA900 "Data Set
+# does not match SOP Class": that one is kept for the data set contradicting the command's SOP class, and a
+# modality reads both as a failure not worth retrying unchanged.
+STATUS_INVALID_UID = 0xC214
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA = 0x7FE00010
@@ -43,6 +51,7 @@ COMMENTS = {
     STATUS_UID_MISMATCH: "SOP Instance UID differs from the C-STORE command",
     STATUS_CLASS_MISMATCH: "SOP Class UID differs from the C-STORE command",
     STATUS_ENCODING_MISMATCH: "data set not encoded in the negotiated transfer syntax",
+    STATUS_INVALID_UID: "Study, Series or SOP Instance UID not a valid UID (PS3.5 9.1)",
 }
 
 
@@ -75,7 +84,6 @@ class InstanceHeader:
 # repertoire, so no character set, value conversion or validation is needed (pydicom's conversion
 # was most of the header's cost on the receive path).
 STUDY_UID, SERIES_UID, SOP_UID, SOP_CLASS, MODALITY = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016, 0x00080060
-_CONFORMANT_UID = re.compile(r"[0-9.]{1,64}")
 # Patient and study attributes for people (worklist): text in the data set's Specific Character Set
 CHARSET, PATIENT_NAME, PATIENT_ID, ACCESSION, STUDY_DATE = 0x00080005, 0x00100010, 0x00100020, 0x00080050, 0x00080020
 _PN_DELIMITERS = {0x5E, 0x3D}  # "^" and "=" (PS3.5 6.2.1: component and component-group delimiters)
@@ -131,6 +139,26 @@ def _text(ds: Dataset, tag: int) -> str | None:
         return None
     text = text.strip().strip("\x00").strip()
     return text or None
+
+
+def _uid(ds: Dataset, tag: int, name: str) -> str | None:
+    """The UID in a top-level UI element, padding removed (PS3.5 6.2); None when absent or empty (padding only).
+    Raises MalformedInstance (0xC214) when the value is not a valid UID (:func:`unpadded_uid`); the reason
+    names the attribute and the rule broken, never the value (it reaches the log)."""
+    elem = ds.get_item(tag, keep_deferred=True)  # the element as read: raw, unconverted
+    value = None if elem is None else elem.value
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value).decode("latin-1")  # byte for byte: any odd byte is refused below
+    elif isinstance(value, str):
+        text = value
+    else:  # absent, or not text at all (e.g. a sequence where a UID belongs): counts as missing
+        return None
+    if not text.strip("\x00 "):
+        return None
+    try:
+        return unpadded_uid(text)
+    except ValueError as exc:
+        raise MalformedInstance(STATUS_INVALID_UID, f"{name} is not a valid UID (PS3.5 9.1): {exc}") from None
 
 
 def _data_set_offset(data: bytes | bytearray) -> int | None:
@@ -340,16 +368,17 @@ def check_tail(tail: bytes | bytearray, transfer_syntax: str) -> None:
 
 
 def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
-    study_uid = _text(ds, STUDY_UID)
-    sop_uid = _text(ds, SOP_UID)
+    study_uid = _uid(ds, STUDY_UID, "StudyInstanceUID")
+    sop_uid = _uid(ds, SOP_UID, "SOPInstanceUID")
+    series_uid = _uid(ds, SERIES_UID, "SeriesInstanceUID")
     sop_class = _text(ds, SOP_CLASS)
     if not study_uid:
         raise MalformedInstance(STATUS_MISSING_UID, "StudyInstanceUID missing or empty")
     if not sop_uid:
         raise MalformedInstance(STATUS_MISSING_UID, "SOPInstanceUID missing or empty")
-    if sop_uid != sop_instance_uid.strip():
+    if sop_uid != sop_instance_uid.strip():  # no UID in the reason: it reaches the log
         raise MalformedInstance(
-            STATUS_UID_MISMATCH, f"SOPInstanceUID {sop_uid} differs from the command's {sop_instance_uid}"
+            STATUS_UID_MISMATCH, "SOPInstanceUID differs from the command's Affected SOP Instance UID"
         )
     if sop_class and sop_class != sop_class_uid.strip():
         raise MalformedInstance(
@@ -358,12 +387,8 @@ def _identify(ds: Dataset, sop_class_uid: str, sop_instance_uid: str) -> Instanc
     flags: list[str] = []
     if not sop_class:
         flags.append("no_sop_class_uid")
-    series_uid = _text(ds, SERIES_UID)
     if not series_uid:
         flags.append("no_series_uid")
-    for name, uid in (("study", study_uid), ("series", series_uid), ("sop", sop_uid)):
-        if uid and not _CONFORMANT_UID.fullmatch(uid):
-            flags.append(f"nonconformant_{name}_uid")
     encodings = _encodings(ds)
     return InstanceHeader(
         study_uid=study_uid,

@@ -7,7 +7,8 @@ Value / Range Limit pixels left out of every statistic) -> presentation (Present
 MONOCHROME1) -> padding set to the manifest's ``pad_value`` -> reorientation to the manifest's orientation
 (Patient Orientation; rotations by 90 degrees and flips) -> resample to square pixels (Pixel Spacing, else Pixel
 Aspect Ratio) and fit into the target size (area averaging, vectorised) -> centred pad -> (x - mean) / std. The
-SC overlay's display image is the same view, as stored (not reoriented), reduced to ``DISPLAY_LONG_SIDE``.
+SC overlay's display image is the same view, as stored (not reoriented), reduced to ``DISPLAY_LONG_SIDE``. Both start from the same
+stored values (:func:`decode`: unused high bits, e.g. an embedded overlay, masked by :func:`stored_bits`).
 
 Every refusal (decompression bomb, colour image, 1x1, missing pixel data, undecodable) raises
 :class:`NotProcessable` with a reason a person can act on; the geometry is recorded in a :class:`Transform`
@@ -180,6 +181,31 @@ def decode(ds: Dataset) -> np.ndarray:
         raise NotProcessable(f"pixel data could not be decoded (transfer syntax {ts}): {exc}") from exc
     if arr.ndim != 2:
         raise NotProcessable(f"decoded pixel array has shape {arr.shape}, expected 2D")
+    return stored_bits(ds, arr)
+
+
+def stored_bits(ds: Dataset, arr: np.ndarray) -> np.ndarray:
+    """Only the Bits Stored (0028,0101) bits of each decoded pixel cell, sign-extended when Pixel Representation
+    is 1: the unused high bits are ignored whatever they hold (PS3.5 8.1.1; High Bit = Bits Stored - 1).
+
+    They may hold an overlay in the retired embedded form (Overlay Bits Allocated (60xx,0100) = Bits Allocated,
+    Overlay Bit Position (60xx,0102) above High Bit, PS3.3 C.9.2.1.1), or a codestream's full precision: pydicom
+    clears them for native, RLE and JPEG data but not for JPEG 2000 or JPEG-LS. Every image the pipeline makes
+    from the pixels (the model input, the display image, hence the SC) starts from these values, so an overlay
+    kept there is drawn nowhere. ``arr``: 2D integer array of the Bits Allocated width; returned masked (in place
+    when writeable).
+    """
+    try:
+        bits_stored = int(ds.BitsStored)
+    except (AttributeError, TypeError, ValueError):
+        return arr  # no Bits Stored: nothing says which bits are unused
+    shift = arr.dtype.itemsize * 8 - bits_stored
+    if arr.dtype.kind not in "iu" or shift <= 0 or bits_stored < 1:
+        return arr
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    np.left_shift(arr, shift, out=arr)
+    np.right_shift(arr, shift, out=arr)  # arithmetic on a signed dtype: sign-extends from High Bit
     return arr
 
 
