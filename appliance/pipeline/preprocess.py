@@ -7,8 +7,9 @@ Value / Range Limit pixels left out of every statistic) -> presentation (Present
 MONOCHROME1) -> padding set to the manifest's ``pad_value`` -> reorientation to the manifest's orientation
 (Patient Orientation; rotations by 90 degrees and flips) -> resample to square pixels (Pixel Spacing, else Pixel
 Aspect Ratio) and fit into the target size (area averaging, vectorised) -> centred pad -> (x - mean) / std. The
-SC overlay's display image is the same view, as stored (not reoriented), reduced to ``DISPLAY_LONG_SIDE``. Both start from the same
-stored values (:func:`decode`: unused high bits, e.g. an embedded overlay, masked by :func:`stored_bits`).
+SC overlay's display image is the same view, as stored (not reoriented), reduced to ``DISPLAY_LONG_SIDE``.
+Both start from the same stored values (:func:`decode`: unused high bits, e.g. an embedded overlay, masked by
+:func:`stored_bits`).
 
 Every refusal (decompression bomb, colour image, 1x1, missing pixel data, undecodable) raises
 :class:`NotProcessable` with a reason a person can act on; the geometry is recorded in a :class:`Transform`
