@@ -161,8 +161,8 @@ class Ingest:
         keys: Mapping[str, str],
         sites: Mapping[str, Site] | None = None,
         *,
-        row_group_rows: int = 50_000,
-        max_buffered_rows: int = 100_000,
+        row_group_rows: int = 20_000,
+        max_buffered_rows: int = 40_000,
         max_open_writers: int = 64,
     ):
         self.store = Path(store)
