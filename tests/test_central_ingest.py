@@ -390,3 +390,20 @@ def test_storage_endpoint_is_strict_and_batches_like_iot_hub(tmp_path: Path, key
     assert sysp["connectionDeviceId"] == "box-1" and sysp["messageId"] == "b-0"
     assert sysp["contentType"] == "application/json" and sysp["contentEncoding"] == "utf-8"
     assert first["Properties"] == {"type": "result"}
+
+
+def test_the_box_never_loads_the_central_extra() -> None:
+    # the daemon's entry points (CLI + composition root) imported afresh: no pyarrow/fastavro/duckdb, no ingest
+    import importlib
+    import sys
+
+    heavy = ("pyarrow", "fastavro", "duckdb", "appliance.central.ingest", "appliance.central.sources")
+    saved = {m: sys.modules.pop(m) for m in list(sys.modules) if m.startswith(heavy) or m.startswith("appliance")}
+    try:
+        importlib.import_module("appliance.cli")
+        importlib.import_module("appliance.app.compose")
+        assert not [m for m in sys.modules if m.startswith(heavy)]
+    finally:
+        for m in [m for m in sys.modules if m.startswith(heavy) or m.startswith("appliance")]:
+            del sys.modules[m]
+        sys.modules.update(saved)

@@ -13,6 +13,10 @@ Input (one per line, as exported from the hub's Event Hubs-compatible endpoint):
     {"system_properties": {"iothub-connection-device-id": "box-17", ...}, "properties": {...},
      "body": "<envelope JSON text>"}            # or "body_b64": base64 of the body bytes
 
+or, routed by IoT Hub to a storage endpoint (Avro, read by :mod:`appliance.central.sources`), a record
+``{"EnqueuedTimeUtc", "Properties", "SystemProperties": {"connectionDeviceId": ...}, "Body": bytes}``: the same
+identity under its routing name (:func:`open_record` takes either shape, already parsed).
+
 A bare envelope (no system properties) has no hub identity; it is accepted only when the caller vouches for the
 identity (``hub_device_id``, e.g. ``appliance central decrypt --device``), having taken it from the hub.
 """
