@@ -299,6 +299,7 @@ class FakeHub:
         self.puback_delay_s = 0.0
         self.dps_outcomes: dict[str, tuple[str, int, str]] = {}  # registration id -> (status, errorCode, message)
         self.faults: list[Fault] = []
+        self.routes: list[tuple[Any, Any]] = []  # (StorageEndpoint, condition on the application properties)
         # service API (HTTPS, testsupport.fakehub.service): shared access policies name -> base64 key
         self.service_policies: dict[str, str] = {
             "iothubowner": base64.b64encode(hashlib.sha256(uuid.uuid4().bytes).digest()).decode(),
@@ -443,6 +444,21 @@ class FakeHub:
         """
         key = self.service_policies[policy]
         return f"HostName=127.0.0.1:{self.service_port};SharedAccessKeyName={policy};SharedAccessKey={key}"
+
+    def add_storage_route(self, endpoint: Any, condition: Any = None) -> None:
+        """Route device-to-cloud messages to a storage endpoint (:class:`testsupport.fakehub.routing.StorageEndpoint`),
+        as an IoT Hub route does; ``condition(application_properties) -> bool`` plays the route's query (None: all)."""
+        with self.lock:
+            self.routes.append((endpoint, condition))
+
+    def _route(self, t: Telemetry, auth_method: str) -> None:
+        from testsupport.fakehub.routing import record
+
+        with self.lock:
+            routes = list(self.routes)
+        for endpoint, condition in routes:
+            if condition is None or condition(dict(t.props)):
+                endpoint.route(record(t.device_id, t.props, t.body, t.received_at, auth_method))
 
     def set_tags(self, device_id: str, tags: dict[str, Any]) -> None:
         """Service side: merge ``tags`` into the device twin's tags (null deletes)."""
@@ -927,7 +943,9 @@ class FakeHub:
             c.writer.transport.abort()
             return
         with self.lock:
-            self.telemetry.append(self._stamped(c, pub, props))
+            stamped = self._stamped(c, pub, props)
+            self.telemetry.append(stamped)
+        self._route(stamped, c.auth_method)
         if pub.qos == 1:
             if self.puback_delay_s:
                 await asyncio.sleep(self.puback_delay_s)
