@@ -332,7 +332,11 @@ def test_no_model_detail_names_each_image_and_each_bundles_reason(refs: dict[str
     assert "CASE" not in detail and str(images[0].PatientName) not in detail  # codes and UID tails only
 
 
-def test_offline_no_model_reason_is_per_image(tmp_path: Path, refs: dict[str, Manifest]) -> None:
+def test_offline_a_view_the_model_refuses_is_not_analysed_with_the_reason(
+    tmp_path: Path, refs: dict[str, Manifest]
+) -> None:
+    """The mammography model's modality matches an XCCL view it was not made for: not ``no_model`` (a model
+    would have taken the study) but ``not_analysed``, the reason per image (issue 16)."""
     src = tmp_path / "in"
     src.mkdir()
     ds = mg(view=XCCL_SCT)
@@ -340,11 +344,12 @@ def test_offline_no_model_reason_is_per_image(tmp_path: Path, refs: dict[str, Ma
     bundles = StaticBundles([(refs["mmg-phantom"], TinyEngine())])
     report = run_offline(Settings(state_dir=tmp_path / "home"), [src], None, bundles=bundles)
     (study,) = report["studies"]
-    assert study["state"] == "no_model"
+    assert study["state"] == "not_analysed" and study["results"] == []
     assert study["reason"] == (
-        f"no active model applies: image …{ds.SOPInstanceUID[-12:]}: mmg-phantom: view XCCL (View Code Sequence "
+        f"AI not applied: mmg-phantom: image …{ds.SOPInstanceUID[-12:]}: view XCCL (View Code Sequence "
         'SCT 399192008 "cranio-caudal exaggerated laterally") not in CC, MLO'
     )
+    assert [(n["bundle_id"], n["category"]) for n in study["not_applied"]] == [("mmg-phantom", "view")]
 
 
 def test_shared_field_case_script_still_matches_the_copy(tmp_path: Path) -> None:

@@ -39,10 +39,10 @@ from appliance.core.store import Store, now
 from appliance.delivery.export import queue_object
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import Analysis
-from appliance.pipeline.router import Route, refused_summary
 from appliance.pipeline.results_notice import build_notice
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
+from appliance.pipeline.router import Route, refused_summary
 from durable import fsync_dir, write_atomic
 from engines.manifest import Manifest
 
@@ -261,9 +261,7 @@ def queue_unqueued_objects(conn: sqlite3.Connection, settings: Settings, study_i
     rows = conn.execute(
         "SELECT o.id, o.kind FROM result_objects o JOIN results r ON r.id=o.result_id WHERE r.study_id=?", (study_id,)
     ).fetchall()
-    return sum(
-        queue_object(conn, study_id, int(r["id"]), destinations_for(settings, r["kind"]), now()) for r in rows
-    )
+    return sum(queue_object(conn, study_id, int(r["id"]), destinations_for(settings, r["kind"]), now()) for r in rows)
 
 
 def save_notices(

@@ -119,7 +119,7 @@ def build_notice(manifest: Manifest, refused: list[tuple[Dataset, Refusal]]) -> 
     banner = "" if manifest.clinical_use else " NOT FOR CLINICAL USE"
     sc.SeriesDescription = f"AI not applied {manifest.bundle_id} {manifest.version}{banner}"[:64]
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = f"{TITLE}: " + "; ".join(dict.fromkeys(why.reason for _, why in refused))
-    sc.DerivationDescription = str(sc.DerivationDescription)[:1024]
-    sc.PatientOrientation = ""  # a text page has no patient orientation (Type 2: empty)
+    reasons = "; ".join(dict.fromkeys(why.reason for _, why in refused))
+    sc.DerivationDescription = f"{TITLE}: {reasons}"[:1024]
+    sc.add_new(0x00200020, "CS", None)  # Patient Orientation: a text page has none (Type 2: zero length)
     return sc

@@ -27,8 +27,8 @@ from typing import Literal, Protocol, get_args
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
 from pydicom.sr.coding import Code
+from pydicom.uid import UID
 
 from appliance.core.config import RouteRule
 from appliance.pipeline.anatomy import (
@@ -182,9 +182,7 @@ def _contract_refusal(c: InputContract, ds: Dataset) -> Refusal | None:
     intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
     if c.presentation_intents and intent and intent not in c.presentation_intents:
         takes = " or ".join(i.title() for i in c.presentation_intents)
-        return Refusal(
-            "presentation_intent", f"{intent.title()} image (Presentation Intent Type), model takes {takes}"
-        )
+        return Refusal("presentation_intent", f"{intent.title()} image (Presentation Intent Type), model takes {takes}")
     image_type = _values(ds, "ImageType")
     for pattern in c.refused_image_types:
         if image_type and set(pattern.split("\\")) <= set(image_type):
@@ -201,7 +199,9 @@ def _contract_refusal(c: InputContract, ds: Dataset) -> Refusal | None:
     photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if c.photometric_interpretations and photometric not in c.photometric_interpretations:
         takes = ", ".join(c.photometric_interpretations)
-        return Refusal("photometric", f"Photometric Interpretation {photometric or 'absent'} not taken: model takes {takes}")
+        return Refusal(
+            "photometric", f"Photometric Interpretation {photometric or 'absent'} not taken: model takes {takes}"
+        )
     bits = ds.get("BitsStored")
     if c.bits_stored and (bits is None or int(bits) not in c.bits_stored):
         takes = ", ".join(str(b) for b in c.bits_stored)
