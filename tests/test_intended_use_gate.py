@@ -57,7 +57,7 @@ def contract_manifest(task: str, **contract: object) -> Manifest:
 
 
 def chest(**kw: object) -> Dataset:
-    """A DX PA chest phantom (For Presentation, ORIGINAL\\PRIMARY, 12 bits, 320x256, 54 years old) the cxr contract takes."""
+    """A DX PA chest phantom the cxr contract takes (For Presentation, ORIGINAL\\PRIMARY, 12 bits, 320x256, 54Y)."""
     pixels = np.clip(synthetic_image(320, 256, (160, 128), 30).astype(np.float32) / 3200.0, 0, 1)
     return to_dicom(pixels, modality=str(kw.pop("modality", "DX")), **kw)  # type: ignore[arg-type]
 
