@@ -444,3 +444,27 @@ def test_offline_infer_reports_not_analysed_and_writes_the_notice(tmp_path: Path
     )
     (obj,) = study["objects"]
     assert obj["kind"] == "NOTICE" and Path(obj["path"]).exists()
+
+
+def test_studies_and_study_show_name_the_state_and_the_reason(env, clean_env) -> None:
+    """``appliance studies`` and ``study show`` say that AI did not run and why (never an empty "no findings")."""
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+
+    settings, store, spool = env
+    ds = chest()
+    ds.PresentationIntentType = "FOR PROCESSING"
+    sid = _study(store, spool, [ds])
+    assert PipelineWorker(settings, store, StaticBundles([(contract_manifest("cxr"), TinyEngine())])).process(sid) == (
+        NOT_ANALYSED
+    )
+    store.close()
+    runner = CliRunner()
+    reason = "For Processing image (Presentation Intent Type), model takes For Presentation"
+    listed = runner.invoke(app, ["--home", str(settings.state_dir), "studies"], env={"COLUMNS": "400"})
+    assert listed.exit_code == 0, listed.output
+    assert "not_analysed" in listed.output and reason in listed.output
+    shown = runner.invoke(app, ["--home", str(settings.state_dir), "study", "show", str(sid)], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.output
+    assert f"not_analysed: AI not applied: tiny-cxr: image …{ds.SOPInstanceUID[-12:]}: {reason}" in shown.output
