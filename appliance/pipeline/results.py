@@ -324,7 +324,8 @@ def save_notices(
 
 def purge_study_results(conn: sqlite3.Connection, study_id: int) -> int:
     """Retention, in the caller's transaction (after the export rows went): delete the study's result
-    objects and drop the patient block from each result's findings (kept for statistics). Objects flagged
+    objects and drop the patient block from each result's findings (kept for statistics) and the reason text of
+    each image the gate refused (its category stays: it may state the patient's age). Objects flagged
     ``path_outside`` (an absolute path outside the state directory, migration 0009) are kept, for the operator
     to look at. Returns how many result rows were stripped."""
     rows = conn.execute("SELECT id, summary FROM results WHERE study_id=?", (study_id,)).fetchall()
@@ -332,6 +333,8 @@ def purge_study_results(conn: sqlite3.Connection, study_id: int) -> int:
         conn.execute("DELETE FROM result_objects WHERE result_id=? AND path_outside=0", (r["id"],))
         summary = json.loads(r["summary"] or "{}")
         summary.pop("patient", None)
+        for item in summary.get("not_applied") or []:  # the reason may state the patient's age: the category stays
+            item.pop("reason", None)
         conn.execute("UPDATE results SET summary=? WHERE id=?", (json.dumps(summary), r["id"]))
     return len(rows)
 
