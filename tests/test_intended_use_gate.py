@@ -1,7 +1,7 @@
 """The intended-use gate (issue 16, items 1 and 2): a signed input contract per bundle, applied per image.
 
 Truth comes from the standard: SOP Class UIDs from PS3.4/PS3.6 (pydicom's registry), Presentation Intent Type
-(PS3.3 C.8.11.1.1.1), Image Type (C.7.6.1.1.2), Conversion Type (C.8.6.1), Burned In Annotation (C.7.6.1.1.?),
+(PS3.3 C.8.11.1.1.1), Image Type (C.7.6.1.1.2), Conversion Type (C.8.6.1), Burned In Annotation (C.7.6.1),
 Patient's Age (PS3.5 6.2 AS), View Modifier Code Sequence (CID 4015 codes). Images come from the phantoms
 (``engines.reference.phantoms.to_dicom``) so that a wrong answer is distinguishable: each case changes one
 attribute of an image the contract otherwise takes.
@@ -468,3 +468,40 @@ def test_studies_and_study_show_name_the_state_and_the_reason(env, clean_env) ->
     shown = runner.invoke(app, ["--home", str(settings.state_dir), "study", "show", str(sid)], env={"COLUMNS": "400"})
     assert shown.exit_code == 0, shown.output
     assert f"not_analysed: AI not applied: tiny-cxr: image …{ds.SOPInstanceUID[-12:]}: {reason}" in shown.output
+
+
+def test_dashboard_pages_and_metrics_show_not_analysed_and_refusals_by_category(home: Path) -> None:
+    """The worklist and the study page name the state and the reason (never an empty "No findings"); the
+    metrics count ``not_analysed`` studies and the refused images by category (a bounded label set)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from appliance.lifecycle import studies
+    from appliance.lifecycle.studies import COMPLETE, RECEIVED
+    from appliance.web.accounts import Role
+    from tests.test_web import Box, file_instance
+
+    box = Box(home)
+    ds = chest()
+    ds.BurnedInAnnotation = "YES"
+    sid = file_instance(box.settings, box.store, ds)
+    with box.store.transaction() as conn:
+        studies.transition(conn, sid, RECEIVED, COMPLETE, "test: complete", completed=True)
+    worker = PipelineWorker(box.settings, box.store, StaticBundles([(contract_manifest("cxr"), TinyEngine())]))
+    assert worker.process(sid) == NOT_ANALYSED
+    reason = "Burned In Annotation YES (text in the pixels): model takes images without it"
+    c, _ = box.page_login(Role.VIEWER)
+    page = c.get(f"/studies/{sid}").text
+    assert 'id="study-state">not_analysed</span>' in page and reason in page
+    assert "No findings" not in page and 'id="not-applied"' in page
+    worklist = c.get("/worklist").text
+    assert "not_analysed" in worklist and reason in worklist
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(box.client().get("/metrics").text)
+        for s in fam.samples
+    }
+    assert samples[("appliance_studies_not_analysed_total", ())] == 1
+    assert samples[("appliance_studies_no_model_total", ())] == 0
+    refused = {k[1][0][1]: v for k, v in samples.items() if k[0] == "appliance_images_refused_total"}
+    assert set(refused) == set(REFUSAL_CATEGORIES)
+    assert refused["burned_in_annotation"] == 1 and sum(refused.values()) == 1
