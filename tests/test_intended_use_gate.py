@@ -505,3 +505,20 @@ def test_dashboard_pages_and_metrics_show_not_analysed_and_refusals_by_category(
     refused = {k[1][0][1]: v for k, v in samples.items() if k[0] == "appliance_images_refused_total"}
     assert set(refused) == set(REFUSAL_CATEGORIES)
     assert refused["burned_in_annotation"] == 1 and sum(refused.values()) == 1
+
+
+def test_a_bundle_that_refuses_a_study_another_analyses_is_named_in_the_detail(env) -> None:
+    settings, store, spool = env
+    adult = contract_manifest("cxr", min_age_years=60).model_copy(update={"bundle_id": "older-adults"})
+    ds = chest()  # born 1970-01-01, studied 2024-01-02: 54 completed years
+    sid = _study(store, spool, [ds])
+    bundles = StaticBundles([(contract_manifest("cxr"), TinyEngine()), (adult, TinyEngine())])
+    assert PipelineWorker(settings, store, bundles).process(sid) == INFERRED
+    _, detail = _state(store, sid)
+    assert detail.endswith(
+        f"AI not applied: older-adults: image …{ds.SOPInstanceUID[-12:]}: patient age 54Y below the model's minimum"
+        " 60Y (Patient's Birth Date and Study Date)"
+    )
+    assert [r["bundle_id"] for r in store.query("SELECT bundle_id FROM results WHERE study_id=?", (sid,))] == [
+        "tiny-cxr"
+    ]

@@ -348,8 +348,8 @@ class PipelineWorker:
         notes = uid_conflict_notes(study_id, images)
         active = self.bundles.active()
         routes = route(active, images, self.settings.pipeline.routes, calling_ae)
-        refused_whole = gated(active, images, self.settings.pipeline.routes, calling_ae) if not routes else []
-        if refused_whole:
+        refused_whole = gated(active, images, self.settings.pipeline.routes, calling_ae)
+        if refused_whole and not routes:
             return self._not_analysed(study_id, refused_whole, notes)
         if not routes:
             detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
@@ -423,14 +423,14 @@ class PipelineWorker:
             self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes))
             log.warning("study not processable", study_id=study_id, study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
-        any_refused = any(r.refused for r in routes)
+        not_applied = [r for r in routes if r.refused] + refused_whole  # another bundle may have refused them all
         detail = f"{stored} bundle(s)" + "".join(
             f"; {what}: {'; '.join(items)}"
             for what, items in (
                 ("failed", failures),
                 ("left out", left_out),
                 ("skipped", reasons),
-                ("AI not applied", [not_applied_detail([r for r in routes if r.refused])] if any_refused else []),
+                ("AI not applied", [not_applied_detail(not_applied)] if not_applied else []),
                 ("SOP UID conflict", notes),
             )
             if items
