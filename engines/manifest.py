@@ -85,6 +85,83 @@ class CodeRef(_Strict):
         return v
 
 
+# Image Type (0008,0008) and Conversion Type (0008,0064) values are Code Strings (PS3.5 6.2: upper case, digits,
+# space, underscore; at most 16 characters).
+_CODE_STRING = re.compile(r"^[A-Z0-9 _]{1,16}\Z")
+PRESENTATION_INTENTS = ("FOR PRESENTATION", "FOR PROCESSING")  # Presentation Intent Type (0008,0068) enumerated values
+
+
+class InputContract(_Strict):
+    """The intended use a bundle was validated for, beyond ``AppliesTo``'s modality / SOP class / anatomy / view /
+    laterality: image kind, population and encoding. The router refuses every image outside it, per image, with
+    a reason in the standard's terms (``appliance.pipeline.router.refusal_detail``). Empty lists and None mean
+    "not restricted".
+
+    - ``presentation_intents``: Presentation Intent Type (0008,0068) values taken (PS3.3 C.8.11.1.1.1: DX, MG and
+      IO images carry it; an image without the attribute, e.g. CR or SC, is not refused by it: its SOP class is).
+    - ``refused_image_types``: Image Type (0008,0008) patterns refused, each values joined by ``\\`` (e.g.
+      ``DERIVED\\SECONDARY``): an image is refused when its Image Type holds every value of a pattern.
+    - ``refused_conversion_types``: Conversion Type (0008,0064) values refused (PS3.3 C.8.6.1: ``WSD``
+      workstation = a screen capture, ``SD`` scanned document, ``SI`` scanned image, ``DF`` digitised film,
+      ``DV`` digitised video, ``DRW`` drawing, ``SYN`` synthetic).
+    - ``refuse_burned_in_annotation``: Burned In Annotation (0028,0301) ``YES`` refused (text in the pixels).
+    - ``min_age_years`` / ``max_age_years``: the patient's age in completed years, both bounds inclusive
+      (``min 15``: 15Y taken, 14Y refused; ``max 80``: 80Y taken, 81Y refused). The age is Patient's Age
+      (0010,1010) (nnnD/W/M/Y, PS3.5 6.2 AS), else computed from Patient's Birth Date (0010,0030) and Study
+      Date (0008,0020). ``unknown_age`` decides an image whose age cannot be read (checked only when a bound
+      is set).
+    - ``min_rows`` .. ``max_columns``: Rows (0028,0010) / Columns (0028,0011) bounds, inclusive.
+    - ``bits_stored``: Bits Stored (0028,0101) values taken. ``photometric_interpretations``: Photometric
+      Interpretation (0028,0004) values taken (e.g. MONOCHROME1, MONOCHROME2).
+    """
+
+    presentation_intents: list[Literal["FOR PRESENTATION", "FOR PROCESSING"]] = Field(default_factory=list)
+    refused_image_types: list[str] = Field(default_factory=list)
+    refused_conversion_types: list[str] = Field(default_factory=list)
+    refuse_burned_in_annotation: bool = False
+    min_age_years: int | None = Field(default=None, ge=0, le=200)
+    max_age_years: int | None = Field(default=None, ge=0, le=200)
+    unknown_age: Literal["accept", "refuse"] = "accept"
+    min_rows: int | None = Field(default=None, ge=1, le=65535)
+    max_rows: int | None = Field(default=None, ge=1, le=65535)
+    min_columns: int | None = Field(default=None, ge=1, le=65535)
+    max_columns: int | None = Field(default=None, ge=1, le=65535)
+    bits_stored: list[int] = Field(default_factory=list)
+    photometric_interpretations: list[str] = Field(default_factory=list)
+
+    @field_validator("refused_image_types")
+    @classmethod
+    def _image_types(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            parts = pattern.split("\\")
+            if not all(_CODE_STRING.match(p) for p in parts):
+                raise ValueError(f"Image Type pattern {pattern!r}: values must be DICOM Code Strings joined by '\\'")
+        return v
+
+    @field_validator("refused_conversion_types", "photometric_interpretations")
+    @classmethod
+    def _code_strings(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not _CODE_STRING.match(x)]
+        if bad:
+            raise ValueError(f"not DICOM Code Strings: {bad}")
+        return v
+
+    @field_validator("bits_stored")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 32 for b in v):
+            raise ValueError("bits_stored values must be 1..32")
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> InputContract:
+        for lo, hi in (("min_age_years", "max_age_years"), ("min_rows", "max_rows"), ("min_columns", "max_columns")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{lo} ({a}) is above {hi} ({b})")
+        return self
+
+
 # Fields added to AppliesTo after reference bundles were signed: left out of the canonical form while at their
 # default, so that every manifest signed before them keeps its exact canonical bytes (and its signature).
 _APPLIES_TO_EXTENSIONS: dict[str, Any] = {
@@ -92,6 +169,7 @@ _APPLIES_TO_EXTENSIONS: dict[str, Any] = {
     "view_modifiers": None,
     "anatomy_codes": [],
     "lateralities": [],
+    "input_contract": None,
 }
 
 
@@ -116,6 +194,9 @@ class AppliesTo(_Strict):
     # Image / frame / series laterality the image must have (PS3.3 C.8.11.7, C.7.6.16.2.8, C.7.3.1): e.g.
     # ["L", "R"] = one breast per image; empty = any, unknown included.
     lateralities: list[Literal["L", "R", "B"]] = Field(default_factory=list)
+    # The intended use beyond the fields above (image kind, population, encoding): None = the bundle declares
+    # none (``appliance model list`` warns); see InputContract.
+    input_contract: InputContract | None = None
 
     @model_serializer(mode="wrap")
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -10,7 +10,7 @@ Other members of the family, on the real reference manifests: MLO coded, SRT vs 
 concept (PS3.16 CID 4014 / CID 4010 / CID 4031), laterality only in the frame-level Frame Laterality
 (C.7.6.16.2.8) or only in the series Laterality (C.7.3.1), anatomy only in Anatomic Region Sequence
 (C.8.11.2), view modifiers (CID 4015), manifests stating ``applies_to`` in codes, the signed reference bundles
-verifying and routing as before, and a ``no_model`` detail that says why, per image.
+verifying and routing as before, and a ``no_model`` / ``not_analysed`` detail that says why, per image.
 """
 
 from __future__ import annotations
@@ -332,7 +332,11 @@ def test_no_model_detail_names_each_image_and_each_bundles_reason(refs: dict[str
     assert "CASE" not in detail and str(images[0].PatientName) not in detail  # codes and UID tails only
 
 
-def test_offline_no_model_reason_is_per_image(tmp_path: Path, refs: dict[str, Manifest]) -> None:
+def test_offline_a_view_the_model_refuses_is_not_analysed_with_the_reason(
+    tmp_path: Path, refs: dict[str, Manifest]
+) -> None:
+    """The mammography model's modality matches an XCCL view it was not made for: not ``no_model`` (a model
+    would have taken the study) but ``not_analysed``, the reason per image (issue 16)."""
     src = tmp_path / "in"
     src.mkdir()
     ds = mg(view=XCCL_SCT)
@@ -340,11 +344,12 @@ def test_offline_no_model_reason_is_per_image(tmp_path: Path, refs: dict[str, Ma
     bundles = StaticBundles([(refs["mmg-phantom"], TinyEngine())])
     report = run_offline(Settings(state_dir=tmp_path / "home"), [src], None, bundles=bundles)
     (study,) = report["studies"]
-    assert study["state"] == "no_model"
+    assert study["state"] == "not_analysed" and study["results"] == []
     assert study["reason"] == (
-        f"no active model applies: image …{ds.SOPInstanceUID[-12:]}: mmg-phantom: view XCCL (View Code Sequence "
+        f"AI not applied: mmg-phantom: image …{ds.SOPInstanceUID[-12:]}: view XCCL (View Code Sequence "
         'SCT 399192008 "cranio-caudal exaggerated laterally") not in CC, MLO'
     )
+    assert [(n["bundle_id"], n["category"]) for n in study["not_applied"]] == [("mmg-phantom", "view")]
 
 
 def test_shared_field_case_script_still_matches_the_copy(tmp_path: Path) -> None:
@@ -409,7 +414,8 @@ def test_case_through_the_daemon_is_analysed_and_a_no_model_study_says_why(
     home: Path, tmp_path: Path, orthanc: Orthanc
 ) -> None:
     """storescu -> daemon (reference bundles, ONNX Runtime) -> Orthanc: the case ends exported with the mass on
-    the left in the SR; an MG study whose only view is one no bundle takes ends ``no_model`` naming the image."""
+    the left in the SR; an MG study whose only view is one the mammography model does not take ends
+    ``not_analysed`` naming the image, with the "AI not applied" notice in the PACS (issue 16)."""
     case = sorted(str(p) for p in write_case(CASE, tmp_path / "case").glob("*.dcm"))
     study_uid = pydicom.dcmread(case[0]).StudyInstanceUID
     odd = mg(view=XCCL_SCT)
@@ -433,10 +439,13 @@ def test_case_through_the_daemon_is_analysed_and_a_no_model_study_says_why(
         findings = json.loads(summary[0]["summary"])["findings"]
         _assert_left_mass(findings, {"L": scores["AI left breast score"], "R": scores["AI right breast score"]})
         wait_until(lambda: d.studies("exported"), timeout=60, what="the case exported")
-        (row,) = wait_until(lambda: d.studies("no_model"), timeout=60, what="the odd study no_model")
+        (row,) = wait_until(lambda: d.studies("not_analysed"), timeout=60, what="the odd study not_analysed")
         assert row["detail"] == (
-            f"no active model applies: image …{odd.SOPInstanceUID[-12:]}: cxr-phantom: modality MG not in DX, CR; "
-            'mmg-phantom: view XCCL (View Code Sequence SCT 399192008 "cranio-caudal exaggerated laterally") '
-            "not in CC, MLO"
+            f"AI not applied: mmg-phantom: image …{odd.SOPInstanceUID[-12:]}: view XCCL (View Code Sequence "
+            'SCT 399192008 "cranio-caudal exaggerated laterally") not in CC, MLO'
         )
+        (notice,) = wait_until(
+            lambda: orthanc.instances_of_study(str(odd.StudyInstanceUID)) or None, timeout=60, what="the notice"
+        )
+        assert notice["Modality"] == "OT"  # the "AI not applied" Secondary Capture, not a finding
         assert str(odd.PatientName) not in d.logs()

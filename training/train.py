@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from engines import bundle as B
+from engines.contracts import reference_applies_to
 from engines.golden import reference_outputs, save_golden
 from engines.keys import load_private_key
 from engines.reference import phantoms as P
@@ -261,11 +262,11 @@ def manifest_for(kind: str, thresholds: dict[str, float] | None = None) -> dict[
     tol = {"fp32": {"atol": 1e-4, "rtol": 1e-3}, "fp16": {"atol": 5e-2, "rtol": 5e-2}}
     if kind == "cxr":
         labels = list(P.CXR_LABELS)
-        applies = {"modalities": ["DX", "CR"], "body_parts": ["CHEST"], "views": ["PA", "AP"]}
+        applies = reference_applies_to("cxr")  # with its input contract (issue 16); 1.0.1 had none
         title = "Chest X-ray phantom findings (reference model) - NOT FOR CLINICAL USE"
     else:
         labels = list(P.MMG_LABELS)
-        applies = {"modalities": ["MG"], "body_parts": ["BREAST"], "views": ["CC", "MLO"]}
+        applies = reference_applies_to("mmg")
         title = "Mammography phantom mass score per view (reference model) - NOT FOR CLINICAL USE"
     return {
         "bundle_id": f"{kind}-phantom",

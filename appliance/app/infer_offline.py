@@ -33,9 +33,10 @@ from appliance.models.active import ActiveEngines
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import Analysis, analyse_route
 from appliance.pipeline.preprocess import NotProcessable
-from appliance.pipeline.results import complete_evidence, result_summary, submit_scs, write_objects
+from appliance.pipeline.results import NOTICE, complete_evidence, result_summary, submit_scs, write_objects
+from appliance.pipeline.results_notice import build_notice
 from appliance.pipeline.results_sr import build_sr
-from appliance.pipeline.router import InferenceEngine, explain, route
+from appliance.pipeline.router import InferenceEngine, explain, gated, not_applied_detail, refused_summary, route
 from appliance.pipeline.worker import BundleSource
 from engines.manifest import Manifest
 
@@ -169,6 +170,25 @@ def _run_study(
     if study.sop_uid_conflicts:
         entry["sop_uid_conflicts"] = study.sop_uid_conflicts
     routes = route(active, images, p.routes)
+    refused_whole = gated(active, images, p.routes) if not routes else []
+    if refused_whole:  # a model's modality matches, its input gate refused every image: the daemon's not_analysed
+        entry.update(state="not_analysed", reason="AI not applied: " + not_applied_detail(refused_whole))
+        entry["not_applied"] = [
+            {"bundle_id": r.manifest.bundle_id, "bundle_version": r.manifest.version, **item}
+            for r in refused_whole
+            for item in refused_summary(r.refused)
+        ]
+        if out is not None:
+            entry["objects"] = [
+                {"kind": NOTICE, "sop_uid": str(ds.SOPInstanceUID), "path": str(path)}
+                for r in refused_whole
+                for _, ds, path in write_objects(
+                    [(NOTICE, build_notice(r.manifest, r.refused))],
+                    out / safe_name(study_uid) / safe_name(f"{r.manifest.bundle_id}-{r.manifest.version}"),
+                    pool,
+                )
+            ]
+        return entry
     if not routes:
         entry.update(state="no_model", reason=explain(active, images, p.routes))
     reasons = []
@@ -245,6 +265,8 @@ def format_table(report: dict[str, Any]) -> str:
         short = "…" + st["study_uid"][-16:]
         if not st["results"]:
             lines.append(f"{short:<18} {st['state']}: {st['reason']}")
+        for obj in st.get("objects", []):  # a not_analysed study's "AI not applied" notices
+            lines.append(f"{'':<18} {obj['kind']}: {obj['path']}")
         shared = {c["sop_instance_uid"] for c in st.get("sop_uid_conflicts", [])}
         for res in st["results"]:
             tag = f"{res['bundle_id']} {res['bundle_version']}"
@@ -264,6 +286,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{short:<18} {tag:<22} {extra}")
             for obj in res.get("objects", []):
                 lines.append(f"{'':<18} {obj['kind']}: {obj['path']}")
+            for na in res.get("not_applied", []):
+                lines.append(f"{'':<18} AI not applied to image …{na['image_sop_uid'][-12:]}: {na['reason']}")
             for sk in res.get("skipped", []):
                 lines.append(f"{'':<18} not analysed {sk['path'] or sk['image_sop_uid']}: {sk['reason']}")
             if not res["clinical_use"]:

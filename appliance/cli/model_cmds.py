@@ -25,6 +25,7 @@ from engines.keys import (
     write_private_key,
     write_public_key,
 )
+from engines.registry import Registry
 
 model_app = typer.Typer(
     help="Model bundles: build, sign, verify, install, list, activate, rollback.", no_args_is_help=True
@@ -169,6 +170,7 @@ def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) 
 
     reg = registry(settings_from(ctx))
     rows = reg.list()
+    contract = {(r.bundle_id, r.version): _declares_contract(reg, r.bundle_id, r.version) for r in rows}
     if as_json:
         typer.echo(
             json.dumps(
@@ -181,6 +183,7 @@ def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) 
                         "key_id": r.key_id,
                         "installed_at": r.installed_at,
                         "failure": r.failure,
+                        "input_contract": contract[(r.bundle_id, r.version)],
                     }
                     for r in rows
                 ],
@@ -194,6 +197,20 @@ def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) 
         flag = "*" if r.active else ("<" if r.previous else " ")
         fail = f"  FAILED: {r.failure['reason']}" if r.failure else ""
         typer.echo(f"{flag} {r.bundle_id:<24} {r.version:<12} key {r.key_id} {r.installed_at}{fail}")
+        if contract[(r.bundle_id, r.version)] is False:
+            typer.echo(
+                f"  warning: {r.bundle_id} {r.version} declares no input contract (applies_to.input_contract): "
+                "only its modality, SOP class, anatomy, view and laterality are checked, not image kind, "
+                "presentation intent, patient age or encoding"
+            )
+
+
+def _declares_contract(reg: Registry, bundle_id: str, version: str) -> bool | None:
+    """Whether the installed manifest declares ``applies_to.input_contract`` (None: manifest unreadable)."""
+    try:
+        return reg.manifest(bundle_id, version).applies_to.input_contract is not None
+    except Exception:
+        return None
 
 
 @model_app.command("activate")

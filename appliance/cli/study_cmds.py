@@ -25,7 +25,7 @@ from rich.text import Text
 from appliance.cli import settings_from
 from appliance.core.config import Settings
 from appliance.core.store import Store
-from appliance.lifecycle.studies import STUDY_STATES
+from appliance.lifecycle.studies import NOT_ANALYSED, STUDY_STATES
 from appliance.worklist.display import dicom_date, person_name
 from appliance.worklist.read import Finding
 
@@ -153,7 +153,7 @@ def studies(
             Text(r.accession_number or "-"),
             *([] if narrow else [Text(r.modality or "")]),
             r.state + (f" r{r.revision}" if r.revision > 1 else ""),
-            _findings(r.findings),
+            Text(r.detail or "AI not applied", style="bold red") if r.state == NOT_ANALYSED else _findings(r.findings),
             r.study_uid if wide else short_uid(r.study_uid),
         ]
         if wide:

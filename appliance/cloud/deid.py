@@ -205,6 +205,17 @@ def deidentify_result(
                 "laterality": _vocab(im.get("laterality"), LATERALITIES),
             }
         )
+    # images of the study the bundle's input gate refused: pseudonym and refusal category only (never the
+    # reason text, which may state the patient's age); no finding is ever sent for them
+    refused = [i for i in (result.get("not_applied") or []) if isinstance(i, dict)][:MAX_IMAGES]
+    if refused:
+        out["not_applied"] = [
+            {
+                "image_sop_uid": _uid(secret, i.get("image_sop_uid")),
+                "category": _str(i.get("category"), _LABEL, "not_applied.category"),
+            }
+            for i in refused
+        ]
     codes = [CODE_BASIC_PROFILE]
     if retain_patient_characteristics:
         given = result.get("patient")

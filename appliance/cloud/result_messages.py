@@ -52,6 +52,10 @@ def cloud_result(summary: dict[str, Any], revision: int) -> dict[str, Any]:
             for f in summary.get("findings", [])
         ],
         "images": summary.get("images", []),
+        "not_applied": [
+            {"image_sop_uid": i.get("image_sop_uid"), "category": i.get("category")}
+            for i in summary.get("not_applied") or []
+        ],
         "patient": {"sex": patient.get("PatientSex") or None, "birth_date": patient.get("PatientBirthDate") or None},
         "study_date": patient.get("StudyDate") or None,
     }

@@ -176,6 +176,9 @@ class PacsDestination(Section):
     ae_title: str = Field(min_length=1, max_length=16)
     host: str
     port: int = Field(ge=1, le=65535)
+    # Send this PACS the "AI not applied" notice (a Secondary Capture) of a study a model's modality matched but
+    # whose every image the model's input gate refused (study state not_analysed).
+    send_ai_not_applied: bool = True
 
 
 class RouteRule(Section):

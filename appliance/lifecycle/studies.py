@@ -10,10 +10,10 @@ study: the loser gets :class:`LostRace`, an illegal move :class:`IllegalTransiti
     received -> complete -> inferring -> inferred -> exported -> purged
                    |            |  ^          ^  |
                    |            |  +- complete  +-- (resend: exported -> inferred)
-                   |            +-> no_model | not_processable | failed -> purged
+                   |            +-> no_model | not_analysed | not_processable | failed -> purged
                    +-> failed (attempts used up) | superseded -> purged
 
-    inferred | exported | no_model | not_processable | failed -> complete   (an operator's retry: reopen)
+    inferred | exported | no_model | not_analysed | not_processable | failed -> complete   (an operator's retry)
 
 ``studies.attempts`` counts how often the worker began inferring a revision (:func:`begin_inference`);
 once it reaches ``pipeline.max_attempts`` an interrupted or crashing study is ended ``failed`` with the
@@ -36,7 +36,8 @@ COMPLETE = "complete"  # association released and quiet period over
 INFERRING = "inferring"  # the worker is analysing it (attempts counts how often this began)
 INFERRED = "inferred"  # results built and durable, export queued
 EXPORTED = "exported"  # every destination acknowledged
-NO_MODEL = "no_model"  # no active bundle applies: recorded, not an error
+NO_MODEL = "no_model"  # no active bundle's modality matches: recorded, not an error
+NOT_ANALYSED = "not_analysed"  # a bundle's modality matches but its input gate refused every image (reason per image)
 NOT_PROCESSABLE = "not_processable"  # input the models cannot take (reason recorded)
 FAILED = "failed"  # inference or result building failed, timed out or was interrupted too often (reason recorded)
 SUPERSEDED = "superseded"  # a later revision of the same study replaced this one
@@ -48,13 +49,14 @@ STUDY_STATES = (
     INFERRED,
     EXPORTED,
     NO_MODEL,
+    NOT_ANALYSED,
     NOT_PROCESSABLE,
     FAILED,
     SUPERSEDED,
     PURGED,
 )
 # States after which nothing more happens to a revision's files: retention may purge them.
-SETTLED_STATES = (EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED, SUPERSEDED)
+SETTLED_STATES = (EXPORTED, NO_MODEL, NOT_ANALYSED, NOT_PROCESSABLE, FAILED, SUPERSEDED)
 # States a revision passes through; each is resumed or ended at startup (``lifecycle.recovery``).
 TRANSIENT_STATES = (COMPLETE, INFERRING, INFERRED)
 
@@ -62,10 +64,11 @@ TRANSIENT_STATES = (COMPLETE, INFERRING, INFERRED)
 TRANSITIONS: dict[str, frozenset[str]] = {
     RECEIVED: frozenset({COMPLETE, FAILED}),  # failed: stalled past retention.stalled_days (retention)
     COMPLETE: frozenset({INFERRING, FAILED, SUPERSEDED}),
-    INFERRING: frozenset({INFERRED, NO_MODEL, NOT_PROCESSABLE, FAILED, COMPLETE}),
+    INFERRING: frozenset({INFERRED, NO_MODEL, NOT_ANALYSED, NOT_PROCESSABLE, FAILED, COMPLETE}),
     INFERRED: frozenset({EXPORTED, PURGED, COMPLETE}),
     EXPORTED: frozenset({INFERRED, PURGED, COMPLETE}),
     NO_MODEL: frozenset({PURGED, COMPLETE}),
+    NOT_ANALYSED: frozenset({PURGED, COMPLETE}),
     NOT_PROCESSABLE: frozenset({PURGED, COMPLETE}),
     FAILED: frozenset({PURGED, COMPLETE}),
     SUPERSEDED: frozenset({PURGED}),
@@ -192,7 +195,7 @@ def retry_or_fail(conn: sqlite3.Connection, study_id: int, reason: str, max_atte
 
 
 # States an operator may send back to analysis (:func:`reopen`): analysed or ended, files still there.
-REOPENABLE_STATES = (INFERRED, EXPORTED, NO_MODEL, NOT_PROCESSABLE, FAILED)
+REOPENABLE_STATES = (INFERRED, EXPORTED, NO_MODEL, NOT_ANALYSED, NOT_PROCESSABLE, FAILED)
 
 
 def reopen(conn: sqlite3.Connection, study_id: int, why: str) -> Study:

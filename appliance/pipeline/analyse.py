@@ -20,7 +20,7 @@ from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
 from appliance.pipeline.postprocess import ImageResult, StudyResult, image_findings, laterality, study_result, view_of
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
-from appliance.pipeline.router import Route
+from appliance.pipeline.router import Route, refused_summary
 from engines.manifest import Manifest, Preprocessing
 
 log = get_logger(__name__)
@@ -135,6 +135,11 @@ def analyse(
 def analyse_route(
     r: Route, cfg: PipelineConfig, cached: CachedFn | None = None, pool: Executor | None = None
 ) -> Analysis:
-    """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits."""
+    """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits; the images the
+    bundle's gate refused (``r.refused``) are named in ``result.not_applied``, never analysed."""
     max_batch = r.engine.max_batch or 1
-    return analyse(r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached, pool)
+    analysis = analyse(
+        r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached, pool
+    )
+    analysis.result.not_applied = refused_summary(r.refused)
+    return analysis

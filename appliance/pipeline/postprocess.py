@@ -74,6 +74,9 @@ class StudyResult:
     per_breast: dict[str, float] | None
     study_score: float
     patient: dict[str, str] = field(default_factory=dict)
+    # images of the bundle's modality that its input gate refused (never analysed, never scored):
+    # [{image_sop_uid, image_series_uid, category, reason}] (``router.refused_summary``)
+    not_applied: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def urgent_labels(self) -> list[str]:
@@ -127,6 +130,7 @@ class StudyResult:
                 }
                 for img in self.images
             ],
+            "not_applied": [dict(item) for item in self.not_applied],
         }
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
-from appliance.core.config import Settings
+from appliance.core.config import PacsDestination, Settings
 from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
 from appliance.core.safe_names import relative_to, safe_name
@@ -39,8 +39,10 @@ from appliance.core.store import Store, now
 from appliance.delivery.export import queue_object
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import Analysis
+from appliance.pipeline.results_notice import build_notice
 from appliance.pipeline.results_sc import build_sc
 from appliance.pipeline.results_sr import build_sr
+from appliance.pipeline.router import Route, refused_summary
 from durable import fsync_dir, write_atomic
 from engines.manifest import Manifest
 
@@ -240,21 +242,90 @@ def _queue_objects(
             "SELECT id FROM result_objects WHERE result_id=? AND sop_instance_uid=?",
             (result_id, str(ds.SOPInstanceUID)),
         ).fetchone()[0]
-        queue_object(conn, study_id, int(object_id), settings.pipeline.destinations, ts)
+        queue_object(conn, study_id, int(object_id), destinations_for(settings, kind), ts)
+
+
+NOTICE = "NOTICE"  # result_objects.kind of an "AI not applied" notice (``results_notice``)
+
+
+def destinations_for(settings: Settings, kind: str) -> list[PacsDestination]:
+    """The PACS destinations an object of ``kind`` goes to: every configured one, except that a NOTICE goes only
+    to those with ``send_ai_not_applied`` (on by default)."""
+    dests = settings.pipeline.destinations
+    return [d for d in dests if d.send_ai_not_applied] if kind == NOTICE else list(dests)
 
 
 def queue_unqueued_objects(conn: sqlite3.Connection, settings: Settings, study_id: int) -> int:
     """Queue every recorded object of the study for the destinations configured now (startup recovery of a
     study inferred while none was configured); returns how many export rows were added."""
     rows = conn.execute(
-        "SELECT o.id FROM result_objects o JOIN results r ON r.id=o.result_id WHERE r.study_id=?", (study_id,)
+        "SELECT o.id, o.kind FROM result_objects o JOIN results r ON r.id=o.result_id WHERE r.study_id=?", (study_id,)
     ).fetchall()
-    return sum(queue_object(conn, study_id, int(r["id"]), settings.pipeline.destinations, now()) for r in rows)
+    return sum(queue_object(conn, study_id, int(r["id"]), destinations_for(settings, r["kind"]), now()) for r in rows)
+
+
+def save_notices(
+    settings: Settings, store: Store, study_id: int, routes: list[Route], pool: Executor | None = None
+) -> list[str]:
+    """A study the gate refused whole (``router.gated`` routes, each with its refused images): per bundle, build
+    and write the "AI not applied" Secondary Capture (``results_notice.build_notice``), record a ``results`` row
+    (summary ``{"not_analysed": true, "not_applied": [...], "findings": []}``, no score) with the notice as a
+    ``NOTICE`` object, and queue it for every destination with ``send_ai_not_applied``, in one transaction;
+    idempotent (same UIDs on a re-run). The study's state is the caller's. Returns the problems (a notice whose
+    builder raised is left out, logged; the study is still ``not_analysed``)."""
+    problems: list[str] = []
+    for r in routes:
+        try:
+            notice = build_notice(r.manifest, r.refused)
+        except Exception as exc:
+            problems.append(f"{r.manifest.bundle_id}: notice not built: {type(exc).__name__}: {exc}")
+            log.exception("AI not applied notice not built", study_id=study_id, bundle=r.manifest.bundle_id)
+            continue
+        study_uid = str(notice.StudyInstanceUID)
+        out_dir = result_dir(settings, study_uid, r.manifest)
+        written = write_objects([(NOTICE, notice)], out_dir, pool)
+        summary = {
+            "study_uid": study_uid,
+            "bundle_id": r.manifest.bundle_id,
+            "bundle_version": r.manifest.version,
+            "task": r.manifest.task,
+            "clinical_use": r.manifest.clinical_use,
+            "not_analysed": True,
+            "findings": [],
+            "urgent": [],
+            "images": [],
+            "not_applied": refused_summary(r.refused),
+            "objects": [
+                {"kind": k, "sop_uid": str(ds.SOPInstanceUID), "path": relative_to(settings.state_dir, p)}
+                for k, ds, p in written
+            ],
+        }
+        with store.transaction() as conn:
+            conn.execute(
+                "INSERT INTO results(study_id, study_uid, bundle_id, bundle_version, summary, study_score, dir,"
+                " timings, created_at) VALUES (?,?,?,?,?,NULL,?,?,?) ON CONFLICT(study_id, bundle_id,"
+                " bundle_version) DO UPDATE SET summary=excluded.summary, study_score=NULL",
+                (
+                    study_id,
+                    study_uid,
+                    r.manifest.bundle_id,
+                    r.manifest.version,
+                    json.dumps(summary),
+                    relative_to(settings.state_dir, out_dir),
+                    json.dumps({}),
+                    now(),
+                ),
+            )
+            result_id = _result_row(conn, study_id, r.manifest)["id"]
+            _queue_objects(conn, settings, study_id, result_id, written)
+        log.info("AI not applied notice stored", study_id=study_id, bundle=r.manifest.bundle_id, images=len(r.refused))
+    return problems
 
 
 def purge_study_results(conn: sqlite3.Connection, study_id: int) -> int:
     """Retention, in the caller's transaction (after the export rows went): delete the study's result
-    objects and drop the patient block from each result's findings (kept for statistics). Objects flagged
+    objects and drop the patient block from each result's findings (kept for statistics) and the reason text of
+    each image the gate refused (its category stays: it may state the patient's age). Objects flagged
     ``path_outside`` (an absolute path outside the state directory, migration 0009) are kept, for the operator
     to look at. Returns how many result rows were stripped."""
     rows = conn.execute("SELECT id, summary FROM results WHERE study_id=?", (study_id,)).fetchall()
@@ -262,6 +333,8 @@ def purge_study_results(conn: sqlite3.Connection, study_id: int) -> int:
         conn.execute("DELETE FROM result_objects WHERE result_id=? AND path_outside=0", (r["id"],))
         summary = json.loads(r["summary"] or "{}")
         summary.pop("patient", None)
+        for item in summary.get("not_applied") or []:  # the reason may state the patient's age: the category stays
+            item.pop("reason", None)
         conn.execute("UPDATE results SET summary=? WHERE id=?", (json.dumps(summary), r["id"]))
     return len(rows)
 

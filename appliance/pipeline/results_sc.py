@@ -131,12 +131,26 @@ def _ordered(img: ImageResult) -> list[Finding]:
 
 def summary_line(img: ImageResult, result: StudyResult) -> str:
     """The one-line plain summary burned into the SC ("AI: nodule 0.82 (positive); effusion 0.03; NOT FOR
-    CLINICAL USE"): every finding of this image with its score, positives first, the clinical-use notice last."""
+    CLINICAL USE"): every finding of this image with its score, positives first, then the images of the study the
+    gate refused (:func:`not_applied_note`), the clinical-use notice last."""
     parts = [f"{f.label} {f.score:.2f}{' (positive)' if f.positive else ''}" for f in _ordered(img)]
     text = "AI: " + ("; ".join(parts) if parts else "no findings")
     if result.urgent_labels:
         text = f"{urgent_banner(result)}; {text}"
+    if result.not_applied:
+        text = f"{text}; {not_applied_note(result)}"
     return f"{text}; {BANNER}" if not result.clinical_use else text
+
+
+def not_applied_note(result: StudyResult) -> str:
+    """ "AI not applied to 2 other images: For Processing image (Presentation Intent Type), model takes For
+    Presentation" (each distinct reason once); empty when the gate refused no image of the study."""
+    if not result.not_applied:
+        return ""
+    n = len(result.not_applied)
+    reasons = list(dict.fromkeys(item["reason"] for item in result.not_applied))
+    noun = "image" if n == 1 else "images"
+    return f"AI not applied to {n} other {noun}: {'; '.join(reasons)}"
 
 
 def urgent_banner(result: StudyResult) -> str:

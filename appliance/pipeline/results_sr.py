@@ -57,6 +57,10 @@ PRIORITY = CodedConcept("260870009", "SCT", "Priority")
 URGENT = CodedConcept("103391001", "SCT", "Urgent")
 YES, NO = codes.SCT.Yes, codes.SCT.No
 GENERIC_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
+# TID 1500 row "Qualitative Evaluations" (DCM 126010), a CONTAINER of the report that CONTAINS TEXT items: one
+# Comment (DCM 121106) per image of the study the bundle's input gate refused ("AI not applied to image ...").
+QUALITATIVE_EVALUATIONS = CodedConcept("126010", "DCM", "Qualitative Evaluations")
+COMMENT = CodedConcept("121106", "DCM", "Comment")
 
 
 def _codes(items) -> list[CodedConcept]:
@@ -218,11 +222,34 @@ def build_report(result: StudyResult, sources: list[Dataset], title: str) -> hd.
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(s) for s in sources],
         )
     )
-    return hd.sr.MeasurementReport(
+    report = hd.sr.MeasurementReport(
         observation_context=observer,
         procedure_reported=procedure_reported(sources),
         imaging_measurements=groups,
     )
+    if result.not_applied:
+        report[0].ContentSequence.append(not_applied_container(result))
+    return report
+
+
+def not_applied_container(result: StudyResult) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations" CONTAINER with one TEXT "Comment" per image the gate refused: "AI not
+    applied to image <SOP Instance UID>: <reason>" (the image is not analysed, so it is not evidence)."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=f"AI not applied to image {item['image_sop_uid']}: {item['reason']}",
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for item in result.not_applied
+        ],
+        is_root=False,
+    )
+    return container
 
 
 def _referenced_sops(items) -> set[str]:

@@ -80,3 +80,14 @@ def shared_sop_uids(images: Iterable[tuple[str | None, str]]) -> list[dict[str, 
     for series_uid, sop_uid in images:
         series.setdefault(sop_uid, set()).add(series_uid or "")
     return [{"sop_instance_uid": sop, "series_uids": sorted(s)} for sop, s in sorted(series.items()) if len(s) > 1]
+
+
+def notice_series_uid(study_uid: str, bundle_id: str, version: str) -> str:
+    """The series of the "AI not applied" notices of a study and bundle version (``results_notice``)."""
+    return derive_uid("notice-series", study_uid, bundle_id, version)
+
+
+def notice_instance_uid(study_uid: str, image_keys: Iterable[str], bundle_id: str, version: str) -> str:
+    """The SOP Instance UID of the "AI not applied" notice of a study and bundle version, from the identities
+    (:func:`image_key`) of the images the gate refused: the same refusal gives the same UID on a re-run."""
+    return derive_uid("notice", study_uid, _key(image_keys), bundle_id, version)

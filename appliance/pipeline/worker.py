@@ -36,14 +36,22 @@ from appliance.core.store import Store
 from appliance.delivery.export import mark_if_exported
 from appliance.ingest.records import study_instances
 from appliance.lifecycle import studies
-from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
+from appliance.lifecycle.studies import (
+    COMPLETE,
+    FAILED,
+    INFERRED,
+    INFERRING,
+    NO_MODEL,
+    NOT_ANALYSED,
+    NOT_PROCESSABLE,
+)
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.recovery import recover
-from appliance.pipeline.results import ResultPublisher, save_results
-from appliance.pipeline.router import InferenceEngine, explain, route
+from appliance.pipeline.results import ResultPublisher, save_notices, save_results
+from appliance.pipeline.router import InferenceEngine, Route, explain, gated, not_applied_detail, route
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -301,6 +309,21 @@ class PipelineWorker:
         except Exception:
             log.exception("could not record the pipeline error", study_id=study_id)
 
+    def _not_analysed(self, study_id: int, routes: list[Route], notes: list[str]) -> str:
+        """Every image of the bundles' modality refused by their gate: the "AI not applied" notices go to the PACS
+        (``results.save_notices``), the study ends ``not_analysed`` with one reason per image."""
+        problems = save_notices(self.settings, self.store, study_id, routes, self.results_pool)
+        detail = "AI not applied: " + not_applied_detail(routes) + "".join(f"; {n}" for n in [*problems, *notes])
+        self._set(study_id, NOT_ANALYSED, detail)
+        log.info(
+            "study not analysed: input gate refused every image",
+            study_id=study_id,
+            categories=sorted({why.category for r in routes for _, why in r.refused}),
+        )
+        if self.on_results is not None:
+            self.on_results()
+        return NOT_ANALYSED
+
     def process(self, study_id: int) -> str:
         """Run every applicable bundle on one study; returns the state it ends in."""
         row = self.store.query("SELECT state, study_uid, calling_ae FROM studies WHERE id=?", (study_id,))
@@ -325,11 +348,14 @@ class PipelineWorker:
         notes = uid_conflict_notes(study_id, images)
         active = self.bundles.active()
         routes = route(active, images, self.settings.pipeline.routes, calling_ae)
+        refused_whole = gated(active, images, self.settings.pipeline.routes, calling_ae)
+        if refused_whole and not routes:
+            return self._not_analysed(study_id, refused_whole, notes)
         if not routes:
             detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
             detail += "".join(f"; {n}" for n in notes)
             self._set(study_id, NO_MODEL, detail)
-            log.info("no model for study", study_id=study_id, study_uid=study_uid, detail=detail)
+            log.info("no model for study", study_id=study_id, detail=detail)
             return NO_MODEL
         p = self.settings.pipeline
         loaded = time.perf_counter() - t0  # spool files read and routed
@@ -397,12 +423,14 @@ class PipelineWorker:
             self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes))
             log.warning("study not processable", study_id=study_id, study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
+        not_applied = [r for r in routes if r.refused] + refused_whole  # another bundle may have refused them all
         detail = f"{stored} bundle(s)" + "".join(
             f"; {what}: {'; '.join(items)}"
             for what, items in (
                 ("failed", failures),
                 ("left out", left_out),
                 ("skipped", reasons),
+                ("AI not applied", [not_applied_detail(not_applied)] if not_applied else []),
                 ("SOP UID conflict", notes),
             )
             if items

@@ -4,8 +4,11 @@ One :class:`ApplianceMetrics` per daemon, with its own ``CollectorRegistry`` (no
 read from the state database at each scrape, so they survive restarts and agree with ``appliance studies``:
 
 - ``appliance_studies_received_total``: study revisions received; ``appliance_studies_processed_total``,
-  ``..._failed_total``, ``..._no_model_total``, ``..._not_processable_total``: revisions that ever reached
-  ``inferred``, ``failed``, ``no_model``, ``not_processable`` (from ``study_events``; a retried study counts once);
+  ``..._failed_total``, ``..._no_model_total``, ``..._not_analysed_total``, ``..._not_processable_total``: revisions
+  that ever reached ``inferred``, ``failed``, ``no_model``, ``not_analysed``, ``not_processable`` (from
+  ``study_events``; a retried study counts once);
+- ``appliance_images_refused_total{category}``: images a bundle's input gate refused, by refusal category
+  (``router.REFUSAL_CATEGORIES``, a bounded set), from the results' ``not_applied`` lists (a re-run counts once);
 - ``appliance_studies{state}``: revisions in each state now;
 - ``appliance_queue_depth{queue}``: ``assembling`` (received, not complete), ``analysis`` (complete or
   inferring); ``appliance_export_backlog``: result objects not yet accepted by a PACS destination;
@@ -33,9 +36,10 @@ from prometheus_client.registry import Collector
 
 from appliance.core.config import Settings
 from appliance.core.store import Store
+from appliance.pipeline.router import REFUSAL_CATEGORIES
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-ENDED_STATES = ("inferred", "failed", "no_model", "not_processable")
+ENDED_STATES = ("inferred", "failed", "no_model", "not_analysed", "not_processable")
 _ENDED_NAMES = {"inferred": "processed"}
 
 
@@ -61,7 +65,7 @@ class _StateCollector(Collector):
         ended = {
             r[0]: r[1]
             for r in q(
-                "SELECT to_state, COUNT(DISTINCT study_id) FROM study_events WHERE to_state IN (?,?,?,?)"
+                "SELECT to_state, COUNT(DISTINCT study_id) FROM study_events WHERE to_state IN (?,?,?,?,?)"
                 " GROUP BY to_state",
                 ENDED_STATES,
             )
@@ -73,6 +77,21 @@ class _StateCollector(Collector):
                 f"Study revisions that reached {state}",
                 value=ended.get(state, 0),
             )
+        refused = {
+            r[0]: r[1]
+            for r in q(
+                "SELECT json_extract(j.value, '$.category'), COUNT(*) FROM results,"
+                " json_each(results.summary, '$.not_applied') AS j WHERE json_valid(results.summary) GROUP BY 1"
+            )
+        }
+        refusals = CounterMetricFamily(
+            "appliance_images_refused",
+            "Images a bundle's input gate refused (named in its results, never analysed), by refusal category",
+            labels=["category"],
+        )
+        for category in REFUSAL_CATEGORIES:  # a bounded label set: the router's categories, never free text
+            refusals.add_metric([category], refused.get(category, 0))
+        yield refusals
         by_state = GaugeMetricFamily("appliance_studies", "Study revisions in each state now", labels=["state"])
         counts = self.store.state_counts()
         for state, n in sorted(counts.items()):
