@@ -17,6 +17,7 @@ Every state change goes through ``appliance.lifecycle.studies`` (compare-and-set
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,13 +38,13 @@ from appliance.delivery.export import mark_if_exported
 from appliance.ingest.records import study_instances
 from appliance.lifecycle import studies
 from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
-from appliance.pipeline import uids
+from appliance.pipeline import observe, uids
 from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.recovery import recover
 from appliance.pipeline.results import ResultPublisher, save_results
-from appliance.pipeline.router import InferenceEngine, explain, route
+from appliance.pipeline.router import InferenceEngine, explain, refusal, route
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -283,10 +284,15 @@ class PipelineWorker:
         except Exception:
             log.exception("engine outcome hook failed", bundle=manifest.bundle_id)
 
-    def _set(self, study_id: int, state: str, detail: str | None) -> None:
-        """``inferring`` -> ``state`` (compare-and-set, with its event)."""
+    def _set(
+        self, study_id: int, state: str, detail: str | None, record: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """``inferring`` -> ``state`` (compare-and-set, with its event); ``record`` counts the study in the bundle
+        statistics in the same transaction (``appliance.pipeline.observe``)."""
         with self.store.transaction() as conn:
             studies.transition(conn, study_id, INFERRING, state, detail)
+            if record is not None:
+                record(conn)
 
     def _after_crash(self, study_id: int, reason: str) -> None:
         """``process`` raised: an ``inferring`` study gets another attempt or ends ``failed`` (bounded)."""
@@ -328,7 +334,8 @@ class PipelineWorker:
         if not routes:
             detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
             detail += "".join(f"; {n}" for n in notes)
-            self._set(study_id, NO_MODEL, detail)
+            refused = [(m, why) for m, _ in active for ds in images if (why := refusal(m, ds)) is not None]
+            self._set(study_id, NO_MODEL, detail, lambda conn: observe.record_no_model(conn, refused))
             log.info("no model for study", study_id=study_id, study_uid=study_uid, detail=detail)
             return NO_MODEL
         p = self.settings.pipeline
@@ -337,6 +344,12 @@ class PipelineWorker:
         failures: list[str] = []  # bundles whose results could not be built
         left_out: list[str] = []  # objects missing from stored results (e.g. an SC that could not be built)
         stored = 0
+        unanalysed: list[tuple[Manifest, list[str]]] = []  # bundles that took none of the images, with the reasons
+
+        def record(conn: sqlite3.Connection) -> None:
+            for manifest, why in unanalysed:
+                observe.record_unanalysed(conn, manifest, why)
+
         for r in routes:
             name = f"{r.manifest.bundle_id} {r.manifest.version}"
             hits: list[int] = []
@@ -356,6 +369,7 @@ class PipelineWorker:
                 return FAILED
             except NotProcessable as exc:
                 reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
+                unanalysed.append((r.manifest, [why for _, why in exc.skipped] or [exc.reason]))
                 continue
             except Exception as exc:
                 reason = f"{r.manifest.bundle_id} {r.manifest.version}: {type(exc).__name__}: {exc}"
@@ -394,7 +408,7 @@ class PipelineWorker:
             log.error("study failed: no results built", study_id=study_id, bundles=len(failures))
             return FAILED
         if stored == 0:
-            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes))
+            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes), record)
             log.warning("study not processable", study_id=study_id, study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
         detail = f"{stored} bundle(s)" + "".join(
@@ -409,6 +423,7 @@ class PipelineWorker:
         )
         with self.store.transaction() as conn:
             studies.transition(conn, study_id, INFERRING, INFERRED, detail)
+            record(conn)
             mark_if_exported(conn, study_id)  # a fast exporter may already be done
         if self.on_results is not None:
             self.on_results()
