@@ -127,10 +127,11 @@ def model_drift(settings: Settings, conn: sqlite3.Connection | None) -> Problem 
     have changed, so the model may be wrong here. Not blocking: the box still does its job; someone must look."""
     if conn is None:
         return None
-    try:
-        active = [(b.bundle_id, b.version) for b in registry(settings).list() if b.active]
+    active: list[tuple[str, str]] | None
+    try:  # the installed active versions; none installed (a bare models directory): every evaluation counts
+        active = [(b.bundle_id, b.version) for b in registry(settings).list() if b.active] or None
     except Exception:  # an unreadable models directory is other checks' business
-        active = []
+        active = None
     try:
         lines = stats.drift_alerts(conn, active)
     except sqlite3.Error:  # no bundle_drift table in this database (yet)
