@@ -203,3 +203,42 @@ def test_drift_is_flagged_for_a_shifted_site_and_not_for_an_unshifted_one(home: 
     assert shifted_["alert"] and shifted_["metrics"]["input_p95"]["alert"], shifted_
     assert shifted_["metrics"]["input_p95"]["psi"] > 1.0 > steady["metrics"]["input_p95"]["psi"]
     assert shifted_["metrics"]["input_p95"]["p_value"] < 0.01 < steady["metrics"]["input_p95"]["p_value"]
+
+
+def test_the_stats_loop_queues_each_ended_day_once_as_final(home: Path) -> None:
+    from appliance.cloud import outbox
+    from appliance.cloud.overlay import CloudOverlay
+    from appliance.cloud.stats_messages import StatsService
+
+    priv, pub = crypto.generate_keypair()
+    settings = Settings(state_dir=home, cloud={"recipient_keys": {"c": pub}, "device_id": "box-1"})
+    store = Store(settings.db_path)
+    m = tiny_manifest()
+    obs = stats.StudyObservation(m.bundle_id, m.version, 0.7, {"nodule": [0.7]}, {"nodule": 1}, [0.4], [0.9])
+    with store.transaction() as conn:
+        stats.record_study(conn, obs, day="2020-02-28")
+        stats.record_study(conn, obs, day="2020-02-29")
+        stats.record_study(conn, obs, day=stats.utc_day())  # today: not final yet
+        stats.record_refusal(conn, m.bundle_id, m.version, "burned_in_annotation", day="2020-02-29")
+        stats.record_refusal(conn, m.bundle_id, m.version, "made-up", day="2020-02-29")
+        stats.record_not_analysed(conn, m.bundle_id, m.version, day="2020-02-29")
+    drift_changes: list[int] = []
+    service = StatsService(
+        settings,
+        store,
+        lambda: [m],
+        CloudOverlay(settings.cloud, store),
+        on_drift_change=lambda: drift_changes.append(1),
+    )
+    service.step()
+    service.step()  # a second pass queues nothing more
+    rows = store.query("SELECT message_id, body FROM outbox WHERE kind='stats' ORDER BY seq")
+    docs = [json.loads(crypto.decrypt(bytes(r["body"]), {"c": priv})[1]) for r in rows]
+    assert [(d["day"], d["final"]) for d in docs] == [("2020-02-28", True), ("2020-02-29", True)]
+    assert docs[1]["refusals"] == {"burned_in_annotation": 1, "other": 1} and docs[1]["not_analysed"] == 1
+    assert docs[1]["scores"]["nodule"][14] == 1 and docs[1]["input_p95"][18] == 1  # 0.7 -> bin 14, 0.9 -> bin 18
+    assert drift_changes == [1]  # the first pass reports the (empty) drift state once, then only changes
+    status, body = service.send_stats_method({"day": "2020-02-29"})
+    assert status == 200 and body["queued"][0]["final"] is True
+    assert outbox.counts_by_kind(store.conn)["stats"] == 3
+    assert service.send_stats_method({"day": "2999-01-01"})[0] == 400
