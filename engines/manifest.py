@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import math
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,8 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from engines.drift import EDGES, N_BINS
 
 MANIFEST_SCHEMA = 1
 # SemVer 2.0.0 (https://semver.org, section 9): a pre-release is dot-separated identifiers, each numeric without
@@ -319,6 +321,63 @@ class Tolerance(_Strict):
     rtol: float = Field(ge=0, le=MAX_GOLDEN_RTOL)
 
 
+Count = Annotated[int, Field(strict=True, ge=0)]  # a histogram count: an int (not a bool, float or string), >= 0
+
+
+def _check_edges(v: list[float]) -> list[float]:
+    if len(v) != N_BINS + 1 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+        raise ValueError(f"edges must be {N_BINS + 1} strictly increasing numbers")
+    if any(abs(a - b) > 1e-9 for a, b in zip(v, EDGES, strict=True)):
+        raise ValueError(f"edges must be the box's fixed bins {list(EDGES)} (engines.drift.EDGES)")
+    return v
+
+
+def _check_counts(v: list[int]) -> list[int]:
+    if len(v) != N_BINS:
+        raise ValueError(f"a histogram is {N_BINS} counts, found {len(v)}")
+    if sum(v) <= 0:
+        raise ValueError("a histogram of the reference is empty")
+    return v
+
+
+class Reference(_Strict):
+    """A bundle's validation-set distributions (``engines.drift.reference_distributions`` builds it): 20-bin
+    histograms over the fixed edges ``engines.drift.EDGES`` of each label's image score, the study score, and the
+    per-image mean and 95th percentile of the preprocessed input in [0, 1]. ``n``: studies in the validation set."""
+
+    n: int = Field(strict=True, ge=1)
+    score_edges: list[float]
+    scores: dict[str, list[Count]] = Field(default_factory=dict)
+    study_score: list[Count]
+    input_edges: list[float]
+    input_mean: list[Count]
+    input_p95: list[Count]
+
+    _edges = field_validator("score_edges", "input_edges")(_check_edges)
+    _counts = field_validator("study_score", "input_mean", "input_p95")(_check_counts)
+
+    @field_validator("scores")
+    @classmethod
+    def _score_counts(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for label, counts in v.items():
+            try:
+                _check_counts(counts)
+            except ValueError as exc:
+                raise ValueError(f"scores[{label!r}]: {exc}") from exc
+        return v
+
+
+class DriftPolicy(_Strict):
+    """When the box calls a site's window drifted from the reference: a metric alerts when its PSI is at least
+    ``psi_alert`` AND its KS p-value is below ``p_alert``, once the window of ``window_days`` UTC days holds at
+    least ``min_studies`` studies (``engines.drift.compare``)."""
+
+    psi_alert: float = Field(default=0.25, gt=0, le=10)
+    p_alert: float = Field(default=0.01, gt=0, lt=1)
+    min_studies: int = Field(default=50, strict=True, ge=1, le=1_000_000)
+    window_days: int = Field(default=7, strict=True, ge=1, le=90)
+
+
 class Manifest(_Strict):
     schema_version: int = MANIFEST_SCHEMA
     bundle_id: str
@@ -375,13 +434,25 @@ class Manifest(_Strict):
     # the SC banner and the SR, and sent to the cloud first). Left out of the canonical bytes while empty, so
     # manifests signed before it verify unchanged; a box older than it refuses a manifest that sets it.
     urgent: dict[str, float] = Field(default_factory=dict)
+    # Drift monitoring (issue 17): the validation set's distributions and the thresholds the box compares its
+    # recent window with. Left out of the canonical bytes while unset, like ``urgent``.
+    reference: Reference | None = None
+    drift: DriftPolicy | None = None
 
     @model_serializer(mode="wrap")
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
         if not data.get("urgent"):
             data.pop("urgent", None)
+        for key in ("reference", "drift"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
+
+    @property
+    def drift_policy(self) -> DriftPolicy:
+        """The manifest's drift thresholds, or the defaults when it ships a reference without them."""
+        return self.drift or DriftPolicy()
 
     @field_validator("urgent")
     @classmethod
@@ -429,6 +500,12 @@ class Manifest(_Strict):
         unknown = sorted(set(self.urgent) - scored)
         if unknown:
             raise ValueError(f"urgent thresholds for labels no scores output has: {unknown}")
+        if self.reference is not None:
+            unknown = sorted(set(self.reference.scores) - scored)
+            if unknown:
+                raise ValueError(f"reference scores for labels no scores output has: {unknown}")
+        if self.drift is not None and self.reference is None:
+            raise ValueError("drift thresholds without a reference to compare with")
         names = {o.name for o in self.outputs}
         missing = names - set(self.golden_tolerances)
         if missing:

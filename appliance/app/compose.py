@@ -10,7 +10,9 @@ StudyAssembler --on_complete(study id)--> PipelineWorker.wake
 PipelineWorker --on_sr_queued / on_results--> Exporter.send_now / Exporter.wake        (PACS)
 PipelineWorker --ResultPublisher--> CloudResultPublisher --notify_queued--> OutboxSender   (IoT Hub)
 ActiveEngines --BundleSource--> PipelineWorker, EarlyPreparer;  --on_change--> CloudAgent.report_changed
-CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftest)
+CloudAgent --method_hooks--> ControlMethods (resend, rollback_model, run_selftest), StatsService (send_stats)
+PipelineWorker --on_results--> StatsService.wake;  StatsService --on_drift_change--> CloudAgent.report_changed
+StatsService --notify_queued--> OutboxSender (daily final stats snapshots)
 CloudAgent --desired_hook--> UpdateAgent.on_desired;  UpdateAgent --ReportedSink--> CloudAgent.report_patch
 PipelineWorker --StudyGate (held per study)--> UpdateAgent (switches between studies)
 PipelineWorker --on_outcome--> UpdateAgent.on_outcome (health gate);  UpdateAgent --Reload--> ActiveEngines
@@ -37,6 +39,7 @@ from appliance.app.selftest import engine_selftest, run_selftest
 from appliance.cloud.agent import CloudAgent
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.result_messages import CloudResultPublisher
+from appliance.cloud.stats_messages import StatsService
 from appliance.core.audit_syslog import AuditForwarder
 from appliance.core.config import Settings
 from appliance.core.store import Store
@@ -46,6 +49,7 @@ from appliance.ingest.assembler import StudyAssembler
 from appliance.ingest.scp import StorageSCP
 from appliance.ingest.spool import Spool
 from appliance.models import active as models
+from appliance.models import stats
 from appliance.models.active import ActiveEngines
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.results import NoPublisher, ResultPublisher
@@ -135,12 +139,14 @@ def compose(settings: Settings, store: Store) -> Appliance:
     agent: CloudAgent | None = None
     publisher: ResultPublisher = NoPublisher()
     cloud_publisher: CloudResultPublisher | None = None
+    overlay: CloudOverlay | None = None
     if settings.cloud.enabled:
         overlay = CloudOverlay(settings.cloud, store)
         cloud_publisher = CloudResultPublisher(settings, overlay)
         publisher = cloud_publisher
 
     engines: ActiveEngines | None = None
+    stats_service: StatsService | None = None
     updates: UpdateAgent | None = None
     gate = StudyGate()
     p = settings.pipeline
@@ -158,6 +164,21 @@ def compose(settings: Settings, store: Store) -> Appliance:
                 selfcheck=lambda: engine_selftest(settings),
             )
         exporter = Exporter(settings, store)
+        # bundle statistics: the drift watch always, the daily snapshots to the cloud with cloud sync
+        stats_engines = engines
+        stats_service = StatsService(
+            settings,
+            store,
+            manifests=lambda: [m for m, _ in stats_engines.active()],
+            overlay=overlay,
+        )
+
+        def results_queued(
+            wake_exporter: Callable[[], None] = exporter.wake, wake_stats: Callable[[], None] = stats_service.wake
+        ) -> None:
+            wake_exporter()
+            wake_stats()
+
         cache: PreparedCache | None = None
         early: list[Service] = []
         if p.early_prepare:
@@ -170,7 +191,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
             settings,
             store,
             engines,
-            on_results=exporter.wake,
+            on_results=results_queued,
             on_sr_queued=exporter.send_now,
             prepared=cache,
             publisher=publisher,
@@ -181,7 +202,8 @@ def compose(settings: Settings, store: Store) -> Appliance:
             on_outcome=updates.on_outcome if updates is not None else None,
         )
         assembler.on_complete.append(lambda _study_id: worker.wake())
-        services += [exporter, *early, worker]
+        services += [exporter, *early, worker, stats_service]
+        app.status[stats_service.name] = stats_service.status
 
     if cloud_publisher is not None:
         control = ControlMethods(settings, store, cloud_publisher)
@@ -191,12 +213,23 @@ def compose(settings: Settings, store: Store) -> Appliance:
         ]
         if engines is not None:
             reported_hooks.append(engines.describe)
+            active_engines_ = engines
+            reported_hooks.append(  # the drift alert: the latest evaluation of each active bundle version
+                lambda: {
+                    "drift": stats.drift_report(
+                        store.conn, [(m.bundle_id, m.version) for m, _ in active_engines_.active()]
+                    )
+                }
+            )
+        methods = control.handlers()
+        if stats_service is not None:
+            methods["send_stats"] = stats_service.send_stats_method
         if updates is not None:
             reported_hooks.append(updates.reported)
         agent = CloudAgent(
             settings,
             store,
-            method_hooks=control.handlers(),
+            method_hooks=methods,
             reported_hook=lambda: {k: v for hook in reported_hooks for k, v in hook().items()},
             desired_hook=updates.on_desired if updates is not None else _no_update_agent,
             overlay=overlay,
@@ -204,6 +237,9 @@ def compose(settings: Settings, store: Store) -> Appliance:
         if updates is not None:
             updates.report = agent.report_patch
         cloud_publisher.on_queued = agent.sender.notify_queued
+        if stats_service is not None:
+            stats_service.on_queued = agent.sender.notify_queued
+            stats_service.on_drift_change = agent.report_changed
         if engines is not None:
             engines.on_change.append(agent.report_changed)
         services.append(agent)

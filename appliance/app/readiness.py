@@ -17,7 +17,8 @@ from pathlib import Path
 
 from appliance.cloud.client import credential_files, credential_problems
 from appliance.core.config import Settings
-from appliance.models.active import demo_key
+from appliance.models import stats
+from appliance.models.active import demo_key, registry
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,31 @@ def api_without_users(settings: Settings, conn: sqlite3.Connection | None) -> Pr
     )
 
 
+def model_drift(settings: Settings, conn: sqlite3.Connection | None) -> Problem | None:
+    """An active bundle version whose recent window drifted from its manifest's signed reference (the latest
+    evaluation in ``bundle_drift``, ``appliance.models.stats``): the site's equipment, protocol or population may
+    have changed, so the model may be wrong here. Not blocking: the box still does its job; someone must look."""
+    if conn is None:
+        return None
+    active: list[tuple[str, str]] | None
+    try:  # the installed active versions; none installed (a bare models directory): every evaluation counts
+        active = [(b.bundle_id, b.version) for b in registry(settings).list() if b.active] or None
+    except Exception:  # an unreadable models directory is other checks' business
+        active = None
+    try:
+        lines = stats.drift_alerts(conn, active)
+    except sqlite3.Error:  # no bundle_drift table in this database (yet)
+        return None
+    if not lines:
+        return None
+    return Problem(
+        "models.drift",
+        "inputs or scores drifted from the bundle's validation reference (equipment, protocol or population"
+        " changed?): " + "; ".join(lines),
+        blocking=False,
+    )
+
+
 def problems(settings: Settings, conn: sqlite3.Connection | None) -> list[Problem]:
     """Every problem above, blocking ones first."""
     found = [
@@ -127,5 +153,6 @@ def problems(settings: Settings, conn: sqlite3.Connection | None) -> list[Proble
         device_credentials(settings),
         demo_key_trusted(settings),
         api_without_users(settings, conn),
+        model_drift(settings, conn),
     ]
     return sorted((p for p in found if p is not None), key=lambda p: not p.blocking)

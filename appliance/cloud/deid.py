@@ -99,6 +99,12 @@ def result_message_id(secret: bytes, result: dict[str, Any]) -> str:
     return "res-" + _mac(secret, "mid", *parts).hex()[:40]
 
 
+def stats_message_id(secret: bytes, bundle_id: str, bundle_version: str, day: str, generated_at: str) -> str:
+    """Message id of one ``stats`` snapshot: keyed HMAC of ("stats", bundle id, version, UTC day, generated_at), so
+    each snapshot is its own message and the central store keeps the newest per (device, bundle version, day)."""
+    return "sts-" + _mac(secret, "stats", bundle_id, bundle_version, day, generated_at).hex()[:40]
+
+
 def _str(value: Any, pattern: re.Pattern[str], field: str) -> str | None:
     if isinstance(value, str) and pattern.match(value):
         return value

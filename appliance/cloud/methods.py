@@ -18,7 +18,7 @@ log = get_logger(__name__)
 
 MethodHandler = Callable[[Any], tuple[int, Any]]
 MAX_PAYLOAD = 128 * 1024
-HOOKED_METHODS = ("run_selftest", "resend", "rollback_model")
+HOOKED_METHODS = ("run_selftest", "resend", "rollback_model", "send_stats")
 
 
 def not_available(name: str) -> MethodHandler:

@@ -4,7 +4,7 @@
 reads rows in (priority DESC, seq) order, publishes them at QoS 1 and deletes them (with an ``outbox_log``
 'sent' row) once acknowledged. Message ids are stable, so a resend after a crash is a duplicate the cloud
 can drop. Budget: rows past their TTL expire; above the byte budget the oldest rows are evicted, health
-first, then audit, results last; every removal is logged and recorded.
+first, then stats, audit, feedback, results last; every removal is logged and recorded.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 
-Kind = Literal["result", "health", "audit"]
-KINDS: tuple[str, ...] = ("result", "health", "audit")
-PRIORITY: dict[str, int] = {"result": 100, "audit": 50, "health": 10}
+Kind = Literal["result", "health", "audit", "stats", "feedback"]
+KINDS: tuple[str, ...] = ("result", "health", "audit", "stats", "feedback")  # the table's CHECK (migration 0014)
+PRIORITY: dict[str, int] = {"result": 100, "feedback": 90, "audit": 50, "stats": 30, "health": 10}
 URGENT_RESULT_PRIORITY = 200  # a result with an urgent finding (triage) goes before every other message
-EVICTION_ORDER: tuple[str, ...] = ("health", "audit", "result")  # first evicted first
+EVICTION_ORDER: tuple[str, ...] = ("health", "stats", "audit", "feedback", "result")  # first evicted first
 DEFAULT_TTL_S = 60 * 86400.0
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_MESSAGE_ID = 128

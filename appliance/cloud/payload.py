@@ -45,6 +45,51 @@ def build_result_message(
     return message_id, _check(crypto.encrypt(plaintext, meta, dict(recipient_keys)), "result")
 
 
+def build_stats_message(
+    doc: dict[str, Any], settings: Settings, device_secret: bytes, *, recipient_keys: Mapping[str, str]
+) -> tuple[str, bytes]:
+    """(message id, encrypted body) of one ``stats/v1`` snapshot (``appliance.models.stats.snapshot``: counts and
+    equipment strings, no patient or study data). Encrypted like results: the counts of a small clinic are
+    nobody else's business. Raises ValueError when the document is not strict JSON (a NaN or infinity) or holds a
+    count that is not a non-negative integer."""
+    check_stats(doc)
+    message_id = deid.stats_message_id(
+        device_secret, doc["bundle_id"], doc["bundle_version"], doc["day"], doc["generated_at"]
+    )
+    plaintext = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    meta = {"type": "stats", "schema": doc["schema"], "mid": message_id, "device": settings.cloud.device_id}
+    return message_id, _check(crypto.encrypt(plaintext, meta, dict(recipient_keys)), "stats")
+
+
+def check_stats(doc: dict[str, Any]) -> None:
+    """Refuse a ``stats/v1`` document with a non-finite number or a count that is not an int >= 0 (ValueError)."""
+    json.dumps(doc, allow_nan=False)  # ValueError on NaN / Infinity anywhere
+
+    def counts(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                counts(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                counts(v, f"{where}[{i}]")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"stats: {where} is not a count: {value!r}")
+
+    for name in (
+        "studies",
+        "images",
+        "not_analysed",
+        "scores",
+        "study_score",
+        "positives",
+        "input_mean",
+        "input_p95",
+        "inputs",
+        "refusals",
+    ):
+        counts(doc.get(name), name)
+
+
 def build_audit_message(
     event: dict[str, Any], settings: Settings, message_id: str, *, recipient_keys: Mapping[str, str]
 ) -> tuple[str, bytes]:

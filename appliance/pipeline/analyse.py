@@ -81,7 +81,7 @@ def analyse(
             log.warning("image not processable", sop_uid=sop, reason=exc.reason, bundle=manifest.bundle_id)
             skipped.append((sop, exc.reason))
     if not usable:
-        raise NotProcessable("; ".join(f"{sop}: {reason}" for sop, reason in skipped))
+        raise NotProcessable("; ".join(f"{sop}: {reason}" for sop, reason in skipped), skipped)
     t1 = time.perf_counter()
 
     dtype = np.float16 if spec.dtype == "float16" else np.float32

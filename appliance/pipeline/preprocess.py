@@ -41,8 +41,9 @@ DISPLAY_LONG_SIDE = 1024  # long side of the display image the SC is drawn on (p
 class NotProcessable(Exception):
     """The image cannot be given to the model; ``reason`` says why (stored with the study)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, skipped: list[tuple[str, str]] | None = None):
         self.reason = reason
+        self.skipped = skipped or []  # (SOP Instance UID, reason) of each image, when a whole study was refused
         super().__init__(reason)
 
 

@@ -13,6 +13,9 @@ paths recorded in ``results.dir`` and ``result_objects.path`` are relative to th
 cannot be built is left out and named in :attr:`Saved.problems` and the summary's ``object_errors``: the SR
 still goes out.
 
+The same final transaction counts the study in the bundle statistics (``appliance.models.stats.record_study``,
+once per study revision) and re-evaluates the bundle version's drift against its manifest's reference.
+
 This module is the one writer of ``results`` and ``result_objects`` (retention purges through
 :func:`purge_study_results`); export rows are queued through ``appliance.delivery.export.queue_object``.
 """
@@ -37,7 +40,8 @@ from appliance.core.logs import get_logger
 from appliance.core.safe_names import relative_to, safe_name
 from appliance.core.store import Store, now
 from appliance.delivery.export import queue_object
-from appliance.pipeline import uids
+from appliance.models import stats
+from appliance.pipeline import observe, uids
 from appliance.pipeline.analyse import Analysis
 from appliance.pipeline.results_notice import build_notice
 from appliance.pipeline.results_sc import build_sc
@@ -430,6 +434,7 @@ def save_results(
     if message is not None:  # where the worklist finds the study in the outbox, and the name the cloud knows
         summary["cloud"] = {"message_id": message.message_id, "pseudonym": message.pseudonym}
     analysis.timings["results"] = time.perf_counter() - t0
+    observed = observe.observation(analysis, manifest)  # numpy, outside the write lock
     with store.transaction() as conn:
         if objects is not None:
             row = _result_row(conn, study_id, manifest)
@@ -438,6 +443,8 @@ def save_results(
         _queue_objects(conn, settings, study_id, result_id, written)
         if not known:  # a re-run of the same revision was already queued (same message id) with its result
             publisher.enqueue(conn, message)
+            stats.record_study(conn, observed)  # counted once per study revision, with the result it counts
+            stats.evaluate_drift(conn, manifest)
     publisher.committed()
     log.info(
         "results stored",

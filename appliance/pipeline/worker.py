@@ -17,6 +17,7 @@ Every state change goes through ``appliance.lifecycle.studies`` (compare-and-set
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -45,13 +46,13 @@ from appliance.lifecycle.studies import (
     NOT_ANALYSED,
     NOT_PROCESSABLE,
 )
-from appliance.pipeline import uids
+from appliance.pipeline import observe, uids
 from appliance.pipeline.analyse import CachedFn, analyse_route
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.recovery import recover
 from appliance.pipeline.results import ResultPublisher, save_notices, save_results
-from appliance.pipeline.router import InferenceEngine, Route, explain, gated, not_applied_detail, route
+from appliance.pipeline.router import InferenceEngine, Route, explain, gated, not_applied_detail, refusal_detail, route
 from engines.manifest import Manifest
 
 log = get_logger(__name__)
@@ -291,10 +292,15 @@ class PipelineWorker:
         except Exception:
             log.exception("engine outcome hook failed", bundle=manifest.bundle_id)
 
-    def _set(self, study_id: int, state: str, detail: str | None) -> None:
-        """``inferring`` -> ``state`` (compare-and-set, with its event)."""
+    def _set(
+        self, study_id: int, state: str, detail: str | None, record: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """``inferring`` -> ``state`` (compare-and-set, with its event); ``record`` counts the study in the bundle
+        statistics in the same transaction (``appliance.pipeline.observe``)."""
         with self.store.transaction() as conn:
             studies.transition(conn, study_id, INFERRING, state, detail)
+            if record is not None:
+                record(conn)
 
     def _after_crash(self, study_id: int, reason: str) -> None:
         """``process`` raised: an ``inferring`` study gets another attempt or ends ``failed`` (bounded)."""
@@ -314,7 +320,7 @@ class PipelineWorker:
         (``results.save_notices``), the study ends ``not_analysed`` with one reason per image."""
         problems = save_notices(self.settings, self.store, study_id, routes, self.results_pool)
         detail = "AI not applied: " + not_applied_detail(routes) + "".join(f"; {n}" for n in [*problems, *notes])
-        self._set(study_id, NOT_ANALYSED, detail)
+        self._set(study_id, NOT_ANALYSED, detail, lambda conn: observe.record_gated(conn, routes, whole=True))
         log.info(
             "study not analysed: input gate refused every image",
             study_id=study_id,
@@ -354,7 +360,8 @@ class PipelineWorker:
         if not routes:
             detail = explain(active, images, self.settings.pipeline.routes, calling_ae)
             detail += "".join(f"; {n}" for n in notes)
-            self._set(study_id, NO_MODEL, detail)
+            refused = [(m, why.category) for m, _ in active for ds in images if (why := refusal_detail(m, ds))]
+            self._set(study_id, NO_MODEL, detail, lambda conn: observe.record_no_model(conn, refused))
             log.info("no model for study", study_id=study_id, detail=detail)
             return NO_MODEL
         p = self.settings.pipeline
@@ -363,6 +370,13 @@ class PipelineWorker:
         failures: list[str] = []  # bundles whose results could not be built
         left_out: list[str] = []  # objects missing from stored results (e.g. an SC that could not be built)
         stored = 0
+        unanalysed: list[tuple[Manifest, list[str]]] = []  # bundles that took none of the images, with the reasons
+
+        def record(conn: sqlite3.Connection) -> None:
+            observe.record_gated(conn, [r for r in routes if r.refused], whole=False)
+            for manifest, why in unanalysed:
+                observe.record_unanalysed(conn, manifest, why)
+
         for r in routes:
             name = f"{r.manifest.bundle_id} {r.manifest.version}"
             hits: list[int] = []
@@ -382,6 +396,7 @@ class PipelineWorker:
                 return FAILED
             except NotProcessable as exc:
                 reasons.append(f"{r.manifest.bundle_id}: {exc.reason}")
+                unanalysed.append((r.manifest, [why for _, why in exc.skipped] or [exc.reason]))
                 continue
             except Exception as exc:
                 reason = f"{r.manifest.bundle_id} {r.manifest.version}: {type(exc).__name__}: {exc}"
@@ -420,7 +435,7 @@ class PipelineWorker:
             log.error("study failed: no results built", study_id=study_id, bundles=len(failures))
             return FAILED
         if stored == 0:
-            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes))
+            self._set(study_id, NOT_PROCESSABLE, "; ".join(reasons + notes), record)
             log.warning("study not processable", study_id=study_id, study_uid=study_uid, reason="; ".join(reasons))
             return NOT_PROCESSABLE
         not_applied = [r for r in routes if r.refused] + refused_whole  # another bundle may have refused them all
@@ -437,6 +452,7 @@ class PipelineWorker:
         )
         with self.store.transaction() as conn:
             studies.transition(conn, study_id, INFERRING, INFERRED, detail)
+            record(conn)
             mark_if_exported(conn, study_id)  # a fast exporter may already be done
         if self.on_results is not None:
             self.on_results()

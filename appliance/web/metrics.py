@@ -7,8 +7,6 @@ read from the state database at each scrape, so they survive restarts and agree 
   ``..._failed_total``, ``..._no_model_total``, ``..._not_analysed_total``, ``..._not_processable_total``: revisions
   that ever reached ``inferred``, ``failed``, ``no_model``, ``not_analysed``, ``not_processable`` (from
   ``study_events``; a retried study counts once);
-- ``appliance_images_refused_total{category}``: images a bundle's input gate refused, by refusal category
-  (``router.REFUSAL_CATEGORIES``, a bounded set), from the results' ``not_applied`` lists (a re-run counts once);
 - ``appliance_studies{state}``: revisions in each state now;
 - ``appliance_queue_depth{queue}``: ``assembling`` (received, not complete), ``analysis`` (complete or
   inferring); ``appliance_export_backlog``: result objects not yet accepted by a PACS destination;
@@ -18,6 +16,15 @@ read from the state database at each scrape, so they survive restarts and agree 
 - ``appliance_inference_seconds{bundle_id}``: histogram of each bundle's inference time per study
   (engine calls only, not preparation or result building), observed by the pipeline through
   :meth:`ApplianceMetrics.observe_analysis` since the daemon started.
+
+- per bundle version (labels ``bundle``, ``version``; ``label`` = an output label of the bundle, ``category`` = a
+  refusal category, ``metric`` = a drift metric; all bounded), from ``bundle_stats`` (``appliance.models.stats``,
+  every day summed, so they only grow): histograms ``appliance_model_score{label}``, ``appliance_model_study_score``,
+  ``appliance_model_input_mean``, ``appliance_model_input_p95`` (20 buckets of 0.05 over [0, 1]); counters
+  ``appliance_model_studies_total``, ``..._images_total``, ``..._not_analysed_total``,
+  ``..._positives_total{label}``, ``..._refusals_total{category}`` (images the input gate refused by
+  ``router.Refusal.category``, or preprocessing could not use); gauges ``appliance_model_drift_psi{metric}``
+  and ``appliance_model_drift_alert`` (0/1) from the latest drift evaluation against the bundle's reference.
 
 No metric carries a patient, study or user identifier, which is why ``/metrics`` is served without login
 (as Prometheus scrapers expect); bind the API to an address only the clinic network reaches.
@@ -31,12 +38,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from appliance.core.config import Settings
 from appliance.core.store import Store
-from appliance.pipeline.router import REFUSAL_CATEGORIES
+from appliance.models import stats
+from engines import drift
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ENDED_STATES = ("inferred", "failed", "no_model", "not_analysed", "not_processable")
@@ -77,21 +85,6 @@ class _StateCollector(Collector):
                 f"Study revisions that reached {state}",
                 value=ended.get(state, 0),
             )
-        refused = {
-            r[0]: r[1]
-            for r in q(
-                "SELECT json_extract(j.value, '$.category'), COUNT(*) FROM results,"
-                " json_each(results.summary, '$.not_applied') AS j WHERE json_valid(results.summary) GROUP BY 1"
-            )
-        }
-        refusals = CounterMetricFamily(
-            "appliance_images_refused",
-            "Images a bundle's input gate refused (named in its results, never analysed), by refusal category",
-            labels=["category"],
-        )
-        for category in REFUSAL_CATEGORIES:  # a bounded label set: the router's categories, never free text
-            refusals.add_metric([category], refused.get(category, 0))
-        yield refusals
         by_state = GaugeMetricFamily("appliance_studies", "Study revisions in each state now", labels=["state"])
         counts = self.store.state_counts()
         for state, n in sorted(counts.items()):
@@ -124,6 +117,95 @@ class _StateCollector(Collector):
         )
         loaded = len(self.engines().get("bundles_active", []))
         yield GaugeMetricFamily("appliance_models_loaded", "Active bundles with a loaded engine", value=loaded)
+
+
+_HISTOGRAMS = {
+    "study_score": ("appliance_model_study_score", "Study score of each analysed study"),
+    "input_mean": ("appliance_model_input_mean", "Mean of each analysed image's preprocessed input in [0, 1]"),
+    "input_p95": ("appliance_model_input_p95", "95th percentile of each analysed image's preprocessed input in [0, 1]"),
+}
+_COUNTS = {
+    "count:studies": ("appliance_model_studies", "Studies analysed by the bundle version"),
+    "count:images": ("appliance_model_images", "Images analysed by the bundle version"),
+    "count:not_analysed": ("appliance_model_not_analysed", "Studies the bundle version applied to but did not analyse"),
+}
+
+
+def _histogram(name: str, doc: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def _add_histogram(family: HistogramMetricFamily, values: list[str], bins: dict[int, tuple[int, float]]) -> None:
+    """20 bins over [0, 1] -> cumulative buckets at each upper edge, +Inf, and the exact sum."""
+    buckets, running = [], 0
+    for i in range(drift.N_BINS):
+        running += bins.get(i, (0, 0.0))[0]
+        buckets.append((repr(drift.EDGES[i + 1]), running))
+    buckets.append(("+Inf", running))
+    family.add_metric(values, buckets, sum_value=sum(s for _, s in bins.values()))
+
+
+class _BundleStatsCollector(Collector):
+    """The bundle statistics (``bundle_stats``, ``bundle_drift``) at each scrape."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        rows = stats.totals(self.store.conn, "")
+        score = _histogram(
+            "appliance_model_score", "Score of each analysed image, per output label", ["bundle", "version", "label"]
+        )
+        others = {m: _histogram(name, doc, ["bundle", "version"]) for m, (name, doc) in _HISTOGRAMS.items()}
+        counters = {
+            m: CounterMetricFamily(name, doc, labels=["bundle", "version"]) for m, (name, doc) in _COUNTS.items()
+        }
+        positives = CounterMetricFamily(
+            "appliance_model_positives", "Positive findings, per output label", labels=["bundle", "version", "label"]
+        )
+        refusals = CounterMetricFamily(
+            "appliance_model_refusals",
+            "Images or studies refused, by category",
+            labels=["bundle", "version", "category"],
+        )
+        bins: dict[tuple[str, str, str], dict[int, tuple[int, float]]] = {}
+        for r in rows:
+            ident, metric, key, n = (r["bundle_id"], r["bundle_version"]), r["metric"], r["key"], int(r["n"])
+            if (metric.startswith("score:") or metric in _HISTOGRAMS) and key.isdigit():
+                bins.setdefault((*ident, metric), {})[int(key)] = (n, float(r["s"]))
+            elif metric in _COUNTS:
+                counters[metric].add_metric(list(ident), n)
+            elif metric.startswith("positives:"):
+                positives.add_metric([*ident, metric[10:]], n)
+            elif metric == "refusals":
+                refusals.add_metric([*ident, key], n)
+        for (bundle, version, metric), per_bin in sorted(bins.items()):
+            if metric.startswith("score:"):
+                _add_histogram(score, [bundle, version, metric[6:]], per_bin)
+            else:
+                _add_histogram(others[metric], [bundle, version], per_bin)
+        yield score
+        yield from others.values()
+        yield from counters.values()
+        yield positives
+        yield refusals
+        psi = GaugeMetricFamily(
+            "appliance_model_drift_psi",
+            "PSI of the recent window against the bundle's reference",
+            labels=["bundle", "version", "metric"],
+        )
+        alert = GaugeMetricFamily(
+            "appliance_model_drift_alert",
+            "1 when the bundle version's window drifted from its reference",
+            labels=["bundle", "version"],
+        )
+        for name, entry in stats.drift_report(self.store.conn).items():
+            bundle, _, version = name.rpartition("@")
+            for metric, m in entry["metrics"].items():
+                psi.add_metric([bundle, version, metric], m["psi"])
+            alert.add_metric([bundle, version], int(entry["alert"]))
+        yield psi
+        yield alert
 
 
 class ApplianceMetrics:
@@ -160,6 +242,7 @@ class ApplianceMetrics:
         """Register the database-derived collector (once)."""
         if not self._bound:
             self.registry.register(_StateCollector(settings, store, cloud, engines))
+            self.registry.register(_BundleStatsCollector(store))
             self._bound = True
 
     def exposition(self) -> bytes:

@@ -15,6 +15,7 @@ from fastapi import HTTPException, Request
 
 from appliance.core.audit import FAILURE, SUCCESS, AuditEvent, record_event
 from appliance.core.logs import get_logger
+from appliance.models import stats
 from appliance.web import accounts
 from appliance.web.accounts import AccountError, LoginOutcome, Role, Session
 from appliance.web.app import WebContext, readiness
@@ -268,14 +269,17 @@ def dashboard(ctx: WebContext) -> dict[str, Any]:
     path = ctx.settings.state_dir
     usage = shutil.disk_usage(path)
     outbox = q("SELECT count, bytes FROM outbox_totals WHERE id=1")
+    models = ctx.ports.engines()
+    active = [(b["bundle_id"], b["version"]) for b in models.get("bundles_active", [])]
     return {
+        "drift": stats.drift_alerts(ctx.store.conn, active),  # the banner: bundle versions that drifted
         "ready": (reasons := readiness(ctx)) == [],
         "not_ready": reasons,
         "listener": services.get("dicom-scp", {}),
         "listener_up": ctx.ports.listener_up(),
         "pacs": pacs,
         "cloud": ctx.ports.cloud(),
-        "models": ctx.ports.engines(),
+        "models": models,
         "studies": counts,
         "queues": {
             "assembling": counts.get("received", 0),
