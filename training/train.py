@@ -44,7 +44,8 @@ DEMO_KEY = Path(__file__).resolve().parent / "keys" / "DEMO-ONLY-NOT-FOR-PRODUCT
 VALID_DAYS = 3650
 SIZE = 256
 STRIDE = 4
-VERSION = "1.0.1"  # 1.0.1: calibrated per-label thresholds (1.0.0 had 0.5 for all)
+# 1.0.2: input contract, Patient Orientation, site threshold ranges, drift reference (1.0.1: calibrated thresholds)
+VERSION = "1.0.2"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -349,6 +350,105 @@ def reissue_bundle(old: Path, key_path: Path = DEMO_KEY, valid_days: int = VALID
     return old
 
 
+# Patient Orientation the reference models were trained on (the phantoms' own, as stored): chest rows toward the
+# patient's left, columns toward the feet; mammograms as displayed, the chest wall at the image edge
+# (``appliance.pipeline.preprocess`` brings other stored orientations to these; docs/MODELS.md).
+ORIENTATION: dict[str, dict[str, Any]] = {
+    "cxr": {"*": {"rows": ["L"], "columns": ["F"]}},
+    "mmg": {
+        "L": {"rows": ["A"], "columns": ["F", "R"], "oblique": True},
+        "R": {"rows": ["P"], "columns": ["F", "L"], "oblique": True},
+    },
+}
+# The range the central team may move each label's operating point in, per site (OutputSpec.threshold_range):
+# 0.05..0.95 of the calibrated score; outside it the validation set holds too few cases on one side to judge.
+THRESHOLD_RANGE = (0.05, 0.95)
+
+
+def validation_reference(kind: str, manifest: dict[str, Any], model: Path, n_studies: int, seed: int = 4242) -> dict:
+    """The manifest ``reference`` block (``engines.drift.reference_distributions``) of ``n_studies`` phantom
+    studies written as DICOM and run through the box's own pipeline (``appliance.pipeline.analyse``: the same
+    preprocessing, scores and input statistics the box counts), with the model at ``model``."""
+    from pydicom import dcmread
+
+    from appliance.pipeline.analyse import analyse
+    from appliance.pipeline.observe import input_summary
+    from engines.backends.ort import OrtEngine
+    from engines.drift import reference_distributions
+    from engines.manifest import Manifest
+
+    m = Manifest.model_validate(
+        {
+            **manifest,
+            "created": "2026-01-01T00:00:00Z",
+            "expires": "2027-01-01T00:00:00Z",
+            "files": {"model.onnx": "0" * 64, "golden.npz": "0" * 64},
+            "file_sizes": {"model.onnx": 0, "golden.npz": 0},
+        }
+    )
+    engine = OrtEngine(model, max_batch=8)
+    rng = np.random.default_rng(seed)
+    scores: dict[str, list[float]] = {}
+    study_scores: list[float] = []
+    means: list[float] = []
+    p95s: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(n_studies):
+            if kind == "cxr":
+                st = P.chest_study(
+                    tmp,
+                    seed=seed + i,
+                    nodules=int(rng.integers(0, 2)),
+                    effusion=[None, "left", "right"][int(rng.integers(0, 3))],
+                    cardiomegaly=bool(rng.random() < 0.3),
+                )
+            else:
+                st = P.mammo_study(tmp, seed=seed + i, masses={s: int(rng.integers(0, 2)) for s in ("L", "R")})
+            images = [dcmread(f) for f in st["files"]]
+            a = analyse(images, m, engine.infer, engine.max_batch, max_pixels=100_000_000)
+            study_scores.append(float(a.result.study_score))
+            for img in a.result.images:
+                for f in img.findings:
+                    scores.setdefault(f.label, []).append(float(f.score))
+            for prep in a.prepared:
+                mean, p95 = input_summary(prep, m.input.preprocessing)
+                means.append(mean)
+                p95s.append(p95)
+    return reference_distributions(scores, study_scores, means, p95s)
+
+
+def reissue_as(old: Path, version: str, n_reference: int, key_path: Path = DEMO_KEY) -> Path:
+    """The model and golden data of ``old`` as a new version: the current reference manifest (input contract,
+    Patient Orientation, site threshold ranges), the calibrated thresholds of ``old``, and the validation-set
+    reference distributions for drift (``n_reference`` phantom studies through the box's pipeline). No torch."""
+    import tarfile
+
+    from appliance import __version__
+
+    kind = "cxr" if old.name.startswith("cxr") else "mmg"
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(old) as tar:
+        doc = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        for name in ("model.onnx", "golden.npz"):
+            (Path(tmp) / name).write_bytes(tar.extractfile(name).read())  # type: ignore[union-attr]
+        thresholds = next(o for o in doc["outputs"] if o["kind"] == "scores")["thresholds"]
+        manifest = manifest_for(kind, thresholds)
+        manifest["version"] = version
+        manifest["min_appliance_version"] = __version__
+        manifest["inputs"][0]["preprocessing"]["orientation"] = ORIENTATION[kind]
+        for out in manifest["outputs"]:
+            if out["kind"] == "scores":
+                out["threshold_range"] = {label: list(THRESHOLD_RANGE) for label in out["labels"]}
+        manifest["reference"] = validation_reference(kind, manifest, Path(tmp) / "model.onnx", n_reference)
+        out_path = old.parent / f"{kind}-phantom-{version}.bundle"
+        B.build_bundle(
+            out_path, manifest, {n: Path(tmp) / n for n in ("model.onnx", "golden.npz")}, valid_days=VALID_DAYS
+        )
+        B.sign_bundle(out_path, load_private_key(key_path))
+    if old.resolve() != out_path.resolve():
+        old.unlink()
+    return out_path
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation (ONNX Runtime on the bundle's own model.onnx)
 
@@ -421,6 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--reissue", action="store_true", help="re-sign the shipped bundles unchanged with a new expiry (no eval)"
     )
+    ap.add_argument(
+        "--reissue-as", metavar="VERSION", help="the shipped models as a new version with the current manifest fields"
+    )
+    ap.add_argument("--n-reference", type=int, default=200, help="phantom studies for the drift reference")
     ap.add_argument("--only", choices=["cxr", "mmg"])
     ap.add_argument("--n-train", type=int, default=1200)
     ap.add_argument("--epochs", type=int, default=6)
@@ -430,6 +534,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics = json.loads(args.metrics.read_text()) if args.metrics.exists() else {}
     for kind in [args.only] if args.only else ["cxr", "mmg"]:
         path = BUNDLES / f"{kind}-phantom-{VERSION}.bundle"
+        if args.reissue_as:
+            old = sorted(BUNDLES.glob(f"{kind}-phantom-*.bundle"))[-1]
+            path = reissue_as(old, args.reissue_as, args.n_reference)
+            print(f"[{kind}] {old.name} -> {path.name}")
+            if kind in metrics:
+                metrics[kind]["bundle"], metrics[kind]["bundle_bytes"] = path.name, path.stat().st_size
+            continue
         if args.reissue:
             print(f"[{kind}] re-issued {reissue_bundle(path).name}")
             if kind in metrics:
