@@ -181,3 +181,95 @@ def _stats(fx: Fixture, rng: np.random.Generator, device: str, tags: dict[str, s
                 dict(mid=mid, device=device, enqueued_time=generated + dt.timedelta(minutes=5), bundle_id=bid,
                      bundle_version=ver, day=day, generated_at=generated, metric=metric, key=key, count=c, **tags)
             )  # fmt: skip
+
+
+# -- IoT Hub routing Avro files and a stand-in for the ingest's per-record open/flatten step --------------------
+
+# The Avro schema IoT Hub's routing to a storage endpoint writes (Microsoft.Azure.Devices.Message).
+HUB_AVRO_SCHEMA = {
+    "type": "record",
+    "name": "Message",
+    "namespace": "Microsoft.Azure.Devices",
+    "fields": [
+        {"name": "EnqueuedTimeUtc", "type": "string"},
+        {"name": "Properties", "type": {"type": "map", "values": "string"}},
+        {"name": "SystemProperties", "type": {"type": "map", "values": "string"}},
+        {"name": "Body", "type": ["null", "bytes"]},
+    ],
+}
+
+
+def hub_record(device: str, body: bytes, enqueued: dt.datetime) -> dict[str, Any]:
+    """One routed message as IoT Hub's Avro has it (system property connectionDeviceId: the authenticated sender)."""
+    return {
+        "EnqueuedTimeUtc": enqueued.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+        "Properties": {},
+        "SystemProperties": {"connectionDeviceId": device, "contentType": "application/json"},
+        "Body": body,
+    }
+
+
+def write_avro(path: Path, records: list[dict[str, Any]]) -> None:
+    import fastavro
+
+    with open(path, "wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema(HUB_AVRO_SCHEMA), records)
+
+
+def sealed_result(recipients: dict[str, str], device: str, mid: str, study: str, scores: dict[str, float]) -> bytes:
+    """A result envelope as the box sends it (appliance.cloud.crypto), de-identified fields only."""
+    from appliance.cloud import crypto
+
+    bid, ver = BUNDLE
+    payload = {
+        "schema": "result/v1", "study_uid": study, "modality": "DX", "bundle_id": bid, "bundle_version": ver,
+        "task": "cxr", "study_score": max(scores.values()), "per_breast": None,
+        "images": [{"sop_instance_uid": f"{study}.1"}],
+        "findings": [
+            {"label": lb, "score": s, "positive": s >= THRESHOLD, "image_sop_uid": f"{study}.1", "location": None,
+             "threshold": THRESHOLD, "threshold_source": "manifest"}
+            for lb, s in scores.items()
+        ],
+        "operating_point_version": None, "refused_images": [],
+    }  # fmt: skip
+    meta = {"type": "result", "schema": "result/v1", "mid": mid, "device": device}
+    plain = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return crypto.encrypt(plain, meta, recipients)
+
+
+def open_hub_record(
+    record: dict[str, Any], private_keys: dict[str, str], tags: dict[str, dict[str, str | None]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """A STAND-IN for the ingest's record-level open/flatten function (appliance/central, the ingest helper's):
+    the product's own sender check and decryption (appliance.central.received.open_message), then a result's
+    rows for the results and findings tables. Raises received.Refused (with ``reason``)."""
+    import base64
+
+    from appliance.central.received import IDENTITY, Refused, open_message
+
+    system = record.get("SystemProperties") or {}
+    line = json.dumps(
+        {"system_properties": {IDENTITY: system.get("connectionDeviceId")},
+         "body_b64": base64.b64encode(record.get("Body") or b"").decode()}
+    )  # fmt: skip
+    opened = open_message(line.encode(), private_keys)
+    if opened.meta.get("type") != "result":
+        raise Refused("unknown_type", f"message type {opened.meta.get('type')!r}")
+    doc = json.loads(opened.plaintext)
+    when = dt.datetime.fromisoformat(record["EnqueuedTimeUtc"].replace("Z", "+00:00"))
+    site = {k: None for k in ("site", "region", "health_system", "setting")} | tags.get(opened.device, {})
+    common = dict(mid=opened.meta["mid"], device=opened.device, enqueued_time=when, bundle_id=doc["bundle_id"],
+                  bundle_version=doc["bundle_version"], study=doc["study_uid"])  # fmt: skip
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("results", dict(common, **site, modality=doc["modality"], task=doc["task"], study_score=doc["study_score"],
+                         urgent=bool(doc.get("urgent")), n_images=len(doc["images"]),
+                         n_refused=len(doc.get("refused_images") or []),
+                         operating_point_version=doc.get("operating_point_version"), schema=doc["schema"]))
+    ]  # fmt: skip
+    for f in doc["findings"]:
+        rows.append(
+            ("findings", dict(common, site=site["site"], image=f["image_sop_uid"], label=f["label"], score=f["score"],
+                              positive=f["positive"], threshold=f.get("threshold"),
+                              threshold_source=f.get("threshold_source")))
+        )  # fmt: skip
+    return rows
