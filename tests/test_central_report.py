@@ -347,3 +347,18 @@ def test_bundle_without_reference_is_no_reference(tmp_path):
     assert references_from_bundles([bundles]) == []  # the shipped bundles predate `reference`
     with pytest.raises(ReportError):
         references_from_bundles([tmp_path / "missing.bundle"])
+
+
+@pytest.mark.integration
+def test_the_box_never_imports_the_central_engines():
+    """The daemon's composition root and the whole CLI load without duckdb, pyarrow or pyspark (a fresh
+    interpreter: what this test process already imported does not count)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, appliance.cli, appliance.app.compose; "
+        "print(','.join(m for m in ('pyspark', 'duckdb', 'pyarrow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == ""
