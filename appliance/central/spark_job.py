@@ -35,7 +35,9 @@ from appliance.central.report_engine import Row, plain
 # ``bundle_id``/``bundle_version`` set). Every row of one record carries the record's message ``mid``. It raises
 # for a record it refuses; the exception's ``reason`` attribute (else its class name) and message become the
 # reject. It must be picklable (a module-level function or a functools.partial of one, with the private keys and
-# the site dimension bound), because Spark ships it to its Python workers.
+# the site dimension bound), because Spark ships it to its Python workers. The one-machine ingest's record-level
+# functions fit it as: open the record (``received.open_record``; a returned Refused is raised), flatten it with the
+# record's enqueued time and the device's site, and list the flattened rows as (table, row) pairs.
 OpenRecord = Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]]
 
 STORE_TABLES = ("results", "findings", "stats", "feedback")
@@ -148,10 +150,10 @@ def ingest_avro(
     ``schemas``: table -> the store's pyarrow schema of that table (the published store schema); the Parquet
     written has exactly those columns, less the partition columns (``date``: UTC date of ``enqueued_time``;
     ``bundle``: ``<bundle_id>@<bundle_version>``), which are folders. ``run`` names the rejects file (default: a
-    UTC timestamp and a random suffix). Re-running on the same input adds nothing: a message id already in the
-    store's table is skipped. Returns counts: ``records`` (accepted deliveries), ``messages`` (distinct message
-    ids among them), ``rejects`` and the rows written per table. Raises
-    :class:`appliance.central.report.ReportError` for a store of a newer schema."""
+    UTC timestamp and a random suffix; no file when nothing was refused). Re-running on the same input adds
+    nothing: a message id already in the store's table is skipped. Returns counts: ``records`` (accepted
+    deliveries), ``messages`` (distinct message ids among them), ``rejects`` and the rows written per table.
+    Raises :class:`appliance.central.report.ReportError` for a store of a newer schema."""
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
@@ -173,10 +175,13 @@ def ingest_avro(
     counts: dict[str, int] = {"records": 0, "messages": 0, "rejects": 0}
     rejects_dir = store / "_rejects"
     rejects_dir.mkdir(parents=True, exist_ok=True)
-    with open(rejects_dir / f"{run}.jsonl", "w", encoding="utf-8") as out:
+    rejects_file = rejects_dir / f"{run}.jsonl"
+    with open(rejects_file, "w", encoding="utf-8") as out:
         for _, reject in opened.filter(lambda kv: kv[0] == "reject").toLocalIterator():
             out.write(json.dumps(reject, sort_keys=True) + "\n")
             counts["rejects"] += 1
+    if not counts["rejects"]:
+        rejects_file.unlink()
     msgs = opened.filter(lambda kv: kv[0] == "msg").map(lambda kv: (kv[1][0], (kv[1][1], kv[1][2])))
     counts["records"] = msgs.count()
     unique = msgs.reduceByKey(_earliest).cache()
