@@ -115,7 +115,7 @@ def parse_reference(bundle_id: str, bundle_version: str, reference: Any, drift: 
     ):
         raise ReportError(f"{where}: score_edges must be the 21 stats/v1 edges 0.0, 0.05, ..., 1.0")
     scores = reference.get("scores")
-    if not isinstance(scores, Mapping) or not scores:
+    if not isinstance(scores, Mapping):  # may be empty: a reference of the inputs only
         raise ReportError(f"{where}: scores must map each label to 20 counts")
     clean: dict[str, list[int]] = {}
     for label, counts in scores.items():
