@@ -20,7 +20,6 @@ from testsupport.central_store import (
     SCHEMAS,
     hub_record,
     make_store,
-    open_hub_record,
     sealed_result,
     write_avro,
     write_schema_marker,
@@ -119,13 +118,15 @@ def test_spark_ingest_of_hub_avro(spark, tmp_path):
     (tmp_path / "in" / "02.avro").write_bytes(b"Obj\x01 truncated")  # a corrupt Avro file
     files = sorted((tmp_path / "in").glob("*.avro"))
     store = tmp_path / "store"
-    open_record = functools.partial(open_hub_record, private_keys=keys, tags=tags)
+    from appliance.central.ingest import open_and_flatten
+
+    open_record = functools.partial(open_and_flatten, private_keys=keys, sites=tags)
 
     counts = ingest_avro(spark, files, open_record, store, SCHEMAS, run="run1")
     assert counts["records"] == 6 and counts["messages"] == 5
     assert counts["results"] == 5 and counts["findings"] == 10 and counts["rejects"] == 3
     rejects = [json.loads(line) for line in (store / "_rejects" / "run1.jsonl").read_text().splitlines()]
-    assert Counter(r["reason"] for r in rejects) == Counter({"sender_mismatch": 1, "malformed": 1, "corrupt_avro": 1})
+    assert Counter(r["reason"] for r in rejects) == Counter({"sender_mismatch": 1, "malformed": 1, "corrupt_file": 1})
     assert {Path(r["source"]).name for r in rejects} == {"01.avro", "02.avro"}
     assert sorted(p.name for p in (store / "results").iterdir() if p.is_dir()) == ["date=2025-01-06", "date=2025-01-07"]
     assert (store / "results" / "date=2025-01-06" / f"bundle={BUNDLE[0]}@{BUNDLE[1]}").is_dir()

@@ -16,43 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from appliance.central import store_schema
+
 TS = pa.timestamp("us", tz="UTC")
-SCHEMAS: dict[str, pa.Schema] = {
-    "results": pa.schema(
-        [
-            ("mid", pa.string()), ("device", pa.string()), ("site", pa.string()), ("region", pa.string()),
-            ("health_system", pa.string()), ("setting", pa.string()), ("enqueued_time", TS),
-            ("bundle_id", pa.string()), ("bundle_version", pa.string()), ("study", pa.string()),
-            ("modality", pa.string()), ("task", pa.string()), ("study_score", pa.float64()), ("urgent", pa.bool_()),
-            ("n_images", pa.int32()), ("n_refused", pa.int32()), ("operating_point_version", pa.int32()),
-            ("schema", pa.string()),
-        ]
-    ),
-    "findings": pa.schema(
-        [
-            ("mid", pa.string()), ("device", pa.string()), ("site", pa.string()), ("enqueued_time", TS),
-            ("bundle_id", pa.string()), ("bundle_version", pa.string()), ("study", pa.string()),
-            ("image", pa.string()), ("label", pa.string()), ("score", pa.float64()), ("positive", pa.bool_()),
-            ("threshold", pa.float64()), ("threshold_source", pa.string()),
-        ]
-    ),
-    "stats": pa.schema(
-        [
-            ("mid", pa.string()), ("device", pa.string()), ("site", pa.string()), ("region", pa.string()),
-            ("health_system", pa.string()), ("setting", pa.string()), ("enqueued_time", TS),
-            ("bundle_id", pa.string()), ("bundle_version", pa.string()), ("day", pa.date32()),
-            ("generated_at", TS), ("metric", pa.string()), ("key", pa.string()), ("count", pa.int64()),
-        ]
-    ),
-    "feedback": pa.schema(
-        [
-            ("mid", pa.string()), ("device", pa.string()), ("site", pa.string()), ("enqueued_time", TS),
-            ("bundle_id", pa.string()), ("bundle_version", pa.string()), ("result_mid", pa.string()),
-            ("study", pa.string()), ("kind", pa.string()), ("label", pa.string()), ("verdict", pa.string()),
-            ("outcome_code", pa.string()), ("outcome_positive", pa.bool_()),
-        ]
-    ),
-}  # fmt: skip
+SCHEMAS: dict[str, pa.Schema] = store_schema.TABLES  # the published store schema
 
 BUNDLE = ("cxr-phantom", "1.0.1")
 LABELS = ("nodule", "effusion")
@@ -235,41 +202,3 @@ def sealed_result(recipients: dict[str, str], device: str, mid: str, study: str,
     meta = {"type": "result", "schema": "result/v1", "mid": mid, "device": device}
     plain = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return crypto.encrypt(plain, meta, recipients)
-
-
-def open_hub_record(
-    record: dict[str, Any], private_keys: dict[str, str], tags: dict[str, dict[str, str | None]]
-) -> list[tuple[str, dict[str, Any]]]:
-    """A STAND-IN for the ingest's record-level open/flatten function (appliance/central, the ingest helper's):
-    the product's own sender check and decryption (appliance.central.received.open_message), then a result's
-    rows for the results and findings tables. Raises received.Refused (with ``reason``)."""
-    import base64
-
-    from appliance.central.received import IDENTITY, Refused, open_message
-
-    system = record.get("SystemProperties") or {}
-    line = json.dumps(
-        {"system_properties": {IDENTITY: system.get("connectionDeviceId")},
-         "body_b64": base64.b64encode(record.get("Body") or b"").decode()}
-    )  # fmt: skip
-    opened = open_message(line.encode(), private_keys)
-    if opened.meta.get("type") != "result":
-        raise Refused("unknown_type", f"message type {opened.meta.get('type')!r}")
-    doc = json.loads(opened.plaintext)
-    when = dt.datetime.fromisoformat(record["EnqueuedTimeUtc"].replace("Z", "+00:00"))
-    site = {k: None for k in ("site", "region", "health_system", "setting")} | tags.get(opened.device, {})
-    common = dict(mid=opened.meta["mid"], device=opened.device, enqueued_time=when, bundle_id=doc["bundle_id"],
-                  bundle_version=doc["bundle_version"], study=doc["study_uid"])  # fmt: skip
-    rows: list[tuple[str, dict[str, Any]]] = [
-        ("results", dict(common, **site, modality=doc["modality"], task=doc["task"], study_score=doc["study_score"],
-                         urgent=bool(doc.get("urgent")), n_images=len(doc["images"]),
-                         n_refused=len(doc.get("refused_images") or []),
-                         operating_point_version=doc.get("operating_point_version"), schema=doc["schema"]))
-    ]  # fmt: skip
-    for f in doc["findings"]:
-        rows.append(
-            ("findings", dict(common, site=site["site"], image=f["image_sop_uid"], label=f["label"], score=f["score"],
-                              positive=f["positive"], threshold=f.get("threshold"),
-                              threshold_source=f.get("threshold_source")))
-        )  # fmt: skip
-    return rows

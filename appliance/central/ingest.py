@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from appliance.central import store_schema
 from appliance.central.flatten import SITE_KEYS, Site, flatten
 from appliance.central.received import Refused, open_record
-from appliance.central.sources import Item
+from appliance.central.sources import Item, enqueued_time_of
 from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -327,3 +327,18 @@ def sites_from_twins(twins: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, 
         if isinstance(device, str) and isinstance(tags, Mapping):
             out[device] = {k: tags[k] if isinstance(tags.get(k), str) else None for k in SITE_KEYS}
     return out
+
+
+def open_and_flatten(
+    record: Mapping[str, Any], private_keys: Mapping[str, str], sites: Mapping[str, Site]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The record-level step of ingest for any engine (``spark_job.OpenRecord``; bind ``private_keys`` and
+    ``sites`` with ``functools.partial``): one routed IoT Hub record (``EnqueuedTimeUtc``, ``SystemProperties``,
+    ``Body``) -> opened with the sender check (``received.open_record``) -> the store rows it makes, as (table,
+    row) pairs (``flatten.flatten``; none for a type the store does not keep). Raises
+    :class:`appliance.central.received.Refused` (with ``reason``) for a record it refuses."""
+    opened = open_record(record, private_keys)
+    if isinstance(opened, Refused):
+        raise opened
+    flat = flatten(opened, enqueued_time_of(record), sites.get(opened.device))
+    return [] if flat is None else [(table, row) for table, rows in flat.rows.items() for row in rows]

@@ -28,16 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.central import report_sql
+from appliance.central import report_sql, store_schema
 from appliance.central.report_engine import Engine, dialect
 
 REPORT_NAME = "clinicai-central-report"
 REPORT_VERSION = 1
-# The store schema this reader understands (the contract's "clinicai-store" version; a newer store is refused:
-# its tables may mean something this report would misread).
-STORE_NAME = "clinicai-store"
-STORE_VERSION = 1
-STORE_TABLES = ("results", "findings", "stats", "feedback")
 
 # The stats/v1 score edges: 0.0, 0.05, ..., 1.0 (i / 20 is the double nearest each decimal edge).
 SCORE_EDGES = [i / 20 for i in range(21)]
@@ -80,25 +75,16 @@ class Reference:
 
 
 def check_store(store: Path) -> int:
-    """The store's schema version, after checking ``STORE/_schema.json``. Raises :class:`ReportError` for a folder
-    that is not a store, an unreadable schema file, or a version newer than :data:`STORE_VERSION`."""
-    marker = Path(store) / "_schema.json"
+    """The store's schema version (``store_schema.check_store``, the one check of a store). Raises
+    :class:`ReportError` for a folder that is not a store, an unreadable schema file, or a version newer than
+    :data:`appliance.central.store_schema.VERSION`."""
     if not Path(store).is_dir():
         raise ReportError(f"{store}: no such store folder")
     try:
-        doc = json.loads(marker.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ReportError(f"{store}: not a results store (no _schema.json)") from exc
-    except (OSError, ValueError) as exc:
-        raise ReportError(f"{marker}: unreadable: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("name") != STORE_NAME or not isinstance(doc.get("version"), int):
-        raise ReportError(f"{marker}: not a {STORE_NAME} schema marker: {str(doc)[:200]}")
-    if doc["version"] > STORE_VERSION:
-        raise ReportError(
-            f"{store} was written by store schema version {doc['version']}; this report reads version "
-            f"{STORE_VERSION} and older: upgrade the appliance package"
-        )
-    return int(doc["version"])
+        store_schema.check_store(Path(store))
+        return int(store_schema.read_version(Path(store)) or 0)
+    except store_schema.StoreSchemaError as exc:
+        raise ReportError(str(exc)) from exc
 
 
 def parse_reference(bundle_id: str, bundle_version: str, reference: Any, drift: Any, source: str) -> Reference:
@@ -164,7 +150,7 @@ def references_from_bundles(paths: list[Path]) -> list[Reference]:
 
 
 def _register(engine: Engine, store: Path, filters: Filters, references: list[Reference]) -> None:
-    for table in STORE_TABLES:
+    for table in store_schema.TABLES:
         folder = Path(store) / table
         if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
             engine.register_parquet(table, folder)

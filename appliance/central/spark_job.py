@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from appliance.central import store_schema
 from appliance.central.report_engine import Row, plain
 
 # The per-record step of ingest, called inside Spark tasks: one Avro record of IoT Hub's routing format, as
@@ -39,8 +40,6 @@ from appliance.central.report_engine import Row, plain
 # functions fit it as: open the record (``received.open_record``; a returned Refused is raised), flatten it with the
 # record's enqueued time and the device's site, and list the flattened rows as (table, row) pairs.
 OpenRecord = Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]]
-
-STORE_TABLES = ("results", "findings", "stats", "feedback")
 
 
 class SparkEngine:
@@ -100,35 +99,25 @@ def new_session(master: str = "local[2]", **conf: str) -> Any:
 
 
 def _open_file(path: str, open_record: OpenRecord) -> Iterator[tuple[str, Any]]:
-    """("msg", (mid, enqueued ISO, rows)) or ("reject", {...}) for each record of one Avro file, streamed."""
-    import fastavro
+    """("msg", (mid, enqueued ISO, rows)) or ("reject", {...}) for each record of one file, streamed by the
+    one-machine ingest's reader (``sources.read_file``: a corrupt Avro block is one reject and reading resumes at
+    the next sync marker)."""
+    from appliance.central.sources import read_file
 
-    try:
-        fh = open(path, "rb")  # noqa: SIM115 (closed below; a generator cannot use `with` across yields cleanly)
-    except OSError as exc:
-        yield "reject", {"source": path, "offset": None, "reason": "unreadable", "detail": str(exc)[:500]}
-        return
-    offset = -1
-    try:
-        reader = fastavro.reader(fh)
-        for offset, record in enumerate(reader):
-            if not isinstance(record, Mapping):
-                yield "reject", {"source": path, "offset": offset, "reason": "malformed", "detail": "not a record"}
-                continue
-            try:
-                rows = open_record(record)
-            except Exception as exc:  # the record's fault: report it, read on
-                reason = getattr(exc, "reason", type(exc).__name__)
-                yield "reject", {"source": path, "offset": offset, "reason": reason, "detail": str(exc)[:500]}
-                continue
-            if rows:
-                mid = rows[0][1]["mid"]
-                first = min(r["enqueued_time"] for _, r in rows)
-                yield "msg", (mid, first.isoformat(), rows)
-    except Exception as exc:  # a corrupt or truncated file: what was read stands, the rest is one reject
-        yield "reject", {"source": path, "offset": offset + 1, "reason": "corrupt_avro", "detail": str(exc)[:500]}
-    finally:
-        fh.close()
+    for item in read_file(Path(path), path):
+        if item.error is not None or item.record is None:
+            reason, detail = item.error or ("malformed", "no record")
+            yield "reject", {"source": path, "offset": item.offset, "reason": reason, "detail": detail[:500]}
+            continue
+        try:
+            rows = open_record(item.record)
+        except Exception as exc:  # the record's fault: report it, read on
+            reason = getattr(exc, "reason", type(exc).__name__)
+            yield "reject", {"source": path, "offset": item.offset, "reason": reason, "detail": str(exc)[:500]}
+            continue
+        if rows:
+            first = min(r["enqueued_time"] for _, r in rows)
+            yield "msg", (rows[0][1]["mid"], first.isoformat(), rows)
 
 
 def _earliest(a: tuple[str, list], b: tuple[str, list]) -> tuple[str, list]:
@@ -157,14 +146,13 @@ def ingest_avro(
     from pyspark.sql import functions as F
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    from appliance.central.report import STORE_NAME, STORE_VERSION, check_store
+    from appliance.central.report import ReportError
 
     store = Path(store)
-    if (store / "_schema.json").exists():
-        check_store(store)  # a store of a newer schema is refused before anything is written
-    else:
-        store.mkdir(parents=True, exist_ok=True)
-        (store / "_schema.json").write_text(json.dumps({"name": STORE_NAME, "version": STORE_VERSION}) + "\n")
+    try:  # a store of a newer schema is refused before anything is written
+        store_schema.check_store(store, create=True)
+    except store_schema.StoreSchemaError as exc:
+        raise ReportError(str(exc)) from exc
     files = [str(Path(p)) for p in avro_files]
     run = run or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
     sc = spark.sparkContext
@@ -185,7 +173,7 @@ def ingest_avro(
     msgs = opened.filter(lambda kv: kv[0] == "msg").map(lambda kv: (kv[1][0], (kv[1][1], kv[1][2])))
     counts["records"] = msgs.count()
     unique = msgs.reduceByKey(_earliest).cache()
-    for table in STORE_TABLES:
+    for table in store_schema.TABLES:
         if table not in schemas:
             continue
         arrow_schema = schemas[table]
