@@ -196,7 +196,7 @@ class OutputSpec(_Strict):
         for label, (lo, hi) in self.threshold_range.items():
             if not lo <= hi:
                 raise ValueError(f"threshold_range of {label!r}: low {lo} is above high {hi}")
-            if self.activation != "none" and not (0.0 <= lo and hi <= 1.0):
+            if self.activation != "none" and not (lo >= 0.0 and hi <= 1.0):
                 raise ValueError(f"threshold_range of {label!r}: {self.activation} scores lie in [0, 1]")
             default = self.thresholds.get(label, DEFAULT_THRESHOLD)
             if not lo <= default <= hi:

@@ -14,10 +14,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from appliance.core.logs import get_logger
 from appliance.pipeline.anatomy import laterality_of
 from appliance.pipeline.anatomy import view_of as coded_view
 from appliance.pipeline.preprocess import Transform
-from appliance.core.logs import get_logger
 from engines.manifest import Manifest, OutputSpec, check_site_thresholds
 
 log = get_logger(__name__)

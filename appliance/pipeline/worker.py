@@ -39,8 +39,8 @@ from appliance.lifecycle import studies
 from appliance.lifecycle.studies import COMPLETE, FAILED, INFERRED, INFERRING, NO_MODEL, NOT_PROCESSABLE
 from appliance.pipeline import uids
 from appliance.pipeline.analyse import CachedFn, analyse_route
-from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.postprocess import OperatingPoints, no_operating_points
+from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.recovery import recover
 from appliance.pipeline.results import ResultPublisher, save_results
