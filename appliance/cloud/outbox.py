@@ -4,7 +4,7 @@
 reads rows in (priority DESC, seq) order, publishes them at QoS 1 and deletes them (with an ``outbox_log``
 'sent' row) once acknowledged. Message ids are stable, so a resend after a crash is a duplicate the cloud
 can drop. Budget: rows past their TTL expire; above the byte budget the oldest rows are evicted, health
-first, then audit, results last; every removal is logged and recorded.
+first, then audit, then feedback, results last; every removal is logged and recorded.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
 
-Kind = Literal["result", "health", "audit"]
-KINDS: tuple[str, ...] = ("result", "health", "audit")
-PRIORITY: dict[str, int] = {"result": 100, "audit": 50, "health": 10}
+Kind = Literal["result", "health", "audit", "feedback"]
+KINDS: tuple[str, ...] = ("result", "health", "audit", "feedback")
+PRIORITY: dict[str, int] = {"result": 100, "feedback": 60, "audit": 50, "health": 10}
 URGENT_RESULT_PRIORITY = 200  # a result with an urgent finding (triage) goes before every other message
-EVICTION_ORDER: tuple[str, ...] = ("health", "audit", "result")  # first evicted first
+# first evicted first: a radiologist's feedback cannot be computed again, so it goes just before results
+EVICTION_ORDER: tuple[str, ...] = ("health", "audit", "feedback", "result")
 DEFAULT_TTL_S = 60 * 86400.0
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_MESSAGE_ID = 128
