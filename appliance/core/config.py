@@ -353,6 +353,9 @@ class FeedbackConfig(Section):
     outcomes: list[OutcomeCode] = Field(
         default_factory=lambda: [o.model_copy() for o in DEFAULT_OUTCOMES], min_length=1, max_length=64
     )
+    min_role: Literal["viewer", "technician", "admin"] = Field(
+        default="viewer", description="the lowest dashboard role that may give feedback (viewer: radiologists)"
+    )
 
     @field_validator("outcomes")
     @classmethod
