@@ -260,16 +260,16 @@ def show(
         console.print(Text("  ").append("problem:", style="yellow").append(f" {p}"))
     if given:
         t = Table("given", "by", "bundle", "feedback", "revision", "in force", "sent", title="radiologists' feedback")
-        for e in given:
-            what = f"{e.label}: {e.verdict}" if e.kind == "finding" else f"outcome {e.outcome_code}"
+        for fb in given:
+            what = f"{fb.label}: {fb.verdict}" if fb.kind == "finding" else f"outcome {fb.outcome_code}"
             t.add_row(
-                _iso(e.given_at),
-                Text(f"{e.actor} ({e.role})"),
-                Text(f"{e.bundle_id} {e.bundle_version}"),
+                _iso(fb.given_at),
+                Text(f"{fb.actor} ({fb.role})"),
+                Text(f"{fb.bundle_id} {fb.bundle_version}"),
                 Text(what),
-                str(e.revision),
-                "yes" if e.id in in_force else "",
-                "yes" if e.message_id else "no",
+                str(fb.revision),
+                "yes" if fb.id in in_force else "",
+                "yes" if fb.message_id else "no",
             )
         console.print(t)
     t = Table("at", "what", "detail", title="timeline")

@@ -262,7 +262,7 @@ def deidentify_feedback(feedback: dict[str, Any]) -> dict[str, Any]:
     if kind == "finding":
         out["label"] = _str(feedback.get("label"), _LABEL, "feedback.label")
         out["verdict"] = feedback.get("verdict") if feedback.get("verdict") in VERDICTS else None
-        required = ("label", "verdict")
+        required: tuple[str, ...] = ("label", "verdict")
     else:
         code, positive = (
             _str(feedback.get("outcome_code"), _CODE, "feedback.outcome_code"),

@@ -297,5 +297,7 @@ def record(
             publisher.committed()
         log.info("feedback recorded", study_id=study_id, kind=kind, label=label, actor=actor, rows=len(written))
         marks = ",".join("?" * len(written))
-        return [_entry(r) for r in store.query(f"SELECT * FROM feedback WHERE id IN ({marks}) ORDER BY id", written)]
+        return [
+            _entry(r) for r in store.query(f"SELECT * FROM feedback WHERE id IN ({marks}) ORDER BY id", tuple(written))
+        ]
     raise FeedbackRefused(f"study {study_id}: feedback given at the same time by others; try again")
