@@ -67,12 +67,13 @@ setup() {
 }
 
 # Test-only tools outside the main venv, each skipped when already there:
-# - Azurite (Blob Storage emulator), pinned in package.json, into ./node_modules (testsupport/azurite.py finds it);
+# - Azurite (Blob Storage emulator) and axe-core (the dashboard's accessibility checks in Chromium), pinned in
+#   package.json, into ./node_modules (testsupport/azurite.py and tests/test_feedback_daemon.py find them);
 # - Microsoft's device SDK azure-iot-device, which needs paho-mqtt<2, in its own venv .venv-sdk
 #   (testsupport/sdk.py finds it) as a second device client against the fake hub.
 SDK_VENV=${SDK_VENV:-.venv-sdk}
 test_tools() {
-  if [ ! -x node_modules/.bin/azurite-blob ]; then
+  if [ ! -x node_modules/.bin/azurite-blob ] || [ ! -f node_modules/axe-core/axe.min.js ]; then
     npm install --no-audit --no-fund --no-package-lock --loglevel=error
   fi
   if [ ! -x "$SDK_VENV/bin/python" ] || ! "$SDK_VENV/bin/python" -c "import azure.iot.device" 2>/dev/null; then
