@@ -203,7 +203,16 @@ def test_feedback_in_chromium_and_a_site_operating_point_through_the_twin(
 
             # -- feedback in Chromium, as a viewer (a radiologist on a tablet) --------------------------------------
             driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-            wait = WebDriverWait(driver, 60)
+            from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+            # the page reloads after each form (POST/redirect/GET): an element may go stale while it is read
+            wait = WebDriverWait(
+                driver, 60, ignored_exceptions=(StaleElementReferenceException, NoSuchElementException)
+            )
+
+            def message_has(text: str) -> None:
+                wait.until(lambda drv: text in drv.find_element(By.ID, "message").text)
+
             driver.get(d.web_url + "/login")
             wait.until(lambda drv: drv.find_elements(By.ID, "login-form"))
             driver.find_element(By.ID, "username").send_keys("rad")
@@ -222,15 +231,14 @@ def test_feedback_in_chromium_and_a_site_operating_point_through_the_twin(
             button = driver.find_element(By.ID, "verdict-nodule-disagree")
             assert button.size["height"] >= 44 and button.size["width"] >= 44  # a finger, not a mouse
             button.click()
-            msg = wait.until(lambda drv: drv.find_element(By.ID, "message"))
-            assert "Feedback recorded (nodule: disagree, revision 1; sent to the central team)" in msg.text
+            message_has("Feedback recorded (nodule: disagree, revision 1; sent to the central team)")
             driver.find_element(By.ID, "verdict-nodule-agree").click()  # changed their mind: revision 2
-            msg = wait.until(lambda drv: "revision 2" in drv.find_element(By.ID, "message").text)
+            message_has("Feedback recorded (nodule: agree, revision 2; sent to the central team)")
             from selenium.webdriver.support.ui import Select
 
             Select(driver.find_element(By.ID, "outcome_code")).select_by_value("biopsy_malignant")
             driver.find_element(By.ID, "outcome-submit").click()
-            wait.until(lambda drv: "outcome biopsy_malignant" in drv.find_element(By.ID, "message").text)
+            message_has("outcome biopsy_malignant")
             verdict = driver.find_element(By.CSS_SELECTOR, 'tr[data-label="nodule"] td.verdict').text
             assert "agree" in verdict and "rad (viewer)" in verdict and "revision 2" in verdict
             driver.save_screenshot(str(shots / "feedback.png"))
