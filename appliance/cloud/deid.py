@@ -100,10 +100,14 @@ def pseudonym_uid(secret: bytes, uid: str) -> str:
 
 def result_message_id(secret: bytes, result: dict[str, Any]) -> str:
     """Stable message id: the same study (+ revision) + bundle + task always gives the same id, so the cloud
-    de-duplicates a re-run; a later revision of the study (late images) is a new result with a new id."""
+    de-duplicates a re-run; a later revision of the study (late images), or a re-run judged by another site
+    operating point (``operating_point_version``), is a new result with a new id. Results judged by the
+    manifest's thresholds keep the ids they always had."""
     parts = [str(result.get(k, "")) for k in ("study_uid", "bundle_id", "bundle_version", "task")]
     if result.get("revision") is not None:
         parts.append(f"rev{result['revision']}")
+    if result.get("operating_point_version") is not None:  # judged by another site operating point: a new result
+        parts.append(f"op{result['operating_point_version']}")
     return "res-" + _mac(secret, "mid", *parts).hex()[:40]
 
 
