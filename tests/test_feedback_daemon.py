@@ -364,9 +364,13 @@ def test_feedback_in_chromium_and_a_site_operating_point_through_the_twin(
                 assert "riverbend" in page and f"nodule = {site_t}" in page
             sent = storescu(d.port, second["files"])
             assert "Received Store Response (Success)" in sent.stdout, sent.stdout
-            wait_until(
-                lambda: len(hub.messages(DEVICE, "result")) >= 3, timeout=180, interval=0.5, what="2 more results"
-            )
+            try:
+                wait_until(lambda: len(hub.messages(DEVICE, "result")) >= 3, timeout=180, interval=0.5, what="results")
+            except AssertionError as exc:
+                states = [(r["id"], r["state"], r["detail"]) for r in d.studies()]
+                raise AssertionError(
+                    f"{exc}; studies {states}; results {len(hub.messages(DEVICE, 'result'))}; log: {d.logs()[-6000:]}"
+                ) from exc
             wait_until(lambda: len(d.studies("exported")) == 2, timeout=180, interval=0.5, what="both exported")
             for study_id in (r["id"] for r in d.studies("exported")):
                 score, above = sr_findings(newest_sr(d, study_id))["nodule"]
