@@ -67,8 +67,8 @@ setup() {
 }
 
 # Test-only tools outside the main venv, each skipped when already there:
-# - Azurite (Blob Storage emulator) and axe-core (accessibility checks), pinned in package.json, into ./node_modules
-#   (testsupport/azurite.py finds Azurite);
+# - Azurite (Blob Storage emulator) and axe-core (the dashboard's accessibility checks in Chromium), pinned in
+#   package.json, into ./node_modules (testsupport/azurite.py and tests/test_feedback_daemon.py find them);
 # - Microsoft's device SDK azure-iot-device, which needs paho-mqtt<2, in its own venv .venv-sdk
 #   (testsupport/sdk.py finds it) as a second device client against the fake hub.
 SDK_VENV=${SDK_VENV:-.venv-sdk}

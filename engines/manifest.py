@@ -38,6 +38,8 @@ SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 # A file of a bundle: relative, "/"-separated parts of letters, digits, "_", "." and "-", none starting with "."
 # or "-" (so no "..", no hidden files, no option-like names); the tar member name and the path in ``files``.
 MEMBER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
+# The threshold of a scores label the manifest names none for (score >= threshold is positive).
+DEFAULT_THRESHOLD = 0.5
 # Golden tolerances are bounded: an atol or rtol of, say, 1e9 would let ANY model pass the golden check (the check
 # is what ties the compiled engine to the signed reference outputs). 0.1 is twice the loosest tolerance the
 # reference bundles use (fp16: 5e-2); a model that needs more is not reproducing its reference outputs.
@@ -302,6 +304,17 @@ class OutputSpec(_Strict):
     activation: Literal["sigmoid", "softmax", "none"] = "sigmoid"
     thresholds: dict[str, float] = Field(default_factory=dict)  # scores only: operating points
     stride: int | None = None  # heatmap only
+    # scores only: label -> [lo, hi], the closed range a site operating point (signed by the central team, see
+    # docs/CLOUD.md) may set that label's threshold to; a label without a range keeps the manifest's threshold.
+    # Left out of the canonical bytes while empty (manifests signed before it verify unchanged).
+    threshold_range: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if not data.get("threshold_range"):
+            data.pop("threshold_range", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> OutputSpec:
@@ -310,7 +323,24 @@ class OutputSpec(_Strict):
             raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")
         if self.kind == "heatmap" and not self.stride:
             raise ValueError("heatmap outputs need a stride")
+        if self.threshold_range and self.kind != "scores":
+            raise ValueError("threshold_range is for scores outputs only")
+        unknown = set(self.threshold_range) - set(self.labels)
+        if unknown:
+            raise ValueError(f"threshold_range for unknown labels: {sorted(unknown)}")
+        for label, (lo, hi) in self.threshold_range.items():
+            if not lo <= hi:
+                raise ValueError(f"threshold_range of {label!r}: low {lo} is above high {hi}")
+            if self.activation != "none" and not (lo >= 0.0 and hi <= 1.0):
+                raise ValueError(f"threshold_range of {label!r}: {self.activation} scores lie in [0, 1]")
+            default = self.thresholds.get(label, DEFAULT_THRESHOLD)
+            if not lo <= default <= hi:
+                raise ValueError(f"threshold_range of {label!r} [{lo}, {hi}] leaves out its own threshold {default}")
         return self
+
+    def threshold(self, label: str) -> float:
+        """The manifest's threshold of ``label`` (:data:`DEFAULT_THRESHOLD` when it names none)."""
+        return float(self.thresholds.get(label, DEFAULT_THRESHOLD))
 
 
 class Tolerance(_Strict):
@@ -615,3 +645,24 @@ def canonical_bytes(manifest: Manifest) -> bytes:
     """The exact bytes that are signed: sorted keys, no whitespace, UTF-8."""
     doc = manifest.model_dump(mode="json")
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def check_site_thresholds(manifest: Manifest, thresholds: dict[str, float]) -> None:
+    """Raise ValueError unless every ``label -> threshold`` of a site operating point names a label of the
+    manifest's scores output that has a ``threshold_range`` and lies within it (closed range, finite)."""
+    spec = manifest.output("scores")
+    if spec is None:
+        raise ValueError(f"bundle {manifest.bundle_id} {manifest.version} has no scores output")
+    for label, value in thresholds.items():
+        if label not in spec.labels:
+            raise ValueError(f"{manifest.bundle_id} {manifest.version} has no label {label!r}")
+        rng = spec.threshold_range.get(label)
+        if rng is None:
+            raise ValueError(f"{manifest.bundle_id} {manifest.version} allows no site threshold for {label!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"threshold of {label!r} is not a finite number")
+        if not rng[0] <= value <= rng[1]:
+            raise ValueError(
+                f"threshold {value} of {label!r} is outside the range [{rng[0]}, {rng[1]}] "
+                f"{manifest.bundle_id} {manifest.version} allows"
+            )

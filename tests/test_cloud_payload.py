@@ -32,7 +32,17 @@ def _expected(result: dict) -> dict:
         "task": result["task"],
         "study_score": result["study_score"],
         "per_breast": result["per_breast"],
-        "findings": [{**f, "image_sop_uid": p(f["image_sop_uid"])} for f in result["findings"]],
+        # the threshold that judged each finding and its source (manifest | site), CENTRAL_SCHEMA result/v1
+        "findings": [
+            {
+                **f,
+                "image_sop_uid": p(f["image_sop_uid"]),
+                "threshold": f.get("threshold"),
+                "threshold_source": f.get("threshold_source"),
+            }
+            for f in result["findings"]
+        ],
+        "operating_point_version": result.get("operating_point_version"),
         "images": [
             {**im, "sop_instance_uid": p(im["sop_instance_uid"]), "series_uid": p(im["series_uid"])}
             for im in result["images"]

@@ -18,6 +18,9 @@ PipelineWorker --StudyGate (held per study)--> UpdateAgent (switches between stu
 PipelineWorker --on_outcome--> UpdateAgent.on_outcome (health gate);  UpdateAgent --Reload--> ActiveEngines
 UpdateAgent --SelfCheck--> app.selftest.engine_selftest
 CloudAgent.overlay (CloudOverlay): the twin's runtime settings, read by the publisher and the sender
+CloudOverlay --check_operating_point--> models.check_operating_point (the installed manifest's threshold_range)
+PipelineWorker --OperatingPoints--> CloudOverlay.current().operating_points (site thresholds, postprocess)
+WebPorts.feedback_publisher --> CloudFeedbackPublisher --notify_queued--> OutboxSender    (radiologists' feedback)
 PipelineWorker --on_analysed--> ApplianceMetrics.observe_analysis (inference latency histogram)
 WebService <--WebPorts-- self-test, C-ECHO, status doc, SCP listening, engines, installed models, cloud status
 AuditForwarder (with [audit] syslog_host): the audit trail -> the hospital's audit repository (syslog/TLS)
@@ -37,7 +40,8 @@ from typing import Any, Protocol
 from appliance.app.methods import ControlMethods
 from appliance.app.selftest import engine_selftest, run_selftest
 from appliance.cloud.agent import CloudAgent
-from appliance.cloud.overlay import CloudOverlay
+from appliance.cloud.feedback_messages import CloudFeedbackPublisher
+from appliance.cloud.overlay import CloudOverlay, EffectiveCloud
 from appliance.cloud.result_messages import CloudResultPublisher
 from appliance.cloud.stats_messages import StatsService
 from appliance.core.audit_syslog import AuditForwarder
@@ -51,6 +55,7 @@ from appliance.ingest.spool import Spool
 from appliance.models import active as models
 from appliance.models import stats
 from appliance.models.active import ActiveEngines
+from appliance.pipeline.postprocess import OperatingPoints, SiteOperatingPoint, no_operating_points
 from appliance.pipeline.prepare_early import EarlyPreparer, PreparedCache
 from appliance.pipeline.results import NoPublisher, ResultPublisher
 from appliance.pipeline.worker import PipelineWorker
@@ -122,6 +127,26 @@ def _no_update_agent(desired: Any) -> None:
         raise ValueError("model_updates: this box runs no update agent (updates.enabled and pipeline.enabled)")
 
 
+def site_operating_points(current: Callable[[], EffectiveCloud]) -> OperatingPoints:
+    """The pipeline's :class:`OperatingPoints` port over the cloud overlay's operating points in force."""
+
+    def for_bundle(manifest: Any) -> SiteOperatingPoint | None:
+        op = current().operating_points.get(manifest.bundle_id)
+        return None if op is None else SiteOperatingPoint(dict(op.thresholds), op.version, op.site)
+
+    return for_bundle
+
+
+def reported_operating_points(current: Callable[[], EffectiveCloud]) -> dict[str, Any]:
+    """Reported property ``operating_points``: bundle id -> {version, site, thresholds} in force."""
+    return {
+        "operating_points": {
+            b: {"version": op.version, "site": op.site, "thresholds": dict(op.thresholds)}
+            for b, op in sorted(current().operating_points.items())
+        }
+    }
+
+
 def compose(settings: Settings, store: Store) -> Appliance:
     """Make and connect every service of the appliance for ``settings`` on ``store``; nothing is started."""
     pools = Pools()
@@ -140,10 +165,18 @@ def compose(settings: Settings, store: Store) -> Appliance:
     publisher: ResultPublisher = NoPublisher()
     cloud_publisher: CloudResultPublisher | None = None
     overlay: CloudOverlay | None = None
+    feedback_publisher: CloudFeedbackPublisher | None = None
+    operating_points: OperatingPoints = no_operating_points
     if settings.cloud.enabled:
-        overlay = CloudOverlay(settings.cloud, store)
+        overlay = CloudOverlay(
+            settings.cloud,
+            store,
+            check_operating_point=lambda bundle_id, thr: models.check_operating_point(settings, bundle_id, thr),
+        )
         cloud_publisher = CloudResultPublisher(settings, overlay)
+        feedback_publisher = CloudFeedbackPublisher(settings, overlay)
         publisher = cloud_publisher
+        operating_points = site_operating_points(overlay.current)
 
     engines: ActiveEngines | None = None
     stats_service: StatsService | None = None
@@ -200,6 +233,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
             on_analysed=metrics.observe_analysis,
             gate=gate,
             on_outcome=updates.on_outcome if updates is not None else None,
+            operating_points=operating_points,
         )
         assembler.on_complete.append(lambda _study_id: worker.wake())
         services += [exporter, *early, worker, stats_service]
@@ -207,9 +241,12 @@ def compose(settings: Settings, store: Store) -> Appliance:
 
     if cloud_publisher is not None:
         control = ControlMethods(settings, store, cloud_publisher)
+        twin_overlay = overlay
+        assert twin_overlay is not None  # a cloud publisher exists only with the cloud overlay
         alert_s = settings.retention.export_alert_hours * 3600
         reported_hooks: list[Callable[[], dict[str, Any]]] = [
-            lambda: {"exports_undeliverable": undeliverable(store.conn, alert_s)}  # the export alert
+            lambda: {"exports_undeliverable": undeliverable(store.conn, alert_s)},  # the export alert
+            lambda: reported_operating_points(twin_overlay.current),
         ]
         if engines is not None:
             reported_hooks.append(engines.describe)
@@ -240,6 +277,8 @@ def compose(settings: Settings, store: Store) -> Appliance:
         if stats_service is not None:
             stats_service.on_queued = agent.sender.notify_queued
             stats_service.on_drift_change = agent.report_changed
+        if feedback_publisher is not None:
+            feedback_publisher.on_queued = agent.sender.notify_queued
         if engines is not None:
             engines.on_change.append(agent.report_changed)
         services.append(agent)
@@ -252,7 +291,12 @@ def compose(settings: Settings, store: Store) -> Appliance:
         # imported here: FastAPI and uvicorn take seconds to import on a loaded 2-core box, for nothing when off
         from appliance.web.server import WebService
 
-        web = WebService(settings, store, _web_ports(settings, app, scp, engines, agent, updates), metrics)
+        ports = _web_ports(settings, app, scp, engines, agent, updates)
+        ports.feedback_publisher = feedback_publisher
+        if agent is not None:
+            current = agent.overlay.current
+            ports.operating_points = lambda: reported_operating_points(current)["operating_points"]
+        web = WebService(settings, store, ports, metrics)
         services.append(web)
         app.status[web.name] = web.status
     return app

@@ -167,3 +167,14 @@ def fleet_status(service: HubService, query: str = "SELECT * FROM devices") -> l
     for twin in service.query(query):
         rows += status_rows(twin)
     return sorted(rows, key=lambda r: (r.device_id, r.bundle_id or ""))
+
+
+def operating_point_patch(signed: dict[str, Any]) -> dict[str, Any]:
+    """The twin patch ``{"properties": {"desired": {"operating_points": {bundle_id: signed}}}}`` for one signed
+    site operating point (:func:`appliance.cloud.operating_points.sign`); checked with the box's own
+    :func:`appliance.cloud.operating_points.parse` first (ValueError), so what the box would refuse for its shape
+    never reaches a twin."""
+    from appliance.cloud import operating_points
+
+    _signed, op = operating_points.parse(signed)
+    return {"properties": {"desired": {"operating_points": {op.bundle_id: signed}}}}

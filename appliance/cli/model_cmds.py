@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -163,14 +164,37 @@ def install(
     typer.echo(f"installed {m.bundle_id}@{m.version}" + (" (active)" if activate else ""))
 
 
+def operating_points_in_force(settings: Any) -> dict[str, dict[str, Any]]:
+    """Bundle id -> ``{"version", "site", "thresholds"}`` of the site operating points in force (the cloud
+    overlay in ``state.db``, read only); empty when there is none or no database yet."""
+    import sqlite3
+
+    from appliance.cli.study_cmds import open_store
+    from appliance.cloud.overlay import CloudOverlay
+
+    store = open_store(settings, read_only=True)
+    if store is None:
+        return {}
+    try:
+        ops = CloudOverlay(settings.cloud, store).current().operating_points
+        return {b: {"version": op.version, "site": op.site, "thresholds": dict(op.thresholds)} for b, op in ops.items()}
+    except (sqlite3.Error, ValueError):
+        return {}
+    finally:
+        store.close()
+
+
 @model_app.command("list")
 def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Installed bundles, their versions and which one is active."""
+    """Installed bundles, their versions and which one is active, with the site operating point in force on
+    the active version (thresholds set by the central team; the manifest's otherwise)."""
     from appliance.models.active import registry
 
-    reg = registry(settings_from(ctx))
+    settings = settings_from(ctx)
+    reg = registry(settings)
     rows = reg.list()
     contract = {(r.bundle_id, r.version): _declares_contract(reg, r.bundle_id, r.version) for r in rows}
+    ops = operating_points_in_force(settings)
     if as_json:
         typer.echo(
             json.dumps(
@@ -184,6 +208,7 @@ def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) 
                         "installed_at": r.installed_at,
                         "failure": r.failure,
                         "input_contract": contract[(r.bundle_id, r.version)],
+                        "operating_point": ops.get(r.bundle_id) if r.active else None,
                     }
                     for r in rows
                 ],
@@ -196,7 +221,12 @@ def list_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) 
     for r in rows:
         flag = "*" if r.active else ("<" if r.previous else " ")
         fail = f"  FAILED: {r.failure['reason']}" if r.failure else ""
-        typer.echo(f"{flag} {r.bundle_id:<24} {r.version:<12} key {r.key_id} {r.installed_at}{fail}")
+        op = ops.get(r.bundle_id) if r.active else None
+        site = ""
+        if op:
+            thr = ", ".join(f"{k}={v:g}" for k, v in sorted(op["thresholds"].items()))
+            site = f"  site operating point v{op['version']} ({op['site']}): {thr}"
+        typer.echo(f"{flag} {r.bundle_id:<24} {r.version:<12} key {r.key_id} {r.installed_at}{fail}{site}")
         if contract[(r.bundle_id, r.version)] is False:
             typer.echo(
                 f"  warning: {r.bundle_id} {r.version} declares no input contract (applies_to.input_contract): "

@@ -197,17 +197,22 @@ def show(
 ) -> None:
     """A study in full: patient, findings per image, result objects and the timeline of what the box did."""
     from appliance.core.audit import AuditEvent, record_event
+    from appliance.worklist import feedback
     from appliance.worklist.read import study_detail
 
     store = _store_or_exit(settings_from(ctx))
     try:
         study_id = _resolve(store, ref)
         d = study_detail(store, study_id)
+        given = feedback.history(store, study_id)
+        in_force = {e.id for e in feedback.current(store, study_id)}
         record_event(store, AuditEvent.STUDY_VIEWED, actor=actor(), subject=f"study:{study_id}")
     finally:
         store.close()
     if as_json:
-        typer.echo(json.dumps(d.to_dict(), indent=2, ensure_ascii=False))
+        doc = d.to_dict()
+        doc["feedback"] = [{**e.to_dict(), "in_force": e.id in in_force} for e in given]
+        typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
         return
     s = d.summary
     console = Console(highlight=False, emoji=False)
@@ -253,6 +258,20 @@ def show(
         console.print(f"  {o['kind']} {o['sop_instance_uid']} ({sent}): {o['path']}", markup=False)
     for p in d.problems:
         console.print(Text("  ").append("problem:", style="yellow").append(f" {p}"))
+    if given:
+        t = Table("given", "by", "bundle", "feedback", "revision", "in force", "sent", title="radiologists' feedback")
+        for fb in given:
+            what = f"{fb.label}: {fb.verdict}" if fb.kind == "finding" else f"outcome {fb.outcome_code}"
+            t.add_row(
+                _iso(fb.given_at),
+                Text(f"{fb.actor} ({fb.role})"),
+                Text(f"{fb.bundle_id} {fb.bundle_version}"),
+                Text(what),
+                str(fb.revision),
+                "yes" if fb.id in in_force else "",
+                "yes" if fb.message_id else "no",
+            )
+        console.print(t)
     t = Table("at", "what", "detail", title="timeline")
     for e in d.timeline:
         t.add_row(_iso(e["at"]), e["what"], Text(e["detail"] or ""))

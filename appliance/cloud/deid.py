@@ -25,6 +25,7 @@ from durable import write_atomic
 log = get_logger(__name__)
 
 SCHEMA = "result/v1"
+FEEDBACK_SCHEMA = "feedback/v1"
 MAX_FINDINGS = 256
 MAX_IMAGES = 256
 
@@ -62,6 +63,13 @@ VIEWS = {
 LATERALITIES = {"L", "R", "B", "U"}
 _ID = re.compile(r"^[A-Za-z0-9._+-]{1,64}\Z")
 _LABEL = re.compile(r"^[A-Za-z0-9 _.,()/+-]{1,64}\Z")
+_PSEUDONYM = re.compile(r"^2\.25\.[0-9]{1,39}\Z")
+_MID = re.compile(r"^[A-Za-z0-9-]{1,128}\Z")
+_CODE = re.compile(r"^[a-z0-9_]{1,64}\Z")
+THRESHOLD_SOURCES = {"manifest", "site"}
+VERDICTS = {"agree", "disagree", "uncertain"}
+FEEDBACK_KINDS = {"finding", "outcome"}
+ROLES = {"viewer", "technician", "admin"}
 
 SECRET_FILE = "device_secret"
 
@@ -92,10 +100,14 @@ def pseudonym_uid(secret: bytes, uid: str) -> str:
 
 def result_message_id(secret: bytes, result: dict[str, Any]) -> str:
     """Stable message id: the same study (+ revision) + bundle + task always gives the same id, so the cloud
-    de-duplicates a re-run; a later revision of the study (late images) is a new result with a new id."""
+    de-duplicates a re-run; a later revision of the study (late images), or a re-run judged by another site
+    operating point (``operating_point_version``), is a new result with a new id. Results judged by the
+    manifest's thresholds keep the ids they always had."""
     parts = [str(result.get(k, "")) for k in ("study_uid", "bundle_id", "bundle_version", "task")]
     if result.get("revision") is not None:
         parts.append(f"rev{result['revision']}")
+    if result.get("operating_point_version") is not None:  # judged by another site operating point: a new result
+        parts.append(f"op{result['operating_point_version']}")
     return "res-" + _mac(secret, "mid", *parts).hex()[:40]
 
 
@@ -103,6 +115,12 @@ def stats_message_id(secret: bytes, bundle_id: str, bundle_version: str, day: st
     """Message id of one ``stats`` snapshot: keyed HMAC of ("stats", bundle id, version, UTC day, generated_at), so
     each snapshot is its own message and the central store keeps the newest per (device, bundle version, day)."""
     return "sts-" + _mac(secret, "stats", bundle_id, bundle_version, day, generated_at).hex()[:40]
+
+
+def feedback_message_id(secret: bytes, result_mid: str, label: str | None, kind: str, revision: int) -> str:
+    """Stable id of one feedback revision: keyed HMAC of ("feedback", result mid, label or "", kind, revision),
+    so a resend is a duplicate the cloud drops and a changed verdict (the next revision) is a new message."""
+    return "fb-" + _mac(secret, "feedback", result_mid, label or "", kind, str(revision)).hex()[:40]
 
 
 def _str(value: Any, pattern: re.Pattern[str], field: str) -> str | None:
@@ -170,6 +188,7 @@ def deidentify_result(
         "per_breast": None,
         "findings": [],
         "images": [],
+        "operating_point_version": _int(result.get("operating_point_version")),
     }
     if "revision" in result:  # a later revision of a study (late images) supersedes the earlier result
         out["revision"] = _int(result.get("revision"))
@@ -190,6 +209,10 @@ def deidentify_result(
                 "label": _str(f.get("label"), _LABEL, "findings.label"),
                 "score": _num(f.get("score")),
                 "positive": f.get("positive") if isinstance(f.get("positive"), bool) else None,
+                "threshold": _num(f.get("threshold")),
+                "threshold_source": f.get("threshold_source")
+                if f.get("threshold_source") in THRESHOLD_SOURCES
+                else None,
                 "image_sop_uid": _uid(secret, f.get("image_sop_uid")),
                 "location": {"row": _num(loc.get("row")), "col": _num(loc.get("col"))}
                 if isinstance(loc, dict)
@@ -233,4 +256,46 @@ def deidentify_result(
         }
         codes.append(CODE_RETAIN_PATIENT_CHARACTERISTICS)
     out["deidentification"] = {"patient_identity_removed": "YES", "method_codes": codes}
+    return out
+
+
+def deidentify_feedback(feedback: dict[str, Any]) -> dict[str, Any]:
+    """The cloud form of one feedback revision (schema ``feedback/v1``, /work/CENTRAL_SCHEMA.md): allowlisted and
+    validated like results. ``feedback`` carries ``result_mid`` (the result message's id), ``study`` (the study's
+    pseudonym, :func:`pseudonym_uid`: never a UID), ``bundle_id``, ``bundle_version``, ``kind``, ``label``,
+    ``verdict``, ``outcome_code``, ``outcome_positive``, ``role`` (the dashboard role, never the user name) and
+    ``day`` (the UTC day it was given, a ``datetime.date``; never the study's date). Raises ValueError when an
+    identifying or malformed value would have to be dropped from a field the message cannot do without."""
+    kind = feedback.get("kind")
+    out: dict[str, Any] = {
+        "schema": FEEDBACK_SCHEMA,
+        "result_mid": _str(feedback.get("result_mid"), _MID, "feedback.result_mid"),
+        "study": _str(feedback.get("study"), _PSEUDONYM, "feedback.study"),
+        "bundle_id": _str(feedback.get("bundle_id"), _ID, "feedback.bundle_id"),
+        "bundle_version": _str(feedback.get("bundle_version"), _ID, "feedback.bundle_version"),
+        "kind": kind if kind in FEEDBACK_KINDS else None,
+        "label": None,
+        "verdict": None,
+        "outcome": None,
+        "role": feedback.get("role") if feedback.get("role") in ROLES else None,
+        "day": feedback["day"].isoformat() if isinstance(feedback.get("day"), date) else None,
+    }
+    if kind == "finding":
+        out["label"] = _str(feedback.get("label"), _LABEL, "feedback.label")
+        out["verdict"] = feedback.get("verdict") if feedback.get("verdict") in VERDICTS else None
+        required: tuple[str, ...] = ("label", "verdict")
+    else:
+        code, positive = (
+            _str(feedback.get("outcome_code"), _CODE, "feedback.outcome_code"),
+            feedback.get("outcome_positive"),
+        )
+        out["outcome"] = {"code": code, "positive": positive} if code and isinstance(positive, bool) else None
+        required = ("outcome",)
+    missing = [
+        k
+        for k in ("result_mid", "study", "bundle_id", "bundle_version", "kind", "role", "day", *required)
+        if out[k] is None
+    ]
+    if missing:
+        raise ValueError(f"feedback message cannot be built: no valid {', '.join(missing)}")
     return out

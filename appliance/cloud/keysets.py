@@ -92,8 +92,42 @@ def sign(keyset: KeySet, private_key: Ed25519PrivateKey) -> dict[str, Any]:
     """The signed form of ``keyset`` (a JSON-ready dict), signed with the central team's key-set signing key: the
     canonical JSON text of the set (sorted keys, compact) and an Ed25519 signature over ``DOMAIN`` + its bytes."""
     text = canonical_content(keyset)
-    sig = private_key.sign(DOMAIN + text.encode())
-    return {"keyset": text, "signer": key_id(private_key), "signature": base64.b64encode(sig).decode("ascii")}
+    return {"keyset": text, **sign_text(DOMAIN, text, private_key)}
+
+
+class SignatureError(ValueError):
+    """A central-team signature is refused: ``reason`` ``unknown_signer`` or ``bad_signature``, ``detail`` why."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def sign_text(domain: bytes, text: str, private_key: Ed25519PrivateKey) -> dict[str, str]:
+    """``{"signer": <16 hex key id>, "signature": <base64 Ed25519 signature over domain + UTF-8 text>}``: how the
+    central team signs every document the twin carries to a box (recipient key sets, site operating points),
+    each kind with its own domain-separation prefix so a signature of one kind is never valid as another."""
+    sig = private_key.sign(domain + text.encode())
+    return {"signer": key_id(private_key), "signature": base64.b64encode(sig).decode("ascii")}
+
+
+def verify_text(domain: bytes, text: str, signer: str, signature: str, trusted: Mapping[str, str]) -> None:
+    """Check a :func:`sign_text` signature against ``trusted`` (``cloud.keyset_trusted_keys``: key id -> base64
+    Ed25519 public key; an entry whose id does not match its key is never used). Raises :class:`SignatureError`."""
+    pub_b64 = trusted.get(signer)
+    if pub_b64 is None:
+        raise SignatureError("unknown_signer", f"signer {signer} is not in cloud.keyset_trusted_keys")
+    try:
+        pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(pub_b64, validate=True))
+        sig = base64.b64decode(signature, validate=True)
+    except ValueError as exc:
+        raise SignatureError("bad_signature", f"undecodable key or signature: {exc}") from exc
+    if key_id(pub) != signer:
+        raise SignatureError("unknown_signer", f"trusted key listed as {signer} has another key id")
+    try:
+        pub.verify(sig, domain + text.encode())
+    except InvalidSignature as exc:
+        raise SignatureError("bad_signature", f"signature by {signer} does not verify") from exc
 
 
 def parse(doc: Any) -> tuple[SignedKeySet, KeySet]:
@@ -122,20 +156,10 @@ def verify(
     other content, is refused. Raises :class:`KeySetError`.
     """
     signed, keyset = parse(doc)
-    pub_b64 = trusted.get(signed.signer)
-    if pub_b64 is None:
-        raise KeySetError("unknown_signer", f"signer {signed.signer} is not in cloud.keyset_trusted_keys")
     try:
-        pub = Ed25519PublicKey.from_public_bytes(base64.b64decode(pub_b64, validate=True))
-        sig = base64.b64decode(signed.signature, validate=True)
-    except ValueError as exc:
-        raise KeySetError("bad_signature", f"undecodable key or signature: {exc}") from exc
-    if key_id(pub) != signed.signer:
-        raise KeySetError("unknown_signer", f"trusted key listed as {signed.signer} has another key id")
-    try:
-        pub.verify(sig, DOMAIN + signed.keyset.encode())
-    except InvalidSignature as exc:
-        raise KeySetError("bad_signature", f"signature by {signed.signer} does not verify") from exc
+        verify_text(DOMAIN, signed.keyset, signed.signer, signed.signature, trusted)
+    except SignatureError as exc:
+        raise KeySetError(exc.reason, exc.detail) from exc
     now = time.time() if at is None else at
     if keyset.expires_at <= now:
         raise KeySetError("expired", f"version {keyset.version} expired at {keyset.expires_at}")

@@ -21,9 +21,10 @@ log = get_logger(__name__)
 
 Kind = Literal["result", "health", "audit", "stats", "feedback"]
 KINDS: tuple[str, ...] = ("result", "health", "audit", "stats", "feedback")  # the table's CHECK (migration 0014)
-PRIORITY: dict[str, int] = {"result": 100, "feedback": 90, "audit": 50, "stats": 30, "health": 10}
+PRIORITY: dict[str, int] = {"result": 100, "feedback": 60, "audit": 50, "stats": 30, "health": 10}
 URGENT_RESULT_PRIORITY = 200  # a result with an urgent finding (triage) goes before every other message
-EVICTION_ORDER: tuple[str, ...] = ("health", "stats", "audit", "feedback", "result")  # first evicted first
+# first evicted first: a radiologist's feedback cannot be computed again, so it goes just before results
+EVICTION_ORDER: tuple[str, ...] = ("health", "stats", "audit", "feedback", "result")
 DEFAULT_TTL_S = 60 * 86400.0
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_MESSAGE_ID = 128

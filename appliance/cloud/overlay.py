@@ -16,6 +16,11 @@ overlay:
   accepted, remembered in ``settings_overlay.keyset_version``); ``recipient_key_ids`` may only pick among the
   keys in force (the set's, else the config file's ``cloud.recipient_keys``). A set that expires while in force
   gives way to the config file's keys;
+- **operating points only from the central team**: each of ``operating_points`` (bundle id -> a signed site
+  operating point, :mod:`appliance.cloud.operating_points`) is in force only once verified against the same
+  ``cloud.keyset_trusted_keys``, never older than the newest accepted for its bundle (remembered in
+  ``settings_overlay.operating_points_newest``), and accepted by the composition root's check (the labels and
+  ranges of the bundle's installed manifest);
 - **read through one locked accessor**: :meth:`CloudOverlay.current` returns an immutable
   :class:`EffectiveCloud` snapshot; readers on other threads (pipeline, sender, health) never see half an
   update.
@@ -27,17 +32,21 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from appliance.cloud import keysets
+from appliance.cloud import keysets, operating_points
+from appliance.cloud.operating_points import OperatingPoint, OperatingPointError
 from appliance.cloud.twin import Desired, validate
 from appliance.core.config import CloudConfig
 from appliance.core.logs import get_logger
 from appliance.core.store import Store
 
 log = get_logger(__name__)
+
+OperatingPointCheck = Callable[[str, Mapping[str, float]], None]
+"""(bundle id, label -> threshold): raises ValueError unless the bundle's installed manifest allows them."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,8 @@ class EffectiveCloud:
     recipient_keys: Mapping[str, str]
     keyset_version: int = 0
     keys_expire_at: float | None = None
+    # bundle id -> the verified site operating point in force (read-only mapping)
+    operating_points: Mapping[str, OperatingPoint] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def outbox_ttl_s(self) -> float:
@@ -82,11 +93,36 @@ def _recipients(
     return available, keyset
 
 
+def _operating_points(
+    base: CloudConfig,
+    d: Desired,
+    newest: Mapping[str, tuple[int, str]],
+    check: OperatingPointCheck | None,
+) -> dict[str, OperatingPoint]:
+    """The verified operating points of ``d``; raises :class:`OperatingPointError` for the first one refused."""
+    out: dict[str, OperatingPoint] = {}
+    for bundle_id, doc in (d.operating_points or {}).items():
+        op = operating_points.verify(doc, base.keyset_trusted_keys, newest=newest.get(bundle_id))
+        if check is not None:
+            try:
+                check(bundle_id, op.thresholds)
+            except ValueError as exc:
+                raise OperatingPointError("not_allowed", str(exc)) from exc
+        out[bundle_id] = op
+    return out
+
+
 def _effective(
-    base: CloudConfig, desired: Desired | None, version: int, newest: tuple[int, str] | None = None
+    base: CloudConfig,
+    desired: Desired | None,
+    version: int,
+    newest: tuple[int, str] | None = None,
+    op_newest: Mapping[str, tuple[int, str]] | None = None,
+    check: OperatingPointCheck | None = None,
 ) -> EffectiveCloud:
     d = desired or Desired()
     keys, keyset = _recipients(base, d, newest)
+    ops = _operating_points(base, d, op_newest or {}, check)
     return EffectiveCloud(
         version=version,
         health_interval_s=d.health_interval_s or base.health_interval_s,
@@ -96,11 +132,16 @@ def _effective(
         recipient_keys=MappingProxyType(keys),
         keyset_version=keyset.version if keyset is not None else 0,
         keys_expire_at=float(keyset.expires_at) if keyset is not None else None,
+        operating_points=MappingProxyType(ops),
     )
 
 
 def _without_keys(desired: Desired) -> Desired:
     return desired.model_copy(update={"recipient_keyset": None, "recipient_key_ids": None})
+
+
+def _without_operating_points(desired: Desired) -> Desired:
+    return desired.model_copy(update={"operating_points": None})
 
 
 class CloudOverlay:
@@ -110,25 +151,41 @@ class CloudOverlay:
     longer knows a key, is ignored with a warning: the config file's values apply).
     """
 
-    def __init__(self, base: CloudConfig, store: Store):
+    def __init__(self, base: CloudConfig, store: Store, check_operating_point: OperatingPointCheck | None = None):
+        """``check_operating_point``: the composition root's check of a new operating point against the bundle's
+        installed manifest (None: signature and version only). The stored overlay is not checked again at
+        start: postprocess checks each site threshold against the manifest that judges a study."""
         self._base = base
         self._store = store
         self._lock = threading.Lock()
-        row = store.query("SELECT version, doc, keyset_version, keyset_content FROM settings_overlay WHERE id=1")
+        self.check_operating_point = check_operating_point
+        row = store.query(
+            "SELECT version, doc, keyset_version, keyset_content, operating_points_newest FROM settings_overlay"
+            " WHERE id=1"
+        )
         desired, version = None, 0
         self._newest: tuple[int, str] | None = None  # (version, content) of the newest key set ever accepted
+        self._op_newest: dict[str, tuple[int, str]] = {}  # bundle id -> the same for its operating points
         if row:
             if row[0]["keyset_version"]:
                 self._newest = (int(row[0]["keyset_version"]), str(row[0]["keyset_content"]))
+            try:
+                stored = json.loads(row[0]["operating_points_newest"] or "{}")
+                self._op_newest = {str(k): (int(v[0]), str(v[1])) for k, v in stored.items()}
+            except (ValueError, TypeError, IndexError, AttributeError) as exc:
+                log.warning("stored operating point versions unreadable; forgotten", reason=str(exc))
             try:
                 desired, version = validate(json.loads(row[0]["doc"])), int(row[0]["version"])
             except ValueError as exc:
                 log.warning("stored settings overlay ignored: no longer valid", reason=str(exc))
         try:
-            self._current = _effective(base, desired, version, self._newest)
+            self._current = _effective(base, desired, version, self._newest, self._op_newest)
+        except OperatingPointError as exc:  # e.g. its signer is no longer trusted: the manifests' thresholds
+            log.warning("stored operating points no longer in force; manifest thresholds used", reason=str(exc))
+            self._current = _effective(base, _without_operating_points(desired or Desired()), version, self._newest)
         except ValueError as exc:  # e.g. the stored key set expired meanwhile: the config file's keys
             log.warning("stored recipient key set no longer in force; config keys used", reason=str(exc))
-            self._current = _effective(base, _without_keys(desired or Desired()), version)
+            self._current = _effective(base, _without_operating_points(_without_keys(desired or Desired())), version)
         self._apply_log_level(self._current)
 
     def current(self) -> EffectiveCloud:
@@ -150,10 +207,17 @@ class CloudOverlay:
         """Make ``desired`` (validated; the twin's ``$version``) the overlay: verified, persisted, then in force.
 
         Raises ``keysets.KeySetError`` for a recipient key set the box does not accept (not signed by a trusted
-        key, expired, older than the newest accepted), ``ValueError`` for ``recipient_key_ids`` naming a key not
-        in force, ``sqlite3.Error`` when it cannot be persisted; then nothing changes."""
+        key, expired, older than the newest accepted), ``OperatingPointError`` for an operating point it does not
+        accept (not signed by a trusted key, older than the newest accepted for its bundle, a label or threshold
+        the bundle's manifest does not allow), ``ValueError`` for ``recipient_key_ids`` naming a key not in force,
+        ``sqlite3.Error`` when it cannot be persisted; then nothing changes."""
         with self._lock:
-            effective = _effective(self._base, desired, version, self._newest)  # raises before anything is kept
+            effective = _effective(  # raises before anything is kept
+                self._base, desired, version, self._newest, self._op_newest, self.check_operating_point
+            )
+            op_newest = dict(self._op_newest)
+            for bundle_id, op in effective.operating_points.items():
+                op_newest[bundle_id] = (op.version, operating_points.canonical_content(op))
             newest = self._newest
             if effective.keyset_version and desired.recipient_keyset is not None:
                 newest = (
@@ -163,19 +227,21 @@ class CloudOverlay:
             doc = desired.model_dump(exclude_none=True)
             with self._store.transaction() as conn:
                 conn.execute(
-                    "INSERT INTO settings_overlay(id, version, doc, applied_at, keyset_version, keyset_content)"
-                    " VALUES (1,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET version=excluded.version, doc=excluded.doc,"
-                    " applied_at=excluded.applied_at, keyset_version=excluded.keyset_version,"
-                    " keyset_content=excluded.keyset_content",
+                    "INSERT INTO settings_overlay(id, version, doc, applied_at, keyset_version, keyset_content,"
+                    " operating_points_newest) VALUES (1,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
+                    " version=excluded.version, doc=excluded.doc, applied_at=excluded.applied_at,"
+                    " keyset_version=excluded.keyset_version, keyset_content=excluded.keyset_content,"
+                    " operating_points_newest=excluded.operating_points_newest",
                     (
                         version,
                         json.dumps(doc, sort_keys=True),
                         time.time(),
                         newest[0] if newest else 0,
                         newest[1] if newest else None,
+                        json.dumps({k: list(v) for k, v in sorted(op_newest.items())}),
                     ),
                 )
-            self._current, self._newest = effective, newest
+            self._current, self._newest, self._op_newest = effective, newest, op_newest
             current = self._current
         self._apply_log_level(current)
         log.info(
@@ -184,6 +250,7 @@ class CloudOverlay:
             keys=sorted(doc),
             keyset_version=current.keyset_version,
             recipients=sorted(current.recipient_keys),
+            operating_points={b: op.version for b, op in current.operating_points.items()},
         )
         return current
 

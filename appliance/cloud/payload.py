@@ -90,6 +90,20 @@ def check_stats(doc: dict[str, Any]) -> None:
         counts(doc.get(name), name)
 
 
+def build_feedback_message(
+    feedback: dict[str, Any], settings: Settings, device_secret: bytes, *, recipient_keys: Mapping[str, str]
+) -> tuple[str, bytes]:
+    """(stable message id, encrypted body) for one feedback revision (``deid.deidentify_feedback`` input, plus
+    ``revision``); encrypted like results, so not even the labels a radiologist judged travel in the clear."""
+    clean = deid.deidentify_feedback(feedback)
+    message_id = deid.feedback_message_id(
+        device_secret, clean["result_mid"], clean["label"], clean["kind"], int(feedback["revision"])
+    )
+    plaintext = json.dumps(clean, sort_keys=True, separators=(",", ":")).encode()
+    meta = {"type": "feedback", "schema": deid.FEEDBACK_SCHEMA, "mid": message_id, "device": settings.cloud.device_id}
+    return message_id, _check(crypto.encrypt(plaintext, meta, dict(recipient_keys)), "feedback")
+
+
 def build_audit_message(
     event: dict[str, Any], settings: Settings, message_id: str, *, recipient_keys: Mapping[str, str]
 ) -> tuple[str, bytes]:

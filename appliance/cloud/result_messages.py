@@ -41,11 +41,14 @@ def cloud_result(summary: dict[str, Any], revision: int) -> dict[str, Any]:
         "study_score": summary.get("study_score"),
         "per_breast": summary.get("per_breast"),
         "urgent": list(summary.get("urgent") or []),
+        "operating_point_version": summary.get("operating_point_version"),
         "findings": [
             {
                 "label": f["label"],
                 "score": f["score"],
                 "positive": f["positive"],
+                "threshold": f.get("threshold"),
+                "threshold_source": f.get("threshold_source", "manifest"),
                 "image_sop_uid": f["image_sop_uid"],
                 "location": {"row": f["location"]["row"], "col": f["location"]["col"]} if f.get("location") else None,
             }

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from appliance.cloud import keysets
+from appliance.cloud import keysets, operating_points
 from appliance.core.logs import get_logger
 
 log = get_logger(__name__)
@@ -45,6 +45,10 @@ class Desired(BaseModel):
     # the director of model updates (appliance.updates.layout.DESIRED_KEY); validated by the update agent
     # (the desired hook), whose ValueError rejects the whole document like any other invalid property
     model_updates: dict[str, Any] | None = Field(default=None, description="the update agent's director document")
+    # bundle id -> a site operating point signed by the central team (appliance.cloud.operating_points)
+    operating_points: dict[str, dict[str, Any]] | None = Field(
+        default=None, max_length=64, description="site operating points signed by the central team"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -55,6 +59,15 @@ class Desired(BaseModel):
                 "recipient_keyset signed by the central team"
             )
         return data
+
+    @field_validator("operating_points")
+    @classmethod
+    def _operating_points(cls, v: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        for bundle_id, doc in (v or {}).items():
+            _signed, op = operating_points.parse(doc)  # shape only: signature and manifest are checked on apply
+            if op.bundle_id != bundle_id:
+                raise ValueError(f"operating point for bundle {op.bundle_id!r} given under {bundle_id!r}")
+        return v
 
     @field_validator("recipient_keyset")
     @classmethod

@@ -79,6 +79,7 @@ class AuditEvent(StrEnum):
     SELFTEST = "selftest"
     APPLIANCE_STARTED = "appliance_started"
     APPLIANCE_STOPPED = "appliance_stopped"
+    FEEDBACK = "feedback"
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,7 @@ EVENT_MAPPING: dict[AuditEvent, EventMapping] = {
     AuditEvent.STUDY_VIEWED: EventMapping(INSTANCES_ACCESSED, None, "R", "study"),
     AuditEvent.STUDY_RETRY: EventMapping(INSTANCES_ACCESSED, None, "U", "study"),
     AuditEvent.STUDY_RESEND: EventMapping(INSTANCES_TRANSFERRED, None, "R", "study"),
+    AuditEvent.FEEDBACK: EventMapping(INSTANCES_ACCESSED, None, "C", "study"),  # a radiologist's verdict added
     AuditEvent.EXPORT: EventMapping(INSTANCES_TRANSFERRED, None, "R", "study"),
     AuditEvent.PURGE: EventMapping(STUDY_DELETED, None, "D", "other"),
     AuditEvent.CONFIG_CHANGED: EventMapping(SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E", "other"),

@@ -327,6 +327,53 @@ class ApiConfig(Section):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="a larger request body gets 413")
 
 
+class OutcomeCode(Section):
+    """One confirmed outcome a radiologist may record on a study (the ``feedback`` message's ``outcome.code``):
+    ``code`` (lower-case letters, digits, ``_``), the ``display`` name people see, and whether it confirms the
+    target condition (``positive``: a malignant biopsy, MTB detected) or rules it out."""
+
+    code: str = Field(pattern=r"^[a-z0-9_]{1,64}$")
+    display: str = Field(min_length=1, max_length=80)
+    positive: bool
+
+
+DEFAULT_OUTCOMES = [
+    OutcomeCode(code="biopsy_malignant", display="Biopsy: malignant", positive=True),
+    OutcomeCode(code="biopsy_benign", display="Biopsy: benign", positive=False),
+    OutcomeCode(code="genexpert_mtb_detected", display="GeneXpert MTB/RIF: MTB detected", positive=True),
+    OutcomeCode(code="genexpert_mtb_not_detected", display="GeneXpert MTB/RIF: MTB not detected", positive=False),
+    OutcomeCode(code="culture_positive", display="Culture: positive", positive=True),
+    OutcomeCode(code="culture_negative", display="Culture: negative", positive=False),
+    OutcomeCode(code="followup_abnormal", display="Follow-up: condition confirmed", positive=True),
+    OutcomeCode(code="followup_normal", display="Follow-up: no condition found", positive=False),
+]
+
+
+class FeedbackConfig(Section):
+    """Radiologists' feedback on the study page (appliance/worklist/feedback.py): the confirmed outcomes they
+    may record when known later (biopsy, GeneXpert, culture, follow-up; replace the list for a programme's own)."""
+
+    outcomes: list[OutcomeCode] = Field(
+        default_factory=lambda: [o.model_copy() for o in DEFAULT_OUTCOMES], min_length=1, max_length=64
+    )
+    min_role: Literal["viewer", "technician", "admin"] = Field(
+        default="viewer", description="the lowest dashboard role that may give feedback (viewer: radiologists)"
+    )
+
+    @field_validator("outcomes")
+    @classmethod
+    def _unique(cls, v: list[OutcomeCode]) -> list[OutcomeCode]:
+        codes = [o.code for o in v]
+        dup = sorted({c for c in codes if codes.count(c) > 1})
+        if dup:
+            raise ValueError(f"outcome codes listed twice: {dup}")
+        return v
+
+    def outcome(self, code: str) -> OutcomeCode | None:
+        """The outcome with this code, or None."""
+        return next((o for o in self.outcomes if o.code == code), None)
+
+
 class AuditConfig(Section):
     """The audit trail (appliance/core/audit.py): kept for the box's life (no PHI), never purged by retention."""
 
@@ -377,6 +424,7 @@ class Settings(BaseSettings):
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     log: LogConfig = Field(default_factory=LogConfig)
 
     @classmethod

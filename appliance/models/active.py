@@ -9,7 +9,7 @@ when the active version changes); :func:`load_active_engines` is the one-shot fo
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from appliance import __version__
@@ -20,7 +20,7 @@ from engines.backends.base import Engine
 from engines.bundle import read_manifest_unverified
 from engines.errors import EnginesError
 from engines.keys import TrustStore, normalise_key_id
-from engines.manifest import Manifest
+from engines.manifest import Manifest, check_site_thresholds
 from engines.reference import (  # noqa: F401 - DEMO_PUBLIC_KEY, REFERENCE_DIR, reference_bundles: re-exported
     DEMO_PUBLIC_KEY,
     REFERENCE_DIR,
@@ -206,3 +206,14 @@ def rollback(settings: Settings, bundle_id: str) -> dict[str, str | None]:
     now_active = reg.rollback(bundle_id)
     log.warning("model rolled back", bundle=bundle_id, from_version=before, to_version=now_active)
     return {"bundle_id": bundle_id, "from_version": before, "active_version": now_active}
+
+
+def check_operating_point(settings: Settings, bundle_id: str, thresholds: Mapping[str, float]) -> None:
+    """Raise ValueError unless the active version of ``bundle_id`` (its installed, signed manifest) allows these
+    site thresholds (:func:`engines.manifest.check_site_thresholds`): an unknown or inactive bundle, a label it
+    does not have or allows no site threshold for, or a threshold outside its ``threshold_range`` is refused."""
+    try:
+        manifest = registry(settings).manifest(bundle_id)
+    except (EnginesError, OSError, ValueError) as exc:
+        raise ValueError(f"bundle {bundle_id!r} has no active version on this box ({exc})") from exc
+    check_site_thresholds(manifest, dict(thresholds))

@@ -1,6 +1,6 @@
 """Per bundle version and UTC day: what the box saw and said, as de-identified aggregates; drift against the
 bundle's signed reference. The one writer of ``bundle_stats``, ``bundle_stats_final`` and ``bundle_drift``
-(migration 0014).
+(migration 0015).
 
 What is counted (each in the caller's transaction, so a count commits with what it counts):
 

@@ -18,7 +18,16 @@ from pydicom.dataset import Dataset
 from appliance.core.config import PipelineConfig
 from appliance.core.executors import submit_or_run
 from appliance.core.logs import get_logger
-from appliance.pipeline.postprocess import ImageResult, StudyResult, image_findings, laterality, study_result, view_of
+from appliance.pipeline.postprocess import (
+    ImageResult,
+    SiteOperatingPoint,
+    StudyResult,
+    image_findings,
+    laterality,
+    site_thresholds,
+    study_result,
+    view_of,
+)
 from appliance.pipeline.preprocess import NotProcessable, Prepared, prepare
 from appliance.pipeline.router import Route, refused_summary
 from engines.manifest import Manifest, Preprocessing
@@ -57,8 +66,13 @@ def analyse(
     min_size: int = 16,
     cached: CachedFn | None = None,
     pool: Executor | None = None,
+    site: SiteOperatingPoint | None = None,
 ) -> Analysis:
     """Run one bundle on one study's images. Raises NotProcessable if no image can be used.
+
+    ``site``: the site operating point in force for the bundle (its thresholds judge the labels it names while
+    they lie within the manifest's ``threshold_range``; the result records its version), None for the
+    manifest's thresholds.
 
     Images are prepared on ``pool`` concurrently (decoders such as openjpeg and gdcm, and numpy, release the
     GIL), or one after the other on this thread without one.
@@ -100,10 +114,11 @@ def analyse(
     if score_spec is None or score_spec.name not in merged:
         raise RuntimeError(f"bundle {manifest.bundle_id} produced no scores output")
     images: list[ImageResult] = []
+    site_thr = site_thresholds(manifest, site)
     for i, (ds, prep) in enumerate(usable):
         heat = merged[heat_spec.name][i] if heat_spec is not None and heat_spec.name in merged else None
         findings, maps = image_findings(
-            merged[score_spec.name][i], score_spec, heat, heat_spec, prep.transform, manifest.urgent
+            merged[score_spec.name][i], score_spec, heat, heat_spec, prep.transform, manifest.urgent, site_thr
         )
         images.append(
             ImageResult(
@@ -121,7 +136,8 @@ def analyse(
             )
         )
     first = usable[0][0]
-    result = study_result(manifest, str(first.StudyInstanceUID), images, patient_fields(first))
+    op_version = site.version if site is not None and site_thr else None
+    result = study_result(manifest, str(first.StudyInstanceUID), images, patient_fields(first), op_version)
     t3 = time.perf_counter()
     return Analysis(
         result=result,
@@ -133,13 +149,18 @@ def analyse(
 
 
 def analyse_route(
-    r: Route, cfg: PipelineConfig, cached: CachedFn | None = None, pool: Executor | None = None
+    r: Route,
+    cfg: PipelineConfig,
+    cached: CachedFn | None = None,
+    pool: Executor | None = None,
+    site: SiteOperatingPoint | None = None,
 ) -> Analysis:
-    """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits; the images the
-    bundle's gate refused (``r.refused``) are named in ``result.not_applied``, never analysed."""
+    """:func:`analyse` one routed (bundle, images) pair with the pipeline's configured limits and the site
+    operating point ``site`` in force for its bundle; the images the bundle's gate refused (``r.refused``) are
+    named in ``result.not_applied``, never analysed."""
     max_batch = r.engine.max_batch or 1
     analysis = analyse(
-        r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached, pool
+        r.images, r.manifest, r.engine.infer, max_batch, cfg.max_pixels, cfg.min_image_size, cached, pool, site
     )
     analysis.result.not_applied = refused_summary(r.refused)
     return analysis

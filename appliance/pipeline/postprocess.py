@@ -10,16 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from appliance.core.logs import get_logger
 from appliance.pipeline.anatomy import laterality_of
 from appliance.pipeline.anatomy import view_of as coded_view
 from appliance.pipeline.preprocess import Transform
-from engines.manifest import Manifest, OutputSpec
+from engines.manifest import Manifest, OutputSpec, check_site_thresholds
 
-DEFAULT_THRESHOLD = 0.5
+log = get_logger(__name__)
+
+THRESHOLD_MANIFEST = "manifest"  # a finding judged by the bundle manifest's threshold
+THRESHOLD_SITE = "site"  # ... by the site operating point in force (signed by the central team)
 CONTOUR_FRACTION = 0.5  # iso-line at half of the peak above the map's floor
 CONTOUR_RAYS = 32
 
@@ -34,10 +38,35 @@ class Location:
     peak: float  # heatmap value at the peak (after activation)
 
 
+@dataclass(frozen=True)
+class SiteOperatingPoint:
+    """A site's thresholds for one bundle (label -> score threshold, the same units as the scores after
+    activation), from the operating-point document ``version`` in force (the composition root reads it from the
+    cloud overlay; the pipeline only sees this). Applied per label only while it lies within the manifest's
+    ``threshold_range`` for that label; otherwise the manifest's threshold judges it."""
+
+    thresholds: Mapping[str, float]
+    version: int
+    site: str | None = None
+
+
+class OperatingPoints(Protocol):
+    """Port: the site operating point in force for a bundle (None: the manifest's thresholds)."""
+
+    def __call__(self, manifest: Manifest) -> SiteOperatingPoint | None: ...
+
+
+def no_operating_points(manifest: Manifest) -> SiteOperatingPoint | None:
+    """:class:`OperatingPoints` of a box without site operating points (no cloud): always the manifest's."""
+    return None
+
+
 @dataclass
 class Finding:
-    """One label's result on one image. ``urgent``: positive and at or above the bundle's urgent threshold for
-    the label (``Manifest.urgent``; ``urgent_threshold`` None when the label has none)."""
+    """One label's result on one image. ``threshold`` judged it (``positive`` = score >= threshold), taken from
+    ``threshold_source``: ``"manifest"`` or ``"site"`` (the site operating point in force). ``urgent``: positive
+    and at or above the bundle's urgent threshold for the label (``Manifest.urgent``; ``urgent_threshold`` None
+    when the label has none)."""
 
     label: str
     score: float
@@ -46,6 +75,7 @@ class Finding:
     location: Location | None = None
     urgent: bool = False
     urgent_threshold: float | None = None
+    threshold_source: str = THRESHOLD_MANIFEST
 
 
 @dataclass
@@ -77,6 +107,7 @@ class StudyResult:
     # images of the bundle's modality that its input gate refused (never analysed, never scored):
     # [{image_sop_uid, image_series_uid, category, reason}] (``router.refused_summary``)
     not_applied: list[dict[str, str]] = field(default_factory=list)
+    operating_point_version: int | None = None  # the site operating point that judged it (None: the manifest)
 
     @property
     def urgent_labels(self) -> list[str]:
@@ -104,6 +135,7 @@ class StudyResult:
                     "label": f.label,
                     "score": round(f.score, 6),
                     "threshold": f.threshold,
+                    "threshold_source": f.threshold_source,
                     "positive": f.positive,
                     "urgent": f.urgent,
                     "urgent_threshold": f.urgent_threshold,
@@ -119,6 +151,7 @@ class StudyResult:
                 for f in img.findings
             ],
             "urgent": self.urgent_labels,
+            "operating_point_version": self.operating_point_version,
             "images": [
                 {
                     "sop_instance_uid": img.sop_instance_uid,
@@ -217,6 +250,27 @@ def locate(hm: np.ndarray, tf: Transform, stride: int) -> Location:
     )
 
 
+def site_thresholds(manifest: Manifest, site: SiteOperatingPoint | None) -> dict[str, float]:
+    """The labels of ``site`` that may judge ``manifest``'s findings: all of them when they lie within the
+    manifest's ``threshold_range`` (:func:`engines.manifest.check_site_thresholds`), else none (logged: e.g. a
+    bundle version installed after the operating point narrowed its range), so a site threshold never leaves the
+    range the manifest was validated for."""
+    if site is None or not site.thresholds:
+        return {}
+    try:
+        check_site_thresholds(manifest, dict(site.thresholds))
+    except ValueError as exc:
+        log.warning(
+            "site operating point not applied; the manifest's thresholds judge",
+            bundle=manifest.bundle_id,
+            version=manifest.version,
+            operating_point_version=site.version,
+            reason=str(exc),
+        )
+        return {}
+    return {label: float(v) for label, v in site.thresholds.items()}
+
+
 def image_findings(
     scores: np.ndarray,
     score_spec: OutputSpec,
@@ -224,10 +278,14 @@ def image_findings(
     heatmap_spec: OutputSpec | None,
     tf: Transform,
     urgent: Mapping[str, float] | None = None,
+    site: Mapping[str, float] | None = None,
 ) -> tuple[list[Finding], dict[str, np.ndarray]]:
     """Findings for one image: scores (L,) raw outputs, heatmaps (L', h, w) raw outputs; ``urgent`` the
-    manifest's urgent thresholds (label -> score): a positive finding at or above its label's is urgent."""
+    manifest's urgent thresholds (label -> score): a positive finding at or above its label's is urgent;
+    ``site`` the site thresholds already checked against the manifest (:func:`site_thresholds`): a label there
+    is judged by it (``threshold_source`` "site"), the others by the manifest's ``thresholds``."""
     urgent = urgent or {}
+    site = site or {}
     probs = activate(scores, score_spec.activation)
     maps: dict[str, np.ndarray] = {}
     if heatmaps is not None and heatmap_spec is not None:
@@ -236,7 +294,8 @@ def image_findings(
     findings = []
     stride = int(heatmap_spec.stride or 1) if heatmap_spec is not None else 1
     for i, label in enumerate(score_spec.labels):
-        thr = float(score_spec.thresholds.get(label, DEFAULT_THRESHOLD))
+        source = THRESHOLD_SITE if label in site else THRESHOLD_MANIFEST
+        thr = float(site[label]) if label in site else score_spec.threshold(label)
         score = float(probs[i])
         positive = score >= thr
         loc = locate(maps[label], tf, stride) if positive and label in maps else None
@@ -250,6 +309,7 @@ def image_findings(
                 location=loc,
                 urgent=positive and flag is not None and score >= flag,
                 urgent_threshold=flag,
+                threshold_source=source,
             )
         )
     return findings, maps
@@ -280,7 +340,11 @@ def per_breast(images: list[ImageResult]) -> dict[str, float]:
 
 
 def study_result(
-    manifest: Manifest, study_uid: str, images: list[ImageResult], patient: dict[str, str] | None = None
+    manifest: Manifest,
+    study_uid: str,
+    images: list[ImageResult],
+    patient: dict[str, str] | None = None,
+    operating_point_version: int | None = None,
 ) -> StudyResult:
     is_mmg = manifest.task == "mmg" or any(m.upper() == "MG" for m in manifest.applies_to.modalities)
     return StudyResult(
@@ -293,4 +357,5 @@ def study_result(
         per_breast=per_breast(images) if is_mmg else None,
         study_score=max((img.score for img in images), default=0.0),
         patient=patient or {},
+        operating_point_version=operating_point_version,
     )

@@ -439,9 +439,13 @@ def save_results(
         if objects is not None:
             row = _result_row(conn, study_id, manifest)
             known = row is not None and not json.loads(row["summary"]).get("partial")
+        before = _result_row(conn, study_id, manifest)
+        before_mid = (json.loads(before["summary"]).get("cloud") or {}).get("message_id") if before else None
         result_id = _upsert_result(conn, settings, study_id, res, manifest, summary, analysis.timings, out_dir)
         _queue_objects(conn, settings, study_id, result_id, written)
-        if not known:  # a re-run of the same revision was already queued (same message id) with its result
+        # a re-run of the same revision was already queued (same message id) with its result; one judged by
+        # another site operating point has a message id of its own (deid.result_message_id) and is queued
+        if not known or (message is not None and message.message_id != before_mid):
             publisher.enqueue(conn, message)
             stats.record_study(conn, observed)  # counted once per study revision, with the result it counts
             stats.evaluate_drift(conn, manifest)

@@ -48,6 +48,7 @@ from appliance.lifecycle.studies import (
 )
 from appliance.pipeline import observe, uids
 from appliance.pipeline.analyse import CachedFn, analyse_route
+from appliance.pipeline.postprocess import OperatingPoints, no_operating_points
 from appliance.pipeline.prepare_early import PreparedCache, cache_key
 from appliance.pipeline.preprocess import NotProcessable, Prepared
 from appliance.pipeline.recovery import recover
@@ -161,6 +162,7 @@ class PipelineWorker:
         on_analysed: AnalysisObserver | None = None,
         gate: StudyGuard | None = None,
         on_outcome: EngineOutcome | None = None,
+        operating_points: OperatingPoints = no_operating_points,
     ):
         """``on_results``: results queued for export (the exporter's ``wake``); ``on_sr_queued``: one study's SR
         queued, its SCs not yet built (the exporter's ``send_now``); ``prepared``: images prepared while they
@@ -168,7 +170,9 @@ class PipelineWorker:
         ``results_pool``: the composition root's pools for image preparation and result building (None: on the
         worker's thread); ``on_analysed``: told each bundle's timings on each study (the daemon's metrics);
         ``gate``: held for each whole study so a model switch happens between studies; ``on_outcome``: told each
-        bundle's engine outcome per study. The worker owns only its inference thread."""
+        bundle's engine outcome per study; ``operating_points``: the site operating point in force for a bundle
+        (the cloud overlay's, wired by the composition root), read once per study and bundle. The worker owns only
+        its inference thread."""
         self.settings = settings
         self.store = store
         self.bundles = bundles
@@ -181,6 +185,7 @@ class PipelineWorker:
         self.on_analysed = on_analysed
         self.gate = gate
         self.on_outcome = on_outcome
+        self.operating_points = operating_points
         self.queue: queue.Queue[int] = queue.Queue(maxsize=settings.pipeline.queue_size)
         self._queued: set[int] = set()
         self._lock = threading.Lock()
@@ -381,7 +386,12 @@ class PipelineWorker:
             name = f"{r.manifest.bundle_id} {r.manifest.version}"
             hits: list[int] = []
             fut = self._pool.submit(
-                analyse_route, r, p, self.cached_lookup(r.manifest, images, shas, hits), self.prepare_pool
+                analyse_route,
+                r,
+                p,
+                self.cached_lookup(r.manifest, images, shas, hits),
+                self.prepare_pool,
+                self.operating_points(r.manifest),
             )
             try:
                 analysis = fut.result(timeout=p.inference_timeout_s)

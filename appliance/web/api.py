@@ -8,7 +8,7 @@ with 400/401/403/404/409/413/422/429 as usual; the schema is at ``/api/v1/openap
 from __future__ import annotations
 
 from datetime import date
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,6 +60,54 @@ class UserChange(Strict):
     password: str | None = Field(
         default=None, min_length=accounts.MIN_PASSWORD_LENGTH, max_length=accounts.MAX_PASSWORD_LENGTH
     )
+
+
+class FeedbackRequest(Strict):
+    """A verdict on one finding (``kind`` "finding": ``bundle_id``, ``label``, ``verdict``) or the study's
+    confirmed outcome (``kind`` "outcome": ``outcome_code``, one of ``[feedback] outcomes``; ``bundle_id``
+    narrows it to that bundle's result)."""
+
+    kind: Literal["finding", "outcome"]
+    bundle_id: str | None = Field(default=None, min_length=1, max_length=64)
+    label: str | None = Field(default=None, min_length=1, max_length=64)
+    verdict: Literal["agree", "disagree", "uncertain"] | None = None
+    outcome_code: str | None = Field(default=None, min_length=1, max_length=64)
+
+
+class FeedbackOut(BaseModel):
+    """One recorded feedback revision (``given_at``: seconds since the epoch; ``message_id``: the de-identified
+    ``feedback`` message queued for the central team, null when kept on the box only)."""
+
+    id: int
+    study_id: int
+    bundle_id: str
+    bundle_version: str
+    kind: Literal["finding", "outcome"]
+    label: str | None
+    verdict: Literal["agree", "disagree", "uncertain"] | None
+    outcome_code: str | None
+    outcome_positive: bool | None
+    revision: int
+    actor: str
+    role: str
+    given_at: float
+    message_id: str | None
+
+
+class OutcomeOut(BaseModel):
+    code: str
+    display: str
+    positive: bool
+
+
+class StudyFeedbackOut(BaseModel):
+    """The feedback in force (newest revision of each finding verdict and outcome), every revision, and the
+    outcome codes this box offers."""
+
+    study_id: int
+    current: list[FeedbackOut]
+    history: list[FeedbackOut]
+    outcomes: list[OutcomeOut]
 
 
 class EchoRequest(Strict):
@@ -124,6 +172,38 @@ def resend(ref: str, request: Request, session: Session = technician) -> dict[st
     return {"queued": service.resend(_ctx(request), session, ref)}
 
 
+@router.get("/studies/{ref}/feedback", response_model=StudyFeedbackOut, summary="The study's feedback")
+def study_feedback(ref: str, request: Request, session: Session = viewer) -> dict[str, Any]:
+    return service.study_feedback(_ctx(request), ref)
+
+
+@router.post(
+    "/studies/{ref}/feedback",
+    response_model=list[FeedbackOut],
+    status_code=201,
+    summary="Give feedback on a finding or record the study's confirmed outcome (viewer and above)",
+    responses={
+        400: {"description": "unknown label, verdict or outcome code"},
+        403: {"description": "role below feedback.min_role, or no CSRF token"},
+        404: {"description": "no such study"},
+        409: {"description": "the study was purged by retention, or has no result"},
+    },
+)
+def give_feedback(ref: str, body: FeedbackRequest, request: Request, session: Session = viewer) -> list[dict[str, Any]]:
+    rows = service.give_feedback(
+        _ctx(request),
+        request,
+        session,
+        ref,
+        kind=body.kind,
+        bundle_id=body.bundle_id,
+        label=body.label,
+        verdict=body.verdict,
+        outcome_code=body.outcome_code,
+    )
+    return [r.to_dict() for r in rows]
+
+
 @router.get("/status", summary="The box: listener, PACS, cloud, models, queues, disk")
 def status(request: Request, session: Session = viewer) -> dict[str, Any]:
     return service.dashboard(_ctx(request))
@@ -132,7 +212,11 @@ def status(request: Request, session: Session = viewer) -> dict[str, Any]:
 @router.get("/models", summary="Installed model bundles and what is loaded")
 def models(request: Request, session: Session = viewer) -> dict[str, Any]:
     ctx = _ctx(request)
-    return {"loaded": ctx.ports.engines(), "installed": ctx.ports.models()}
+    return {
+        "loaded": ctx.ports.engines(),
+        "installed": ctx.ports.models(),
+        "operating_points": ctx.ports.operating_points(),
+    }
 
 
 @router.get("/audit", summary="The audit trail, newest first")

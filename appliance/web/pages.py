@@ -198,8 +198,61 @@ def worklist(
 
 @router.get("/studies/{study_id}")
 def study_page(study_id: StudyId, request: Request, session: Session = viewer) -> Response:
-    detail = service.study(_ctx(request), request, session, str(study_id))
-    return _render(request, "study.html", session, d=detail, s=detail.summary)
+    ctx = _ctx(request)
+    detail = service.study(ctx, request, session, str(study_id))
+    fb = service.study_feedback(ctx, str(study_id))
+    verdicts = {(e["bundle_id"], e["label"]): e for e in fb["current"] if e["kind"] == "finding"}
+    outcomes = {o["code"]: o for o in fb["outcomes"]}
+    current_outcome = next((e for e in reversed(fb["current"]) if e["kind"] == "outcome"), None)
+    return _render(
+        request,
+        "study.html",
+        session,
+        d=detail,
+        s=detail.summary,
+        feedback=fb,
+        verdicts=verdicts,
+        outcomes=outcomes,
+        current_outcome=current_outcome,
+        may_give_feedback=session.user.role.at_least(Role(ctx.settings.feedback.min_role))
+        and detail.summary.state != "purged"
+        and bool(detail.results),
+    )
+
+
+@router.post("/studies/{study_id}/feedback")
+async def give_feedback(study_id: StudyId, request: Request, session: Session = viewer) -> Response:
+    """A radiologist's verdict on a finding (``kind=finding``, ``bundle_id``, ``label``, ``verdict``) or the
+    study's confirmed outcome (``kind=outcome``, ``outcome_code``), from the study page's forms."""
+    form = await request.form()
+
+    def field(name: str) -> str | None:
+        value = form.get(name)
+        return value[:128] if isinstance(value, str) and value else None
+
+    kind = field("kind") or ""
+    try:
+        rows = await run_in_threadpool(
+            lambda: service.give_feedback(
+                _ctx(request),
+                request,
+                session,
+                str(study_id),
+                kind=kind,
+                bundle_id=field("bundle_id"),
+                label=field("label"),
+                verdict=field("verdict"),
+                outcome_code=field("outcome_code"),
+            )
+        )
+    except HTTPException as exc:
+        if exc.status_code not in (400, 409, 503):
+            raise
+        return _back(f"/studies/{study_id}", f"Feedback not recorded: {exc.detail}", error=True)
+    first = rows[0]
+    what = f"{first.label}: {first.verdict}" if first.kind == "finding" else f"outcome {first.outcome_code}"
+    sent = "sent to the central team" if any(r.message_id for r in rows) else "kept on this box"
+    return _back(f"/studies/{study_id}", f"Feedback recorded ({what}, revision {first.revision}; {sent}).")
 
 
 @router.get("/studies/{study_id}/overlays/{sop_uid}.png")
@@ -279,6 +332,7 @@ def _technician(request: Request, session: Session, selftest: Any = None) -> Res
         models=ctx.ports.models(),
         loaded=ctx.ports.engines(),
         log_hint=ctx.ports.log_hint,
+        operating_points=ctx.ports.operating_points(),
         echo_result=None,
         selftest=selftest,
     )

@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.worklist.feedback import FeedbackPublisher
+
 
 def no_cloud() -> dict[str, Any] | None:
     """``cloud`` when cloud sync is off."""
@@ -19,6 +21,11 @@ def no_cloud() -> dict[str, Any] | None:
 def no_engines() -> dict[str, Any]:
     """``engines`` when the pipeline is off."""
     return {"bundles_active": [], "backend": "none"}
+
+
+def no_operating_points() -> dict[str, Any]:
+    """``operating_points`` on a box without cloud sync: none (the manifests' thresholds judge)."""
+    return {}
 
 
 def no_models() -> list[dict[str, Any]]:
@@ -41,6 +48,9 @@ class WebPorts:
     - ``models()``: every installed bundle version with its state (active, previous, failure), newest last.
     - ``cloud()``: the cloud agent's status (``connected``, ``outbox``, ...) or None when cloud sync is off.
     - ``log_hint``: where the daemon's log lines go (shown on the technician page when no log file is kept).
+    - ``operating_points()``: the site operating points in force, bundle id -> ``{"version", "site",
+      "thresholds": {label: threshold}}`` (empty: every bundle's manifest thresholds).
+    - ``feedback_publisher``: where radiologists' feedback goes besides this box (the cloud outbox), or None.
     """
 
     selftest: Callable[[], dict[str, Any]]
@@ -52,6 +62,8 @@ class WebPorts:
     cloud: Callable[[], dict[str, Any] | None] = no_cloud
     log_hint: str = "stdout (journald: journalctl -u appliance)"
     pipeline_enabled: bool = True
+    operating_points: Callable[[], dict[str, Any]] = no_operating_points
+    feedback_publisher: FeedbackPublisher | None = None
 
 
 def with_update_states(rows: list[dict[str, Any]], updates: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

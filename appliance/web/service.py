@@ -20,7 +20,8 @@ from appliance.web import accounts
 from appliance.web.accounts import AccountError, LoginOutcome, Role, Session
 from appliance.web.app import WebContext, readiness
 from appliance.web.security import SESSION_COOKIE, WebAuth, client_ip, throttle_key
-from appliance.worklist import actions
+from appliance.worklist import actions, feedback
+from appliance.worklist.feedback import FeedbackEntry, FeedbackRefused
 from appliance.worklist.read import (
     AmbiguousStudy,
     StudyDetail,
@@ -292,4 +293,60 @@ def dashboard(ctx: WebContext) -> dict[str, Any]:
             "total_bytes": usage.total,
             "floor_bytes": ctx.settings.dicom.min_free_bytes,
         },
+    }
+
+
+def give_feedback(
+    ctx: WebContext,
+    request: Request,
+    session: Session,
+    ref: str,
+    *,
+    kind: str,
+    bundle_id: str | None = None,
+    label: str | None = None,
+    verdict: str | None = None,
+    outcome_code: str | None = None,
+) -> list[FeedbackEntry]:
+    """Record a radiologist's feedback on the study (:func:`appliance.worklist.feedback.record`, which audits it
+    and queues its de-identified message). 403 below ``[feedback] min_role``, 404 unknown study, 409 purged or no
+    result, 400 an unknown verdict, label or outcome code, 503 when its message cannot be prepared; nothing is
+    written on any of them."""
+    minimum = Role(ctx.settings.feedback.min_role)
+    if not session.user.role.at_least(minimum):
+        raise HTTPException(403, f"feedback needs the {minimum.value} role (feedback.min_role)")
+    sid = study_id(ctx, ref)
+    try:
+        return feedback.record(
+            ctx.store,
+            ctx.settings,
+            sid,
+            kind=kind,  # type: ignore[arg-type]  # checked by record: 400 for anything else
+            actor=session.user.name,
+            role=session.user.role.value,
+            bundle_id=bundle_id,
+            label=label,
+            verdict=verdict,
+            outcome_code=outcome_code,
+            publisher=ctx.ports.feedback_publisher,
+            source_ip=client_ip(request),
+        )
+    except StudyNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except FeedbackRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    except (ValueError, OSError) as exc:
+        log.error("feedback message could not be prepared; nothing recorded", study_id=sid, error=str(exc)[:200])
+        raise HTTPException(503, f"feedback could not be prepared for the central team: {exc}") from None
+
+
+def study_feedback(ctx: WebContext, ref: str) -> dict[str, Any]:
+    """The study's feedback: ``current`` (in force: the newest revision of each), ``history`` (every revision,
+    oldest first) and the ``outcomes`` a radiologist may record (code, display, positive)."""
+    sid = study_id(ctx, ref)
+    return {
+        "study_id": sid,
+        "current": [e.to_dict() for e in feedback.current(ctx.store, sid)],
+        "history": [e.to_dict() for e in feedback.history(ctx.store, sid)],
+        "outcomes": [o.model_dump() for o in ctx.settings.feedback.outcomes],
     }

@@ -38,29 +38,4 @@ CREATE TABLE bundle_drift (
     evaluated_at REAL NOT NULL,
     PRIMARY KEY (bundle_id, bundle_version, metric)
 ) WITHOUT ROWID;
--- The outbox takes two more kinds (issue 17): "stats" (this migration's aggregates) and "feedback" (radiologists'
--- verdicts). SQLite cannot change a CHECK constraint in place: the table is rebuilt with its rows, indexes and
--- triggers (https://www.sqlite.org/lang_altertable.html, "making other kinds of table schema changes").
-CREATE TABLE outbox_new (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id TEXT NOT NULL UNIQUE,
-    kind TEXT NOT NULL CHECK (kind IN ('result', 'health', 'audit', 'stats', 'feedback')),
-    priority INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    props TEXT NOT NULL DEFAULT '{}',
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    expires_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0
-);
-INSERT INTO outbox_new(seq, message_id, kind, priority, body, props, size, created_at, expires_at, attempts) SELECT seq, message_id, kind, priority, body, props, size, created_at, expires_at, attempts FROM outbox;
--- keep AUTOINCREMENT's high-water mark: a sequence number is never handed out twice
-DELETE FROM sqlite_sequence WHERE name = 'outbox_new';
-INSERT INTO sqlite_sequence(name, seq) SELECT 'outbox_new', seq FROM sqlite_sequence WHERE name = 'outbox';
-DROP TABLE outbox;
-ALTER TABLE outbox_new RENAME TO outbox;
-CREATE INDEX outbox_order ON outbox(priority DESC, seq);
-CREATE INDEX outbox_kind ON outbox(kind, seq);
-CREATE INDEX outbox_expiry ON outbox(expires_at);
-CREATE TRIGGER outbox_totals_ins AFTER INSERT ON outbox BEGIN UPDATE outbox_totals SET count = count + 1, bytes = bytes + NEW.size WHERE id = 1; END;
-CREATE TRIGGER outbox_totals_del AFTER DELETE ON outbox BEGIN UPDATE outbox_totals SET count = count - 1, bytes = bytes - OLD.size WHERE id = 1; END
+-- (The outbox's CHECK takes 'stats' since migration 0014, which rebuilt it for 'stats' and 'feedback'.)
