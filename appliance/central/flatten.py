@@ -29,7 +29,7 @@ MAX_COUNT = 1_000_000_000  # per box, bundle and day: more is not a count, it is
 MAX_MAP_KEYS = 64
 MAX_STR = 256
 VERDICTS = {"agree", "disagree", "uncertain"}
-ROLES = {"viewer", "operator", "admin"}
+ROLES = {"viewer", "technician", "admin"}  # the dashboard roles (appliance.web.accounts.Role)
 _MID = re.compile(r"^[A-Za-z0-9._:+=/-]{1,128}\Z")
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 
