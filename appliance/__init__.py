@@ -1,3 +1,3 @@
 """Clinic AI appliance: the daemon, its CLI and everything between DICOM in and results out."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

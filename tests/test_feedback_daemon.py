@@ -52,7 +52,7 @@ PATIENT = PatientInfo(
 def reissued_cxr_phantom(out: Path) -> Path:
     """The shipped cxr-phantom with ``threshold_range`` on its scores output (as the central team re-issues a
     bundle), version 1.0.2, signed with the DEMO key the test daemon trusts."""
-    src = ROOT / "engines" / "reference" / "bundles" / "cxr-phantom-1.0.1.bundle"
+    src = ROOT / "tests" / "data" / "legacy-bundles" / "cxr-phantom-1.0.1.bundle"
     work = out / "cxr-src"
     work.mkdir(parents=True)
     with tarfile.open(src) as tar:

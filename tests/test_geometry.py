@@ -33,6 +33,7 @@ from testsupport.pipeline import make_dataset, synthetic_image
 
 MAXPIX = 100_000_000
 REFERENCE = Path(__file__).resolve().parents[1] / "engines" / "reference" / "bundles"
+LEGACY = Path(__file__).parent / "data" / "legacy-bundles"  # signed before orientation existed
 CHEST = {"*": Orientation(rows=["L"], columns=["F"])}
 SPEC = Preprocessing(target_size=(96, 96), window="minmax", orientation=CHEST)
 
@@ -193,7 +194,7 @@ def test_manifest_orientation_must_be_unambiguous(bad: dict) -> None:
 
 def test_manifest_without_orientation_keeps_its_canonical_bytes() -> None:
     """Old bundles verify unchanged: the field is left out of the signed bytes while unset; set, it is signed."""
-    with tarfile.open(REFERENCE / "cxr-phantom-1.0.1.bundle") as tar:
+    with tarfile.open(LEGACY / "cxr-phantom-1.0.1.bundle") as tar:
         raw = tar.extractfile("manifest.json").read()  # type: ignore[union-attr]
     doc = json.loads(raw)
     old = canonical_bytes(Manifest.model_validate(doc))

@@ -3,8 +3,8 @@ Value / Range Limit (PS3.3 C.7.5.1.1.2), Patient Orientation (C.7.6.1.1.1) and P
 (C.7.6.3.1.7). Each case is compared with the same physical image written plainly (no padding, upright, square
 pixels), and a control shows what the old behaviour gave, so a wrong answer is distinguishable.
 
-The reference bundles 1.0.1 declare no orientation; the orientation cases give the model a manifest that does
-(``{"*": rows L, columns F}``, what the lead puts in 1.0.2), through the offline pipeline (``run_offline``).
+The reference bundles 1.0.1 declared no orientation, 1.0.2 does; the orientation cases give the model a manifest
+that does (``{"*": rows L, columns F}``, as 1.0.2), through the offline pipeline (``run_offline``).
 """
 
 from __future__ import annotations
@@ -151,12 +151,13 @@ def test_padded_cr_through_appliance_infer(tmp_path: Path) -> None:
 # ---- Patient Orientation ----------------------------------------------------------------------------------
 
 
-def _oriented(engines) -> StaticBundles:
-    """The active reference bundles, the cxr one with the orientation declared (as 1.0.2 will)."""
+def _oriented(engines, orientation: Any = CHEST) -> StaticBundles:
+    """The active reference bundles, the cxr one with ``orientation`` declared (1.0.2 declares ``CHEST``; None:
+    as the 1.0.1 bundles, which declared none)."""
     out: list[tuple[Manifest, Any]] = []
     for m, e in engines.active():
         if m.bundle_id == "cxr-phantom":
-            pre = m.input.preprocessing.model_copy(update={"orientation": CHEST})
+            pre = m.input.preprocessing.model_copy(update={"orientation": orientation})
             m = m.model_copy(update={"inputs": [m.input.model_copy(update={"preprocessing": pre})]})
         out.append((m, e))
     return StaticBundles(out)
@@ -189,7 +190,7 @@ def test_rotated_or_flipped_cr_scores_as_upright_and_maps_back_to_the_stored_gri
     urow, ucol = _nodule_at(want)
     assert (row, col) == pytest.approx(to_stored(urow, ucol, 320, 256), abs=1e-6)  # the same point, stored grid
     # control: the manifest without orientation (1.0.1) sees the stored picture: another model input
-    old = _report(settings, engines, case)
+    old = _report(settings, _oriented(engines, None), case)
     assert any(abs(_scores(old)[k][0] - s) > 1e-3 for k, (s, _) in _scores(want).items())
 
 

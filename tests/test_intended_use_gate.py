@@ -22,7 +22,7 @@ from appliance.app.infer_offline import run_offline
 from appliance.core.config import PacsDestination, Settings
 from appliance.core.store import Store
 from appliance.lifecycle.studies import INFERRED, NO_MODEL, NOT_ANALYSED
-from appliance.models.active import DEMO_PUBLIC_KEY, reference_bundles
+from appliance.models.active import DEMO_PUBLIC_KEY
 from appliance.pipeline.results_sc import not_applied_note, summary_line
 from appliance.pipeline.router import REFUSAL_CATEGORIES, patient_age, refusal, refusal_detail
 from appliance.pipeline.worker import PipelineWorker, StaticBundles
@@ -46,6 +46,8 @@ MG_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
 SPOT_SCT = ("399055006", "SCT", "Spot Compression")  # PS3.16 CID 4015
 MAGNIFICATION_SCT = ("399163009", "SCT", "Magnification")
 IMPLANT_DISPLACED_SCT = ("399209000", "SCT", "Implant Displaced")
+
+LEGACY_BUNDLES = sorted((Path(__file__).parent / "data" / "legacy-bundles").glob("*.bundle"))
 
 
 def contract_manifest(task: str, **contract: object) -> Manifest:
@@ -285,15 +287,16 @@ def test_contract_ranges_are_validated() -> None:
 
 
 def test_old_manifest_without_contract_still_verifies_and_routes_as_before(tmp_path: Path) -> None:
-    """The shipped 1.0.1 reference bundles (signed before the contract existed) verify, their canonical bytes
-    carry no ``input_contract``, and they take the images they took before: no contract, no new refusal."""
+    """The 1.0.1 reference bundles (signed before the contract existed; kept in tests/data/legacy-bundles) verify,
+    their canonical bytes carry no ``input_contract``, and they take the images they took before: no contract, no
+    new refusal."""
     kid, b64 = read_public_key_file(DEMO_PUBLIC_KEY)
-    for path in reference_bundles():
+    for path in LEGACY_BUNDLES:
         verify_bundle(path, TrustStore.from_config({kid: b64}))
         m = read_manifest_unverified(path)
         assert m.applies_to.input_contract is None
         assert b"input_contract" not in canonical_bytes(m)
-    cxr = {m.bundle_id: m for m in map(read_manifest_unverified, reference_bundles())}["cxr-phantom"]
+    cxr = {m.bundle_id: m for m in map(read_manifest_unverified, LEGACY_BUNDLES)}["cxr-phantom"]
     processing = chest()
     processing.PresentationIntentType = "FOR PROCESSING"
     assert refusal_detail(cxr, processing) is None  # as before: no contract states an intent

@@ -116,7 +116,7 @@ def test_reference_bundles_install_and_load(tmp_path: Path, monkeypatch) -> None
     settings.engines.backend = "ort"
     settings.engines.trust_demo_key = settings.engines.install_reference_bundles = True  # what `appliance demo` sets
     installed = ensure_reference_bundles(settings)
-    assert sorted(installed) == ["cxr-phantom@1.0.1", "mmg-phantom@1.0.1"]
+    assert sorted(installed) == ["cxr-phantom@1.0.2", "mmg-phantom@1.0.2"]
     assert ensure_reference_bundles(settings) == []  # only on first run
     engines = load_active_engines(settings)
     assert set(engines) == {"cxr-phantom", "mmg-phantom"}

@@ -83,7 +83,7 @@ def test_worklist_show_retry_resend_and_status_against_a_running_appliance(
         assert [x["id"] for x in json.loads(_cli(d, "studies", "--since", today, "--json").stdout)] == [sid]
         assert [x["id"] for x in json.loads(_cli(d, "studies", "--finding", "nodule", "--json").stdout)] == [sid]
         assert json.loads(_cli(d, "studies", "--finding", "cardiomegaly", "--json").stdout) == []
-        assert json.loads(_cli(d, "studies", "--urgent", "--json").stdout) == []  # 1.0.1 marks nothing urgent
+        assert json.loads(_cli(d, "studies", "--urgent", "--json").stdout) == []  # 1.0.2 marks nothing urgent
         bad = _cli(d, "studies", "--state", "bogus")
         assert bad.returncode == 2 and "unknown state" in bad.stderr
         bad = _cli(d, "studies", "--since", "yesterday")
