@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 
 from appliance.cli.central_cmds import central_app
-from appliance.cli.central_updates_cmds import _HUB_CA, _hub, _refused
+from appliance.cli.central_updates_cmds import _HUB_CA, patch_twins
 
 op_app = typer.Typer(
     help="Site operating points: per-site thresholds signed by the central team.", no_args_is_help=True
@@ -58,8 +58,7 @@ def sign_cmd(
     {BUNDLE: ...}}}}``. Each box checks the signature, that the version is not older than the one it holds, and
     that every threshold lies within its manifest's ``threshold_range``; it reports a refusal in
     ``desired_status`` and keeps the operating point in force."""
-    from appliance.central.hub_service import HubServiceError
-    from appliance.central.rollout import operating_point_patch, rollout, select_devices
+    from appliance.central.rollout import operating_point_patch
     from appliance.cloud import operating_points
     from engines import keys
 
@@ -87,21 +86,7 @@ def sign_cmd(
     if not conn:
         typer.echo("--apply needs --connection-string (or IOTHUB_CONNECTION_STRING)", err=True)
         raise typer.Exit(2)
-    service = _hub(conn, ca_file)
-    try:
-        devices = select_devices(service, device, query)
-    except HubServiceError as exc:
-        raise _refused(exc) from exc
-    if not devices:
-        typer.echo("no device selected", err=True)
-        raise typer.Exit(1)
-    results = rollout(service, devices, patch)
-    for res in results:
-        typer.echo(
-            json.dumps({"device_id": res.device_id, "desired_version": res.desired_version, "error": res.error}),
-            err=True,
-        )
-    raise typer.Exit(1 if any(r.error for r in results) else 0)
+    patch_twins(conn, ca_file, device, query, patch, err=True)
 
 
 def register(app: typer.Typer) -> None:

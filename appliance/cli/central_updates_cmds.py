@@ -308,8 +308,7 @@ def rollout_cmd(
     ca_file: Path | None = _HUB_CA,
 ) -> None:
     """Set desired.model_updates on the chosen devices (twin PATCH with If-Match); each box then updates itself."""
-    from appliance.central.hub_service import HubServiceError
-    from appliance.central.rollout import director_patch, rollout, select_devices
+    from appliance.central.rollout import director_patch
 
     if not device and not query:
         typer.echo("name devices with --device or select them with --query", err=True)
@@ -330,6 +329,17 @@ def rollout_cmd(
         r = _open(repo, None)
         if layout.target_path(bundle, version) not in r.targets().signed.targets:
             raise _refused(ValueError(f"{bundle} {version} is not published in {repo}"))
+    patch_twins(conn, ca_file, device, query, patch)
+
+
+def patch_twins(
+    conn: str, ca_file: Path | None, device: list[str], query: str | None, patch: dict, *, err: bool = False
+) -> None:
+    """PATCH ``patch`` into the desired properties of the chosen devices (``--device`` ids or a twin ``--query``)
+    and exit: one JSON line per device (on stderr with ``err``); exit 1 when a device failed or none matched."""
+    from appliance.central.hub_service import HubServiceError
+    from appliance.central.rollout import rollout, select_devices
+
     service = _hub(conn, ca_file)
     try:
         devices = select_devices(service, device, query)
@@ -340,7 +350,8 @@ def rollout_cmd(
         raise typer.Exit(1)
     results = rollout(service, devices, patch)
     for res in results:
-        typer.echo(json.dumps({"device_id": res.device_id, "desired_version": res.desired_version, "error": res.error}))
+        line = {"device_id": res.device_id, "desired_version": res.desired_version, "error": res.error}
+        typer.echo(json.dumps(line), err=err)
     raise typer.Exit(1 if any(r.error for r in results) else 0)
 
 

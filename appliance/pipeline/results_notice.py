@@ -29,6 +29,7 @@ from appliance.pipeline.results_sc import (
     _draw_boxes,
     _font,
     set_sc_source_attributes,
+    wrap_text,
 )
 from appliance.pipeline.results_source import highdicom_header
 from appliance.pipeline.router import Refusal
@@ -51,17 +52,6 @@ def notice_lines(manifest: Manifest, refused: list[tuple[Dataset, Refusal]]) -> 
     return lines
 
 
-def _wrap_words(font, text: str, width: int) -> list[str]:
-    out: list[str] = []
-    for word in text.split(" "):
-        joined = f"{out[-1]} {word}" if out else word
-        if out and font.getlength(joined) <= width:
-            out[-1] = joined
-        else:
-            out.append(word)
-    return out
-
-
 def render_notice(manifest: Manifest, refused: list[tuple[Dataset, Refusal]]) -> tuple[np.ndarray, list[TextBox]]:
     """The notice's pixels, (rows, NOTICE_WIDTH, 3) uint8 RGB, and its text boxes (for contrast checks)."""
     w = NOTICE_WIDTH
@@ -78,7 +68,7 @@ def render_notice(manifest: Manifest, refused: list[tuple[Dataset, Refusal]]) ->
     top += th
     body: list[str] = []
     for line in notice_lines(manifest, refused):
-        body.extend(_wrap_words(font, line, w - 2 * pad))
+        body.extend(wrap_text(font, line, w - 2 * pad, sep=" "))
     lh = int(fpx * 1.3)
     bh = len(body) * lh + 2 * pad
     boxes.append(TextBox("info", tuple(body), (0, top, w, top + bh), WHITE, BLACK, fpx))

@@ -221,11 +221,11 @@ def _block(font: ImageFont.FreeTypeFont, lines: list[str], pad: int) -> tuple[in
     return width + 2 * pad, pitch * len(lines) + 2 * pad, pitch
 
 
-def _wrap(font: ImageFont.FreeTypeFont, text: str, width: int) -> list[str]:
-    """Break ``text`` at "; " so that each line fits ``width`` pixels (a part longer than that stays whole)."""
+def wrap_text(font: ImageFont.FreeTypeFont, text: str, width: int, sep: str = "; ") -> list[str]:
+    """Break ``text`` at ``sep`` so that each line fits ``width`` pixels (a part longer than that stays whole)."""
     lines: list[str] = []
-    for part in text.split("; "):
-        joined = f"{lines[-1]}; {part}" if lines else part
+    for part in text.split(sep):
+        joined = f"{lines[-1]}{sep}{part}" if lines else part
         if lines and font.getlength(joined) <= width:
             lines[-1] = joined
         else:
@@ -277,7 +277,7 @@ def layout(
     while spx > MIN_FONT_PX and _font(spx).getlength(text) + 2 * pad > w:
         spx -= 1
     sfont = _font(spx)
-    lines = [text] if sfont.getlength(text) + 2 * pad <= w else _wrap(sfont, text, w - 2 * pad)
+    lines = [text] if sfont.getlength(text) + 2 * pad <= w else wrap_text(sfont, text, w - 2 * pad)
     _, sh, _ = _block(sfont, lines, pad)
     summary = TextBox("summary", tuple(lines), (0, max(top, h - sh), w, h), WHITE, BLACK, spx)
     boxes.append(summary)
