@@ -343,8 +343,10 @@ def test_cli_json_and_newer_store(fx, tmp_path):
 def test_bundle_without_reference_is_no_reference(tmp_path):
     from appliance.central.report import references_from_bundles
 
-    bundles = Path(__file__).resolve().parents[1] / "engines" / "reference" / "bundles"
-    assert references_from_bundles([bundles]) == []  # the shipped bundles predate `reference`
+    legacy = Path(__file__).resolve().parent / "data" / "legacy-bundles"
+    assert references_from_bundles([legacy]) == []  # the 1.0.1 reference bundles predate `reference`
+    shipped = Path(__file__).resolve().parents[1] / "engines" / "reference" / "bundles"
+    assert sorted(r.bundle_id for r in references_from_bundles([shipped])) == ["cxr-phantom", "mmg-phantom"]
     with pytest.raises(ReportError):
         references_from_bundles([tmp_path / "missing.bundle"])
 

@@ -86,7 +86,7 @@ def mg(
     modifiers: tuple[tuple[str, str, str], ...] = (),
 ) -> Dataset:
     """An MG image (tiny pixels) with exactly the view / anatomy / laterality attributes given."""
-    ds = to_dicom(np.zeros((32, 24)), modality="MG", laterality="L", view_position="CC", body_part="BREAST")
+    ds = to_dicom(np.zeros((256, 208)), modality="MG", laterality="L", view_position="CC", body_part="BREAST")
     for keyword in ("ViewPosition", "ViewCodeSequence", "ImageLaterality", "Laterality", "BodyPartExamined"):
         if keyword in ds:
             delattr(ds, keyword)
@@ -113,7 +113,7 @@ def dx(
 ) -> Dataset:
     """A DX chest image whose view / anatomy are given only as stated (no Body Part Examined unless ``region``
     is None)."""
-    ds = to_dicom(np.zeros((32, 24)), modality="DX", view_position="PA", body_part="CHEST")
+    ds = to_dicom(np.zeros((256, 208)), modality="DX", view_position="PA", body_part="CHEST")
     del ds.ViewPosition
     if position is not None:
         ds.ViewPosition = position
@@ -137,10 +137,14 @@ def with_codes(m: Manifest, **applies: object) -> Manifest:
 def test_signed_reference_bundles_still_verify_with_unchanged_canonical_bytes(tmp_path: Path) -> None:
     kid, pub = read_public_key_file(DEMO_PUBLIC_KEY)
     trust = TrustStore.from_config({kid: pub})
-    for path in reference_bundles():
+    legacy = sorted((Path(__file__).parent / "data" / "legacy-bundles").glob("*.bundle"))  # signed before the codes
+    assert len(legacy) == 2
+    for path in legacy:
         verified = verify_bundle(path, trust)
         doc = json.loads(canonical_bytes(verified.manifest))
         assert set(doc["applies_to"]) == {"modalities", "body_parts", "views", "sop_classes"}
+    for path in reference_bundles():  # 1.0.2 states its input contract (issue 16), signed
+        assert "input_contract" in json.loads(canonical_bytes(verify_bundle(path, trust).manifest))["applies_to"]
 
 
 def test_coded_applies_to_round_trips_and_defaults_stay_out_of_the_canonical_form(refs: dict[str, Manifest]) -> None:
@@ -156,8 +160,8 @@ def test_coded_applies_to_round_trips_and_defaults_stay_out_of_the_canonical_for
     again = Manifest.model_validate_json(raw)
     assert canonical_bytes(again) == raw and again.applies_to.view_modifiers == []
     assert json.loads(raw)["applies_to"]["lateralities"] == ["L", "R"]
-    plain = with_codes(refs["mmg-phantom"], view_modifiers=None)
-    assert canonical_bytes(plain) == canonical_bytes(refs["mmg-phantom"])
+    plain = with_codes(refs["cxr-phantom"], view_modifiers=None)  # cxr-phantom states no view modifiers
+    assert canonical_bytes(plain) == canonical_bytes(refs["cxr-phantom"])
 
 
 # -- the case and its family, on the real reference manifests ------------------------------------------------------
