@@ -584,3 +584,20 @@ def test_refused_images_of_a_mixed_study_are_named_per_image_in_detail_cli_and_p
     assert shown.exit_code == 0, shown.output
     table = shown.output[shown.output.index("images") :]
     assert table.count(f"AI not applied (tiny-mmg): {reason}") == 2
+
+
+def test_a_long_refusal_list_says_how_many_more_images(env) -> None:
+    """Past ``EXPLAIN_SAMPLES`` image ids the detail says how many more there are, not a bare "…"."""
+    from appliance.pipeline.router import EXPLAIN_SAMPLES
+
+    settings, store, spool = env
+    raw = [chest(instance_number=i + 1) for i in range(EXPLAIN_SAMPLES + 2)]
+    for ds in raw:
+        ds.PresentationIntentType = "FOR PROCESSING"
+    sid = _study(store, spool, raw)
+    assert PipelineWorker(settings, store, StaticBundles([(contract_manifest("cxr"), TinyEngine())])).process(sid) == (
+        NOT_ANALYSED
+    )
+    _, detail = _state(store, sid)
+    shown = ", ".join("…" + str(ds.SOPInstanceUID)[-12:] for ds in raw[:EXPLAIN_SAMPLES])
+    assert detail.startswith(f"AI not applied: tiny-cxr: {len(raw)} images {shown} and 2 more: For Processing image")
