@@ -241,9 +241,36 @@ def test_site_filter_and_since(fx, reference):
         1 for r in fx.rows["results"] if r["site"] == "north" and r["enqueued_time"].date() >= dt.date(2025, 1, 13)
     )
     assert sum(r["studies"] for r in vol) == expected
-    # with one site only there is no fleet to compare with
-    assert all(r["psi_fleet"] is None and r["fleet_n"] == 0 for r in rep["tables"]["drift"]["rows"])
     assert {r["site"] for t in rep["tables"].values() for r in t["rows"]} == {"north"}
+    # --site narrows the rows, not the fleet: north is still compared with every other site of the same weeks
+    scores = defaultdict(list)
+    for f in fx.rows["findings"]:
+        if f["enqueued_time"].date() >= dt.date(2025, 1, 13):
+            scores[(f["site"], week(f["enqueued_time"]), f["label"])].append(f["score"])
+    drift = rows_by(rep, "drift", "week", "label")
+    assert set(drift) == {(w, lb) for (st, w, lb) in scores if st == "north"}
+    for (wk, label), g in drift.items():
+        others = [x for (st, w, lb), v in scores.items() if st != "north" and w == wk and lb == label for x in v]
+        assert others and g["fleet_n"] == len(others)
+        counts, _ = np.histogram(scores[("north", wk, label)], bins=EDGES)
+        other_counts, _ = np.histogram(others, bins=EDGES)
+        assert g["psi_fleet"] == pytest.approx(psi(counts, other_counts), abs=1e-9)
+
+
+def test_site_filter_keeps_the_shifted_sites_fleet_alert(fx, report, reference):
+    """The site that drifted from its peers is flagged in its own report (--site) as in the fleet's report."""
+    engine = DuckDBEngine()
+    try:
+        rep = build_report(engine, fx.root, Filters(site="south"), [reference])
+    finally:
+        engine.close()
+    alone = rows_by(rep, "drift", "week", "label")
+    everyone = rows_by(report, "drift", "site", "week", "label")
+    whole = {(w, lb): r for (st, w, lb), r in everyone.items() if st == "south"}
+    assert alone.keys() == whole.keys() and any(r["alert_fleet"] for r in alone.values())
+    for key, r in alone.items():
+        assert (r["fleet_n"], r["alert_fleet"]) == (whole[key]["fleet_n"], whole[key]["alert_fleet"])
+        assert r["psi_fleet"] == pytest.approx(whole[key]["psi_fleet"], abs=1e-12)
 
 
 def test_until_is_inclusive(fx):
@@ -344,9 +371,11 @@ def test_bundle_without_reference_is_no_reference(tmp_path):
     from appliance.central.report import references_from_bundles
 
     legacy = Path(__file__).resolve().parent / "data" / "legacy-bundles"
-    assert references_from_bundles([legacy]) == []  # the 1.0.1 reference bundles predate `reference`
+    assert references_from_bundles([legacy]) == []  # the 1.0.1 bundles predate `reference`
     shipped = Path(__file__).resolve().parents[1] / "engines" / "reference" / "bundles"
-    assert sorted(r.bundle_id for r in references_from_bundles([shipped])) == ["cxr-phantom", "mmg-phantom"]
+    got = {(r.bundle_id, r.bundle_version): r for r in references_from_bundles([shipped])}
+    assert set(got) == {("cxr-phantom", "1.0.2"), ("mmg-phantom", "1.0.2")}  # re-issued with their reference
+    assert got[("cxr-phantom", "1.0.2")].n == 120
     with pytest.raises(ReportError):
         references_from_bundles([tmp_path / "missing.bundle"])
 

@@ -524,3 +524,80 @@ def test_a_bundle_that_refuses_a_study_another_analyses_is_named_in_the_detail(e
     assert [r["bundle_id"] for r in store.query("SELECT bundle_id FROM results WHERE study_id=?", (sid,))] == [
         "tiny-cxr"
     ]
+
+
+def test_refused_images_of_a_mixed_study_are_named_per_image_in_detail_cli_and_page(home: Path) -> None:
+    """In a mixed study each image the gate refused carries its own reason in ``study_detail`` (``not_applied``),
+    in the images table of ``study show`` and in the study page's Images section, never a blank row that reads
+    as "no findings"; the accepted images carry none."""
+    from typer.testing import CliRunner
+
+    from appliance.cli import app
+    from appliance.lifecycle import studies
+    from appliance.lifecycle.studies import COMPLETE, RECEIVED
+    from appliance.web.accounts import Role
+    from appliance.worklist.read import study_detail
+    from tests.test_web import Box, file_instance
+
+    box = Box(home)
+    uid = "1.2.826.0.1.3680043.8.498.19"
+    views = [
+        mammo("R", "CC", nodule=False, study_uid=uid),
+        mammo("L", "CC", nodule=False, study_uid=uid, instance_number=2),
+        mammo("R", "MLO", nodule=True, study_uid=uid, instance_number=3),
+        mammo("L", "MLO", nodule=True, study_uid=uid, instance_number=4),
+    ]
+    for ds in views[2:]:
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PROCESSING
+        ds.PresentationIntentType = "FOR PROCESSING"
+    sid = 0
+    for ds in views:
+        sid = file_instance(box.settings, box.store, ds)
+    with box.store.transaction() as conn:
+        studies.transition(conn, sid, RECEIVED, COMPLETE, "test: complete", completed=True)
+    worker = PipelineWorker(box.settings, box.store, StaticBundles([(contract_manifest("mmg"), TinyEngine())]))
+    assert worker.process(sid) == INFERRED
+    reason = (
+        "Digital Mammography X-Ray Image Storage - For Processing (SOP Class UID) not taken: model takes Digital "
+        "Mammography X-Ray Image Storage - For Presentation, Breast Projection X-Ray Image Storage - For Presentation"
+    )
+    refused = {str(ds.SOPInstanceUID) for ds in views[2:]}
+    rows = {img["sop_instance_uid"]: img for img in study_detail(box.store, sid).images}
+    assert set(rows) == {str(ds.SOPInstanceUID) for ds in views}
+    for sop, img in rows.items():
+        if sop in refused:
+            assert img["findings"] == [] and img["not_applied"] == [
+                {"bundle_id": "tiny-mmg", "bundle_version": "1.0.0", "category": "sop_class", "reason": reason}
+            ]
+        else:
+            assert img["findings"] and img["not_applied"] == []
+
+    c, _ = box.page_login(Role.VIEWER)
+    page = c.get(f"/studies/{sid}").text
+    images = page[page.index("<h2>Images</h2>") :]
+    for sop in refused:
+        assert f"image …{sop[-12:]} · AI not applied (tiny-mmg): {reason}" in images
+    box.store.close()
+    shown = CliRunner().invoke(
+        app, ["--home", str(box.settings.state_dir), "study", "show", str(sid)], env={"COLUMNS": "1000"}
+    )
+    assert shown.exit_code == 0, shown.output
+    table = shown.output[shown.output.index("images") :]
+    assert table.count(f"AI not applied (tiny-mmg): {reason}") == 2
+
+
+def test_a_long_refusal_list_says_how_many_more_images(env) -> None:
+    """Past ``EXPLAIN_SAMPLES`` image ids the detail says how many more there are, not a bare "…"."""
+    from appliance.pipeline.router import EXPLAIN_SAMPLES
+
+    settings, store, spool = env
+    raw = [chest(instance_number=i + 1) for i in range(EXPLAIN_SAMPLES + 2)]
+    for ds in raw:
+        ds.PresentationIntentType = "FOR PROCESSING"
+    sid = _study(store, spool, raw)
+    assert PipelineWorker(settings, store, StaticBundles([(contract_manifest("cxr"), TinyEngine())])).process(sid) == (
+        NOT_ANALYSED
+    )
+    _, detail = _state(store, sid)
+    shown = ", ".join("…" + str(ds.SOPInstanceUID)[-12:] for ds in raw[:EXPLAIN_SAMPLES])
+    assert detail.startswith(f"AI not applied: tiny-cxr: {len(raw)} images {shown} and 2 more: For Processing image")

@@ -275,9 +275,17 @@ def to_json(report: dict[str, Any]) -> str:
     return json.dumps(clean(report), indent=1, sort_keys=False, allow_nan=False)
 
 
+def _psi(value: float | None) -> str:
+    """A PSI for the digest: two decimals, or "-" where there is none (no reference, no other site)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def summary(report: dict[str, Any]) -> str:
     """A short plain-text digest for the terminal: studies per site and bundle version, and every drift alert."""
-    lines = [f"store {report['store']} ({report['engine']}); filters {report['filters']}"]
+    shown = ", ".join(f"{k} {v}" for k, v in report["filters"].items() if v is not None) or "none"
+    lines = [f"store {report['store']} ({report['engine']}); filters: {shown}"]
+    if not report["references"]:
+        lines.append("  no reference (--bundle): drift is against the fleet only")
     totals: dict[tuple[Any, str], int] = {}
     for row in report["tables"]["volume"]["rows"]:
         key = (row["site"], f"{row['bundle_id']}@{row['bundle_version']}")
@@ -289,7 +297,8 @@ def summary(report: dict[str, Any]) -> str:
         against = " and ".join(k for k in ("reference", "fleet") if r[f"alert_{k}"])
         lines.append(
             f"DRIFT {r['site'] or '(no site)'} {r['bundle_id']}@{r['bundle_version']} week {r['week']} "
-            f"{r['label']}: against the {against} (PSI reference {r['psi_reference']}, fleet {r['psi_fleet']})"
+            f"{r['label']}: against the {against} (n {r['n']}; PSI reference {_psi(r['psi_reference'])}, "
+            f"fleet {_psi(r['psi_fleet'])})"
         )
     if not totals:
         lines.append("  no results in the store for these filters")

@@ -117,6 +117,8 @@ def _dates(expr: str) -> str:
 FILTERED_VIEWS: dict[str, str] = {
     "r": f"SELECT * FROM results WHERE {_SITE} AND {_dates('CAST(enqueued_time AS DATE)')}",
     "f": f"SELECT * FROM findings WHERE {_SITE} AND {_dates('CAST(enqueued_time AS DATE)')}",
+    # every site's findings in the date range: the fleet a site is compared with, whatever --site keeps
+    "f_fleet": f"SELECT * FROM findings WHERE {_dates('CAST(enqueued_time AS DATE)')}",
     "s": f"SELECT * FROM stats WHERE {_SITE} AND {_dates('day')}",
     # feedback about the results in the report's range (feedback arrives after its result)
     "fb": f"SELECT * FROM feedback WHERE {_SITE} AND result_mid IN (SELECT mid FROM r)",
@@ -185,8 +187,12 @@ DRIFT = f"""
 WITH {_BINNED},
 site_bins AS (SELECT {_KEYS}, week, label, bin, COUNT(*) AS n FROM binned GROUP BY {_KEYS}, week, label, bin),
 groups AS (SELECT {_KEYS}, week, label, SUM(n) AS total FROM site_bins GROUP BY {_KEYS}, week, label),
-fleet_bins AS (SELECT bundle_id, bundle_version, week, label, bin, SUM(n) AS n FROM site_bins
-               GROUP BY bundle_id, bundle_version, week, label, bin),
+fleet_scores AS (SELECT bundle_id, bundle_version, {_WEEK} AS week, label, score FROM f_fleet),
+fleet_bins AS (
+  SELECT fs.bundle_id, fs.bundle_version, fs.week, fs.label, b.bin, COUNT(*) AS n
+  FROM fleet_scores fs JOIN score_bins b ON fs.score >= b.lo AND (fs.score < b.hi OR (b.is_last AND fs.score <= b.hi))
+  GROUP BY fs.bundle_id, fs.bundle_version, fs.week, fs.label, b.bin
+),
 fleet AS (SELECT bundle_id, bundle_version, week, label, SUM(n) AS total FROM fleet_bins
           GROUP BY bundle_id, bundle_version, week, label),
 ref AS (SELECT bundle_id, bundle_version, label, SUM(n) AS total FROM reference_bins

@@ -249,6 +249,8 @@ def show(
         t = Table("image (SOP Instance UID)", "side/view", "findings", "result objects", title="images")
         for img in d.images:
             found = ", ".join(f"{x['label']} {x['score']:.2f}{' +' if x['positive'] else ''}" for x in img["findings"])
+            refused = "; ".join(f"AI not applied ({x['bundle_id']}): {x['reason']}" for x in img["not_applied"])
+            found = "; ".join(x for x in (found, refused) if x)
             objs = ", ".join(f"{o['kind']} {'sent' if o['exported'] else 'not sent'}" for o in img["objects"])
             side = " ".join(x for x in (img["laterality"], img["view"]) if x)
             t.add_row(img["sop_instance_uid"], Text(side), Text(found), objs)

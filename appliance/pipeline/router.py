@@ -397,7 +397,7 @@ def not_applied_detail(routes: list[Route]) -> str:
         for ds, why in r.refused:
             groups.setdefault(why.reason, []).append(_image_id(ds))
         for reason, ids in groups.items():
-            shown = ", ".join(ids[:EXPLAIN_SAMPLES]) + (", …" if len(ids) > EXPLAIN_SAMPLES else "")
+            shown = _samples(ids)
             noun = "image" if len(ids) == 1 else f"{len(ids)} images"
             parts.append(f"{r.manifest.bundle_id}: {noun} {shown}: {reason}")
     return " | ".join(parts)
@@ -407,6 +407,12 @@ def describe(images: list[Dataset]) -> str:
     """What the study holds (modality / anatomy term per kind of image)."""
     kinds = sorted({f"{_tag(d, 'Modality') or '?'}/{region_of(d).term or '?'}" for d in images})
     return ", ".join(kinds) or "no images"
+
+
+def _samples(ids: list[str]) -> str:
+    """Up to ``EXPLAIN_SAMPLES`` image ids, then how many more: ``"…a, …b, …c and 2 more"``."""
+    more = len(ids) - EXPLAIN_SAMPLES
+    return ", ".join(ids[:EXPLAIN_SAMPLES]) + (f" and {more} more" if more > 0 else "")
 
 
 def _image_id(ds: Dataset) -> str:
@@ -441,7 +447,7 @@ def explain(
         groups.setdefault(reasons, []).append(_image_id(ds))
     parts = []
     for reasons, ids in groups.items():
-        shown = ", ".join(ids[:EXPLAIN_SAMPLES]) + (", …" if len(ids) > EXPLAIN_SAMPLES else "")
+        shown = _samples(ids)
         noun = "image" if len(ids) == 1 else f"{len(ids)} images"
         parts.append(f"{noun} {shown}: {reasons}")
     return "no active model applies: " + " | ".join(parts)

@@ -101,8 +101,9 @@ class ResultObject(TypedDict):
 
 class ImageRow(TypedDict):
     """One received (or analysed) image: its UIDs, laterality/view as the pipeline read them, its findings
-    (``{bundle_id, bundle_version, label, score, threshold, positive, urgent}``, every result of the study) and
-    the result objects made from it (its SCs)."""
+    (``{bundle_id, bundle_version, label, score, threshold, positive, urgent}``, every result of the study),
+    the result objects made from it (its SCs) and, for an image a bundle's input contract refused, why
+    (``not_applied``: ``{bundle_id, bundle_version, category, reason}`` per refusing bundle; never a finding)."""
 
     sop_instance_uid: str
     series_uid: str | None
@@ -110,6 +111,7 @@ class ImageRow(TypedDict):
     view: str | None
     findings: list[dict[str, Any]]
     objects: list[ResultObject]
+    not_applied: list[dict[str, Any]]
 
 
 class TimelineEntry(TypedDict):
@@ -402,7 +404,15 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
         key = (i["series_uid"], i["sop_instance_uid"])
         images.setdefault(
             key,
-            ImageRow(sop_instance_uid=key[1], series_uid=key[0], laterality=None, view=None, findings=[], objects=[]),
+            ImageRow(
+                sop_instance_uid=key[1],
+                series_uid=key[0],
+                laterality=None,
+                view=None,
+                findings=[],
+                objects=[],
+                not_applied=[],
+            ),
         )
     used: set[str] = set()
     for r, s in parsed:
@@ -411,7 +421,13 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
             entry = images.setdefault(
                 key,
                 ImageRow(
-                    sop_instance_uid=key[1], series_uid=key[0], laterality=None, view=None, findings=[], objects=[]
+                    sop_instance_uid=key[1],
+                    series_uid=key[0],
+                    laterality=None,
+                    view=None,
+                    findings=[],
+                    objects=[],
+                    not_applied=[],
                 ),
             )
             entry["laterality"] = entry["laterality"] or img.get("laterality")
@@ -420,6 +436,17 @@ def study_detail(store: Store, study_id: int) -> StudyDetail:
             if sc in by_uid:
                 entry["objects"].append(by_uid[sc])
                 used.add(sc)
+        for na in s.get("not_applied") or []:
+            key = (na.get("image_series_uid"), str(na.get("image_sop_uid")))
+            if key in images:
+                images[key]["not_applied"].append(
+                    {
+                        "bundle_id": r["bundle_id"],
+                        "bundle_version": r["bundle_version"],
+                        "category": na.get("category"),
+                        "reason": na.get("reason"),
+                    }
+                )
         for f in s.get("findings") or []:
             key = (f.get("image_series_uid"), str(f.get("image_sop_uid")))
             if key in images:
