@@ -351,7 +351,10 @@ class Tolerance(_Strict):
     rtol: float = Field(ge=0, le=MAX_GOLDEN_RTOL)
 
 
-Count = Annotated[int, Field(strict=True, ge=0)]  # a histogram count: an int (not a bool, float or string), >= 0
+# A reference histogram's count, and its ``n``: the studies of a validation set, far below MAX_COUNT; a bigger int
+# (JSON allows any) would overflow the drift check's floats (``engines.drift``) each time the box compares.
+MAX_COUNT = 10**12
+Count = Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)]  # an int (not a bool, float or string), 0..MAX_COUNT
 
 
 def _check_edges(v: list[float]) -> list[float]:
@@ -375,7 +378,7 @@ class Reference(_Strict):
     histograms over the fixed edges ``engines.drift.EDGES`` of each label's image score, the study score, and the
     per-image mean and 95th percentile of the preprocessed input in [0, 1]. ``n``: studies in the validation set."""
 
-    n: int = Field(strict=True, ge=1)
+    n: int = Field(strict=True, ge=1, le=MAX_COUNT)
     score_edges: list[float]
     scores: dict[str, list[Count]] = Field(default_factory=dict)
     study_score: list[Count]

@@ -217,9 +217,10 @@ def test_pixel_aspect_ratio_is_used_where_pixel_spacing_is_absent() -> None:
     assert pixel_aspect(ds) == (1.0, 2.0)
     tf = prepare(ds, Preprocessing(target_size=(128, 128), window="minmax"), MAXPIX).transform
     assert tf.content_shape == (85, 128)  # 200 x 150 pixels of 1 x 2 units = 200 x 300 units: 128 * 2 / 3
-    for bad in ([0, 1], [1], [3, -2]):
+    for bad in ([0, 1], [1], [3, -2]):  # the only geometry given, unusable: refused, never taken as square
         ds.PixelAspectRatio = bad
-        assert pixel_aspect(ds) is None
+        with pytest.raises(NotProcessable, match="Pixel Aspect Ratio"):
+            pixel_aspect(ds)
 
 
 # ---- Pixel Padding Value / Pixel Padding Range Limit ---------------------------------------------------------

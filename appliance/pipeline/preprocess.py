@@ -154,7 +154,7 @@ def check_header(ds: Dataset, max_pixels: int, min_size: int = 16) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         spp = int(ds.get("SamplesPerPixel", 1))
         bits = int(ds.BitsAllocated)
-    except (AttributeError, TypeError, ValueError) as exc:
+    except Exception as exc:  # absent, several values, not a number, or bytes pydicom cannot read as the VR
         raise NotProcessable(f"image header incomplete or invalid: {exc}") from exc
     if rows <= 0 or cols <= 0 or rows > MAX_DIM or cols > MAX_DIM or frames <= 0:
         raise NotProcessable(f"absurd image dimensions {rows}x{cols}x{frames}")
@@ -460,17 +460,17 @@ def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     declares no padding or has none. Raises :class:`NotProcessable` for a value that is not an integer, and when
     every pixel is padding (there is no image).
     """
-    value = ds.get("PixelPaddingValue")
-    if value is None or value == "" or (isinstance(value, (MultiValue, list)) and not value):
-        return None
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    limit = ds.get("PixelPaddingRangeLimit")
     try:
+        value = ds.get("PixelPaddingValue")
+        if value is None or value == "" or (isinstance(value, (MultiValue, list)) and not value):
+            return None
+        signed = _stored_int(ds.get("PixelRepresentation", 0) or 0, False) == 1
+        limit = ds.get("PixelPaddingRangeLimit")
         lo = hi = _stored_int(value, signed)
         if limit is not None and limit != "" and not (isinstance(limit, (MultiValue, list)) and not limit):
             other = _stored_int(limit, signed)
             lo, hi = min(lo, other), max(lo, other)
-    except (TypeError, ValueError, IndexError) as exc:
+    except Exception as exc:  # TypeError, ValueError, or pydicom's own error for a value of the wrong length
         raise NotProcessable(f"Pixel Padding Value / Range Limit not a stored pixel value: {exc}") from exc
     if stored.dtype.kind in "iu":  # compare within the stored dtype's range (a value beyond it matches nothing)
         info = np.iinfo(stored.dtype)
@@ -527,17 +527,25 @@ def display_image(view: np.ndarray) -> tuple[np.ndarray, float]:
     return _centred_means_axis(_centred_means_axis(view, factor, 0), factor, 1), factor
 
 
+# The pixel sizes (mm) taken from Pixel Spacing / Imager Pixel Spacing: far wider than any X-ray detector's
+# (0.01-10 mm), narrow enough that no product of a size and a dimension overflows a float.
+SPACING_RANGE_MM = (1e-6, 1e6)
+_UNREADABLE = object()
+
+
 def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     """(row spacing, column spacing) in mm from PixelSpacing or ImagerPixelSpacing, if sane."""
     for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(tag)
-        if value is not None:
-            try:
-                r, c = float(value[0]), float(value[1])
-            except (TypeError, ValueError, IndexError):
+        try:
+            value = ds.get(tag)
+            if value is None:
                 continue
-            if r > 0 and c > 0 and 0.01 < r / c < 100:
-                return r, c
+            r, c = float(value[0]), float(value[1])
+        except Exception:  # malformed (pydicom may raise anything for a value it cannot read): not a spacing
+            continue
+        # finite and within SPACING_RANGE_MM: an absurd magnitude (1e308, 1e-320) overflows the scale
+        if all(SPACING_RANGE_MM[0] <= v <= SPACING_RANGE_MM[1] for v in (r, c)) and 0.01 < r / c < 100:
+            return r, c
     return None
 
 
@@ -545,18 +553,36 @@ def pixel_aspect(ds: Dataset) -> tuple[float, float] | None:
     """(row, column) size of a pixel, relative (what resampling to square pixels needs): Pixel Spacing /
     Imager Pixel Spacing (mm, :func:`pixel_spacing`) when present, else Pixel Aspect Ratio (0028,0034)
     (PS3.3 C.7.6.3.1.7: two integers, the vertical size then the horizontal size of a pixel: ``5\\4`` is a pixel
-    5 units tall and 4 wide). None (square pixels assumed) when neither is present and sane."""
+    5 units tall and 4 wide). None (square pixels) when neither is present. Raises :class:`NotProcessable` when
+    Pixel Aspect Ratio is the only geometry given and it is not two positive integers (ratio within 1:100): the
+    image's pixel shape is then unknown, and analysing it as square is the error the attribute exists to prevent."""
     spacing = pixel_spacing(ds)
     if spacing is not None:
         return spacing
     try:
         value = ds.get("PixelAspectRatio")  # an IS that is not an integer raises when read from a file
-        vertical, horizontal = float(int(value[0])), float(int(value[1]))
-    except (TypeError, ValueError, IndexError):
+    except Exception:  # a value pydicom cannot read at all (wrong length for its VR)
+        value = _UNREADABLE
+    if value is None or value == "" or (isinstance(value, (MultiValue, list)) and not value):
         return None
+    # Present, so the pixels are declared as they are: one the box cannot read is refused, never taken as square
+    # (a non-square image analysed as square is what the attribute exists to prevent).
+    try:
+        if not isinstance(value, (MultiValue, list, tuple)) or len(value) != 2:
+            raise ValueError("not 2 values")
+        vertical, horizontal = (float(v) for v in value)
+        if not (vertical.is_integer() and horizontal.is_integer()):
+            raise ValueError("not integers")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise NotProcessable(
+            f"Pixel Aspect Ratio not readable ({exc}): two integers expected (PS3.3 C.7.6.3.1.7)"
+        ) from None
     if vertical > 0 and horizontal > 0 and 0.01 < vertical / horizontal < 100:
         return vertical, horizontal
-    return None
+    raise NotProcessable(
+        f"Pixel Aspect Ratio {int(vertical)}\\{int(horizontal)} is not a pixel shape (two positive integers, ratio"
+        " 1:100 to 100:1, PS3.3 C.7.6.3.1.7): the image's geometry is unknown"
+    )
 
 
 def plan_transform(

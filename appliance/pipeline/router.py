@@ -140,6 +140,29 @@ def _values(ds: Dataset, keyword: str) -> list[str]:
     return [str(v).strip().upper() for v in items]
 
 
+def _int_value(ds: Dataset, keyword: str) -> int | None:
+    """A single-valued integer attribute (US, IS) as an int; None when absent or zero length. Raises ValueError
+    naming the attribute, never its value, when it is not one integer: several values, text that is not a
+    number (a wrong VR), a fraction, or bytes pydicom cannot read as the VR (a wrong length)."""
+    try:
+        value = ds.get(keyword)
+    except Exception as exc:  # pydicom's BytesLengthException (not a ValueError) for a US of the wrong length
+        raise ValueError(f"{keyword} unreadable ({type(exc).__name__})") from None
+    if value is None or value == "":
+        return None
+    if isinstance(value, MultiValue | list | tuple):
+        raise ValueError(f"{keyword} has {len(value)} values, 1 expected")
+    try:
+        number = float(value) if isinstance(value, float) else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{keyword} is not an integer") from None
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise ValueError(f"{keyword} is not an integer")
+        number = int(number)
+    return number
+
+
 def _da(value: object) -> dt.date | None:
     text = str(value or "").strip()
     if not re.fullmatch(r"[0-9]{8}", text):
@@ -202,20 +225,28 @@ def _contract_refusal(c: InputContract, ds: Dataset) -> Refusal | None:
         return Refusal(
             "photometric", f"Photometric Interpretation {photometric or 'absent'} not taken: model takes {takes}"
         )
-    bits = ds.get("BitsStored")
-    if c.bits_stored and (bits is None or int(bits) not in c.bits_stored):
+    if c.bits_stored:
         takes = ", ".join(str(b) for b in c.bits_stored)
-        return Refusal("bits", f"Bits Stored {bits if bits is not None else 'absent'} not taken: model takes {takes}")
+        try:
+            bits = _int_value(ds, "BitsStored")
+        except ValueError as exc:
+            return Refusal("bits", f"Bits Stored not readable: {exc} (PS3.5 US, VM 1): model takes {takes}")
+        if bits is None or bits not in c.bits_stored:
+            shown = str(bits) if bits is not None else "absent"
+            return Refusal("bits", f"Bits Stored {shown} not taken: model takes {takes}")
     for keyword, lo, hi in (("Rows", c.min_rows, c.max_rows), ("Columns", c.min_columns, c.max_columns)):
-        value = ds.get(keyword)
         if lo is None and hi is None:
             continue
+        try:
+            value = _int_value(ds, keyword)
+        except ValueError as exc:
+            return Refusal("size", f"{keyword} not readable: {exc} (PS3.5 US, VM 1)")
         if value is None:
             return Refusal("size", f"{keyword} absent")
-        if lo is not None and int(value) < lo:
-            return Refusal("size", f"{keyword} {int(value)} below the model's minimum {lo}")
-        if hi is not None and int(value) > hi:
-            return Refusal("size", f"{keyword} {int(value)} above the model's maximum {hi}")
+        if lo is not None and value < lo:
+            return Refusal("size", f"{keyword} {value} below the model's minimum {lo}")
+        if hi is not None and value > hi:
+            return Refusal("size", f"{keyword} {value} above the model's maximum {hi}")
     return None
 
 
