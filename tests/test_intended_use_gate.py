@@ -601,3 +601,31 @@ def test_a_long_refusal_list_says_how_many_more_images(env) -> None:
     _, detail = _state(store, sid)
     shown = ", ".join("…" + str(ds.SOPInstanceUID)[-12:] for ds in raw[:EXPLAIN_SAMPLES])
     assert detail.startswith(f"AI not applied: tiny-cxr: {len(raw)} images {shown} and 2 more: For Processing image")
+
+
+def test_a_no_model_detail_that_states_an_age_stays_out_of_the_log(env) -> None:
+    """A ``no_model`` detail (the local route rules exclude the bundle) can name a refused image's age; the study
+    keeps it, the INFO log line carries only the refusal categories (ages over 89 identify, HIPAA Safe Harbor)."""
+    import io
+
+    from appliance.core import logs
+    from appliance.core.config import RouteRule
+
+    settings, store, spool = env
+    m = contract_manifest("cxr", max_age_years=80)
+    settings.pipeline.routes = [RouteRule(bundle_id=m.bundle_id, action="exclude", modalities=["DX"])]
+    old, young = chest(instance_number=1), chest(instance_number=2)
+    old.PatientAge = "095Y"
+    sid = _study(store, spool, [old, young])
+    buf = io.StringIO()
+    logs.configure("INFO", "text", buf)
+    try:
+        state = PipelineWorker(settings, store, StaticBundles([(m, TinyEngine())])).process(sid)
+    finally:
+        logs.configure("INFO", "text")
+    assert state == NO_MODEL
+    detail = _state(store, sid)[1]
+    assert "age 95Y above" in detail and "excluded by the local route rules" in detail  # the study says why
+    out = buf.getvalue()
+    assert "no model for study" in out and "categories" in out and "age" in out
+    assert "95Y" not in out and "above the model" not in out

@@ -47,7 +47,8 @@ JAPANESE = "Yamada^Tarou=山田^太郎=やまだ^たろう"
 # the two field cases and members of their families: (case script + args) or (charset, name, orientation)
 FAMILY: dict[str, tuple[Any, str, Any]] = {
     "korean-ir149": (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", ["L", "F"]),
-    "japanese-ir13-ir87": (["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう", ["A", "FR"]),
+    # R\F: a chest stored flipped left-right (the model takes it reoriented; an oblique A\FR chest is refused)
+    "japanese-ir13-ir87": (["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう", ["R", "F"]),
     "utf8": ("ISO_IR 192", "Wang^XiaoDong=王^小東", None),
     "latin1-empty-orientation": ("ISO_IR 100", "Buc^Jérôme", ""),
 }

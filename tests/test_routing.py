@@ -302,7 +302,8 @@ def test_manifest_stated_in_codes_takes_codes_of_either_designator_and_view_posi
 
 def test_view_modifiers_and_lateralities_when_the_manifest_states_them(refs: dict[str, Manifest]) -> None:
     spot = mg(view=CC_SCT, modifiers=(SPOT_SCT,))
-    assert image_matches(refs["mmg-phantom"], spot)  # the reference manifest does not state modifiers
+    assert refs["mmg-phantom"].applies_to.view_modifiers == []  # 1.0.2 takes no spot/magnification/implant views
+    assert image_matches(with_codes(refs["mmg-phantom"], view_modifiers=None), spot)  # a manifest stating none
     strict = with_codes(refs["mmg-phantom"], view_modifiers=[], lateralities=["L", "R"])
     assert refusal(strict, spot) == 'view modifier SCT 399055006 "Spot Compression" not taken'
     assert image_matches(strict, mg(view=CC_SRT))

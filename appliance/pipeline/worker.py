@@ -367,7 +367,8 @@ class PipelineWorker:
             detail += "".join(f"; {n}" for n in notes)
             refused = [(m, why.category) for m, _ in active for ds in images if (why := refusal_detail(m, ds))]
             self._set(study_id, NO_MODEL, detail, lambda conn: observe.record_no_model(conn, refused))
-            log.info("no model for study", study_id=study_id, detail=detail)
+            # the detail (kept in the database) may state a patient's age: the log names the categories only
+            log.info("no model for study", study_id=study_id, categories=sorted({c for _, c in refused}))
             return NO_MODEL
         p = self.settings.pipeline
         loaded = time.perf_counter() - t0  # spool files read and routed
