@@ -393,3 +393,18 @@ def test_a_refused_operating_point_does_not_block_a_key_rotation_in_the_same_des
     ok = ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 3, 0.4, label=label)}}), 3)
     assert ok.operating_points["tiny-cxr"].version == 3 and not ok.operating_points_refused
     assert reported_operating_points(ov.current)["operating_points_refused"] is None  # null removes it from the twin
+
+
+def test_a_refused_operating_point_is_not_persisted_in_place_of_the_one_in_force(cbox: CloudBox) -> None:
+    """After a refusal, a restart (or `appliance model list` in another process) reads the persisted overlay: it
+    must find the operating point in force, not the refused one (which would then be refused again at start)."""
+    central = keys.generate_private_key()
+    cbox.settings.cloud.keyset_trusted_keys = {keys.key_id(central): keys.public_key_b64(central)}
+    label = ranged_manifest().output("scores").labels[0]  # type: ignore[union-attr]
+    ov = CloudOverlay(cbox.settings.cloud, cbox.store)
+    ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 3, 0.3, label=label)}}), 1)
+    now = ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 2, 0.5, label=label)}}), 2)
+    assert "replayed" in now.operating_points_refused["tiny-cxr"]
+    again = CloudOverlay(cbox.settings.cloud, cbox.store)
+    assert again.current().operating_points["tiny-cxr"].thresholds == {label: 0.3}
+    assert not again.current().operating_points_refused

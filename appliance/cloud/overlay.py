@@ -200,6 +200,12 @@ class CloudOverlay:
         except ValueError as exc:  # e.g. the stored key set expired meanwhile: the config file's keys
             log.warning("stored recipient key set no longer in force; config keys used", reason=str(exc))
             self._current = _effective(base, _without_operating_points(_without_keys(desired or Desired())), version)
+        # bundle id -> the signed document of the operating point in force (what is persisted for it)
+        self._op_docs: dict[str, dict] = {
+            b: doc
+            for b, doc in ((desired.operating_points or {}) if desired else {}).items()
+            if b in self._current.operating_points
+        }
         for bundle_id, reason in self._current.operating_points_refused.items():
             log.warning(
                 "stored operating point no longer in force; manifest thresholds used", bundle=bundle_id, reason=reason
@@ -250,7 +256,15 @@ class CloudOverlay:
                     effective.keyset_version,
                     keysets.canonical_content(keysets.parse(desired.recipient_keyset)[1]),
                 )
+            # persisted: the signed documents in force, never a refused one (it would be judged again at start)
+            op_docs = {
+                b: (self._op_docs[b] if b in effective.operating_points_refused else d)
+                for b, d in (desired.operating_points or {}).items()
+                if b in effective.operating_points
+            }
             doc = desired.model_dump(exclude_none=True)
+            if desired.operating_points is not None:
+                doc["operating_points"] = op_docs
             with self._store.transaction() as conn:
                 conn.execute(
                     "INSERT INTO settings_overlay(id, version, doc, applied_at, keyset_version, keyset_content,"
@@ -268,6 +282,7 @@ class CloudOverlay:
                     ),
                 )
             self._current, self._newest, self._op_newest = effective, newest, op_newest
+            self._op_docs = op_docs
             current = self._current
         self._apply_log_level(current)
         log.info(
