@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from appliance.cloud import crypto, operating_points, outbox
 from appliance.cloud.feedback_messages import CloudFeedbackPublisher
-from appliance.cloud.operating_points import OperatingPoint, OperatingPointError
+from appliance.cloud.operating_points import OperatingPoint
 from appliance.cloud.overlay import CloudOverlay
 from appliance.cloud.result_messages import CloudResultPublisher
 from appliance.cloud.twin import validate
@@ -324,18 +324,87 @@ def test_the_overlay_accepts_only_signed_in_range_newer_operating_points(cbox: C
             "bad_signature",
         ),
     ):
-        with pytest.raises(OperatingPointError) as err:
-            ov.apply(validate({"operating_points": {"tiny-cxr": doc}}), 2)
-        assert err.value.reason == reason
+        now = ov.apply(validate({"operating_points": {"tiny-cxr": doc}}), 2)
+        assert now.operating_points_refused["tiny-cxr"].startswith(f"operating point refused ({reason})")
         assert ov.current().operating_points["tiny-cxr"].version == 2  # the one in force stays
-    with pytest.raises(OperatingPointError):
-        ov.apply(validate({"operating_points": {"other": _signed(central, 3, 0.3, bundle="other", label=label)}}), 2)
+    now = ov.apply(validate({"operating_points": {"other": _signed(central, 3, 0.3, bundle="other", label=label)}}), 2)
+    assert "not_allowed" in now.operating_points_refused["other"] and "other" not in now.operating_points
     with pytest.raises(ValueError, match="given under"):
         validate({"operating_points": {"other": _signed(central, 3, 0.3, label=label)}})
     # remembered across restarts: version 2 is still refused once the twin dropped it
     ov.apply(validate({}), 3)
     again = CloudOverlay(cbox.settings.cloud, cbox.store, check_operating_point=check)
     assert dict(again.current().operating_points) == {}
-    with pytest.raises(OperatingPointError):
-        again.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 1, 0.3, label=label)}}), 4)
+    refused = again.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 1, 0.3, label=label)}}), 4)
+    assert "replayed" in refused.operating_points_refused["tiny-cxr"] and not refused.operating_points
     again.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 2, 0.3, label=label)}}), 4)
+
+
+def test_a_refused_operating_point_does_not_block_a_key_rotation_in_the_same_desired_document(cbox: CloudBox) -> None:
+    """Attack 4: the central team rotates the recipient keys (a signed key set) while the twin still carries an
+    operating point this box refuses (a bundle it does not have, a replay, an untrusted signer). Before, the
+    whole document was refused: the old recipient key stayed in force; now the key set applies, the refused
+    operating point is reported with its reason and the one in force for that bundle stays."""
+    import time
+
+    from appliance.app.compose import reported_operating_points
+    from appliance.cloud import keysets
+
+    central, stranger = keys.generate_private_key(), keys.generate_private_key()
+    cbox.settings.cloud.keyset_trusted_keys = {keys.key_id(central): keys.public_key_b64(central)}
+    manifest = ranged_manifest()
+    label = manifest.output("scores").labels[0]  # type: ignore[union-attr]
+
+    def check(bundle_id: str, thr: Any) -> None:
+        if bundle_id != "tiny-cxr":
+            raise ValueError(f"bundle {bundle_id!r} has no active version on this box")
+        check_site_thresholds(manifest, dict(thr))
+
+    ov = CloudOverlay(cbox.settings.cloud, cbox.store, check_operating_point=check)
+    ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 2, 0.3, label=label)}}), 1)
+    _, new_pub = crypto.generate_keypair()
+    ks = keysets.KeySet(
+        version=5, issued_at=int(time.time()), expires_at=int(time.time()) + 86400, keys={"c-2": new_pub}
+    )
+    for refused_op, reason in (
+        (
+            {
+                "tiny-cxr": _signed(central, 2, 0.3, label=label),
+                "not-here": _signed(central, 3, 0.3, bundle="not-here", label=label),
+            },
+            "not_allowed",
+        ),
+        ({"tiny-cxr": _signed(central, 1, 0.3, label=label)}, "replayed"),
+        ({"tiny-cxr": _signed(stranger, 9, 0.3, label=label)}, "unknown_signer"),
+    ):
+        now = ov.apply(
+            validate(
+                {"recipient_keyset": keysets.sign(ks, central), "operating_points": refused_op, "log_level": "INFO"}
+            ),
+            2,
+        )
+        assert dict(now.recipient_keys) == {"c-2": new_pub} and now.keyset_version == 5  # the rotation applied
+        bundle = sorted(refused_op)[0]
+        assert f"({reason})" in now.operating_points_refused[bundle]
+        assert now.operating_points["tiny-cxr"].version == 2  # the operating point in force stays
+        reported = reported_operating_points(ov.current)
+        assert reported["operating_points"]["tiny-cxr"]["version"] == 2
+        assert [r["bundle"] for r in reported["operating_points_refused"]] == [bundle]
+    ok = ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 3, 0.4, label=label)}}), 3)
+    assert ok.operating_points["tiny-cxr"].version == 3 and not ok.operating_points_refused
+    assert reported_operating_points(ov.current)["operating_points_refused"] is None  # null removes it from the twin
+
+
+def test_a_refused_operating_point_is_not_persisted_in_place_of_the_one_in_force(cbox: CloudBox) -> None:
+    """After a refusal, a restart (or `appliance model list` in another process) reads the persisted overlay: it
+    must find the operating point in force, not the refused one (which would then be refused again at start)."""
+    central = keys.generate_private_key()
+    cbox.settings.cloud.keyset_trusted_keys = {keys.key_id(central): keys.public_key_b64(central)}
+    label = ranged_manifest().output("scores").labels[0]  # type: ignore[union-attr]
+    ov = CloudOverlay(cbox.settings.cloud, cbox.store)
+    ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 3, 0.3, label=label)}}), 1)
+    now = ov.apply(validate({"operating_points": {"tiny-cxr": _signed(central, 2, 0.5, label=label)}}), 2)
+    assert "replayed" in now.operating_points_refused["tiny-cxr"]
+    again = CloudOverlay(cbox.settings.cloud, cbox.store)
+    assert again.current().operating_points["tiny-cxr"].thresholds == {label: 0.3}
+    assert not again.current().operating_points_refused

@@ -349,7 +349,12 @@ def test_feedback_in_chromium_and_a_site_operating_point_through_the_twin(
                     timeout=30,
                     what=f"refusal {reason}",
                 )
-                assert status["status"] == "rejected" and reason in status["reason"], status
+                # the rest of the document applies; the operating point alone is refused, with its reason
+                assert status["status"] == "applied", status
+                refused = wait_until(
+                    lambda: hub.twin(DEVICE)["reported"].get("operating_points_refused"), timeout=30, what="refused"
+                )
+                assert [r["bundle"] for r in refused] == ["cxr-phantom"] and reason in refused[0]["reason"], refused
                 assert hub.twin(DEVICE)["reported"]["operating_points"]["cxr-phantom"]["version"] == 3
 
             # the same study analysed again, and a new study: judged by the site threshold

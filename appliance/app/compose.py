@@ -138,12 +138,20 @@ def site_operating_points(current: Callable[[], EffectiveCloud]) -> OperatingPoi
 
 
 def reported_operating_points(current: Callable[[], EffectiveCloud]) -> dict[str, Any]:
-    """Reported property ``operating_points``: bundle id -> {version, site, thresholds} in force."""
+    """Reported properties ``operating_points``: bundle id -> {version, site, thresholds} in force, and
+    ``operating_points_refused``: [{bundle, reason}] for each of the twin's operating points refused (the one in
+    force for that bundle, if any, stays; the rest of the desired document applied), null when none (a list
+    and null, so the twin's merge patch replaces or removes the old value)."""
+    cur = current()
     return {
         "operating_points": {
             b: {"version": op.version, "site": op.site, "thresholds": dict(op.thresholds)}
-            for b, op in sorted(current().operating_points.items())
-        }
+            for b, op in sorted(cur.operating_points.items())
+        },
+        "operating_points_refused": [
+            {"bundle": b, "reason": r} for b, r in sorted(cur.operating_points_refused.items())
+        ]
+        or None,
     }
 
 

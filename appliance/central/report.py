@@ -152,7 +152,11 @@ def references_from_bundles(paths: list[Path]) -> list[Reference]:
 def _register(engine: Engine, store: Path, filters: Filters, references: list[Reference]) -> None:
     for table in store_schema.TABLES:
         folder = Path(store) / table
-        if folder.is_dir() and next(folder.rglob("*.parquet"), None) is not None:
+        try:
+            files = store_schema.check_table_files(Path(store), table)
+        except store_schema.StoreSchemaError as exc:
+            raise ReportError(str(exc)) from exc
+        if files:
             engine.register_parquet(table, folder)
         else:
             engine.register_rows(table, report_sql.STORE_COLUMNS[table], [])
@@ -217,7 +221,8 @@ def build_report(
     engine: Engine, store: Path, filters: Filters = Filters(), references: list[Reference] | None = None
 ) -> dict[str, Any]:
     """The report document (module docstring) of ``store`` on ``engine``. Raises :class:`ReportError` for a
-    store that is missing or newer than this reader."""
+    store that is missing or newer than this reader, or a Parquet file of it that is not of the published schema
+    (:func:`appliance.central.store_schema.check_table_files`)."""
     version = check_store(store)
     refs = list(references or [])
     seen: set[tuple[str, str]] = set()

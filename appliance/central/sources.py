@@ -4,9 +4,11 @@ copy of one) and JSON-lines exports (what ``appliance central decrypt`` reads).
 Avro files are Avro object container files (Apache Avro 1.11 specification, "Object Container Files": a header
 with the writer's schema and a 16-byte sync marker, then blocks ``count, size, data, sync``). They are read block
 by block with the ``null`` or ``deflate`` codec (IoT Hub's ``avro`` / ``avrodeflate`` encodings), one block in
-memory at a time. A corrupt or truncated block is reported (:class:`Item` with ``error``) and reading resumes at the
-next sync marker, so the rest of the file is still read; a file whose header is not an Avro header or whose schema
-is not IoT Hub's routed-message shape is reported whole. Blobs are downloaded one at a time into a temporary file
+memory at a time: a block's data at most :data:`MAX_BLOCK_BYTES`, inflated at most :data:`MAX_INFLATED_BLOCK_BYTES`
+(a deflate bomb is refused before it grows past that), and its records checked then handed out one by one. A
+corrupt or truncated block is reported (:class:`Item` with ``error``) and reading resumes at the next sync
+marker, so the rest of the file is still read; a file whose header is not an Avro header or whose schema is not
+IoT Hub's routed-message shape is reported whole. Blobs are downloaded one at a time into a temporary file
 (bounded memory whatever the blob's size) and deleted after.
 """
 
@@ -43,6 +45,7 @@ HEADER_SCHEMA = fastavro.parse_schema(
 )
 ROUTED_FIELDS = {"EnqueuedTimeUtc", "Properties", "SystemProperties", "Body"}
 MAX_BLOCK_BYTES = 64 * 1024 * 1024  # IoT Hub writes far smaller blocks; a bigger size field is corruption
+MAX_INFLATED_BLOCK_BYTES = 64 * 1024 * 1024  # a deflate block inflating past this is refused, never held
 MAX_LINE_BYTES = 1024 * 1024  # an IoT Hub message is at most 256 KB
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 
@@ -147,7 +150,7 @@ def read_avro(fo: IO[bytes], source: str) -> Iterator[Item]:
                 size = _read_long(fo)
             except (EOFError, ValueError) as exc:
                 size, err = -1, str(exc)
-        records: list[Any] = []
+        raw = b""
         if not err:
             if not (0 <= count <= size * 8 + 1 and 0 <= size <= MAX_BLOCK_BYTES):
                 err = f"implausible block header (count {count}, size {size})"
@@ -160,20 +163,46 @@ def read_avro(fo: IO[bytes], source: str) -> Iterator[Item]:
                     err = "sync marker mismatch"
                 else:
                     try:
-                        raw = zlib.decompress(data, -15) if codec == "deflate" else data
-                        bio = io.BytesIO(raw)
-                        records = [fastavro.schemaless_reader(bio, parsed, None) for _ in range(count)]
-                        if bio.tell() != len(raw):
-                            raise ValueError(f"{len(raw) - bio.tell()} bytes left after {count} records")
+                        raw = _inflate(data) if codec == "deflate" else data
+                        del data
+                        _check_records(raw, parsed, count)
                     except Exception as exc:
-                        records, err = [], f"{type(exc).__name__}: {exc}"
+                        err = f"{type(exc).__name__}: {exc}"
         if err:
             yield Item(source, start, error=("corrupt_block", err[:300]))
             if not _resync(fo, sync, start + 1):
                 return
             continue
-        for i, rec in enumerate(records):
-            yield _item(source, start, i, rec)
+        # the block is whole: its records again, one at a time (a block may declare millions of tiny records;
+        # only the one being read is held, never the block's list)
+        bio = io.BytesIO(raw)
+        for i in range(count):
+            yield _item(source, start, i, fastavro.schemaless_reader(bio, parsed, None))
+
+
+def _check_records(raw: bytes, parsed: Any, count: int) -> None:
+    """Raise unless ``raw`` holds exactly ``count`` records of ``parsed`` (each decoded and dropped at once)."""
+    bio = io.BytesIO(raw)
+    for _ in range(count):
+        fastavro.schemaless_reader(bio, parsed, None)
+    if bio.tell() != len(raw):
+        raise ValueError(f"{len(raw) - bio.tell()} bytes left after {count} records")
+
+
+def _inflate(data: bytes) -> bytes:
+    """Raw deflate ``data`` (Avro's ``deflate`` codec, RFC 1951) inflated to at most
+    :data:`MAX_INFLATED_BLOCK_BYTES`; ValueError for corrupt data or a block that inflates beyond (a deflate
+    bomb: about 1 000 times its size), never more memory than that bound."""
+    inflater = zlib.decompressobj(-15)
+    try:
+        raw = inflater.decompress(data, MAX_INFLATED_BLOCK_BYTES + 1)
+    except zlib.error as exc:
+        raise ValueError(f"deflate data corrupt: {exc}") from exc
+    if len(raw) > MAX_INFLATED_BLOCK_BYTES or inflater.unconsumed_tail:
+        raise ValueError(f"deflate block inflates past {MAX_INFLATED_BLOCK_BYTES} bytes (a deflate bomb?)")
+    if not inflater.eof:
+        raise ValueError("deflate data truncated")
+    return raw
 
 
 def read_jsonl(fo: IO[bytes], source: str) -> Iterator[Item]:

@@ -152,6 +152,32 @@ def table_glob(store: Path, table: str) -> str:
     return str(Path(store) / table / "*" / "*" / "*.parquet")
 
 
+def check_table_files(store: Path, table: str) -> list[Path]:
+    """Every Parquet file of ``table`` under ``store``, each checked against the published schema
+    (:data:`TABLES`) by its footer alone: every published column present with the published Arrow type (more
+    columns are allowed). Raises :class:`StoreSchemaError` naming the first file (relative to ``store``) that is
+    not Parquet, lacks a column or holds one of another type: a store file replaced or damaged by hand is
+    refused by name instead of failing a query later or silently reading NULLs."""
+    import pyarrow.parquet as pq
+
+    expected = TABLES[table]
+    files = sorted((Path(store) / table).rglob("*.parquet"))
+    for f in files:
+        name = f.relative_to(store)
+        try:
+            got = pq.read_schema(f)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreSchemaError(f"{name}: not a readable Parquet file ({str(exc)[:200]})") from exc
+        for fld in expected:
+            idx = got.get_field_index(fld.name)
+            if idx < 0:
+                raise StoreSchemaError(f"{name}: no column {fld.name!r} ({table} schema v{VERSION})")
+            if not got.field(idx).type.equals(fld.type):
+                have = got.field(idx).type
+                raise StoreSchemaError(f"{name}: column {fld.name!r} is {have}; {table} schema v{VERSION}: {fld.type}")
+    return files
+
+
 def read_version(store: Path) -> int | None:
     """The store's version, None when the folder holds no ``_schema.json`` yet. Raises :class:`StoreSchemaError`
     when the file is not this kind of store's."""

@@ -14,8 +14,9 @@ accepts a document only when
   lies within that range (checked by the composition root's hook against the installed manifest, and again by
   postprocess when a study is judged).
 
-A refused document rejects the whole desired document (``reported.desired_status`` carries the reason) and the
-operating point in force stays. Signed form (what ``appliance central operating-point sign`` writes)::
+A refused operating point leaves that bundle's operating point in force as it was and is reported
+(``reported.operating_points_refused``, :mod:`appliance.cloud.overlay`); the rest of the desired document applies.
+Signed form (what ``appliance central operating-point sign`` writes)::
 
     {"operating_point": "{\\"bundle_id\\":\\"cxr-phantom\\",\\"issued_at\\":1767225600,\\"site\\":\\"clinic-7\\",
                           \\"thresholds\\":{\\"nodule\\":0.4},\\"version\\":2}",

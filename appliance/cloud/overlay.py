@@ -69,6 +69,8 @@ class EffectiveCloud:
     keys_expire_at: float | None = None
     # bundle id -> the verified site operating point in force (read-only mapping)
     operating_points: Mapping[str, OperatingPoint] = field(default_factory=lambda: MappingProxyType({}))
+    # bundle id -> why the twin's operating point for it was refused (its previous one, if any, stays in force)
+    operating_points_refused: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def outbox_ttl_s(self) -> float:
@@ -98,18 +100,29 @@ def _operating_points(
     d: Desired,
     newest: Mapping[str, tuple[int, str]],
     check: OperatingPointCheck | None,
-) -> dict[str, OperatingPoint]:
-    """The verified operating points of ``d``; raises :class:`OperatingPointError` for the first one refused."""
+    previous: Mapping[str, OperatingPoint],
+) -> tuple[dict[str, OperatingPoint], dict[str, str]]:
+    """(the operating points in force, bundle id -> why its new one was refused). Each bundle's document is judged
+    alone: a refused one (:class:`OperatingPointError`) leaves that bundle's ``previous`` operating point in force
+    (none: the manifest's thresholds) and never blocks the other bundles' or the rest of the desired document
+    (key sets, model updates), which are signed and judged on their own."""
     out: dict[str, OperatingPoint] = {}
+    refused: dict[str, str] = {}
     for bundle_id, doc in (d.operating_points or {}).items():
-        op = operating_points.verify(doc, base.keyset_trusted_keys, newest=newest.get(bundle_id))
-        if check is not None:
-            try:
-                check(bundle_id, op.thresholds)
-            except ValueError as exc:
-                raise OperatingPointError("not_allowed", str(exc)) from exc
+        try:
+            op = operating_points.verify(doc, base.keyset_trusted_keys, newest=newest.get(bundle_id))
+            if check is not None:
+                try:
+                    check(bundle_id, op.thresholds)
+                except ValueError as exc:
+                    raise OperatingPointError("not_allowed", str(exc)) from exc
+        except OperatingPointError as exc:
+            refused[bundle_id] = str(exc)[:500]
+            if bundle_id in previous:
+                out[bundle_id] = previous[bundle_id]
+            continue
         out[bundle_id] = op
-    return out
+    return out, refused
 
 
 def _effective(
@@ -119,10 +132,11 @@ def _effective(
     newest: tuple[int, str] | None = None,
     op_newest: Mapping[str, tuple[int, str]] | None = None,
     check: OperatingPointCheck | None = None,
+    previous: Mapping[str, OperatingPoint] | None = None,
 ) -> EffectiveCloud:
     d = desired or Desired()
     keys, keyset = _recipients(base, d, newest)
-    ops = _operating_points(base, d, op_newest or {}, check)
+    ops, refused = _operating_points(base, d, op_newest or {}, check, previous or {})
     return EffectiveCloud(
         version=version,
         health_interval_s=d.health_interval_s or base.health_interval_s,
@@ -133,6 +147,7 @@ def _effective(
         keyset_version=keyset.version if keyset is not None else 0,
         keys_expire_at=float(keyset.expires_at) if keyset is not None else None,
         operating_points=MappingProxyType(ops),
+        operating_points_refused=MappingProxyType(refused),
     )
 
 
@@ -179,13 +194,22 @@ class CloudOverlay:
             except ValueError as exc:
                 log.warning("stored settings overlay ignored: no longer valid", reason=str(exc))
         try:
+            # a stored operating point no longer accepted (e.g. its signer is no longer trusted) is left out: the
+            # manifest's thresholds judge that bundle (logged below)
             self._current = _effective(base, desired, version, self._newest, self._op_newest)
-        except OperatingPointError as exc:  # e.g. its signer is no longer trusted: the manifests' thresholds
-            log.warning("stored operating points no longer in force; manifest thresholds used", reason=str(exc))
-            self._current = _effective(base, _without_operating_points(desired or Desired()), version, self._newest)
         except ValueError as exc:  # e.g. the stored key set expired meanwhile: the config file's keys
             log.warning("stored recipient key set no longer in force; config keys used", reason=str(exc))
             self._current = _effective(base, _without_operating_points(_without_keys(desired or Desired())), version)
+        # bundle id -> the signed document of the operating point in force (what is persisted for it)
+        self._op_docs: dict[str, dict] = {
+            b: doc
+            for b, doc in ((desired.operating_points or {}) if desired else {}).items()
+            if b in self._current.operating_points
+        }
+        for bundle_id, reason in self._current.operating_points_refused.items():
+            log.warning(
+                "stored operating point no longer in force; manifest thresholds used", bundle=bundle_id, reason=reason
+            )
         self._apply_log_level(self._current)
 
     def current(self) -> EffectiveCloud:
@@ -206,14 +230,22 @@ class CloudOverlay:
     def apply(self, desired: Desired, version: int) -> EffectiveCloud:
         """Make ``desired`` (validated; the twin's ``$version``) the overlay: verified, persisted, then in force.
 
-        Raises ``keysets.KeySetError`` for a recipient key set the box does not accept (not signed by a trusted
-        key, expired, older than the newest accepted), ``OperatingPointError`` for an operating point it does not
-        accept (not signed by a trusted key, older than the newest accepted for its bundle, a label or threshold
-        the bundle's manifest does not allow), ``ValueError`` for ``recipient_key_ids`` naming a key not in force,
-        ``sqlite3.Error`` when it cannot be persisted; then nothing changes."""
+        An operating point the box does not accept (not signed by a trusted key, older than the newest accepted
+        for its bundle, a bundle not installed, a label or threshold its manifest does not allow) does not raise:
+        that bundle keeps the operating point it had (``operating_points_refused`` says why, reported and logged)
+        and the rest of the document applies. Raises ``keysets.KeySetError`` for a recipient key set the box does
+        not accept (not signed by a trusted key, expired, older than the newest accepted), ``ValueError`` for
+        ``recipient_key_ids`` naming a key not in force, ``sqlite3.Error`` when it cannot be persisted; then
+        nothing changes."""
         with self._lock:
             effective = _effective(  # raises before anything is kept
-                self._base, desired, version, self._newest, self._op_newest, self.check_operating_point
+                self._base,
+                desired,
+                version,
+                self._newest,
+                self._op_newest,
+                self.check_operating_point,
+                self._current.operating_points,
             )
             op_newest = dict(self._op_newest)
             for bundle_id, op in effective.operating_points.items():
@@ -224,7 +256,15 @@ class CloudOverlay:
                     effective.keyset_version,
                     keysets.canonical_content(keysets.parse(desired.recipient_keyset)[1]),
                 )
+            # persisted: the signed documents in force, never a refused one (it would be judged again at start)
+            op_docs = {
+                b: (self._op_docs[b] if b in effective.operating_points_refused else d)
+                for b, d in (desired.operating_points or {}).items()
+                if b in effective.operating_points
+            }
             doc = desired.model_dump(exclude_none=True)
+            if desired.operating_points is not None:
+                doc["operating_points"] = op_docs
             with self._store.transaction() as conn:
                 conn.execute(
                     "INSERT INTO settings_overlay(id, version, doc, applied_at, keyset_version, keyset_content,"
@@ -242,6 +282,7 @@ class CloudOverlay:
                     ),
                 )
             self._current, self._newest, self._op_newest = effective, newest, op_newest
+            self._op_docs = op_docs
             current = self._current
         self._apply_log_level(current)
         log.info(
@@ -252,6 +293,8 @@ class CloudOverlay:
             recipients=sorted(current.recipient_keys),
             operating_points={b: op.version for b, op in current.operating_points.items()},
         )
+        for bundle_id, reason in current.operating_points_refused.items():
+            log.warning("operating point refused; the one in force stays", bundle=bundle_id, reason=reason)
         return current
 
     @staticmethod
