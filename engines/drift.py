@@ -90,10 +90,17 @@ def ks_binned(expected: Sequence[int], actual: Sequence[int]) -> tuple[float, fl
     fe = np.cumsum(_proportions(expected))
     fa = np.cumsum(_proportions(actual))
     d = float(np.max(np.abs(fe - fa)))
-    n1, n2 = float(np.sum(expected)), float(np.sum(actual))
+    return d, ks_p_value(d, float(np.sum(expected)), float(np.sum(actual)))
+
+
+def ks_p_value(d: float, n1: float, n2: float) -> float:
+    """The asymptotic p-value of a two-sample KS statistic ``d`` of samples of ``n1`` and ``n2`` values (module doc:
+    ``Q_KS((sqrt(Ne) + 0.12 + 0.11 / sqrt(Ne)) d)``, ``Ne = n1 n2 / (n1 + n2)``). Raises ValueError when a sample
+    is empty."""
+    if n1 <= 0 or n2 <= 0:
+        raise ValueError("a KS test needs two non-empty samples")
     ne = n1 * n2 / (n1 + n2)
-    lam = (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d
-    return d, kolmogorov_q(lam)
+    return kolmogorov_q((math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d)
 
 
 def compare(expected: Sequence[int], actual: Sequence[int], psi_alert: float, p_alert: float) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from appliance.central.report import (
     to_json,
 )
 from appliance.central.report_engine import DuckDBEngine
+from engines.drift import ks_binned
 from testsupport.central_store import BUNDLE, LABELS, make_store, write_schema_marker
 
 EDGES = [round(i * 0.05, 2) for i in range(21)]
@@ -125,8 +126,16 @@ def test_psi_against_reference_and_fleet(fx, report):
         other_counts, _ = np.histogram(others, bins=EDGES)
         assert g["fleet_n"] == len(others)
         assert g["psi_fleet"] == pytest.approx(psi(counts, other_counts), abs=1e-9)
-        # the manifest's drift settings (psi_alert 0.2, min_studies 20) decide the flag
-        assert g["alert_reference"] == (g["psi_reference"] >= 0.2 and len(s) >= 20)
+        # the binned two-sample KS test (engines.drift.ks_binned, checked against tabulated values in test_drift)
+        d_ref, p_ref = ks_binned(REF_SCORES[label], counts)
+        assert g["ks_d_reference"] == pytest.approx(d_ref, abs=1e-9)
+        assert g["p_reference"] == pytest.approx(p_ref, rel=1e-9, abs=1e-12)
+        if others:
+            d_fleet, p_fleet = ks_binned(other_counts, counts)
+            assert g["ks_d_fleet"] == pytest.approx(d_fleet, abs=1e-9)
+            assert g["p_fleet"] == pytest.approx(p_fleet, rel=1e-9, abs=1e-12)
+        # the manifest's drift settings (psi_alert 0.2, min_studies 20) and the default p_alert 0.01 decide the flag
+        assert g["alert_reference"] == (g["psi_reference"] >= 0.2 and p_ref < 0.01 and len(s) >= 20)
     # the shifted site is flagged against its peers, every week, for both labels; the unshifted "north" is not
     assert all(got[("south", w, lb)]["alert_fleet"] for w in ("2025-01-06", "2025-01-13") for lb in LABELS)
     assert all(got[("south", w, lb)]["alert_reference"] for w in ("2025-01-06", "2025-01-13") for lb in LABELS)

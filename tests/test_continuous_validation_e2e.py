@@ -36,6 +36,7 @@ import pytest
 
 from appliance.central import store_schema
 from appliance.cloud import crypto
+from engines.drift import ks_binned
 from engines.reference.phantoms import PatientInfo, chest_phantom, chest_study, synthetic_uid, to_dicom, write_dicom
 from tests.test_central_spark import assert_same_tables
 from tests.test_web_daemon import client_for, user_cli
@@ -279,7 +280,10 @@ def test_two_sites_drift_feedback_ingest_and_report_on_duckdb_and_spark(
         assert row["psi_reference"] == pytest.approx(psi(counts, reference[label]), abs=1e-9)
         assert row["fleet_n"] == len(others)
         assert row["psi_fleet"] == pytest.approx(psi(counts, np.histogram(others, bins=EDGES)[0]), abs=1e-9)
-        assert row["alert_fleet"] == (row["psi_fleet"] >= PSI_ALERT)  # two sites: each is the other's fleet
+        _, p_fleet = ks_binned(np.histogram(others, bins=EDGES)[0], counts)
+        assert row["p_fleet"] == pytest.approx(p_fleet, rel=1e-9, abs=1e-12)
+        # two sites: each is the other's fleet; the box's rule, PSI and the KS test (default p_alert 0.01)
+        assert row["alert_fleet"] == (row["psi_fleet"] >= PSI_ALERT and p_fleet < 0.01)
     shifted_site, steady_site = TAGS[SHIFTED]["site"], TAGS[STEADY]["site"]
     labels = sorted({lb for _, lb in scores})
     assert labels == ["cardiomegaly", "effusion", "nodule"]

@@ -39,7 +39,7 @@ SCORE_EDGES = [i / 20 for i in range(21)]
 # Candidate operating points of the calibration table: 0.05, 0.10, ..., 0.95.
 THRESHOLDS = [k / 20 for k in range(1, 20)]
 # When the bundle's manifest gives no ``drift`` settings (the manifest contract's defaults).
-DEFAULT_DRIFT = {"psi_alert": 0.25, "min_studies": 50}
+DEFAULT_DRIFT = {"psi_alert": 0.25, "p_alert": 0.01, "min_studies": 50}
 
 PSI_FORMULA = (
     "PSI = sum over the 20 score bins of (p_i - q_i) * ln(p_i / q_i), p_i = the site's share of scores in bin i, "
@@ -193,8 +193,8 @@ _EMPTY_COLUMNS: dict[str, tuple[str, ...]] = {
                "urgent"),
     "labels": ("site", "bundle_id", "bundle_version", "week", "label", "findings", "studies", "positive_studies",
                "positive_rate", "score_mean", "score_p05", "score_p25", "score_p50", "score_p75", "score_p95"),
-    "drift": ("site", "bundle_id", "bundle_version", "week", "label", "n", "reference_n", "psi_reference",
-              "fleet_n", "psi_fleet", "alert_reference", "alert_fleet"),
+    "drift": ("site", "bundle_id", "bundle_version", "week", "label", "n", "reference_n", "psi_reference", "fleet_n",
+              "psi_fleet", "ks_d_reference", "ks_d_fleet", "p_reference", "alert_reference", "p_fleet", "alert_fleet"),
     "score_histograms": ("site", "bundle_id", "bundle_version", "label", "bin", "n"),
     "refusals": ("site", "bundle_id", "bundle_version", "week", "reason", "refused", "images", "rate"),
     "concordance": ("site", "bundle_id", "bundle_version", "week", "label", "agree", "disagree", "uncertain",
@@ -206,15 +206,28 @@ _EMPTY_COLUMNS: dict[str, tuple[str, ...]] = {
 
 
 def _flag_drift(rows: list[dict[str, Any]], references: list[Reference]) -> None:
-    """Add ``alert_reference`` / ``alert_fleet``: PSI >= the bundle's ``drift.psi_alert`` with at least
-    ``drift.min_studies`` scores in the site's week (the manifest's settings, else :data:`DEFAULT_DRIFT`)."""
+    """Add ``p_reference`` / ``p_fleet`` (the binned two-sample KS test's p-value, ``engines.drift.ks_p_value``)
+    and ``alert_reference`` / ``alert_fleet``: the box's rule (``engines.drift.compare``), PSI >= the bundle's
+    ``drift.psi_alert`` AND p < ``drift.p_alert``, with at least ``drift.min_studies`` scores in the site's week
+    (the manifest's settings, else :data:`DEFAULT_DRIFT`): a large shift that is not sampling noise."""
+    from engines.drift import ks_p_value
+
     settings = {(r.bundle_id, r.bundle_version): {**DEFAULT_DRIFT, **r.drift} for r in references}
     for row in rows:
         s = settings.get((row["bundle_id"], row["bundle_version"]), DEFAULT_DRIFT)
         enough = row["n"] >= s["min_studies"]
         for kind in ("reference", "fleet"):
-            psi = row[f"psi_{kind}"]
-            row[f"alert_{kind}"] = bool(enough and psi is not None and math.isfinite(psi) and psi >= s["psi_alert"])
+            psi, d, other_n = row[f"psi_{kind}"], row[f"ks_d_{kind}"], row[f"{kind}_n"]
+            p = ks_p_value(d, row["n"], other_n) if d is not None and row["n"] and other_n else None
+            row[f"p_{kind}"] = p
+            row[f"alert_{kind}"] = bool(
+                enough
+                and psi is not None
+                and math.isfinite(psi)
+                and psi >= s["psi_alert"]
+                and p is not None
+                and p < s["p_alert"]
+            )
 
 
 def build_report(
@@ -248,7 +261,10 @@ def build_report(
             "formula": PSI_FORMULA,
             "epsilon": report_sql.PSI_EPSILON,
             "score_edges": SCORE_EDGES,
-            "alert": {"default": DEFAULT_DRIFT, "rule": "psi >= psi_alert and n >= min_studies"},
+            "alert": {
+                "default": DEFAULT_DRIFT,
+                "rule": "psi >= psi_alert and p < p_alert (binned two-sample KS) and n >= min_studies",
+            },
         },
         "references": {
             f"{r.bundle_id}@{r.bundle_version}": {

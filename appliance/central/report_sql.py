@@ -215,6 +215,13 @@ grid AS (
   LEFT JOIN reference_bins rb ON rb.bundle_id = g.bundle_id AND rb.bundle_version = g.bundle_version
        AND rb.label = g.label AND rb.bin = b.bin
   LEFT JOIN ref rt ON rt.bundle_id = g.bundle_id AND rt.bundle_version = g.bundle_version AND rt.label = g.label
+),
+cum AS (
+  SELECT grid.*,
+         SUM(n) OVER (PARTITION BY {_KEYS}, week, label ORDER BY bin ROWS UNBOUNDED PRECEDING) AS cum_n,
+         SUM(other_n) OVER (PARTITION BY {_KEYS}, week, label ORDER BY bin ROWS UNBOUNDED PRECEDING) AS cum_other,
+         SUM(ref_n) OVER (PARTITION BY {_KEYS}, week, label ORDER BY bin ROWS UNBOUNDED PRECEDING) AS cum_ref
+  FROM grid
 )
 SELECT {_KEYS}, week, label,
        MIN(total) AS n,
@@ -223,8 +230,12 @@ SELECT {_KEYS}, week, label,
             THEN SUM({_psi(_ratio("n", "total"), _ratio("ref_n", "ref_total"))}) END AS psi_reference,
        MIN(other_total) AS fleet_n,
        CASE WHEN MIN(other_total) > 0
-            THEN SUM({_psi(_ratio("n", "total"), _ratio("other_n", "other_total"))}) END AS psi_fleet
-FROM grid GROUP BY {_KEYS}, week, label
+            THEN SUM({_psi(_ratio("n", "total"), _ratio("other_n", "other_total"))}) END AS psi_fleet,
+       CASE WHEN MIN(ref_total) > 0
+            THEN MAX(ABS({_ratio("cum_n", "total")} - {_ratio("cum_ref", "ref_total")})) END AS ks_d_reference,
+       CASE WHEN MIN(other_total) > 0
+            THEN MAX(ABS({_ratio("cum_n", "total")} - {_ratio("cum_other", "other_total")})) END AS ks_d_fleet
+FROM cum GROUP BY {_KEYS}, week, label
 ORDER BY site NULLS FIRST, bundle_id, bundle_version, week, label
 """
 
