@@ -30,7 +30,7 @@ CONTOUR_RAYS = 32
 # maximum of the heatmap, reaches PEAK_RELATIVE_HEIGHT of the label's highest peak (both above the map's floor)
 # and lies at least PEAK_MIN_SEPARATION (a fraction of the heatmap's larger side, in heatmap cells; at least
 # 2 cells) from every stronger kept peak. At most MAX_PLACES places per label.
-PEAK_RELATIVE_HEIGHT = 0.5
+PEAK_RELATIVE_HEIGHT = 0.7
 PEAK_MIN_SEPARATION = 0.12
 MAX_PLACES = 4
 SIDE_NAMES = {"L": "left", "R": "right"}
@@ -334,7 +334,9 @@ def peaks(
     A cell is a candidate when it is a local maximum of its 3x3 neighbourhood and its height above the map's
     floor (minimum) is at least ``relative_height`` times the highest peak's. Candidates are taken strongest
     first; one within ``min_separation`` * max(h, w) heatmap cells (Euclidean, at least 2 cells) of a kept peak
-    is suppressed. Returns at most ``max_peaks`` (row, col, value) in heatmap cells, strongest first, each refined
+    is suppressed, and so is one not separate from every kept peak: the map must dip, on the straight line to
+    it, below this candidate's contour level (:data:`CONTOUR_FRACTION` of its height above the floor), so that
+    each place has its own outline (one bright region with a few bumps stays one place). Returns at most ``max_peaks`` (row, col, value) in heatmap cells, strongest first, each refined
     like :func:`peak`; the first is :func:`peak`'s. A flat map gives its one :func:`peak`.
     """
     hm = np.asarray(hm, dtype=np.float64)
@@ -353,6 +355,8 @@ def peaks(
     kept: list[int] = []
     for i in range(len(rows)):
         if not alive[i]:
+            continue
+        if kept and not _separate(hm, (rows[i], cols[i]), [(rows[k], cols[k]) for k in kept], floor):
             continue
         kept.append(i)
         if len(kept) == max_peaks:
@@ -436,6 +440,16 @@ def grid_directions(ds: Any, spec: Preprocessing) -> tuple[str, str] | None:
     if target is None or len(target.rows) != 1 or len(target.columns) != 1:
         return None
     return target.rows[0], target.columns[0]
+
+
+def _separate(hm: np.ndarray, p: tuple[int, int], kept: list[tuple[int, int]], floor: float) -> bool:
+    """Whether the map dips below ``p``'s contour level on the straight line from ``p`` to each of ``kept``."""
+    level = floor + CONTOUR_FRACTION * (float(hm[p]) - floor)
+    t = np.linspace(0.0, 1.0, 64)[None, :]
+    k = np.asarray(kept, dtype=np.float64)
+    rr = p[0] + (k[:, 0:1] - p[0]) * t
+    cc = p[1] + (k[:, 1:2] - p[1]) * t
+    return bool((_bilinear(hm, rr, cc).min(axis=1) < level).all())
 
 
 def locate_all(hm: np.ndarray, tf: Transform, stride: int, directions: tuple[str, str] | None = None) -> list[Location]:

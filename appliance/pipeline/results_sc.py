@@ -317,16 +317,17 @@ def layout(
 
 
 def markers(img: ImageResult, scale: tuple[float, float], factor: int = 1) -> list[Marker]:
-    """The positive located findings of ``img`` in SC pixel coordinates (x, y) (``scale`` = SC pixels per
-    display pixel, ``factor`` = original pixels per display pixel)."""
+    """The positive located findings of ``img`` in SC pixel coordinates (x, y), one marker per place
+    (``Finding.locations``) (``scale`` = SC pixels per display pixel, ``factor`` = original pixels per display
+    pixel)."""
     out: list[Marker] = []
     for f in _ordered(img):
-        loc = f.location
-        if not f.positive or loc is None:
+        if not f.positive:
             continue
-        pts = [((c / factor + 0.5) * scale[1], (r / factor + 0.5) * scale[0]) for r, c in loc.contour]
-        peak = ((loc.col / factor + 0.5) * scale[1], (loc.row / factor + 0.5) * scale[0])
-        out.append(Marker(f, peak, pts))
+        for loc in f.locations:  # every place the finding occurs, each with its own contour
+            pts = [((c / factor + 0.5) * scale[1], (r / factor + 0.5) * scale[0]) for r, c in loc.contour]
+            peak = ((loc.col / factor + 0.5) * scale[1], (loc.row / factor + 0.5) * scale[0])
+            out.append(Marker(f, peak, pts))
     return out
 
 
