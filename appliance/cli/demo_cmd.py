@@ -30,7 +30,10 @@ def _findings_table(summary: dict[str, Any]) -> Any:
             f"{f['score']:.3f}",
             f"{f['threshold']:.3f}",
             "[bold red]POSITIVE[/]" if f["positive"] else "negative",
-            f"{loc['row']:.0f}, {loc['col']:.0f}" if loc else "",
+            "; ".join(  # every place, with the patient side it lies on
+                f"{p.get('side') or ''} {p['row']:.0f}, {p['col']:.0f}".strip()
+                for p in (f.get("locations") or ([loc] if loc else []))
+            ),
         )
     return table
 

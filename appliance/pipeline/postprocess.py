@@ -336,7 +336,8 @@ def peaks(
     first; one within ``min_separation`` * max(h, w) heatmap cells (Euclidean, at least 2 cells) of a kept peak
     is suppressed, and so is one not separate from every kept peak: the map must dip, on the straight line to
     it, below this candidate's contour level (:data:`CONTOUR_FRACTION` of its height above the floor), so that
-    each place has its own outline (one bright region with a few bumps stays one place). Returns at most ``max_peaks`` (row, col, value) in heatmap cells, strongest first, each refined
+    each place has its own outline (one bright region with a few bumps stays one place). Returns at most
+    ``max_peaks`` (row, col, value) in heatmap cells, strongest first, each refined
     like :func:`peak`; the first is :func:`peak`'s. A flat map gives its one :func:`peak`.
     """
     hm = np.asarray(hm, dtype=np.float64)
