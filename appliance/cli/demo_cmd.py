@@ -13,6 +13,7 @@ import typer
 
 from appliance.app.daemon import read_status
 from appliance.cli import command, settings_from
+from appliance.worklist.display import finding_text
 
 
 def _findings_table(summary: dict[str, Any]) -> Any:
@@ -104,6 +105,10 @@ def demo_cmd(
                 if summary.get("per_breast"):
                     extra += "".join(f"   {k} breast {v:.3f}" for k, v in sorted(summary["per_breast"].items()))
                 console.print("  " + extra)
+                mammo = summary.get("per_breast") is not None
+                for r in summary.get("reading") or []:  # as a radiologist reads it: per breast / side
+                    text = finding_text(r, mammo)
+                    console.print(f"  {text}", style="bold" if r["positive"] else "dim", markup=False)
                 for obj in summary.get("objects", []):
                     typer.echo(f"  {obj['kind']}: {home / obj['path']}")  # relative to the home: print it whole
 
