@@ -148,3 +148,25 @@ def test_reference_model_marks_each_place_and_the_sr_keeps_a_region_each(tmp_pat
         assert not [ln for ln in (checked.stdout + checked.stderr).splitlines() if ln.startswith("Error")]
     finally:
         engines.close()
+
+
+@pytest.mark.integration
+def test_reference_mammography_model_reads_the_mass_on_its_breast_with_both_views(tmp_path: Path) -> None:
+    """The phantom puts one mass in the left breast (both views): the reading says so, views CC and MLO."""
+    settings, engines = reference_engines(tmp_path / "home")
+    try:
+        st = P.mammo_study(tmp_path / "mg", seed=5, masses={"L": 1})
+        rep = run_offline(settings, [Path(f) for f in st["files"]], None, bundles=engines)
+        (study,) = rep["studies"]
+        (res,) = study["results"]
+        first = res["reading"][0]
+        assert (first["label"], first["side"], first["positive"], first["views"]) == ("mass", "L", True, ["CC", "MLO"])
+        assert finding_text(first, mammo=True) == f"L breast: mass {first['score']:.2f} (CC, MLO)"
+        right = next(r for r in res["reading"] if r["side"] == "R")
+        assert not right["positive"]
+        for f in res["findings"]:  # every finding names its breast: the image's laterality
+            assert f["side"] == next(
+                t["laterality"] for t in st["truth"] if t["sop_instance_uid"] == f["image_sop_uid"]
+            )
+    finally:
+        engines.close()
