@@ -33,7 +33,6 @@ CONTOUR_RAYS = 32
 PEAK_RELATIVE_HEIGHT = 0.7
 PEAK_MIN_SEPARATION = 0.12
 MAX_PLACES = 4
-SIDE_NAMES = {"L": "left", "R": "right"}
 
 
 @dataclass
