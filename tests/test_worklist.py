@@ -254,3 +254,45 @@ def test_the_worklist_reads_through_a_read_only_store_that_writes_nothing(env) -
     with pytest.raises(sqlite3.OperationalError):
         Store(missing, read_only=True).query("SELECT 1")
     assert not missing.parent.exists()  # nothing created by a look
+
+
+def _worker(settings: Settings, store: Store, manifest) -> PipelineWorker:
+    return PipelineWorker(settings, store, StaticBundles([(manifest, TinyEngine())]))
+
+
+def test_urgent_studies_come_first_then_newest_with_the_same_filters(env) -> None:
+    """Issue 19: urgent first (a finding at or above the manifest's urgent threshold), then newest received."""
+    settings, store = env
+    urgent_manifest = tiny_manifest().model_copy(update={"urgent": {"nodule": 0.3}})
+    old_urgent = file_instance(settings, store, chest())
+    complete(store, old_urgent)
+    assert _worker(settings, store, urgent_manifest).process(old_urgent) == INFERRED
+    pos = analysed_study(settings, store, [chest()])  # positive, not urgent (no urgent threshold)
+    neg = analysed_study(settings, store, [chest(nodule=False)])
+    (first, *rest) = list_studies(store)
+    assert first.id == old_urgent and first.urgent
+    assert [s.id for s in rest] == [neg, pos]  # the others newest first
+    assert [s.id for s in list_studies(store, finding="nodule")] == [old_urgent, pos]
+    assert [s.id for s in list_studies(store, urgent_only=True)] == [old_urgent]
+    assert [s.id for s in list_studies(store, limit=1)] == [old_urgent]
+
+
+def test_mammography_findings_read_per_breast_with_their_views(env) -> None:
+    """A mass on the left breast's CC and MLO, none on the right: "L breast: mass 0.xx (CC, MLO)" first; the
+    right breast's negative score is listed per breast too."""
+    settings, store = env
+    uid = "1.2.826.0.1.3680043.8.498.777.19"
+    mg = tiny_manifest(task="mmg", label="mass", modalities=("MG",))
+    views = [("L", "CC", True), ("L", "MLO", True), ("R", "CC", False), ("R", "MLO", False)]
+    sid = 0
+    for lat, view, mass in views:
+        sid = file_instance(settings, store, chest(uid, nodule=mass, modality="MG", laterality=lat, view=view))
+    complete(store, sid)
+    assert _worker(settings, store, mg).process(sid) == INFERRED
+    (s,) = list_studies(store)
+    (f,) = s.findings
+    left, right = f["sides"]
+    assert (left["side"], left["positive"], left["views"]) == ("L", True, ["CC", "MLO"])
+    assert right["side"] == "R" and not right["positive"]
+    assert f["text"][0] == f"L breast: mass {left['score']:.2f} (CC, MLO)"
+    assert f["text"][1].startswith("R breast: mass ")

@@ -13,6 +13,7 @@ import typer
 
 from appliance.app.daemon import read_status
 from appliance.cli import command, settings_from
+from appliance.worklist.display import finding_text
 
 
 def _findings_table(summary: dict[str, Any]) -> Any:
@@ -30,7 +31,10 @@ def _findings_table(summary: dict[str, Any]) -> Any:
             f"{f['score']:.3f}",
             f"{f['threshold']:.3f}",
             "[bold red]POSITIVE[/]" if f["positive"] else "negative",
-            f"{loc['row']:.0f}, {loc['col']:.0f}" if loc else "",
+            "; ".join(  # every place, with the patient side it lies on
+                f"{p.get('side') or ''} {p['row']:.0f}, {p['col']:.0f}".strip()
+                for p in (f.get("locations") or ([loc] if loc else []))
+            ),
         )
     return table
 
@@ -101,6 +105,10 @@ def demo_cmd(
                 if summary.get("per_breast"):
                     extra += "".join(f"   {k} breast {v:.3f}" for k, v in sorted(summary["per_breast"].items()))
                 console.print("  " + extra)
+                mammo = summary.get("per_breast") is not None
+                for r in summary.get("reading") or []:  # as a radiologist reads it: per breast / side
+                    text = finding_text(r, mammo)
+                    console.print(f"  {text}", style="bold" if r["positive"] else "dim", markup=False)
                 for obj in summary.get("objects", []):
                     typer.echo(f"  {obj['kind']}: {home / obj['path']}")  # relative to the home: print it whole
 

@@ -60,7 +60,8 @@ def _when(ts: float) -> str:
 
 
 def _findings(findings: list[Finding]) -> Text:
-    """Positive findings with their scores, urgent ones first and in red; "-" when none is positive."""
+    """Positive findings as they read per side ("L breast: mass 0.46 (CC, MLO)"), urgent ones first and in red;
+    "-" when none is positive."""
     shown = [f for f in findings if f["positive"]]
     if not shown:
         return Text("-" if findings else "")
@@ -68,7 +69,7 @@ def _findings(findings: list[Finding]) -> Text:
     for i, f in enumerate(shown):
         if i:
             out.append(", ")
-        label = f"{f['label']} {f['score']:.2f}"
+        label = "; ".join(f.get("text") or [f"{f['label']} {f['score']:.2f}"])  # per side, as it reads
         out.append(("URGENT " + label) if f["urgent"] else label, style="bold red" if f["urgent"] else "")
     return out
 
@@ -93,7 +94,8 @@ def studies(
     limit: int = typer.Option(50, "--limit", "-n", min=1, help="how many, newest first"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable (every field, full UIDs)"),
 ) -> None:
-    """The worklist: studies newest first with patient, accession, state and positive findings (urgent in red)."""
+    """The worklist: studies urgent first, then newest, with patient, accession, state and positive findings
+    per side (urgent in red)."""
     from appliance.worklist.read import list_studies
 
     settings = settings_from(ctx)
@@ -238,7 +240,7 @@ def show(
         for f in s.findings:
             t.add_row(
                 Text(f["bundle_id"]),
-                Text(f["label"]),
+                Text("; ".join(f.get("text") or [f["label"]])),
                 f"{f['score']:.3f}",
                 "" if f["threshold"] is None else f"{f['threshold']:.3f}",
                 "yes" if f["positive"] else "no",

@@ -61,6 +61,8 @@ VIEWS = {
     "MAG",
 }
 LATERALITIES = {"L", "R", "B", "U"}
+SIDES = {"L", "R"}  # a finding's (or place's) patient side, ``postprocess.finding_side`` / ``Location.side``
+MAX_PLACES = 4  # places kept per finding (the box marks at most ``postprocess.MAX_PLACES``)
 _ID = re.compile(r"^[A-Za-z0-9._+-]{1,64}\Z")
 _LABEL = re.compile(r"^[A-Za-z0-9 _.,()/+-]{1,64}\Z")
 _PSEUDONYM = re.compile(r"^2\.25\.[0-9]{1,39}\Z")
@@ -217,6 +219,13 @@ def deidentify_result(
                 "location": {"row": _num(loc.get("row")), "col": _num(loc.get("col"))}
                 if isinstance(loc, dict)
                 else None,
+                # the patient side ("L"/"R") is anatomy, not PHI; every place, as numbers and a side only
+                "side": _vocab(f.get("side"), SIDES),
+                "locations": [
+                    {"row": _num(p.get("row")), "col": _num(p.get("col")), "side": _vocab(p.get("side"), SIDES)}
+                    for p in (f.get("locations") or [])[:MAX_PLACES]
+                    if isinstance(p, dict)
+                ],
             }
         )
     images = [i for i in (result.get("images") or []) if isinstance(i, dict)]

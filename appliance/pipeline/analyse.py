@@ -22,6 +22,7 @@ from appliance.pipeline.postprocess import (
     ImageResult,
     SiteOperatingPoint,
     StudyResult,
+    grid_directions,
     image_findings,
     laterality,
     site_thresholds,
@@ -118,7 +119,14 @@ def analyse(
     for i, (ds, prep) in enumerate(usable):
         heat = merged[heat_spec.name][i] if heat_spec is not None and heat_spec.name in merged else None
         findings, maps = image_findings(
-            merged[score_spec.name][i], score_spec, heat, heat_spec, prep.transform, manifest.urgent, site_thr
+            merged[score_spec.name][i],
+            score_spec,
+            heat,
+            heat_spec,
+            prep.transform,
+            manifest.urgent,
+            site_thr,
+            grid_directions(ds, spec.preprocessing),
         )
         images.append(
             ImageResult(

@@ -17,8 +17,8 @@ import numpy as np
 from appliance.core.logs import get_logger
 from appliance.pipeline.anatomy import laterality_of
 from appliance.pipeline.anatomy import view_of as coded_view
-from appliance.pipeline.preprocess import Transform
-from engines.manifest import Manifest, OutputSpec, check_site_thresholds
+from appliance.pipeline.preprocess import Transform, patient_orientation
+from engines.manifest import Manifest, OutputSpec, Preprocessing, check_site_thresholds
 
 log = get_logger(__name__)
 
@@ -26,6 +26,13 @@ THRESHOLD_MANIFEST = "manifest"  # a finding judged by the bundle manifest's thr
 THRESHOLD_SITE = "site"  # ... by the site operating point in force (signed by the central team)
 CONTOUR_FRACTION = 0.5  # iso-line at half of the peak above the map's floor
 CONTOUR_RAYS = 32
+# Several places per label (non-maximum suppression, :func:`peaks`): a secondary peak is kept when it is a local
+# maximum of the heatmap, reaches PEAK_RELATIVE_HEIGHT of the label's highest peak (both above the map's floor)
+# and lies at least PEAK_MIN_SEPARATION (a fraction of the heatmap's larger side, in heatmap cells; at least
+# 2 cells) from every stronger kept peak. At most MAX_PLACES places per label.
+PEAK_RELATIVE_HEIGHT = 0.7
+PEAK_MIN_SEPARATION = 0.12
+MAX_PLACES = 4
 
 
 @dataclass
@@ -36,6 +43,7 @@ class Location:
     col: float
     contour: list[tuple[float, float]]  # closed polygon (row, col), first point not repeated
     peak: float  # heatmap value at the peak (after activation)
+    side: str | None = None  # the patient's side it lies on, "L" or "R" (:func:`patient_side`); None: unknown
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ class Finding:
     """One label's result on one image. ``threshold`` judged it (``positive`` = score >= threshold), taken from
     ``threshold_source``: ``"manifest"`` or ``"site"`` (the site operating point in force). ``urgent``: positive
     and at or above the bundle's urgent threshold for the label (``Manifest.urgent``; ``urgent_threshold`` None
-    when the label has none)."""
+    when the label has none). ``locations``: every place the finding occurs (strongest first, :func:`peaks`);
+    ``location`` is the strongest of them (the first), kept for readers of one place."""
 
     label: str
     score: float
@@ -76,6 +85,13 @@ class Finding:
     urgent: bool = False
     urgent_threshold: float | None = None
     threshold_source: str = THRESHOLD_MANIFEST
+    locations: list[Location] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.locations and self.location is not None:
+            self.locations = [self.location]
+        if self.location is None and self.locations:
+            self.location = self.locations[0]
 
 
 @dataclass
@@ -114,8 +130,23 @@ class StudyResult:
         """The labels with an urgent finding on any image (sorted): non-empty = the study is urgent."""
         return sorted({f.label for img in self.images for f in img.findings if f.urgent})
 
+    def reading(self) -> list[dict[str, Any]]:
+        """The findings as a radiologist reads them: :func:`reading` over this result's images."""
+        return reading(
+            [
+                {"laterality": img.laterality, "view": img.view, "side": finding_side(img.laterality, f), **_brief(f)}
+                for img in self.images
+                for f in img.findings
+            ]
+        )
+
     def summary(self) -> dict[str, Any]:
-        """The findings JSON stored with the study (and, de-identified elsewhere, sent to the central team)."""
+        """The findings JSON stored with the study (and, de-identified elsewhere, sent to the central team).
+
+        Per finding (one per image and label): its score, threshold and verdict, ``location`` (the strongest
+        place) and ``locations`` (every place: ``{row, col, contour, side}`` in original pixel indices of the
+        stored grid, ``side`` the patient's side "L"/"R" or None), and ``side`` (:func:`finding_side`).
+        ``reading``: the study's findings per label and side (:func:`reading`)."""
         return {
             "study_uid": self.study_instance_uid,
             "patient": self.patient,
@@ -139,17 +170,14 @@ class StudyResult:
                     "positive": f.positive,
                     "urgent": f.urgent,
                     "urgent_threshold": f.urgent_threshold,
-                    "location": None
-                    if f.location is None
-                    else {
-                        "row": round(f.location.row, 2),
-                        "col": round(f.location.col, 2),
-                        "contour": [[round(r, 2), round(c, 2)] for r, c in f.location.contour],
-                    },
+                    "location": None if f.location is None else _location_json(f.location),
+                    "locations": [_location_json(loc) for loc in f.locations],
+                    "side": finding_side(img.laterality, f),
                 }
                 for img in self.images
                 for f in img.findings
             ],
+            "reading": self.reading(),
             "urgent": self.urgent_labels,
             "operating_point_version": self.operating_point_version,
             "images": [
@@ -165,6 +193,91 @@ class StudyResult:
             ],
             "not_applied": [dict(item) for item in self.not_applied],
         }
+
+
+def _location_json(loc: Location) -> dict[str, Any]:
+    return {
+        "row": round(loc.row, 2),
+        "col": round(loc.col, 2),
+        "contour": [[round(r, 2), round(c, 2)] for r, c in loc.contour],
+        "side": loc.side,
+    }
+
+
+def _brief(f: Finding) -> dict[str, Any]:
+    return {
+        "label": f.label,
+        "score": f.score,
+        "positive": f.positive,
+        "urgent": f.urgent,
+        "places": len(f.locations),
+        "sides": [loc.side for loc in f.locations],
+    }
+
+
+def finding_side(image_laterality: str | None, f: Finding) -> str | None:
+    """The side a finding is read on: the image's laterality when it has one (mammography: the breast, PS3.3
+    C.8.11.7 Image Laterality), else the one patient side all its places lie on ("L"/"R"); None when its places
+    lie on both sides, have no side, or it has no place (a negative finding on a chest: read for the whole
+    image). A finding on both sides is split by :func:`reading` into one entry per side."""
+    if image_laterality in ("L", "R"):
+        return image_laterality
+    sides = {loc.side for loc in f.locations}
+    return sides.pop() if len(sides) == 1 else None
+
+
+def reading(entries: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Findings grouped the way a radiologist reads them: one entry per (label, side).
+
+    ``entries``: one per image and label: ``{label, score, positive, urgent, laterality, view, side, places}``
+    and optionally ``sides`` (the patient side of each place, as ``locations[i]["side"]`` in the summary).
+    A finding whose places lie on both sides (a bilateral effusion) counts for each side. Returns, per (label,
+    side), sorted urgent first, then positive, then by score (descending), label and side:
+    ``{label, side ("L"/"R"/None), score (max over the group, 0..1), positive, urgent, views (sorted: the views
+    of the images whose finding is positive, else of the highest-scoring one; e.g. ["CC", "MLO"]: the views that
+    support the breast's score), places (how many places were marked on that side, summed over images)}``.
+    """
+    groups: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for e in entries:
+        place_sides = list(e.get("sides") or [])
+        if e.get("laterality") in ("L", "R") or not place_sides:
+            split = {e.get("side"): int(e.get("places") or 0)}
+        else:
+            split = {}
+            for side in place_sides:
+                split[side] = split.get(side, 0) + 1
+            if len(split) > 1:  # sides known for some places only: those without one are read with the others
+                split.pop(None, None)
+        for side, places in split.items():
+            key = (str(e["label"]), side)
+            g = groups.setdefault(
+                key,
+                {
+                    "label": key[0],
+                    "side": side,
+                    "score": 0.0,
+                    "positive": False,
+                    "urgent": False,
+                    "places": 0,
+                    "_pos": set(),
+                    "_best": (-1.0, None),
+                },
+            )
+            score = float(e.get("score") or 0.0)
+            g["positive"] = g["positive"] or bool(e.get("positive"))
+            g["urgent"] = g["urgent"] or bool(e.get("urgent"))
+            g["places"] += places
+            if e.get("positive") and e.get("view"):
+                g["_pos"].add(str(e["view"]))
+            if score > g["_best"][0]:
+                g["_best"] = (score, e.get("view"))
+            g["score"] = max(g["score"], round(score, 6))
+    out = []
+    for g in groups.values():
+        pos, best = g.pop("_pos"), g.pop("_best")
+        g["views"] = sorted(pos) if pos else ([str(best[1])] if best[1] else [])
+        out.append(g)
+    return sorted(out, key=lambda g: (not g["urgent"], not g["positive"], -g["score"], g["label"], g["side"] or ""))
 
 
 def activate(x: np.ndarray, activation: str, axis: int = -1) -> np.ndarray:
@@ -190,9 +303,8 @@ def _bilinear(hm: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
     return top * (1 - fr) + bot * fr
 
 
-def peak(hm: np.ndarray) -> tuple[float, float, float]:
-    """(row, col, value) of the maximum, refined to sub-cell precision by a weighted centroid (3x3)."""
-    r, c = np.unravel_index(int(np.argmax(hm)), hm.shape)
+def _refine(hm: np.ndarray, r: int, c: int) -> tuple[float, float, float]:
+    """(row, col, value) of the cell (r, c), refined to sub-cell precision by a weighted centroid (3x3)."""
     r0, r1 = max(r - 1, 0), min(r + 2, hm.shape[0])
     c0, c1 = max(c - 1, 0), min(c + 2, hm.shape[1])
     win = hm[r0:r1, c0:c1].astype(np.float64)
@@ -204,15 +316,72 @@ def peak(hm: np.ndarray) -> tuple[float, float, float]:
     return float((w * rr).sum() / total), float((w * cc).sum() / total), float(hm[r, c])
 
 
-def contour(hm: np.ndarray, pr: float, pc: float, fraction: float = CONTOUR_FRACTION, rays: int = CONTOUR_RAYS):
+def peak(hm: np.ndarray) -> tuple[float, float, float]:
+    """(row, col, value) of the maximum, refined to sub-cell precision by a weighted centroid (3x3)."""
+    r, c = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    return _refine(hm, int(r), int(c))
+
+
+def peaks(
+    hm: np.ndarray,
+    relative_height: float = PEAK_RELATIVE_HEIGHT,
+    min_separation: float = PEAK_MIN_SEPARATION,
+    max_peaks: int = MAX_PLACES,
+) -> list[tuple[float, float, float]]:
+    """Every place a heatmap marks: non-maximum suppression over ``hm`` (h, w), float, activated.
+
+    A cell is a candidate when it is a local maximum of its 3x3 neighbourhood and its height above the map's
+    floor (minimum) is at least ``relative_height`` times the highest peak's. Candidates are taken strongest
+    first; one within ``min_separation`` * max(h, w) heatmap cells (Euclidean, at least 2 cells) of a kept peak
+    is suppressed, and so is one not separate from every kept peak: the map must dip, on the straight line to
+    it, below this candidate's contour level (:data:`CONTOUR_FRACTION` of its height above the floor), so that
+    each place has its own outline (one bright region with a few bumps stays one place). Returns at most
+    ``max_peaks`` (row, col, value) in heatmap cells, strongest first, each refined
+    like :func:`peak`; the first is :func:`peak`'s. A flat map gives its one :func:`peak`.
+    """
+    hm = np.asarray(hm, dtype=np.float64)
+    floor, top = float(hm.min()), float(hm.max())
+    if top <= floor:
+        return [peak(hm)]
+    padded = np.pad(hm, 1, constant_values=-np.inf)
+    neighbourhood = np.lib.stride_tricks.sliding_window_view(padded, (3, 3)).max(axis=(2, 3))
+    candidate = (hm >= neighbourhood) & (hm - floor >= relative_height * (top - floor))
+    rows, cols = np.nonzero(candidate)
+    order = np.argsort(-hm[rows, cols], kind="stable")
+    rows, cols = rows[order], cols[order]
+    sep = max(2.0, min_separation * max(hm.shape))
+    dist = np.hypot(rows[:, None] - rows[None, :], cols[:, None] - cols[None, :])
+    alive = np.ones(len(rows), dtype=bool)
+    kept: list[int] = []
+    for i in range(len(rows)):
+        if not alive[i]:
+            continue
+        if kept and not _separate(hm, (rows[i], cols[i]), [(rows[k], cols[k]) for k in kept], floor):
+            continue
+        kept.append(i)
+        if len(kept) == max_peaks:
+            break
+        alive &= dist[i] >= sep
+    return [_refine(hm, int(rows[i]), int(cols[i])) for i in kept]
+
+
+def contour(
+    hm: np.ndarray,
+    pr: float,
+    pc: float,
+    fraction: float = CONTOUR_FRACTION,
+    rays: int = CONTOUR_RAYS,
+    top: float | None = None,
+):
     """Star-shaped iso-line around the peak: along each ray, where the map falls below the level.
 
-    Level = floor + fraction * (peak - floor), floor = the map's minimum. Linear interpolation between the
-    last sample above and the first below gives sub-cell vertices. Returns (rays, 2) cell coordinates.
+    Level = floor + fraction * (top - floor), floor = the map's minimum, ``top`` the height of this peak (None:
+    the map's maximum, the strongest peak). Linear interpolation between the last sample above and the first
+    below gives sub-cell vertices. Returns (rays, 2) cell coordinates.
     """
     floor = float(hm.min())
-    top = float(_bilinear(hm, np.array([pr]), np.array([pc]))[0])
-    level = floor + fraction * (max(top, float(hm.max())) - floor)
+    here = float(_bilinear(hm, np.array([pr]), np.array([pc]))[0])
+    level = floor + fraction * (max(here, float(hm.max()) if top is None else float(top)) - floor)
     step = 0.25
     n = int(np.ceil(max(hm.shape) / step)) + 1
     theta = np.linspace(0.0, 2 * np.pi, rays, endpoint=False)
@@ -233,21 +402,84 @@ def contour(hm: np.ndarray, pr: float, pc: float, fraction: float = CONTOUR_FRAC
     return np.stack([pr + np.sin(theta) * dist, pc + np.cos(theta) * dist], axis=1)
 
 
-def locate(hm: np.ndarray, tf: Transform, stride: int) -> Location:
-    """Peak and contour of one heatmap, in original pixel indices (clipped to the image)."""
-    pr, pc, value = peak(hm)
-    poly = contour(hm, pr, pc)
+def patient_side(row: float, col: float, shape: tuple[int, int], directions: tuple[str, str] | None) -> str | None:
+    """The patient's side ("L" or "R") a point of the stored pixel grid lies on, or None.
+
+    ``row``, ``col``: original pixel indices (pixel centres at integers) of an image of ``shape`` (rows,
+    columns); ``directions``: the principal patient directions of that stored grid in Patient Orientation
+    (0020,0020) terms (PS3.3 C.7.6.1.1.1): (toward which increasing column index runs, toward which increasing
+    row index runs), e.g. ("L", "F") for a PA chest shown as usual (:func:`grid_directions` reads it). The
+    midline is taken at the image's centre line across the L/R axis (the patient is centred on the detector);
+    a point on it, a grid with no L/R axis (a lateral view: A/P and H/F) or unknown ``directions`` give None.
+    """
+    if directions is None:
+        return None
+    across, down = directions
+    rows, cols = shape
+    for letter, offset in ((across, col - (cols - 1) / 2.0), (down, row - (rows - 1) / 2.0)):
+        if letter in ("L", "R") and offset != 0:
+            return letter if offset > 0 else ("R" if letter == "L" else "L")
+    return None
+
+
+def grid_directions(ds: Any, spec: Preprocessing) -> tuple[str, str] | None:
+    """The principal patient directions (across, down) of ``ds``'s STORED pixel grid (see
+    :func:`patient_side`): its Patient Orientation (0020,0020) when it has two values; else the model's
+    orientation for its laterality (``spec.orientation``, one direction per axis), since :func:`orientation_matrix
+    <appliance.pipeline.preprocess.orientation_matrix>` then takes the image as stored, in the model's orientation
+    (the :class:`Transform` is the identity reorientation); else None (sides unknown, none reported)."""
+    values = patient_orientation(ds)
+    if values is not None:
+        if len(values) == 2 and all(values):
+            return values[0][0], values[1][0]
+        return None
+    declared = spec.orientation or {}
+    side = laterality_of(ds)
+    target = declared.get(side) if side in ("L", "R") else None  # type: ignore[call-overload]
+    target = target or declared.get("*")
+    if target is None or len(target.rows) != 1 or len(target.columns) != 1:
+        return None
+    return target.rows[0], target.columns[0]
+
+
+def _separate(hm: np.ndarray, p: tuple[int, int], kept: list[tuple[int, int]], floor: float) -> bool:
+    """Whether the map dips below ``p``'s contour level on the straight line from ``p`` to each of ``kept``."""
+    level = floor + CONTOUR_FRACTION * (float(hm[p]) - floor)
+    t = np.linspace(0.0, 1.0, 64)[None, :]
+    k = np.asarray(kept, dtype=np.float64)
+    rr = p[0] + (k[:, 0:1] - p[0]) * t
+    cc = p[1] + (k[:, 1:2] - p[1]) * t
+    return bool((_bilinear(hm, rr, cc).min(axis=1) < level).all())
+
+
+def locate_all(hm: np.ndarray, tf: Transform, stride: int, directions: tuple[str, str] | None = None) -> list[Location]:
+    """Every place of one heatmap (:func:`peaks`), strongest first, each with its peak and contour in original
+    pixel indices of the stored grid (clipped to the image) and the patient side it lies on
+    (:func:`patient_side` with ``directions``: the stored grid's, :func:`grid_directions`)."""
     rows, cols = tf.original_shape
-    orow, ocol = tf.heatmap_to_original(pr, pc, stride)
-    prow, pcol = tf.heatmap_to_original(poly[:, 0], poly[:, 1], stride)
-    prow = np.clip(prow, 0, rows - 1)
-    pcol = np.clip(pcol, 0, cols - 1)
-    return Location(
-        row=float(np.clip(orow, 0, rows - 1)),
-        col=float(np.clip(ocol, 0, cols - 1)),
-        contour=[(float(a), float(b)) for a, b in zip(prow, pcol, strict=True)],
-        peak=value,
-    )
+    out = []
+    for pr, pc, value in peaks(hm):
+        poly = contour(hm, pr, pc, top=value)
+        orow, ocol = tf.heatmap_to_original(pr, pc, stride)
+        prow, pcol = tf.heatmap_to_original(poly[:, 0], poly[:, 1], stride)
+        prow = np.clip(prow, 0, rows - 1)
+        pcol = np.clip(pcol, 0, cols - 1)
+        row, col = float(np.clip(orow, 0, rows - 1)), float(np.clip(ocol, 0, cols - 1))
+        out.append(
+            Location(
+                row=row,
+                col=col,
+                contour=[(float(a), float(b)) for a, b in zip(prow, pcol, strict=True)],
+                peak=value,
+                side=patient_side(row, col, (rows, cols), directions),
+            )
+        )
+    return out
+
+
+def locate(hm: np.ndarray, tf: Transform, stride: int) -> Location:
+    """The strongest place of one heatmap (:func:`locate_all`'s first)."""
+    return locate_all(hm, tf, stride)[0]
 
 
 def site_thresholds(manifest: Manifest, site: SiteOperatingPoint | None) -> dict[str, float]:
@@ -279,11 +511,14 @@ def image_findings(
     tf: Transform,
     urgent: Mapping[str, float] | None = None,
     site: Mapping[str, float] | None = None,
+    directions: tuple[str, str] | None = None,
 ) -> tuple[list[Finding], dict[str, np.ndarray]]:
     """Findings for one image: scores (L,) raw outputs, heatmaps (L', h, w) raw outputs; ``urgent`` the
     manifest's urgent thresholds (label -> score): a positive finding at or above its label's is urgent;
     ``site`` the site thresholds already checked against the manifest (:func:`site_thresholds`): a label there
-    is judged by it (``threshold_source`` "site"), the others by the manifest's ``thresholds``."""
+    is judged by it (``threshold_source`` "site"), the others by the manifest's ``thresholds``. A positive
+    finding with a heatmap is marked at every place (:func:`locate_all`; ``directions``: the stored grid's patient
+    directions, :func:`grid_directions`, for each place's side)."""
     urgent = urgent or {}
     site = site or {}
     probs = activate(scores, score_spec.activation)
@@ -298,7 +533,7 @@ def image_findings(
         thr = float(site[label]) if label in site else score_spec.threshold(label)
         score = float(probs[i])
         positive = score >= thr
-        loc = locate(maps[label], tf, stride) if positive and label in maps else None
+        places = locate_all(maps[label], tf, stride, directions) if positive and label in maps else []
         flag = urgent.get(label)
         findings.append(
             Finding(
@@ -306,7 +541,8 @@ def image_findings(
                 score=score,
                 threshold=thr,
                 positive=positive,
-                location=loc,
+                location=places[0] if places else None,
+                locations=places,
                 urgent=positive and flag is not None and score >= flag,
                 urgent_threshold=flag,
                 threshold_source=source,

@@ -45,7 +45,11 @@ SC_SERIES_NUMBERS = {None: SC_SERIES_NUMBER, "R": 9903, "L": 9904}
 BANNER = "NOT FOR CLINICAL USE"
 OVERLAY_FLOOR = 0.3  # heatmap fraction (of floor..peak) below which nothing is tinted
 OVERLAY_ALPHA = 0.5
-MIN_FONT_PX, MAX_FONT_PX = 10, 48  # text height: the long side / 42, within these
+# text size: the long side / 42, within these. MIN_FONT_PX is the smallest size whose capitals are at least
+# MIN_CAP_HEIGHT_PX tall in the embedded font (Aileron: 18 px -> 13 px capitals, 4 px spaces; at 10 px, 8 px
+# capitals and 2 px spaces read "NOT FORCLINICAL USE"), so text is legible on every SC the box writes.
+MIN_CAP_HEIGHT_PX = 12
+MIN_FONT_PX, MAX_FONT_PX = 18, 48
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 BANNER_RED = (200, 0, 0)
 URGENT_YELLOW = (255, 215, 0)  # black on it: 14.6:1 (WCAG 2 contrast)
@@ -233,6 +237,15 @@ def wrap_text(font: ImageFont.FreeTypeFont, text: str, width: int, sep: str = ";
     return lines
 
 
+def banner_lines(font: ImageFont.FreeTypeFont, text: str, width: int) -> tuple[str, ...]:
+    """A banner's lines: ``text`` whole when it fits ``width`` pixels, else broken between words
+    (:func:`wrap_text` at single spaces), never inside a word and never joining two: ``" ".join`` of the lines
+    gives ``text`` back."""
+    if font.getlength(text) <= width:
+        return (text,)
+    return tuple(wrap_text(font, text, width, sep=" "))
+
+
 def layout(
     shape: tuple[int, int],
     gray: np.ndarray | None,
@@ -263,12 +276,14 @@ def layout(
         upx = int(fpx * 1.25)
         while upx > MIN_FONT_PX and _font(upx).getlength(urgent) + 2 * pad > w:
             upx -= 1
-        bh = int(upx * 1.6)
-        boxes.append(TextBox("banner", (urgent,), (0, 0, w, bh), BLACK, URGENT_YELLOW, upx))
+        ulines = banner_lines(_font(upx), urgent, w - 2 * pad)
+        bh = int(upx * 1.6) * len(ulines)
+        boxes.append(TextBox("banner", ulines, (0, 0, w, bh), BLACK, URGENT_YELLOW, upx))
         top = bh
     if not result.clinical_use:
-        bh = int(fpx * 1.6)
-        boxes.append(TextBox("banner", (BANNER,), (0, top, w, top + bh), WHITE, BANNER_RED, fpx))
+        blines = banner_lines(font, BANNER, w - 2 * pad)
+        bh = int(fpx * 1.6) * len(blines)
+        boxes.append(TextBox("banner", blines, (0, top, w, top + bh), WHITE, BANNER_RED, fpx))
         top += bh
 
     # summary: one line at the bottom; smaller type down to MIN_FONT_PX, then wrapped
@@ -317,16 +332,17 @@ def layout(
 
 
 def markers(img: ImageResult, scale: tuple[float, float], factor: int = 1) -> list[Marker]:
-    """The positive located findings of ``img`` in SC pixel coordinates (x, y) (``scale`` = SC pixels per
-    display pixel, ``factor`` = original pixels per display pixel)."""
+    """The positive located findings of ``img`` in SC pixel coordinates (x, y), one marker per place
+    (``Finding.locations``) (``scale`` = SC pixels per display pixel, ``factor`` = original pixels per display
+    pixel)."""
     out: list[Marker] = []
     for f in _ordered(img):
-        loc = f.location
-        if not f.positive or loc is None:
+        if not f.positive:
             continue
-        pts = [((c / factor + 0.5) * scale[1], (r / factor + 0.5) * scale[0]) for r, c in loc.contour]
-        peak = ((loc.col / factor + 0.5) * scale[1], (loc.row / factor + 0.5) * scale[0])
-        out.append(Marker(f, peak, pts))
+        for loc in f.locations:  # every place the finding occurs, each with its own contour
+            pts = [((c / factor + 0.5) * scale[1], (r / factor + 0.5) * scale[0]) for r, c in loc.contour]
+            peak = ((loc.col / factor + 0.5) * scale[1], (loc.row / factor + 0.5) * scale[0])
+            out.append(Marker(f, peak, pts))
     return out
 
 
@@ -334,9 +350,11 @@ def _draw_boxes(draw: ImageDraw.ImageDraw, boxes: list[TextBox]) -> None:
     for b in boxes:
         draw.rectangle([b.box[0], b.box[1], b.box[2] - 1, b.box[3] - 1], fill=b.bg)
         font = _font(b.font_px)
-        if b.kind == "banner":
-            centre = ((b.box[0] + b.box[2]) // 2, (b.box[1] + b.box[3]) // 2)
-            draw.text(centre, b.text, fill=b.fg, font=font, anchor="mm")
+        if b.kind == "banner":  # each line centred in its own band of the box
+            band = (b.box[3] - b.box[1]) / len(b.lines)
+            for i, line in enumerate(b.lines):
+                centre = ((b.box[0] + b.box[2]) // 2, int(b.box[1] + band * (i + 0.5)))
+                draw.text(centre, line, fill=b.fg, font=font, anchor="mm")
             continue
         _, _, pitch = _block(font, list(b.lines), 0)
         pad = (b.box[3] - b.box[1] - pitch * len(b.lines)) // 2

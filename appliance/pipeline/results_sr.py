@@ -161,28 +161,29 @@ def _image_groups(img: ImageResult, src: Dataset, result: StudyResult, algo: hd.
                 source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(src)],
             )
         )
-        if f.location is None:
-            continue
-        loc = f.location
-        regions = [
-            ("peak", hd.sr.GraphicTypeValues.POINT, scoord(np.array([[loc.row, loc.col]]))),
-            ("outline", hd.sr.GraphicTypeValues.POLYLINE, scoord(np.array(loc.contour + loc.contour[:1]))),
-        ]
-        for part, gtype, data in regions:
-            part_uid = uids.derive_uid(track, part)
-            groups.append(
-                hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(uid=part_uid, identifier=f"{f.label} {part}"),
-                    referenced_region=hd.sr.ImageRegion(
-                        graphic_type=gtype,
-                        graphic_data=data,
-                        source_image=hd.sr.SourceImageForRegion.from_source_image(src),
-                    ),
-                    finding_type=finding_code(f.label),
-                    algorithm_id=algo,
-                    measurements=[hd.sr.Measurement(name=SCORE, value=round(f.score, 6), unit=codes.UCUM.NoUnits)],
+        for place, loc in enumerate(f.locations):
+            # each place its own peak POINT and outline POLYLINE (TID 1410 groups); the first place keeps the
+            # UIDs and identifiers of a one-place finding, the others are numbered from 2
+            n = "" if place == 0 else f" {place + 1}"
+            regions = [
+                ("peak", hd.sr.GraphicTypeValues.POINT, scoord(np.array([[loc.row, loc.col]]))),
+                ("outline", hd.sr.GraphicTypeValues.POLYLINE, scoord(np.array(loc.contour + loc.contour[:1]))),
+            ]
+            for part, gtype, data in regions:
+                part_uid = uids.derive_uid(track, part + n)
+                groups.append(
+                    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                        tracking_identifier=hd.sr.TrackingIdentifier(uid=part_uid, identifier=f"{f.label} {part}{n}"),
+                        referenced_region=hd.sr.ImageRegion(
+                            graphic_type=gtype,
+                            graphic_data=data,
+                            source_image=hd.sr.SourceImageForRegion.from_source_image(src),
+                        ),
+                        finding_type=finding_code(f.label),
+                        algorithm_id=algo,
+                        measurements=[hd.sr.Measurement(name=SCORE, value=round(f.score, 6), unit=codes.UCUM.NoUnits)],
+                    )
                 )
-            )
     return groups
 
 

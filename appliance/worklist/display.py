@@ -12,6 +12,8 @@ modality sent.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 _DA = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
 
@@ -37,3 +39,21 @@ def dicom_date(da: str | None) -> str:
         return ""
     m = _DA.match(da.strip())
     return f"{m[1]}-{m[2]}-{m[3]}" if m else da
+
+
+SIDE_WORDS = {"L": "Left", "R": "Right"}
+
+
+def finding_text(reading: Mapping[str, Any], mammo: bool) -> str:
+    """One finding as a radiologist reads it, from a ``reading`` entry (``{label, score, side, views, places}``,
+    :func:`appliance.pipeline.postprocess.reading`): ``"L breast: mass 0.46 (CC, MLO)"`` for a mammogram (the
+    views that support the breast's score), ``"Left: effusion 0.91"`` for a lateral finding elsewhere (``"(2
+    places)"`` when marked at several), ``"nodule 0.12"`` without a side."""
+    side = reading.get("side")
+    text = f"{reading['label']} {float(reading.get('score') or 0.0):.2f}"
+    if mammo and side in ("L", "R"):
+        views = ", ".join(reading.get("views") or [])
+        return f"{side} breast: {text}" + (f" ({views})" if views else "")
+    places = int(reading.get("places") or 0)
+    text += f" ({places} places)" if places > 1 else ""
+    return f"{SIDE_WORDS[side]}: {text}" if side in SIDE_WORDS else text

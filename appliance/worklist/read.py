@@ -37,6 +37,7 @@ from appliance.core.audit import AuditEvent
 from appliance.core.store import MAX_INTEGER, Store
 from appliance.lifecycle.studies import STUDY_STATES
 from appliance.pipeline import uids
+from appliance.worklist.display import finding_text
 
 
 class StudyNotFound(LookupError):
@@ -57,6 +58,10 @@ class Finding(TypedDict):
     threshold: float | None
     positive: bool
     urgent: bool
+    # the label read per side (the summary's ``reading``, :func:`appliance.pipeline.postprocess.reading`):
+    # [{label, side ("L"/"R"/None), score, positive, urgent, views, places}], empty for results made before it
+    sides: list[dict[str, Any]]
+    text: list[str]  # how it reads, one entry per side (:func:`appliance.worklist.display.finding_text`)
 
 
 @dataclass(frozen=True)
@@ -202,10 +207,24 @@ def _findings(summaries: list[dict[str, Any]]) -> list[Finding]:
                     threshold=f.get("threshold"),
                     positive=bool(f.get("positive")) or bool(prev and prev["positive"]),
                     urgent=urgent or bool(prev and prev["urgent"]),
+                    sides=[],
+                    text=[],
                 )
             else:
                 prev["positive"] = prev["positive"] or bool(f.get("positive"))
                 prev["urgent"] = prev["urgent"] or urgent
+    for s in summaries:
+        if s.get("partial"):
+            continue
+        mammo = str(s.get("modality") or "").upper() == "MG" or s.get("per_breast") is not None
+        for r in s.get("reading") or []:
+            got = best.get((str(s.get("bundle_id", "")), str(r.get("label", ""))))
+            if got is not None:
+                got["sides"].append(dict(r))
+                got["text"].append(finding_text(r, mammo))
+    for f in best.values():
+        if not f["text"]:
+            f["text"] = [finding_text({"label": f["label"], "score": f["score"], "side": None, "views": []}, False)]
     return sorted(best.values(), key=lambda f: (not f["urgent"], not f["positive"], -f["score"], f["label"]))
 
 
@@ -245,6 +264,13 @@ _STUDY_COLUMNS = (
 )
 
 
+# a study with an urgent finding in a complete result (what ``StudySummary.urgent`` shows): listed first
+_URGENT = (
+    "EXISTS (SELECT 1 FROM results r WHERE r.study_id = s.id AND json_array_length(r.summary, '$.urgent') > 0"
+    " AND NOT coalesce(json_extract(r.summary, '$.partial'), 0))"
+)
+
+
 def list_studies(
     store: Store,
     *,
@@ -255,7 +281,8 @@ def list_studies(
     urgent_only: bool = False,
     limit: int = 200,
 ) -> list[StudySummary]:
-    """Study revisions, newest received first, at most ``limit``.
+    """Study revisions, urgent ones first (an urgent finding in a complete result), then newest received
+    first, at most ``limit``.
 
     ``since``/``until``: the local day the box received the study, inclusive. ``state``: one of
     ``lifecycle.studies.STUDY_STATES``. ``finding``: only studies with a *positive* finding of that label
@@ -292,7 +319,7 @@ def list_studies(
     sql = f"SELECT {_STUDY_COLUMNS} FROM studies s"
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY s.created_at DESC, s.id DESC LIMIT ?"
+    sql += f" ORDER BY {_URGENT} DESC, s.created_at DESC, s.id DESC LIMIT ?"
     conn = store.conn
     rows = conn.execute(sql, (*params, limit)).fetchall()
     return _summaries(conn, rows)
