@@ -4,7 +4,8 @@ Use ``log = get_logger(__name__)`` then ``log.info("instance stored", study_id=.
 
 The formatters are the one place that keeps two promises for every record, whoever logged it:
 
-- **No PHI at any level** (journald keeps lines past retention, and DEBUG can be switched on remotely): fields that name a patient or a study
+- **No PHI at any level** (journald keeps lines past retention; DEBUG can be switched on remotely): fields
+  that name a patient or a study
   (:data:`PHI_FIELDS`, and any field ending in ``_uid``, ``_uids`` or ``_name``) are replaced by a *log pseudonym*
   (``phi~`` + 10 hex of HMAC-SHA256 under a key drawn per process at :func:`configure`, so lines of one run
   can be correlated and nothing links them to the real value afterwards); UID-shaped text (five or more dotted
