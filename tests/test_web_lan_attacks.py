@@ -73,10 +73,7 @@ def _login(client: httpx.Client, name: str, password: str) -> httpx.Response:
 def test_slow_bodies_do_not_hold_the_dashboard(web: tuple[WebService, Store]) -> None:
     service, _store = web
     port = int(service.status()["port"])
-    head = (
-        b"POST /api/v1/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: 200\r\n\r\n"
-    )
+    head = b"POST /api/v1/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n"
     started = time.monotonic()
     closed_after: list[float] = []
     lock = threading.Lock()
@@ -153,9 +150,12 @@ def test_wrong_passwords_from_one_address_do_not_lock_the_user_out(web: tuple[We
     with _client(port, "127.0.0.50") as attacker:
         codes = [_login(attacker, "alice", f"guess-{i:04d}-wrong").status_code for i in range(100)]
     assert set(codes) <= {401, 429} and codes.count(401) <= 5 and codes[-1] == 429
-    assert "Retry-After" in _client(port, "127.0.0.50").post(
-        "/api/v1/session", json={"username": "alice", "password": "one more wrong"}
-    ).headers
+    assert (
+        "Retry-After"
+        in _client(port, "127.0.0.50")
+        .post("/api/v1/session", json={"username": "alice", "password": "one more wrong"})
+        .headers
+    )
     with _client(port, "127.0.0.1") as user:  # an address alice never used: the attacker did not lock her
         assert _login(user, "alice", PASSWORD).status_code == 200
     reasons = [e.detail.get("reason") for e in audit.query(store, event="login_failed", limit=200)]

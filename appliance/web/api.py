@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from appliance.core import audit
 from appliance.core.audit import AuditEvent, record_event
 from appliance.core.store import MAX_INTEGER
+from appliance.lifecycle.studies import STUDY_STATES
 from appliance.web import accounts, service
 from appliance.web.accounts import AccountError, Role, Session
 from appliance.web.app import WebContext
@@ -183,7 +184,7 @@ def studies(
     request: Request,
     since: date | None = Query(None, description="received on or after this day (YYYY-MM-DD, box local time)"),
     until: date | None = Query(None, description="received on or before this day"),
-    state: str | None = Query(None, max_length=32),
+    state: str | None = Query(None, max_length=32, json_schema_extra={"enum": list(STUDY_STATES)}),
     finding: str | None = Query(None, max_length=64, description="a positive finding with this label"),
     urgent: bool = False,
     limit: int = Query(200, ge=1, le=1000),
