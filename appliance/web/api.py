@@ -41,9 +41,9 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
     413: _err("request body over api.max_body_bytes"),
     422: _err("a parameter or the body is invalid: the field is named"),
 }
-NOT_FOUND = {404: _err("no such study (or user)")}
-AMBIGUOUS = {409: _err("the reference matches more than one study")}
-BAD_REQUEST = {400: _err("a filter or value the box refuses, with the reason")}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: _err("no such study (or user)")}
+AMBIGUOUS: dict[int | str, dict[str, Any]] = {409: _err("the reference matches more than one study")}
+BAD_REQUEST: dict[int | str, dict[str, Any]] = {400: _err("a filter or value the box refuses, with the reason")}
 
 router = APIRouter(prefix="/api/v1", tags=["api"], responses=COMMON_ERRORS)
 

@@ -66,7 +66,10 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
             detail={"reason": "rate_limited"},
             source_ip=ip,
         )
-        raise HTTPException(429, "too many failed logins from this address: wait a few minutes")
+        retry = str(math.ceil(ctx.settings.api.ip_window_s))
+        raise HTTPException(
+            429, "too many failed logins from this address: wait a few minutes", headers={"Retry-After": retry}
+        )
     known = accounts.get_user(ctx.store, name)
     wait = auth.delay.begin(name, key)
     if wait > 0:
@@ -105,10 +108,10 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
     auth.delay.succeeded(name, key)
     accounts.purge_expired_sessions(ctx.store, ctx.settings.api)  # abandoned sessions do not pile up
     token, session = accounts.open_session(ctx.store, user, ip, replaces=request.cookies.get(SESSION_COOKIE))
-    detail: dict[str, Any] = {"role": user.role.value}
+    login_detail: dict[str, Any] = {"role": user.role.value}
     if was_locked:
-        detail["cleared_lock"] = "known_address"
-    record_event(ctx.store, AuditEvent.LOGIN, actor=user.name, detail=detail, source_ip=ip)
+        login_detail["cleared_lock"] = "known_address"
+    record_event(ctx.store, AuditEvent.LOGIN, actor=user.name, detail=login_detail, source_ip=ip)
     return token, session
 
 
