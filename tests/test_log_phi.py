@@ -54,11 +54,31 @@ def test_info_lines_carry_no_uid_or_name_and_no_raw_control_characters(fmt: str)
         assert "study x \\x1b[1mready\\r\\n" in stamped[0]
 
 
+PATIENT_ID = "PID-4471-XYZ"
+
+
 @pytest.mark.unit
-def test_debug_keeps_the_real_values_but_still_escapes() -> None:
-    out = _emit("text", level=logging.DEBUG, study_uid=UID, patient_name=NAME)
-    first = out.splitlines()[0]
-    assert UID in first and "EVIL^" in first and "forged" in first and "\x1b" not in out
+@pytest.mark.parametrize("fmt", ["text", "json"])
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL])
+def test_no_identifier_at_any_level_even_with_the_local_level_at_debug(fmt: str, level: int) -> None:
+    """Issue 19: the local ``log.level = DEBUG`` (``_emit`` configures DEBUG) no longer writes real identifiers:
+    UIDs (in fields, the message and a traceback), names and patient IDs are pseudonyms at every level."""
+    buf = io.StringIO()
+    logs.configure("DEBUG", fmt, buf)
+    try:
+        log = logs.get_logger("t")
+        log.log(level, f"parsed {UID}", study_uid=UID, patient_name=NAME, patient_id=PATIENT_ID)
+        try:
+            raise ValueError(f"bad value {UID}")
+        except ValueError:
+            log.log(level, "failed", exc_info=True, sop_uid=UID, name="DOE^JANE")
+    finally:
+        logs.configure("INFO", "text")
+    out = buf.getvalue()
+    assert out.count("phi~") >= 6  # each identifier written, as a pseudonym
+    assert UID not in out and "EVIL" not in out and "DOE" not in out
+    assert PATIENT_ID not in out and "patient_id" in out
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f\u2028]", out)
 
 
 @pytest.mark.integration

@@ -363,7 +363,24 @@ def test_overlays_are_served_only_from_the_study_s_own_result_files(box: Box) ->
 # -- bad input: brute force, CSRF, fixation, expiry ---------------------------------------------------------------
 
 
-def test_brute_force_locks_the_user_even_for_the_right_password_and_is_audited(box: Box) -> None:
+def test_wrong_passwords_from_one_address_are_delayed_exponentially(box: Box) -> None:
+    """Per user and address, the first 3 wrong passwords are free; the next try must wait (429 + Retry-After),
+    audited as ``delayed``: an attacker at one address is slowed, the user is not locked out."""
+    c = box.client()
+    for _ in range(3):
+        assert c.post("/api/v1/session", json={"username": "technician", "password": "wrong!"}).status_code == 401
+    r = c.post("/api/v1/session", json={"username": "technician", "password": PASSWORD})
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    assert box.events("login_failed")[0].detail["reason"] == "delayed"
+    assert box.events("lockout") == []
+
+
+def test_brute_force_locks_the_user_against_new_addresses_and_is_audited(box: Box) -> None:
+    """Past ``api.lockout_attempts`` failures the account is locked against addresses it never logged in from
+    (this client has not): even the right password is refused, audited; the lock ends after ``api.lockout_s``."""
+    from appliance.web.security import LoginDelay
+
+    box.app.state.auth.delay = LoginDelay(free=1000)  # the per-pair delay is tested above; here: the lock alone
     c = box.client()
     n = box.settings.api.lockout_attempts
     for _ in range(n):

@@ -4,15 +4,16 @@ Use ``log = get_logger(__name__)`` then ``log.info("instance stored", study_id=.
 
 The formatters are the one place that keeps two promises for every record, whoever logged it:
 
-- **No PHI at INFO and above** (journald keeps lines past retention): fields that name a patient or a study
+- **No PHI at any level** (journald keeps lines past retention; DEBUG can be switched on remotely): fields
+  that name a patient or a study
   (:data:`PHI_FIELDS`, and any field ending in ``_uid``, ``_uids`` or ``_name``) are replaced by a *log pseudonym*
   (``phi~`` + 10 hex of HMAC-SHA256 under a key drawn per process at :func:`configure`, so lines of one run
   can be correlated and nothing links them to the real value afterwards); UID-shaped text (five or more dotted
   numeric components, or a UUID-derived ``2.25.<integer>``; also inside a file name such as ``sc-<uid>.dcm``) in
   the message, any other field or a traceback is pseudonymised the same way, except the DICOM standard's own
-  UIDs (``1.2.840.10008.*``: SOP classes, transfer syntaxes). DEBUG records keep the real values only when
-  the box's own configuration asks for DEBUG (:func:`configure`): a technician turns it on deliberately; DEBUG
-  raised remotely through the twin's ``log_level`` is pseudonymised like INFO.
+  UIDs (``1.2.840.10008.*``: SOP classes, transfer syntaxes). DEBUG records are pseudonymised exactly like
+  INFO, whether DEBUG comes from the box's own ``log.level`` or the twin's ``log_level``: a line at any level
+  correlates by pseudonym, never by a real identifier (issue 19).
 - **No forged lines**: control characters (C0, DEL, C1, and the Unicode line and paragraph separators) in the
   message and in every field are escaped (a newline is written as backslash-n, ESC as backslash-x1b), so a value
   from the network (an AE title, a patient name, an error text) can never start a new line or drive a terminal;
@@ -42,7 +43,6 @@ PHI_FIELDS = frozenset(
 _UID_TEXT = re.compile(r"(?<!\d)(?<!\d\.)(?!1\.2\.840\.10008\.)(?:2\.25\.[0-9]{6,}|[0-9]+(?:\.[0-9]+){4,})(?!\.?\d)")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _KEY = os.urandom(32)  # replaced at configure(); the log pseudonyms of one process
-_DEBUG_REVEALS = False  # set by configure("DEBUG") only: the local configuration's deliberate choice
 
 
 def _pseudonym(value: str) -> str:
@@ -121,8 +121,8 @@ def _fmt_value(v: Any) -> str:
 
 
 def _parts(formatter: logging.Formatter, record: logging.LogRecord) -> tuple[str, dict[str, Any], str | None]:
-    """(message, fields, traceback) of a record, cleaned for its level (PHI redacted at INFO and above)."""
-    redact = record.levelno >= logging.INFO or not _DEBUG_REVEALS
+    """(message, fields, traceback) of a record, cleaned: PHI pseudonymised at every level, controls escaped."""
+    redact = True
     msg = clean_text(record.getMessage(), redact)
     fields = clean_fields(getattr(record, "fields", {}) or {}, redact)
     exc = None
@@ -156,11 +156,9 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send logs to stdout (journald picks them up under systemd), or ``stream`` (CLI output on stdout). Draws
-    the key of this process's log pseudonyms. Only ``level="DEBUG"`` here (the box's own configuration) lets
-    DEBUG lines keep real values; a level raised later on the root logger (the twin's ``log_level``) does not."""
-    global _KEY, _DEBUG_REVEALS
+    the key of this process's log pseudonyms (every level is pseudonymised, DEBUG included)."""
+    global _KEY
     _KEY = os.urandom(32)
-    _DEBUG_REVEALS = str(level).upper() == "DEBUG"
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -8,8 +8,10 @@ password and no default user: the first admin is made with ``appliance user add 
 Sessions (OWASP Session Management Cheat Sheet): a 256-bit random token that only the browser holds (the table
 stores its sha256), a per-session CSRF token (synchronizer token pattern), an idle timeout (``api.session_ttl_s``)
 and an absolute one (``api.session_max_s``); a login always makes a new session (no fixation). A user who fails
-``api.lockout_attempts`` logins in a row is locked for ``api.lockout_s``; disabling, removing a user or changing
-their password ends their sessions.
+``api.lockout_attempts`` logins in a row is locked for ``api.lockout_s`` against new addresses: the right password
+from an address the user logged in from before still logs in and clears the lock, and an admin clears it
+(:func:`unlock`); guessing from one address is slowed by :class:`appliance.web.security.LoginDelay`.
+Disabling, removing a user or changing their password ends their sessions.
 """
 
 from __future__ import annotations
@@ -72,13 +74,18 @@ class User:
     created_at: float
     last_login_at: float | None
 
+    @property
+    def locked(self) -> bool:
+        """True while the user is locked (against addresses they never logged in from)."""
+        return self.locked_until is not None and self.locked_until > now()
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (role as its string)."""
         return {
             "name": self.name,
             "role": self.role.value,
             "disabled": self.disabled,
-            "locked": self.locked_until is not None and self.locked_until > now(),
+            "locked": self.locked,
             "failed_attempts": self.failed_attempts,
             "created_at": self.created_at,
             "last_login_at": self.last_login_at,
@@ -225,6 +232,15 @@ def set_disabled(store: Store, name: str, disabled: bool) -> None:
             conn.execute("DELETE FROM sessions WHERE user_id=(SELECT id FROM users WHERE name=?)", (name,))
 
 
+def unlock(store: Store, name: str) -> bool:
+    """Clear ``name``'s lock and failure count (an admin's action); True when the user was locked.
+    AccountError if unknown."""
+    user = _require(store, name)
+    with store.transaction() as conn:
+        conn.execute("UPDATE users SET failed_attempts=0, locked_until=NULL, updated_at=? WHERE id=?", (now(), user.id))
+    return user.locked_until is not None and user.locked_until > now()
+
+
 def remove_user(store: Store, name: str) -> None:
     """Delete ``name`` and their sessions. AccountError if unknown."""
     _require(store, name)
@@ -236,10 +252,14 @@ def remove_user(store: Store, name: str) -> None:
 # -- login and sessions -----------------------------------------------------------------------------------------
 
 
-def authenticate(store: Store, cfg: ApiConfig, name: str, password: str) -> tuple[LoginOutcome, User | None]:
+def authenticate(
+    store: Store, cfg: ApiConfig, name: str, password: str, known_address: bool = False
+) -> tuple[LoginOutcome, User | None]:
     """Check a password, counting failures: ``api.lockout_attempts`` failures in a row lock the user for
-    ``api.lockout_s`` (while locked, even the right password is refused). Returns the outcome and the user
-    (None when the name is unknown).
+    ``api.lockout_s``. While locked, the right password is refused (``LOCKED``, unchecked) unless
+    ``known_address`` (the try comes from an address the user logged in from before: the caller decides), in
+    which case it is checked and a success clears the lock, so an attacker elsewhere cannot lock the real user
+    out. Returns the outcome and the user (None when the name is unknown).
 
     Each try is counted (in one transaction with the lockout check) *before* the password is checked, so
     concurrent tries cannot all read the same count: however many arrive at once, at most
@@ -259,15 +279,19 @@ def authenticate(store: Store, cfg: ApiConfig, name: str, password: str) -> tupl
         user = _row_user(row)
         if user.disabled:
             return LoginOutcome.DISABLED, user
-        if user.locked_until is not None and user.locked_until > ts:
+        locked = user.locked_until is not None and user.locked_until > ts
+        if locked and not known_address:
             return LoginOutcome.LOCKED, user
         tries = (0 if user.locked_until is not None else user.failed_attempts) + 1  # a past lock starts afresh
-        if tries > cfg.lockout_attempts:  # the tries that will lock the user are still being checked
+        if tries > cfg.lockout_attempts and not known_address:  # the tries that will lock are still checked
             return LoginOutcome.LOCKED, user
-        conn.execute("UPDATE users SET failed_attempts=?, locked_until=NULL WHERE id=?", (tries, user.id))
+        if not locked:
+            conn.execute("UPDATE users SET failed_attempts=?, locked_until=NULL WHERE id=?", (tries, user.id))
     try:
         _hasher.verify(row["password_hash"], password)
     except (VerificationError, InvalidHashError):
+        if locked:  # a known address's wrong password while locked: the lock stays as it was
+            return LoginOutcome.LOCKED, user
         locked = tries >= cfg.lockout_attempts
         if locked:
             with store.transaction() as conn:

@@ -417,10 +417,13 @@ async def users_add(request: Request, session: Session = admin) -> Response:
 
 @router.post("/users/{name}/{action}")
 def users_change(name: str, action: str, request: Request, session: Session = admin) -> Response:
-    if action not in ("disable", "enable"):
+    if action not in ("disable", "enable", "unlock"):
         raise HTTPException(404, "unknown action")
     try:
-        service.change_user(_ctx(request), request, session, name, None, action == "disable", None)
+        if action == "unlock":
+            service.change_user(_ctx(request), request, session, name, None, None, None, unlock=True)
+        else:
+            service.change_user(_ctx(request), request, session, name, None, action == "disable", None)
     except AccountError as exc:
         return _back("/users", f"Not changed: {exc}", error=True)
     return _back("/users", f"User {name} {action}d.")

@@ -11,7 +11,9 @@
 - **Throttling**: :class:`FailureLimiter` counts failed logins per source address (an IPv6 one by its /64:
   :func:`throttle_key`) in a sliding window (429 beyond ``api.ip_max_failures`` per ``api.ip_window_s``); a
   try is counted when it starts and uncounted if it logs in, so concurrent tries get no more than the limit.
-  The per-user lockout is in the accounts module.
+  :class:`LoginDelay` slows guessing one user's password from one address (exponential delay per user+address),
+  so an attacker elsewhere never delays the real user. The per-user lock is in the accounts module; it does not
+  hold against an address the user logged in from before, and an admin clears it.
 - **Request size**: FastAPI's ``max_body_size`` (``api.max_body_bytes``) answers 413 for a larger body, whether
   announced by Content-Length or streamed (see :func:`appliance.web.app.create_app`).
 """
@@ -25,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -90,6 +92,49 @@ class FailureLimiter:
                     del self._seen[ip]
 
 
+class LoginDelay:
+    """Exponential delay per (user name, address) after failed logins (in memory, per process; thread-safe).
+
+    The first ``free`` tries of a pair are unhindered; from then on each try must wait ``base_s * 2**(n - free)``
+    seconds (at most ``max_s``) after the previous one, ``n`` being the pair's failures so far. A try is counted
+    when it starts (:meth:`begin`), so concurrent tries of a pair cannot pass together; a successful login
+    forgets the pair. Only the pair is slowed: the same user from another address, or another user from this
+    address, is not (the per-address :class:`FailureLimiter` bounds an address across users)."""
+
+    def __init__(self, free: int = 3, base_s: float = 1.0, max_s: float = 900.0, max_pairs: int = 10_000):
+        self.free, self.base_s, self.max_s, self.max_pairs = free, base_s, max_s, max_pairs
+        self._pairs: dict[tuple[str, str], tuple[int, float]] = {}  # -> (failures, next try allowed at)
+        self._lock = threading.Lock()
+
+    def begin(self, name: str, key: str) -> float:
+        """0.0 when the pair may try now (the try is counted as a failure until :meth:`succeeded`), else the
+        seconds it must still wait (the try is not made)."""
+        pair = (name.lower(), key)
+        with self._lock:
+            now = time.monotonic()
+            failures, allowed_at = self._pairs.get(pair, (0, 0.0))
+            if now < allowed_at:
+                return allowed_at - now
+            failures += 1
+            wait = 0.0 if failures < self.free else min(self.base_s * 2 ** (failures - self.free), self.max_s)
+            self._pairs[pair] = (failures, now + wait)
+            if len(self._pairs) > self.max_pairs:  # a sweep of names or addresses must not grow memory
+                for old in [k for k, (_, at) in self._pairs.items() if at + self.max_s < now]:
+                    del self._pairs[old]
+            return 0.0
+
+    def succeeded(self, name: str, key: str) -> None:
+        """The pair logged in: its failures are forgotten."""
+        with self._lock:
+            self._pairs.pop((name.lower(), key), None)
+
+    def clear_user(self, name: str) -> None:
+        """Forget every address's failures for ``name`` (an admin unlocked the user)."""
+        with self._lock:
+            for pair in [p for p in self._pairs if p[0] == name.lower()]:
+                del self._pairs[pair]
+
+
 @dataclass
 class WebAuth:
     """What the auth dependencies need; one per app (``app.state.auth``)."""
@@ -97,6 +142,7 @@ class WebAuth:
     settings: Settings
     store: Store
     limiter: FailureLimiter
+    delay: LoginDelay = field(default_factory=LoginDelay)
 
     @property
     def cfg(self) -> ApiConfig:

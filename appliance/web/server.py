@@ -24,6 +24,7 @@ from appliance.web import accounts
 from appliance.web.app import create_app
 from appliance.web.metrics import ApplianceMetrics
 from appliance.web.ports import WebPorts
+from appliance.web.security import throttle_key
 from appliance.web.tls import certificate_files, fingerprint
 
 log = get_logger(__name__)
@@ -31,33 +32,62 @@ log = get_logger(__name__)
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 IDLE_CLOSE_S = 10.0  # a connection with no request in progress this long is closed (slow or absent headers)
+REQUEST_DEADLINE_S = 10.0  # a request's header and body must both arrive within this of its first byte
+MAX_CONNECTIONS = 64  # uvicorn's limit_concurrency: beyond it every request gets 503
+MAX_CONNECTIONS_PER_ADDRESS = 16  # one host (an IPv6 one: its /64) holds at most this many of them
 _IDLE_CHECK_S = 1.0
 
 
-class _IdleClosingHTTP(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
-    """uvicorn's HTTP/1.1 protocol (httptools, else h11) that closes a connection which has had no request in
-    progress for ``IDLE_CLOSE_S`` seconds: since it was opened or its last response ended, including while a
-    request header trickles in (slowloris). uvicorn itself has no request-header timeout, and its keep-alive
-    timer stops at the first byte of a next request, so connections that never complete a header would fill
-    ``limit_concurrency`` and every other client would get 503. A request being handled is never cut."""
+class _DeadlineHTTP(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+    """uvicorn's HTTP/1.1 protocol (httptools, else h11) with the deadlines and the per-address share uvicorn
+    lacks (it has only ``timeout_keep_alive``, which stops at a next request's first byte, and a global
+    ``limit_concurrency``), so that stalled or hoarding clients cannot take every connection slot:
+
+    - **idle**: a connection with no request in progress for ``IDLE_CLOSE_S`` (since it was opened or its last
+      response ended) is closed;
+    - **whole request**: once a request's first byte has arrived, its header *and* body must be complete within
+      ``REQUEST_DEADLINE_S``, however the bytes trickle (slowloris headers, a login body sent a byte every 3 s);
+      otherwise the connection is closed and the handler waiting for the body sees a disconnect. Checked every
+      ``_IDLE_CHECK_S``. A request whose body has arrived is being handled and is never cut;
+    - **per address**: a new connection from an address that already holds ``MAX_CONNECTIONS_PER_ADDRESS``
+      (an IPv6 client counted by its /64, :func:`appliance.web.security.throttle_key`) is closed at once, so one
+      host fills at most a quarter of ``MAX_CONNECTIONS``.
+    """
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._request_since: float | None = None  # first byte of the request in progress
+        self._address_key = throttle_key(self.client[0] if self.client else None)
+        same = sum(1 for c in self.connections if getattr(c, "_address_key", None) == self._address_key)
+        if same > MAX_CONNECTIONS_PER_ADDRESS:
+            transport.close()
+            return
         self._idle_since = self.loop.time()
         self._idle_timer = self.loop.call_later(_IDLE_CHECK_S, self._idle_check)
+
+    def data_received(self, data: bytes) -> None:
+        if self._request_since is None:
+            self._request_since = self.loop.time()
+        super().data_received(data)
 
     def _idle_check(self) -> None:
         now = self.loop.time()
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete:  # a request is being handled
-            self._idle_since = now
-        elif now - self._idle_since >= IDLE_CLOSE_S:
+        started = self._request_since
+        if cycle is not None and not cycle.response_complete and not cycle.more_body:
+            self._idle_since = now  # the whole request arrived: it is being handled
+        elif started is not None and now - started >= REQUEST_DEADLINE_S:
+            self.transport.close()  # header or body still incomplete past the deadline
+            return
+        elif started is None and now - self._idle_since >= IDLE_CLOSE_S:
             self.transport.close()
             return
         self._idle_timer = self.loop.call_later(_IDLE_CHECK_S, self._idle_check)
 
     def on_response_complete(self) -> None:
         self._idle_since = self.loop.time()
+        self._request_since = None
         super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -114,8 +144,8 @@ class WebService:
             server_header=False,
             proxy_headers=False,
             timeout_keep_alive=5,
-            http=_IdleClosingHTTP,  # closes connections that send no complete request (slowloris)
-            limit_concurrency=64,
+            http=_DeadlineHTTP,  # idle and whole-request deadlines, per-address share (slowloris, slow bodies)
+            limit_concurrency=MAX_CONNECTIONS,
             lifespan="off",
         )
         server = _Server(config)

@@ -7,14 +7,17 @@ resend are recorded by :mod:`appliance.worklist.actions`).
 
 from __future__ import annotations
 
+import math
 import shutil
 from datetime import date
 from typing import Any
 
 from fastapi import HTTPException, Request
 
+from appliance.core import audit
 from appliance.core.audit import FAILURE, SUCCESS, AuditEvent, record_event
 from appliance.core.logs import get_logger
+from appliance.core.store import now
 from appliance.models import stats
 from appliance.web import accounts
 from appliance.web.accounts import AccountError, LoginOutcome, Role, Session
@@ -37,10 +40,19 @@ log = get_logger(__name__)
 LOGIN_REFUSED = "invalid user name or password (or the account is locked)"
 
 
+def known_address(ctx: WebContext, name: str, key: str) -> bool:
+    """True when ``name`` logged in before from the address (IPv6: the /64) ``key`` of
+    :func:`~appliance.web.security.throttle_key`, by the audit trail's last 500 ``login`` entries."""
+    entries = audit.query(ctx.store, event=AuditEvent.LOGIN, actor=name, limit=500)
+    return any(e.source_ip is not None and throttle_key(e.source_ip) == key for e in entries)
+
+
 def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[str, Session]:
-    """Check the credentials and open a new session (never the one the browser brought). 429 when this
-    address failed too often; 401 with one message for every refusal (unknown user, wrong password, locked,
-    disabled: the audit trail tells them apart)."""
+    """Check the credentials and open a new session (never the one the browser brought). 429 (with
+    ``Retry-After``) when this address failed too often, or this user failed too often from this address
+    (:class:`~appliance.web.security.LoginDelay`); 401 with one message for every refusal (unknown user, wrong
+    password, locked, disabled: the audit trail tells them apart). A locked user still logs in from an address
+    they used before, which clears the lock."""
     auth: WebAuth = request.app.state.auth
     ip = client_ip(request)
     key = throttle_key(ip)
@@ -54,8 +66,29 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
             detail={"reason": "rate_limited"},
             source_ip=ip,
         )
-        raise HTTPException(429, "too many failed logins from this address: wait a few minutes")
-    outcome, user = accounts.authenticate(ctx.store, ctx.settings.api, name, password)
+        retry = str(math.ceil(ctx.settings.api.ip_window_s))
+        raise HTTPException(
+            429, "too many failed logins from this address: wait a few minutes", headers={"Retry-After": retry}
+        )
+    known = accounts.get_user(ctx.store, name)
+    wait = auth.delay.begin(name, key)
+    if wait > 0:
+        record_event(
+            ctx.store,
+            AuditEvent.LOGIN_FAILED,
+            actor=known.name if known is not None else "unknown",
+            outcome=FAILURE,
+            detail={"reason": "delayed", "wait_s": math.ceil(wait)},
+            source_ip=ip,
+        )
+        raise HTTPException(
+            429,
+            f"too many failed logins for this user from this address: try again in {math.ceil(wait)} s",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
+    was_locked = known is not None and known.locked_until is not None and known.locked_until > now()
+    trusted = was_locked and known_address(ctx, name, key)
+    outcome, user = accounts.authenticate(ctx.store, ctx.settings.api, name, password, known_address=trusted)
     if outcome is not LoginOutcome.OK or user is None:
         actor = user.name if user is not None else "unknown"
         detail = {"reason": outcome.value} if user is not None else {"reason": "unknown_user"}
@@ -72,9 +105,13 @@ def login(ctx: WebContext, request: Request, name: str, password: str) -> tuple[
             log.warning("user locked out", user=user.name)
         raise HTTPException(401, LOGIN_REFUSED)
     auth.limiter.succeeded(key, ticket)
+    auth.delay.succeeded(name, key)
     accounts.purge_expired_sessions(ctx.store, ctx.settings.api)  # abandoned sessions do not pile up
     token, session = accounts.open_session(ctx.store, user, ip, replaces=request.cookies.get(SESSION_COOKIE))
-    record_event(ctx.store, AuditEvent.LOGIN, actor=user.name, detail={"role": user.role.value}, source_ip=ip)
+    login_detail: dict[str, Any] = {"role": user.role.value}
+    if was_locked:
+        login_detail["cleared_lock"] = "known_address"
+    record_event(ctx.store, AuditEvent.LOGIN, actor=user.name, detail=login_detail, source_ip=ip)
     return token, session
 
 
@@ -209,8 +246,10 @@ def change_user(
     role: Role | None,
     disabled: bool | None,
     password: str | None,
+    unlock: bool = False,
 ) -> dict[str, Any]:
-    """Apply an admin's change to a user (AccountError for a refused one) and record ``user_changed``."""
+    """Apply an admin's change to a user (AccountError for a refused one) and record ``user_changed``.
+    ``unlock`` clears the user's lock and every address's login delay for them (``detail.unlocked``)."""
     if name == session.user.name and (disabled or (role is not None and role is not Role.ADMIN)):
         raise AccountError("an admin cannot disable or demote themselves (ask another admin)")
     changes: dict[str, Any] = {}
@@ -223,8 +262,12 @@ def change_user(
     if password is not None:
         accounts.set_password(ctx.store, name, password)
         changes["password"] = "changed"
+    if unlock:
+        changes["unlocked"] = accounts.unlock(ctx.store, name)
+        auth: WebAuth = request.app.state.auth
+        auth.delay.clear_user(name)
     if not changes:
-        raise AccountError("nothing to change: give role, disabled or password")
+        raise AccountError("nothing to change: give role, disabled, password or unlock")
     record_event(
         ctx.store,
         AuditEvent.USER_CHANGED,
