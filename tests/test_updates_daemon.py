@@ -220,6 +220,9 @@ def test_sigkill_at_every_stage_leaves_one_version_and_the_update_ends(
             reached = wait_until(_reached(d, stage, partial=stage == "downloading"), timeout=120, what=stage)
             d.kill()
             landed[stage] = reached["state"]
+            # what the killed box left on disk (it may have written more since `reached` was read)
+            parts = list((home / "updates" / "partial").glob("*.part"))
+            at_kill = parts[0].stat().st_size if len(parts) == 1 else None
         finally:
             d.kill()
             server.faults.pop(served.name, None)
@@ -236,6 +239,7 @@ def test_sigkill_at_every_stage_leaves_one_version_and_the_update_ends(
             assert not any((home / "updates" / "partial").glob("*.part"))
         if stage == "downloading":  # the restarted box continued the file where the killed one stopped
             ranges = [rng for _, rng in server.target_requests()[before:]]
-            assert ranges[0] is None and ranges[-1] == f"bytes={reached['bytes']}-", ranges
+            assert at_kill is not None and 0 < reached["bytes"] <= at_kill < reached["total"], (reached, at_kill)
+            assert ranges[0] is None and ranges[-1] == f"bytes={at_kill}-", ranges
     assert set(landed) == set(STAGES)
     print("kill landed in:", landed)
