@@ -91,6 +91,20 @@ def _render(request: Request, template: str, session: Session | None, **values: 
     return ctx.templates.TemplateResponse(request, template, {**base, **values})
 
 
+def error_page(request: Request, status: int, detail: str, headers: dict[str, str] | None = None) -> HTMLResponse:
+    """The HTML error page a browser gets (the API gets JSON): the status, the server's reason, the navigation of
+    the user logged in (a viewer sent away from a technician page can go on working)."""
+    try:
+        session = session_of(request)
+    except Exception:  # the error may be the database's: the page still renders, without a user
+        session = None
+    page = _render(request, "error.html", session, status=status, detail=detail, message="")
+    page.status_code = status
+    for name, value in (headers or {}).items():
+        page.headers[name] = value
+    return page
+
+
 def _fmt_time(ts: float | str | None) -> str:
     if ts is None or ts == "":
         return ""
