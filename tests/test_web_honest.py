@@ -66,7 +66,9 @@ def test_a_refused_user_form_says_why_on_the_page_not_in_the_url(box: Box) -> No
     r = c.post("/users", data={"csrf_token": csrf, "username": "x", "role": "viewer", "password": "short"})
     assert r.status_code == 400 and "location" not in r.headers
     assert (_message(r.text) or "").startswith("Not added: ")
-    ok = c.post("/users", data={"csrf_token": csrf, "username": "nurse", "role": "viewer", "password": "tablet on the ward 42"})
+    ok = c.post(
+        "/users", data={"csrf_token": csrf, "username": "nurse", "role": "viewer", "password": "tablet on the ward 42"}
+    )
     assert ok.status_code == 303 and ok.headers["location"] == "/users?msg=user_added"
 
 
@@ -98,7 +100,9 @@ def test_the_dashboard_lists_every_status_problem_and_ready_is_false_on_a_blocki
     assert ready and ready.group(1) == "no"
     assert c.get("/api/v1/status").json()["ready"] is False
     # a problem that does not block shows, and Ready stays yes
-    box.ports.problems = lambda: [{"key": "engines.trusted_keys", "message": "the demo key is trusted", "blocking": False}]
+    box.ports.problems = lambda: [
+        {"key": "engines.trusted_keys", "message": "the demo key is trusted", "blocking": False}
+    ]
     page = c.get("/").text
     assert 'data-key="engines.trusted_keys"' in page and "Fix soon" in page
     ready = re.search(r'id="readiness">\s*<h3>Ready</h3><p>(\w+)</p>', page)

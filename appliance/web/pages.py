@@ -14,6 +14,7 @@ import json
 import secrets
 from datetime import date, datetime
 from pathlib import Path as FsPath
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import pydicom.errors
@@ -91,7 +92,7 @@ def _render(request: Request, template: str, session: Session | None, **values: 
     return ctx.templates.TemplateResponse(request, template, {**base, **values})
 
 
-def error_page(request: Request, status: int, detail: str, headers: dict[str, str] | None = None) -> HTMLResponse:
+def error_page(request: Request, status: int, detail: str, headers: Mapping[str, str] | None = None) -> HTMLResponse:
     """The HTML error page a browser gets (the API gets JSON): the status, the server's reason, the navigation of
     the user logged in (a viewer sent away from a technician page can go on working)."""
     try:
