@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from datetime import date, datetime
 from pathlib import Path as FsPath
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 import pydicom.errors
