@@ -231,14 +231,20 @@ def test_feedback_in_chromium_and_a_site_operating_point_through_the_twin(
             button = driver.find_element(By.ID, "verdict-nodule-disagree")
             assert button.size["height"] >= 44 and button.size["width"] >= 44  # a finger, not a mouse
             button.click()
-            message_has("Feedback recorded (nodule: disagree, revision 1; sent to the central team)")
+            message_has("Feedback recorded and sent to the central team.")  # a fixed message key, not URL text
+
+            def verdict_has(text: str) -> None:
+                cell = 'tr[data-label="nodule"] td.verdict'
+                wait.until(lambda drv: text in drv.find_element(By.CSS_SELECTOR, cell).text)
+
+            verdict_has("disagree")
             driver.find_element(By.ID, "verdict-nodule-agree").click()  # changed their mind: revision 2
-            message_has("Feedback recorded (nodule: agree, revision 2; sent to the central team)")
+            verdict_has("revision 2")
             from selenium.webdriver.support.ui import Select
 
             Select(driver.find_element(By.ID, "outcome_code")).select_by_value("biopsy_malignant")
             driver.find_element(By.ID, "outcome-submit").click()
-            message_has("outcome biopsy_malignant")
+            wait.until(lambda drv: "Biopsy: malignant" in drv.find_element(By.ID, "outcome-in-force").text)
             verdict = driver.find_element(By.CSS_SELECTOR, 'tr[data-label="nodule"] td.verdict').text
             assert "agree" in verdict and "rad (viewer)" in verdict and "revision 2" in verdict
             driver.save_screenshot(str(shots / "feedback.png"))

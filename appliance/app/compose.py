@@ -34,9 +34,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from appliance.app import readiness
 from appliance.app.methods import ControlMethods
 from appliance.app.selftest import engine_selftest, run_selftest
 from appliance.cloud.agent import CloudAgent
@@ -300,6 +301,7 @@ def compose(settings: Settings, store: Store) -> Appliance:
         from appliance.web.server import WebService
 
         ports = _web_ports(settings, app, scp, engines, agent, updates)
+        ports.problems = lambda: [asdict(p) for p in readiness.problems(settings, store.conn)]  # as `status`
         ports.feedback_publisher = feedback_publisher
         if agent is not None:
             current = agent.overlay.current

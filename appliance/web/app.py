@@ -73,6 +73,12 @@ def readiness(ctx: WebContext) -> list[str]:
     return reasons
 
 
+def wants_html(request: Request) -> bool:
+    """A browser navigating (``Sec-Fetch-Dest: document``, or ``text/html`` in ``Accept``) gets HTML error pages;
+    the API, scripts and tools get JSON (``{"detail": ...}``)."""
+    return request.headers.get("sec-fetch-dest") == "document" or "text/html" in request.headers.get("accept", "")
+
+
 def create_app(settings: Settings, store: Store, ports: WebPorts, metrics: ApplianceMetrics) -> FastAPI:
     """The web application over ``store``; ``ports`` are the daemon's callables, ``metrics`` its registry."""
     from appliance.web import api, pages
@@ -104,11 +110,9 @@ def create_app(settings: Settings, store: Store, ports: WebPorts, metrics: Appli
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if request.url.path.startswith("/api/") or "text/html" not in request.headers.get("accept", ""):
+        if request.url.path.startswith("/api/") or not wants_html(request):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        return templates.TemplateResponse(
-            request, "error.html", {"status": exc.status_code, "message": exc.detail}, status_code=exc.status_code
-        )
+        return pages.error_page(request, exc.status_code, str(exc.detail), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -2,16 +2,20 @@
 
 Every page needs a live session (otherwise a redirect to ``/login``); technician pages and buttons need the
 technician role, the users page the admin role. Every form that changes something posts the session's CSRF token.
-After an action the page redirects back (POST/redirect/GET) with a short message in the query string.
+After an action the page redirects back (POST/redirect/GET) with a message *key* in the query string
+(``?msg=retry_done``): the page shows that key's text from :data:`MESSAGES`, a fixed server-side set, so a crafted
+link cannot put words of its own on a page; an unknown key shows nothing. A message that carries server-made detail
+(a C-ECHO answer, why a user was not added) is rendered on the page the form posted to, never passed in the URL.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Mapping
 from datetime import date, datetime
+from pathlib import Path as FsPath
 from typing import Annotated, Any
-from urllib.parse import quote
 
 import pydicom.errors
 from fastapi import APIRouter, Depends, HTTPException, Path, Request
@@ -46,20 +50,38 @@ admin = Depends(page_role(Role.ADMIN))
 
 SECRET_KEYS = ("key", "secret", "password", "token")
 
+# key -> (text, is an error): the only texts ``?msg=`` can put on a page
+MESSAGES: dict[str, tuple[str, bool]] = {
+    "feedback_sent": ("Feedback recorded and sent to the central team.", False),
+    "feedback_kept": ("Feedback recorded (kept on this box).", False),
+    "feedback_invalid": ("Feedback not recorded: that verdict, finding or outcome is not one this study offers.", True),
+    "feedback_closed": ("Feedback not recorded: this study has no AI result to judge, or it was purged.", True),
+    "feedback_unavailable": ("Feedback not recorded: the box could not store it now; try again in a minute.", True),
+    "retry_done": ("Analysis requested again.", False),
+    "retry_refused": ("Retry refused: this study cannot be analysed again in its present state.", True),
+    "resend_done": ("Result objects queued for the PACS again.", False),
+    "resend_refused": ("Resend refused: this study has no result objects to send.", True),
+    "user_added": ("User added.", False),
+    "user_changed": ("User changed.", False),
+}
+
 
 def _ctx(request: Request) -> WebContext:
     return request.app.state.web  # type: ignore[no-any-return]
 
 
 def _render(request: Request, template: str, session: Session | None, **values: Any) -> HTMLResponse:
+    """``template`` with the base values (user, roles, CSRF token, the message of ``?msg=KEY``, formatters);
+    ``values`` add to or override them (``message``/``message_is_error`` for a server-made message)."""
     ctx = _ctx(request)
+    message, is_error = MESSAGES.get(request.query_params.get("msg", ""), ("", False))
     base = {
         "user": session.user if session else None,
         "is_technician": bool(session and session.user.role.at_least(Role.TECHNICIAN)),
         "is_admin": bool(session and session.user.role.at_least(Role.ADMIN)),
         "csrf_token": session.csrf_token if session else "",
-        "message": request.query_params.get("msg", "")[:300],
-        "message_is_error": request.query_params.get("err") == "1",
+        "message": message,
+        "message_is_error": is_error,
         "fmt_time": _fmt_time,
         "fmt_bytes": _fmt_bytes,
         "fmt_name": person_name,
@@ -68,6 +90,20 @@ def _render(request: Request, template: str, session: Session | None, **values: 
         "device": ctx.settings.dicom.ae_title,
     }
     return ctx.templates.TemplateResponse(request, template, {**base, **values})
+
+
+def error_page(request: Request, status: int, detail: str, headers: Mapping[str, str] | None = None) -> HTMLResponse:
+    """The HTML error page a browser gets (the API gets JSON): the status, the server's reason, the navigation of
+    the user logged in (a viewer sent away from a technician page can go on working)."""
+    try:
+        session = session_of(request)
+    except Exception:  # the error may be the database's: the page still renders, without a user
+        session = None
+    page = _render(request, "error.html", session, status=status, detail=detail, message="")
+    page.status_code = status
+    for name, value in (headers or {}).items():
+        page.headers[name] = value
+    return page
 
 
 def _fmt_time(ts: float | str | None) -> str:
@@ -88,9 +124,11 @@ def _fmt_bytes(n: int | float | None) -> str:
     return str(n)
 
 
-def _back(path: str, message: str, error: bool = False) -> RedirectResponse:
-    """303 to ``path`` showing ``message`` once; ``error`` shows it as a refusal (red), not a confirmation."""
-    return RedirectResponse(f"{path}?msg={quote(message)}" + ("&err=1" if error else ""), status_code=303)
+def _back(path: str, key: str) -> RedirectResponse:
+    """303 to ``path`` showing the text of :data:`MESSAGES` ``key`` once (red when it is a refusal)."""
+    if key not in MESSAGES:
+        raise KeyError(key)  # a programming error: every key shown must be in the fixed set
+    return RedirectResponse(f"{path}?msg={key}", status_code=303)
 
 
 def _safe_next(target: str | None) -> str:
@@ -246,13 +284,24 @@ async def give_feedback(study_id: StudyId, request: Request, session: Session = 
             )
         )
     except HTTPException as exc:
-        if exc.status_code not in (400, 409, 503):
+        refusals = {400: "feedback_invalid", 409: "feedback_closed", 503: "feedback_unavailable"}
+        if exc.status_code not in refusals:
             raise
-        return _back(f"/studies/{study_id}", f"Feedback not recorded: {exc.detail}", error=True)
-    first = rows[0]
-    what = f"{first.label}: {first.verdict}" if first.kind == "finding" else f"outcome {first.outcome_code}"
-    sent = "sent to the central team" if any(r.message_id for r in rows) else "kept on this box"
-    return _back(f"/studies/{study_id}", f"Feedback recorded ({what}, revision {first.revision}; {sent}).")
+        return _back(f"/studies/{study_id}", refusals[exc.status_code])
+    # the verdict in force, its revision and author show on the page itself
+    return _back(f"/studies/{study_id}", "feedback_sent" if any(r.message_id for r in rows) else "feedback_kept")
+
+
+def _png(root: FsPath, rel: str, what: str) -> Response:
+    """The DICOM file at ``rel`` under ``root`` (a path from the database, never from the URL) as PNG: 404 for a
+    path that leaves ``root``, 410 for a file gone or unreadable."""
+    try:
+        png = sc_to_png(resolve_under(root, rel))
+    except UnsafePath:
+        raise HTTPException(404, f"no {what} with that UID in this study") from None
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
+        raise HTTPException(410, f"{what} file unavailable (purged or unreadable): {type(exc).__name__}") from None
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
 
 
 @router.get("/studies/{study_id}/overlays/{sop_uid}.png")
@@ -264,36 +313,44 @@ def overlay_png(study_id: StudyId, sop_uid: str, request: Request, session: Sess
     match = [o for o in objects if o["sop_instance_uid"] == sop_uid and o["kind"] == "SC"]
     if not match:
         raise HTTPException(404, "no overlay image with that UID in this study")
-    try:
-        path = resolve_under(ctx.settings.state_dir, match[0]["path"])
-        png = sc_to_png(path)
-    except UnsafePath:
-        raise HTTPException(404, "no overlay image with that UID in this study") from None
-    except (OSError, ValueError, pydicom.errors.InvalidDicomError) as exc:
-        raise HTTPException(410, f"overlay file unavailable (purged or unreadable): {type(exc).__name__}") from None
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=300"})
+    return _png(ctx.settings.state_dir, match[0]["path"], "overlay image")
+
+
+@router.get("/studies/{study_id}/images/{sop_uid}.png")
+def image_png(study_id: StudyId, sop_uid: str, request: Request, session: Session = viewer) -> Response:
+    """The received image ``sop_uid`` of this study (the original the overlay is drawn on) as PNG, for the
+    viewer's overlay on/off: only an instance the database holds for this study, from the spool directory."""
+    ctx = _ctx(request)
+    service.study_detail_quiet(ctx, study_id)  # 404 for an unknown study
+    rows = ctx.store.query(
+        "SELECT path FROM instances WHERE study_id=? AND sop_instance_uid=? ORDER BY id DESC LIMIT 1",
+        (study_id, sop_uid),
+    )
+    if not rows:
+        raise HTTPException(404, "no image with that UID in this study")
+    return _png(ctx.settings.spool_dir, rows[0][0], "image")
 
 
 @router.post("/studies/{study_id}/retry")
 def retry(study_id: StudyId, request: Request, session: Session = technician) -> Response:
     try:
-        state = service.retry(_ctx(request), session, str(study_id))
+        service.retry(_ctx(request), session, str(study_id))
     except HTTPException as exc:
         if exc.status_code != 409:
             raise
-        return _back(f"/studies/{study_id}", f"Retry refused: {exc.detail}", error=True)
-    return _back(f"/studies/{study_id}", f"Analysis requested again (state: {state}).")
+        return _back(f"/studies/{study_id}", "retry_refused")
+    return _back(f"/studies/{study_id}", "retry_done")
 
 
 @router.post("/studies/{study_id}/resend")
 def resend(study_id: StudyId, request: Request, session: Session = technician) -> Response:
     try:
-        queued = service.resend(_ctx(request), session, str(study_id))
+        service.resend(_ctx(request), session, str(study_id))
     except HTTPException as exc:
         if exc.status_code != 409:
             raise
-        return _back(f"/studies/{study_id}", f"Resend refused: {exc.detail}", error=True)
-    return _back(f"/studies/{study_id}", f"{queued} result object(s) queued for the PACS again.")
+        return _back(f"/studies/{study_id}", "resend_refused")
+    return _back(f"/studies/{study_id}", "resend_done")
 
 
 # -- technician -----------------------------------------------------------------------------------------------------
@@ -320,8 +377,9 @@ def redacted_config(ctx: WebContext) -> str:
     return json.dumps(doc, indent=2, sort_keys=True)
 
 
-def _technician(request: Request, session: Session, selftest: Any = None) -> Response:
-    """The technician page, with a self-test report when one was just run."""
+def _technician(request: Request, session: Session, selftest: Any = None, **message: Any) -> Response:
+    """The technician page, with a self-test report when one was just run, or a C-ECHO answer (``message``,
+    ``message_is_error``: text the server made, never from the URL)."""
     ctx = _ctx(request)
     return _render(
         request,
@@ -333,8 +391,8 @@ def _technician(request: Request, session: Session, selftest: Any = None) -> Res
         loaded=ctx.ports.engines(),
         log_hint=ctx.ports.log_hint,
         operating_points=ctx.ports.operating_points(),
-        echo_result=None,
         selftest=selftest,
+        **message,
     )
 
 
@@ -350,7 +408,9 @@ async def echo(request: Request, session: Session = technician) -> Response:
     if not isinstance(dest, str) or not dest:
         raise HTTPException(400, "destination is required")
     ok, detail = await run_in_threadpool(service.echo, _ctx(request), request, session, dest)  # up to seconds
-    return _back("/technician", f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}", error=not ok)
+    # rendered here, not redirected: the answer's detail is the PACS's, and a URL may carry only a message key
+    text = f"C-ECHO {dest}: {'OK' if ok else 'FAILED'}: {detail}"
+    return _technician(request, session, message=text, message_is_error=not ok)
 
 
 @router.post("/technician/selftest")
@@ -387,9 +447,18 @@ def audit_page(
     )
 
 
+def _users(request: Request, session: Session, refusal: str = "", status: int = 200) -> Response:
+    """The users page; ``refusal``: why the form just posted changed nothing (server-made text), shown in red."""
+    users = accounts.list_users(_ctx(request).store)
+    extra = {"message": refusal, "message_is_error": True} if refusal else {}
+    page = _render(request, "users.html", session, users=users, roles=list(Role), **extra)
+    page.status_code = status
+    return page
+
+
 @router.get("/users")
 def users_page(request: Request, session: Session = admin) -> Response:
-    return _render(request, "users.html", session, users=accounts.list_users(_ctx(request).store), roles=list(Role))
+    return _users(request, session)
 
 
 @router.post("/users")
@@ -398,12 +467,12 @@ async def users_add(request: Request, session: Session = admin) -> Response:
     form = await request.form()
     name, role, password = (form.get(k) for k in ("username", "role", "password"))
     if not all(isinstance(v, str) and v for v in (name, role, password)):
-        return _back("/users", "User name, role and password are all required.", error=True)
+        return _users(request, session, "User name, role and password are all required.", 400)
     assert isinstance(name, str) and isinstance(role, str) and isinstance(password, str)
     try:
         user = await run_in_threadpool(accounts.add_user, ctx.store, name, accounts.parse_role(role), password)
     except AccountError as exc:
-        return _back("/users", f"Not added: {exc}", error=True)
+        return _users(request, session, f"Not added: {exc}", 400)
     record_event(
         ctx.store,
         AuditEvent.USER_ADDED,
@@ -412,7 +481,7 @@ async def users_add(request: Request, session: Session = admin) -> Response:
         detail={"role": user.role.value},
         source_ip=client_ip(request),
     )
-    return _back("/users", f"User {user.name} added ({user.role.value}).")
+    return _back("/users", "user_added")
 
 
 @router.post("/users/{name}/{action}")
@@ -425,5 +494,5 @@ def users_change(name: str, action: str, request: Request, session: Session = ad
         else:
             service.change_user(_ctx(request), request, session, name, None, action == "disable", None)
     except AccountError as exc:
-        return _back("/users", f"Not changed: {exc}", error=True)
-    return _back("/users", f"User {name} {action}d.")
+        return _users(request, session, f"Not changed: {exc}", 400)
+    return _back("/users", "user_changed")

@@ -28,6 +28,11 @@ def no_operating_points() -> dict[str, Any]:
     return {}
 
 
+def no_problems() -> list[dict[str, Any]]:
+    """``problems`` where nothing checks them (tests of the web alone)."""
+    return []
+
+
 def no_models() -> list[dict[str, Any]]:
     """``models`` for a box with no model registry."""
     return []
@@ -50,6 +55,8 @@ class WebPorts:
     - ``log_hint``: where the daemon's log lines go (shown on the technician page when no log file is kept).
     - ``operating_points()``: the site operating points in force, bundle id -> ``{"version", "site",
       "thresholds": {label: threshold}}`` (empty: every bundle's manifest thresholds).
+    - ``problems()``: the PROBLEMS ``appliance status`` lists (``appliance.app.readiness.problems``, blocking
+      first), each ``{"key": str, "message": str, "blocking": bool}``; reads the database (milliseconds).
     - ``feedback_publisher``: where radiologists' feedback goes besides this box (the cloud outbox), or None.
     """
 
@@ -64,6 +71,7 @@ class WebPorts:
     pipeline_enabled: bool = True
     operating_points: Callable[[], dict[str, Any]] = no_operating_points
     feedback_publisher: FeedbackPublisher | None = None
+    problems: Callable[[], list[dict[str, Any]]] = no_problems
 
 
 def with_update_states(rows: list[dict[str, Any]], updates: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:

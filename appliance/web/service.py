@@ -282,7 +282,9 @@ def change_user(
 
 
 def dashboard(ctx: WebContext) -> dict[str, Any]:
-    """The box at a glance: listener, PACS destinations, cloud, models, queues, disk, readiness."""
+    """The box at a glance: listener, PACS destinations, cloud, models, queues, disk, readiness, and every PROBLEM
+    ``appliance status`` lists (``problems``: ``[{"key", "message", "blocking"}]``, blocking first). ``ready`` is
+    false while ``/readyz`` has a reason (``not_ready``) or a blocking problem exists."""
     services = ctx.ports.status_doc()
     q = ctx.store.query
     counts = ctx.store.state_counts()
@@ -315,10 +317,12 @@ def dashboard(ctx: WebContext) -> dict[str, Any]:
     outbox = q("SELECT count, bytes FROM outbox_totals WHERE id=1")
     models = ctx.ports.engines()
     active = [(b["bundle_id"], b["version"]) for b in models.get("bundles_active", [])]
+    found = ctx.ports.problems()
     return {
         "drift": stats.drift_alerts(ctx.store.conn, active),  # the banner: bundle versions that drifted
-        "ready": (reasons := readiness(ctx)) == [],
+        "ready": (reasons := readiness(ctx)) == [] and not any(p["blocking"] for p in found),
         "not_ready": reasons,
+        "problems": found,
         "listener": services.get("dicom-scp", {}),
         "listener_up": ctx.ports.listener_up(),
         "pacs": pacs,
