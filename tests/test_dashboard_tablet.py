@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,9 @@ def test_every_page_at_tablet_widths_and_the_image_viewer(home: Path, orthanc: O
                 driver.get(f"{d.web_url}/studies/{sid}")
                 wait.until(lambda drv: drv.find_elements(By.ID, "study-summary"))
                 assert "MG" in driver.find_element(By.ID, "study-summary").text
+                # the phantom's one mass is in the left breast: the finding is read per breast, with its views
+                findings = driver.find_element(By.ID, "findings").text
+                assert re.search(r"L breast: mass \d\.\d\d \((CC, MLO|CC|MLO)\)", findings), findings
                 thumbs = driver.find_elements(By.CSS_SELECTOR, "button.open-viewer")
                 assert len(thumbs) == 4, "one overlay per mammography view"
                 alts = sorted(t.find_element(By.TAG_NAME, "img").get_attribute("alt") for t in thumbs)
