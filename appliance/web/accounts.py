@@ -31,7 +31,10 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from appliance.core.config import ApiConfig
 from appliance.core.store import Store, now
 
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+# A user name: the JSON-schema / pydantic form (``$`` there is the end of the text) and Python's (``\Z``: ``$``
+# would also match before a final newline, "admin\n").
+USER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"
+USER_NAME = re.compile(USER_NAME_PATTERN[:-1] + r"\Z")
 MIN_PASSWORD_LENGTH = 10
 MAX_PASSWORD_LENGTH = 1024  # argon2 takes any length; a megabyte "password" is a denial of service, not a secret
 

@@ -7,11 +7,13 @@ with 400/401/403/404/409/413/422/429 as usual; the schema is at ``/api/v1/openap
 
 from __future__ import annotations
 
+import datetime as dt
 from datetime import date
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from appliance.core import audit
 from appliance.core.audit import AuditEvent, record_event
@@ -75,16 +77,22 @@ class LoginAnswer(BaseModel):
 
 
 class NewUser(Strict):
-    username: str = Field(min_length=1, max_length=64)
+    username: str = Field(min_length=1, max_length=64, pattern=accounts.USER_NAME_PATTERN)
     role: Role
     password: str = Field(min_length=accounts.MIN_PASSWORD_LENGTH, max_length=accounts.MAX_PASSWORD_LENGTH)
 
 
 class UserChange(Strict):
-    role: Role | None = None
-    disabled: bool | None = None
-    unlock: bool | None = Field(default=None, description="true clears the lock and the login delays of the user")
-    password: str | None = Field(
+    # at least one change, each a value (an empty body or nulls only is a 400 "nothing to change": the schema
+    # says so, so that a schema-valid request is never refused)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1})
+
+    role: Role | SkipJsonSchema[None] = None
+    disabled: bool | SkipJsonSchema[None] = None
+    unlock: Literal[True] | SkipJsonSchema[None] = Field(
+        default=None, description="true clears the lock and the login delays of the user"
+    )
+    password: str | SkipJsonSchema[None] = Field(
         default=None, min_length=accounts.MIN_PASSWORD_LENGTH, max_length=accounts.MAX_PASSWORD_LENGTH
     )
 
@@ -287,10 +295,10 @@ def models(request: Request, session: Session = viewer) -> dict[str, Any]:
 @router.get("/audit", summary="The audit trail, newest first", responses=BAD_REQUEST)
 def audit_trail(
     request: Request,
-    event: str | None = Query(None, max_length=64),
+    event: AuditEvent | None = Query(None),
     actor: str | None = Query(None, max_length=128),
-    since: str | None = Query(None, max_length=40, description="ISO 8601 date or time (UTC)"),
-    until: str | None = Query(None, max_length=40),
+    since: dt.datetime | None = Query(None, description="ISO 8601 date or date-time (naive = UTC), inclusive"),
+    until: dt.datetime | None = Query(None, description="ISO 8601 date or date-time (naive = UTC), exclusive"),
     limit: int = Query(200, ge=1, le=5000),
     offset: int = Query(0, ge=0, le=MAX_INTEGER, description="entries to skip (paging, newest first)"),
     session: Session = technician,

@@ -250,6 +250,8 @@ def change_user(
 ) -> dict[str, Any]:
     """Apply an admin's change to a user (AccountError for a refused one) and record ``user_changed``.
     ``unlock`` clears the user's lock and every address's login delay for them (``detail.unlocked``)."""
+    if accounts.get_user(ctx.store, name) is None:  # an unknown user is a 404 whatever the change
+        raise AccountError(f"no user {name!r}")
     if name == session.user.name and (disabled or (role is not None and role is not Role.ADMIN)):
         raise AccountError("an admin cannot disable or demote themselves (ask another admin)")
     changes: dict[str, Any] = {}
