@@ -280,6 +280,8 @@ def test_direct_methods(make_agent, hub: FakeHub) -> None:
     assert agent.methods.dispatch("ping", b"x" * (129 * 1024))[0] == 413
     assert hub.invoke_method(DEVICE, "ping")[0] == 200  # still running
     agent.stop()
+    # once the hub has seen the connection close (it may still be closing: a method then times out, 504)
+    wait_until(lambda: not hub.is_connected(DEVICE), timeout=10, what="the hub sees the device offline")
     assert hub.invoke_method(DEVICE, "ping")[0] == 404  # offline device
 
 
