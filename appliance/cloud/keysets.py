@@ -74,14 +74,20 @@ class KeySet(BaseModel):
         return v
 
 
-class SignedKeySet(BaseModel):
-    """A :class:`KeySet` as signed JSON text, with its signer's key id and signature (what the twin carries)."""
+class CentralSigned(BaseModel):
+    """The signer's key id and signature (:func:`sign_text`) that every central-signed twin document carries
+    beside its JSON text (the subclass names that text's field)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    keyset: str = Field(min_length=2, max_length=8192)
     signer: str = Field(pattern=r"^[0-9a-f]{16}$")
     signature: str = Field(min_length=1, max_length=200)
+
+
+class SignedKeySet(CentralSigned):
+    """A :class:`KeySet` as signed JSON text, with its signer's key id and signature (what the twin carries)."""
+
+    keyset: str = Field(min_length=2, max_length=8192)
 
     def content(self) -> KeySet:
         """The key set the text holds (shape checked)."""

@@ -34,7 +34,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from appliance.cloud.keysets import SignatureError, sign_text, verify_text
+from appliance.cloud.keysets import CentralSigned, SignatureError, sign_text, verify_text
 
 DOMAIN = b"clinic-appliance operating point v1\n"
 MAX_LABELS = 64
@@ -88,14 +88,10 @@ class OperatingPoint(BaseModel):
         return v
 
 
-class SignedOperatingPoint(BaseModel):
+class SignedOperatingPoint(CentralSigned):
     """An :class:`OperatingPoint` as signed JSON text, its signer's key id and signature (what the twin carries)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     operating_point: str = Field(min_length=2, max_length=8192)
-    signer: str = Field(pattern=r"^[0-9a-f]{16}$")
-    signature: str = Field(min_length=1, max_length=200)
 
 
 def canonical_content(op: OperatingPoint) -> str:
